@@ -1,0 +1,39 @@
+# doe_ext — the four commands of the README. Everything runs inside ./.venv.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# Debian packages the build and tests use (installed when missing and we are root).
+APT_PKGS := ccache
+# What makes the extension stale: any C++/CUDA source or build file.
+BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+EXTRAS ?= test
+
+.PHONY: setup test bench demo clean
+setup: $(VENV)/.built
+
+$(VENV)/.deps: Makefile
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "note: missing Debian packages (optional or needed by some tests): $$missing"; fi; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch 2.13.0 resolves to the CPU build on disk here; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+	$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests -q
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build $(VENV)/.built
