@@ -1,0 +1,63 @@
+// Argument checks shared by every op. Each message names the op, the argument and what was
+// expected, so a user can fix the call without reading the source.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <string>
+
+namespace doe_ext {
+
+inline std::string shape_str(at::IntArrayRef s) { return c10::str(s); }
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+                      const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
+              t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
+}
+
+inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+                          const char* layout) {
+  TORCH_CHECK(t.dim() >= dim, op, ": expected `", name, "` to have at least ", dim,
+              " dimension(s) ", layout, ", got shape ", shape_str(t.sizes()));
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+                       const char* name, const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": expected `", name, "`.shape[", dim, "] == ",
+              expected, " (", what, "), got shape ", shape_str(t.sizes()));
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": expected `", name, "` on ", ref.device(),
+              " (the device of `", ref_name, "`), got ", t.device());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                             const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
+              ref.scalar_type(), " (the dtype of `", ref_name, "`), got ", t.scalar_type());
+}
+
+// The floating dtypes of the contract: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA.
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  if (t.is_cuda()) {
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": expected `",
+                name, "` of dtype float32, float16 or bfloat16 on CUDA, got ", st);
+  } else {
+    TORCH_CHECK(t.is_cpu(), op, ": expected `", name, "` on cpu or cuda, got ", t.device());
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": expected `", name,
+                "` of dtype float32 or float64 on cpu, got ", st);
+  }
+}
+
+inline void check_index(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected `", name, "` of dtype int64, got ",
+              t.scalar_type());
+}
+
+}  // namespace doe_ext

@@ -1,0 +1,34 @@
+"""doe_ext: C++/CUDA ops, modules and models for knowledge-driven mixture-of-experts LMs.
+
+Importing the package loads the compiled ops library (``doe_ext._C``), which registers every op
+under ``torch.ops.doe_ext``, then the Python side of each op (fake kernels and autograd).
+"""
+from __future__ import annotations
+
+import torch
+
+from doe_ext import _C  # noqa: F401  (registers torch.ops.doe_ext.*)
+from doe_ext import ops  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "ops", "__version__"]
+
+
+def build_info() -> dict:
+    """What this installation was built with and runs on.
+
+    Returns a dict: ``version``, ``torch`` (the running torch), ``cuda_kernels`` (whether CUDA
+    kernels are compiled into ``_C``), ``cuda_archs`` (their architectures, e.g. ``["80", "90"]``),
+    ``torch_cuda`` (torch's CUDA version or None), ``cuda_available`` and ``cpu_capability``
+    (the SIMD level ATen dispatches to, e.g. ``"AVX512"``).
+    """
+    cfg = dict(kv.split("=", 1) for kv in torch.ops.doe_ext._build_config().split(";"))
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cuda_kernels": cfg["cuda"] == "1",
+        "cuda_archs": [a for a in cfg["archs"].split(",") if a],
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

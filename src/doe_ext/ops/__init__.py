@@ -1,0 +1,8 @@
+"""The fused ops of doe_ext: public functions over ``torch.ops.doe_ext.*``.
+
+Each op is one module here: the public function (shapes in its docstring), its fake kernel for
+``torch.compile`` and its autograd formula, both registered against the C++ schema.
+"""
+from doe_ext.ops.knowledge_attention import knowledge_attention
+
+__all__ = ["knowledge_attention"]
