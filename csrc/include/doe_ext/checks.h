@@ -12,6 +12,22 @@ namespace doe_ext {
 
 inline std::string shape_str(at::IntArrayRef s) { return c10::str(s); }
 
+// torch's spelling of a dtype ("float32", not ATen's "Float"), as users write it.
+inline std::string dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(st);
+  }
+}
+
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
                       const char* layout) {
   TORCH_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
@@ -39,7 +55,8 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
                              const char* name, const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
-              ref.scalar_type(), " (the dtype of `", ref_name, "`), got ", t.scalar_type());
+              dtype_name(ref.scalar_type()), " (the dtype of `", ref_name, "`), got ",
+              dtype_name(t.scalar_type()));
 }
 
 // The floating dtypes of the contract: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA.
@@ -47,17 +64,17 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
   const auto st = t.scalar_type();
   if (t.is_cuda()) {
     TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": expected `",
-                name, "` of dtype float32, float16 or bfloat16 on CUDA, got ", st);
+                name, "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
   } else {
     TORCH_CHECK(t.is_cpu(), op, ": expected `", name, "` on cpu or cuda, got ", t.device());
     TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": expected `", name,
-                "` of dtype float32 or float64 on cpu, got ", st);
+                "` of dtype float32 or float64 on cpu, got ", dtype_name(st));
   }
 }
 
 inline void check_index(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected `", name, "` of dtype int64, got ",
-              t.scalar_type());
+              dtype_name(t.scalar_type()));
 }
 
 }  // namespace doe_ext

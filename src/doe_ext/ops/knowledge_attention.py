@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from doe_ext.ops._checks import check_same_device
+
 _ops = torch.ops.doe_ext
 
 
@@ -46,6 +48,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("doe_ext::knowledge_attention_fwd")
 def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
+    check_same_device("knowledge_attention", "q", q, z_key=z_key, z_value=z_value, residual=residual)
     torch._check(z_key.dim() == 2 and z_value.dim() == 2, lambda: "knowledge_attention: z_key, z_value must be 2-D")
     torch._check(z_key.shape[1] == q.shape[-1], lambda: "knowledge_attention: z_key.shape[1] must equal q.shape[-1]")
     torch._check(z_value.shape[0] == z_key.shape[0], lambda: "knowledge_attention: z_value.shape[0] must equal K")

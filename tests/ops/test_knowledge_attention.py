@@ -1,0 +1,179 @@
+"""knowledge_attention vs its plain-PyTorch twin: values, gradients, gradcheck, opcheck,
+torch.compile, bad input. One table of cases feeds every test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import doe_ext
+from doe_ext.nn import KnowledgeAttention
+from doe_ext.ops import knowledge_attention
+from doe_ext.reference import knowledge_attention_ref
+from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves
+
+FWD = torch.ops.doe_ext.knowledge_attention_fwd.default
+BWD = torch.ops.doe_ext.knowledge_attention_bwd.default
+
+# lead dims of q, dk, dv, K, with residual, tied (z_key is z_value), q layout
+CASES = {
+    "K1": ((5,), 16, 16, 1, True, True, "contiguous"),
+    "K7-batch-odd": ((2, 3), 33, 17, 7, True, False, "contiguous"),
+    "K128-rowslice": ((37,), 64, 64, 128, True, True, "row-slice"),
+    "K300-no-residual": ((3, 5, 2), 9, 9, 300, False, True, "contiguous"),
+    "multi-block-strided": ((261,), 24, 40, 13, True, False, "strided"),
+    "transposed": ((3, 11), 20, 6, 5, True, False, "transposed"),
+    "empty": ((0,), 16, 8, 7, True, False, "contiguous"),
+    "empty-batch": ((2, 0), 8, 8, 3, False, False, "contiguous"),
+}
+
+
+def make_case(name, device="cpu", dtype=torch.float32):
+    lead, dk, dv, K, with_res, tied, layout = CASES[name]
+    g = dict(device=device, dtype=dtype)
+    if layout == "row-slice":  # unit stride along dk, rows further apart: no copy needed
+        q = torch.randn(*lead, dk + 5, **g)[..., :dk]
+    elif layout == "strided":  # stride 2 along dk
+        q = torch.randn(*lead, 2 * dk, **g)[..., ::2]
+    elif layout == "transposed":
+        q = torch.randn(dk, *reversed(lead), **g).permute(*range(len(lead), 0, -1), 0)
+    else:
+        q = torch.randn(*lead, dk, **g)
+    assert q.shape == (*lead, dk) and (layout == "contiguous") == q.is_contiguous()
+    z_value = torch.randn(K, dv, **g)
+    z_key = z_value if tied and dk == dv else torch.randn(K, dk, **g)
+    residual = torch.randn(*lead, dv, **g) if with_res else None
+    return q, z_key, z_value, residual
+
+
+def _forward_backward(fn, q, z_key, z_value, residual, grad_out, tied):
+    q, z_value, residual = leaves([q, z_value, residual])
+    z_key = z_value if tied else leaves([z_key])[0]
+    out, probs = fn(q, z_key, z_value, residual=residual, return_probs=True)
+    out.backward(grad_out)
+    grads = [t.grad for t in (q, z_key, z_value, residual) if t is not None]
+    return out, probs, grads
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, device, dtype):
+    q, z_key, z_value, residual = make_case(case, device, dtype)
+    tied = z_key is z_value
+    grad_out = torch.randn(*q.shape[:-1], z_value.shape[1], device=device, dtype=dtype)
+    out, probs, grads = _forward_backward(knowledge_attention, q, z_key, z_value, residual, grad_out, tied)
+    ref, ref_probs, ref_grads = _forward_backward(knowledge_attention_ref, q, z_key, z_value, residual, grad_out, tied)
+    f64 = [t.double() if t is not None else None for t in (q, z_key, z_value, residual, grad_out)]
+    ref64, ref64_probs, ref64_grads = _forward_backward(knowledge_attention_ref, *f64[:4], f64[4], tied)
+    assert out.shape == (*q.shape[:-1], z_value.shape[1]) and out.dtype == dtype
+    assert not probs.requires_grad
+    assert_close_to_reference(out, ref, ref64, "out")
+    assert_close_to_reference(probs, ref_probs, ref64_probs, "probs")
+    for i, (g, rg, rg64) in enumerate(zip(grads, ref_grads, ref64_grads)):
+        assert g.shape == rg.shape
+        assert_close_to_reference(g, rg, rg64, f"grad {i}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("empty")])
+def test_gradcheck_float64(case):
+    q, z_key, z_value, residual = leaves(make_case(case, dtype=torch.float64))
+    big = q.numel() + z_key.numel() + z_value.numel() > 4000
+    fn = lambda q, zk, zv, r: knowledge_attention(q, zk, zv, residual=r, scale=0.37)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, z_key, z_value, residual), fast_mode=big)
+
+
+@pytest.mark.parametrize("case", ["K7-batch-odd", "K128-rowslice", "K300-no-residual", "empty"])
+def test_opcheck(case):
+    q, z_key, z_value, residual = leaves(make_case(case))
+    for return_probs in (False, True):
+        torch.library.opcheck(FWD, (q, z_key, z_value, residual, 0.5, return_probs))
+    lse = torch.randn(q.shape[:-1])
+    grad_out = torch.randn(*q.shape[:-1], z_value.shape[1])
+    torch.library.opcheck(BWD, (grad_out, q.detach(), z_key.detach(), z_value.detach(), lse, 0.5))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q, z_key, z_value, residual = make_case("K7-batch-odd")
+
+    def step(q, z_key, z_value, residual):
+        out = knowledge_attention(q, z_key, z_value, residual=residual)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_in, comp_in = leaves([q, z_key, z_value, residual]), leaves([q, z_key, z_value, residual])
+    eager_loss, comp_loss = step(*eager_in), compiled(*comp_in)
+    eager_loss.backward()
+    comp_loss.backward()
+    torch.testing.assert_close(comp_loss, eager_loss)
+    for a, b in zip(comp_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_empty_input_gives_empty_output_and_zero_weight_grads():
+    q, z_key, z_value, residual = leaves(make_case("empty"))
+    out = knowledge_attention(q, z_key, z_value, residual)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and residual.grad.shape == residual.shape
+    assert torch.count_nonzero(z_key.grad) == 0 and torch.count_nonzero(z_value.grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_names_the_argument(device):
+    q = torch.randn(4, 8, device=device)
+    z = torch.randn(5, 8, device=device)
+    with pytest.raises(RuntimeError, match=r"`z_key`.shape\[1\] == 8"):
+        knowledge_attention(q, torch.randn(5, 6, device=device), z)
+    with pytest.raises(RuntimeError, match=r"`z_value`.shape\[0\] == 5"):
+        knowledge_attention(q, z, torch.randn(4, 8, device=device))
+    with pytest.raises(RuntimeError, match=r"`z_key` to be 2-D"):
+        knowledge_attention(q, z[None], z)
+    with pytest.raises(RuntimeError, match=r"`z_value` of dtype float32"):
+        knowledge_attention(q, z, z.double())
+    with pytest.raises(RuntimeError, match=r"`q` of dtype float32 or float64 on cpu"):
+        knowledge_attention(q.to(torch.int64).cpu(), z.cpu(), z.cpu())
+    with pytest.raises(RuntimeError, match=r"`residual` of shape \[4, 8\]"):
+        knowledge_attention(q, z, z, residual=torch.randn(4, 7, device=device))
+    with pytest.raises(RuntimeError, match=r"at least one knowledge block"):
+        knowledge_attention(q, z[:0], z[:0])
+
+
+def test_z_on_another_device_names_the_argument():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    q = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"`z_key` on cpu"):
+        knowledge_attention(q, torch.randn(5, 8, device=other), torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_module_matches_its_reference_twin(tie):
+    fused = KnowledgeAttention(24, 7, d_key=None if tie else 10, tie_key_value=tie).double()
+    twin = KnowledgeAttention(24, 7, d_key=None if tie else 10, tie_key_value=tie, reference=True).double()
+    twin.load_state_dict(fused.state_dict())
+    h = torch.randn(2, 9, 24, dtype=torch.float64)
+    out, probs = fused(h, return_probs=True)
+    ref, ref_probs = twin(h, return_probs=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(probs, ref_probs)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+    assert probs.shape == (2, 9, 7)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 9, dtype=torch.float64))
+
+
+def test_module_rejects_untied_width_mismatch():
+    with pytest.raises(ValueError, match="d_key=12"):
+        KnowledgeAttention(16, 4, d_key=12, tie_key_value=True)
+    with pytest.raises(ValueError, match="num_topics=0"):
+        KnowledgeAttention(16, 0)
+
+
+def test_build_info_reports_the_build():
+    info = doe_ext.build_info()
+    assert info["torch"] == torch.__version__
+    assert info["cuda_kernels"] == bool(info["cuda_archs"])
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if torch.version.cuda is None:
+        assert not info["cuda_kernels"]
