@@ -32,6 +32,10 @@ TORCH_LIBRARY(doe_ext, m) {
   // Gradients of knowledge_attention_fwd's out w.r.t. q, z_key, z_value (residual's is grad_out).
   m.def("knowledge_attention_bwd(Tensor grad_out, Tensor q, Tensor z_key, Tensor z_value, Tensor lse, "
         "float scale) -> (Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
+
+  // ---- VAE-ReLU router and expert-label loss (CONTRACT §2.2, §2.4) ----
+
+  // ---- dual embedding and LoRA experts (CONTRACT §2.3, §2.5) ----
 }
 
 }  // namespace doe_ext
