@@ -4,10 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 # Debian packages the build and tests use (installed when missing and we are root).
-APT_PKGS := ccache
+APT_PKGS := ccache libgtest-dev dict-gcide
 # What makes the extension stale: any C++/CUDA source or build file.
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
-EXTRAS ?= test
+EXTRAS ?= test,lda
 
 .PHONY: setup test bench demo clean
 setup: $(VENV)/.built
@@ -31,8 +31,13 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 
 test: setup
 	$(PY) -m pytest tests -q
+	@# C++ unit tests of the LDA engine (built when libgtest-dev is installed).
+	@d=$$(ls -d build/*/csrc/lda 2>/dev/null | head -n1); \
+	if [ -n "$$d" ] && [ -f "$$d/CTestTestfile.cmake" ]; then ctest --test-dir "$$d" --output-on-failure; \
+	else echo "note: no LDA ctest build dir (GoogleTest missing?)"; fi
 
 bench: setup
+	$(PIP) install -q -e ".[$(EXTRAS),bench]" --no-build-isolation
 	$(PY) benchmarks/run.py
 
 clean:
