@@ -155,6 +155,9 @@ def build(args) -> None:
 
     if not args.inputs and not args.dataset:
         raise CommandError("corpus build: give input files or --dataset")
+    for name in args.inputs:
+        if not Path(name).is_file():
+            raise CommandError(f"{name}: no such input file")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CommandError(f"{out}: already exists (use --overwrite)")

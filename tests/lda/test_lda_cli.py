@@ -1,0 +1,102 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import draw_corpus
+from doe_ext.cli import main
+from doe_ext.lda import LDA, TokenCorpus
+
+
+def write_text_corpus(path, docs=400, seed=0):
+    """Documents of planted-topic 'words' (w0 .. w199) as text, blank-line separated."""
+    p = draw_corpus(num_topics=4, vocab=200, docs=docs, length=40, seed=seed)
+    lines = [" ".join(f"w{t}" for t in p.corpus[d]) for d in range(p.corpus.num_docs)]
+    path.write_text("\n\n".join(lines) + "\n")
+    return p
+
+
+def test_build_fit_label_show(tmp_path, capsys):
+    text = tmp_path / "docs.txt"
+    write_text_corpus(text)
+    corpus_dir = tmp_path / "corpus"
+    assert main(["corpus", "build", str(text), "--train-bpe", "400", "--out", str(corpus_dir),
+                 "--no-progress"]) == 0
+    corpus = TokenCorpus.open(corpus_dir)
+    assert corpus.num_docs == 400 and corpus.vocab_size <= 400
+    assert (corpus_dir / "tokenizer.json").is_file()
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(str(corpus_dir / "tokenizer.json"))
+    first = text.read_text().split("\n\n")[0] + "\n"  # a paragraph keeps its line end
+    assert corpus[0].tolist() == tk.encode(first, add_special_tokens=False).ids
+    assert corpus.meta["special_token_ids"] == [tk.token_to_id("<|endoftext|>")]
+
+    model_dir = tmp_path / "model"
+    assert main(["lda", "fit", str(corpus_dir), "--out", str(model_dir), "-k", "4", "--iterations",
+                 "30", "--threads", "2", "--no-progress", "--heldout", str(corpus_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out perplexity" in out and "saved to" in out
+    model = LDA.load(model_dir)
+    assert model.num_topics == 4 and model.keep[corpus.meta["special_token_ids"][0]] == 0
+
+    assert main(["lda", "label", str(model_dir), str(corpus_dir), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == f"labels: {corpus_dir}"
+    topics, theta = corpus.labels()
+    assert np.array_equal(topics, model.label(corpus)[0])
+
+    assert main(["lda", "show", str(model_dir), "-n", "3"]) == 0
+    shown = capsys.readouterr().out.strip().splitlines()
+    assert len(shown) == 4
+    top = model.top_tokens(3, tokenizer=corpus_dir / "tokenizer.json")
+    assert all(repr(top[k][0]) in shown[k] for k in range(4))
+
+
+def test_sharded_build(tmp_path):
+    text = tmp_path / "docs.jsonl"
+    p = draw_corpus(num_topics=2, vocab=50, docs=30, length=10, seed=1)
+    text.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in p.corpus[d])}) + "\n"
+                            for d in range(30)))
+    assert main(["corpus", "build", str(text), "--train-bpe", "100", "--out", str(tmp_path / "c"),
+                 "--shard-tokens", "50", "--no-progress"]) == 0
+    shards = sorted((tmp_path / "c").glob("shard-*"))
+    assert len(shards) > 1
+    assert sum(TokenCorpus.open(s).num_docs for s in shards) == 30
+
+
+def error_of(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("doe-ext: error: ") and "Traceback" not in err
+    return err
+
+
+def test_errors_name_the_file_and_the_problem(tmp_path, capsys):
+    assert "nope: no such corpus shard folder" in error_of(
+        ["lda", "fit", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], capsys)
+    shard = TokenCorpus.from_documents([[1, 2, 3], [2, 3]], vocab_size=5).write(tmp_path / "shard")
+    assert "num_topics must be an integer in [1, 32767], got 0" in error_of(
+        ["lda", "fit", str(shard.path), "--out", str(tmp_path / "m"), "-k", "0"], capsys)
+    empty = TokenCorpus.from_documents([], vocab_size=5).write(tmp_path / "empty")
+    assert "empty: empty corpus" in error_of(
+        ["lda", "fit", str(empty.path), "--out", str(tmp_path / "m"), "--no-progress"], capsys)
+    assert "m: no such model folder" in error_of(["lda", "label", str(tmp_path / "m"), str(shard.path)], capsys)
+    assert "missing.txt: no such input file" in error_of(
+        ["corpus", "build", str(tmp_path / "missing.txt"), "--tokenizer", str(tmp_path / "tk.json"),
+         "--out", str(tmp_path / "c")], capsys)
+    text = tmp_path / "t.txt"
+    text.write_text("some words\n")
+    assert "tk.json: no such tokenizer file" in error_of(
+        ["corpus", "build", str(text), "--tokenizer", str(tmp_path / "tk.json"), "--out",
+         str(tmp_path / "c")], capsys)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def test_label_reports_a_corrupt_shard(tmp_path, capsys):
+    p = draw_corpus(num_topics=2, vocab=30, docs=20, length=10, seed=2)
+    shard = p.corpus.write(tmp_path / "shard")
+    LDA(2, threads=1).fit(shard, 5, progress=False, max_doc_freq=None).save(tmp_path / "m")
+    (shard.path / "tokens.u32").write_bytes(b"\0" * 12)
+    err = error_of(["lda", "label", str(tmp_path / "m"), str(shard.path)], capsys)
+    assert "shard/tokens.u32: corrupt or truncated" in err
+    assert not (shard.path / "labels.json").exists()
