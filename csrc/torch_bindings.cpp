@@ -27,11 +27,13 @@ TORCH_LIBRARY(doe_ext, m) {
   m.def("_build_config() -> str", &build_config);
   // DoE eq. 1-3: out = residual + softmax(q @ z_key.T * scale) @ z_value; lse per row (float32 for
   // half inputs) for the backward; probs [..., K] only when return_probs, else an empty tensor.
+  // (The CPU wrapper asks for probs when a backward will follow: reusing them there saves a GEMM.)
   m.def("knowledge_attention_fwd(Tensor q, Tensor z_key, Tensor z_value, Tensor? residual, float scale, "
         "bool return_probs) -> (Tensor out, Tensor lse, Tensor probs)");
-  // Gradients of knowledge_attention_fwd's out w.r.t. q, z_key, z_value (residual's is grad_out).
+  // Gradients of knowledge_attention_fwd's out w.r.t. q, z_key, z_value (residual's is grad_out);
+  // probs from the forward, or empty to rebuild them from lse.
   m.def("knowledge_attention_bwd(Tensor grad_out, Tensor q, Tensor z_key, Tensor z_value, Tensor lse, "
-        "float scale) -> (Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
+        "Tensor probs, float scale) -> (Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
 
   // ---- VAE-ReLU router and expert-label loss (CONTRACT §2.2, §2.4) ----
 

@@ -1,13 +1,13 @@
 // CPU knowledge attention, forward and backward.
 //
-// Rows of q are processed in blocks of kBlockRows: the block's scores, probabilities, value
-// product and residual add stay in cache, and only out (plus one log-sum-exp per row) is written.
-// The GEMMs go through ATen (MKL/oneDNN); the row math is the shared host/device code of math.h.
+// Six GEMMs (two forward, four backward) over whole matrices through ATen (MKL), and every
+// elementwise step fused into one vectorised pass per row: the row math is the shared host/device
+// code of math.h. Whole-matrix GEMMs beat row blocks that stay in cache here: the GEMMs are ~80%
+// of the time and MKL loses more on small blocks than the blocks save in traffic (measured, see
+// benchmarks/README.md). Deterministic for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "doe_ext/knowledge_attention.h"
 #include "doe_ext/math.h"
@@ -15,7 +15,22 @@
 namespace doe_ext {
 namespace {
 
-constexpr int64_t kBlockRows = 128;
+// The shared row math, compiled per ISA; float is the hot case, double is for gradcheck.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DOE_CLONES
+#endif
+DOE_CLONES float softmax_row(float* s, int64_t K, float scale) { return ka::softmax_row(s, K, scale); }
+DOE_CLONES void probs_from_lse(float* s, int64_t K, float scale, float lse) { ka::probs_from_lse(s, K, scale, lse); }
+DOE_CLONES void softmax_backward_row(const float* p, float* dp, int64_t K, float scale) {
+  ka::softmax_backward_row(p, dp, K, scale);
+}
+double softmax_row(double* s, int64_t K, double scale) { return ka::softmax_row(s, K, scale); }
+void probs_from_lse(double* s, int64_t K, double scale, double lse) { ka::probs_from_lse(s, K, scale, lse); }
+void softmax_backward_row(const double* p, double* dp, int64_t K, double scale) {
+  ka::softmax_backward_row(p, dp, K, scale);
+}
 
 // q as a 2-D [N, dk] matrix with unit stride along dk (a view when possible, no copy).
 at::Tensor as_rows(const at::Tensor& t, int64_t N) {
@@ -23,31 +38,52 @@ at::Tensor as_rows(const at::Tensor& t, int64_t N) {
   return r.stride(-1) == 1 ? r : r.contiguous();
 }
 
+// Forward: S = q @ z_key.T (one GEMM), the scaled softmax and log-sum-exp in one vectorised pass per
+// row (in place, straight into probs when they are kept), then out = residual + P @ z_value (one
+// GEMM whose beta=1 does the residual add).
 template <typename T>
-void forward_blocks(const at::Tensor& q2, const at::Tensor& zk, const at::Tensor& zv,
-                    const at::Tensor& res2, at::Tensor& out2, at::Tensor& lse1, at::Tensor& probs2,
-                    T scale) {
+void forward(const at::Tensor& q2, const at::Tensor& zk, const at::Tensor& zv, const at::Tensor& res2,
+             at::Tensor& out2, at::Tensor& lse1, at::Tensor& probs2, T scale) {
   const int64_t N = q2.size(0), K = zk.size(0);
-  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+  auto s = probs2.defined() ? probs2 : at::empty({N, K}, q2.options());
+  at::mm_out(s, q2, zk.t());
+  T* sp = s.data_ptr<T>();
   T* lse = lse1.data_ptr<T>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    auto s_buf = at::empty({kBlockRows, K}, q2.options());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kBlockRows, m = std::min(kBlockRows, N - r0);
-      auto s = s_buf.narrow(0, 0, m);
-      at::mm_out(s, q2.narrow(0, r0, m), zk.t());  // raw scores [m, K]
-      T* sp = s.data_ptr<T>();
-      for (int64_t i = 0; i < m; ++i) lse[r0 + i] = ka::softmax_row<T>(sp + i * K, K, scale);
-      if (probs2.defined()) probs2.narrow(0, r0, m).copy_(s);
-      auto o = out2.narrow(0, r0, m);
-      if (res2.defined()) {
-        o.copy_(res2.narrow(0, r0, m));
-        at::addmm_out(o, o, s, zv);  // out = residual + P @ z_value
-      } else {
-        at::mm_out(o, s, zv);
-      }
-    }
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) lse[i] = softmax_row(sp + i * K, K, scale);
   });
+  if (res2.defined()) {
+    at::addmm_out(out2, res2, s, zv);
+  } else {
+    at::mm_out(out2, s, zv);
+  }
+}
+
+// Backward: P (kept by the forward, or rebuilt from lse), dz_value = P.T @ g, dP = g @ z_value.T,
+// the softmax backward (with the scale) in one pass per row, dq = dS @ z_key, dz_key = dS.T @ q.
+template <typename T>
+void backward(const at::Tensor& g2, const at::Tensor& q2, const at::Tensor& zk, const at::Tensor& zv,
+              const at::Tensor& lse1, const at::Tensor& probs2, at::Tensor& dq2, at::Tensor& dzk,
+              at::Tensor& dzv, T scale) {
+  const int64_t N = q2.size(0), K = zk.size(0);
+  at::Tensor p = probs2;
+  if (!p.defined()) {
+    p = at::mm(q2, zk.t());
+    T* pp = p.data_ptr<T>();
+    const T* lse = lse1.data_ptr<T>();
+    at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) probs_from_lse(pp + i * K, K, scale, lse[i]);
+    });
+  }
+  at::mm_out(dzv, p.t(), g2);
+  auto dp = at::mm(g2, zv.t());
+  const T* pp = p.data_ptr<T>();
+  T* dpp = dp.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) softmax_backward_row(pp + i * K, dpp + i * K, K, scale);
+  });
+  at::mm_out(dq2, dp, zk);
+  at::mm_out(dzk, dp.t(), q2);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cpu(
@@ -65,69 +101,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cpu(
   auto lse1 = lse.view({sz.N});
   auto probs2 = return_probs ? probs.view({sz.N, sz.K}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_fwd_cpu", [&] {
-    forward_blocks<scalar_t>(q2, zk, zv, res2, out2, lse1, probs2, static_cast<scalar_t>(scale));
+    forward<scalar_t>(q2, zk, zv, res2, out2, lse1, probs2, static_cast<scalar_t>(scale));
   });
   return {out, lse, probs};
 }
 
-// Backward. Per block: rebuild P from the saved log-sum-exp, dP = g @ z_value.T, dS by the softmax
-// backward, dq = dS @ z_key. The weight gradients P.T @ g and dS.T @ q are summed per chunk of
-// blocks (one chunk per thread, fixed split), then over chunks in order: deterministic for a given
-// thread count.
-template <typename T>
-void backward_blocks(const at::Tensor& g2, const at::Tensor& q2, const at::Tensor& zk,
-                     const at::Tensor& zv, const at::Tensor& lse1, at::Tensor& dq2,
-                     at::Tensor& dzk_parts, at::Tensor& dzv_parts, T scale) {
-  const int64_t N = q2.size(0), K = zk.size(0);
-  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
-  const int64_t nchunks = dzk_parts.size(0);
-  const T* lse = lse1.data_ptr<T>();
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    auto p_buf = at::empty({kBlockRows, K}, q2.options());
-    auto dp_buf = at::empty({kBlockRows, K}, q2.options());
-    for (int64_t c = c0; c < c1; ++c) {
-      auto dzk = dzk_parts[c], dzv = dzv_parts[c];
-      for (int64_t b = c * nblocks / nchunks; b < (c + 1) * nblocks / nchunks; ++b) {
-        const int64_t r0 = b * kBlockRows, m = std::min(kBlockRows, N - r0);
-        auto p = p_buf.narrow(0, 0, m), dp = dp_buf.narrow(0, 0, m);
-        auto qb = q2.narrow(0, r0, m), gb = g2.narrow(0, r0, m);
-        at::mm_out(p, qb, zk.t());
-        T* pp = p.data_ptr<T>();
-        T* dpp = dp.data_ptr<T>();
-        for (int64_t i = 0; i < m; ++i) ka::probs_from_lse<T>(pp + i * K, K, scale, lse[r0 + i]);
-        at::addmm_out(dzv, dzv, p.t(), gb);  // dz_value += P.T @ g
-        at::mm_out(dp, gb, zv.t());          // dP = g @ z_value.T
-        for (int64_t i = 0; i < m; ++i) ka::softmax_backward_row<T>(pp + i * K, dpp + i * K, K, scale);
-        auto dqb = dq2.narrow(0, r0, m);
-        at::mm_out(dqb, dp, zk);              // dq = dS @ z_key
-        at::addmm_out(dzk, dzk, dp.t(), qb);  // dz_key += dS.T @ q
-      }
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key,
-    const at::Tensor& z_value, const at::Tensor& lse, double scale) {
+    const at::Tensor& z_value, const at::Tensor& lse, const at::Tensor& probs, double scale) {
   const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
   TORCH_CHECK(grad_out.sizes().vec() == leading_with(q, sz.dv),
               "knowledge_attention_bwd: expected `grad_out` of shape [..., dv] matching the output, got ",
               shape_str(grad_out.sizes()));
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
-  const int64_t nblocks = (sz.N + kBlockRows - 1) / kBlockRows;
-  const int64_t nchunks = std::min<int64_t>(at::get_num_threads(), nblocks);
-  auto dzk_parts = at::zeros({nchunks, sz.K, sz.dk}, q.options());
-  auto dzv_parts = at::zeros({nchunks, sz.K, sz.dv}, q.options());
   const auto q2 = as_rows(q, sz.N), g2 = as_rows(grad_out, sz.N);
   const auto zk = z_key.contiguous(), zv = z_value.contiguous();
   auto dq2 = dq.view({sz.N, sz.dk});
+  const auto probs2 = probs.numel() > 0 ? as_rows(probs, sz.N).contiguous() : at::Tensor();
+  if (probs2.defined()) check_size(probs2, 1, sz.K, "knowledge_attention_bwd", "probs", "K");
+  auto dzk = at::empty_like(zk), dzv = at::empty_like(zv);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_bwd_cpu", [&] {
-    backward_blocks<scalar_t>(g2, q2, zk, zv, lse.reshape({sz.N}).contiguous(), dq2, dzk_parts,
-                              dzv_parts, static_cast<scalar_t>(scale));
+    backward<scalar_t>(g2, q2, zk, zv, lse.reshape({sz.N}).contiguous(), probs2, dq2, dzk, dzv,
+                       static_cast<scalar_t>(scale));
   });
-  if (nchunks == 1) return {dq, dzk_parts[0], dzv_parts[0]};
-  return {dq, dzk_parts.sum(0), dzv_parts.sum(0)};
+  return {dq, dzk, dzv};
 }
 
 }  // namespace

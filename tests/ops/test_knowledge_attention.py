@@ -86,9 +86,10 @@ def test_opcheck(case):
     q, z_key, z_value, residual = leaves(make_case(case))
     for return_probs in (False, True):
         torch.library.opcheck(FWD, (q, z_key, z_value, residual, 0.5, return_probs))
-    lse = torch.randn(q.shape[:-1])
+    _, lse, probs = FWD(q, z_key, z_value, residual, 0.5, True)
     grad_out = torch.randn(*q.shape[:-1], z_value.shape[1])
-    torch.library.opcheck(BWD, (grad_out, q.detach(), z_key.detach(), z_value.detach(), lse, 0.5))
+    for saved_probs in (probs.detach(), probs.new_empty(0)):  # kept by the forward, or rebuilt from lse
+        torch.library.opcheck(BWD, (grad_out, q.detach(), z_key.detach(), z_value.detach(), lse.detach(), saved_probs, 0.5))
 
 
 def test_compile_fullgraph_matches_eager():

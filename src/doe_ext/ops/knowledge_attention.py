@@ -33,12 +33,18 @@ def knowledge_attention(
 
     Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA (float32 accumulation).
     Differentiable in ``q``, ``z_key``, ``z_value`` and ``residual``. The forward writes no
-    ``[..., K]`` tensor (unless asked for probs): the backward rebuilds the probabilities from one
-    saved log-sum-exp per row.
+    ``[..., K]`` tensor on CUDA (unless asked for probs): the backward rebuilds the probabilities
+    from one saved log-sum-exp per row. On the CPU, when a backward will follow, the probabilities
+    are kept (as eager autograd does) to spare the backward a GEMM.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _, probs = _ops.knowledge_attention_fwd(q, z_key, z_value, residual, float(scale), return_probs)
+    # On the CPU the block's probabilities are at hand: keeping them for the backward spares it a
+    # GEMM (the same [..., K] tensor eager autograd saves). CUDA rebuilds them from lse instead.
+    keep_probs = return_probs or (
+        q.device.type == "cpu" and torch.is_grad_enabled()
+        and (q.requires_grad or z_key.requires_grad or z_value.requires_grad))
+    out, _, probs = _ops.knowledge_attention_fwd(q, z_key, z_value, residual, float(scale), keep_probs)
     return (out, probs) if return_probs else out
 
 
@@ -60,22 +66,25 @@ def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
 
 
 @torch.library.register_fake("doe_ext::knowledge_attention_bwd")
-def _bwd_fake(grad_out, q, z_key, z_value, lse, scale):
+def _bwd_fake(grad_out, q, z_key, z_value, lse, probs, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(z_key), torch.empty_like(z_value)
 
 
 def _setup_context(ctx, inputs, output):
     q, z_key, z_value, residual, scale, _ = inputs
     _, lse, probs = output
-    ctx.save_for_backward(q, z_key, z_value, lse)
+    ctx.save_for_backward(q, z_key, z_value, lse, probs)
     ctx.scale = scale
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(lse, probs)
+    ctx.set_materialize_grads(False)  # lse and probs get no gradient: don't build zeros for them
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_probs):
-    q, z_key, z_value, lse = ctx.saved_tensors
-    grad_q, grad_zk, grad_zv = _ops.knowledge_attention_bwd(grad_out.contiguous(), q, z_key, z_value, lse, ctx.scale)
+    q, z_key, z_value, lse, probs = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    grad_q, grad_zk, grad_zv = _ops.knowledge_attention_bwd(grad_out.contiguous(), q, z_key, z_value, lse, probs, ctx.scale)
     grad_res = grad_out if ctx.has_residual and ctx.needs_input_grad[3] else None
     return grad_q, grad_zk, grad_zv, grad_res, None, None
 
