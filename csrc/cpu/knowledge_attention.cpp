@@ -16,11 +16,6 @@ namespace doe_ext {
 namespace {
 
 // The shared row math, compiled per ISA; float is the hot case, double is for gradcheck.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DOE_CLONES
-#endif
 DOE_CLONES float softmax_row(float* s, int64_t K, float scale) { return ka::softmax_row(s, K, scale); }
 DOE_CLONES void probs_from_lse(float* s, int64_t K, float scale, float lse) { ka::probs_from_lse(s, K, scale, lse); }
 DOE_CLONES void softmax_backward_row(const float* p, float* dp, int64_t K, float scale) {

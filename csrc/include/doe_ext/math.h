@@ -24,6 +24,14 @@
 #define DOE_SIMD_REDUCE(op, var) DOE_PRAGMA(omp simd reduction(op : var))
 #endif
 
+// A CPU function built for several ISAs and picked at load time (GCC function multiversioning):
+// wrap a DOE_HD helper in one so the helper's loops get AVX-512/AVX2 code in a portable binary.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define DOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DOE_CLONES
+#endif
+
 namespace doe_ext {
 
 #ifndef __CUDA_ARCH__

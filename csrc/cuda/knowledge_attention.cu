@@ -1,0 +1,229 @@
+// CUDA knowledge attention, forward and backward (K <= 256 fused; larger K through ATen).
+//
+// One CTA owns kRows rows of q. Forward: the scores of those rows stay in shared memory (no N x K
+// tensor reaches device memory), the softmax is the shared host/device row code of math.h, and
+// out = residual + P @ z_value is written once. Backward: the CTA rebuilds P from lse, forms
+// dP = g @ z_value.T and dS in shared memory and writes dq; it also writes P and dS so that the two
+// weight gradients (reductions over all rows) are one cuBLAS GEMM each, deterministic, no atomics.
+// Inputs float32/float16/bfloat16; every accumulation in float32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "doe_ext/knowledge_attention.h"
+#include "doe_ext/math.h"
+
+namespace doe_ext {
+namespace {
+
+constexpr int kRows = 16;      // rows of q per CTA
+constexpr int kThreads = 256;  // threads per CTA
+constexpr int kTile = 8;       // width of the dk / dv tiles staged in shared memory
+constexpr int64_t kMaxFusedK = 256;
+
+template <typename T>
+__device__ __forceinline__ float ld(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// acc[r][k] += sum_t a[row0 + r, t] * b[k, t] over t < width: a is [N, width] with row stride lda,
+// b is [K, width] contiguous. a's rows past N read as zero. Shared scratch: a_s [kRows][kTile],
+// b_s [kTile][K].
+template <typename T>
+__device__ void rows_times_bt(const T* a, int64_t lda, int64_t row0, int64_t N, const T* b, int64_t width,
+                              int K, float* acc, float* a_s, float* b_s) {
+  for (int64_t t0 = 0; t0 < width; t0 += kTile) {
+    for (int i = threadIdx.x; i < kRows * kTile; i += kThreads) {
+      const int r = i / kTile, t = i % kTile;
+      a_s[i] = (row0 + r < N && t0 + t < width) ? ld(a, (row0 + r) * lda + t0 + t) : 0.f;
+    }
+    for (int i = threadIdx.x; i < kTile * K; i += kThreads) {
+      const int t = i / K, k = i % K;
+      b_s[i] = t0 + t < width ? ld(b, int64_t(k) * width + t0 + t) : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kRows * K; i += kThreads) {
+      const int r = i / K, k = i % K;
+      float s = acc[i];
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) s += a_s[r * kTile + t] * b_s[t * K + k];
+      acc[i] = s;
+    }
+    __syncthreads();
+  }
+}
+
+// out[row0 + r, c] = (residual[row0 + r, c]) + sum_k p[r][k] * b[k, c] for every column c < width;
+// b is [K, width] contiguous, reads coalesced along c.
+template <typename T>
+__device__ void p_times_b(const float* p, int K, const T* b, int64_t width, const T* residual, int64_t ldr,
+                          T* out, int64_t ldo, int64_t row0, int64_t N) {
+  const int rows = static_cast<int>(N - row0 < kRows ? N - row0 : kRows);
+  for (int64_t c = threadIdx.x; c < width; c += kThreads) {
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float v = ld(b, int64_t(k) * width + c);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] += p[r * K + k] * v;
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float res = residual ? ld(residual, (row0 + r) * ldr + c) : 0.f;
+      out[(row0 + r) * ldo + c] = static_cast<T>(acc[r] + res);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const T* q, int64_t ldq, const T* zk, const T* zv,
+                                                       const T* residual, int64_t ldr, T* out, float* lse,
+                                                       T* probs, int64_t N, int64_t dk, int64_t dv, int K,
+                                                       float scale) {
+  extern __shared__ float smem[];
+  float* s = smem;                  // [kRows][K]
+  float* a_s = s + kRows * K;       // [kRows][kTile]
+  float* b_s = a_s + kRows * kTile; // [kTile][K]
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  for (int i = threadIdx.x; i < kRows * K; i += kThreads) s[i] = 0.f;
+  __syncthreads();
+  rows_times_bt(q, ldq, row0, N, zk, dk, K, s, a_s, b_s);
+  if (threadIdx.x < kRows && row0 + threadIdx.x < N) {
+    const int64_t row = row0 + threadIdx.x;
+    float* sr = s + threadIdx.x * K;
+    lse[row] = ka::softmax_row(sr, int64_t(K), scale);
+    if (probs)
+      for (int k = 0; k < K; ++k) probs[row * K + k] = static_cast<T>(sr[k]);
+  }
+  __syncthreads();
+  p_times_b(s, K, zv, dv, residual, ldr, out, dv, row0, N);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const T* g, const T* q, int64_t ldq, const T* zk,
+                                                       const T* zv, const float* lse, T* dq, T* p_out,
+                                                       T* ds_out, int64_t N, int64_t dk, int64_t dv, int K,
+                                                       float scale) {
+  extern __shared__ float smem[];
+  float* p = smem;                  // [kRows][K]
+  float* dp = p + kRows * K;        // [kRows][K]
+  float* a_s = dp + kRows * K;      // [kRows][kTile]
+  float* b_s = a_s + kRows * kTile; // [kTile][K]
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  for (int i = threadIdx.x; i < kRows * K; i += kThreads) p[i] = dp[i] = 0.f;
+  __syncthreads();
+  rows_times_bt(q, ldq, row0, N, zk, dk, K, p, a_s, b_s);   // raw scores
+  rows_times_bt(g, dv, row0, N, zv, dv, K, dp, a_s, b_s);   // dP = g @ z_value.T
+  if (threadIdx.x < kRows && row0 + threadIdx.x < N) {
+    const int64_t row = row0 + threadIdx.x;
+    float* pr = p + threadIdx.x * K;
+    float* dpr = dp + threadIdx.x * K;
+    ka::probs_from_lse(pr, int64_t(K), scale, lse[row]);
+    ka::softmax_backward_row(pr, dpr, int64_t(K), scale);
+    for (int k = 0; k < K; ++k) {
+      p_out[row * K + k] = static_cast<T>(pr[k]);
+      ds_out[row * K + k] = static_cast<T>(dpr[k]);
+    }
+  }
+  __syncthreads();
+  p_times_b<T>(dp, K, zk, dk, nullptr, 0, dq, dk, row0, N);  // dq = dS @ z_key
+}
+
+size_t fwd_smem(int K) { return sizeof(float) * (kRows * K + kRows * kTile + kTile * K); }
+size_t bwd_smem(int K) { return sizeof(float) * (2 * kRows * K + kRows * kTile + kTile * K); }
+
+at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  auto r = t.reshape({N, t.size(-1)});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+// K > kMaxFusedK: the same math through ATen (cuBLAS GEMMs, float32 softmax).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_large_k(const at::Tensor& q2, const at::Tensor& zk,
+                                                           const at::Tensor& zv, const at::Tensor& res2,
+                                                           double scale, bool return_probs) {
+  auto s = at::mm(q2, zk.t()).to(at::kFloat).mul_(scale);
+  auto lse = at::logsumexp(s, {-1});
+  auto p = (s - lse.unsqueeze(-1)).exp_().to(q2.scalar_type());
+  auto out = res2.defined() ? at::addmm(res2, p, zv) : at::mm(p, zv);
+  return {out, lse, return_probs ? p : at::empty({0}, q2.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
+    const std::optional<at::Tensor>& residual, double scale, bool return_probs) {
+  const auto sz = check_knowledge_attention(q, z_key, z_value, residual);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto lead = q.sizes().slice(0, q.dim() - 1);
+  const auto q2 = as_rows(q, sz.N);
+  const auto zk = z_key.contiguous(), zv = z_value.contiguous();
+  const auto res2 = residual.has_value() ? as_rows(*residual, sz.N).contiguous() : at::Tensor();
+  if (sz.K > kMaxFusedK && sz.N > 0) {
+    auto [out, lse, probs] = fwd_large_k(q2, zk, zv, res2, scale, return_probs);
+    return {out.view(leading_with(q, sz.dv)), lse.view(lead),
+            return_probs ? probs.view(leading_with(q, sz.K)) : probs};
+  }
+  auto out = at::empty(leading_with(q, sz.dv), q.options());
+  auto lse = at::empty(lead, q.options().dtype(at::kFloat));
+  auto probs = return_probs ? at::empty(leading_with(q, sz.K), q.options()) : at::empty({0}, q.options());
+  if (sz.N == 0) return {out, lse, probs};
+  const int K = static_cast<int>(sz.K);
+  const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knowledge_attention_fwd_cuda", [&] {
+    fwd_kernel<scalar_t><<<grid, kThreads, fwd_smem(K), stream>>>(
+        q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(), zv.data_ptr<scalar_t>(),
+        res2.defined() ? res2.data_ptr<scalar_t>() : nullptr, sz.dv, out.data_ptr<scalar_t>(),
+        lse.data_ptr<float>(), return_probs ? probs.data_ptr<scalar_t>() : nullptr, sz.N, sz.dk, sz.dv, K,
+        static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, lse, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
+    const at::Tensor& lse, const at::Tensor& /*probs: rebuilt from lse on CUDA*/, double scale) {
+  const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
+  TORCH_CHECK(grad_out.sizes().vec() == leading_with(q, sz.dv),
+              "knowledge_attention_bwd: expected `grad_out` of shape [..., dv] matching the output, got ",
+              shape_str(grad_out.sizes()));
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
+  const auto q2 = as_rows(q, sz.N), g2 = grad_out.reshape({sz.N, sz.dv}).contiguous();
+  const auto zk = z_key.contiguous(), zv = z_value.contiguous();
+  const auto lse1 = lse.reshape({sz.N}).to(at::kFloat).contiguous();
+  at::Tensor p, ds;
+  if (sz.K > kMaxFusedK) {
+    p = (at::mm(q2, zk.t()).to(at::kFloat).mul_(scale) - lse1.unsqueeze(-1)).exp_();
+    auto dp = at::mm(g2, zv.t()).to(at::kFloat);
+    ds = p * (dp - (p * dp).sum(-1, true)) * scale;
+    p = p.to(q.scalar_type());
+    ds = ds.to(q.scalar_type());
+    dq.view({sz.N, sz.dk}).copy_(at::mm(ds, zk));
+  } else {
+    p = at::empty({sz.N, sz.K}, q.options());
+    ds = at::empty({sz.N, sz.K}, q.options());
+    const int K = static_cast<int>(sz.K);
+    const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knowledge_attention_bwd_cuda", [&] {
+      bwd_kernel<scalar_t><<<grid, kThreads, bwd_smem(K), stream>>>(
+          g2.data_ptr<scalar_t>(), q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(),
+          zv.data_ptr<scalar_t>(), lse1.data_ptr<float>(), dq.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
+          ds.data_ptr<scalar_t>(), sz.N, sz.dk, sz.dv, K, static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {dq, at::mm(ds.t(), q2), at::mm(p.t(), g2)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("knowledge_attention_fwd", &knowledge_attention_fwd_cuda);
+  m.impl("knowledge_attention_bwd", &knowledge_attention_bwd_cuda);
+}
+
+}  // namespace doe_ext
