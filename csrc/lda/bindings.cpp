@@ -139,7 +139,7 @@ PYBIND11_MODULE(_lda, m) {
                     const std::string&, int>(),
            py::arg("tokens"), py::arg("offsets"), py::arg("keep"), py::arg("z"),
            py::arg("num_topics"), py::arg("alpha"), py::arg("beta"), py::arg("seed"),
-           py::arg("threads"), py::arg("sampler") = "alias", py::arg("mh_steps") = 2)
+           py::arg("threads"), py::arg("sampler") = "alias", py::arg("mh_steps") = 1)
       .def("initialize", &PySampler::initialize, "Random initial assignments (writes z).")
       .def("rebuild_counts", &PySampler::rebuild_counts, "Counts from the assignments in z.")
       .def("sweep", &PySampler::sweep, py::arg("n") = 1, "n Gibbs sweeps over the corpus.")

@@ -290,8 +290,8 @@ void GibbsSampler::rebuild_counts() {
 void GibbsSampler::build_alias_tables() {
   const int K = cfg_.num_topics;
   const int64_t V = cfg_.vocab_size;
-  alias_prob_.resize(V * K);
-  alias_idx_.resize(V * K);
+  alias_.resize(V * K);
+  alias_mass_.assign(V, 0.0f);
   const double vbeta = kept_vocab_ * cfg_.beta;
   std::vector<double> inv(K);
   for (int k = 0; k < K; ++k) inv[k] = 1.0 / (nk_[k] + vbeta);
@@ -305,7 +305,12 @@ void GibbsSampler::build_alias_tables() {
       if (!keep_[w]) continue;
       const int32_t* row = nwk_.data() + w * K;
       double total = 0;
-      for (int k = 0; k < K; ++k) total += q[k] = (row[k] + cfg_.beta) * inv[k];
+      AliasSlot* table = alias_.data() + w * K;
+      for (int k = 0; k < K; ++k) {
+        total += q[k] = (row[k] + cfg_.beta) * inv[k];
+        table[k].q = static_cast<float>(cfg_.alpha * q[k]);
+      }
+      alias_mass_[w] = static_cast<float>(cfg_.alpha * total);
       // Vose's alias method: one uniform slot, then the slot's own topic or its alias.
       small.clear();
       large.clear();
@@ -313,21 +318,19 @@ void GibbsSampler::build_alias_tables() {
         q[k] *= K / total;
         (q[k] < 1.0 ? small : large).push_back(k);
       }
-      float* prob = alias_prob_.data() + w * K;
-      int16_t* idx = alias_idx_.data() + w * K;
       while (!small.empty() && !large.empty()) {
         const int s = small.back(), l = large.back();
         small.pop_back();
-        prob[s] = static_cast<float>(q[s]);
-        idx[s] = static_cast<int16_t>(l);
+        table[s].prob = static_cast<float>(q[s]);
+        table[s].alias = l;
         q[l] -= 1.0 - q[s];
         if (q[l] < 1.0) {
           large.pop_back();
           small.push_back(l);
         }
       }
-      for (int k : large) prob[k] = 1.0f, idx[k] = static_cast<int16_t>(k);
-      for (int k : small) prob[k] = 1.0f, idx[k] = static_cast<int16_t>(k);
+      for (int k : large) table[k].prob = 1.0f, table[k].alias = k;
+      for (int k : small) table[k].prob = 1.0f, table[k].alias = k;
     }
   });
 }
@@ -368,42 +371,48 @@ void GibbsSampler::sweep_range(int thread, int64_t doc_lo, int64_t doc_hi, int32
   const float alpha = static_cast<float>(cfg_.alpha);
   const float beta = static_cast<float>(cfg_.beta);
   const float vbeta = static_cast<float>(kept_vocab_ * cfg_.beta);
-  const float k_alpha = K * alpha;
   Rng rng(cfg_.seed, static_cast<uint64_t>(sweeps_), static_cast<uint64_t>(thread));
-  std::vector<int32_t> ndk(K);
-  std::vector<int16_t> doc_z;
+  const bool dense = cfg_.sampler == SamplerKind::kDense;
+  std::vector<int32_t> ndk(K, 0);
   std::vector<float> inv_denom(K), p(K);
   for (int k = 0; k < K; ++k) inv_denom[k] = 1.0f / (nk[k] + vbeta);
-  const bool dense = cfg_.sampler == SamplerKind::kDense;
-  // Stale word proposal q_w(k) = (n_wk + beta) / (n_k + V beta) from the sweep-start counts.
-  std::vector<float> stale_inv(K);
-  for (int k = 0; k < K; ++k) stale_inv[k] = 1.0f / (nk_[k] + vbeta);
+  // Sparse-alias sampler state: the document's non-zero topics and each one's slot in that list.
+  std::vector<int16_t> nz, slot(K, -1);
+  nz.reserve(K);
+
+  auto add_topic = [&](int k) {
+    if (ndk[k]++ == 0) {
+      slot[k] = static_cast<int16_t>(nz.size());
+      nz.push_back(static_cast<int16_t>(k));
+    }
+  };
+  auto remove_topic = [&](int k) {
+    if (--ndk[k] == 0) {
+      const int16_t last = nz.back();
+      nz[slot[k]] = last;
+      slot[last] = slot[k];
+      nz.pop_back();
+      slot[k] = -1;
+    }
+  };
 
   for (int64_t d = doc_lo; d < doc_hi; ++d) {
     const uint32_t* tok = corpus_.doc_begin(d);
     int16_t* z = z_ + (corpus_.offsets[d] - corpus_.offsets[0]);
     const int64_t n = corpus_.doc_length(d);
-    std::fill(ndk.begin(), ndk.end(), 0);
-    doc_z.clear();
     for (int64_t i = 0; i < n; ++i)
-      if (z[i] >= 0) {
-        ++ndk[z[i]];
-        doc_z.push_back(z[i]);
-      }
-    const uint32_t nd = static_cast<uint32_t>(doc_z.size());
-    if (nd == 0) continue;
-    uint32_t j = 0;  // index of token i among the document's kept tokens
+      if (z[i] >= 0) add_topic(z[i]);
     for (int64_t i = 0; i < n; ++i) {
       if (z[i] < 0) continue;
       const uint32_t w = tok[i];
       int32_t* row = nwk + static_cast<int64_t>(w) * K;
       const int s = z[i];
-      --ndk[s];
+      remove_topic(s);
       --row[s];
       --nk[s];
+      inv_denom[s] = 1.0f / (nk[s] + vbeta);
       int t_new;
       if (dense) {
-        inv_denom[s] = 1.0f / (nk[s] + vbeta);
         for (int k = 0; k < K; ++k) p[k] = (ndk[k] + alpha) * (row[k] + beta) * inv_denom[k];
         const float u = rng.uniform() * sum(p.data(), K);
         float c = 0;
@@ -416,43 +425,50 @@ void GibbsSampler::sweep_range(int thread, int64_t doc_lo, int64_t doc_hi, int32
           }
         }
       } else {
-        auto target = [&](int k) {
-          return (ndk[k] + alpha) * (row[k] + beta) / (nk[k] + vbeta);
-        };
-        const int32_t* stale_row = nwk_.data() + static_cast<int64_t>(w) * K;
-        auto word_q = [&](int k) { return (stale_row[k] + beta) * stale_inv[k]; };
-        // The doc proposal draws from the document's assignments before this token was removed:
-        // q_d(k) ∝ n_dk + [k == s] + alpha.
-        auto doc_q = [&](int k) { return ndk[k] + (k == s ? 1.0f : 0.0f) + alpha; };
-        const float* prob = alias_prob_.data() + static_cast<int64_t>(w) * K;
-        const int16_t* alias = alias_idx_.data() + static_cast<int64_t>(w) * K;
+        // Target p(k) ∝ (n_dk + alpha)(n_wk + beta)/(n_k + V beta), split as
+        //   n_dk (n_wk + beta)/(n_k + V beta)   over the document's few topics: exact, live counts;
+        // + alpha (n_wk + beta)/(n_k + V beta)  dense in k: drawn from the word's alias table built
+        //                                         from the sweep-start counts (AliasLDA, Li et al. 2014).
+        // The mixture is the MH proposal; accepting by p/q corrects for the stale word part.
+        const int16_t* topics = nz.data();
+        const int m = static_cast<int>(nz.size());
+        float doc_mass = 0;
+        for (int j = 0; j < m; ++j) {
+          const int k = topics[j];
+          doc_mass += p[j] = ndk[k] * (row[k] + beta) * inv_denom[k];
+        }
+        const float word_mass = alias_mass_[w];
+        const AliasSlot* table = alias_.data() + static_cast<int64_t>(w) * K;
+        auto target = [&](int k) { return (ndk[k] + alpha) * (row[k] + beta) * inv_denom[k]; };
+        auto proposal = [&](int k) { return ndk[k] * (row[k] + beta) * inv_denom[k] + table[k].q; };
         int cur = s;
-        float p_cur = target(cur);
+        float p_cur = target(cur), q_cur = proposal(cur);
         for (int step = 0; step < cfg_.mh_steps; ++step) {
-          const uint32_t slot = rng.below(K);
-          int t = rng.uniform() < prob[slot] ? static_cast<int>(slot) : alias[slot];
-          if (t != cur) {
-            const float p_t = target(t);
-            const float a = p_t * word_q(cur) / (p_cur * word_q(t));
-            if (a >= 1.0f || rng.uniform() < a) cur = t, p_cur = p_t;
+          float u = rng.uniform() * (doc_mass + word_mass);
+          int t;
+          if (u < doc_mass) {
+            int j = 0;
+            while (j < m - 1 && u >= p[j]) u -= p[j++];
+            t = topics[j];
+          } else {
+            const AliasSlot& a = table[rng.below(K)];
+            t = rng.uniform() < a.prob ? static_cast<int>(&a - table) : a.alias;
           }
-          t = rng.uniform() * (nd + k_alpha) < nd ? doc_z[rng.below(nd)]
-                                                  : static_cast<int>(rng.below(K));
-          if (t != cur) {
-            const float p_t = target(t);
-            const float a = p_t * doc_q(cur) / (p_cur * doc_q(t));
-            if (a >= 1.0f || rng.uniform() < a) cur = t, p_cur = p_t;
-          }
+          if (t == cur) continue;
+          const float p_t = target(t), q_t = proposal(t);
+          const float a = p_t * q_cur / (p_cur * q_t);
+          if (a >= 1.0f || rng.uniform() < a) cur = t, p_cur = p_t, q_cur = q_t;
         }
         t_new = cur;
       }
-      ++ndk[t_new];
+      add_topic(t_new);
       ++row[t_new];
       ++nk[t_new];
-      if (dense) inv_denom[t_new] = 1.0f / (nk[t_new] + vbeta);
+      inv_denom[t_new] = 1.0f / (nk[t_new] + vbeta);
       z[i] = static_cast<int16_t>(t_new);
-      doc_z[j++] = static_cast<int16_t>(t_new);
     }
+    for (int16_t k : nz) ndk[k] = 0, slot[k] = -1;
+    nz.clear();
   }
 }
 

@@ -37,6 +37,8 @@ std::vector<int64_t> partition_docs(const CorpusView& corpus, int parts);
 void count_words(const CorpusView& corpus, int64_t vocab_size, int threads, int64_t* counts,
                  int64_t* doc_freq);
 
+// kDense: the exact conditional, O(K) a token. kAliasMH: sparse + alias Metropolis-Hastings
+// (AliasLDA, Li et al. 2014), O(topics in the document) a token; see sweep_range.
 enum class SamplerKind { kDense = 0, kAliasMH = 1 };
 
 struct GibbsConfig {
@@ -47,7 +49,7 @@ struct GibbsConfig {
   uint64_t seed = 0;
   int threads = 1;
   SamplerKind sampler = SamplerKind::kAliasMH;
-  int mh_steps = 2;  // Metropolis-Hastings steps per token (alias sampler), each a word + a doc proposal
+  int mh_steps = 1;  // Metropolis-Hastings steps per token (alias sampler)
 };
 
 // Collapsed Gibbs sampler with AD-LDA parallelism: threads own contiguous document ranges and
@@ -88,10 +90,15 @@ class GibbsSampler {
   std::vector<int64_t> nk_;   // [K]
   std::vector<std::vector<int32_t>> local_nwk_;  // per-thread copies (threads > 1)
   std::vector<std::vector<int64_t>> local_nk_;
-  // Alias tables of the word proposal q_w(k) ∝ (n_wk + beta) / (n_k + V beta), built from the counts
-  // at the start of each sweep (stale within a sweep, which MH corrects for).
-  std::vector<float> alias_prob_;
-  std::vector<int16_t> alias_idx_;
+  // Alias tables of the word part of the proposal, q_w(k) ∝ (n_wk + beta) / (n_k + V beta), built
+  // from the counts at the start of each sweep (stale within a sweep, which MH corrects for).
+  struct AliasSlot {
+    float prob;     // keep this slot's own topic with this probability, else take `alias`
+    float q;        // alpha * q_w(k) of the slot's topic k: the proposal's word part, for MH
+    int32_t alias;
+  };
+  std::vector<AliasSlot> alias_;   // [V, K]: one word's table in one contiguous run
+  std::vector<float> alias_mass_;  // [V]: alpha * sum_k q_w(k), the word part's total mass
 };
 
 // topic-word matrix phi[w, k] = (n_wk + beta) / (n_k + V' beta) (V' = kept words), 0 for words

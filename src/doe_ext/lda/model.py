@@ -65,9 +65,11 @@ class LDA:
         beta: symmetric topic-word prior.
         seed: the random seed; the same seed and thread count give the same model and labels.
         threads: worker threads (default: the CPUs this process may use).
-        sampler: ``"alias"`` — Metropolis-Hastings with an alias-table word proposal and a document
-            proposal, O(1) per token (LightLDA, Yuan et al. 2015) — or ``"dense"``, the exact O(K)
-            conditional. See benchmarks/README.md for the measurement behind the default.
+        sampler: ``"alias"`` — sparse + alias Metropolis-Hastings (AliasLDA, Li et al. 2014): the
+            document part of the conditional is summed exactly over the document's non-zero
+            topics, the dense word part is drawn from per-word alias tables rebuilt each sweep, and
+            an MH test corrects for their staleness; O(topics in the document) per token — or
+            ``"dense"``, the exact O(K) conditional. benchmarks/README.md has the measurement.
         mh_steps: Metropolis-Hastings steps per token for the alias sampler.
         infer_iterations, infer_tolerance: limits of the per-document theta fixed point used by
             labelling and perplexity (stops when the L1 change of theta is below the tolerance).
@@ -75,7 +77,7 @@ class LDA:
 
     def __init__(self, num_topics: int = 128, alpha: float | None = None, beta: float = 0.01,
                  seed: int = 0, threads: int | None = None, sampler: str = "alias",
-                 mh_steps: int = 2, infer_iterations: int = 50, infer_tolerance: float = 1e-4):
+                 mh_steps: int = 1, infer_iterations: int = 50, infer_tolerance: float = 1e-4):
         if not isinstance(num_topics, (int, np.integer)) or not 1 <= num_topics <= MAX_TOPICS:
             raise ValueError(f"num_topics must be an integer in [1, {MAX_TOPICS}], got {num_topics!r}")
         if alpha is not None and not alpha > 0:
