@@ -38,6 +38,31 @@ TORCH_LIBRARY(doe_ext, m) {
   // ---- VAE-ReLU router and expert-label loss (CONTRACT §2.2, §2.4) ----
 
   // ---- dual embedding and LoRA experts (CONTRACT §2.3, §2.5) ----
+  // DoE §3.3 / Alg. 1: out = cat(token_weight[token_ids], topic_weight[topic_ids] (0 where -1), -1);
+  // raises on an out-of-range id, naming token_ids or topic_ids.
+  m.def("dual_embedding_fwd(Tensor token_ids, Tensor topic_ids, Tensor token_weight, Tensor topic_weight) -> Tensor");
+  // Dense, deterministic gradients of both tables (ids sorted, runs reduced in token order; no
+  // atomics); rows at padding_idx (>= 0) and topic ids -1 get none. The weights give shapes only.
+  m.def("dual_embedding_bwd(Tensor grad_out, Tensor token_ids, Tensor topic_ids, Tensor token_weight, "
+        "Tensor topic_weight, int padding_idx) -> (Tensor grad_token_weight, Tensor grad_topic_weight)");
+  // DMoE eq. 6, baking E experts into a weight: weight + sum_e scales[e] * lora_b[e] @ lora_a[e].
+  m.def("lora_merge(Tensor weight, Tensor lora_a, Tensor lora_b, Tensor scales) -> Tensor");
+  // The same sum written into weight in place (export; no autograd).
+  m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor scales) -> ()");
+  // Gradients of lora_merge w.r.t. lora_a, lora_b, scales (weight's is grad_out itself).
+  m.def("lora_merge_bwd(Tensor grad_out, Tensor lora_a, Tensor lora_b, Tensor scales) "
+        "-> (Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_scales)");
+  // Mixed-batch multi-LoRA linear: y[t] = x[t] @ weight.T + bias
+  //   + sum_j [indices[t,j] >= 0] scales[t,j] * lora_b[i] @ (lora_a[i] @ x[t]),  i = indices[t, j].
+  // xa [T, k, r] = lora_a[i] @ x[t] per slot (0 for empty slots), kept for the backward.
+  m.def("multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "Tensor indices, Tensor scales) -> (Tensor out, Tensor xa)");
+  // Gradients of multi_lora_linear_fwd's out; grad_weight/grad_bias only when need_weight_grad,
+  // the LoRA and scale grads only when need_lora_grad (else empty tensors).
+  m.def("multi_lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor indices, Tensor scales, Tensor xa, bool need_weight_grad, bool need_lora_grad) -> "
+        "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, "
+        "Tensor grad_scales)");
 }
 
 }  // namespace doe_ext
