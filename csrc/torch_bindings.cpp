@@ -36,6 +36,26 @@ TORCH_LIBRARY(doe_ext, m) {
         "Tensor probs, float scale) -> (Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
 
   // ---- VAE-ReLU router and expert-label loss (CONTRACT §2.2, §2.4) ----
+  // DoE §3.4 / App. A.3: mu_logvar = h @ [w_mu; w_logvar].T + [b_mu; b_logvar] (one GEMM), z = mu +
+  // exp(logvar/2) * eps, logits = z @ w_gate.T + b_gate, gates = relu|softmax(logits), kl per token.
+  // eps: `noise` when given, else Philox(rng = [key, stream] int64 on h's device), else 0 (eval).
+  // Telemetry: block_counts [K] (rows with gate k > 0), zero_rows [] (rows with every gate 0).
+  m.def("vae_relu_router_fwd(Tensor h, Tensor w_mu, Tensor b_mu, Tensor w_logvar, Tensor b_logvar, "
+        "Tensor w_gate, Tensor b_gate, Tensor? noise, Tensor? rng, bool training, str activation) -> "
+        "(Tensor gates, Tensor logits, Tensor kl, Tensor mu_logvar, Tensor block_counts, Tensor zero_rows)");
+  // Gradients of vae_relu_router_fwd (any of the three output grads may be None); eps is
+  // regenerated from rng, never stored.
+  m.def("vae_relu_router_bwd(Tensor? grad_gates, Tensor? grad_logits, Tensor? grad_kl, Tensor h, "
+        "Tensor w_mu, Tensor w_logvar, Tensor w_gate, Tensor mu_logvar, Tensor gates, Tensor logits, "
+        "Tensor? noise, Tensor? rng, bool training, str activation) -> (Tensor grad_h, Tensor grad_w_mu, "
+        "Tensor grad_b_mu, Tensor grad_w_logvar, Tensor grad_b_logvar, Tensor grad_w_gate, Tensor grad_b_gate)");
+  // DoE eq. 4 L_expert: cross-entropy to int64 labels (ignore_index, label_smoothing) or KL(t || softmax)
+  // to float targets, one pass that also writes d(row loss)/d(logits) when keep_grad; weight is the
+  // reduction's row factor (1/count for mean, 1 for sum/none, 0-safe).
+  m.def("expert_loss_fwd(Tensor logits, Tensor target, int ignore_index, str reduction, float label_smoothing, "
+        "bool keep_grad) -> (Tensor loss, Tensor grad_rows, Tensor weight)");
+  // grad_logits = grad_rows * grad_loss * weight, grad_loss broadcast over each row's K logits.
+  m.def("expert_loss_bwd(Tensor grad_loss, Tensor grad_rows, Tensor weight) -> Tensor");
 
   // ---- dual embedding and LoRA experts (CONTRACT §2.3, §2.5) ----
   // DoE §3.3 / Alg. 1: out = cat(token_weight[token_ids], topic_weight[topic_ids] (0 where -1), -1);
