@@ -59,8 +59,10 @@ TORCH_LIBRARY(doe_ext, m) {
 
   // ---- dual embedding and LoRA experts (CONTRACT §2.3, §2.5) ----
   // DoE §3.3 / Alg. 1: out = cat(token_weight[token_ids], topic_weight[topic_ids] (0 where -1), -1);
-  // raises on an out-of-range id, naming token_ids or topic_ids.
-  m.def("dual_embedding_fwd(Tensor token_ids, Tensor topic_ids, Tensor token_weight, Tensor topic_weight) -> Tensor");
+  // raises on an out-of-range id, naming token_ids or topic_ids. padding_idx (-1: none) only
+  // matters to the backward; it is here, as in aten::embedding, so autograd can read it.
+  m.def("dual_embedding_fwd(Tensor token_ids, Tensor topic_ids, Tensor token_weight, Tensor topic_weight, "
+        "int padding_idx=-1) -> Tensor");
   // Dense, deterministic gradients of both tables (ids sorted, runs reduced in token order; no
   // atomics); rows at padding_idx (>= 0) and topic ids -1 get none. The weights give shapes only.
   m.def("dual_embedding_bwd(Tensor grad_out, Tensor token_ids, Tensor topic_ids, Tensor token_weight, "
