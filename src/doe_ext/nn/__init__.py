@@ -1,5 +1,6 @@
 """nn.Module wrappers: each owns its parameters and calls a fused op (or, with
 ``reference=True``, the op's plain-PyTorch twin: the same module as a test oracle)."""
 from doe_ext.nn.knowledge_attention import KnowledgeAttention
+from doe_ext.nn.dual_embedding import DualInputEmbedding
 
-__all__ = ["KnowledgeAttention"]
+__all__ = ["KnowledgeAttention", "DualInputEmbedding"]

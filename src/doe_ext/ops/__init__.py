@@ -4,5 +4,6 @@ Each op is one module here: the public function (shapes in its docstring), its f
 ``torch.compile`` and its autograd formula, both registered against the C++ schema.
 """
 from doe_ext.ops.knowledge_attention import knowledge_attention
+from doe_ext.ops.dual_embedding import dual_embedding
 
-__all__ = ["knowledge_attention"]
+__all__ = ["knowledge_attention", "dual_embedding"]

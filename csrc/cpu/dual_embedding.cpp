@@ -1,0 +1,124 @@
+// CPU dual embedding (DoE §3.3, Algorithm 1), forward and a deterministic backward.
+//
+// Forward: one pass over the tokens, each output row written once ([token row | topic row or 0]).
+// Backward: a counting sort of the ids (stable, so each id's tokens stay in token order), then one
+// pass over the rows of each gradient table, in parallel over rows: a row is the sum of its run of
+// grad_out rows, added in token order, or zero. No two threads write one row and the order of the
+// additions does not depend on the thread count, so the gradients are bitwise reproducible; each
+// table row is written exactly once (no separate zero fill, unlike index_put_ on a zeros tensor).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "doe_ext/dual_embedding.h"
+
+namespace doe_ext {
+namespace {
+
+// Flat, contiguous int64 ids.
+at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).contiguous(); }
+
+// Raises (naming the argument) at the first id out of range.
+void validate_ids(const int64_t* tok, const int64_t* top, int64_t N, int64_t V, int64_t K) {
+  for (int64_t i = 0; i < N; ++i) {
+    if (!de::token_id_ok(tok[i], V)) fail_dual_embedding_id(false, i, tok[i], V);
+    if (!de::topic_id_ok(top[i], K)) fail_dual_embedding_id(true, i, top[i], K);
+  }
+}
+
+// Counting sort of token positions by id (ids in [0, rows); negative ids are skipped): on return
+// pos[offsets[r] .. offsets[r+1]) are the positions holding id r, in increasing order.
+void sort_positions(const int64_t* ids, int64_t N, int64_t rows, std::vector<int64_t>& offsets,
+                    std::vector<int64_t>& pos) {
+  offsets.assign(rows + 1, 0);
+  for (int64_t i = 0; i < N; ++i)
+    if (ids[i] >= 0) ++offsets[ids[i] + 1];
+  for (int64_t r = 0; r < rows; ++r) offsets[r + 1] += offsets[r];
+  pos.resize(offsets[rows]);
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  for (int64_t i = 0; i < N; ++i)
+    if (ids[i] >= 0) pos[next[ids[i]]++] = i;
+}
+
+// grad_table[r] = sum of g[pos, col0 : col0 + width] over r's run (token order); zero for empty
+// runs and for the row skip (padding_idx). Parallel over rows: each row has one writer.
+template <typename T>
+void reduce_runs(const T* g, int64_t ld, int64_t col0, int64_t width, const std::vector<int64_t>& offsets,
+                 const std::vector<int64_t>& pos, int64_t skip, T* grad_table) {
+  const int64_t rows = static_cast<int64_t>(offsets.size()) - 1;
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* dst = grad_table + r * width;
+      de::copy_row<T>(dst, nullptr, 0, width, 1);
+      if (r == skip) continue;
+      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) de::add_row(dst, g + pos[i] * ld + col0, width);
+    }
+  });
+}
+
+at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor& topic_ids,
+                                  const at::Tensor& token_weight, const at::Tensor& topic_weight,
+                                  int64_t padding_idx) {
+  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
+  check_padding_idx(padding_idx, sz.V);
+  auto shape = token_ids.sizes().vec();
+  shape.push_back(sz.d + sz.dk);
+  auto out = at::empty(shape, token_weight.options());
+  if (sz.N == 0) return out;
+  const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const int64_t* kp = top.data_ptr<int64_t>();
+  validate_ids(tp, kp, sz.N, sz.V, sz.K);
+  const auto tw = token_weight.contiguous(), kw = topic_weight.contiguous();
+  const int64_t width = sz.d + sz.dk;
+  AT_DISPATCH_FLOATING_TYPES(tw.scalar_type(), "dual_embedding_fwd_cpu", [&] {
+    const scalar_t* twp = tw.data_ptr<scalar_t>();
+    const scalar_t* kwp = kw.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, sz.N, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* row = op + i * width;
+        de::copy_row<scalar_t>(row, twp + tp[i] * sz.d, 0, sz.d, 1);
+        de::copy_row<scalar_t>(row + sz.d, kp[i] >= 0 ? kwp + kp[i] * sz.dk : nullptr, 0, sz.dk, 1);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& token_ids,
+                                                         const at::Tensor& topic_ids, const at::Tensor& token_weight,
+                                                         const at::Tensor& topic_weight, int64_t padding_idx) {
+  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
+  auto expected = token_ids.sizes().vec();
+  expected.push_back(sz.d + sz.dk);
+  TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
+              c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+  check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
+  check_padding_idx(padding_idx, sz.V);
+  auto grad_tok = at::empty({sz.V, sz.d}, token_weight.options());
+  auto grad_top = at::empty({sz.K, sz.dk}, token_weight.options());
+  const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
+  validate_ids(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), sz.N, sz.V, sz.K);
+  std::vector<int64_t> tok_off, tok_pos, top_off, top_pos;
+  sort_positions(tok.data_ptr<int64_t>(), sz.N, sz.V, tok_off, tok_pos);
+  sort_positions(top.data_ptr<int64_t>(), sz.N, sz.K, top_off, top_pos);  // -1 (no label) skipped
+  const auto g = grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dual_embedding_bwd_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    reduce_runs<scalar_t>(gp, sz.d + sz.dk, 0, sz.d, tok_off, tok_pos, padding_idx, grad_tok.data_ptr<scalar_t>());
+    reduce_runs<scalar_t>(gp, sz.d + sz.dk, sz.d, sz.dk, top_off, top_pos, -1, grad_top.data_ptr<scalar_t>());
+  });
+  return {grad_tok, grad_top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("dual_embedding_fwd", &dual_embedding_fwd_cpu);
+  m.impl("dual_embedding_bwd", &dual_embedding_bwd_cpu);
+}
+
+}  // namespace doe_ext
