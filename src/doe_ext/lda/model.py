@@ -261,7 +261,7 @@ class LDA:
             raise CorpusError(f"{corpus.path or 'corpus'}: empty corpus (no tokens to label)")
         out.mkdir(parents=True, exist_ok=True)
         job = {"model": self.fingerprint(), "num_topics": K, "num_tokens": N, "num_docs": D,
-               "unlabeled": unlabeled, "corpus_meta": corpus.meta.get("num_tokens")}
+               "unlabeled": unlabeled, "corpus": _corpus_sample_hash(corpus)}
         final_meta = out / _corpus.LABELS_META_FILE
         if final_meta.is_file():
             try:
@@ -453,6 +453,17 @@ class LDA:
             cfg = dict(cfg, threads=threads)
             state["config"] = cfg
         return cls.from_state(state)
+
+
+def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 4096) -> str:
+    """A cheap identity of a corpus (about ``samples`` offsets and the tokens they point at), so
+    resuming or skipping finished labels never mixes up two corpora of the same size."""
+    step = max(corpus.num_docs // samples, 1)
+    offsets = np.asarray(corpus.offsets[::step])
+    starts = offsets[offsets < corpus.num_tokens]
+    h = hashlib.sha256(offsets.tobytes())
+    h.update(np.asarray(corpus.tokens[starts]).tobytes())
+    return h.hexdigest()[:32]
 
 
 def _token_decoder(tokenizer) -> Callable[[int], str]:
