@@ -48,7 +48,7 @@ def dual_embedding(
 
 
 @torch.library.register_fake("doe_ext::dual_embedding_fwd")
-def _fwd_fake(token_ids, topic_ids, token_weight, topic_weight, padding_idx):
+def _fwd_fake(token_ids, topic_ids, token_weight, topic_weight, padding_idx=-1):
     check_same_device("dual_embedding", "token_weight", token_weight, topic_weight=topic_weight,
                       token_ids=token_ids, topic_ids=topic_ids)
     torch._check(token_weight.dim() == 2 and topic_weight.dim() == 2,
@@ -65,7 +65,8 @@ def _bwd_fake(grad_out, token_ids, topic_ids, token_weight, topic_weight, paddin
 
 
 def _setup_context(ctx, inputs, output):
-    token_ids, topic_ids, token_weight, topic_weight, padding_idx = inputs
+    token_ids, topic_ids, token_weight, topic_weight, *rest = inputs
+    padding_idx = rest[0] if rest else -1
     # The tables are saved for their shapes and dtype only (parameters, alive anyway).
     ctx.save_for_backward(token_ids, topic_ids, token_weight, topic_weight)
     ctx.padding_idx = padding_idx
