@@ -112,12 +112,17 @@ def load_tokenizer(spec: str) -> Tokenizer:
             return from_tokenizers(HFTokenizer.from_file(str(path)), str(path.resolve()))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise CommandError(f"{path}: not a tokenizers tokenizer.json ({e})") from e
+    if path.suffix == ".json" or os.sep in spec and not path.exists():
+        raise CommandError(f"{spec}: no such tokenizer file")
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
         raise CommandError(f"{spec}: no such tokenizer file; loading a Hugging Face tokenizer by "
                            f"name needs transformers (pip install transformers)") from e
-    tk = AutoTokenizer.from_pretrained(spec)
+    try:
+        tk = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"{spec}: cannot load a Hugging Face tokenizer: {e}") from e
     return Tokenizer(spec, lambda texts: tk(texts, add_special_tokens=False)["input_ids"],
                      len(tk), sorted(set(tk.all_special_ids)))
 
