@@ -5,5 +5,7 @@ Each op is one module here: the public function (shapes in its docstring), its f
 """
 from doe_ext.ops.knowledge_attention import knowledge_attention
 from doe_ext.ops.dual_embedding import dual_embedding
+from doe_ext.ops.expert_loss import expert_loss
+from doe_ext.ops.vae_relu_router import RouterStats, vae_relu_router
 
-__all__ = ["knowledge_attention", "dual_embedding"]
+__all__ = ["knowledge_attention", "dual_embedding", "vae_relu_router", "RouterStats", "expert_loss"]

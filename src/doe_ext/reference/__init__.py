@@ -1,5 +1,7 @@
 """Plain-PyTorch twins of every op: the test oracle, and a fallback to read when in doubt."""
 from doe_ext.reference.knowledge_attention import knowledge_attention_ref
 from doe_ext.reference.dual_embedding import dual_embedding_ref
+from doe_ext.reference.expert_loss import expert_loss_ref
+from doe_ext.reference.vae_relu_router import vae_relu_router_ref
 
-__all__ = ["knowledge_attention_ref", "dual_embedding_ref"]
+__all__ = ["knowledge_attention_ref", "dual_embedding_ref", "vae_relu_router_ref", "expert_loss_ref"]

@@ -1,0 +1,119 @@
+// CPU expert-label loss (DoE eq. 4, App. A.5), forward and backward.
+//
+// One pass per row computes the row's loss and, when a backward will follow, its gradient w.r.t. the
+// logits (softmax minus target), so the backward is a single scaled copy: no log-probabilities are
+// stored and no [N, K] zeros are scattered into, unlike log_softmax + nll_loss.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+
+#include "doe_ext/expert_loss.h"
+
+namespace doe_ext {
+namespace {
+
+DOE_CLONES float hard_f(const float* x, int64_t K, int64_t y, float eps, float* g) { return el::hard_row(x, K, y, eps, g); }
+double hard_f(const double* x, int64_t K, int64_t y, double eps, double* g) { return el::hard_row(x, K, y, eps, g); }
+DOE_CLONES float soft_f(const float* x, const float* t, int64_t K, float eps, float* g, float* lo) {
+  return el::soft_row(x, t, K, eps, g, lo);
+}
+double soft_f(const double* x, const double* t, int64_t K, double eps, double* g, double* lo) {
+  return el::soft_row(x, t, K, eps, g, lo);
+}
+
+template <typename T>
+void rows(const at::Tensor& x2, const at::Tensor& target, bool hard, int64_t ignore_index, T eps, T* grad,
+          T* row_loss, std::atomic<int64_t>& count, std::atomic<int64_t>& bad_row) {
+  const int64_t N = x2.size(0), K = x2.size(1);
+  const T* x = x2.data_ptr<T>();
+  const int64_t* y = hard ? target.data_ptr<int64_t>() : nullptr;
+  const T* t = hard ? nullptr : target.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    int64_t kept = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      T* g = grad ? grad + i * K : nullptr;
+      if (hard) {
+        const int64_t yi = y[i];
+        if (yi == ignore_index || yi < 0 || yi >= K) {
+          if (yi != ignore_index) {
+            int64_t none = -1;
+            bad_row.compare_exchange_strong(none, i);
+          }
+          row_loss[i] = 0;
+          if (g)
+            for (int64_t k = 0; k < K; ++k) g[k] = 0;
+          continue;
+        }
+        row_loss[i] = hard_f(x + i * K, K, yi, eps, g);
+      } else {
+        T lo;
+        row_loss[i] = soft_f(x + i * K, t + i * K, K, eps, g, &lo);
+        if (!(lo >= T(0))) {
+          int64_t none = -1;
+          bad_row.compare_exchange_strong(none, i);
+        }
+      }
+      ++kept;
+    }
+    count += kept;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                    int64_t ignore_index, c10::string_view reduction,
+                                                                    double label_smoothing, bool keep_grad) {
+  const std::string red(reduction);
+  const auto sz = check_expert_loss(logits, target, red, label_smoothing);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  auto row_loss = at::empty(lead, logits.options());
+  auto grad = keep_grad ? at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))
+                        : at::empty({0}, logits.options());
+  std::atomic<int64_t> count{0}, bad_row{-1};
+  if (sz.N > 0) {
+    const auto x2 = logits.reshape({sz.N, sz.K}).contiguous();
+    const auto t2 = sz.hard ? target.reshape({sz.N}).contiguous() : target.reshape({sz.N, sz.K}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "expert_loss_fwd_cpu", [&] {
+      rows<scalar_t>(x2, t2, sz.hard, ignore_index, static_cast<scalar_t>(label_smoothing),
+                     keep_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data_ptr<scalar_t>(), count, bad_row);
+    });
+  }
+  if (bad_row.load() >= 0) {
+    const int64_t i = bad_row.load();
+    if (sz.hard) {
+      TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
+                  ignore_index, "), got ", target.reshape({sz.N})[i].item<int64_t>(), " at flat row ", i);
+    }
+    TORCH_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
+                "value in flat row ", i);
+  }
+  const int64_t kept = count.load();
+  const double w = red == "mean" ? 1.0 / double(kept > 0 ? kept : 1) : 1.0;
+  auto weight = at::full({}, w, logits.options());
+  at::Tensor loss;
+  if (red == "none") {
+    loss = row_loss;
+  } else {
+    loss = row_loss.sum();
+    if (red == "mean") loss.mul_(w);
+  }
+  return {loss, grad, weight};
+}
+
+at::Tensor expert_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
+  TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1,
+              "expert_loss_bwd: `grad_rows` is empty: the forward ran with keep_grad=False");
+  if (grad_loss.dim() == 0) return grad_rows * (grad_loss * weight);
+  return grad_rows * (grad_loss * weight).unsqueeze(-1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("expert_loss_fwd", &expert_loss_fwd_cpu);
+  m.impl("expert_loss_bwd", &expert_loss_bwd_cpu);
+}
+
+}  // namespace doe_ext

@@ -1,0 +1,269 @@
+// CPU VAE-ReLU router, forward and backward (DoE §3.4, App. A.3).
+//
+// Forward: ONE GEMM for both encoder heads (h @ [w_mu; w_logvar].T, biases folded in by addmm), one
+// vectorised pass per row for the reparameterisation + KL (eps drawn by a counter-based generator, so
+// nothing but the [key, stream] pair is kept for the backward), the gate GEMM, then one pass for the
+// activation and the gate telemetry. Backward: eps is regenerated into z, the gate's dlogits pass,
+// two GEMMs for the gate, one pass for d[mu | logvar], and three GEMMs over the stacked encoder.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+// sqrtf in the row loops must vectorise: nothing here reads errno.
+#pragma GCC optimize("no-math-errno")
+#include "doe_ext/vae_relu_router.h"
+
+namespace doe_ext {
+namespace {
+
+using vr::Eps;
+
+// The shared row math, compiled per ISA for float; double (gradcheck) needs no clones.
+template <Eps kEps>
+DOE_CLONES float reparam_f(const float* mulv, const float* noise, float* z, int64_t dz, vr::Rng rng, uint64_t row) {
+  return vr::reparam_row<kEps>(mulv, noise, z, dz, rng, row);
+}
+template <Eps kEps>
+double reparam_f(const double* mulv, const double* noise, double* z, int64_t dz, vr::Rng rng, uint64_t row) {
+  return vr::reparam_row<kEps>(mulv, noise, z, dz, rng, row);
+}
+DOE_CLONES void reparam_bwd(const float* mulv, const float* z, const float* g, float gkl, float* dmulv, int64_t dz,
+                            bool stochastic) {
+  vr::reparam_backward_row(mulv, z, g, gkl, dmulv, dz, stochastic);
+}
+void reparam_bwd(const double* mulv, const double* z, const double* g, double gkl, double* dmulv, int64_t dz,
+                 bool stochastic) {
+  vr::reparam_backward_row(mulv, z, g, gkl, dmulv, dz, stochastic);
+}
+DOE_CLONES int64_t relu_f(const float* l, float* g, int32_t* counts, int64_t K) { return vr::relu_row(l, g, counts, K); }
+int64_t relu_f(const double* l, double* g, int32_t* counts, int64_t K) { return vr::relu_row(l, g, counts, K); }
+DOE_CLONES void relu_bwd(const float* l, const float* gg, const float* gl, float* dl, int64_t K) {
+  vr::relu_backward_row(l, gg, gl, dl, K);
+}
+void relu_bwd(const double* l, const double* gg, const double* gl, double* dl, int64_t K) {
+  vr::relu_backward_row(l, gg, gl, dl, K);
+}
+DOE_CLONES void softmax_bwd(const float* p, const float* gg, const float* gl, float* dl, int64_t K) {
+  vr::softmax_backward_row(p, gg, gl, dl, K);
+}
+void softmax_bwd(const double* p, const double* gg, const double* gl, double* dl, int64_t K) {
+  vr::softmax_backward_row(p, gg, gl, dl, K);
+}
+DOE_CLONES float softmax_f(float* s, int64_t K) { return ka::softmax_row(s, K, 1.f); }
+double softmax_f(double* s, int64_t K) { return ka::softmax_row(s, K, 1.0); }
+
+at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  auto r = t.reshape({N, t.size(-1)});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
+  auto s = h.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
+  if (!training) return Eps::kNone;
+  if (noise.has_value()) return Eps::kGiven;
+  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
+              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
+  return Eps::kDrawn;
+}
+
+vr::Rng read_rng(const std::optional<at::Tensor>& rng) {
+  if (!rng.has_value()) return {0, 0, 0};
+  const auto r = rng->contiguous();
+  return vr::unpack_rng(r.data_ptr<int64_t>()[0], r.data_ptr<int64_t>()[1]);
+}
+
+// z[i] = mu + sigma * eps (or mu) for every row; kl[i] when kl is given.
+template <typename T>
+void reparameterise(const at::Tensor& mulv, const T* noise, T* z, T* kl, int64_t N, int64_t dz, Eps mode, vr::Rng rng) {
+  const T* m = mulv.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* mi = m + i * 2 * dz;
+      T* zi = z + i * dz;
+      T k;
+      switch (mode) {
+        case Eps::kNone: k = reparam_f<Eps::kNone>(mi, nullptr, zi, dz, rng, uint64_t(i)); break;
+        case Eps::kGiven: k = reparam_f<Eps::kGiven>(mi, noise + i * dz, zi, dz, rng, uint64_t(i)); break;
+        default: k = reparam_f<Eps::kDrawn>(mi, nullptr, zi, dz, rng, uint64_t(i)); break;
+      }
+      if (kl) kl[i] = k;
+    }
+  });
+}
+
+template <typename T>
+void forward(const at::Tensor& h2, const at::Tensor& w_stack, const at::Tensor& b_stack, const at::Tensor& w_gate,
+             const at::Tensor& b_gate, const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& gates2,
+             at::Tensor& logits2, T* kl, at::Tensor& mulv2, at::Tensor& counts, at::Tensor& zero_rows) {
+  const int64_t N = h2.size(0), dz = w_gate.size(1), K = w_gate.size(0);
+  at::addmm_out(mulv2, b_stack, h2, w_stack.t());
+  auto z = at::empty({N, dz}, h2.options());
+  reparameterise<T>(mulv2, noise, z.data_ptr<T>(), kl, N, dz, mode, rng);
+  at::addmm_out(logits2, b_gate, z, w_gate.t());
+  z.reset();
+  const T* l = logits2.data_ptr<T>();
+  T* g = gates2.data_ptr<T>();
+  std::vector<std::atomic<int64_t>> total(K + 1);
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> c(K, 0);
+    int64_t zeros = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t active;
+      if (relu) {
+        active = relu_f(l + i * K, g + i * K, c.data(), K);
+      } else {
+        T* gi = g + i * K;
+        for (int64_t k = 0; k < K; ++k) gi[k] = l[i * K + k];
+        softmax_f(gi, K);
+        active = relu_f(gi, gi, c.data(), K);  // counts the (positive) probabilities, leaves them as they are
+      }
+      zeros += active == 0;
+    }
+    for (int64_t k = 0; k < K; ++k) total[k] += c[k];
+    total[K] += zeros;
+  });
+  auto* cp = counts.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) cp[k] = total[k].load();
+  zero_rows.fill_(total[K].load());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_fwd_cpu(
+    const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu, const at::Tensor& w_logvar,
+    const at::Tensor& b_logvar, const at::Tensor& w_gate, const at::Tensor& b_gate,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
+    c10::string_view activation) {
+  const std::string act(activation);
+  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, act);
+  const Eps mode = eps_mode(training, noise, rng);
+  auto gates = at::empty(leading_with(h, sz.K), h.options());
+  auto logits = at::empty(leading_with(h, sz.K), h.options());
+  auto kl = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  auto mulv = at::empty(leading_with(h, 2 * sz.dz), h.options());
+  auto counts = at::zeros({sz.K}, h.options().dtype(at::kLong));
+  auto zero_rows = at::zeros({}, h.options().dtype(at::kLong));
+  if (sz.N == 0) return {gates, logits, kl, mulv, counts, zero_rows};
+  const auto h2 = as_rows(h, sz.N);
+  const auto w_stack = at::cat({w_mu, w_logvar}, 0);
+  const auto b_stack = at::cat({b_mu, b_logvar}, 0);
+  const auto wg = w_gate.contiguous();
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({sz.N, sz.dz}).contiguous() : at::Tensor();
+  auto gates2 = gates.view({sz.N, sz.K}), logits2 = logits.view({sz.N, sz.K});
+  auto mulv2 = mulv.view({sz.N, 2 * sz.dz});
+  const auto r = read_rng(rng);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "vae_relu_router_fwd_cpu", [&] {
+    forward<scalar_t>(h2, w_stack, b_stack, wg, b_gate, noise2.defined() ? noise2.data_ptr<scalar_t>() : nullptr,
+                      mode, r, act == "relu", gates2, logits2, kl.data_ptr<scalar_t>(), mulv2, counts, zero_rows);
+  });
+  return {gates, logits, kl, mulv, counts, zero_rows};
+}
+
+template <typename T>
+void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const at::Tensor& w_stack,
+              const at::Tensor& w_gate, const at::Tensor& mulv2, const at::Tensor& gates2, const at::Tensor& logits2,
+              const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& dh2, at::Tensor& dw_mu, at::Tensor& db_mu,
+              at::Tensor& dw_lv, at::Tensor& db_lv, at::Tensor& dw_gate, at::Tensor& db_gate) {
+  const int64_t N = h2.size(0), dz = w_gate.size(1), K = w_gate.size(0);
+  // z, rebuilt (eps regenerated) for the gate's weight gradient and for sigma * eps = z - mu.
+  auto z = at::empty({N, dz}, h2.options());
+  T* zp = z.data_ptr<T>();
+  reparameterise<T>(mulv2, noise, zp, nullptr, N, dz, mode, rng);
+  auto dl = at::empty({N, K}, h2.options());
+  T* dlp = dl.data_ptr<T>();
+  const T* lp = logits2.data_ptr<T>();
+  const T* gp = gates2.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* ggi = gg ? gg + i * K : nullptr;
+      const T* gli = gl ? gl + i * K : nullptr;
+      if (relu) {
+        relu_bwd(lp + i * K, ggi, gli, dlp + i * K, K);
+      } else {
+        softmax_bwd(gp + i * K, ggi, gli, dlp + i * K, K);
+      }
+    }
+  });
+  at::mm_out(dw_gate, dl.t(), z);
+  at::sum_out(db_gate, dl, {0});
+  auto dzt = at::mm(dl, w_gate);
+  dl.reset();
+  auto dmulv = at::empty({N, 2 * dz}, h2.options());
+  const T* mp = mulv2.data_ptr<T>();
+  const T* dzp = dzt.data_ptr<T>();
+  T* dmp = dmulv.data_ptr<T>();
+  const bool stochastic = mode != Eps::kNone;
+  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      reparam_bwd(mp + i * 2 * dz, zp + i * dz, dzp + i * dz, gk ? gk[i] : T(0), dmp + i * 2 * dz, dz, stochastic);
+  });
+  z.reset();
+  dzt.reset();
+  at::mm_out(dh2, dmulv, w_stack);
+  const auto dmu = dmulv.narrow(1, 0, dz), dlv = dmulv.narrow(1, dz, dz);
+  at::mm_out(dw_mu, dmu.t(), h2);
+  at::mm_out(dw_lv, dlv.t(), h2);
+  at::sum_out(db_mu, dmu, {0});
+  at::sum_out(db_lv, dlv, {0});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_bwd_cpu(
+    const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_logits,
+    const std::optional<at::Tensor>& grad_kl, const at::Tensor& h, const at::Tensor& w_mu,
+    const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar, const at::Tensor& gates,
+    const at::Tensor& logits, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
+    bool training, c10::string_view activation) {
+  const std::string act(activation);
+  constexpr const char* op = "vae_relu_router_bwd";
+  check_activation(act, op);
+  const int64_t dz = w_mu.size(0), K = w_gate.size(0), d = h.size(-1);
+  const int64_t N = c10::multiply_integers(h.sizes().slice(0, h.dim() - 1));
+  const auto rows_k = leading_with(h, K);
+  for (const auto* g : {&grad_gates, &grad_logits}) {
+    if (g->has_value())
+      TORCH_CHECK((*g)->sizes().vec() == rows_k, op, ": expected output gradients of shape ",
+                  c10::IntArrayRef(rows_k), ", got ", shape_str((*g)->sizes()));
+  }
+  TORCH_CHECK(mu_logvar.sizes().vec() == leading_with(h, 2 * dz), op, ": expected `mu_logvar` of shape [..., 2 dz]");
+  const Eps mode = eps_mode(training, noise, rng);
+  auto dh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dw_mu = at::empty({dz, d}, h.options()), dw_lv = at::empty({dz, d}, h.options());
+  auto db_mu = at::empty({dz}, h.options()), db_lv = at::empty({dz}, h.options());
+  auto dw_gate = at::empty({K, dz}, h.options()), db_gate = at::empty({K}, h.options());
+  if (N == 0) {
+    for (auto* t : {&dw_mu, &dw_lv, &db_mu, &db_lv, &dw_gate, &db_gate}) t->zero_();
+    return {dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate};
+  }
+  const auto h2 = as_rows(h, N);
+  const auto w_stack = at::cat({w_mu, w_logvar}, 0);
+  const auto wg = w_gate.contiguous();
+  const auto mulv2 = mu_logvar.reshape({N, 2 * dz}).contiguous();
+  const auto gates2 = gates.reshape({N, K}).contiguous(), logits2 = logits.reshape({N, K}).contiguous();
+  const auto gg = grad_gates.has_value() ? grad_gates->reshape({N, K}).contiguous() : at::Tensor();
+  const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : at::Tensor();
+  const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : at::Tensor();
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : at::Tensor();
+  auto dh2 = dh.view({N, d});
+  const auto r = read_rng(rng);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "vae_relu_router_bwd_cpu", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    backward<scalar_t>(ptr(gg), ptr(gl), ptr(gk), h2, w_stack, wg, mulv2, gates2, logits2, ptr(noise2), mode, r,
+                       act == "relu", dh2, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate);
+  });
+  return {dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("vae_relu_router_fwd", &vae_relu_router_fwd_cpu);
+  m.impl("vae_relu_router_bwd", &vae_relu_router_bwd_cpu);
+}
+
+}  // namespace doe_ext

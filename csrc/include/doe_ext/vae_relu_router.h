@@ -1,0 +1,206 @@
+// vae_relu_router (DoE §3.4, App. A.3): argument checks and the row math shared by the CPU and CUDA
+// backends, including the counter-based noise generator, so both draw the same eps for a given rng.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
+
+#include <optional>
+#include <string>
+
+#include "doe_ext/checks.h"
+#include "doe_ext/math.h"
+#include "doe_ext/poly_math.h"
+
+namespace doe_ext {
+
+struct VaeRouterSizes {
+  int64_t N;   // tokens (product of h's leading dims)
+  int64_t d;   // hidden width
+  int64_t dz;  // latent width
+  int64_t K;   // knowledge blocks (gates)
+};
+
+inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const char* name, const char* what,
+                         const at::Tensor& ref) {
+  check_dim(t, 1, op, name, what);
+  check_size(t, 0, n, op, name, what);
+  check_same_device(t, ref, op, name, "h");
+  check_same_dtype(t, ref, op, name, "h");
+}
+
+inline void check_activation(const std::string& activation, const char* op) {
+  TORCH_CHECK(activation == "relu" || activation == "softmax", op,
+              ": expected `activation` to be \"relu\" or \"softmax\", got \"", activation, "\"");
+}
+
+inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu,
+                                            const at::Tensor& w_logvar, const at::Tensor& b_logvar,
+                                            const at::Tensor& w_gate, const at::Tensor& b_gate,
+                                            const std::optional<at::Tensor>& noise,
+                                            const std::optional<at::Tensor>& rng, const std::string& activation) {
+  constexpr const char* op = "vae_relu_router";
+  check_min_dim(h, 1, op, "h", "[..., d]");
+  check_floating(h, op, "h");
+  check_activation(activation, op);
+  const int64_t d = h.size(-1);
+  check_dim(w_mu, 2, op, "w_mu", "[dz, d]");
+  check_same_device(w_mu, h, op, "w_mu", "h");
+  check_same_dtype(w_mu, h, op, "w_mu", "h");
+  check_size(w_mu, 1, d, op, "w_mu", "d, the last dim of h");
+  const int64_t dz = w_mu.size(0);
+  TORCH_CHECK(dz >= 1, op, ": expected `w_mu` to have at least one latent dim (dz >= 1), got shape ",
+              shape_str(w_mu.sizes()));
+  check_dim(w_logvar, 2, op, "w_logvar", "[dz, d]");
+  check_same_device(w_logvar, h, op, "w_logvar", "h");
+  check_same_dtype(w_logvar, h, op, "w_logvar", "h");
+  check_size(w_logvar, 0, dz, op, "w_logvar", "dz, the first dim of w_mu");
+  check_size(w_logvar, 1, d, op, "w_logvar", "d, the last dim of h");
+  check_vector(b_mu, dz, op, "b_mu", "[dz]", h);
+  check_vector(b_logvar, dz, op, "b_logvar", "[dz]", h);
+  check_dim(w_gate, 2, op, "w_gate", "[K, dz]");
+  check_same_device(w_gate, h, op, "w_gate", "h");
+  check_same_dtype(w_gate, h, op, "w_gate", "h");
+  check_size(w_gate, 1, dz, op, "w_gate", "dz, the first dim of w_mu");
+  const int64_t K = w_gate.size(0);
+  TORCH_CHECK(K >= 1, op, ": expected `w_gate` to hold at least one knowledge block (K >= 1), got shape ",
+              shape_str(w_gate.sizes()));
+  check_vector(b_gate, K, op, "b_gate", "[K]", h);
+  if (noise.has_value()) {
+    const auto& e = *noise;
+    check_same_device(e, h, op, "noise", "h");
+    check_same_dtype(e, h, op, "noise", "h");
+    auto expected = h.sizes().vec();
+    expected.back() = dz;
+    TORCH_CHECK(e.sizes().vec() == expected, op, ": expected `noise` of shape ", c10::IntArrayRef(expected),
+                " ([..., dz] with h's leading dims), got ", shape_str(e.sizes()));
+  }
+  if (rng.has_value()) {
+    const auto& r = *rng;
+    check_index(r, op, "rng");
+    check_same_device(r, h, op, "rng", "h");
+    TORCH_CHECK(r.dim() == 1 && r.size(0) == 2, op, ": expected `rng` of shape [2] (Philox key, stream), got ",
+                shape_str(r.sizes()));
+  }
+  const int64_t N = c10::multiply_integers(h.sizes().slice(0, h.dim() - 1));
+  return {N, d, dz, K};
+}
+
+namespace vr {
+
+// ---- eps ~ N(0, 1): Philox4x32-10 (Salmon et al., SC'11) + one Box-Muller cosine branch ----------
+// eps[row, j] = sqrt(-2 log u1) * cos(2 pi u2), (u1, u2) from Philox(counter = (j, row, stream), key).
+// A pure function of (key, stream, row, j): the backward regenerates eps instead of storing it, and
+// CPU and CUDA draw the same numbers (log/cos are the polynomials below, not libm's).
+
+DOE_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1);
+    c3 = uint32_t(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+DOE_HD float normal(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uint32_t j) {
+  uint32_t c0 = j, c1 = uint32_t(row), c2 = uint32_t(row >> 32), c3 = stream;
+  philox4x32_10(c0, c1, c2, c3, k0, k1);
+  const float u1 = (float(c0 >> 8) + 0.5f) * 5.9604644775390625e-8f;  // (0, 1), 24 random bits
+  const float u2 = float(c1 >> 8) * 5.9604644775390625e-8f;           // [0, 1)
+  return sqrtf(-2.f * poly::log_poly(u1)) * poly::cos_2pi(u2);
+}
+
+struct Rng {
+  uint32_t k0, k1, stream;
+};
+inline Rng unpack_rng(int64_t key, int64_t stream) {
+  return {uint32_t(uint64_t(key)), uint32_t(uint64_t(key) >> 32), uint32_t(uint64_t(stream))};
+}
+
+// Where eps comes from: none (eval, z = mu), the caller's noise, or drawn from the Philox stream.
+enum class Eps { kNone = 0, kGiven = 1, kDrawn = 2 };
+
+// Reparameterisation and KL of one row. mulv = [mu (dz) | logvar (dz)]; writes z; returns the row's
+// KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar).
+template <Eps kEps, typename T, typename acc_t = T>
+DOE_HD acc_t reparam_row(const T* mulv, const T* noise, T* z, int64_t dz, Rng rng, uint64_t row) {
+  acc_t kl = 0;
+  DOE_SIMD_REDUCE(+, kl)
+  for (int64_t j = 0; j < dz; ++j) {
+    const acc_t mu = acc_t(mulv[j]), lv = acc_t(mulv[dz + j]);
+    const acc_t s = exp_(acc_t(0.5) * lv);
+    acc_t eps = 0;
+    if (kEps == Eps::kGiven) eps = acc_t(noise[j]);
+    if (kEps == Eps::kDrawn) eps = acc_t(normal(rng.k0, rng.k1, rng.stream, row, uint32_t(j)));
+    z[j] = T(kEps == Eps::kNone ? mu : mu + s * eps);
+    kl += s * s + mu * mu - acc_t(1) - lv;
+  }
+  return acc_t(0.5) * kl;
+}
+
+// Backward of reparam_row + KL: dz = dL/dz on entry; writes dmulv = [dL/dmu | dL/dlogvar].
+// sigma * eps is z - mu (z rebuilt by reparam_row), so eps is never needed here.
+template <typename T, typename acc_t = T>
+DOE_HD void reparam_backward_row(const T* mulv, const T* z, const T* dz_, acc_t gkl, T* dmulv, int64_t dz,
+                                 bool stochastic) {
+  DOE_SIMD
+  for (int64_t j = 0; j < dz; ++j) {
+    const acc_t mu = acc_t(mulv[j]), lv = acc_t(mulv[dz + j]);
+    const acc_t s = exp_(acc_t(0.5) * lv);
+    const acc_t g = acc_t(dz_[j]);
+    const acc_t s_eps = stochastic ? acc_t(z[j]) - mu : acc_t(0);
+    dmulv[j] = T(g + gkl * mu);
+    dmulv[dz + j] = T(acc_t(0.5) * (g * s_eps + gkl * (s * s - acc_t(1))));
+  }
+}
+
+// gates = relu(logits) in place of a copy; returns the number of active (> 0) gates of the row.
+template <typename T>
+DOE_HD int64_t relu_row(const T* logits, T* gates, int32_t* counts, int64_t K) {
+  int64_t active = 0;
+  DOE_SIMD_REDUCE(+, active)
+  for (int64_t k = 0; k < K; ++k) {
+    const T l = logits[k];
+    const bool on = l > T(0);
+    gates[k] = on ? l : T(0);
+    counts[k] += on ? 1 : 0;
+    active += on ? 1 : 0;
+  }
+  return active;
+}
+
+// dL/dlogits of the activation plus the direct logits gradient. Either grad may be null.
+template <typename T>
+DOE_HD void relu_backward_row(const T* logits, const T* gg, const T* gl, T* dl, int64_t K) {
+  if (gg == nullptr) {
+    DOE_SIMD
+    for (int64_t k = 0; k < K; ++k) dl[k] = gl ? gl[k] : T(0);
+    return;
+  }
+  DOE_SIMD
+  for (int64_t k = 0; k < K; ++k) dl[k] = (logits[k] > T(0) ? gg[k] : T(0)) + (gl ? gl[k] : T(0));
+}
+
+template <typename T>
+DOE_HD void softmax_backward_row(const T* p, const T* gg, const T* gl, T* dl, int64_t K) {
+  if (gg == nullptr) {
+    DOE_SIMD
+    for (int64_t k = 0; k < K; ++k) dl[k] = gl ? gl[k] : T(0);
+    return;
+  }
+  T dot = 0;
+  DOE_SIMD_REDUCE(+, dot)
+  for (int64_t k = 0; k < K; ++k) dot += p[k] * gg[k];
+  DOE_SIMD
+  for (int64_t k = 0; k < K; ++k) dl[k] = p[k] * (gg[k] - dot) + (gl ? gl[k] : T(0));
+}
+
+}  // namespace vr
+}  // namespace doe_ext
