@@ -164,6 +164,19 @@ def test_module_matches_its_reference_twin(tie):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 9, dtype=torch.float64))
 
 
+def test_module_with_shared_state_reads_the_given_state():
+    shared = KnowledgeAttention(12, 5, shared_state=True).double()
+    owner = KnowledgeAttention(12, 5).double()
+    owner.w_q.load_state_dict(shared.w_q.state_dict())
+    h = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(shared(h, state=owner.Z), owner(h))
+    assert "Z" not in dict(shared.named_parameters())
+    with pytest.raises(ValueError, match="shared_state=True"):
+        shared(h)
+    with pytest.raises(ValueError, match="shared_state=False"):
+        owner(h, state=owner.Z)
+
+
 def test_module_rejects_untied_width_mismatch():
     with pytest.raises(ValueError, match="d_key=12"):
         KnowledgeAttention(16, 4, d_key=12, tie_key_value=True)
