@@ -2,5 +2,6 @@
 ``reference=True``, the op's plain-PyTorch twin: the same module as a test oracle)."""
 from doe_ext.nn.knowledge_attention import KnowledgeAttention
 from doe_ext.nn.dual_embedding import DualInputEmbedding
+from doe_ext.nn.multi_lora_linear import MultiLoRALinear
 
-__all__ = ["KnowledgeAttention", "DualInputEmbedding"]
+__all__ = ["KnowledgeAttention", "DualInputEmbedding", "MultiLoRALinear"]

@@ -1,0 +1,222 @@
+// CPU LoRA experts: lora_merge (ATen, see lora.h) and the mixed-batch multi_lora_linear.
+//
+// multi_lora_linear: the base GEMM through ATen (MKL), untouched weight; the low-rank part with
+// the (token, slot) pairs grouped by expert (a stable counting sort), so each expert's A and B stay
+// in cache while its tokens stream past. Three race-free passes, each parallel over something only
+// one thread writes:
+//   gather  (parallel over the sorted slots):   u[p]      = M_e @ src[t]          (r dot products)
+//   scatter (parallel over column blocks):      dst[t, c] += sum_q coef[p, q] M_e[q, c]
+//   outer   (parallel over experts):            G_e[q, :] = sum_{p in e} u[p, q] src[t, :]
+// The forward is gather (xa = A x) + scatter (y += s B xa); the backward is gather (B^T g),
+// scatter (dx += A^T v) and two outers (dA, dB). Every sum runs in a fixed order (experts
+// ascending, then token order), so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "doe_ext/lora.h"
+
+namespace doe_ext {
+namespace {
+
+constexpr int64_t kColBlock = 256;  // columns of the scatter pass per task
+
+// (token, slot) pairs p = t * k + j grouped by expert: order[offsets[e] .. offsets[e+1]) are the
+// slots of expert e in increasing p. Empty slots (-1) are left out. Raises on a bad index.
+struct SlotsByExpert {
+  std::vector<int64_t> offsets, order;
+};
+
+SlotsByExpert sort_slots(const int64_t* ind, int64_t T, int64_t k, int64_t N) {
+  SlotsByExpert s;
+  s.offsets.assign(N + 1, 0);
+  for (int64_t p = 0; p < T * k; ++p) {
+    if (!lora::index_ok(ind[p], N)) fail_multi_lora_index(p / k, p % k, ind[p], N);
+    if (ind[p] >= 0) ++s.offsets[ind[p] + 1];
+  }
+  for (int64_t e = 0; e < N; ++e) s.offsets[e + 1] += s.offsets[e];
+  s.order.resize(s.offsets[N]);
+  std::vector<int64_t> next(s.offsets.begin(), s.offsets.end() - 1);
+  for (int64_t p = 0; p < T * k; ++p)
+    if (ind[p] >= 0) s.order[next[ind[p]]++] = p;
+  return s;
+}
+
+// u[p, q] = <m[e, q, :], src[p / k, :]> for every used slot p of expert e (m: [N, r, width]).
+template <typename T>
+void gather(const SlotsByExpert& s, const int64_t* ind, int64_t k, int64_t r, const T* m, const T* src,
+            int64_t width, T* u) {
+  const int64_t P = static_cast<int64_t>(s.order.size());
+  at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = s.order[i];
+      const T* me = m + ind[p] * r * width;
+      const T* x = src + (p / k) * width;
+      for (int64_t q = 0; q < r; ++q) u[p * r + q] = lora::dot<T>(me + q * width, x, 0, width, 1);
+    }
+  });
+}
+
+// dst[p / k, :] += sum_q coef[p, q] m[e, q, :] over the used slots, experts ascending (dst: [T, width],
+// m: [N, r, width]). Parallel over column blocks: each thread owns its columns of every row.
+template <typename T>
+void scatter(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* m, const T* coef, int64_t width,
+             T* dst) {
+  const int64_t blocks = (width + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kColBlock, c1 = std::min(width, c0 + kColBlock);
+      for (int64_t e = 0; e < N; ++e) {
+        const T* me = m + e * r * width;
+        for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
+          const int64_t p = s.order[i];
+          const T* cp = coef + p * r;
+          T* d = dst + (p / k) * width;
+          DOE_SIMD
+          for (int64_t c = c0; c < c1; ++c) d[c] += lora::lowrank_column<T>(cp, me, r, width, c);
+        }
+      }
+    }
+  });
+}
+
+// g[e, q, :] = sum_{p of e} u[p, q] src[p / k, :] (token order), zero for unused experts (g: [N, r, width]).
+template <typename T>
+void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, const T* src, int64_t width,
+           T* g) {
+  at::parallel_for(0, N, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      T* ge = g + e * r * width;
+      for (int64_t c = 0; c < r * width; ++c) ge[c] = T(0);
+      for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
+        const int64_t p = s.order[i];
+        const T* x = src + (p / k) * width;
+        for (int64_t q = 0; q < r; ++q) {
+          const T w = u[p * r + q];
+          T* row = ge + q * width;
+          DOE_SIMD
+          for (int64_t c = 0; c < width; ++c) row[c] += w * x[c];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor as_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                             const at::Tensor& indices, const at::Tensor& scales) {
+  const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
+  const auto ind = indices.contiguous();
+  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, sz.N);
+  auto out = at::empty({sz.T, sz.out}, x.options());
+  auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options());
+  if (sz.T == 0) return {out, xa};
+  const auto x2 = as_rows(x);
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, x2, weight.t());
+  } else {
+    at::mm_out(out, x2, weight.t());
+  }
+  if (s.order.empty() || sz.r == 0) return {out, xa};
+  const auto xc = x2.contiguous(), a = lora_a.contiguous();
+  const auto bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]: B's columns as rows
+  const auto sc = scales.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cpu", [&] {
+    using T = scalar_t;
+    const int64_t* ip = ind.data_ptr<int64_t>();
+    T* xap = xa.data_ptr<T>();
+    gather<T>(s, ip, sz.k, sz.r, a.data_ptr<T>(), xc.data_ptr<T>(), sz.in, xap);
+    std::vector<T> coef(sz.T * sz.k * sz.r);  // s[p] * xa[p]
+    const T* sp = sc.data_ptr<T>();
+    for (int64_t p = 0; p < sz.T * sz.k; ++p)
+      for (int64_t q = 0; q < sz.r; ++q) coef[p * sz.r + q] = sp[p] * xap[p * sz.r + q];
+    scatter<T>(s, sz.N, sz.k, sz.r, bt.data_ptr<T>(), coef.data(), sz.out, out.data_ptr<T>());
+  });
+  return {out, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
+    bool need_weight_grad, bool need_lora_grad) {
+  const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
+              sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
+  TORCH_CHECK(xa.sizes() == at::IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
+              sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+  const auto ind = indices.contiguous();
+  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, sz.N);
+  const auto g2 = grad_out.contiguous(), x2 = x.contiguous();
+  auto grad_x = at::mm(g2, weight);
+  at::Tensor grad_w, grad_b, grad_a, grad_bt, grad_s;
+  const auto none = at::empty({0}, x.options());
+  if (need_weight_grad) {
+    grad_w = at::mm(g2.t(), x2);
+    grad_b = g2.sum(0);
+  } else {
+    grad_w = grad_b = none;
+  }
+  grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none;
+  grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none;
+  grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none;
+  if (sz.T > 0 && sz.r > 0 && !s.order.empty()) {
+    const auto a = lora_a.contiguous();
+    const auto bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]
+    const auto sc = scales.contiguous(), xac = xa.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cpu", [&] {
+      using T = scalar_t;
+      const int64_t* ip = ind.data_ptr<int64_t>();
+      const int64_t P = sz.T * sz.k;
+      const T* sp = sc.data_ptr<T>();
+      const T* xap = xac.data_ptr<T>();
+      std::vector<T> bg(P * sz.r, T(0));  // B^T g per slot: the gradient of s * xa
+      gather<T>(s, ip, sz.k, sz.r, bt.data_ptr<T>(), g2.data_ptr<T>(), sz.out, bg.data());
+      std::vector<T> v(P * sz.r), sxa(P * sz.r);  // v = s * B^T g (grad of xa); s * xa
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t q = 0; q < sz.r; ++q) {
+          v[p * sz.r + q] = sp[p] * bg[p * sz.r + q];
+          sxa[p * sz.r + q] = sp[p] * xap[p * sz.r + q];
+        }
+      scatter<T>(s, sz.N, sz.k, sz.r, a.data_ptr<T>(), v.data(), sz.in, grad_x.data_ptr<T>());
+      if (need_lora_grad) {
+        T* gs = grad_s.data_ptr<T>();
+        for (int64_t p = 0; p < P; ++p)
+          if (ip[p] >= 0) gs[p] = lora::dot<T>(bg.data() + p * sz.r, xap + p * sz.r, 0, sz.r, 1);
+        outer<T>(s, sz.N, sz.k, sz.r, v.data(), x2.data_ptr<T>(), sz.in, grad_a.data_ptr<T>());
+        outer<T>(s, sz.N, sz.k, sz.r, sxa.data(), g2.data_ptr<T>(), sz.out, grad_bt.data_ptr<T>());
+      }
+    });
+  } else if (need_lora_grad) {
+    grad_a.zero_();
+    grad_bt.zero_();
+  }
+  const auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : none;
+  return {grad_x, grad_w, grad_b, grad_a, grad_lb, grad_s};
+}
+
+at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                          const at::Tensor& scales) {
+  return lora_merge_impl(weight, lora_a, lora_b, scales);
+}
+
+void lora_merge_inplace_cpu(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const at::Tensor& scales) {
+  lora_merge_inplace_impl(weight, lora_a, lora_b, scales);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("lora_merge", &lora_merge_cpu);
+  m.impl("lora_merge_", &lora_merge_inplace_cpu);
+  m.impl("lora_merge_bwd", &lora_merge_bwd_impl);
+  m.impl("multi_lora_linear_fwd", &multi_lora_linear_fwd_cpu);
+  m.impl("multi_lora_linear_bwd", &multi_lora_linear_bwd_cpu);
+}
+
+}  // namespace doe_ext

@@ -1,0 +1,106 @@
+"""Mixed-batch multi-LoRA linear (DMoE §3.2 eq. 6, §5.3.1): every token through its own LoRA experts."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from doe_ext.ops._checks import check_same_device
+
+_ops = torch.ops.doe_ext
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    indices: Tensor,
+    scales: Tensor,
+) -> Tensor:
+    """``x @ weight.T + bias + sum_j scales[:, j] * lora_b[i_j] @ (lora_a[i_j] @ x)`` per token.
+
+    Args:
+        x: ``[T, in]`` tokens (rows may be strided).
+        weight: ``[out, in]`` base weight; never modified (no merge/unmerge, so no drift).
+        bias: ``[out]`` or None.
+        lora_a: ``[N, r, in]`` the bank's A matrices (PEFT layout); any ``N``, ``r``, ``in``.
+        lora_b: ``[N, out, r]`` the bank's B matrices.
+        indices: int64 ``[T, k]``: token ``t``'s experts, ``-1`` for an empty slot. Tokens may use
+            different experts (a mixed batch); the same expert may appear in several slots.
+        scales: ``[T, k]`` per-slot scale (PEFT's ``alpha / r`` times a gate weight, say);
+            ignored at empty slots.
+
+    Returns:
+        ``[T, out]``.
+
+    Differentiable in ``x``, ``weight``, ``bias``, ``lora_a``, ``lora_b`` and ``scales``; the LoRA
+    gradients are dense over the bank (zero for experts no token used), so many experts train in
+    one batch. On the CPU the (token, slot) pairs are grouped by expert (a counting sort) and each
+    expert's A/B meet its tokens in cache; the base GEMM is ATen's. Nothing copies the data to the
+    host; an index out of range raises ``RuntimeError`` naming ``indices`` (checked on the CPU
+    while sorting; on CUDA such a slot is treated as empty and its token's output is set to NaN,
+    since raising would need a host sync). Dtypes: float32/float64 on the CPU;
+    float32/float16/bfloat16 on CUDA (float32 accumulation).
+    """
+    out, _ = _ops.multi_lora_linear_fwd(x, weight, bias, lora_a, lora_b, indices, scales)
+    return out
+
+
+def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("doe_ext::multi_lora_linear_fwd")
+def _fwd_fake(x, weight, bias, lora_a, lora_b, indices, scales):
+    check_same_device("multi_lora_linear", "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                      indices=indices, scales=scales)
+    torch._check(x.dim() == 2 and weight.dim() == 2 and lora_a.dim() == 3 and lora_b.dim() == 3,
+                 lambda: "multi_lora_linear: expected x [T, in], weight [out, in], lora_a [N, r, in], lora_b [N, out, r]")
+    torch._check(weight.shape[1] == x.shape[1], lambda: "multi_lora_linear: weight.shape[1] must equal x.shape[1]")
+    torch._check(indices.dim() == 2 and indices.shape[0] == x.shape[0],
+                 lambda: "multi_lora_linear: expected `indices` [T, k]")
+    T, k, r = x.shape[0], indices.shape[1], lora_a.shape[1]
+    return x.new_empty((T, weight.shape[0])), x.new_empty((T, k, r), dtype=_xa_dtype(x.dtype))
+
+
+@torch.library.register_fake("doe_ext::multi_lora_linear_bwd")
+def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad, need_lora_grad):
+    none = x.new_empty((0,))
+    cont = torch.contiguous_format
+    grad_x = x.new_empty(x.shape)
+    if need_weight_grad:
+        grad_w, grad_b = torch.empty_like(weight, memory_format=cont), x.new_empty((weight.shape[0],))
+    else:
+        grad_w = grad_b = none
+    if need_lora_grad:
+        grads = (torch.empty_like(lora_a, memory_format=cont), torch.empty_like(lora_b, memory_format=cont),
+                 torch.empty_like(scales, memory_format=cont))
+    else:
+        grads = (none, none, none)
+    return (grad_x, grad_w, grad_b, *grads)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, indices, scales = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices, scales, xa)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(xa)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_xa):
+    if grad_out is None:
+        return (None,) * 7
+    x, weight, lora_a, lora_b, indices, scales, xa = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_weight = need[1] or (ctx.has_bias and need[2])
+    need_lora = need[3] or need[4] or need[6]
+    gx, gw, gb, ga, gbb, gs = _ops.multi_lora_linear_bwd(grad_out.contiguous(), x, weight, lora_a, lora_b,
+                                                         indices, scales, xa, need_weight, need_lora)
+    return (gx if need[0] else None, gw if need[1] else None, gb if ctx.has_bias and need[2] else None,
+            ga if need[3] else None, gbb if need[4] else None, None, gs if need[6] else None)
+
+
+torch.library.register_autograd("doe_ext::multi_lora_linear_fwd", _backward, setup_context=_setup_context)
