@@ -12,8 +12,6 @@
 #include <atomic>
 #include <vector>
 
-// sqrtf in the row loops must vectorise: nothing here reads errno.
-#pragma GCC optimize("no-math-errno")
 #include "doe_ext/vae_relu_router.h"
 
 namespace doe_ext {
@@ -168,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 template <typename T>
 void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const at::Tensor& w_stack,
               const at::Tensor& w_gate, const at::Tensor& mulv2, const at::Tensor& gates2, const at::Tensor& logits2,
-              const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& dh2, at::Tensor& dw_mu, at::Tensor& db_mu,
+              const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& dh, at::Tensor& dw_mu, at::Tensor& db_mu,
               at::Tensor& dw_lv, at::Tensor& db_lv, at::Tensor& dw_gate, at::Tensor& db_gate) {
   const int64_t N = h2.size(0), dz = w_gate.size(1), K = w_gate.size(0);
   // z, rebuilt (eps regenerated) for the gate's weight gradient and for sigma * eps = z - mu.
@@ -205,6 +203,9 @@ void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const
   });
   z.reset();
   dzt.reset();
+  // dh is allocated only now, once the [N, dz] temporaries are gone: the peak stays below eager's.
+  dh = at::empty(dh.sizes(), h2.options());
+  auto dh2 = dh.view({N, h2.size(1)});
   at::mm_out(dh2, dmulv, w_stack);
   const auto dmu = dmulv.narrow(1, 0, dz), dlv = dmulv.narrow(1, dz, dz);
   at::mm_out(dw_mu, dmu.t(), h2);
@@ -232,12 +233,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   TORCH_CHECK(mu_logvar.sizes().vec() == leading_with(h, 2 * dz), op, ": expected `mu_logvar` of shape [..., 2 dz]");
   const Eps mode = eps_mode(training, noise, rng);
-  auto dh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  // Allocated by backward(), after its temporaries are freed; a meta placeholder carries the shape.
+  auto dh = at::empty(h.sizes(), h.options().device(at::kMeta));
   auto dw_mu = at::empty({dz, d}, h.options()), dw_lv = at::empty({dz, d}, h.options());
   auto db_mu = at::empty({dz}, h.options()), db_lv = at::empty({dz}, h.options());
   auto dw_gate = at::empty({K, dz}, h.options()), db_gate = at::empty({K}, h.options());
   if (N == 0) {
     for (auto* t : {&dw_mu, &dw_lv, &db_mu, &db_lv, &dw_gate, &db_gate}) t->zero_();
+    dh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
     return {dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate};
   }
   const auto h2 = as_rows(h, N);
@@ -249,12 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : at::Tensor();
   const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : at::Tensor();
   const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : at::Tensor();
-  auto dh2 = dh.view({N, d});
   const auto r = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "vae_relu_router_bwd_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     backward<scalar_t>(ptr(gg), ptr(gl), ptr(gk), h2, w_stack, wg, mulv2, gates2, logits2, ptr(noise2), mode, r,
-                       act == "relu", dh2, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate);
+                       act == "relu", dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate);
   });
   return {dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate};
 }

@@ -49,6 +49,15 @@ DOE_HD float log_poly(float x) {
   return m + y + 0.693359375f * e;
 }
 
+// sqrt(x) for x >= 0 without libm (whose errno contract keeps sqrtf out of vector loops): the
+// bit-trick 1/sqrt estimate and two Newton steps (relative error ~1e-11 before rounding to float).
+DOE_HD float sqrt_nr(float x) {
+  float y = as_float(0x5f3759dfu - (as_uint(x) >> 1));
+  y = y * (1.5f - 0.5f * x * y * y);
+  y = y * (1.5f - 0.5f * x * y * y);
+  return x * y;
+}
+
 // cos(2 pi u) for u in [0, 1): quadrant from u exactly, Cephes' sin/cos polynomials on [-pi/4, pi/4].
 DOE_HD float cos_2pi(float u) {
   const float q = floorf(4.f * u + 0.5f);               // 0..4

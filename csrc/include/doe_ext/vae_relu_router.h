@@ -114,7 +114,7 @@ DOE_HD float normal(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uin
   philox4x32_10(c0, c1, c2, c3, k0, k1);
   const float u1 = (float(c0 >> 8) + 0.5f) * 5.9604644775390625e-8f;  // (0, 1), 24 random bits
   const float u2 = float(c1 >> 8) * 5.9604644775390625e-8f;           // [0, 1)
-  return sqrtf(-2.f * poly::log_poly(u1)) * poly::cos_2pi(u2);
+  return poly::sqrt_nr(-2.f * poly::log_poly(u1)) * poly::cos_2pi(u2);
 }
 
 struct Rng {
