@@ -39,13 +39,14 @@ TORCH_LIBRARY(doe_ext, m) {
   // DoE §3.4 / App. A.3: mu_logvar = h @ [w_mu; w_logvar].T + [b_mu; b_logvar] (one GEMM), z = mu +
   // exp(logvar/2) * eps, logits = z @ w_gate.T + b_gate, gates = relu|softmax(logits), kl per token.
   // eps: `noise` when given, else Philox(rng = [key, stream] int64 on h's device), else 0 (eval).
-  // Telemetry: block_counts [K] (rows with gate k > 0), zero_rows [] (rows with every gate 0).
+  // z is the latent sample (for a decoder, App. H.3). Telemetry: block_counts [K] (rows with gate
+  // k > 0), zero_rows [] (rows with every gate 0).
   m.def("vae_relu_router_fwd(Tensor h, Tensor w_mu, Tensor b_mu, Tensor w_logvar, Tensor b_logvar, "
         "Tensor w_gate, Tensor b_gate, Tensor? noise, Tensor? rng, bool training, str activation) -> "
-        "(Tensor gates, Tensor logits, Tensor kl, Tensor mu_logvar, Tensor block_counts, Tensor zero_rows)");
-  // Gradients of vae_relu_router_fwd (any of the three output grads may be None); eps is
+        "(Tensor gates, Tensor logits, Tensor kl, Tensor z, Tensor mu_logvar, Tensor block_counts, Tensor zero_rows)");
+  // Gradients of vae_relu_router_fwd (any of the four output grads may be None); eps is
   // regenerated from rng, never stored.
-  m.def("vae_relu_router_bwd(Tensor? grad_gates, Tensor? grad_logits, Tensor? grad_kl, Tensor h, "
+  m.def("vae_relu_router_bwd(Tensor? grad_gates, Tensor? grad_logits, Tensor? grad_kl, Tensor? grad_z, Tensor h, "
         "Tensor w_mu, Tensor w_logvar, Tensor w_gate, Tensor mu_logvar, Tensor gates, Tensor logits, "
         "Tensor? noise, Tensor? rng, bool training, str activation) -> (Tensor grad_h, Tensor grad_w_mu, "
         "Tensor grad_b_mu, Tensor grad_w_logvar, Tensor grad_b_logvar, Tensor grad_w_gate, Tensor grad_b_gate)");

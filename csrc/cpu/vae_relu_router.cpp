@@ -100,13 +100,11 @@ void reparameterise(const at::Tensor& mulv, const T* noise, T* z, T* kl, int64_t
 template <typename T>
 void forward(const at::Tensor& h2, const at::Tensor& w_stack, const at::Tensor& b_stack, const at::Tensor& w_gate,
              const at::Tensor& b_gate, const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& gates2,
-             at::Tensor& logits2, T* kl, at::Tensor& mulv2, at::Tensor& counts, at::Tensor& zero_rows) {
+             at::Tensor& logits2, T* kl, at::Tensor& z2, at::Tensor& mulv2, at::Tensor& counts, at::Tensor& zero_rows) {
   const int64_t N = h2.size(0), dz = w_gate.size(1), K = w_gate.size(0);
   at::addmm_out(mulv2, b_stack, h2, w_stack.t());
-  auto z = at::empty({N, dz}, h2.options());
-  reparameterise<T>(mulv2, noise, z.data_ptr<T>(), kl, N, dz, mode, rng);
-  at::addmm_out(logits2, b_gate, z, w_gate.t());
-  z.reset();
+  reparameterise<T>(mulv2, noise, z2.data_ptr<T>(), kl, N, dz, mode, rng);
+  at::addmm_out(logits2, b_gate, z2, w_gate.t());
   const T* l = logits2.data_ptr<T>();
   T* g = gates2.data_ptr<T>();
   std::vector<std::atomic<int64_t>> total(K + 1);
@@ -133,7 +131,7 @@ void forward(const at::Tensor& h2, const at::Tensor& w_stack, const at::Tensor& 
   zero_rows.fill_(total[K].load());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_fwd_cpu(
     const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu, const at::Tensor& w_logvar,
     const at::Tensor& b_logvar, const at::Tensor& w_gate, const at::Tensor& b_gate,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
@@ -144,10 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto gates = at::empty(leading_with(h, sz.K), h.options());
   auto logits = at::empty(leading_with(h, sz.K), h.options());
   auto kl = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  auto z = at::empty(leading_with(h, sz.dz), h.options());  // a temporary the caller may keep (decoder input)
   auto mulv = at::empty(leading_with(h, 2 * sz.dz), h.options());
   auto counts = at::zeros({sz.K}, h.options().dtype(at::kLong));
   auto zero_rows = at::zeros({}, h.options().dtype(at::kLong));
-  if (sz.N == 0) return {gates, logits, kl, mulv, counts, zero_rows};
+  if (sz.N == 0) return {gates, logits, kl, z, mulv, counts, zero_rows};
   const auto h2 = as_rows(h, sz.N);
   const auto w_stack = at::cat({w_mu, w_logvar}, 0);
   const auto b_stack = at::cat({b_mu, b_logvar}, 0);
@@ -155,16 +154,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto noise2 = mode == Eps::kGiven ? noise->reshape({sz.N, sz.dz}).contiguous() : at::Tensor();
   auto gates2 = gates.view({sz.N, sz.K}), logits2 = logits.view({sz.N, sz.K});
   auto mulv2 = mulv.view({sz.N, 2 * sz.dz});
+  auto z2 = z.view({sz.N, sz.dz});
   const auto r = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "vae_relu_router_fwd_cpu", [&] {
     forward<scalar_t>(h2, w_stack, b_stack, wg, b_gate, noise2.defined() ? noise2.data_ptr<scalar_t>() : nullptr,
-                      mode, r, act == "relu", gates2, logits2, kl.data_ptr<scalar_t>(), mulv2, counts, zero_rows);
+                      mode, r, act == "relu", gates2, logits2, kl.data_ptr<scalar_t>(), z2, mulv2, counts, zero_rows);
   });
-  return {gates, logits, kl, mulv, counts, zero_rows};
+  return {gates, logits, kl, z, mulv, counts, zero_rows};
 }
 
 template <typename T>
-void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const at::Tensor& w_stack,
+void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& gz, const at::Tensor& h2, const at::Tensor& w_stack,
               const at::Tensor& w_gate, const at::Tensor& mulv2, const at::Tensor& gates2, const at::Tensor& logits2,
               const T* noise, Eps mode, vr::Rng rng, bool relu, at::Tensor& dh, at::Tensor& dw_mu, at::Tensor& db_mu,
               at::Tensor& dw_lv, at::Tensor& db_lv, at::Tensor& dw_gate, at::Tensor& db_gate) {
@@ -190,7 +190,7 @@ void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const
   });
   at::mm_out(dw_gate, dl.t(), z);
   at::sum_out(db_gate, dl, {0});
-  auto dzt = at::mm(dl, w_gate);
+  auto dzt = gz.defined() ? at::addmm(gz, dl, w_gate) : at::mm(dl, w_gate);
   dl.reset();
   auto dmulv = at::empty({N, 2 * dz}, h2.options());
   const T* mp = mulv2.data_ptr<T>();
@@ -216,7 +216,7 @@ void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& h2, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_bwd_cpu(
     const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_logits,
-    const std::optional<at::Tensor>& grad_kl, const at::Tensor& h, const at::Tensor& w_mu,
+    const std::optional<at::Tensor>& grad_kl, const std::optional<at::Tensor>& grad_z, const at::Tensor& h, const at::Tensor& w_mu,
     const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar, const at::Tensor& gates,
     const at::Tensor& logits, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
     bool training, c10::string_view activation) {
@@ -251,11 +251,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto gg = grad_gates.has_value() ? grad_gates->reshape({N, K}).contiguous() : at::Tensor();
   const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : at::Tensor();
   const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : at::Tensor();
+  const auto gz = grad_z.has_value() ? grad_z->reshape({N, dz}) : at::Tensor();
   const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : at::Tensor();
   const auto r = read_rng(rng);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "vae_relu_router_bwd_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    backward<scalar_t>(ptr(gg), ptr(gl), ptr(gk), h2, w_stack, wg, mulv2, gates2, logits2, ptr(noise2), mode, r,
+    backward<scalar_t>(ptr(gg), ptr(gl), ptr(gk), gz, h2, w_stack, wg, mulv2, gates2, logits2, ptr(noise2), mode, r,
                        act == "relu", dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate);
   });
   return {dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate};

@@ -3,5 +3,7 @@
 from doe_ext.nn.knowledge_attention import KnowledgeAttention
 from doe_ext.nn.dual_embedding import DualInputEmbedding
 from doe_ext.nn.multi_lora_linear import MultiLoRALinear
+from doe_ext.nn.expert_loss import ExpertLoss
+from doe_ext.nn.vae_relu_router import SparsityController, VAEReLURouter
 
-__all__ = ["KnowledgeAttention", "DualInputEmbedding", "MultiLoRALinear"]
+__all__ = ["KnowledgeAttention", "DualInputEmbedding", "MultiLoRALinear", "VAEReLURouter", "ExpertLoss", "SparsityController"]

@@ -48,7 +48,8 @@ def vae_relu_router(
     training: bool = True,
     activation: str = "relu",
     return_stats: bool = False,
-) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, RouterStats]:
+    return_z: bool = False,
+) -> tuple[Tensor, ...]:
     """VAE router with a ReLU (or softmax) gate, fused: returns ``(gates, logits, kl)``.
 
     ``mu = h @ w_mu.T + b_mu``, ``logvar = h @ w_logvar.T + b_logvar`` (one GEMM over the stacked
@@ -68,21 +69,26 @@ def vae_relu_router(
         training: reparameterise with noise (True) or use ``z = mu`` (False).
         activation: ``"relu"`` (DoE) or ``"softmax"`` (the VAE-softmax router of Table 3 (B)).
         return_stats: also return a :class:`RouterStats` (per-block activation counts, all-zero rows).
+        return_z: also return the latent sample ``z [..., dz]`` (differentiable; the input of a
+            decoder, App. H.3). It is a buffer the op writes anyway: asking for it costs nothing.
 
     Returns:
         ``gates [..., K]``, ``logits [..., K]`` (both differentiable; feed ``logits`` to
-        :func:`doe_ext.ops.expert_loss`), ``kl [...]``, and the stats when asked.
+        :func:`doe_ext.ops.expert_loss`), ``kl [...]``, then ``z`` and the stats when asked.
 
     Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA (float32 math).
     Differentiable in ``h`` and every weight and bias. An all-zero gate row is valid; nothing divides
     by the gate sum.
     """
     rng = draw_rng(h.device) if training and noise is None else None
-    gates, logits, kl, _, counts, zero_rows = _ops.vae_relu_router_fwd(
+    gates, logits, kl, z, _, counts, zero_rows = _ops.vae_relu_router_fwd(
         h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, activation)
+    out = (gates, logits, kl)
+    if return_z:
+        out += (z,)
     if return_stats:
-        return gates, logits, kl, RouterStats(counts, zero_rows, h.numel() // max(h.shape[-1], 1))
-    return gates, logits, kl
+        out += (RouterStats(counts, zero_rows, h.numel() // max(h.shape[-1], 1)),)
+    return out
 
 
 @torch.library.register_fake("doe_ext::vae_relu_router_fwd")
@@ -98,14 +104,15 @@ def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, tra
     gates = h.new_empty((*lead, K))
     logits = h.new_empty((*lead, K))
     kl = h.new_empty(lead)
+    z = h.new_empty((*lead, dz))
     mulv = h.new_empty((*lead, 2 * dz))
     counts = h.new_empty((K,), dtype=torch.int64)
     zero_rows = h.new_empty((), dtype=torch.int64)
-    return gates, logits, kl, mulv, counts, zero_rows
+    return gates, logits, kl, z, mulv, counts, zero_rows
 
 
 @torch.library.register_fake("doe_ext::vae_relu_router_bwd")
-def _bwd_fake(grad_gates, grad_logits, grad_kl, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits, noise, rng,
+def _bwd_fake(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits, noise, rng,
               training, activation):
     dz, K = w_mu.shape[0], w_gate.shape[0]
     return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_mu),
@@ -115,18 +122,18 @@ def _bwd_fake(grad_gates, grad_logits, grad_kl, h, w_mu, w_logvar, w_gate, mu_lo
 
 def _setup_context(ctx, inputs, output):
     h, w_mu, _, w_logvar, _, w_gate, _, noise, rng, training, activation = inputs
-    gates, logits, _, mulv, counts, zero_rows = output
+    gates, logits, _, _, mulv, counts, zero_rows = output
     ctx.save_for_backward(h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng)
     ctx.training, ctx.activation = training, activation
     ctx.mark_non_differentiable(mulv, counts, zero_rows)
     ctx.set_materialize_grads(False)  # absent output grads stay None: no zero tensors are built
 
 
-def _backward(ctx, grad_gates, grad_logits, grad_kl, _g_mulv, _g_counts, _g_zero):
+def _backward(ctx, grad_gates, grad_logits, grad_kl, grad_z, _g_mulv, _g_counts, _g_zero):
     h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng = ctx.saved_tensors
-    if grad_gates is None and grad_logits is None and grad_kl is None:
+    if grad_gates is None and grad_logits is None and grad_kl is None and grad_z is None:
         return (None,) * 11
-    grads = _ops.vae_relu_router_bwd(grad_gates, grad_logits, grad_kl, h, w_mu, w_logvar, w_gate, mulv, gates,
+    grads = _ops.vae_relu_router_bwd(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mulv, gates,
                                      logits, noise, rng, ctx.training, ctx.activation)
     return (*grads, None, None, None, None)
 

@@ -16,7 +16,8 @@ def vae_relu_router_ref(
     noise: Tensor | None = None,
     training: bool = True,
     activation: str = "relu",
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_z: bool = False,
+) -> tuple[Tensor, ...]:
     """Eager twin of :func:`doe_ext.ops.vae_relu_router` (DoE App. A.3): three ``F.linear`` and
     elementwise ops. Draws ``noise`` with ``torch.randn`` when training and none is given (so it does
     not reproduce the fused op's Philox draws; pass ``noise`` to compare the two)."""
@@ -33,4 +34,4 @@ def vae_relu_router_ref(
     logits = F.linear(z, w_gate, b_gate)  # (..., K)
     gates = torch.relu(logits) if activation == "relu" else torch.softmax(logits, dim=-1)
     kl = 0.5 * (torch.exp(logvar) + mu.square() - 1 - logvar).sum(-1)  # (...)
-    return gates, logits, kl
+    return (gates, logits, kl, z) if return_z else (gates, logits, kl)
