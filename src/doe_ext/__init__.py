@@ -1,7 +1,8 @@
 """doe_ext: C++/CUDA ops, modules and models for knowledge-driven mixture-of-experts LMs.
 
 Importing the package loads the compiled ops library (``doe_ext._C``), which registers every op
-under ``torch.ops.doe_ext``, then the Python side of each op (fake kernels and autograd).
+under ``torch.ops.doe_ext``, then the Python side of each op (fake kernels and autograd), and
+registers the DoE model with transformers' AutoConfig / AutoModelForCausalLM.
 """
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import torch
 
 from doe_ext import _C  # noqa: F401  (registers torch.ops.doe_ext.*)
 from doe_ext import ops  # noqa: E402
+from doe_ext import nn  # noqa: E402
+from doe_ext import models  # noqa: E402  (registers model_type "doe" with transformers' Auto classes)
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "models", "nn", "ops", "__version__"]
 
 
 def build_info() -> dict:

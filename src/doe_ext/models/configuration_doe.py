@@ -1,0 +1,79 @@
+"""DoEConfig: a Llama-style decoder whose FFN blocks carry DoE's knowledge path (CONTRACT §4)."""
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+ROUTERS = ("vae_relu", "vae_softmax", "none", "moe_topk")
+SIGNAL_SOURCES = ("v", "k", "q", "none")
+FUSIONS = ("add", "concat")
+BLOCKS = ("state", "ffn")
+
+
+@strict
+class DoEConfig(LlamaConfig):
+    """Llama's fields (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size, rope, norms ...) plus DoE's. Defaults follow the paper where it gives one.
+
+    DoE fields:
+        num_topics: K, LDA topics = knowledge blocks = rows of the knowledge state Z (paper: 128).
+        topic_dim: width of the topic embedding added to the token embedding (DoE §3.3).
+        latent_dim: width of the VAE router's latent z (App. A.3).
+        router: "vae_relu" (DoE), "vae_softmax" (Table 3 B), "none" (no router: knowledge
+            attention only), "moe_topk" (the conventional MoE FFN baseline of Table 3 A).
+        signal_source: which attention states feed the router, as a causal prefix mean (App. H.1).
+        fusion: "add" gives FFN(h_enr + e); "concat" gives FFN([h_enr; e]) (App. H.2).
+        blocks: "state" composes e = G·Z; "ffn" also gives each block a small FFN run only for the
+            tokens whose gate is non-zero (active < total parameters, §4.5).
+        block_ffn_dim: hidden width of each block FFN (blocks="ffn"); default intermediate_size // 8.
+        alpha: weight of the expert-label loss, (1-alpha)·L_ntp + alpha·L_expert (eq. 4).
+        beta: weight of KL + reconstruction, the 3-component loss of App. H.3 (0 = off).
+        router_decoder: the last layer's router reconstructs the next token's embedding (§3.3).
+        knowledge: False gives the dense "Base" model of Fig. 3 (no knowledge path at all).
+        num_experts, num_experts_per_tok, router_aux_loss_coef: the moe_topk baseline.
+    """
+
+    model_type = "doe"
+
+    num_topics: int = 128
+    topic_dim: int = 64
+    latent_dim: int = 128
+    router: str = "vae_relu"
+    signal_source: str = "v"
+    fusion: str = "add"
+    blocks: str = "state"
+    block_ffn_dim: int | None = None
+    alpha: float = 0.001
+    beta: float = 0.0
+    router_decoder: bool = False
+    knowledge: bool = True
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        choices = {"router": ROUTERS, "signal_source": SIGNAL_SOURCES, "fusion": FUSIONS, "blocks": BLOCKS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DoEConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("num_topics", "topic_dim", "latent_dim", "num_experts", "num_experts_per_tok"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DoEConfig.{name}={getattr(self, name)}: expected >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DoEConfig.alpha={self.alpha}: expected 0 <= alpha <= 1")
+        if self.beta < 0:
+            raise ValueError(f"DoEConfig.beta={self.beta}: expected >= 0")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"DoEConfig.num_experts_per_tok={self.num_experts_per_tok}: expected <= "
+                             f"num_experts={self.num_experts}")
+        if self.block_ffn_dim is None:
+            self.block_ffn_dim = max(8, self.intermediate_size // 8)
+        super().__post_init__(**kwargs)
+
+    @property
+    def has_knowledge_path(self) -> bool:
+        return self.knowledge and self.router != "moe_topk"
+
+    @property
+    def has_router(self) -> bool:
+        return self.has_knowledge_path and self.router in ("vae_relu", "vae_softmax")

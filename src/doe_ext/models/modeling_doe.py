@@ -1,0 +1,430 @@
+"""The DoE language model (CONTRACT §4), a Llama-style decoder whose FFN block gains DoE's knowledge
+path, plus the paper's baselines in the same code (dense "Base", softmax top-k MoE).
+
+Reads top-down: attention (which also hands out the router's signal) -> knowledge FFN -> MoE
+baseline FFN -> decoder layer -> model -> causal LM head, losses and generation.
+
+One DoE layer, residual stream x:
+    x     = x + SelfAttention(norm1(x))              # also the per-token q/k/v for the signal
+    h     = norm2(x)                                 # H_mha
+    s     = causal_mean(signal)                      # App. H.1: v (default) | k | q | none
+    h_enr = KnowledgeAttention(h; Z)                 # eq. 1-3, Z [K, d]: one knowledge state per model
+    r     = h_enr + W_s s  (+ E_prior[topic] in layer 0)
+    gates, logits, kl = Router_l(r)                  # VAE-ReLU | VAE-softmax | none
+    e     = gates @ Z                                # the composed expert G^T Z (App. A.1)
+    x     = x + FFN(h_enr + e)                       # or FFN([h_enr; e]) with fusion="concat"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from doe_ext.losses import composite_loss
+from doe_ext.models.configuration_doe import DoEConfig
+from doe_ext.nn import DualInputEmbedding, KnowledgeAttention, VAEReLURouter
+from doe_ext.ops import expert_loss
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_in, d_hidden, bias=False)
+        self.up_proj = nn.Linear(d_in, d_hidden, bias=False)
+        self.down_proj = nn.Linear(d_hidden, d_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_prefix_mean(signal: Tensor, mask: Tensor | None, cache: Cache | None, layer_idx: int) -> Tensor:
+    """Mean of ``signal [B, T, D]`` over positions <= t (padding excluded). With a KV cache the running
+    sums of earlier steps live on the cache object, so a cached step equals the uncached forward."""
+    m = torch.ones(signal.shape[:2], dtype=signal.dtype, device=signal.device) if mask is None else mask.to(signal.dtype)
+    csum = (signal * m[..., None]).cumsum(1)  # (B, T, D)
+    count = m.cumsum(1)  # (B, T)
+    if cache is not None:
+        sums = cache.__dict__.setdefault("_doe_signal_sums", {})
+        if layer_idx in sums:
+            prev_sum, prev_count = sums[layer_idx]
+            csum, count = csum + prev_sum[:, None], count + prev_count[:, None]
+        sums[layer_idx] = (csum[:, -1].detach(), count[:, -1].detach())
+    return csum / count.clamp(min=1)[..., None]
+
+
+class DoEAttention(nn.Module):
+    """Llama's attention (RoPE, GQA, KV cache, any HF attention backend) that also returns the
+    pre-RoPE ``q``, ``k`` or ``v`` of every token (heads concatenated) as the router's signal."""
+
+    def __init__(self, config: DoEConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.attention_bias)
+
+    def forward(self, x: Tensor, position_embeddings, attention_mask, cache: Cache | None, **kwargs):
+        B, T, _ = x.shape
+        q_lin, k_lin, v_lin = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, heads*hd)
+        signal = {"q": q_lin, "k": k_lin, "v": v_lin}.get(self.config.signal_source)
+        q = q_lin.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k_lin.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v_lin.view(B, T, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
+                        dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), signal
+
+
+@dataclass
+class RouterOutput:
+    gates: Tensor  # (B, T, K)
+    logits: Tensor  # (B, T, K) pre-activation, for L_expert
+    kl: Tensor  # (B, T)
+    recon: Tensor | None = None  # (B, T): the last router's error reconstructing the next token's embedding
+
+
+class KnowledgeFFN(nn.Module):
+    """The FFN block of a DoE layer: knowledge attention, routing, composed expert, fusion."""
+
+    def __init__(self, config: DoEConfig):
+        super().__init__()
+        d, K = config.hidden_size, config.num_topics
+        self.fusion, self.blocks = config.fusion, config.blocks
+        self.knowledge_attention = KnowledgeAttention(d, K, shared_state=True)  # W_q; Z is the model's
+        sig_dim = {"q": config.num_attention_heads, "k": config.num_key_value_heads,
+                   "v": config.num_key_value_heads}.get(config.signal_source, 0) * config.head_dim
+        self.signal_proj = nn.Linear(sig_dim, d, bias=False) if config.has_router and sig_dim else None  # W_s
+        self.mlp = SwiGLU(2 * d if config.fusion == "concat" else d, config.intermediate_size, d)
+        if config.blocks == "ffn":  # one small SwiGLU per knowledge block
+            f = config.block_ffn_dim
+            self.block_up = nn.Parameter(torch.empty(K, 2 * f, d))
+            self.block_down = nn.Parameter(torch.empty(K, d, f))
+
+    def block_ffns(self, h: Tensor, gates: Tensor) -> Tensor:
+        """``sum_k gates_k * BlockFFN_k(h)``, computed only for (token, block) pairs with a non-zero
+        gate: a block whose gate is exactly zero does no work and gets exactly zero gradient."""
+        flat_h, flat_g = h.reshape(-1, h.shape[-1]), gates.reshape(-1, gates.shape[-1])
+        out = torch.zeros_like(flat_h)
+        tok, blk = flat_g.nonzero(as_tuple=True)  # host sync: data-dependent work, by design
+        for k in blk.unique().tolist():
+            rows = tok[blk == k]
+            gate_up = flat_h[rows] @ self.block_up[k].T  # (n, 2f)
+            g, u = gate_up.chunk(2, dim=-1)
+            y = (F.silu(g) * u) @ self.block_down[k].T  # (n, d)
+            out = out.index_add(0, rows, flat_g[rows, k, None] * y)
+        return out.view_as(h)
+
+    def forward(self, h: Tensor, z: Tensor, signal: Tensor | None, router: nn.Module | None,
+                prior: Tensor | None, recon_target: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
+        h_enr = self.knowledge_attention(h, state=z)  # h + softmax(h W_q Z^T / sqrt d) Z
+        routed = None
+        e = torch.zeros_like(h_enr)
+        if router is not None:
+            r = h_enr if self.signal_proj is None else h_enr + self.signal_proj(signal)
+            if prior is not None:
+                r = r + prior
+            routed = RouterOutput(*router(r, recon_target))
+            e = routed.gates @ z  # (B, T, d): the composed expert
+        out = self.mlp(h_enr + e if self.fusion == "add" else torch.cat([h_enr, e], dim=-1))
+        if self.blocks == "ffn" and routed is not None:
+            out = out + self.block_ffns(h_enr, routed.gates)
+        return out, routed
+
+
+class TopKMoE(nn.Module):
+    """The conventional MoE FFN of Table 3 (A): softmax router, top-k experts, renormalised weights,
+    Switch-style load-balancing loss ``E * sum_i f_i P_i``."""
+
+    def __init__(self, config: DoEConfig):
+        super().__init__()
+        self.k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_size)
+                                     for _ in range(config.num_experts))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        flat = h.reshape(-1, h.shape[-1])
+        probs = self.gate(flat).softmax(-1)  # (N, E)
+        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (chosen == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, weights[tok, slot, None] * expert(flat[tok]))
+        E = len(self.experts)
+        f = F.one_hot(chosen, E).sum((0, 1)).to(probs.dtype) / max(chosen.numel(), 1)
+        balance = E * (f * probs.mean(0)).sum()
+        return out.view_as(h), balance
+
+
+class DoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DoEConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.self_attn = DoEAttention(config, layer_idx)
+        self.input_layernorm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        if config.has_knowledge_path:
+            self.ffn = KnowledgeFFN(config)
+        elif config.knowledge and config.router == "moe_topk":
+            self.ffn = TopKMoE(config)
+        else:
+            self.ffn = SwiGLU(d, config.intermediate_size, d)  # the dense Base
+
+    def forward(self, x: Tensor, attention_mask=None, position_embeddings=None, cache: Cache | None = None,
+                pad_mask: Tensor | None = None, z: Tensor | None = None, router: nn.Module | None = None,
+                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> tuple[Tensor, Any]:
+        a, signal = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache, **kwargs)
+        x = x + a
+        h = self.post_attention_layernorm(x)  # H_mha
+        if isinstance(self.ffn, KnowledgeFFN):
+            if signal is not None and self.ffn.signal_proj is not None:
+                signal = causal_prefix_mean(signal, pad_mask, cache, self.layer_idx)
+            out, extra = self.ffn(h, z, signal, router, prior, recon_target)
+        elif isinstance(self.ffn, TopKMoE):
+            out, extra = self.ffn(h)
+        else:
+            out, extra = self.ffn(h), None
+        return x + out, extra
+
+
+class DoEPreTrainedModel(PreTrainedModel):
+    config_class = DoEConfig
+    config: DoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DoEDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, KnowledgeFFN) and module.blocks == "ffn":
+            nn.init.normal_(module.block_up, std=std)
+            nn.init.normal_(module.block_down, std=std)
+        if isinstance(module, DoEModel) and module.knowledge_state is not None:
+            nn.init.normal_(module.knowledge_state, std=std)
+        if isinstance(module, DoEModel) and module.topic_prior is not None:
+            nn.init.zeros_(module.topic_prior.weight)  # the prior starts as a no-op
+
+
+class DoEModel(DoEPreTrainedModel):
+    def __init__(self, config: DoEConfig):
+        super().__init__(config)
+        d, K, L = config.hidden_size, config.num_topics, config.num_hidden_layers
+        if config.has_knowledge_path:
+            self.embed_tokens = DualInputEmbedding(config.vocab_size, d, K, config.topic_dim,
+                                                   padding_idx=config.pad_token_id)
+            self.knowledge_state = nn.Parameter(torch.empty(K, d))  # Z, shared by every layer
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
+            self.knowledge_state = None
+        self.layers = nn.ModuleList(DoEDecoderLayer(config, i) for i in range(L))
+        self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # Routers (CONTRACT §4): layer 0 its own (prior-conditioned), the middle layers ONE shared
+        # module, the last layer its own (optionally with a decoder).
+        self.routers = nn.ModuleDict()
+        self.topic_prior = None
+        if config.has_router:
+            activation = "relu" if config.router == "vae_relu" else "softmax"
+            make = lambda decoder=False: VAEReLURouter(d, config.latent_dim, K, activation=activation,  # noqa: E731
+                                                       decoder=decoder)
+            self.routers["first"] = make()
+            if L > 2:
+                self.routers["middle"] = make()
+            if L > 1:
+                self.routers["last"] = make(decoder=config.router_decoder)
+            self.topic_prior = nn.Embedding(K, d)  # E_prior
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def router_for(self, i: int) -> nn.Module | None:
+        if not self.routers:
+            return None
+        if i == 0:
+            return self.routers["first"]
+        return self.routers["last"] if i == self.config.num_hidden_layers - 1 else self.routers["middle"]
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = None,
+                reconstruct: bool = False, **kwargs):
+        """``reconstruct``: the last router's decoder (if any) reconstructs each position's next input
+        embedding (the last position's target is zeros; the loss drops it)."""
+        if isinstance(self.embed_tokens, DualInputEmbedding):
+            x = self.embed_tokens(input_ids, topic_ids)
+        else:
+            x = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
+                                  cache=cache, position_ids=position_ids)
+        pad_mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        pos = self.rotary_emb(x, position_ids=position_ids)
+        prior = None
+        if self.topic_prior is not None and topic_ids is not None:
+            prior = self.topic_prior(topic_ids.clamp(min=0)) * (topic_ids >= 0)[..., None]  # -1: no prior
+        last = self.router_for(len(self.layers) - 1)
+        recon_target = None
+        if reconstruct and last is not None and last.decoder is not None:
+            recon_target = F.pad(x[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
+        extras = []
+        for i, layer in enumerate(self.layers):
+            is_last = i == len(self.layers) - 1
+            x, extra = layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, pad_mask=pad_mask,
+                             z=self.knowledge_state, router=self.router_for(i), prior=prior if i == 0 else None,
+                             recon_target=recon_target if is_last else None, **kwargs)
+            extras.append(extra)
+        return self.norm(x), cache, extras
+
+
+@dataclass
+class DoECausalLMOutput(CausalLMOutputWithPast):
+    """``aux``: the loss parts (``ntp``, ``expert``, ``kl``, ``recon``, ``moe_balance``) and per-layer
+    gate statistics; ``next_topic_ids [B, T]``: the topic the last router predicts for the next token."""
+
+    aux: dict | None = None
+    next_topic_ids: Tensor | None = None
+
+
+def gate_stats(gates: Tensor) -> dict[str, Tensor]:
+    """Sparsity, share of all-zero rows, and the coefficient of variation of block utilisation (Fig. 4)."""
+    active = (gates > 0).reshape(-1, gates.shape[-1])
+    use = active.float().sum(0)
+    return {"sparsity": 1 - active.float().mean(), "zero_rows": (~active.any(-1)).float().mean(),
+            "block_cv": use.std(correction=0) / use.mean().clamp(min=1e-12)}
+
+
+class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
+    def __init__(self, config: DoEConfig):
+        super().__init__(config)
+        self.model = DoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def num_parameters_active(self) -> tuple[int, int]:
+        """(total, active per token) parameters: with blocks="ffn" a token runs only the block FFNs
+        of its non-zero gates; this counts them at the measured average of active blocks."""
+        total = sum(p.numel() for p in self.parameters())
+        block = sum(p.numel() for n, p in self.named_parameters() if ".block_" in n)
+        frac = getattr(self, "_last_active_block_share", 1.0)
+        return total, int(total - block + frac * block)
+
+    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, labels: Tensor | None = None,
+                expert_labels: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, **kwargs) -> DoECausalLMOutput:
+        """``input_ids, topic_ids [B, T]`` (topic -1 = none); ``labels [B, T]`` as HF (shifted inside);
+        ``expert_labels``: per-token topic ids ``[B, T]`` (-1 = none; shifted like labels: the routers at
+        position t are supervised with the topic of token t+1) or per-document distributions ``[B, K]``.
+        Without expert_labels, topic_ids serve as the per-token labels."""
+        cfg = self.config
+        hidden, cache, extras = self.model(input_ids, topic_ids, attention_mask, position_ids, cache, use_cache,
+                                           reconstruct=labels is not None, **kwargs)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        routed = [e for e in extras if isinstance(e, RouterOutput)]
+        aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
+        if routed and cfg.blocks == "ffn":
+            self._last_active_block_share = float(torch.stack([1 - s["sparsity"] for s in aux["layers"]]).mean())
+        next_topics = routed[-1].logits.argmax(-1) if routed else None
+        loss = None
+        if labels is not None:
+            ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss, parts = self._auxiliary_losses(ntp, routed, extras, topic_ids, expert_labels)
+            aux.update(parts)
+        return DoECausalLMOutput(loss=loss, logits=logits, cache=cache, aux=aux, next_topic_ids=next_topics)
+
+    def _auxiliary_losses(self, ntp, routed, extras, topic_ids, expert_labels):
+        cfg = self.config
+        parts = {"ntp": ntp.detach()}
+        loss = ntp
+        if expert_labels is None:
+            expert_labels = topic_ids
+        supervised = routed[:-1] if len(routed) > 1 else routed  # every router but the last (CONTRACT §4)
+        if supervised and expert_labels is not None:
+            if expert_labels.is_floating_point():  # per-document distributions [B, K]
+                target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)
+                per_layer = [expert_loss(r.logits, target) for r in supervised]
+            else:  # per-token topic ids, shifted like labels
+                per_layer = [expert_loss(r.logits[:, :-1], expert_labels[:, 1:], ignore_index=-1) for r in supervised]
+            l_expert = torch.stack(per_layer).mean()
+            loss = composite_loss(ntp, l_expert, cfg.alpha)
+            parts["expert"] = l_expert.detach()
+        if routed:
+            kl = torch.stack([r.kl.mean() for r in routed]).mean()
+            parts["kl"] = kl.detach()
+            if routed[-1].recon is not None:  # the last router reconstructs the next token's embedding
+                rec = routed[-1].recon[:, :-1].mean()
+                parts["recon"] = rec.detach()
+                kl = kl + rec
+            if cfg.beta > 0:
+                loss = loss + cfg.beta * kl
+        balances = [e for e in extras if isinstance(e, Tensor)]
+        if balances:
+            balance = torch.stack(balances).mean()
+            parts["moe_balance"] = balance.detach()
+            loss = loss + cfg.router_aux_loss_coef * balance
+        return loss, parts
+
+    # ---- generation: prompt topics from the caller, generated tokens take the predicted topic ----
+    def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if self.config.has_knowledge_path and topic_ids is None and ids is not None:
+            topic_ids = torch.full_like(ids, -1)
+        if topic_ids is not None:
+            kwargs["topic_ids"] = topic_ids
+        return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        topic_ids = model_inputs.get("topic_ids")
+        if topic_ids is not None:
+            model_inputs["topic_ids"] = topic_ids[:, -model_inputs["input_ids"].shape[1]:]
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                   num_new_tokens)
+        topic_ids = model_kwargs.get("topic_ids")
+        if topic_ids is not None:
+            nxt = outputs.next_topic_ids
+            new = nxt[:, -1:] if nxt is not None else torch.full_like(topic_ids[:, -1:], -1)
+            model_kwargs["topic_ids"] = torch.cat([topic_ids, new], dim=-1)
+        return model_kwargs
