@@ -17,7 +17,7 @@ on ``--threads`` threads/processes at K = ``--topics``. Reported per library:
   the *same* estimator — doe_ext's document-completion estimate (LDA.perplexity) on each library's
   topic-word matrix, renormalized over the shared vocabulary, with alpha = 0.1;
 - labelling throughput: tokens/s of per-document inference (+ per-token labels for doe_ext) over
-  the training documents, inference sweeps included;
+  the held-out documents, inference sweeps included;
 - peak RSS of the process, and for doe_ext's streaming label_to, peak RSS on the corpus and on a
   4x larger copy (bounded memory means they match).
 
@@ -156,12 +156,12 @@ def worker_doe_ext(args, train, heldout, keep, sampler: str) -> dict:
     del g, z
     gc.collect()
     t0 = time.perf_counter()
-    topics, theta = model.label(train)
+    topics, theta = model.label(heldout)
     label_s = time.perf_counter() - t0
     return {"fit_seconds": fit_s, "sweeps": sweeps,
             "fit_rate": sweeps * train.num_tokens / fit_s, "fit_rate_unit": "token-samples/s",
             "heldout_perplexity": ppl, "curve": curve,
-            "label_tokens_per_s": train.num_tokens / label_s, "label_seconds": label_s,
+            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
             "label_note": "theta by EM against fixed phi (<= 50 sweeps, tol 1e-4) + per-token argmax",
             "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
 
@@ -202,14 +202,14 @@ def worker_tomotopy(args, train, heldout, keep) -> dict:
             curve.append([sweeps, fit_s, perplexity(topic_word(), keep, heldout, args.threads)])
     ppl = perplexity(topic_word(), keep, heldout, args.threads)
     fit_rss = peak_rss_mib()
-    infer_docs = [mdl.make_doc([str(int(w)) for w in d]) for d in docs]
+    infer_docs = [mdl.make_doc([str(int(w)) for w in d]) for d in docs_of(heldout)]
     t0 = time.perf_counter()
     mdl.infer(infer_docs, workers=args.threads)
     label_s = time.perf_counter() - t0
     return {"fit_seconds": fit_s, "sweeps": sweeps,
             "fit_rate": sweeps * train.num_tokens / fit_s, "fit_rate_unit": "token-samples/s",
             "heldout_perplexity": ppl, "curve": curve,
-            "label_tokens_per_s": train.num_tokens / label_s, "label_seconds": label_s,
+            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
             "label_note": "LDAModel.infer, default 100 Gibbs sweeps (make_doc not timed)",
             "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
 
@@ -239,14 +239,18 @@ def worker_gensim(args, train, heldout, keep) -> dict:
         i = (i + 4 * chunk) % len(bow)
     ppl = perplexity(model.get_topics(), keep, heldout, args.threads)
     fit_rss = peak_rss_mib()
+    held_bow = []
+    for d in docs_of(heldout):
+        ids, counts = np.unique(d, return_counts=True)
+        held_bow.append(list(zip(ids.tolist(), counts.tolist())))
     t0 = time.perf_counter()
-    for j in range(0, len(bow), chunk):
-        model.inference(bow[j:j + chunk])
+    for j in range(0, len(held_bow), chunk):
+        model.inference(held_bow[j:j + chunk])
     label_s = time.perf_counter() - t0
     return {"fit_seconds": fit_s, "passes": tokens_seen / train.num_tokens,
             "fit_rate": tokens_seen / fit_s, "fit_rate_unit": "tokens/s (online VB)",
             "heldout_perplexity": ppl, "curve": [],
-            "label_tokens_per_s": train.num_tokens / label_s, "label_seconds": label_s,
+            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
             "label_note": "LdaModel.inference (variational E-step), theta only",
             "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
 
@@ -275,13 +279,17 @@ def worker_sklearn(args, train, heldout, keep) -> dict:
         i = (i + batch) % train.num_docs
     ppl = perplexity(model.components_, keep, heldout, args.threads)
     fit_rss = peak_rss_mib()
+    t = np.asarray(heldout.tokens)
+    rows = np.repeat(np.arange(heldout.num_docs), np.diff(heldout.offsets))
+    Xh = csr_matrix((np.ones(len(t)), (rows, t)), shape=(heldout.num_docs, heldout.vocab_size))
+    Xh.sum_duplicates()
     t0 = time.perf_counter()
-    model.transform(X)
+    model.transform(Xh)
     label_s = time.perf_counter() - t0
     return {"fit_seconds": fit_s, "passes": tokens_seen / train.num_tokens,
             "fit_rate": tokens_seen / fit_s, "fit_rate_unit": "tokens/s (online VB)",
             "heldout_perplexity": ppl, "curve": [],
-            "label_tokens_per_s": train.num_tokens / label_s, "label_seconds": label_s,
+            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
             "label_note": "LatentDirichletAllocation.transform, theta only",
             "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
 

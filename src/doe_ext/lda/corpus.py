@@ -182,6 +182,19 @@ class TokenCorpus:
         offsets = self.offsets[doc_lo:doc_hi + 1]
         return self.tokens[offsets[0]:offsets[-1]], np.ascontiguousarray(offsets)
 
+    def read_chunk(self, doc_lo: int, doc_hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`slice`, but a shard on disk is read into fresh arrays (not mapped), so
+        streaming over a large shard keeps only one chunk resident."""
+        if self.path is None:
+            return self.slice(doc_lo, doc_hi)
+        offsets = np.fromfile(self.path / OFFSETS_FILE, dtype="<i8", count=doc_hi - doc_lo + 1,
+                              offset=8 * doc_lo)
+        n = int(offsets[-1] - offsets[0])
+        tokens = np.fromfile(self.path / TOKENS_FILE, dtype="<u4", count=n, offset=4 * int(offsets[0]))
+        if len(offsets) != doc_hi - doc_lo + 1 or len(tokens) != n:
+            raise CorpusError(f"{self.path}: shard files shorter than meta.json says (truncated?)")
+        return tokens, offsets
+
     def chunks(self, max_tokens: int, start_doc: int = 0) -> Iterator[tuple[int, int]]:
         """Document ranges [lo, hi) of at most ``max_tokens`` tokens each (at least one document)."""
         d = start_doc

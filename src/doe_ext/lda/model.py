@@ -290,24 +290,28 @@ class LDA:
             write_json_atomic(progress_file, {"job": job, "done_docs": 0})
         engine = _engine()
         ignore = unlabeled == "ignore"
-        topics_mm = np.memmap(topics_tmp, dtype=np.int16, mode="r+", shape=(N,))
-        theta_mm = np.memmap(theta_tmp, dtype=np.float16, mode="r+", shape=(D, K))
-        with _progress(N, "lda label", progress, unit="tok") as bar:
+        # Reads and writes go through the files, not memory maps, so the process holds one chunk
+        # whatever the corpus size (mapped pages would count in its RSS).
+        with open(topics_tmp, "r+b") as topics_f, open(theta_tmp, "r+b") as theta_f, \
+                _progress(N, "lda label", progress, unit="tok") as bar:
             bar.update(int(corpus.offsets[start_doc]))
             for lo, hi in corpus.chunks(chunk_tokens, start_doc):
-                tokens, offsets = corpus.slice(lo, hi)
+                tokens, offsets = corpus.read_chunk(lo, hi)
                 theta = np.empty((hi - lo, K), dtype=np.float32)
+                topics = np.empty(len(tokens), dtype=np.int16)
                 _engine_call(corpus, engine.infer, tokens, offsets, self.phi, self.keep, self.alpha,
                              self.infer_iterations, self.infer_tolerance, self.threads, theta,
-                             topics_mm[offsets[0]:offsets[-1]], ignore)
-                theta_mm[lo:hi] = theta
-                topics_mm.flush()
-                theta_mm.flush()
+                             topics, ignore)
+                for f, pos, arr in ((topics_f, 2 * int(offsets[0]), topics),
+                                    (theta_f, 2 * K * lo, theta.astype(np.float16))):
+                    f.seek(pos)
+                    f.write(arr.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
                 write_json_atomic(progress_file, {"job": job, "done_docs": hi})
-                bar.update(int(offsets[-1] - offsets[0]))
+                bar.update(len(tokens))
                 if callback is not None:
                     callback(hi, D)
-        del topics_mm, theta_mm
         os.replace(topics_tmp, out / _corpus.TOPICS_FILE)
         os.replace(theta_tmp, out / _corpus.THETA_FILE)
         write_json_atomic(final_meta, job)
