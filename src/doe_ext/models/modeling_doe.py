@@ -110,6 +110,21 @@ class RouterOutput:
     recon: Tensor | None = None  # (B, T): the last router's error reconstructing the next token's embedding
 
 
+def compose_expert(h: Tensor, z: Tensor, knowledge_attention: KnowledgeAttention, signal_proj: nn.Module | None,
+                   signal: Tensor | None, router: nn.Module | None, prior: Tensor | None,
+                   recon_target: Tensor | None = None) -> tuple[Tensor, Tensor, RouterOutput | None]:
+    """The knowledge path of one layer up to the fusion (shared with the Hugging Face drop-in):
+    ``h [B, T, d]`` (H_mha) -> ``(h_enr, e, routed)`` with ``e = gates @ Z`` (zeros without a router)."""
+    h_enr = knowledge_attention(h, state=z)  # h + softmax(h W_q Z^T / sqrt d) Z
+    if router is None:
+        return h_enr, torch.zeros_like(h_enr), None
+    r = h_enr if signal_proj is None else h_enr + signal_proj(signal)
+    if prior is not None:
+        r = r + prior
+    routed = RouterOutput(*router(r, recon_target))
+    return h_enr, routed.gates @ z, routed  # (B, T, d): the composed expert
+
+
 class KnowledgeFFN(nn.Module):
     """The FFN block of a DoE layer: knowledge attention, routing, composed expert, fusion."""
 
@@ -143,15 +158,8 @@ class KnowledgeFFN(nn.Module):
 
     def forward(self, h: Tensor, z: Tensor, signal: Tensor | None, router: nn.Module | None,
                 prior: Tensor | None, recon_target: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
-        h_enr = self.knowledge_attention(h, state=z)  # h + softmax(h W_q Z^T / sqrt d) Z
-        routed = None
-        e = torch.zeros_like(h_enr)
-        if router is not None:
-            r = h_enr if self.signal_proj is None else h_enr + self.signal_proj(signal)
-            if prior is not None:
-                r = r + prior
-            routed = RouterOutput(*router(r, recon_target))
-            e = routed.gates @ z  # (B, T, d): the composed expert
+        h_enr, e, routed = compose_expert(h, z, self.knowledge_attention, self.signal_proj, signal, router, prior,
+                                          recon_target)
         out = self.mlp(h_enr + e if self.fusion == "add" else torch.cat([h_enr, e], dim=-1))
         if self.blocks == "ffn" and routed is not None:
             out = out + self.block_ffns(h_enr, routed.gates)
@@ -239,6 +247,35 @@ class DoEPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.topic_prior.weight)  # the prior starts as a no-op
 
 
+def make_routers(d: int, latent_dim: int, num_topics: int, num_layers: int, router: str = "vae_relu",
+                 decoder: bool = False) -> nn.ModuleDict:
+    """The routers of CONTRACT §4: ``first`` (layer 0, prior-conditioned), ONE ``middle`` module shared
+    by layers 1..L-2, ``last`` (optionally with the decoder that predicts the next token's embedding)."""
+    activation = "relu" if router == "vae_relu" else "softmax"
+    make = lambda decoder=False: VAEReLURouter(d, latent_dim, num_topics, activation=activation,  # noqa: E731
+                                               decoder=decoder)
+    routers = nn.ModuleDict({"first": make()})
+    if num_layers > 2:
+        routers["middle"] = make()
+    if num_layers > 1:
+        routers["last"] = make(decoder=decoder)
+    return routers
+
+
+def layer_router(routers: nn.ModuleDict, i: int, num_layers: int) -> nn.Module | None:
+    """The router of layer ``i`` in ``make_routers``' layout (None without routers)."""
+    if not routers:
+        return None
+    if i == 0:
+        return routers["first"]
+    return routers["last"] if i == num_layers - 1 else routers["middle"]
+
+
+def topic_prior_embedding(topic_prior: nn.Embedding, topic_ids: Tensor) -> Tensor:
+    """``E_prior[topic_ids]`` with topic -1 (unlabeled) contributing zeros."""
+    return topic_prior(topic_ids.clamp(min=0)) * (topic_ids >= 0)[..., None]
+
+
 class DoEModel(DoEPreTrainedModel):
     def __init__(self, config: DoEConfig):
         super().__init__(config)
@@ -258,24 +295,13 @@ class DoEModel(DoEPreTrainedModel):
         self.routers = nn.ModuleDict()
         self.topic_prior = None
         if config.has_router:
-            activation = "relu" if config.router == "vae_relu" else "softmax"
-            make = lambda decoder=False: VAEReLURouter(d, config.latent_dim, K, activation=activation,  # noqa: E731
-                                                       decoder=decoder)
-            self.routers["first"] = make()
-            if L > 2:
-                self.routers["middle"] = make()
-            if L > 1:
-                self.routers["last"] = make(decoder=config.router_decoder)
+            self.routers = make_routers(d, config.latent_dim, K, L, config.router, config.router_decoder)
             self.topic_prior = nn.Embedding(K, d)  # E_prior
         self.gradient_checkpointing = False
         self.post_init()
 
     def router_for(self, i: int) -> nn.Module | None:
-        if not self.routers:
-            return None
-        if i == 0:
-            return self.routers["first"]
-        return self.routers["last"] if i == self.config.num_hidden_layers - 1 else self.routers["middle"]
+        return layer_router(self.routers, i, self.config.num_hidden_layers)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -300,7 +326,7 @@ class DoEModel(DoEPreTrainedModel):
         pos = self.rotary_emb(x, position_ids=position_ids)
         prior = None
         if self.topic_prior is not None and topic_ids is not None:
-            prior = self.topic_prior(topic_ids.clamp(min=0)) * (topic_ids >= 0)[..., None]  # -1: no prior
+            prior = topic_prior_embedding(self.topic_prior, topic_ids)
         last = self.router_for(len(self.layers) - 1)
         recon_target = None
         if reconstruct and last is not None and last.decoder is not None:
@@ -330,6 +356,46 @@ def gate_stats(gates: Tensor) -> dict[str, Tensor]:
     use = active.float().sum(0)
     return {"sparsity": 1 - active.float().mean(), "zero_rows": (~active.any(-1)).float().mean(),
             "block_cv": use.std(correction=0) / use.mean().clamp(min=1e-12)}
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """L_ntp: cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` shifted by one (-100 ignored)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None, expert_labels: Tensor | None,
+               alpha: float, beta: float = 0.0, balances: list[Tensor] = (), balance_coef: float = 0.0):
+    """The composite DoE loss (CONTRACT §4) from L_ntp and the routers' outputs, first to last layer:
+    ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·(KL + recon)) (+ balance_coef·MoE balance)``.
+    Returns ``(loss, parts)`` with the detached parts for ``aux``."""
+    parts = {"ntp": ntp.detach()}
+    loss = ntp
+    if expert_labels is None:
+        expert_labels = topic_ids
+    supervised = routed[:-1] if len(routed) > 1 else routed  # every router but the last (CONTRACT §4)
+    if supervised and expert_labels is not None:
+        if expert_labels.is_floating_point():  # per-document distributions [B, K]
+            target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)
+            per_layer = [expert_loss(r.logits, target) for r in supervised]
+        else:  # per-token topic ids, shifted like labels
+            per_layer = [expert_loss(r.logits[:, :-1], expert_labels[:, 1:], ignore_index=-1) for r in supervised]
+        l_expert = torch.stack(per_layer).mean()
+        loss = composite_loss(ntp, l_expert, alpha)
+        parts["expert"] = l_expert.detach()
+    if routed:
+        kl = torch.stack([r.kl.mean() for r in routed]).mean()
+        parts["kl"] = kl.detach()
+        if routed[-1].recon is not None:  # the last router reconstructs the next token's embedding
+            rec = routed[-1].recon[:, :-1].mean()
+            parts["recon"] = rec.detach()
+            kl = kl + rec
+        if beta > 0:
+            loss = loss + beta * kl
+    if balances:
+        balance = torch.stack(balances).mean()
+        parts["moe_balance"] = balance.detach()
+        loss = loss + balance_coef * balance
+    return loss, parts
 
 
 class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
@@ -366,42 +432,16 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         next_topics = routed[-1].logits.argmax(-1) if routed else None
         loss = None
         if labels is not None:
-            ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            ntp = next_token_loss(logits, labels)
             loss, parts = self._auxiliary_losses(ntp, routed, extras, topic_ids, expert_labels)
             aux.update(parts)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=cache, aux=aux, next_topic_ids=next_topics)
 
     def _auxiliary_losses(self, ntp, routed, extras, topic_ids, expert_labels):
         cfg = self.config
-        parts = {"ntp": ntp.detach()}
-        loss = ntp
-        if expert_labels is None:
-            expert_labels = topic_ids
-        supervised = routed[:-1] if len(routed) > 1 else routed  # every router but the last (CONTRACT §4)
-        if supervised and expert_labels is not None:
-            if expert_labels.is_floating_point():  # per-document distributions [B, K]
-                target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)
-                per_layer = [expert_loss(r.logits, target) for r in supervised]
-            else:  # per-token topic ids, shifted like labels
-                per_layer = [expert_loss(r.logits[:, :-1], expert_labels[:, 1:], ignore_index=-1) for r in supervised]
-            l_expert = torch.stack(per_layer).mean()
-            loss = composite_loss(ntp, l_expert, cfg.alpha)
-            parts["expert"] = l_expert.detach()
-        if routed:
-            kl = torch.stack([r.kl.mean() for r in routed]).mean()
-            parts["kl"] = kl.detach()
-            if routed[-1].recon is not None:  # the last router reconstructs the next token's embedding
-                rec = routed[-1].recon[:, :-1].mean()
-                parts["recon"] = rec.detach()
-                kl = kl + rec
-            if cfg.beta > 0:
-                loss = loss + cfg.beta * kl
         balances = [e for e in extras if isinstance(e, Tensor)]
-        if balances:
-            balance = torch.stack(balances).mean()
-            parts["moe_balance"] = balance.detach()
-            loss = loss + cfg.router_aux_loss_coef * balance
-        return loss, parts
+        return doe_losses(ntp, routed, topic_ids, expert_labels, alpha=cfg.alpha, beta=cfg.beta,
+                          balances=balances, balance_coef=cfg.router_aux_loss_coef)
 
     # ---- generation: prompt topics from the caller, generated tokens take the predicted topic ----
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
