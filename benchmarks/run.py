@@ -35,13 +35,12 @@ def main() -> None:
             print(f"[bench] {name} on {device} ...", flush=True)
             rows.extend(mod.run(device))
     info = machine()
-    print("\n| bench | shape | dtype | device | ms (fused / eager / compile) | speedup vs eager | vs compile | peak MiB (fused / eager / compile) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| bench | shape | dtype | device | ms | ratios | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
     for r in rows:
-        ms, mem, sp = r.get("ms", {}), r.get("peak_mib", {}), r.get("speedup", {})
-        print(f"| {r['bench']} | {r['shape']} | {r['dtype']} | {r['device']} | "
-              + " / ".join(f"{v:.3f}" for v in ms.values()) + f" | {sp.get('eager', '')} | {sp.get('compile', '')} | "
-              + " / ".join(f"{v:.1f}" for v in mem.values()) + " |")
+        print(f"| {r['bench']} | {r['shape']} | {r['dtype']} | {r['device']} | {fmt(r.get('ms', {}))} | "
+              f"{fmt(r.get('speedup', {}))} | {fmt(r.get('peak_mib', {}))} |")
     out = ROOT / "benchmarks" / "results" / f"{info['host']}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(out.read_text())["rows"] if out.exists() else []
