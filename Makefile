@@ -36,6 +36,11 @@ test: setup
 	if [ -n "$$d" ] && [ -f "$$d/CTestTestfile.cmake" ]; then ctest --test-dir "$$d" --output-on-failure; \
 	else echo "note: no LDA ctest build dir (GoogleTest missing?)"; fi
 
+# The main job: two-stage DoE on GCIDE definitions (Stage-1 LDA, Stage-2 DoE vs dense), report in reports/demo.
+demo: setup
+	$(PY) -m doe_ext.demo --out reports/demo
+	@echo "open reports/demo/report.md"
+
 bench: setup
 	$(PIP) install -q -e ".[$(EXTRAS),bench]" --no-build-isolation
 	$(PY) benchmarks/run.py
