@@ -305,7 +305,7 @@ def worker_label_memory(args, work: Path, which: str) -> dict:
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    model.label_to(corpus, out, progress=False)
+    model.label_to(corpus, out, progress=False, chunk_tokens=1 << 20)
     s = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return {"shard": which, "tokens": corpus.num_tokens, "seconds": s,

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import draw_corpus
+from lda_testing import draw_corpus
 from doe_ext.cli import main
 from doe_ext.lda import LDA, TokenCorpus
 

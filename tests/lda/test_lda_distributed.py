@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import draw_corpus
+from lda_testing import draw_corpus
 from doe_ext.lda import LDA
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'doe_ext[lda]')")

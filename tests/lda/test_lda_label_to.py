@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import draw_corpus
+from lda_testing import draw_corpus
 from doe_ext.lda import LDA, TokenCorpus
 
 

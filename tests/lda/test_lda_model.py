@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import draw_corpus, match_topics
+from lda_testing import draw_corpus, match_topics
 from doe_ext.lda import LDA, CorpusError, TokenCorpus
 
 ITERS = 150
