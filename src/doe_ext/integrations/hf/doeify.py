@@ -1,0 +1,490 @@
+"""``doeify``: DoE's knowledge path (CONTRACT §4) on top of a pretrained Hugging Face causal LM.
+
+As PEFT does, the original modules are wrapped (kept as ``base_layer``) and swapped in with
+``setattr(parent, name, wrapper)``; no transformers class is edited. Per decoder layer:
+
+    h     = post_attention_norm(x)                 # the MLP's input, H_mha
+    s     = causal_mean(v)                         # a forward hook on v_proj (or k/q; GPT-2: c_attn split)
+    h_enr, e, gates = compose_expert(h, Z, ...)    # the DoE model's code: knowledge attention, router, G^T Z
+    x     = x + MLP(h_enr + e)                     # the wrapped MLP gets the fused input
+and the token embedding becomes DoE's dual-input embedding ``proj([E_tok[token]; E_know[topic]])``.
+
+Every added path starts as an exact no-op: ``Z = 0`` (knowledge attention adds ``softmax(.) @ 0``,
+the composed expert is ``gates @ 0``), the embedding's projection is ``[I | 0]``, the topic prior is 0.
+So at initialisation the wrapped model computes exactly the original logits, and fine-tuning starts
+from the pretrained function. The first backward reaches ``Z``, the projection, the routers (through
+the expert loss), the prior and ``W_s``; ``W_q`` and the topic table follow once ``Z`` and the
+projection have moved off zero (as LoRA's ``A`` follows ``B``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+
+from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
+from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
+from doe_ext.models.modeling_doe import (
+    DoECausalLMOutput,
+    causal_prefix_mean,
+    compose_expert,
+    doe_losses,
+    gate_stats,
+    layer_router,
+    make_routers,
+    next_token_loss,
+    topic_prior_embedding,
+)
+from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
+
+ROUTERS = ("vae_relu", "vae_softmax", "none")
+KNOWLEDGE_FILE = "doe_knowledge.safetensors"
+CONFIG_FILE = "doe_config.json"
+
+
+class _ForwardState:
+    """What the wrapped modules of one base forward share: set by DoEWrapper's hooks on the base
+    model before it runs, filled by the signal hooks and the wrapped MLPs while it runs."""
+
+    def __init__(self):
+        self.owner: DoEWrapper | None = None
+        self.input_ids: Tensor | None = None
+        self.topic_ids: Tensor | None = None  # (B, T), -1 = none
+        self.history: Tensor | None = None  # generate: topics of every token so far, (B, T_total)
+        self.pad_mask: Tensor | None = None  # (B, T)
+        self.cache = None
+        self.prior: Tensor | None = None  # (B, T, d): E_prior[topic_ids], for layer 0's router
+        self.embeds: Tensor | None = None  # (B, T, d): the dual embedding's output (reconstruction target)
+        self.reconstruct = False
+        self.signals: dict[int, Tensor] = {}  # layer -> (B, T, D) projection output
+        self.routed: dict[int, Any] = {}  # layer -> RouterOutput
+        self.expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (_get(root, parent) if parent else root), name
+
+
+def _out_features(module: nn.Module) -> int:
+    if hasattr(module, "out_features"):  # nn.Linear
+        return module.out_features
+    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2)
+        return module.nf
+    raise TypeError(f"doeify: cannot tell the output width of {type(module).__name__}")
+
+
+class DoEEmbedding(nn.Module):
+    """The base token embedding (``base_layer``) as DoE's dual-input embedding (§3.3):
+    ``proj([E_tok[token]; E_know[topic]])`` with ``proj = [I | 0]`` at first. ``E_tok`` IS the base
+    weight (shared, not copied), so a tied LM head stays tied. Topic ids apply only to the call that
+    embeds the model's ``input_ids`` (GPT-2 also embeds ``token_type_ids`` with this table)."""
+
+    def __init__(self, base_layer: nn.Embedding, num_topics: int, topic_dim: int, state: _ForwardState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.dual = DualInputEmbedding.from_pretrained(base_layer, num_topics, topic_dim)
+        self.dual.token_weight = base_layer.weight
+        self._state = state
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        st = self._state
+        ids = st.input_ids  # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
+        if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
+            return self.dual(input_ids)
+        topics = None if st.topic_ids is None else st.topic_ids.reshape(input_ids.shape)
+        st.embeds = self.dual(input_ids, topics)
+        return st.embeds
+
+
+class ConcatInput(nn.Module):
+    """An MLP input projection widened for ``fusion="concat"``: ``W [h; e] = W_h h + W_e e`` with the
+    original projection as ``W_h`` (``base_layer``) and a new ``W_e`` (``extra``). ``e`` is 0 at
+    initialisation (Z = 0), so the widened MLP starts as the original."""
+
+    def __init__(self, base_layer: nn.Module, d: int, state: _ForwardState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.extra = nn.Linear(d, _out_features(base_layer), bias=False)
+        self._state = state
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.base_layer(h)
+        e = self._state.expert
+        return out if e is None else out + self.extra(e)
+
+
+class DoEMLP(nn.Module):
+    """A decoder layer's MLP (``base_layer``) behind DoE's knowledge path: it receives H_mha, runs
+    knowledge attention and the layer's router (shared modules live on the DoEWrapper), and hands
+    the MLP ``h_enr + e`` (``fusion="add"``) or ``[h_enr; e]`` (``"concat"``, via ConcatInput)."""
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, d: int, num_topics: int, signal_dim: int,
+                 fusion: str, state: _ForwardState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx, self.fusion = layer_idx, fusion
+        self.knowledge_attention = KnowledgeAttention(d, num_topics, shared_state=True)  # W_q; Z is the wrapper's
+        self.signal_proj = nn.Linear(signal_dim, d, bias=False) if signal_dim else None  # W_s
+        self._state = state
+
+    def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
+        st, owner, i = self._state, self._state.owner, self.layer_idx
+        num_layers = len(owner.doe_layers)
+        router = layer_router(owner.routers, i, num_layers)
+        signal = st.signals.get(i)
+        if signal is not None and self.signal_proj is not None:
+            signal = causal_prefix_mean(signal, st.pad_mask, st.cache, i)
+        recon_target = None
+        if (i == num_layers - 1 and st.reconstruct and router is not None and router.decoder is not None
+                and st.embeds is not None):
+            recon_target = F.pad(st.embeds[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
+        h_enr, e, routed = compose_expert(h, owner.knowledge_state, self.knowledge_attention, self.signal_proj,
+                                          signal, router, st.prior if i == 0 else None, recon_target)
+        if routed is not None:
+            st.routed[i] = routed
+        if self.fusion == "add":
+            return self.base_layer(h_enr + e, *args, **kwargs)
+        st.expert = e
+        try:
+            return self.base_layer(h_enr, *args, **kwargs)
+        finally:
+            st.expert = None
+
+
+class DoEWrapper(nn.Module):
+    """A pretrained causal LM with DoE's knowledge path (build it with :func:`doeify`).
+
+    ``forward(input_ids, topic_ids=None, labels=None, expert_labels=None, attention_mask=None, ...)``
+    returns a :class:`doe_ext.models.modeling_doe.DoECausalLMOutput` as ``DoEForCausalLM`` does: the
+    composite loss ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·KL)``, ``aux`` (loss parts and per-layer
+    gate statistics) and ``next_topic_ids``. ``generate`` is the base model's, with topic tracking:
+    prompt topics from the caller, each generated token takes the last router's predicted topic.
+
+    Added parameters: ``knowledge_state`` (Z), ``routers`` (first / shared middle / last),
+    ``topic_prior``, and inside the base model the wrapped embedding and MLPs. They save and load on
+    their own (``save_knowledge`` / ``load_knowledge``) or with the base (``save_pretrained`` /
+    ``from_pretrained``, the base in its original layout).
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, num_topics: int = 128, topic_dim: int = 64,
+                 latent_dim: int = 128, router: str = "vae_relu", signal_source: str = "v", fusion: str = "add",
+                 alpha: float = 0.001, beta: float = 0.0, router_decoder: bool = False):
+        super().__init__()
+        _check_options(num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim, router=router,
+                       signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta)
+        self.doe_config = dict(num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim, router=router,
+                               signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta,
+                               router_decoder=router_decoder)
+        self.base_model = model
+        self.adapter = adapter
+        self._state = _ForwardState()
+        self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, name, original, wrapper)
+        self._hooks: list = []
+
+        embedding = _get(model, adapter.embedding)
+        layers = _get(model, adapter.layers)
+        w = embedding.weight
+        d, K, L = w.shape[1], num_topics, len(layers)
+        has_router = router != "none"
+        self.knowledge_state = nn.Parameter(torch.zeros(K, d, device=w.device, dtype=w.dtype))  # Z = 0: a no-op
+        self.routers = make_routers(d, latent_dim, K, L, router, router_decoder) if has_router else nn.ModuleDict()
+        self.topic_prior = nn.Embedding(K, d) if has_router else None  # E_prior
+        if self.topic_prior is not None:
+            nn.init.zeros_(self.topic_prior.weight)
+        self.routers.to(device=w.device, dtype=w.dtype)
+        if self.topic_prior is not None:
+            self.topic_prior.to(device=w.device, dtype=w.dtype)
+
+        st = self._state
+        # The wrapped modules live in the base model; the wrapper keeps unregistered references.
+        self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, st))
+        self.__dict__["doe_layers"] = []
+        for i, layer in enumerate(layers):
+            attn, mlp = _get(layer, adapter.attention), _get(layer, adapter.mlp)
+            signal_dim = self._hook_signal(attn, i, model.config) if has_router and signal_source != "none" else 0
+            if fusion == "concat":
+                for name in adapter.mlp_inputs:
+                    self._swap(mlp, name, ConcatInput(_get(mlp, name), d, st))
+            self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, st)))
+        for m in [self.doe_embedding, *self.doe_layers]:
+            m.to(device=w.device, dtype=w.dtype)  # the new submodules; base weights are untouched
+        self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
+        st.owner = self
+
+    # ---- wiring ----
+    def _swap(self, root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+        parent, name = _parent(root, path)
+        self._swaps.append((parent, name, getattr(parent, name), new))
+        setattr(parent, name, new)
+        return new
+
+    def _hook_signal(self, attn: nn.Module, i: int, config) -> int:
+        """Record layer ``i``'s q/k/v projection output for the router; returns its width."""
+        source = self.doe_config["signal_source"]
+        which = "qkv".index(source)
+        st = self._state
+        if self.adapter.qkv is not None:
+            proj = _get(attn, self.adapter.qkv[which])
+
+            def hook(module, args, out):
+                st.signals[i] = out
+            self._hooks.append(proj.register_forward_hook(hook))
+            return _out_features(proj)
+        nh = config.num_attention_heads
+        hd = getattr(config, "head_dim", None) or config.hidden_size // nh
+        nkv = getattr(config, "num_key_value_heads", None) or nh
+        sizes = [nh * hd, nkv * hd, nkv * hd]
+        proj = _get(attn, self.adapter.fused_qkv)
+        if _out_features(proj) != sum(sizes):
+            raise ValueError(f"doeify: {self.adapter.fused_qkv} of layer {i} has {_out_features(proj)} outputs, "
+                             f"expected q+k+v = {sizes}")
+
+        def fused_hook(module, args, out):
+            st.signals[i] = out.split(sizes, dim=-1)[which]
+        self._hooks.append(proj.register_forward_hook(fused_hook))
+        return sizes[which]
+
+    def _before_base_forward(self, module, args, kwargs):
+        st = self._state
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        st.input_ids, st.embeds = ids, None
+        st.signals.clear()
+        st.routed.clear()
+        st.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        T = ids.shape[1] if ids is not None else None
+        st.pad_mask = mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None
+        if st.history is not None and ids is not None:  # generate: the topics of this call's tokens
+            st.topic_ids = st.history[:, -T:]
+        st.prior = None
+        if self.topic_prior is not None and st.topic_ids is not None:
+            st.prior = topic_prior_embedding(self.topic_prior, st.topic_ids)
+
+    def _after_base_forward(self, module, args, kwargs, output):
+        st = self._state
+        if st.history is not None:  # a generated token takes the topic the last router predicts
+            last = st.routed.get(len(self.doe_layers) - 1)
+            nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(st.history[:, -1], -1)
+            st.history = torch.cat([st.history, nxt[:, None].to(st.history.dtype)], dim=1)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.knowledge_state.device
+
+    # ---- forward, loss, generate ----
+    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, labels: Tensor | None = None,
+                expert_labels: Tensor | None = None, attention_mask: Tensor | None = None, cache=None,
+                use_cache: bool | None = None, **kwargs) -> DoECausalLMOutput:
+        """``input_ids, topic_ids [B, T]`` (topic -1 = none); ``labels [B, T]`` as HF (shifted inside);
+        ``expert_labels``: per-token topic ids ``[B, T]`` or per-document distributions ``[B, K]``
+        (default: topic_ids). Other keyword arguments go to the base model."""
+        if topic_ids is not None and topic_ids.shape != input_ids.shape:
+            raise ValueError(f"DoEWrapper: topic_ids must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(topic_ids.shape)}")
+        if use_cache is None:
+            use_cache = bool(getattr(self.base_model.config, "use_cache", False))
+        if use_cache and cache is None:  # created here so the signal's running sums live on it
+            cache = DynamicCache(config=self.base_model.config)
+        st = self._state
+        st.topic_ids, st.reconstruct = topic_ids, labels is not None
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                                  use_cache=use_cache, **kwargs)
+            routed = [st.routed[i] for i in sorted(st.routed)]
+        finally:
+            st.topic_ids, st.reconstruct, st.prior, st.embeds = None, False, None, None
+            st.routed, st.signals = {}, {}
+        logits = out.logits
+        aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
+        loss = None
+        if labels is not None:
+            loss, parts = doe_losses(next_token_loss(logits, labels), routed, topic_ids, expert_labels,
+                                     alpha=self.doe_config["alpha"], beta=self.doe_config["beta"])
+            aux.update(parts)
+        return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
+                                 hidden_states=getattr(out, "hidden_states", None),
+                                 attentions=getattr(out, "attentions", None), aux=aux,
+                                 next_topic_ids=routed[-1].logits.argmax(-1) if routed else None)
+
+    @torch.no_grad()
+    def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
+        """The base model's ``generate`` (greedy, sampling; KV cache or not) with DoE's topics:
+        ``topic_ids [B, T]`` tag the prompt (None: unlabeled); a generated token takes the topic the
+        last layer's router predicted at the previous position."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("DoEWrapper.generate: pass the prompt as token ids (inputs or input_ids)")
+        if kwargs.get("num_beams", 1) > 1 or kwargs.get("assistant_model") is not None:
+            raise NotImplementedError("DoEWrapper.generate: beam search and assisted decoding reorder or rewind "
+                                      "sequences, which the topic tracking does not follow; use greedy or sampling")
+        if topic_ids is not None and topic_ids.shape != ids.shape:
+            raise ValueError(f"DoEWrapper.generate: topic_ids must have the prompt's shape {tuple(ids.shape)}, "
+                             f"got {tuple(topic_ids.shape)}")
+        st = self._state
+        st.history = torch.full_like(ids, -1) if topic_ids is None else topic_ids
+        try:
+            return self.base_model.generate(inputs, **kwargs)
+        finally:
+            st.history = st.topic_ids = st.prior = None
+
+    # ---- the added parameters ----
+    def _knowledge_modules(self) -> nn.ModuleDict:
+        """Every added module under a stable, family-independent name (a view, not registered)."""
+        layers = nn.ModuleList()
+        for mlp in self.doe_layers:
+            entry = nn.ModuleDict({"knowledge_attention": mlp.knowledge_attention})
+            if mlp.signal_proj is not None:
+                entry["signal_proj"] = mlp.signal_proj
+            concat = {name: _get(mlp.base_layer, name).extra for name in self.adapter.mlp_inputs
+                      if isinstance(_get(mlp.base_layer, name), ConcatInput)}
+            if concat:
+                entry["concat"] = nn.ModuleDict(concat)
+            layers.append(entry)
+        view = nn.ModuleDict({"routers": self.routers, "embedding": self.doe_embedding.dual, "layers": layers})
+        if self.topic_prior is not None:
+            view["topic_prior"] = self.topic_prior
+        return view
+
+    def knowledge_state_dict(self) -> dict[str, Tensor]:
+        """The added parameters only (the dual embedding's token table is the base's and is left out)."""
+        sd = {"knowledge_state": self.knowledge_state.detach()}
+        for k, v in self._knowledge_modules().state_dict().items():
+            if k != "embedding.token_weight":
+                sd[k] = v
+        return sd
+
+    def save_knowledge(self, path: str | os.PathLike) -> None:
+        """Write the added parameters (``doe_knowledge.safetensors``) and the doeify options
+        (``doe_config.json``) to the folder ``path``."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.knowledge_state_dict().items()}
+        save_file(tensors, os.path.join(path, KNOWLEDGE_FILE), metadata={"doe_config": json.dumps(self.doe_config)})
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump({**self.doe_config, "model_type": self.base_model.config.model_type}, f, indent=2)
+
+    def load_knowledge(self, path: str | os.PathLike) -> None:
+        """Load what :meth:`save_knowledge` wrote (a folder, or the safetensors file itself) into this
+        wrapper, which must have been built with the same options."""
+        file = os.path.join(path, KNOWLEDGE_FILE) if os.path.isdir(path) else str(path)
+        with safe_open(file, framework="pt") as f:
+            saved_config = json.loads((f.metadata() or {}).get("doe_config", "{}"))
+        diff = {k: (saved_config.get(k), v) for k, v in self.doe_config.items() if saved_config.get(k) != v}
+        if diff:
+            raise ValueError(f"DoEWrapper.load_knowledge: {file} was saved with other doeify options "
+                             f"(saved, here): {diff}")
+        tensors = load_file(file, device=str(self.device))
+        with torch.no_grad():
+            self.knowledge_state.copy_(tensors.pop("knowledge_state"))
+        missing, unexpected = self._knowledge_modules().load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if k != "embedding.token_weight"]
+        if missing or unexpected:
+            raise ValueError(f"DoEWrapper.load_knowledge: {file} does not match this wrapper: missing {missing}, "
+                             f"unexpected {unexpected}")
+
+    @contextlib.contextmanager
+    def original_modules(self):
+        """Temporarily put the original modules back (e.g. to save the base in its own layout)."""
+        for parent, name, original, _ in reversed(self._swaps):
+            setattr(parent, name, original)
+        try:
+            yield self.base_model
+        finally:
+            for parent, name, _, wrapper in self._swaps:
+                setattr(parent, name, wrapper)
+
+    def unload(self) -> nn.Module:
+        """Remove the knowledge path: hooks off, original modules back; returns the base model."""
+        for parent, name, original, _ in reversed(self._swaps):
+            setattr(parent, name, original)
+        for h in self._hooks:
+            h.remove()
+        self._swaps, self._hooks = [], []
+        return self.base_model
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """The base model (``save_pretrained``, original layout) and the added parameters, in one folder."""
+        with self.original_modules() as base:
+            base.save_pretrained(path, **kwargs)
+        self.save_knowledge(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **base_kwargs) -> "DoEWrapper":
+        """Load a folder written by :meth:`save_pretrained` (``base_kwargs`` go to
+        ``AutoModelForCausalLM.from_pretrained``)."""
+        from transformers import AutoModelForCausalLM
+
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            options = json.load(f)
+        options.pop("model_type", None)
+        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), **options)
+        wrapper.load_knowledge(path)
+        return wrapper
+
+
+def _check_options(num_topics, topic_dim, latent_dim, router, signal_source, fusion, alpha, beta) -> None:
+    for name, value in (("num_topics", num_topics), ("topic_dim", topic_dim), ("latent_dim", latent_dim)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"doeify: {name}={value!r}, expected an int >= 1")
+    for name, value, allowed in (("router", router, ROUTERS), ("signal_source", signal_source, SIGNAL_SOURCES),
+                                 ("fusion", fusion, FUSIONS)):
+        if value not in allowed:
+            raise ValueError(f"doeify: {name}={value!r}, expected one of {allowed}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"doeify: alpha={alpha}, expected 0 <= alpha <= 1")
+    if beta < 0:
+        raise ValueError(f"doeify: beta={beta}, expected >= 0")
+
+
+def doeify(model: nn.Module, num_topics: int = 128, topic_dim: int = 64, latent_dim: int = 128,
+           router: str = "vae_relu", signal_source: str = "v", fusion: str = "add", alpha: float = 0.001,
+           beta: float = 0.0, router_decoder: bool = False, adapter: FamilyAdapter | None = None) -> DoEWrapper:
+    """Add DoE's knowledge path (CONTRACT §4) to a pretrained causal LM, in place; returns the wrapper.
+
+    Args:
+        model: a transformers causal LM of a family in ``ADAPTERS`` (Llama, Qwen2, Mistral, GPT-2).
+        num_topics: K, the LDA topics = knowledge blocks = rows of Z.
+        topic_dim: width of the topic embedding of the dual-input embedding.
+        latent_dim: width of the VAE router's latent.
+        router: ``"vae_relu"`` (DoE), ``"vae_softmax"`` (Table 3 B) or ``"none"`` (knowledge attention only).
+        signal_source: which attention states feed the router as a causal prefix mean: v | k | q | none.
+        fusion: ``"add"``: MLP(h_enr + e); ``"concat"``: MLP([h_enr; e]) (its input projections widened).
+        alpha, beta: loss weights, as in DoEConfig.
+        router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
+        adapter: where the family keeps its parts; default ``ADAPTERS[model.config.model_type]``.
+    """
+    if adapter is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        adapter = ADAPTERS.get(model_type)
+        if adapter is None:
+            raise ValueError(f"doeify: no adapter for {type(model).__name__} (model_type={model_type!r}); supported "
+                             f"families: {', '.join(sorted(ADAPTERS))}. Add a FamilyAdapter to "
+                             "doe_ext.integrations.hf.ADAPTERS, or pass adapter=")
+    if isinstance(_get(model, adapter.embedding), DoEEmbedding):
+        raise ValueError(f"doeify: {type(model).__name__} is already doeified")
+    return DoEWrapper(model, adapter, num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim,
+                      router=router, signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta,
+                      router_decoder=router_decoder)
