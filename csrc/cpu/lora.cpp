@@ -154,16 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous();
   auto grad_x = at::mm(g2, weight);
   at::Tensor grad_w, grad_b, grad_a, grad_bt, grad_s;
-  const auto none = at::empty({0}, x.options());
-  if (need_weight_grad) {
-    grad_w = at::mm(g2.t(), x2);
-    grad_b = g2.sum(0);
-  } else {
-    grad_w = grad_b = none;
-  }
-  grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none;
-  grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none;
-  grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none;
+  // Gradients not asked for are distinct empty tensors (outputs must not alias).
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  grad_w = need_weight_grad ? at::mm(g2.t(), x2) : none();
+  grad_b = need_weight_grad ? g2.sum(0) : none();
+  grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none();
+  grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none();
+  grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
   if (sz.T > 0 && sz.r > 0 && !s.order.empty()) {
     const auto a = lora_a.contiguous();
     const auto bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]
@@ -195,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_a.zero_();
     grad_bt.zero_();
   }
-  const auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : none;
+  const auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt;
   return {grad_x, grad_w, grad_b, grad_a, grad_lb, grad_s};
 }
 

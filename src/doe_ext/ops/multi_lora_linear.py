@@ -66,18 +66,20 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, indices, scales):
 
 @torch.library.register_fake("doe_ext::multi_lora_linear_bwd")
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad, need_lora_grad):
-    none = x.new_empty((0,))
+    def none():
+        return x.new_empty((0,))
+
     cont = torch.contiguous_format
     grad_x = x.new_empty(x.shape)
     if need_weight_grad:
         grad_w, grad_b = torch.empty_like(weight, memory_format=cont), x.new_empty((weight.shape[0],))
     else:
-        grad_w = grad_b = none
+        grad_w, grad_b = none(), none()
     if need_lora_grad:
         grads = (torch.empty_like(lora_a, memory_format=cont), torch.empty_like(lora_b, memory_format=cont),
                  torch.empty_like(scales, memory_format=cont))
     else:
-        grads = (none, none, none)
+        grads = (none(), none(), none())
     return (grad_x, grad_w, grad_b, *grads)
 
 

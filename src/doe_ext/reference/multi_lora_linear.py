@@ -29,5 +29,6 @@ def multi_lora_linear_per_expert(x: Tensor, weight: Tensor, bias: Tensor | None,
         sel = indices == e  # (T, k)
         rows = sel.any(1).nonzero().squeeze(1)
         s = torch.where(sel, scales, 0).sum(1)[rows]  # an expert twice in a row: scales add up
-        y[rows] += (x[rows] @ lora_a[e].T @ lora_b[e].T) * s.unsqueeze(1)
+        # PEFT writes `result[rows] += ...`; index_add_ is the same sum with a cheaper backward
+        y.index_add_(0, rows, (x[rows] @ lora_a[e].T @ lora_b[e].T) * s.unsqueeze(1))
     return y
