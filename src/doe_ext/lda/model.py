@@ -459,7 +459,7 @@ class LDA:
         return cls.from_state(state)
 
 
-def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 4096) -> str:
+def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 256) -> str:
     """A cheap identity of a corpus (about ``samples`` offsets and the tokens they point at), so
     resuming or skipping finished labels never mixes up two corpora of the same size."""
     step = max(corpus.num_docs // samples, 1)
