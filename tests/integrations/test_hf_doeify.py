@@ -200,3 +200,22 @@ def test_unknown_architecture_names_the_class_and_the_families():
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"doeify: {field}="):
         doeify(make_base("llama"), **bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    ids, topics = batch()
+    grads = []
+    for checkpointing in (False, True):
+        base = make_base(family)
+        base_params = {id(p) for p in base.parameters()}
+        if checkpointing:
+            base.activation_checkpointing_enable()
+        wrapper = doeify(base, **OPTIONS).train()
+        perturb_knowledge(wrapper, base_params)
+        torch.manual_seed(5)  # the VAE noise
+        wrapper(ids, topic_ids=topics, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -51,12 +51,14 @@ CONFIG_FILE = "doe_config.json"
 
 
 class _ForwardState:
-    """What the wrapped modules of one base forward share: set by DoEWrapper's hooks on the base
-    model before it runs, filled by the signal hooks and the wrapped MLPs while it runs."""
+    """What the wrapped modules of one base forward share: set by DoEWrapper's hook on the base
+    model before it runs, filled by the signal hooks and the wrapped MLPs while it runs. It stays
+    until the next base forward, so a layer recomputed by gradient checkpointing sees the same."""
 
     def __init__(self):
         self.owner: DoEWrapper | None = None
         self.input_ids: Tensor | None = None
+        self.pending: dict[str, Any] = {}  # DoEWrapper.forward's topic_ids / reconstruct, for the next base call
         self.topic_ids: Tensor | None = None  # (B, T), -1 = none
         self.history: Tensor | None = None  # generate: topics of every token so far, (B, T_total)
         self.pad_mask: Tensor | None = None  # (B, T)
@@ -268,8 +270,9 @@ class DoEWrapper(nn.Module):
         st = self._state
         ids = kwargs.get("input_ids", args[0] if args else None)
         st.input_ids, st.embeds = ids, None
-        st.signals.clear()
-        st.routed.clear()
+        st.signals, st.routed = {}, {}
+        st.topic_ids = st.pending.pop("topic_ids", None)  # a direct call of the base model: no topics
+        st.reconstruct = st.pending.pop("reconstruct", False)
         st.cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         T = ids.shape[1] if ids is not None else None
@@ -310,14 +313,13 @@ class DoEWrapper(nn.Module):
         if use_cache and cache is None:  # created here so the signal's running sums live on it
             cache = DynamicCache(config=self.base_model.config)
         st = self._state
-        st.topic_ids, st.reconstruct = topic_ids, labels is not None
+        st.pending = {"topic_ids": topic_ids, "reconstruct": labels is not None}
         try:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                                   use_cache=use_cache, **kwargs)
-            routed = [st.routed[i] for i in sorted(st.routed)]
         finally:
-            st.topic_ids, st.reconstruct, st.prior, st.embeds = None, False, None, None
-            st.routed, st.signals = {}, {}
+            st.pending = {}
+        routed = [st.routed[i] for i in sorted(st.routed)]
         logits = out.logits
         aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
         loss = None
@@ -349,7 +351,7 @@ class DoEWrapper(nn.Module):
         try:
             return self.base_model.generate(inputs, **kwargs)
         finally:
-            st.history = st.topic_ids = st.prior = None
+            st.history = None
 
     # ---- the added parameters ----
     def _knowledge_modules(self) -> nn.ModuleDict:
