@@ -18,7 +18,8 @@ FAMILIES = {
     "llama": lambda: LlamaConfig(**LLAMA_LIKE),
     "qwen2": lambda: Qwen2Config(**LLAMA_LIKE),
     "mistral": lambda: MistralConfig(**LLAMA_LIKE),
-    "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64),
+    "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64, bos_token_id=1,
+                                eos_token_id=2),
 }
 OPTIONS = dict(num_topics=K, topic_dim=4, latent_dim=8)
 
@@ -139,6 +140,13 @@ def test_generate_with_cache_equals_without_and_tracks_topics(family):
     # the topics matter: generating from other prompt topics gives other logits
     with torch.no_grad():
         assert not torch.equal(wrapper(ids, topic_ids=topics).logits, wrapper(ids).logits)
+    # left padding: a padded row generates what it generates alone (the signal's prefix mean skips pads)
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2], topics[0, :2] = 0, 0, -1
+    padded = wrapper.generate(ids, topic_ids=topics, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              pad_token_id=0)
+    alone = wrapper.generate(ids[:1, 2:], topic_ids=topics[:1, 2:], max_new_tokens=new, do_sample=False)
+    torch.testing.assert_close(padded[0, 2:], alone[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -219,3 +227,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_parity_and_generate(dtype):
+    base = make_base("llama").to("cuda", dtype)
+    ref = copy.deepcopy(base)
+    wrapper = doeify(base, **OPTIONS).eval()
+    assert wrapper.knowledge_state.device.type == "cuda" and wrapper.knowledge_state.dtype == dtype
+    ids, topics = (t.cuda() for t in batch())
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, ref(input_ids=ids).logits)
+    cached = wrapper.generate(ids, topic_ids=topics, max_new_tokens=4, do_sample=False)
+    uncached = wrapper.generate(ids, topic_ids=topics, max_new_tokens=4, do_sample=False, use_cache=False)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
