@@ -125,7 +125,8 @@ class ConcatInput(nn.Module):
     def __init__(self, base_layer: nn.Module, d: int, state: _ForwardState):
         super().__init__()
         self.base_layer = base_layer
-        self.extra = nn.Linear(d, _out_features(base_layer), bias=False)
+        w = next(base_layer.parameters())
+        self.extra = nn.Linear(d, _out_features(base_layer), bias=False, device=w.device, dtype=w.dtype)
         self._state = state
 
     def forward(self, h: Tensor) -> Tensor:
@@ -144,8 +145,11 @@ class DoEMLP(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx, self.fusion = layer_idx, fusion
+        w = next(base_layer.parameters())
         self.knowledge_attention = KnowledgeAttention(d, num_topics, shared_state=True)  # W_q; Z is the wrapper's
-        self.signal_proj = nn.Linear(signal_dim, d, bias=False) if signal_dim else None  # W_s
+        self.knowledge_attention.to(device=w.device, dtype=w.dtype)
+        self.signal_proj = (nn.Linear(signal_dim, d, bias=False, device=w.device, dtype=w.dtype)  # W_s
+                            if signal_dim else None)
         self._state = state
 
     def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
@@ -227,8 +231,6 @@ class DoEWrapper(nn.Module):
                 for name in adapter.mlp_inputs:
                     self._swap(mlp, name, ConcatInput(_get(mlp, name), d, st))
             self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, st)))
-        for m in [self.doe_embedding, *self.doe_layers]:
-            m.to(device=w.device, dtype=w.dtype)  # the new submodules; base weights are untouched
         self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
         st.owner = self
