@@ -1,0 +1,145 @@
+// CUDA dual embedding (DoE §3.3, Algorithm 1), forward and a deterministic backward.
+//
+// Forward: the ids are checked on the device (the first bad position of each kind goes into a
+// flag tensor by an integer atomicMin, which is deterministic), the host reads the two flags and
+// raises naming token_ids or topic_ids; then one CTA per token copies its two rows.
+// Backward: a CUB radix sort (stable) of (id, position) pairs per table; then one CTA per table row
+// finds its run of equal ids by binary search and sums the run's grad_out rows in position order,
+// in float32, one thread per column: every row written once (zero when unused), no float atomics,
+// bitwise the same on every run. Out-of-range ids (only possible when the backward op is called
+// directly) are skipped, so the backward needs no host sync.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "doe_ext/dual_embedding.h"
+#include "doe_ext/sorted_runs.h"
+
+namespace doe_ext {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int64_t kMaxGrid = 65535 * 32;  // rows handled per launch by a grid-stride loop beyond this
+
+unsigned grid_for(int64_t rows) { return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid); }
+
+// first_bad[0] / [1]: the smallest position holding a bad token / topic id (INT64_MAX if none).
+__global__ void validate_kernel(const int64_t* tok, const int64_t* top, int64_t N, int64_t V, int64_t K,
+                                unsigned long long* first_bad) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    if (!de::token_id_ok(tok[i], V)) atomicMin(first_bad, static_cast<unsigned long long>(i));
+    if (!de::topic_id_ok(top[i], K)) atomicMin(first_bad + 1, static_cast<unsigned long long>(i));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gather_kernel(const int64_t* tok, const int64_t* top, const T* tw,
+                                                          const T* kw, T* out, int64_t N, int64_t d, int64_t dk) {
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    T* row = out + i * (d + dk);
+    de::copy_row<T>(row, tw + tok[i] * d, threadIdx.x, d, blockDim.x);
+    de::copy_row<T>(row + d, top[i] >= 0 ? kw + top[i] * dk : nullptr, threadIdx.x, dk, blockDim.x);
+  }
+}
+
+// grad_table[r, c] = sum over r's run of grad[pos, col0 + c] (token order), or 0; rows = table rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_runs_kernel(const T* grad, int64_t ld, int64_t col0,
+                                                               int64_t width, const int64_t* keys,
+                                                               const int64_t* pos, int64_t n, int64_t rows,
+                                                               int64_t skip, T* grad_table) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t lo = runs::lower_bound(keys, n, r);
+    const int64_t hi = r == skip ? lo : runs::lower_bound(keys, n, r + 1);
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x)
+      grad_table[r * width + c] = static_cast<T>(de::reduce_run_column<float>(grad, ld, col0 + c, pos + lo, hi - lo));
+  }
+}
+
+// Reads the two flags (one host sync) and raises at the first bad id, as the CPU does.
+void check_ids_on_device(const at::Tensor& tok, const at::Tensor& top, int64_t N, int64_t V, int64_t K) {
+  auto flags = at::full({2}, INT64_MAX, tok.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 4096));
+  validate_kernel<<<blocks, 256, 0, stream>>>(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), N, V, K,
+                                              reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto host = flags.cpu();
+  const int64_t bad_tok = host[0].item<int64_t>(), bad_top = host[1].item<int64_t>();
+  if (bad_tok == INT64_MAX && bad_top == INT64_MAX) return;
+  if (bad_tok <= bad_top) fail_dual_embedding_id(false, bad_tok, tok[bad_tok].item<int64_t>(), V);
+  fail_dual_embedding_id(true, bad_top, top[bad_top].item<int64_t>(), K);
+}
+
+at::Tensor dual_embedding_fwd_cuda(const at::Tensor& token_ids, const at::Tensor& topic_ids,
+                                   const at::Tensor& token_weight, const at::Tensor& topic_weight,
+                                   int64_t padding_idx) {
+  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
+  check_padding_idx(padding_idx, sz.V);
+  const c10::cuda::CUDAGuard guard(token_weight.device());
+  auto shape = token_ids.sizes().vec();
+  shape.push_back(sz.d + sz.dk);
+  auto out = at::empty(shape, token_weight.options());
+  if (sz.N == 0) return out;
+  const auto tok = token_ids.reshape({-1}).contiguous(), top = topic_ids.reshape({-1}).contiguous();
+  check_ids_on_device(tok, top, sz.N, sz.V, sz.K);
+  const auto tw = token_weight.contiguous(), kw = topic_weight.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tw.scalar_type(), "dual_embedding_fwd_cuda", [&] {
+    gather_kernel<scalar_t><<<grid_for(sz.N), kThreads, 0, stream>>>(
+        tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), tw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), sz.N, sz.d, sz.dk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& token_ids,
+                                                          const at::Tensor& topic_ids, const at::Tensor& token_weight,
+                                                          const at::Tensor& topic_weight, int64_t padding_idx) {
+  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
+  check_padding_idx(padding_idx, sz.V);
+  auto expected = token_ids.sizes().vec();
+  expected.push_back(sz.d + sz.dk);
+  TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
+              c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+  check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
+  const c10::cuda::CUDAGuard guard(token_weight.device());
+  auto grad_tok = at::empty({sz.V, sz.d}, token_weight.options());
+  auto grad_top = at::empty({sz.K, sz.dk}, token_weight.options());
+  const auto g = grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous();
+  at::Tensor tok_keys, tok_pos, top_keys, top_pos;
+  std::tie(tok_keys, tok_pos) = runs::sort_positions_by_key(token_ids);
+  std::tie(top_keys, top_pos) = runs::sort_positions_by_key(topic_ids);  // -1 sorts first, in no run
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dual_embedding_bwd_cuda", [&] {
+    if (sz.V > 0 && sz.d > 0) {
+      reduce_runs_kernel<scalar_t><<<grid_for(sz.V), kThreads, 0, stream>>>(
+          g.data_ptr<scalar_t>(), sz.d + sz.dk, 0, sz.d, tok_keys.data_ptr<int64_t>(), tok_pos.data_ptr<int64_t>(),
+          sz.N, sz.V, padding_idx, grad_tok.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (sz.K > 0 && sz.dk > 0) {
+      reduce_runs_kernel<scalar_t><<<grid_for(sz.K), kThreads, 0, stream>>>(
+          g.data_ptr<scalar_t>(), sz.d + sz.dk, sz.d, sz.dk, top_keys.data_ptr<int64_t>(),
+          top_pos.data_ptr<int64_t>(), sz.N, sz.K, -1, grad_top.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_tok, grad_top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("dual_embedding_fwd", &dual_embedding_fwd_cuda);
+  m.impl("dual_embedding_bwd", &dual_embedding_bwd_cuda);
+}
+
+}  // namespace doe_ext

@@ -1,0 +1,59 @@
+// Deterministic reductions by key (dual_embedding's table gradients, multi_lora_linear's expert
+// gradients): sort (key, position) pairs stably, then each output row finds its run of equal keys
+// by binary search and sums the run in position order. No atomics, no host sync.
+#pragma once
+
+#include <stdint.h>
+
+#include "doe_ext/math.h"
+
+#ifdef __CUDACC__
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cub/cub.cuh>  // inside namespace doe_ext_cub (CUB_WRAPPED_NAMESPACE, set by CMake)
+#endif
+
+namespace doe_ext {
+namespace runs {
+
+// First i in [0, n) with a[i] >= v (n if none), for a sorted ascending.
+DOE_HD int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (a[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+#ifdef __CUDACC__
+// keys (int64, any values, -1 included) sorted ascending with their positions 0..n-1 carried
+// along; CUB's radix sort is stable, so equal keys keep position order. Returns (keys, positions).
+inline std::pair<at::Tensor, at::Tensor> sort_positions_by_key(const at::Tensor& keys) {
+  const int64_t n = keys.numel();
+  const auto keys_in = keys.reshape({-1}).contiguous();
+  const auto pos_in = at::arange(n, keys_in.options());
+  auto keys_out = at::empty_like(keys_in), pos_out = at::empty_like(pos_in);
+  if (n == 0) return {keys_out, pos_out};
+  TORCH_CHECK(n <= INT32_MAX, "sort_positions_by_key: more than 2^31 - 1 ids (", n, ") in one call");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(CUB_NS_QUALIFIER::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys_in.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(), pos_in.data_ptr<int64_t>(),
+      pos_out.data_ptr<int64_t>(), static_cast<int>(n), 0, 64, stream));
+  auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys_in.options().dtype(at::kByte));
+  C10_CUDA_CHECK(CUB_NS_QUALIFIER::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), temp_bytes, keys_in.data_ptr<int64_t>(), keys_out.data_ptr<int64_t>(),
+      pos_in.data_ptr<int64_t>(), pos_out.data_ptr<int64_t>(), static_cast<int>(n), 0, 64, stream));
+  return {keys_out, pos_out};
+}
+#endif
+
+}  // namespace runs
+}  // namespace doe_ext
