@@ -401,13 +401,17 @@ class DoEWrapper(nn.Module):
             raise ValueError(f"DoEWrapper.load_knowledge: {file} was saved with other doeify options "
                              f"(saved, here): {diff}")
         tensors = load_file(file, device=str(self.device))
-        with torch.no_grad():
-            self.knowledge_state.copy_(tensors.pop("knowledge_state"))
+        z = tensors.pop("knowledge_state", None)
+        if z is not None and z.shape != self.knowledge_state.shape:
+            raise ValueError(f"DoEWrapper.load_knowledge: knowledge_state in {file} is {tuple(z.shape)}, this "
+                             f"wrapper's is {tuple(self.knowledge_state.shape)} (another base model?)")
         missing, unexpected = self._knowledge_modules().load_state_dict(tensors, strict=False)
-        missing = [k for k in missing if k != "embedding.token_weight"]
+        missing = [k for k in missing if k != "embedding.token_weight"] + (["knowledge_state"] if z is None else [])
         if missing or unexpected:
             raise ValueError(f"DoEWrapper.load_knowledge: {file} does not match this wrapper: missing {missing}, "
                              f"unexpected {unexpected}")
+        with torch.no_grad():
+            self.knowledge_state.copy_(z)
 
     @contextlib.contextmanager
     def original_modules(self):
