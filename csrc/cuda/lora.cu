@@ -1,0 +1,222 @@
+// CUDA LoRA experts: lora_merge (ATen, see lora.h) and the mixed-batch multi_lora_linear.
+//
+// multi_lora_linear: the base GEMMs through ATen (cuBLAS); the low-rank part in three kernels,
+// each with one writer per output element (no float atomics, no host sync):
+//   slot_dot  (one warp per (token, slot)):       u[p, q]   = <M_e[q, :], src[t, :]>
+//   add_lowrank (one CTA per token, thread/col):  dst[t, c] += sum_j sum_q coef[p, q] M_e[q, c]
+//   outer     (one CTA per (expert, col block)):  G_e[q, c] = sum_{p of e} u[p, q] src[t, c]
+// The outer pass finds each expert's slots in a stable CUB radix sort of the expert ids, so its
+// sums run in token order. Accumulation in float32; u, coef in float32.
+// An index out of range cannot be raised without a host sync: such a slot contributes nothing and
+// its token's output row is set to NaN (documented in multi_lora_linear's docstring).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "doe_ext/lora.h"
+#include "doe_ext/sorted_runs.h"
+
+namespace doe_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int64_t kColBlock = 256;
+constexpr int64_t kMaxGrid = 65535 * 32;
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(n < kMaxGrid ? n : kMaxGrid); }
+
+// u[p, q] = <m[e, q, :], src[p / k, :]> for every slot p (0 for empty or bad slots); m: [N, r, width].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) slot_dot_kernel(const int64_t* ind, const T* m, const T* src,
+                                                            int64_t P, int64_t k, int64_t r, int64_t width,
+                                                            int64_t N, float* u) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / kWarp);
+  for (int64_t p = blockIdx.x * int64_t(kThreads / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
+    const int64_t e = ind[p];
+    const bool used = e >= 0 && e < N;
+    for (int64_t q = 0; q < r; ++q) {
+      float acc = used ? lora::dot<float>(m + (e * r + q) * width, src + (p / k) * width, lane, width, kWarp) : 0.f;
+      for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) u[p * r + q] = acc;
+    }
+  }
+}
+
+// dst[t, c] += sum_j sum_q coef[t*k + j, q] m[e_j, q, c] for token t's used slots (slot order);
+// a bad index in t's row turns the row into NaN. m: [N, r, width]; dst: [T, width].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_lowrank_kernel(const int64_t* ind, const float* coef, const T* m,
+                                                               int64_t T_, int64_t k, int64_t r, int64_t width,
+                                                               int64_t N, T* dst) {
+  for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
+    bool bad = false;
+    for (int64_t j = 0; j < k; ++j) bad |= !lora::index_ok(ind[t * k + j], N);
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
+      float acc = static_cast<float>(dst[t * width + c]);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = ind[t * k + j];
+        if (e < 0 || e >= N) continue;
+        acc += lora::lowrank_column<float>(coef + (t * k + j) * r, m + e * r * width, r, width, c);
+      }
+      dst[t * width + c] = static_cast<T>(bad ? NAN : acc);
+    }
+  }
+}
+
+// g[e, q, c] = sum over e's slots (sorted keys/pos, token order) of u[p, q] src[p / k, c].
+// grid: (column blocks, experts); zero for unused experts.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) outer_kernel(const int64_t* keys, const int64_t* pos, int64_t P,
+                                                         const float* u, const T* src, int64_t k, int64_t r,
+                                                         int64_t width, T* g) {
+  const int64_t e = blockIdx.y;
+  const int64_t lo = runs::lower_bound(keys, P, e), hi = runs::lower_bound(keys, P, e + 1);
+  const int64_t c = blockIdx.x * kColBlock + threadIdx.x;
+  if (threadIdx.x >= kColBlock || c >= width) return;
+  for (int64_t q = 0; q < r; ++q) {
+    float acc = 0.f;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t p = pos[i];
+      acc += u[p * r + q] * static_cast<float>(src[(p / k) * width + c]);
+    }
+    g[(e * r + q) * width + c] = static_cast<T>(acc);
+  }
+}
+
+template <typename T>
+void launch_slot_dot(const at::Tensor& ind, const at::Tensor& m, const at::Tensor& src, int64_t k, int64_t r,
+                     at::Tensor& u) {
+  const int64_t P = ind.numel();
+  if (P == 0 || r == 0) return;
+  const int64_t per_block = kThreads / kWarp;
+  slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      ind.data_ptr<int64_t>(), m.data_ptr<T>(), src.data_ptr<T>(), P, k, r, m.size(2), m.size(0),
+      u.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_add_lowrank(const at::Tensor& ind, const at::Tensor& coef, const at::Tensor& m, int64_t k, int64_t r,
+                        at::Tensor& dst) {
+  const int64_t T_ = dst.size(0);
+  if (T_ == 0) return;
+  add_lowrank_kernel<T><<<grid_for(T_), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      ind.data_ptr<int64_t>(), coef.data_ptr<float>(), m.data_ptr<T>(), T_, k, r, m.size(2), m.size(0),
+      dst.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_outer(const at::Tensor& keys, const at::Tensor& pos, const at::Tensor& u, const at::Tensor& src,
+                  int64_t k, int64_t r, at::Tensor& g) {
+  const int64_t N = g.size(0), width = g.size(2);
+  if (N == 0 || r == 0 || width == 0) return;
+  TORCH_CHECK(N <= 65535, "multi_lora_linear: at most 65535 experts in a bank on CUDA, got ", N);
+  const dim3 grid(static_cast<unsigned>((width + kColBlock - 1) / kColBlock), static_cast<unsigned>(N));
+  outer_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      keys.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), keys.numel(), u.data_ptr<float>(), src.data_ptr<T>(), k, r,
+      width, g.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                              const at::Tensor& indices, const at::Tensor& scales) {
+  const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));
+  if (sz.T == 0) return {at::empty({0, sz.out}, x.options()), xa};
+  const auto x2 = x.contiguous(), ind = indices.contiguous();
+  auto out = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  if (sz.k == 0) return {out, xa};
+  const auto a = lora_a.contiguous(), bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_linear_fwd_cuda", [&] {
+    launch_slot_dot<scalar_t>(ind, a, x2, sz.k, sz.r, xa);
+    const auto coef = (xa * scales.to(at::kFloat).unsqueeze(-1)).contiguous();
+    launch_add_lowrank<scalar_t>(ind, coef, bt, sz.k, sz.r, out);
+  });
+  return {out, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
+    bool need_weight_grad, bool need_lora_grad) {
+  const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
+              sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
+  TORCH_CHECK(xa.sizes() == at::IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
+              sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto g2 = grad_out.contiguous(), x2 = x.contiguous(), ind = indices.contiguous();
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  auto grad_x = at::mm(g2, weight);
+  auto grad_w = need_weight_grad ? at::mm(g2.t(), x2) : none();
+  auto grad_b = need_weight_grad ? g2.sum(0) : none();
+  auto grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none();
+  auto grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none();
+  auto grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
+  if (sz.T == 0 || sz.k == 0) {
+    if (need_lora_grad) {
+      grad_a.zero_();
+      grad_bt.zero_();
+    }
+    return {grad_x, grad_w, grad_b, grad_a, need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt, grad_s};
+  }
+  const auto a = lora_a.contiguous(), bt = lora_b.transpose(1, 2).contiguous();
+  const auto s3 = scales.to(at::kFloat).unsqueeze(-1);
+  const auto xaf = xa.to(at::kFloat);
+  auto bg = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));  // B^T g per slot
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_linear_bwd_cuda", [&] {
+    launch_slot_dot<scalar_t>(ind, bt, g2, sz.k, sz.r, bg);
+    const auto v = (bg * s3).contiguous();  // the gradient of xa
+    launch_add_lowrank<scalar_t>(ind, v, a, sz.k, sz.r, grad_x);
+    if (need_lora_grad) {
+      grad_s.copy_((bg * xaf).sum(-1));  // 0 at empty slots: bg is 0 there
+      at::Tensor keys, pos;
+      std::tie(keys, pos) = runs::sort_positions_by_key(ind);  // -1 sorts first, in no expert's run
+      launch_outer<scalar_t>(keys, pos, v, x2, sz.k, sz.r, grad_a);
+      const auto sxa = (xaf * s3).contiguous();
+      launch_outer<scalar_t>(keys, pos, sxa, g2, sz.k, sz.r, grad_bt);
+    }
+  });
+  return {grad_x, grad_w, grad_b, grad_a, need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt, grad_s};
+}
+
+at::Tensor lora_merge_cuda(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                           const at::Tensor& scales) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return lora_merge_impl(weight, lora_a, lora_b, scales);
+}
+
+void lora_merge_inplace_cuda(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             const at::Tensor& scales) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  lora_merge_inplace_impl(weight, lora_a, lora_b, scales);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& lora_a,
+                                                                   const at::Tensor& lora_b, const at::Tensor& scales) {
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  return lora_merge_bwd_impl(grad_out, lora_a, lora_b, scales);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("lora_merge", &lora_merge_cuda);
+  m.impl("lora_merge_", &lora_merge_inplace_cuda);
+  m.impl("lora_merge_bwd", &lora_merge_bwd_cuda);
+  m.impl("multi_lora_linear_fwd", &multi_lora_linear_fwd_cuda);
+  m.impl("multi_lora_linear_bwd", &multi_lora_linear_bwd_cuda);
+}
+
+}  // namespace doe_ext
