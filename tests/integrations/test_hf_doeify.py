@@ -75,7 +75,6 @@ def test_logits_equal_the_original_at_init(family):
 def test_variants_start_as_the_original_and_train(family, options):
     base = make_base(family)
     ref = copy.deepcopy(base)
-    base_params = {id(p) for p in base.parameters()}
     wrapper = doeify(base, **OPTIONS, **options).eval()
     ids, topics = batch()
     with torch.no_grad():
