@@ -120,12 +120,31 @@ DOE_HD float normal(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uin
 struct Rng {
   uint32_t k0, k1, stream;
 };
-inline Rng unpack_rng(int64_t key, int64_t stream) {
+DOE_HD Rng unpack_rng(int64_t key, int64_t stream) {
   return {uint32_t(uint64_t(key)), uint32_t(uint64_t(key) >> 32), uint32_t(uint64_t(stream))};
 }
 
 // Where eps comes from: none (eval, z = mu), the caller's noise, or drawn from the Philox stream.
 enum class Eps { kNone = 0, kGiven = 1, kDrawn = 2 };
+
+// One latent element: z = mu + exp(lv / 2) * eps (or mu), and the element's term of 2 * KL.
+template <typename acc_t>
+DOE_HD acc_t reparam_one(acc_t mu, acc_t lv, acc_t eps, bool stochastic, acc_t& z) {
+  const acc_t s = exp_(acc_t(0.5) * lv);
+  z = stochastic ? mu + s * eps : mu;
+  return s * s + mu * mu - acc_t(1) - lv;
+}
+
+// Its backward: g = dL/dz, gkl = dL/dkl of the row. sigma * eps is z - mu (z rebuilt by the
+// forward's code), so eps is never needed here.
+template <typename acc_t>
+DOE_HD void reparam_grad_one(acc_t mu, acc_t lv, acc_t z, acc_t g, acc_t gkl, bool stochastic, acc_t& dmu,
+                             acc_t& dlv) {
+  const acc_t s = exp_(acc_t(0.5) * lv);
+  const acc_t s_eps = stochastic ? z - mu : acc_t(0);
+  dmu = g + gkl * mu;
+  dlv = acc_t(0.5) * (g * s_eps + gkl * (s * s - acc_t(1)));
+}
 
 // Reparameterisation and KL of one row. mulv = [mu (dz) | logvar (dz)]; writes z; returns the row's
 // KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar).
@@ -134,30 +153,25 @@ DOE_HD acc_t reparam_row(const T* mulv, const T* noise, T* z, int64_t dz, Rng rn
   acc_t kl = 0;
   DOE_SIMD_REDUCE(+, kl)
   for (int64_t j = 0; j < dz; ++j) {
-    const acc_t mu = acc_t(mulv[j]), lv = acc_t(mulv[dz + j]);
-    const acc_t s = exp_(acc_t(0.5) * lv);
-    acc_t eps = 0;
+    acc_t eps = 0, zj;
     if (kEps == Eps::kGiven) eps = acc_t(noise[j]);
     if (kEps == Eps::kDrawn) eps = acc_t(normal(rng.k0, rng.k1, rng.stream, row, uint32_t(j)));
-    z[j] = T(kEps == Eps::kNone ? mu : mu + s * eps);
-    kl += s * s + mu * mu - acc_t(1) - lv;
+    kl += reparam_one(acc_t(mulv[j]), acc_t(mulv[dz + j]), eps, kEps != Eps::kNone, zj);
+    z[j] = T(zj);
   }
   return acc_t(0.5) * kl;
 }
 
 // Backward of reparam_row + KL: dz = dL/dz on entry; writes dmulv = [dL/dmu | dL/dlogvar].
-// sigma * eps is z - mu (z rebuilt by reparam_row), so eps is never needed here.
 template <typename T, typename acc_t = T>
 DOE_HD void reparam_backward_row(const T* mulv, const T* z, const T* dz_, acc_t gkl, T* dmulv, int64_t dz,
                                  bool stochastic) {
   DOE_SIMD
   for (int64_t j = 0; j < dz; ++j) {
-    const acc_t mu = acc_t(mulv[j]), lv = acc_t(mulv[dz + j]);
-    const acc_t s = exp_(acc_t(0.5) * lv);
-    const acc_t g = acc_t(dz_[j]);
-    const acc_t s_eps = stochastic ? acc_t(z[j]) - mu : acc_t(0);
-    dmulv[j] = T(g + gkl * mu);
-    dmulv[dz + j] = T(acc_t(0.5) * (g * s_eps + gkl * (s * s - acc_t(1))));
+    acc_t dmu, dlv;
+    reparam_grad_one(acc_t(mulv[j]), acc_t(mulv[dz + j]), acc_t(z[j]), acc_t(dz_[j]), gkl, stochastic, dmu, dlv);
+    dmulv[j] = T(dmu);
+    dmulv[dz + j] = T(dlv);
   }
 }
 

@@ -1,0 +1,181 @@
+// CUDA expert-label loss (DoE eq. 4, App. A.5), forward and backward.
+//
+// One warp per row: the row's loss and (when a backward will follow) its gradient come out of one
+// pass, in float32 for every input dtype, with the same formulas as the CPU (expert_loss.h). Row
+// losses are summed by ATen (deterministic); the kept-row count and the first bad row are integer
+// atomics. The only host sync is the bad-label check that the contract asks for.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "doe_ext/expert_loss.h"
+
+namespace doe_ext {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// x: [N, K] logits; labels [N] (hard) or t [N, K] (soft). Writes row_loss [N] (float32), grad [N, K]
+// when given, adds the kept rows to *count and lowers *bad_row to the first invalid row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_kernel(const T* x, const int64_t* labels, const T* t, int64_t N,
+                                                        int K, int64_t ignore_index, float eps, T* grad,
+                                                        float* row_loss, unsigned long long* count,
+                                                        unsigned long long* bad_row) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const T* xr = x + row * K;
+  T* g = grad ? grad + row * K : nullptr;
+  const float on = 1.f - eps, off = eps / float(K);
+  if (labels) {
+    const int64_t y = labels[row];
+    if (y == ignore_index || y < 0 || y >= K) {
+      if (g)
+        for (int k = lane; k < K; k += 32) g[k] = static_cast<T>(0.f);
+      if (lane == 0) {
+        row_loss[row] = 0.f;
+        if (y != ignore_index) atomicMin(bad_row, static_cast<unsigned long long>(row));
+      }
+      return;
+    }
+    float m = -INFINITY;
+    for (int k = lane; k < K; k += 32) m = fmaxf(m, static_cast<float>(xr[k]));
+    m = warp_max(m);
+    float sum = 0.f, sx = 0.f;
+    for (int k = lane; k < K; k += 32) {
+      const float v = static_cast<float>(xr[k]);
+      sum += exp_(v - m);
+      sx += v;
+    }
+    sum = warp_sum(sum);
+    sx = warp_sum(sx);
+    const float lse = m + logf(sum);
+    if (g)
+      for (int k = lane; k < K; k += 32)
+        g[k] = static_cast<T>(exp_(static_cast<float>(xr[k]) - lse) - off - (k == y ? on : 0.f));
+    if (lane == 0) {
+      row_loss[row] = lse - on * static_cast<float>(xr[y]) - off * sx;
+      atomicAdd(count, 1ull);
+    }
+    return;
+  }
+  const T* tr = t + row * K;
+  float m = -INFINITY, lo = INFINITY;
+  for (int k = lane; k < K; k += 32) {
+    m = fmaxf(m, static_cast<float>(xr[k]));
+    lo = fminf(lo, static_cast<float>(tr[k]));
+  }
+  m = warp_max(m);
+  lo = warp_min(lo);
+  float sum = 0.f, st = 0.f, stx = 0.f, ent = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float v = static_cast<float>(xr[k]), tk = on * static_cast<float>(tr[k]) + off;
+    sum += exp_(v - m);
+    st += tk;
+    stx += tk * v;
+    ent += tk > 0.f ? tk * el::log_fast(tk) : 0.f;
+  }
+  sum = warp_sum(sum);
+  st = warp_sum(st);
+  stx = warp_sum(stx);
+  ent = warp_sum(ent);
+  const float lse = m + logf(sum);
+  if (g)
+    for (int k = lane; k < K; k += 32)
+      g[k] = static_cast<T>(exp_(static_cast<float>(xr[k]) - lse) * st - (on * static_cast<float>(tr[k]) + off));
+  if (lane == 0) {
+    row_loss[row] = ent - stx + lse * st;
+    atomicAdd(count, 1ull);
+    if (!(lo >= 0.f)) atomicMin(bad_row, static_cast<unsigned long long>(row));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                     int64_t ignore_index, c10::string_view reduction,
+                                                                     double label_smoothing, bool keep_grad) {
+  const std::string red(reduction);
+  const auto sz = check_expert_loss(logits, target, red, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  auto grad = keep_grad ? at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))
+                        : at::empty({0}, logits.options());
+  auto row_loss = at::zeros({sz.N}, logits.options().dtype(at::kFloat));
+  auto stats = at::zeros({2}, logits.options().dtype(at::kLong));  // kept rows, first bad row
+  stats[1].fill_(std::numeric_limits<int64_t>::max());
+  if (sz.N > 0) {
+    TORCH_CHECK(sz.K <= std::numeric_limits<int>::max(), "expert_loss: K = ", sz.K, " classes is too many");
+    const auto x2 = logits.reshape({sz.N, sz.K}).contiguous();
+    const auto t2 = sz.hard ? target.reshape({sz.N}).contiguous() : target.reshape({sz.N, sz.K}).contiguous();
+    auto* st = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "expert_loss_fwd_cuda", [&] {
+      rows_kernel<scalar_t><<<static_cast<unsigned>((sz.N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+          x2.data_ptr<scalar_t>(), sz.hard ? t2.data_ptr<int64_t>() : nullptr,
+          sz.hard ? nullptr : t2.data_ptr<scalar_t>(), sz.N, static_cast<int>(sz.K), ignore_index,
+          static_cast<float>(label_smoothing), keep_grad ? grad.data_ptr<scalar_t>() : nullptr,
+          row_loss.data_ptr<float>(), st, st + 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    // The contract's bad-label error needs the flag on the host: the op's one sync.
+    const int64_t bad = stats[1].item<int64_t>();
+    if (bad != std::numeric_limits<int64_t>::max()) {
+      if (sz.hard) {
+        TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
+                    ignore_index, "), got ", target.reshape({sz.N})[bad].item<int64_t>(), " at flat row ", bad);
+      }
+      TORCH_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
+                  "value in flat row ", bad);
+    }
+  }
+  // 1 / max(kept, 1) for mean, on the device: no sync for the reduction.
+  auto weight = red == "mean" ? stats[0].clamp_min(1).to(at::kFloat).reciprocal() : at::ones({}, row_loss.options());
+  at::Tensor loss;
+  if (red == "none") {
+    loss = row_loss.view(lead).to(logits.scalar_type());
+  } else {
+    auto total = row_loss.sum();
+    if (red == "mean") total = total * weight;
+    loss = total.to(logits.scalar_type());
+  }
+  return {loss, grad, weight.to(logits.scalar_type())};
+}
+
+at::Tensor expert_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
+  TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1,
+              "expert_loss_bwd: `grad_rows` is empty: the forward ran with keep_grad=False");
+  const c10::cuda::CUDAGuard guard(grad_rows.device());
+  if (grad_loss.dim() == 0) return grad_rows * (grad_loss * weight);
+  return grad_rows * (grad_loss * weight).unsqueeze(-1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("expert_loss_fwd", &expert_loss_fwd_cuda);
+  m.impl("expert_loss_bwd", &expert_loss_bwd_cuda);
+}
+
+}  // namespace doe_ext

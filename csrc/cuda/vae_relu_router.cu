@@ -1,0 +1,271 @@
+// CUDA VAE-ReLU router, forward and backward (DoE §3.4, App. A.3).
+//
+// The five GEMMs are ATen's (cuBLAS, float32 accumulation); everything between them is one kernel
+// each, on the row math of vae_relu_router.h that the CPU runs too: eps is the same Philox +
+// Box-Muller draw on both devices, read from an rng pair that stays in device memory (no host sync).
+// One warp owns one row; float32 math for every input dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "doe_ext/vae_relu_router.h"
+
+namespace doe_ext {
+namespace {
+
+using vr::Eps;
+
+constexpr int kWarps = 8;  // rows per CTA
+constexpr int kThreads = 32 * kWarps;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+unsigned grid_for(int64_t N) { return static_cast<unsigned>((N + kWarps - 1) / kWarps); }
+
+// z = mu + sigma * eps (or mu) and, when kl is given, the row's KL. mulv: [N, 2 dz].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reparam_kernel(const T* mulv, const T* noise, const int64_t* rng, T* z,
+                                                           T* kl, int64_t N, int64_t dz, int mode) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const vr::Rng r = rng ? vr::unpack_rng(rng[0], rng[1]) : vr::Rng{0, 0, 0};
+  const T* m = mulv + row * 2 * dz;
+  float acc = 0.f;
+  for (int64_t j = lane; j < dz; j += 32) {
+    float eps = 0.f, zj;
+    if (mode == int(Eps::kGiven)) eps = static_cast<float>(noise[row * dz + j]);
+    if (mode == int(Eps::kDrawn)) eps = vr::normal(r.k0, r.k1, r.stream, uint64_t(row), uint32_t(j));
+    acc += vr::reparam_one(static_cast<float>(m[j]), static_cast<float>(m[dz + j]), eps, mode != int(Eps::kNone), zj);
+    z[row * dz + j] = static_cast<T>(zj);
+  }
+  acc = warp_sum(acc);
+  if (kl && lane == 0) kl[row] = static_cast<T>(0.5f * acc);
+}
+
+// gates = relu(logits) or softmax(logits), and the telemetry: per-block active counts and all-zero
+// rows, counted in shared memory per CTA and added to the totals once per CTA (integers: exact).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) activation_kernel(const T* logits, T* gates, unsigned long long* counts,
+                                                              unsigned long long* zero_rows, int64_t N, int K,
+                                                              bool relu) {
+  extern __shared__ unsigned int cnt[];  // [K + 1]: per-block counts, then the CTA's zero rows
+  for (int k = threadIdx.x; k <= K; k += kThreads) cnt[k] = 0;
+  __syncthreads();
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row < N) {
+    const T* l = logits + row * K;
+    T* g = gates + row * K;
+    float m = -INFINITY, sum = 0.f;
+    if (!relu) {
+      for (int k = lane; k < K; k += 32) m = fmaxf(m, static_cast<float>(l[k]));
+      m = warp_max(m);
+      for (int k = lane; k < K; k += 32) sum += exp_(static_cast<float>(l[k]) - m);
+      sum = warp_sum(sum);
+    }
+    int active = 0;
+    for (int k = lane; k < K; k += 32) {
+      const float x = static_cast<float>(l[k]);
+      const T v = static_cast<T>(relu ? (x > 0.f ? x : 0.f) : exp_(x - m) / sum);
+      g[k] = v;
+      if (static_cast<float>(v) > 0.f) {
+        ++active;
+        atomicAdd(&cnt[k], 1u);
+      }
+    }
+    active = __reduce_add_sync(0xffffffffu, active);
+    if (lane == 0 && active == 0) atomicAdd(&cnt[K], 1u);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < K; k += kThreads)
+    if (cnt[k]) atomicAdd(&counts[k], static_cast<unsigned long long>(cnt[k]));
+  if (threadIdx.x == 0 && cnt[K]) atomicAdd(zero_rows, static_cast<unsigned long long>(cnt[K]));
+}
+
+// dL/dlogits through the activation, plus the direct logits gradient (either may be null).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) activation_backward_kernel(const T* logits, const T* gates, const T* gg,
+                                                                       const T* gl, T* dl, int64_t N, int K,
+                                                                       bool relu) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;
+  const int64_t o = row * K;
+  float dot = 0.f;
+  if (!relu && gg) {
+    for (int k = lane; k < K; k += 32) dot += static_cast<float>(gates[o + k]) * static_cast<float>(gg[o + k]);
+    dot = warp_sum(dot);
+  }
+  for (int k = lane; k < K; k += 32) {
+    float d = gl ? static_cast<float>(gl[o + k]) : 0.f;
+    if (gg) {
+      const float g = static_cast<float>(gg[o + k]);
+      d += relu ? (static_cast<float>(logits[o + k]) > 0.f ? g : 0.f)
+                : static_cast<float>(gates[o + k]) * (g - dot);
+    }
+    dl[o + k] = static_cast<T>(d);
+  }
+}
+
+// d[mu | logvar] from dL/dz (dzt) and dL/dkl; one thread per latent element.
+template <typename T>
+__global__ void reparam_backward_kernel(const T* mulv, const T* z, const T* dzt, const T* gk, T* dmulv, int64_t N,
+                                        int64_t dz, bool stochastic) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * dz) return;
+  const int64_t row = i / dz, j = i % dz;
+  const T* m = mulv + row * 2 * dz;
+  float dmu, dlv;
+  vr::reparam_grad_one(static_cast<float>(m[j]), static_cast<float>(m[dz + j]), static_cast<float>(z[i]),
+                       static_cast<float>(dzt[i]), gk ? static_cast<float>(gk[row]) : 0.f, stochastic, dmu, dlv);
+  dmulv[row * 2 * dz + j] = static_cast<T>(dmu);
+  dmulv[row * 2 * dz + dz + j] = static_cast<T>(dlv);
+}
+
+at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  auto r = t.reshape({N, t.size(-1)});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
+  auto s = h.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
+  if (!training) return Eps::kNone;
+  if (noise.has_value()) return Eps::kGiven;
+  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
+              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
+  return Eps::kDrawn;
+}
+
+template <typename T>
+void launch_reparam(const at::Tensor& mulv2, const at::Tensor& noise2, const at::Tensor& rng, at::Tensor& z2,
+                    T* kl, int64_t N, int64_t dz, Eps mode, cudaStream_t stream) {
+  reparam_kernel<T><<<grid_for(N), kThreads, 0, stream>>>(
+      mulv2.data_ptr<T>(), noise2.defined() ? noise2.data_ptr<T>() : nullptr,
+      mode == Eps::kDrawn ? rng.data_ptr<int64_t>() : nullptr, z2.data_ptr<T>(), kl, N, dz, int(mode));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_fwd_cuda(
+    const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu, const at::Tensor& w_logvar,
+    const at::Tensor& b_logvar, const at::Tensor& w_gate, const at::Tensor& b_gate,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
+    c10::string_view activation) {
+  const std::string act(activation);
+  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, act);
+  TORCH_CHECK(sz.K <= (48 * 1024) / 4 - 1, "vae_relu_router: K = ", sz.K, " knowledge blocks exceed the CUDA "
+              "kernel's telemetry buffer (at most 12287)");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const Eps mode = eps_mode(training, noise, rng);
+  auto gates = at::empty(leading_with(h, sz.K), h.options());
+  auto logits = at::empty(leading_with(h, sz.K), h.options());
+  auto kl = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  auto z = at::empty(leading_with(h, sz.dz), h.options());
+  auto mulv = at::empty(leading_with(h, 2 * sz.dz), h.options());
+  auto counts = at::zeros({sz.K}, h.options().dtype(at::kLong));
+  auto zero_rows = at::zeros({}, h.options().dtype(at::kLong));
+  if (sz.N == 0) return {gates, logits, kl, z, mulv, counts, zero_rows};
+  const auto h2 = as_rows(h, sz.N);
+  auto mulv2 = mulv.view({sz.N, 2 * sz.dz});
+  at::addmm_out(mulv2, at::cat({b_mu, b_logvar}, 0), h2, at::cat({w_mu, w_logvar}, 0).t());
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({sz.N, sz.dz}).contiguous() : at::Tensor();
+  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : at::Tensor();
+  auto z2 = z.view({sz.N, sz.dz});
+  auto logits2 = logits.view({sz.N, sz.K});
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "vae_relu_router_fwd_cuda", [&] {
+    launch_reparam<scalar_t>(mulv2, noise2, rng1, z2, kl.data_ptr<scalar_t>(), sz.N, sz.dz, mode, stream);
+    at::addmm_out(logits2, b_gate, z2, w_gate.t());
+    const int K = static_cast<int>(sz.K);
+    activation_kernel<scalar_t><<<grid_for(sz.N), kThreads, sizeof(unsigned int) * (K + 1), stream>>>(
+        logits2.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+        reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+        reinterpret_cast<unsigned long long*>(zero_rows.data_ptr<int64_t>()), sz.N, K, act == "relu");
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gates, logits, kl, z, mulv, counts, zero_rows};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_bwd_cuda(
+    const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_logits,
+    const std::optional<at::Tensor>& grad_kl, const std::optional<at::Tensor>& grad_z, const at::Tensor& h,
+    const at::Tensor& w_mu, const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
+    const at::Tensor& gates, const at::Tensor& logits, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& rng, bool training, c10::string_view activation) {
+  const std::string act(activation);
+  constexpr const char* op = "vae_relu_router_bwd";
+  check_activation(act, op);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t dz = w_mu.size(0), K = w_gate.size(0), d = h.size(-1);
+  const int64_t N = c10::multiply_integers(h.sizes().slice(0, h.dim() - 1));
+  const auto rows_k = leading_with(h, K);
+  for (const auto* g : {&grad_gates, &grad_logits}) {
+    if (g->has_value())
+      TORCH_CHECK((*g)->sizes().vec() == rows_k, op, ": expected output gradients of shape ",
+                  c10::IntArrayRef(rows_k), ", got ", shape_str((*g)->sizes()));
+  }
+  const Eps mode = eps_mode(training, noise, rng);
+  auto opts = h.options();
+  if (N == 0) {
+    return {at::empty(h.sizes(), opts), at::zeros({dz, d}, opts), at::zeros({dz}, opts), at::zeros({dz, d}, opts),
+            at::zeros({dz}, opts), at::zeros({K, dz}, opts), at::zeros({K}, opts)};
+  }
+  const auto h2 = as_rows(h, N);
+  const auto mulv2 = mu_logvar.reshape({N, 2 * dz}).contiguous();
+  const auto gates2 = gates.reshape({N, K}).contiguous(), logits2 = logits.reshape({N, K}).contiguous();
+  const auto gg = grad_gates.has_value() ? grad_gates->reshape({N, K}).contiguous() : at::Tensor();
+  const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : at::Tensor();
+  const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : at::Tensor();
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : at::Tensor();
+  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto z = at::empty({N, dz}, opts);
+  auto dl = at::empty({N, K}, opts);
+  auto dmulv = at::empty({N, 2 * dz}, opts);
+  at::Tensor dw_gate, db_gate, dzt;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "vae_relu_router_bwd_cuda", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    launch_reparam<scalar_t>(mulv2, noise2, rng1, z, nullptr, N, dz, mode, stream);
+    activation_backward_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+        logits2.data_ptr<scalar_t>(), gates2.data_ptr<scalar_t>(), ptr(gg), ptr(gl), dl.data_ptr<scalar_t>(), N,
+        static_cast<int>(K), act == "relu");
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dw_gate = at::mm(dl.t(), z);
+    db_gate = dl.sum(0);
+    dzt = (grad_z.has_value() ? at::addmm(grad_z->reshape({N, dz}), dl, w_gate) : at::mm(dl, w_gate)).contiguous();
+    const int64_t total = N * dz;
+    reparam_backward_kernel<scalar_t><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+        mulv2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), dzt.data_ptr<scalar_t>(), ptr(gk),
+        dmulv.data_ptr<scalar_t>(), N, dz, mode != Eps::kNone);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const auto dmu = dmulv.narrow(1, 0, dz), dlv = dmulv.narrow(1, dz, dz);
+  auto dh = at::mm(dmulv, at::cat({w_mu, w_logvar}, 0)).view(h.sizes());
+  return {dh, at::mm(dmu.t(), h2), dmu.sum(0), at::mm(dlv.t(), h2), dlv.sum(0), dw_gate, db_gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("vae_relu_router_fwd", &vae_relu_router_fwd_cuda);
+  m.impl("vae_relu_router_bwd", &vae_relu_router_bwd_cuda);
+}
+
+}  // namespace doe_ext
