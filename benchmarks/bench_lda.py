@@ -131,6 +131,22 @@ def docs_of(corpus) -> list[np.ndarray]:
 CHECKPOINTS = (10, 25, 50, 100, 200, 400, 800)
 
 
+def result(train, heldout, fit_s, work, ppl, label_s, fit_rss, base, label_note, sweeps=None,
+           cpu_s=None, curve=()) -> dict:
+    """One library's row. ``work``: token-samples (Gibbs, when ``sweeps`` is given) or tokens
+    processed (online variational Bayes) during ``fit_s`` seconds of fitting."""
+    out = {"fit_seconds": fit_s, "fit_rate": work / fit_s, "heldout_perplexity": ppl,
+           "curve": list(curve), "label_tokens_per_s": heldout.num_tokens / label_s,
+           "label_seconds": label_s, "label_note": label_note, "fit_peak_rss_mib": fit_rss,
+           "baseline_rss_mib": base}
+    if sweeps is not None:
+        out.update(sweeps=sweeps, fit_rate_unit="token-samples/s", fit_cpu_seconds=cpu_s,
+                   fit_rate_per_cpu_s=work / cpu_s)
+    else:
+        out.update(passes=work / train.num_tokens, fit_rate_unit="tokens/s (online VB)")
+    return out
+
+
 def worker_doe_ext(args, train, heldout, keep, sampler: str) -> dict:
     from doe_ext import _lda
     from doe_ext.lda import LDA
@@ -159,13 +175,9 @@ def worker_doe_ext(args, train, heldout, keep, sampler: str) -> dict:
     t0 = time.perf_counter()
     topics, theta = model.label(heldout)
     label_s = time.perf_counter() - t0
-    return {"fit_seconds": fit_s, "sweeps": sweeps, "fit_cpu_seconds": cpu_s,
-            "fit_rate": sweeps * train.num_tokens / fit_s, "fit_rate_unit": "token-samples/s",
-            "fit_rate_per_cpu_s": sweeps * train.num_tokens / cpu_s,
-            "heldout_perplexity": ppl, "curve": curve,
-            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
-            "label_note": "theta by EM against fixed phi (<= 50 sweeps, tol 1e-4) + per-token argmax",
-            "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
+    return result(train, heldout, fit_s, sweeps * train.num_tokens, ppl, label_s, fit_rss, base,
+                  "theta by EM against fixed phi (<= 50 sweeps, tol 1e-4) + per-token argmax",
+                  sweeps=sweeps, cpu_s=cpu_s, curve=curve)
 
 
 def _phi_of(g) -> np.ndarray:
@@ -210,13 +222,9 @@ def worker_tomotopy(args, train, heldout, keep) -> dict:
     t0 = time.perf_counter()
     mdl.infer(infer_docs, workers=args.threads)
     label_s = time.perf_counter() - t0
-    return {"fit_seconds": fit_s, "sweeps": sweeps, "fit_cpu_seconds": cpu_s,
-            "fit_rate": sweeps * train.num_tokens / fit_s, "fit_rate_unit": "token-samples/s",
-            "fit_rate_per_cpu_s": sweeps * train.num_tokens / cpu_s,
-            "heldout_perplexity": ppl, "curve": curve,
-            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
-            "label_note": "LDAModel.infer, default 100 Gibbs sweeps (make_doc not timed)",
-            "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
+    return result(train, heldout, fit_s, sweeps * train.num_tokens, ppl, label_s, fit_rss, base,
+                  "LDAModel.infer, default 100 Gibbs sweeps (make_doc not timed)",
+                  sweeps=sweeps, cpu_s=cpu_s, curve=curve)
 
 
 def worker_gensim(args, train, heldout, keep) -> dict:
@@ -252,12 +260,8 @@ def worker_gensim(args, train, heldout, keep) -> dict:
     for j in range(0, len(held_bow), chunk):
         model.inference(held_bow[j:j + chunk])
     label_s = time.perf_counter() - t0
-    return {"fit_seconds": fit_s, "passes": tokens_seen / train.num_tokens,
-            "fit_rate": tokens_seen / fit_s, "fit_rate_unit": "tokens/s (online VB)",
-            "heldout_perplexity": ppl, "curve": [],
-            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
-            "label_note": "LdaModel.inference (variational E-step), theta only",
-            "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
+    return result(train, heldout, fit_s, tokens_seen, ppl, label_s, fit_rss, base,
+                  "LdaModel.inference (variational E-step), theta only")
 
 
 def worker_sklearn(args, train, heldout, keep) -> dict:
@@ -291,12 +295,8 @@ def worker_sklearn(args, train, heldout, keep) -> dict:
     t0 = time.perf_counter()
     model.transform(Xh)
     label_s = time.perf_counter() - t0
-    return {"fit_seconds": fit_s, "passes": tokens_seen / train.num_tokens,
-            "fit_rate": tokens_seen / fit_s, "fit_rate_unit": "tokens/s (online VB)",
-            "heldout_perplexity": ppl, "curve": [],
-            "label_tokens_per_s": heldout.num_tokens / label_s, "label_seconds": label_s,
-            "label_note": "LatentDirichletAllocation.transform, theta only",
-            "fit_peak_rss_mib": fit_rss, "baseline_rss_mib": base}
+    return result(train, heldout, fit_s, tokens_seen, ppl, label_s, fit_rss, base,
+                  "LatentDirichletAllocation.transform, theta only")
 
 
 def worker_label_memory(args, work: Path, which: str) -> dict:
@@ -373,6 +373,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--docs", type=int, default=0, help="use only the first N paragraphs (0: all)")
     ap.add_argument("--libs", default="doe_ext,doe_ext-dense,tomotopy,gensim,sklearn")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench_lda")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="results JSON (default: benchmarks/results/lda-<host>-<date>.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--shard", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -415,7 +417,8 @@ def main(argv=None) -> dict:
     }
     results["machine"] = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    out = ROOT / "benchmarks" / "results" / f"lda-{platform.node()}-{datetime.date.today().isoformat()}.json"
+    out = args.results or (ROOT / "benchmarks" / "results" /
+                           f"lda-{platform.node()}-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print()
@@ -424,7 +427,7 @@ def main(argv=None) -> dict:
         if "error" not in m:
             print(f"label_to {m['shard']}: {m['tokens']} tokens, {m['tokens_per_s'] / 1e6:.2f} M tokens/s, "
                   f"peak RSS {m['peak_rss_mib']:.0f} MiB")
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    print(f"\nwrote {out}")
     return results
 
 
