@@ -266,7 +266,14 @@ void GibbsSampler::rebuild_counts() {
       const uint32_t* tok = corpus_.doc_begin(d);
       const int16_t* z = z_ + (corpus_.offsets[d] - corpus_.offsets[0]);
       for (int64_t i = 0, n = corpus_.doc_length(d); i < n; ++i) {
-        if (!keep_[tok[i]]) continue;
+        if (!keep_[tok[i]]) {
+          // The sweep tells excluded tokens by z == -1, so z and the mask must agree.
+          if (z[i] != -1)
+            throw std::invalid_argument("token " + std::to_string(corpus_.offsets[d] + i) +
+                                        " is outside the vocabulary mask but has topic " +
+                                        std::to_string(z[i]) + " (expected -1)");
+          continue;
+        }
         if (z[i] < 0 || z[i] >= K)
           throw std::invalid_argument("topic assignment " + std::to_string(z[i]) +
                                       " out of range at token " +

@@ -187,6 +187,24 @@ INSTANTIATE_TEST_SUITE_P(Samplers, SamplerTest,
                                                               doe_lda::SamplerKind::kAliasMH),
                                             ::testing::Values(1, 2)));
 
+TEST(Sampler, RebuildCountsRejectsAssignmentsThatDisagreeWithTheMask) {
+  Corpus c = planted(2, 5, 4, 5, 0, 6);
+  std::vector<uint8_t> keep(10, 1);
+  keep[3] = 0;
+  std::vector<int16_t> z(c.tokens.size());
+  doe_lda::GibbsSampler s(config(2, 10, doe_lda::SamplerKind::kAliasMH, 1, 0), c.view(), keep.data(),
+                          z.data());
+  s.initialize();
+  EXPECT_NO_THROW(s.rebuild_counts());
+  const auto at = std::find(c.tokens.begin(), c.tokens.end(), 3u) - c.tokens.begin();
+  ASSERT_LT(at, static_cast<long>(c.tokens.size()));
+  z[at] = 1;
+  EXPECT_THROW(s.rebuild_counts(), std::invalid_argument);
+  z[at] = -1;
+  z[at == 0 ? 1 : 0] = 7;  // a kept token with a topic >= K
+  EXPECT_THROW(s.rebuild_counts(), std::invalid_argument);
+}
+
 TEST(Sampler, RejectsBadConfiguration) {
   Corpus c = planted(2, 5, 4, 5, 0, 6);
   std::vector<uint8_t> keep(10, 1), none(10, 0);
