@@ -40,7 +40,8 @@ def register(sub) -> None:
     lab = cmds.add_parser("label", help="write per-token topic ids and theta for corpus shards")
     lab.add_argument("model", help="model folder (doe-ext lda fit)")
     lab.add_argument("shards", nargs="+", help="corpus shard folders")
-    lab.add_argument("--out", help="output folder (default: beside each shard, in its folder)")
+    lab.add_argument("--out", help="output folder (default: each shard's own folder; with several "
+                                    "shards, one subfolder per shard)")
     lab.add_argument("--unlabeled", choices=("dominant", "ignore"), default="dominant",
                      help="label of tokens outside the LDA vocabulary: the document's dominant "
                           "topic, or -1")
