@@ -136,3 +136,19 @@ def test_bad_corpora_are_named(fitted, tmp_path):
     other_vocab = TokenCorpus.from_documents([[1, 2]], vocab_size=7)
     with pytest.raises(CorpusError, match="vocab size 7 does not match the model's 400"):
         fitted.label(other_vocab)
+
+
+def test_engine_calls_release_the_gil(fitted):
+    import threading
+    import time
+
+    big = draw_corpus(docs=8000, length=100, seed=9).corpus
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: ([fitted.label(big) for _ in range(5)], done.set()))
+    ticks = 0
+    worker.start()
+    while not done.is_set():  # runs only while the engine call has let go of the GIL
+        ticks += 1
+        time.sleep(0.0005)
+    worker.join()
+    assert ticks >= 20, ticks
