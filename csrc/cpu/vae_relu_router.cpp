@@ -20,13 +20,15 @@ namespace {
 using vr::Eps;
 
 // The shared row math, compiled per ISA for float; double (gradcheck) needs no clones.
-template <Eps kEps>
-DOE_CLONES float reparam_f(const float* mulv, const float* noise, float* z, int64_t dz, vr::Rng rng, uint64_t row) {
-  return vr::reparam_row<kEps>(mulv, noise, z, dz, rng, row);
+DOE_CLONES void fill_normal_f(float* out, int64_t dz, vr::Rng rng, uint64_t row) { vr::fill_normal(out, dz, rng, row); }
+DOE_CLONES float reparam_f(const float* mulv, const float* noise, float* z, int64_t dz) {
+  return vr::reparam_row(mulv, noise, z, dz);
 }
-template <Eps kEps>
-double reparam_f(const double* mulv, const double* noise, double* z, int64_t dz, vr::Rng rng, uint64_t row) {
-  return vr::reparam_row<kEps>(mulv, noise, z, dz, rng, row);
+double reparam_f(const double* mulv, const double* noise, double* z, int64_t dz) {
+  return vr::reparam_row(mulv, noise, z, dz);
+}
+double reparam_f(const double* mulv, const float* noise, double* z, int64_t dz) {
+  return vr::reparam_row(mulv, noise, z, dz);
 }
 DOE_CLONES void reparam_bwd(const float* mulv, const float* z, const float* g, float gkl, float* dmulv, int64_t dz,
                             bool stochastic) {
@@ -83,14 +85,16 @@ template <typename T>
 void reparameterise(const at::Tensor& mulv, const T* noise, T* z, T* kl, int64_t N, int64_t dz, Eps mode, vr::Rng rng) {
   const T* m = mulv.data_ptr<T>();
   at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<float> eps(mode == Eps::kDrawn ? dz : 0);  // the row's eps, drawn just before use
     for (int64_t i = i0; i < i1; ++i) {
       const T* mi = m + i * 2 * dz;
       T* zi = z + i * dz;
       T k;
-      switch (mode) {
-        case Eps::kNone: k = reparam_f<Eps::kNone>(mi, nullptr, zi, dz, rng, uint64_t(i)); break;
-        case Eps::kGiven: k = reparam_f<Eps::kGiven>(mi, noise + i * dz, zi, dz, rng, uint64_t(i)); break;
-        default: k = reparam_f<Eps::kDrawn>(mi, nullptr, zi, dz, rng, uint64_t(i)); break;
+      if (mode == Eps::kDrawn) {
+        fill_normal_f(eps.data(), dz, rng, uint64_t(i));
+        k = reparam_f(mi, eps.data(), zi, dz);
+      } else {
+        k = reparam_f(mi, mode == Eps::kGiven ? noise + i * dz : nullptr, zi, dz);
       }
       if (kl) kl[i] = k;
     }
@@ -207,11 +211,14 @@ void backward(const T* gg, const T* gl, const T* gk, const at::Tensor& gz, const
   dh = at::empty(dh.sizes(), h2.options());
   auto dh2 = dh.view({N, h2.size(1)});
   at::mm_out(dh2, dmulv, w_stack);
-  const auto dmu = dmulv.narrow(1, 0, dz), dlv = dmulv.narrow(1, dz, dz);
-  at::mm_out(dw_mu, dmu.t(), h2);
-  at::mm_out(dw_lv, dlv.t(), h2);
-  at::sum_out(db_mu, dmu, {0});
-  at::sum_out(db_lv, dlv, {0});
+  // One GEMM for both encoder heads' weight gradients: BLAS is much slower on the heads' strided
+  // halves of dmulv (measured 1.6x for half the work) than on the whole, and the split is a 2 dz x d copy.
+  const auto dw = at::mm(dmulv.t(), h2);
+  const auto db = dmulv.sum(0);
+  dw_mu.copy_(dw.narrow(0, 0, dz));
+  dw_lv.copy_(dw.narrow(0, dz, dz));
+  db_mu.copy_(db.narrow(0, 0, dz));
+  db_lv.copy_(db.narrow(0, dz, dz));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_bwd_cpu(

@@ -256,9 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dmulv.data_ptr<scalar_t>(), N, dz, mode != Eps::kNone);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const auto dmu = dmulv.narrow(1, 0, dz), dlv = dmulv.narrow(1, dz, dz);
   auto dh = at::mm(dmulv, at::cat({w_mu, w_logvar}, 0)).view(h.sizes());
-  return {dh, at::mm(dmu.t(), h2), dmu.sum(0), at::mm(dlv.t(), h2), dlv.sum(0), dw_gate, db_gate};
+  const auto dw = at::mm(dmulv.t(), h2);  // both heads in one GEMM, split by a small copy
+  const auto db = dmulv.sum(0);
+  return {dh, dw.narrow(0, 0, dz).clone(), db.narrow(0, 0, dz).clone(), dw.narrow(0, dz, dz).clone(),
+          db.narrow(0, dz, dz).clone(), dw_gate, db_gate};
 }
 
 }  // namespace

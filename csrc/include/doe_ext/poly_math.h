@@ -58,8 +58,8 @@ DOE_HD float sqrt_nr(float x) {
   return x * y;
 }
 
-// cos(2 pi u) for u in [0, 1): quadrant from u exactly, Cephes' sin/cos polynomials on [-pi/4, pi/4].
-DOE_HD float cos_2pi(float u) {
+// sin and cos of 2 pi u for u in [0, 1): quadrant from u exactly, Cephes' polynomials on [-pi/4, pi/4].
+DOE_HD void sincos_2pi(float u, float& sin_out, float& cos_out) {
   const float q = floorf(4.f * u + 0.5f);               // 0..4
   const float x = (u - 0.25f * q) * 6.28318530717958648f;  // exact subtraction, |x| <= pi/4
   const float z = x * x;
@@ -67,7 +67,8 @@ DOE_HD float cos_2pi(float u) {
   const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
                   - 0.5f * z + 1.f;
   const int quad = int(q) & 3;
-  return quad == 0 ? c : (quad == 1 ? -s : (quad == 2 ? -c : s));
+  sin_out = quad == 0 ? s : (quad == 1 ? c : (quad == 2 ? -s : -c));
+  cos_out = quad == 0 ? c : (quad == 1 ? -s : (quad == 2 ? -c : s));
 }
 
 }  // namespace poly

@@ -89,7 +89,9 @@ inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tenso
 namespace vr {
 
 // ---- eps ~ N(0, 1): Philox4x32-10 (Salmon et al., SC'11) + one Box-Muller cosine branch ----------
-// eps[row, j] = sqrt(-2 log u1) * cos(2 pi u2), (u1, u2) from Philox(counter = (j, row, stream), key).
+// One Philox call (counter = (j / 4, row, stream), key) gives four 32-bit words, i.e. two Box-Muller
+// pairs: eps[row, 4g .. 4g+3] = r01 cos(2 pi u1), r01 sin(2 pi u1), r23 cos(2 pi u3), r23 sin(2 pi u3)
+// with r = sqrt(-2 log u).
 // A pure function of (key, stream, row, j): the backward regenerates eps instead of storing it, and
 // CPU and CUDA draw the same numbers (log/cos are the polynomials below, not libm's).
 
@@ -109,12 +111,27 @@ DOE_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3
   }
 }
 
-DOE_HD float normal(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uint32_t j) {
-  uint32_t c0 = j, c1 = uint32_t(row), c2 = uint32_t(row >> 32), c3 = stream;
+DOE_HD void normal4(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uint32_t g, float& n0, float& n1,
+                    float& n2, float& n3) {
+  uint32_t c0 = g, c1 = uint32_t(row), c2 = uint32_t(row >> 32), c3 = stream;
   philox4x32_10(c0, c1, c2, c3, k0, k1);
-  const float u1 = (float(c0 >> 8) + 0.5f) * 5.9604644775390625e-8f;  // (0, 1), 24 random bits
-  const float u2 = float(c1 >> 8) * 5.9604644775390625e-8f;           // [0, 1)
-  return poly::sqrt_nr(-2.f * poly::log_poly(u1)) * poly::cos_2pi(u2);
+  constexpr float k2m24 = 5.9604644775390625e-8f;  // 24 random bits per uniform
+  const float r01 = poly::sqrt_nr(-2.f * poly::log_poly((float(c0 >> 8) + 0.5f) * k2m24));  // u in (0, 1)
+  const float r23 = poly::sqrt_nr(-2.f * poly::log_poly((float(c2 >> 8) + 0.5f) * k2m24));
+  float s, c;
+  poly::sincos_2pi(float(c1 >> 8) * k2m24, s, c);  // u in [0, 1)
+  n0 = r01 * c;
+  n1 = r01 * s;
+  poly::sincos_2pi(float(c3 >> 8) * k2m24, s, c);
+  n2 = r23 * c;
+  n3 = r23 * s;
+}
+
+// eps[row, j] alone (the CUDA kernels: a thread per element; the CPU fills whole rows with fill_normal).
+DOE_HD float normal(uint32_t k0, uint32_t k1, uint32_t stream, uint64_t row, uint32_t j) {
+  float n[4];
+  normal4(k0, k1, stream, row, j >> 2, n[0], n[1], n[2], n[3]);
+  return n[j & 3];
 }
 
 struct Rng {
@@ -122,6 +139,19 @@ struct Rng {
 };
 DOE_HD Rng unpack_rng(int64_t key, int64_t stream) {
   return {uint32_t(uint64_t(key)), uint32_t(uint64_t(key) >> 32), uint32_t(uint64_t(stream))};
+}
+
+// eps[row, 0 .. dz) into out, one Philox call per four elements.
+DOE_HD void fill_normal(float* out, int64_t dz, Rng rng, uint64_t row) {
+  const int64_t groups = dz / 4;
+  DOE_SIMD
+  for (int64_t g = 0; g < groups; ++g)
+    normal4(rng.k0, rng.k1, rng.stream, row, uint32_t(g), out[4 * g], out[4 * g + 1], out[4 * g + 2], out[4 * g + 3]);
+  if (dz % 4) {
+    float n[4];
+    normal4(rng.k0, rng.k1, rng.stream, row, uint32_t(groups), n[0], n[1], n[2], n[3]);
+    for (int64_t q = 0; q < dz % 4; ++q) out[4 * groups + q] = n[q];
+  }
 }
 
 // Where eps comes from: none (eval, z = mu), the caller's noise, or drawn from the Philox stream.
@@ -148,15 +178,14 @@ DOE_HD void reparam_grad_one(acc_t mu, acc_t lv, acc_t z, acc_t g, acc_t gkl, bo
 
 // Reparameterisation and KL of one row. mulv = [mu (dz) | logvar (dz)]; writes z; returns the row's
 // KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar).
-template <Eps kEps, typename T, typename acc_t = T>
-DOE_HD acc_t reparam_row(const T* mulv, const T* noise, T* z, int64_t dz, Rng rng, uint64_t row) {
+// noise: eps of the row (null in eval), the caller's or from fill_normal.
+template <typename T, typename E, typename acc_t = T>
+DOE_HD acc_t reparam_row(const T* mulv, const E* noise, T* z, int64_t dz) {
   acc_t kl = 0;
   DOE_SIMD_REDUCE(+, kl)
   for (int64_t j = 0; j < dz; ++j) {
-    acc_t eps = 0, zj;
-    if (kEps == Eps::kGiven) eps = acc_t(noise[j]);
-    if (kEps == Eps::kDrawn) eps = acc_t(normal(rng.k0, rng.k1, rng.stream, row, uint32_t(j)));
-    kl += reparam_one(acc_t(mulv[j]), acc_t(mulv[dz + j]), eps, kEps != Eps::kNone, zj);
+    acc_t zj;
+    kl += reparam_one(acc_t(mulv[j]), acc_t(mulv[dz + j]), noise ? acc_t(noise[j]) : acc_t(0), noise != nullptr, zj);
     z[j] = T(zj);
   }
   return acc_t(0.5) * kl;
