@@ -91,13 +91,7 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& token_ids,
                                                          const at::Tensor& topic_ids, const at::Tensor& token_weight,
                                                          const at::Tensor& topic_weight, int64_t padding_idx) {
-  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
-  auto expected = token_ids.sizes().vec();
-  expected.push_back(sz.d + sz.dk);
-  TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
-              c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
-  check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
-  check_padding_idx(padding_idx, sz.V);
+  const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
   auto grad_tok = at::empty({sz.V, sz.d}, token_weight.options());
   auto grad_top = at::empty({sz.K, sz.dk}, token_weight.options());
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);

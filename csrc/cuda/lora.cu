@@ -150,11 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
     bool need_weight_grad, bool need_lora_grad) {
-  const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
-              sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
-  TORCH_CHECK(xa.sizes() == at::IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
-              sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+  const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous(), ind = indices.contiguous();
   const auto none = [&] { return at::empty({0}, x.options()); };

@@ -43,6 +43,20 @@ inline void check_padding_idx(int64_t padding_idx, int64_t V) {
               padding_idx);
 }
 
+// The backward's arguments: the forward's, and grad_out [..., d + dk] of the tables' dtype.
+inline DualEmbeddingSizes check_dual_embedding_bwd(const at::Tensor& grad_out, const at::Tensor& token_ids,
+                                                   const at::Tensor& topic_ids, const at::Tensor& token_weight,
+                                                   const at::Tensor& topic_weight, int64_t padding_idx) {
+  const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
+  check_padding_idx(padding_idx, sz.V);
+  auto expected = token_ids.sizes().vec();
+  expected.push_back(sz.d + sz.dk);
+  TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
+              c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+  check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
+  return sz;
+}
+
 // The error for an id out of range, raised by both backends once the bad value is known.
 [[noreturn]] inline void fail_dual_embedding_id(bool is_topic, int64_t position, int64_t value, int64_t rows) {
   if (is_topic) {

@@ -114,6 +114,20 @@ inline MultiLoraSizes check_multi_lora_linear(const at::Tensor& x, const at::Ten
   return {x.size(0), x.size(1), weight.size(0), lora_a.size(0), lora_a.size(1), indices.size(1)};
 }
 
+// The backward's extra arguments: grad_out [T, out] and the forward's xa [T, k, r].
+inline MultiLoraSizes check_multi_lora_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                  const at::Tensor& weight, const at::Tensor& lora_a,
+                                                  const at::Tensor& lora_b, const at::Tensor& indices,
+                                                  const at::Tensor& scales, const at::Tensor& xa) {
+  const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
+              sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
+  TORCH_CHECK(xa.sizes() == at::IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
+              sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+  check_same_dtype(grad_out, x, "multi_lora_linear_bwd", "grad_out", "x");
+  return sz;
+}
+
 [[noreturn]] inline void fail_multi_lora_index(int64_t t, int64_t j, int64_t value, int64_t N) {
   TORCH_CHECK(false, "multi_lora_linear: `indices` out of range: got ", value, " at [", t, ", ", j,
               "], expected -1 (empty slot) or 0 <= i < ", N, " (experts in `lora_a`/`lora_b`)");
