@@ -154,6 +154,16 @@ def test_drawn_noise_is_standard_normal_and_decorrelated():
     assert torch.corrcoef(torch.stack([x, other.flatten()]))[0, 1].abs() < 0.01
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_draws_the_cpu_eps():
+    """One generator for both devices (shared DOE_HD code): the same (key, stream) gives the same eps
+    up to FMA contraction."""
+    rng = torch.tensor([123456789, 3])
+    cpu = _eps((257,), 13, rng)
+    cuda = _eps((257,), 13, rng.cuda(), device="cuda")
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
 def test_same_seed_same_gates_and_gradients():
     h, params, _ = make_case("K128-dz9-rowslice")
     runs = []
