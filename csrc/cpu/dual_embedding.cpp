@@ -17,6 +17,10 @@
 namespace doe_ext {
 namespace {
 
+// The shared row math, compiled per ISA (float: the hot case; double: gradcheck).
+DOE_CLONES void add_row(float* dst, const float* src, int64_t width) { de::add_row(dst, src, width); }
+void add_row(double* dst, const double* src, int64_t width) { de::add_row(dst, src, width); }
+
 // Flat, contiguous int64 ids.
 at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).contiguous(); }
 
@@ -53,7 +57,7 @@ void reduce_runs(const T* g, int64_t ld, int64_t col0, int64_t width, const std:
       T* dst = grad_table + r * width;
       de::copy_row<T>(dst, nullptr, 0, width, 1);
       if (r == skip) continue;
-      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) de::add_row(dst, g + pos[i] * ld + col0, width);
+      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) add_row(dst, g + pos[i] * ld + col0, width);
     }
   });
 }

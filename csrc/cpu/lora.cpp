@@ -23,6 +23,12 @@ namespace {
 
 constexpr int64_t kColBlock = 256;  // columns of the scatter pass per task
 
+// The shared row math, compiled per ISA (float: the hot case; double: gradcheck).
+DOE_CLONES float dot(const float* a, const float* b, int64_t n) { return lora::dot<float>(a, b, 0, n, 1); }
+DOE_CLONES void axpy(float* y, float a, const float* x, int64_t n) { lora::axpy(y, a, x, n); }
+double dot(const double* a, const double* b, int64_t n) { return lora::dot<double>(a, b, 0, n, 1); }
+void axpy(double* y, double a, const double* x, int64_t n) { lora::axpy(y, a, x, n); }
+
 // (token, slot) pairs p = t * k + j grouped by expert: order[offsets[e] .. offsets[e+1]) are the
 // slots of expert e in increasing p. Empty slots (-1) are left out. Raises on a bad index.
 struct SlotsByExpert {
@@ -54,7 +60,7 @@ void gather(const SlotsByExpert& s, const int64_t* ind, int64_t k, int64_t r, co
       const int64_t p = s.order[i];
       const T* me = m + ind[p] * r * width;
       const T* x = src + (p / k) * width;
-      for (int64_t q = 0; q < r; ++q) u[p * r + q] = lora::dot<T>(me + q * width, x, 0, width, 1);
+      for (int64_t q = 0; q < r; ++q) u[p * r + q] = dot(me + q * width, x, width);
     }
   });
 }
@@ -72,10 +78,8 @@ void scatter(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* m
         const T* me = m + e * r * width;
         for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
           const int64_t p = s.order[i];
-          const T* cp = coef + p * r;
           T* d = dst + (p / k) * width;
-          DOE_SIMD
-          for (int64_t c = c0; c < c1; ++c) d[c] += lora::lowrank_column<T>(cp, me, r, width, c);
+          for (int64_t q = 0; q < r; ++q) axpy(d + c0, coef[p * r + q], me + q * width + c0, c1 - c0);
         }
       }
     }
@@ -93,12 +97,7 @@ void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, 
       for (int64_t i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
         const int64_t p = s.order[i];
         const T* x = src + (p / k) * width;
-        for (int64_t q = 0; q < r; ++q) {
-          const T w = u[p * r + q];
-          T* row = ge + q * width;
-          DOE_SIMD
-          for (int64_t c = 0; c < width; ++c) row[c] += w * x[c];
-        }
+        for (int64_t q = 0; q < r; ++q) axpy(ge + q * width, u[p * r + q], x, width);
       }
     }
   });
@@ -179,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (need_lora_grad) {
         T* gs = grad_s.data_ptr<T>();
         for (int64_t p = 0; p < P; ++p)
-          if (ip[p] >= 0) gs[p] = lora::dot<T>(bg.data() + p * sz.r, xap + p * sz.r, 0, sz.r, 1);
+          if (ip[p] >= 0) gs[p] = dot(bg.data() + p * sz.r, xap + p * sz.r, sz.r);
         outer<T>(s, sz.N, sz.k, sz.r, v.data(), x2.data_ptr<T>(), sz.in, grad_a.data_ptr<T>());
         outer<T>(s, sz.N, sz.k, sz.r, sxa.data(), g2.data_ptr<T>(), sz.out, grad_bt.data_ptr<T>());
       }

@@ -147,6 +147,13 @@ DOE_HD acc_t dot(const T* a, const T* b, int64_t c0, int64_t width, int64_t cs) 
   return acc;
 }
 
+// y[c] += a * x[c], c in [0, n): the CPU's low-rank row updates, one per rank component.
+template <typename T>
+DOE_HD void axpy(T* y, T a, const T* x, int64_t n) {
+  DOE_SIMD
+  for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
+}
+
 // sum_q coef[q] * m[q * ld + c]: column c of coef^T @ m for one expert's [r, width] matrix m.
 template <typename acc_t, typename T>
 DOE_HD acc_t lowrank_column(const acc_t* coef, const T* m, int64_t r, int64_t ld, int64_t c) {
