@@ -17,7 +17,10 @@
 namespace doe_ext {
 namespace {
 
+using vr::as_rows;
 using vr::Eps;
+using vr::eps_mode;
+using vr::leading_with;
 
 // The shared row math, compiled per ISA for float; double (gradcheck) needs no clones.
 DOE_CLONES void fill_normal_f(float* out, int64_t dz, vr::Rng rng, uint64_t row) { vr::fill_normal(out, dz, rng, row); }
@@ -54,25 +57,6 @@ void softmax_bwd(const double* p, const double* gg, const double* gl, double* dl
 }
 DOE_CLONES float softmax_f(float* s, int64_t K) { return ka::softmax_row(s, K, 1.f); }
 double softmax_f(double* s, int64_t K) { return ka::softmax_row(s, K, 1.0); }
-
-at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  auto r = t.reshape({N, t.size(-1)});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
-std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
-  auto s = h.sizes().vec();
-  s.back() = last;
-  return s;
-}
-
-Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
-  if (!training) return Eps::kNone;
-  if (noise.has_value()) return Eps::kGiven;
-  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
-              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
-  return Eps::kDrawn;
-}
 
 vr::Rng read_rng(const std::optional<at::Tensor>& rng) {
   if (!rng.has_value()) return {0, 0, 0};

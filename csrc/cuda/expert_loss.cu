@@ -14,28 +14,13 @@
 #include <limits>
 
 #include "doe_ext/expert_loss.h"
+#include "doe_ext/warp.cuh"
 
 namespace doe_ext {
 namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // x: [N, K] logits; labels [N] (hard) or t [N, K] (soft). Writes row_loss [N] (float32), grad [N, K]
 // when given, adds the kept rows to *count and lowers *bad_row to the first invalid row.

@@ -12,25 +12,18 @@
 #include <torch/library.h>
 
 #include "doe_ext/vae_relu_router.h"
+#include "doe_ext/warp.cuh"
 
 namespace doe_ext {
 namespace {
 
+using vr::as_rows;
 using vr::Eps;
+using vr::eps_mode;
+using vr::leading_with;
 
 constexpr int kWarps = 8;  // rows per CTA
 constexpr int kThreads = 32 * kWarps;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 unsigned grid_for(int64_t N) { return static_cast<unsigned>((N + kWarps - 1) / kWarps); }
 
@@ -133,25 +126,6 @@ __global__ void reparam_backward_kernel(const T* mulv, const T* z, const T* dzt,
                        static_cast<float>(dzt[i]), gk ? static_cast<float>(gk[row]) : 0.f, stochastic, dmu, dlv);
   dmulv[row * 2 * dz + j] = static_cast<T>(dmu);
   dmulv[row * 2 * dz + dz + j] = static_cast<T>(dlv);
-}
-
-at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  auto r = t.reshape({N, t.size(-1)});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
-std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
-  auto s = h.sizes().vec();
-  s.back() = last;
-  return s;
-}
-
-Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
-  if (!training) return Eps::kNone;
-  if (noise.has_value()) return Eps::kGiven;
-  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
-              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
-  return Eps::kDrawn;
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "doe_ext/checks.h"
 #include "doe_ext/math.h"
@@ -243,6 +244,29 @@ DOE_HD void softmax_backward_row(const T* p, const T* gg, const T* gl, T* dl, in
   for (int64_t k = 0; k < K; ++k) dot += p[k] * gg[k];
   DOE_SIMD
   for (int64_t k = 0; k < K; ++k) dl[k] = p[k] * (gg[k] - dot) + (gl ? gl[k] : T(0));
+}
+
+// ---- host helpers of both backends ----
+
+// h as a 2-D [N, d] matrix with unit stride along d (a view when possible, no copy).
+inline at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  auto r = t.reshape({N, t.size(-1)});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+// Shape [..., last] from h's leading dims.
+inline std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
+  auto s = h.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+inline Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
+  if (!training) return Eps::kNone;
+  if (noise.has_value()) return Eps::kGiven;
+  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
+              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
+  return Eps::kDrawn;
 }
 
 }  // namespace vr
