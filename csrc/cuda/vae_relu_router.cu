@@ -184,17 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates, const at::Tensor& logits, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& rng, bool training, c10::string_view activation) {
   const std::string act(activation);
-  constexpr const char* op = "vae_relu_router_bwd";
-  check_activation(act, op);
+  const auto sz = vr::check_backward(grad_gates, grad_logits, h, w_mu, w_gate, mu_logvar, act);
+  const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
   const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t dz = w_mu.size(0), K = w_gate.size(0), d = h.size(-1);
-  const int64_t N = c10::multiply_integers(h.sizes().slice(0, h.dim() - 1));
-  const auto rows_k = leading_with(h, K);
-  for (const auto* g : {&grad_gates, &grad_logits}) {
-    if (g->has_value())
-      TORCH_CHECK((*g)->sizes().vec() == rows_k, op, ": expected output gradients of shape ",
-                  c10::IntArrayRef(rows_k), ", got ", shape_str((*g)->sizes()));
-  }
   const Eps mode = eps_mode(training, noise, rng);
   auto opts = h.options();
   if (N == 0) {

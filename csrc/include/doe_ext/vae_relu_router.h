@@ -261,6 +261,26 @@ inline std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
   return s;
 }
 
+// The backward's own inputs (the forward's were checked when it ran): sizes from h and the weights.
+inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates,
+                                     const std::optional<at::Tensor>& grad_logits, const at::Tensor& h,
+                                     const at::Tensor& w_mu, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
+                                     const std::string& activation) {
+  constexpr const char* op = "vae_relu_router_bwd";
+  check_activation(activation, op);
+  const VaeRouterSizes sz{c10::multiply_integers(h.sizes().slice(0, h.dim() - 1)), h.size(-1), w_mu.size(0),
+                          w_gate.size(0)};
+  const auto rows_k = leading_with(h, sz.K);
+  for (const auto* g : {&grad_gates, &grad_logits}) {
+    if (g->has_value())
+      TORCH_CHECK((*g)->sizes().vec() == rows_k, op, ": expected output gradients of shape ",
+                  c10::IntArrayRef(rows_k), ", got ", shape_str((*g)->sizes()));
+  }
+  TORCH_CHECK(mu_logvar.sizes().vec() == leading_with(h, 2 * sz.dz), op,
+              ": expected `mu_logvar` of shape [..., 2 dz], got ", shape_str(mu_logvar.sizes()));
+  return sz;
+}
+
 inline Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
   if (!training) return Eps::kNone;
   if (noise.has_value()) return Eps::kGiven;
