@@ -71,6 +71,20 @@ def test_matches_reference(case, device, dtype):
         assert torch.count_nonzero(grads[0][padding_idx]) == 0
 
 
+def test_large_table_gradient_matches_reference():
+    # >= 8 MiB: the CPU backs the gradient with huge-page-advised memory; it must behave as any tensor
+    V, d, K, dk = 4096, 512, 8, 16
+    token_ids, topic_ids = torch.randint(0, V, (3, 700)), torch.randint(-1, K, (3, 700))
+    tw, kw = torch.randn(V, d), torch.randn(K, dk)
+    grad_out = torch.randn(3, 700, d + dk)
+    _, grads = _forward_backward(dual_embedding, token_ids, topic_ids, tw, kw, None, grad_out)
+    _, ref_grads = _forward_backward(dual_embedding_ref, token_ids, topic_ids, tw, kw, None, grad_out)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+    grads[0].add_(1.0).mul_(0.5)  # an ordinary writable tensor
+    assert grads[0].is_contiguous() and grads[0].shape == (V, d)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_bitwise_deterministic(device):
     # Many tokens on few rows: a race or an order that depends on scheduling would show.
