@@ -24,6 +24,15 @@ double soft_f(const double* x, const double* t, int64_t K, double eps, double* g
   return el::soft_row(x, t, K, eps, g, lo);
 }
 
+constexpr int64_t kNoBadRow = std::numeric_limits<int64_t>::max();
+
+// The first invalid row is reported (whichever thread finds it), as on CUDA.
+void lower(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load();
+  while (v < cur && !a.compare_exchange_weak(cur, v)) {
+  }
+}
+
 template <typename T>
 void rows(const at::Tensor& x2, const at::Tensor& target, bool hard, int64_t ignore_index, T eps, T* grad,
           T* row_loss, std::atomic<int64_t>& count, std::atomic<int64_t>& bad_row) {
@@ -39,8 +48,7 @@ void rows(const at::Tensor& x2, const at::Tensor& target, bool hard, int64_t ign
         const int64_t yi = y[i];
         if (yi == ignore_index || yi < 0 || yi >= K) {
           if (yi != ignore_index) {
-            int64_t none = -1;
-            bad_row.compare_exchange_strong(none, i);
+            lower(bad_row, i);
           }
           row_loss[i] = 0;
           if (g)
@@ -52,8 +60,7 @@ void rows(const at::Tensor& x2, const at::Tensor& target, bool hard, int64_t ign
         T lo;
         row_loss[i] = soft_f(x + i * K, t + i * K, K, eps, g, &lo);
         if (!(lo >= T(0))) {
-          int64_t none = -1;
-          bad_row.compare_exchange_strong(none, i);
+          lower(bad_row, i);
         }
       }
       ++kept;
@@ -71,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
   auto row_loss = at::empty(lead, logits.options());
   auto grad = keep_grad ? at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))
                         : at::empty({0}, logits.options());
-  std::atomic<int64_t> count{0}, bad_row{-1};
+  std::atomic<int64_t> count{0}, bad_row{kNoBadRow};
   if (sz.N > 0) {
     const auto x2 = logits.reshape({sz.N, sz.K}).contiguous();
     const auto t2 = sz.hard ? target.reshape({sz.N}).contiguous() : target.reshape({sz.N, sz.K}).contiguous();
@@ -80,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
                      keep_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data_ptr<scalar_t>(), count, bad_row);
     });
   }
-  if (bad_row.load() >= 0) {
+  if (bad_row.load() != kNoBadRow) {
     const int64_t i = bad_row.load();
     if (sz.hard) {
       TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",

@@ -194,6 +194,8 @@ def test_bad_input_names_the_argument(device):
     labels = torch.tensor([0, 1, 4, -100], device=device)
     with pytest.raises(RuntimeError, match=r"`target` values in \[0, 5\) .* got 7 at flat row 2"):
         expert_loss(logits, torch.tensor([0, 1, 7, -100], device=device))
+    with pytest.raises(RuntimeError, match=r"got 9 at flat row 1"):  # the first of several bad rows
+        expert_loss(torch.randn(300, 5, device=device), torch.tensor([0, 9] + [7] * 298, device=device))
     with pytest.raises(RuntimeError, match=r"`target` values in \[0, 5\) .* got -1 at flat row 0"):
         expert_loss(logits, torch.tensor([-1, 1, 2, 3], device=device))
     with pytest.raises(RuntimeError, match=r"int64 `target` of shape \[4\]"):
