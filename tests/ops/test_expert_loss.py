@@ -244,3 +244,7 @@ def test_composite_loss_is_eq_4():
     assert ntp.grad.item() == pytest.approx(0.999) and expert.grad.item() == pytest.approx(0.001)
     with pytest.raises(ValueError, match=r"`alpha` in \[0, 1\], got 1.5"):
         composite_loss(ntp, expert, alpha=1.5)
+    vae = torch.tensor(3.0)  # App. H.3's third component: the router's KL + reconstruction
+    torch.testing.assert_close(composite_loss(ntp, expert, 0.5, vae=vae, beta=0.1), torch.tensor(3.5 + 0.3))
+    with pytest.raises(ValueError, match=r"needs `vae`"):
+        composite_loss(ntp, expert, beta=0.1)
