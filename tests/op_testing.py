@@ -40,3 +40,20 @@ def assert_close_to_reference(actual, ref_same_dtype, ref_f64, name=""):
         assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 x reference's {ref_err:.3g} (+{floor:.1g})"
     else:
         torch.testing.assert_close(actual, ref_same_dtype, msg=lambda m: f"{name}: {m}")
+
+
+def assert_compile_matches_eager(loss_fn, inputs):
+    """``torch.compile(loss_fn, fullgraph=True)`` gives eager's loss and gradients. ``inputs``: floating
+    tensors become fresh leaves for each run; everything else (ids, None) is passed as it is."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager_in, comp_in = leaves(inputs), leaves(inputs)
+    eager_loss, comp_loss = loss_fn(*eager_in), compiled(*comp_in)
+    eager_loss.backward()
+    comp_loss.backward()
+    torch.testing.assert_close(comp_loss, eager_loss)
+    for i, (a, b) in enumerate(zip(comp_in, eager_in)):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            assert (a.grad is None) == (b.grad is None), f"input {i}: gradient only in one of compiled / eager"
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"input {i}: {m}")

@@ -9,7 +9,7 @@ from torch import nn
 from doe_ext.nn import DualInputEmbedding
 from doe_ext.ops import dual_embedding
 from doe_ext.reference import dual_embedding_ref
-from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves
+from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.dual_embedding_fwd.default
 BWD = torch.ops.doe_ext.dual_embedding_bwd.default
@@ -136,14 +136,7 @@ def test_compile_fullgraph_matches_eager():
         out = dual_embedding(token_ids, topic_ids, tw, kw, padding_idx=4)
         return (out * out).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = leaves([tw, kw]), leaves([tw, kw])
-    eager_loss, comp_loss = step(token_ids, topic_ids, *eager_in), compiled(token_ids, topic_ids, *comp_in)
-    eager_loss.backward()
-    comp_loss.backward()
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_matches_eager(step, [token_ids, topic_ids, tw, kw])
 
 
 @pytest.mark.parametrize("device", DEVICES)

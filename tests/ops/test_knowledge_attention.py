@@ -9,7 +9,7 @@ import doe_ext
 from doe_ext.nn import KnowledgeAttention
 from doe_ext.ops import knowledge_attention
 from doe_ext.reference import knowledge_attention_ref
-from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves
+from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.knowledge_attention_fwd.default
 BWD = torch.ops.doe_ext.knowledge_attention_bwd.default
@@ -100,14 +100,7 @@ def test_compile_fullgraph_matches_eager():
         out = knowledge_attention(q, z_key, z_value, residual=residual)
         return (out * out).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = leaves([q, z_key, z_value, residual]), leaves([q, z_key, z_value, residual])
-    eager_loss, comp_loss = step(*eager_in), compiled(*comp_in)
-    eager_loss.backward()
-    comp_loss.backward()
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_matches_eager(step, [q, z_key, z_value, residual])
 
 
 def test_empty_input_gives_empty_output_and_zero_weight_grads():

@@ -7,7 +7,7 @@ import torch
 
 from doe_ext.ops import lora_merge, lora_merge_
 from doe_ext.reference import lora_merge_ref
-from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves
+from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 MERGE = torch.ops.doe_ext.lora_merge.default
 MERGE_ = torch.ops.doe_ext.lora_merge_.default
@@ -99,14 +99,7 @@ def test_compile_fullgraph_matches_eager():
         out = lora_merge(weight, lora_a, lora_b, scales)
         return (out * out).sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = leaves(case), leaves(case)
-    eager_loss, comp_loss = step(*eager_in), compiled(*comp_in)
-    eager_loss.backward()
-    comp_loss.backward()
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_matches_eager(step, case)
 
 
 @pytest.mark.parametrize("device", DEVICES)

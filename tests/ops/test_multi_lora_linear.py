@@ -9,7 +9,7 @@ from torch import nn
 from doe_ext.nn import MultiLoRALinear
 from doe_ext.ops import multi_lora_linear
 from doe_ext.reference import multi_lora_linear_per_expert, multi_lora_linear_ref
-from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves
+from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.multi_lora_linear_fwd.default
 BWD = torch.ops.doe_ext.multi_lora_linear_bwd.default
@@ -153,15 +153,7 @@ def test_compile_fullgraph_matches_eager():
         out = multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales)
         return (out * out).sum()
 
-    floats = [case[i] for i in (0, 1, 2, 3, 4, 6)]
-    compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = leaves(floats), leaves(floats)
-    eager_loss, comp_loss = step(*eager_in), compiled(*comp_in)
-    eager_loss.backward()
-    comp_loss.backward()
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_matches_eager(step, [case[i] for i in (0, 1, 2, 3, 4, 6)])
 
 
 def test_empty_input_gives_empty_output_and_zero_bank_grads():

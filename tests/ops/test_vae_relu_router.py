@@ -9,7 +9,7 @@ import torch
 from doe_ext.nn import SparsityController, VAEReLURouter
 from doe_ext.ops import vae_relu_router
 from doe_ext.reference import vae_relu_router_ref
-from op_testing import DEVICE_DTYPES, DEVICES, HAS_CUDA, assert_close_to_reference, leaves
+from op_testing import DEVICE_DTYPES, DEVICES, HAS_CUDA, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.vae_relu_router_fwd.default
 BWD = torch.ops.doe_ext.vae_relu_router_bwd.default
@@ -225,14 +225,7 @@ def test_compile_fullgraph_matches_eager():
         gates, logits, kl = vae_relu_router(h, *params, noise=noise)
         return gates.square().sum() + logits.mean() + kl.sum()
 
-    compiled = torch.compile(step, fullgraph=True)
-    eager_in, comp_in = leaves([h, *params]), leaves([h, *params])
-    eager_loss, comp_loss = step(eager_in[0], noise, *eager_in[1:]), compiled(comp_in[0], noise, *comp_in[1:])
-    eager_loss.backward()
-    comp_loss.backward()
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_in, eager_in):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compile_matches_eager(step, [h, noise, *params])
 
 
 def test_compile_fullgraph_draws_noise_and_stats_without_graph_break():
