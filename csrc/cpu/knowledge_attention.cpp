@@ -27,12 +27,6 @@ void softmax_backward_row(const double* p, double* dp, int64_t K, double scale) 
   ka::softmax_backward_row(p, dp, K, scale);
 }
 
-// q as a 2-D [N, dk] matrix with unit stride along dk (a view when possible, no copy).
-at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  auto r = t.reshape({N, t.size(-1)});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
 // Forward: S = q @ z_key.T (one GEMM), the scaled softmax and log-sum-exp in one vectorised pass per
 // row (in place, straight into probs when they are kept), then out = residual + P @ z_value (one
 // GEMM whose beta=1 does the residual add).

@@ -17,10 +17,8 @@
 namespace doe_ext {
 namespace {
 
-using vr::as_rows;
 using vr::Eps;
 using vr::eps_mode;
-using vr::leading_with;
 
 // The shared row math, compiled per ISA for float; double (gradcheck) needs no clones.
 DOE_CLONES void fill_normal_f(float* out, int64_t dz, vr::Rng rng, uint64_t row) { vr::fill_normal(out, dz, rng, row); }

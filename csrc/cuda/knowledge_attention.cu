@@ -133,11 +133,6 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const T* g, const T* q, i
 size_t fwd_smem(int K) { return sizeof(float) * (kRows * K + kRows * kTile + kTile * K); }
 size_t bwd_smem(int K) { return sizeof(float) * (2 * kRows * K + kRows * kTile + kTile * K); }
 
-at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  auto r = t.reshape({N, t.size(-1)});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
 // K > kMaxFusedK: the same math through ATen (cuBLAS GEMMs, float32 softmax).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_large_k(const at::Tensor& q2, const at::Tensor& zk,
                                                            const at::Tensor& zv, const at::Tensor& res2,

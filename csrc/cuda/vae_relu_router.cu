@@ -17,10 +17,8 @@
 namespace doe_ext {
 namespace {
 
-using vr::as_rows;
 using vr::Eps;
 using vr::eps_mode;
-using vr::leading_with;
 
 constexpr int kWarps = 8;  // rows per CTA
 constexpr int kThreads = 32 * kWarps;

@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 namespace doe_ext {
 
@@ -75,6 +76,19 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
 inline void check_index(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected `", name, "` of dtype int64, got ",
               dtype_name(t.scalar_type()));
+}
+
+// A tensor's [..., d] as a 2-D [N, d] matrix with unit stride along d (a view when possible).
+inline at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+  auto r = t.reshape({N, t.size(-1)});
+  return r.stride(-1) == 1 ? r : r.contiguous();
+}
+
+// The shape [..., last] from t's leading dims.
+inline std::vector<int64_t> leading_with(const at::Tensor& t, int64_t last) {
+  auto s = t.sizes().vec();
+  s.back() = last;
+  return s;
 }
 
 }  // namespace doe_ext

@@ -49,11 +49,4 @@ inline KnowledgeAttentionSizes check_knowledge_attention(const at::Tensor& q, co
   return {N, dk, dv, z_key.size(0)};
 }
 
-// Output shape [..., last] from q's leading dims.
-inline std::vector<int64_t> leading_with(const at::Tensor& q, int64_t last) {
-  auto s = q.sizes().vec();
-  s.back() = last;
-  return s;
-}
-
 }  // namespace doe_ext

@@ -248,19 +248,6 @@ DOE_HD void softmax_backward_row(const T* p, const T* gg, const T* gl, T* dl, in
 
 // ---- host helpers of both backends ----
 
-// h as a 2-D [N, d] matrix with unit stride along d (a view when possible, no copy).
-inline at::Tensor as_rows(const at::Tensor& t, int64_t N) {
-  auto r = t.reshape({N, t.size(-1)});
-  return r.stride(-1) == 1 ? r : r.contiguous();
-}
-
-// Shape [..., last] from h's leading dims.
-inline std::vector<int64_t> leading_with(const at::Tensor& h, int64_t last) {
-  auto s = h.sizes().vec();
-  s.back() = last;
-  return s;
-}
-
 // The backward's own inputs (the forward's were checked when it ran): sizes from h and the weights.
 inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates,
                                      const std::optional<at::Tensor>& grad_logits, const at::Tensor& h,
