@@ -139,11 +139,13 @@ def test_zero_gate_block_gets_exactly_zero_gradient():
         with torch.no_grad():
             router.gate.bias[dead] = -1e4
     ids, topics = batch()
-    model(ids, topic_ids=topics, labels=ids).loss.backward()
+    out = model(ids, topic_ids=topics, labels=ids)
+    out.loss.backward()
     for layer in model.model.layers:
         ffn = layer.ffn
         assert torch.count_nonzero(ffn.block_up.grad[dead]) == 0
         assert torch.count_nonzero(ffn.block_down.grad[dead]) == 0
         assert torch.count_nonzero(ffn.block_up.grad) > 0  # the open blocks do learn
-    total, active = model.num_parameters_active()
+    total, active = model.num_parameters_active(out.aux)
     assert active < total
+    assert model.num_parameters_active() == (total, total)  # without a batch, every block counts

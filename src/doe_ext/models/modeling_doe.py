@@ -405,13 +405,15 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def num_parameters_active(self) -> tuple[int, int]:
-        """(total, active per token) parameters: with blocks="ffn" a token runs only the block FFNs
-        of its non-zero gates; this counts them at the measured average of active blocks."""
+    def num_parameters_active(self, aux: dict | None = None) -> tuple[int, int]:
+        """(total, active per token) parameters. With blocks="ffn" a token runs only the block FFNs of
+        its non-zero gates: given a forward's ``aux``, they count at that batch's share of open gates
+        (without it, every block counts as active)."""
         total = sum(p.numel() for p in self.parameters())
         block = sum(p.numel() for n, p in self.named_parameters() if ".block_" in n)
-        frac = getattr(self, "_last_active_block_share", 1.0)
-        return total, int(total - block + frac * block)
+        layers = (aux or {}).get("layers") or []
+        share = float(torch.stack([1 - s["sparsity"] for s in layers]).mean()) if layers else 1.0
+        return total, int(total - block + share * block)
 
     def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, labels: Tensor | None = None,
                 expert_labels: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -421,14 +423,11 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         ``expert_labels``: per-token topic ids ``[B, T]`` (-1 = none; shifted like labels: the routers at
         position t are supervised with the topic of token t+1) or per-document distributions ``[B, K]``.
         Without expert_labels, topic_ids serve as the per-token labels."""
-        cfg = self.config
         hidden, cache, extras = self.model(input_ids, topic_ids, attention_mask, position_ids, cache, use_cache,
                                            reconstruct=labels is not None, **kwargs)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         routed = [e for e in extras if isinstance(e, RouterOutput)]
         aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
-        if routed and cfg.blocks == "ffn":
-            self._last_active_block_share = float(torch.stack([1 - s["sparsity"] for s in aux["layers"]]).mean())
         next_topics = routed[-1].logits.argmax(-1) if routed else None
         loss = None
         if labels is not None:
