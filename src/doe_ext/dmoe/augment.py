@@ -1,0 +1,159 @@
+"""Document augmentation (PRAG's recipe, DMoE §4.1.3 and App. C.1) and the prompt format shared by
+expert training, ``ask`` and evaluation.
+
+The base model writes one rewrite and three QA pairs per document with the App. C prompts. Its JSON
+does not always parse: the QA prompt is retried (greedy first, then seeded sampling) a bounded number
+of times, and a document whose every try fails keeps its rewrite and no QA pairs (recorded as such).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+REWRITE_PROMPT = (
+    "Rewrite the following passage. While keeping the entities, proper nouns, and key details such as names, "
+    "locations, and terminology intact, create a new version of the text that expresses the same ideas in a "
+    "different way. Make sure the revised passage is distinct from the original one, but preserves the core "
+    "meaning and relevant information.\nPassage: {passage}")
+QA_PROMPT = (
+    "I will provide a passage of text, and you need to generate three different questions based on the content "
+    "of this passage. Each question should be answerable using the information provided in the passage. "
+    "Additionally, please provide an appropriate answer for each question derived from the passage.\n"
+    "You need to generate the question and answer in the following format:\n"
+    '[{{"question": "What is the capital of France?", "answer": "Paris", '
+    '"full_answer": "The capital of France is Paris."}},]\n'
+    "This list should have at least three elements. You only need to output this list in the above format.\n"
+    "Passage: {passage}")
+QA_INSTRUCTION = ("You should answer the question by referring to the knowledge provided below and integrating "
+                  "your own knowledge.")
+AUGMENTATIONS = ("model", "none")
+
+
+@dataclass
+class Augmentation:
+    """What the base model wrote for one document (``kind="none"``: nothing)."""
+
+    kind: str = "none"
+    rewrite: str = ""
+    qa: list[dict[str, str]] = field(default_factory=list)
+    attempts: int = 0  # QA prompt tries used (0: not asked)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Augmentation":
+        return cls(**json.loads(s))
+
+    def surrogate(self, text: str) -> str:
+        """The expert's text for BM25 (DMoE §3.2): the document plus its augmentations."""
+        parts = [text, self.rewrite] + [f"{q['question']} {q['answer']}" for q in self.qa]
+        return "\n".join(p for p in parts if p)
+
+
+def chat(tokenizer, user: str, answer: str | None = None) -> str:
+    """One user turn (and the assistant's answer, when given) in the tokenizer's chat template, or as
+    plain ``user\\n`` text for a tokenizer without one. Without ``answer`` the text ends where the
+    model's answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": user}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = user + "\n"
+    return prompt if answer is None else prompt + answer
+
+
+def qa_prompt(tokenizer, question: str, passages: list[str] | None = None) -> str:
+    """The question prompt every method uses (PRAG's layout): passages first when given, then the question."""
+    user = f"Question: {question}\nAnswer:"
+    if passages:
+        ctx = "\n".join(f"Passage {i + 1}: {p}" for i, p in enumerate(passages))
+        user = f"{QA_INSTRUCTION}\n{ctx}\n\n{user}"
+    return chat(tokenizer, user)
+
+
+def parse_qa(text: str) -> list[dict[str, str]]:
+    """QA pairs from the model's reply: the JSON list if it parses, else every ``{...}`` object that does.
+    Items without a non-empty string ``question`` and ``answer`` are dropped; at most three are kept."""
+    candidates: list[Any] = []
+    start, end = text.find("["), text.rfind("]")
+    if 0 <= start < end:
+        try:
+            got = json.loads(text[start:end + 1])
+            candidates = got if isinstance(got, list) else []
+        except json.JSONDecodeError:
+            candidates = []
+    if not candidates:
+        for m in re.finditer(r"\{[^{}]*\}", text):
+            try:
+                candidates.append(json.loads(m.group(0)))
+            except json.JSONDecodeError:
+                continue
+    out = []
+    for c in candidates:
+        if not isinstance(c, dict):
+            continue
+        q, a = c.get("question"), c.get("answer")
+        if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+            full = c.get("full_answer")
+            out.append({"question": q.strip(), "answer": a.strip(),
+                        "full_answer": full.strip() if isinstance(full, str) and full.strip() else a.strip()})
+    return out[:3]
+
+
+@torch.no_grad()
+def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None) -> list[str]:
+    """Batched generation with the base model (left padding); greedy unless ``sample_seed`` is given."""
+    tok = base.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = side
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if sample_seed is None:
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, temperature=0.7, top_p=0.95)
+    with torch.random.fork_rng(devices=[]):
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed)
+        out = base.model.generate(**enc, **kwargs)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def augment_documents(base, texts: list[str], kind: str = "model", retries: int = 3, seed: int = 0,
+                      max_new_tokens: int = 256) -> list[Augmentation]:
+    """Augment a batch of documents (one rewrite, up to three QA pairs each).
+
+    Args:
+        kind: ``"model"`` (the base model writes them) or ``"none"``.
+        retries: QA prompt tries per document (greedy, then sampling seeded by ``seed`` and the try).
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augment: `kind` must be one of {AUGMENTATIONS}, got {kind!r}")
+    if retries < 1:
+        raise ValueError(f"augment: `retries` must be >= 1, got {retries}")
+    if kind == "none":
+        return [Augmentation() for _ in texts]
+    tok = base.tokenizer
+    rewrites = generate_text(base, [chat(tok, REWRITE_PROMPT.format(passage=t)) for t in texts], max_new_tokens)
+    augs = [Augmentation(kind="model", rewrite=r.strip()) for r in rewrites]
+    todo = list(range(len(texts)))
+    for attempt in range(retries):
+        if not todo:
+            break
+        replies = generate_text(base, [chat(tok, QA_PROMPT.format(passage=texts[i])) for i in todo],
+                                max_new_tokens, sample_seed=None if attempt == 0 else seed * 1000 + attempt)
+        left = []
+        for i, reply in zip(todo, replies):
+            augs[i].attempts = attempt + 1
+            augs[i].qa = parse_qa(reply)
+            if not augs[i].qa:
+                left.append(i)
+        todo = left
+    return augs

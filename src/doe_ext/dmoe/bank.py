@@ -1,0 +1,324 @@
+"""The expert bank (DMoE §3.2, App. B): one SQLite database and one safetensors file per expert.
+
+Layout of a bank directory::
+
+    bank.sqlite                  WAL mode. meta (format, base fingerprint and name, LoRA config, dtype),
+                                 experts (id, text, augmentation, surrogate, train config, fingerprint,
+                                 loss, sha256 of the weight file, file name), augmentations (a cache by
+                                 document hash, so an interrupted build does not ask the model again),
+                                 and surrogates, an FTS5 index over experts.surrogate (external content,
+                                 BM25 ranking, incremental: adding or deleting one expert touches one
+                                 document of the index).
+    experts/<h>-<c>.safetensors  h: sha256 of the id, c: sha256 of the file. Content-addressed, so
+                                 replacing an expert never overwrites the file its committed row names.
+
+Crash safety: weights go to a temporary file that is fsynced and renamed (and the directory fsynced)
+before the row commits; a crash leaves the bank as before or after the write, plus at worst an
+unreferenced file that :meth:`ExpertBank.collect_garbage` removes. Loading checks the row's
+fingerprint, the file name's shape (no path can escape the directory) and the file's checksum, and
+reads safetensors only (never pickle).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from doe_ext.dmoe.experts import ExpertSet, LoRAConfig, stack
+
+FORMAT = "doe_ext.dmoe.bank/1"
+DB = "bank.sqlite"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FILE_RE = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{16}\.safetensors$")
+_TERM_RE = re.compile(r"[^\W_]+", re.UNICODE)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experts (
+    rowid INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, text TEXT NOT NULL, augmentation TEXT NOT NULL,
+    surrogate TEXT NOT NULL, config TEXT NOT NULL, fingerprint TEXT NOT NULL, loss REAL,
+    checksum TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS augmentations (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS surrogates USING fts5(surrogate, content='experts', content_rowid='rowid');
+"""
+
+
+class BankError(ValueError):
+    """A bank that cannot be used as asked (wrong base model, corrupt file, bad id)."""
+
+
+def check_id(expert_id: str) -> str:
+    """Expert ids are any non-empty text without path separators, NUL or control characters, and not
+    ``.`` / ``..`` (file names never come from ids, but an id that looks like a path is refused)."""
+    if not isinstance(expert_id, str) or not expert_id or expert_id in (".", "..") or any(
+            c in expert_id for c in "/\\") or any(ord(c) < 32 for c in expert_id):
+        raise BankError(f"ExpertBank: invalid expert id {expert_id!r} (no '/', '\\\\', control characters, '.' or '..')")
+    return expert_id
+
+
+def fts_query(text: str) -> str | None:
+    """Free text -> an FTS5 query: every distinct term, quoted, OR-ed (BM25 ranks the matches)."""
+    terms = list(dict.fromkeys(t.lower() for t in _TERM_RE.findall(text)))
+    return " OR ".join(f'"{t}"' for t in terms) or None
+
+
+@dataclass
+class ExpertRow:
+    id: str
+    text: str
+    surrogate: str
+    loss: float | None
+    checksum: str
+    file: str
+    created: float
+    augmentation: str = "{}"
+    config: str = "{}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ExpertBank:
+    """A directory of LoRA experts for one base model, with BM25 routing over their text surrogates.
+
+    Args:
+        path: the bank directory (created with ``create=True``).
+        create: make a new bank; needs ``fingerprint`` and ``lora``.
+        fingerprint: the base model's (:func:`doe_ext.dmoe.base.fingerprint`).
+        base_name: what ``load_base`` was given, so ``ask`` can load the same base.
+        lora: the experts' rank and alpha (one per bank).
+        dtype: weights on disk, ``"float32"`` or ``"bfloat16"``.
+        cache_size: experts kept in memory after loading.
+    """
+
+    def __init__(self, path: str | os.PathLike, create: bool = False, fingerprint: str | None = None,
+                 base_name: str | None = None, lora: LoRAConfig | None = None, dtype: str = "float32",
+                 cache_size: int = 256):
+        self.path = Path(path)
+        db = self.path / DB
+        if create:
+            if dtype not in DTYPES:
+                raise BankError(f"ExpertBank: `dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
+            if fingerprint is None or lora is None:
+                raise BankError("ExpertBank: a new bank needs the base model's `fingerprint` and a `lora` config")
+            (self.path / "experts").mkdir(parents=True, exist_ok=True)
+        elif not db.is_file():
+            raise FileNotFoundError(f"ExpertBank: {self.path}: no bank here ({DB} missing)")
+        self._db = sqlite3.connect(db, timeout=60, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        if create:
+            self._db.executescript(_SCHEMA)
+            meta = {"format": FORMAT, "fingerprint": fingerprint, "base": base_name or "",
+                    "lora": json.dumps({"rank": lora.rank, "alpha": lora.alpha}), "dtype": dtype}
+            old = self.meta()
+            if old and (old.get("fingerprint"), old.get("lora"), old.get("dtype")) != (
+                    meta["fingerprint"], meta["lora"], meta["dtype"]):
+                raise BankError(f"ExpertBank: {self.path} already holds a bank for fingerprint "
+                                f"{old.get('fingerprint')} with lora {old.get('lora')} and dtype {old.get('dtype')}; "
+                                f"asked for {meta['fingerprint']} with {meta['lora']} and {meta['dtype']}")
+            with self._tx():
+                self._db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", meta.items())
+        m = self.meta()
+        if m.get("format") != FORMAT:
+            raise BankError(f"ExpertBank: {db} has format {m.get('format')!r}, expected {FORMAT!r}")
+        self.fingerprint, self.base_name, self.dtype = m["fingerprint"], m["base"], m["dtype"]
+        self.lora = LoRAConfig(**json.loads(m["lora"]))
+        self._cache: OrderedDict[str, tuple[str, dict[str, Tensor]]] = OrderedDict()
+        self._cache_size = cache_size
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _tx(self):
+        db = self._db
+
+        class _Tx:
+            def __enter__(self):
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, *_):
+                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+        return _Tx()
+
+    def meta(self) -> dict[str, str]:
+        try:
+            return dict(self._db.execute("SELECT key, value FROM meta"))
+        except sqlite3.OperationalError:
+            return {}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM experts").fetchone()[0]
+
+    def __contains__(self, expert_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM experts WHERE id = ?", (expert_id,)).fetchone() is not None
+
+    def ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT id FROM experts ORDER BY rowid")]
+
+    def rows(self) -> list[ExpertRow]:
+        cur = self._db.execute("SELECT id, text, surrogate, loss, checksum, file, created, augmentation, config "
+                               "FROM experts ORDER BY rowid")
+        return [ExpertRow(*r) for r in cur]
+
+    def row(self, expert_id: str) -> ExpertRow:
+        r = self._db.execute("SELECT id, text, surrogate, loss, checksum, file, created, augmentation, config "
+                             "FROM experts WHERE id = ?", (expert_id,)).fetchone()
+        if r is None:
+            raise KeyError(f"ExpertBank: no expert with id {expert_id!r} in {self.path}")
+        return ExpertRow(*r)
+
+    def check_base(self, fingerprint: str) -> None:
+        """Refuse a base model the experts were not trained for."""
+        if fingerprint != self.fingerprint:
+            raise BankError(f"ExpertBank: {self.path} holds experts for base fingerprint {self.fingerprint} "
+                            f"({self.base_name or 'unnamed'}), but the model given has fingerprint {fingerprint}")
+
+    # -- augmentation cache ------------------------------------------------------------------
+    def cached_augmentation(self, key: str) -> str | None:
+        r = self._db.execute("SELECT value FROM augmentations WHERE key = ?", (key,)).fetchone()
+        return None if r is None else r[0]
+
+    def cache_augmentations(self, items: dict[str, str]) -> None:
+        with self._tx():
+            self._db.executemany("INSERT OR REPLACE INTO augmentations VALUES (?, ?)", items.items())
+
+    # -- writes ------------------------------------------------------------------------------
+    def add(self, expert_id: str, tensors: dict[str, Tensor], text: str, surrogate: str, augmentation: str = "{}",
+            config: dict | None = None, loss: float | None = None) -> None:
+        """Add (or replace) one expert: weights durably on disk first, then its row and index entry in one
+        transaction. Other experts and the rest of the index are not touched."""
+        check_id(expert_id)
+        dt = DTYPES[self.dtype]
+        data = st_save({k: v.detach().to(dt).contiguous().cpu() for k, v in sorted(tensors.items())},
+                       metadata={"id": expert_id, "fingerprint": self.fingerprint})
+        checksum = hashlib.sha256(data).hexdigest()
+        name = f"{hashlib.sha256(expert_id.encode()).hexdigest()[:16]}-{checksum[:16]}.safetensors"
+        folder = self.path / "experts"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
+        with self._tx():
+            old = self._db.execute("SELECT rowid, surrogate, file FROM experts WHERE id = ?", (expert_id,)).fetchone()
+            if old is not None:
+                self._db.execute("INSERT INTO surrogates(surrogates, rowid, surrogate) VALUES ('delete', ?, ?)",
+                                 (old[0], old[1]))
+                self._db.execute("DELETE FROM experts WHERE rowid = ?", (old[0],))
+            cur = self._db.execute(
+                "INSERT INTO experts (id, text, augmentation, surrogate, config, fingerprint, loss, checksum, file, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (expert_id, text, augmentation, surrogate, json.dumps(config or {}, sort_keys=True),
+                 self.fingerprint, loss, checksum, name, time.time()))
+            self._db.execute("INSERT INTO surrogates(rowid, surrogate) VALUES (?, ?)", (cur.lastrowid, surrogate))
+        self._cache.pop(expert_id, None)
+        if old is not None and old[2] != name:
+            (folder / old[2]).unlink(missing_ok=True)
+
+    def remove(self, expert_ids: list[str]) -> None:
+        """Delete experts (their rows, index entries and files); an unknown id raises ``KeyError``."""
+        files = []
+        with self._tx():
+            for eid in expert_ids:
+                old = self._db.execute("SELECT rowid, surrogate, file FROM experts WHERE id = ?", (eid,)).fetchone()
+                if old is None:
+                    raise KeyError(f"ExpertBank: no expert with id {eid!r} in {self.path}")
+                self._db.execute("INSERT INTO surrogates(surrogates, rowid, surrogate) VALUES ('delete', ?, ?)",
+                                 (old[0], old[1]))
+                self._db.execute("DELETE FROM experts WHERE rowid = ?", (old[0],))
+                files.append(old[2])
+        for eid, f in zip(expert_ids, files):
+            self._cache.pop(eid, None)
+            (self.path / "experts" / f).unlink(missing_ok=True)
+
+    def collect_garbage(self) -> int:
+        """Remove weight files no row names (left by a crash between rename and commit). Returns how many."""
+        keep = {r[0] for r in self._db.execute("SELECT file FROM experts")}
+        n = 0
+        for f in (self.path / "experts").iterdir():
+            if f.name not in keep and (f.name.startswith(".tmp-") or _FILE_RE.match(f.name)):
+                f.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    # -- reads -------------------------------------------------------------------------------
+    def route(self, query: str, k: int = 3) -> list[str]:
+        """The ``k`` experts whose surrogates best match ``query`` under BM25 (FTS5's ``bm25()``,
+        k1 = 1.2, b = 0.75), best first. A query sharing no term with any surrogate gives ``[]``."""
+        if k < 1:
+            raise ValueError(f"ExpertBank.route: `k` must be >= 1, got {k}")
+        q = fts_query(query)
+        if q is None:
+            return []
+        cur = self._db.execute("SELECT e.id FROM surrogates JOIN experts e ON e.rowid = surrogates.rowid "
+                               "WHERE surrogates MATCH ? ORDER BY bm25(surrogates), e.rowid LIMIT ?", (q, k))
+        return [r[0] for r in cur]
+
+    def get(self, expert_id: str) -> dict[str, Tensor]:
+        """One expert's tensors (float32), verified: fingerprint, file name and checksum."""
+        row = self._db.execute("SELECT fingerprint, checksum, file FROM experts WHERE id = ?", (expert_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"ExpertBank: no expert with id {expert_id!r} in {self.path}")
+        fp, checksum, name = row
+        hit = self._cache.get(expert_id)
+        if hit is not None and hit[0] == checksum:
+            self._cache.move_to_end(expert_id)
+            return hit[1]
+        if fp != self.fingerprint:
+            raise BankError(f"ExpertBank: expert {expert_id!r} was trained for base fingerprint {fp}, "
+                            f"the bank's is {self.fingerprint}")
+        if not _FILE_RE.match(name):
+            raise BankError(f"ExpertBank: expert {expert_id!r} names the file {name!r}, which is not a bank file name")
+        path = self.path / "experts" / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BankError(f"ExpertBank: expert {expert_id!r}: weight file {path} is missing") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != checksum:
+            raise BankError(f"ExpertBank: expert {expert_id!r}: {path} has sha256 {got}, its row says {checksum}")
+        tensors = {k: v.float() for k, v in st_load(data).items()}
+        self._cache[expert_id] = (checksum, tensors)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def load(self, expert_ids: list[str], names: tuple[str, ...]) -> ExpertSet:
+        """Stack experts into an :class:`ExpertSet` over the projections ``names``, in the order given."""
+        return stack([self.get(e) for e in expert_ids], names)
+
+    def __repr__(self) -> str:
+        return (f"ExpertBank({str(self.path)!r}, experts={len(self)}, base={self.base_name or self.fingerprint!r}, "
+                f"rank={self.lora.rank}, alpha={self.lora.alpha}, dtype={self.dtype})")

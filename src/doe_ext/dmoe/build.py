@@ -1,0 +1,104 @@
+"""Building a bank from documents: read ``DOCS.jsonl``, augment (cached in the bank), train in
+groups, commit each expert. Resumable: experts already in the bank are skipped, cached augmentations
+are reused, and a build killed at any point and run again gives the bank an uninterrupted build gives."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+from doe_ext.dmoe.augment import AUGMENTATIONS, Augmentation, augment_documents
+from doe_ext.dmoe.bank import ExpertBank, check_id
+from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.train import TrainConfig, train_experts
+
+
+@dataclass(frozen=True)
+class Document:
+    """A knowledge unit: one expert is trained on it."""
+
+    id: str
+    text: str
+
+
+def read_documents(path: str | os.PathLike) -> list[Document]:
+    """``{"id": str, "text": str}`` per line; errors name the file and line. Blank lines are skipped;
+    an id given twice is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    docs, seen = [], {}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("text"), str):
+                raise ValueError(f'{path}:{n}: expected {{"id": str, "text": str}}')
+            try:
+                check_id(obj["id"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            if not obj["text"].strip():
+                raise ValueError(f"{path}:{n}: document {obj['id']!r} has empty text")
+            if obj["id"] in seen:
+                raise ValueError(f"{path}:{n}: id {obj['id']!r} already given on line {seen[obj['id']]}")
+            seen[obj["id"]] = n
+            docs.append(Document(obj["id"], obj["text"]))
+    return docs
+
+
+def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
+    return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
+
+
+def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document], kind: str) -> list[Augmentation]:
+    """Each document's augmentation: from the bank's cache, or written by the base model and cached."""
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"build: `augment` must be one of {AUGMENTATIONS}, got {kind!r}")
+    keys = [augmentation_key(bank.fingerprint, kind, d.text) for d in docs]
+    got = [bank.cached_augmentation(k) for k in keys]
+    todo = [i for i, g in enumerate(got) if g is None]
+    if todo:
+        new = augment_documents(base, [docs[i].text for i in todo], kind)
+        bank.cache_augmentations({keys[i]: a.to_json() for i, a in zip(todo, new)})
+        for i, a in zip(todo, new):
+            got[i] = a.to_json()
+    return [Augmentation.from_json(g) for g in got]
+
+
+def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, cfg: TrainConfig = TrainConfig(),
+               augment: str = "model", group_size: int = 32, replace: bool = False, progress: bool = True) -> list[str]:
+    """Train and commit an expert for every document not yet in ``bank`` (all of them with
+    ``replace=True``). ``group_size`` documents are augmented and trained together. Returns the ids
+    trained now."""
+    bank.check_base(base.fingerprint)
+    if (cfg.lora.rank, cfg.lora.alpha) != (bank.lora.rank, bank.lora.alpha):
+        raise ValueError(f"build: the bank's experts have rank {bank.lora.rank} / alpha {bank.lora.alpha}, "
+                         f"the training config asks for {cfg.lora.rank} / {cfg.lora.alpha}")
+    if group_size < 1:
+        raise ValueError(f"build: `group_size` must be >= 1, got {group_size}")
+    bank.collect_garbage()
+    docs = list(docs)
+    todo = docs if replace else [d for d in docs if d.id not in bank]
+    bar = tqdm(total=len(todo), desc="experts", unit="expert", disable=not progress)
+    try:
+        for s in range(0, len(todo), group_size):
+            group = todo[s:s + group_size]
+            augs = augmentations(base, bank, group, augment)
+            trained = train_experts(base, [(d.id, d.text, a) for d, a in zip(group, augs)], cfg)
+            for d, a, e in zip(group, augs, trained):
+                bank.add(d.id, e.tensors, d.text, a.surrogate(d.text), a.to_json(),
+                         {**cfg.to_dict(), "augment": augment}, e.loss)
+                bar.update(1)
+    finally:
+        bar.close()
+    return [d.id for d in todo]

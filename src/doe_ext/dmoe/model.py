@@ -1,0 +1,190 @@
+"""DMoE inference (§3.1-3.3): the token-uncertainty trigger, BM25 routing on the prefix, and
+re-prediction of the triggering position with the new experts, without touching the KV cache.
+
+At each decoding step the next-token distribution of every sequence is read; where its entropy
+``TU = -sum p log p`` exceeds ``tau``, the routing query is that sequence's prompt plus generated
+prefix (the tokens before the position being predicted, the last ``query_tokens`` of them), the top-k
+experts become its active set (``theta + sum of deltas``, eq. 6), and the position is predicted again
+by re-running only the last MLP block, the final norm and the head on the residual already computed
+for it. Earlier layers, and so the KV cache of every layer, do not depend on the experts. Every
+sequence of a batch has its own set (a mixed batch through ``multi_lora_linear``), kept until its
+next trigger.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from doe_ext.dmoe.bank import BankError, ExpertBank
+from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight
+from doe_ext.dmoe.experts import Routing, attach, use_experts
+
+
+@dataclass
+class Trigger:
+    position: int  # index of the generated token that was predicted again (0: the first new token)
+    entropy: float  # TU of the distribution that triggered (before the new experts)
+    experts: list[str]  # the sequence's new active set, best first
+
+
+@dataclass
+class Generation:
+    """One sequence's output: the new tokens, their text and the trigger trace."""
+
+    tokens: list[int]
+    text: str
+    triggers: list[Trigger] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)  # TU at every step, before any re-prediction
+
+    def to_dict(self) -> dict:
+        return {"answer": self.text, "triggers": [asdict(t) for t in self.triggers]}
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{t.position}</td><td>{t.entropy:.3f}</td><td>{html.escape(', '.join(t.experts))}</td></tr>"
+                       for t in self.triggers)
+        return (f"<p><b>answer</b>: {html.escape(self.text)}</p><table><tr><th>position</th><th>entropy</th>"
+                f"<th>experts</th></tr>{rows}</table>")
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """``-sum p log p`` over the last dim, in float32."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class DMoE:
+    """A frozen base LM with a bank of LoRA experts on its last MLP (wrapped PEFT-style, see
+    :mod:`doe_ext.dmoe.experts`).
+
+    Args:
+        base: from :func:`doe_ext.dmoe.load_base`.
+        bank: an :class:`ExpertBank` built for this base (checked by fingerprint; an empty bank is refused).
+        tau: the trigger threshold on TU (DMoE: 2.0); ``math.inf`` never triggers (the base model).
+        top_k: experts per trigger (DMoE: 3).
+        query_tokens: the routing query is the last this many tokens of the prefix (DMoE: 128).
+        router: ``(query_text, k) -> expert ids``; the bank's BM25 by default (ablations swap it).
+    """
+
+    def __init__(self, base: BaseLM, bank: ExpertBank, tau: float = 2.0, top_k: int = 3, query_tokens: int = 128,
+                 router: Callable[[str, int], list[str]] | None = None):
+        bank.check_base(base.fingerprint)
+        if len(bank) == 0:
+            raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
+        if top_k < 1:
+            raise ValueError(f"DMoE: `top_k` must be >= 1, got {top_k}")
+        self.base, self.bank, self.tau, self.top_k, self.query_tokens = base, bank, tau, top_k, query_tokens
+        self.router = router or bank.route
+        self.last = base.last
+        attach(self.last)
+        self.scale = bank.lora.scale
+
+    def _routing(self, sets: list[list[str]]) -> Routing | None:
+        """One Routing for per-row expert sets (rows without experts get empty slots)."""
+        union = list(dict.fromkeys(e for s in sets for e in s))
+        if not union:
+            return None
+        pos = {e: i for i, e in enumerate(union)}
+        k = max(len(s) for s in sets)
+        idx = torch.full((len(sets), k), -1, dtype=torch.long)
+        for r, s in enumerate(sets):
+            idx[r, :len(s)] = torch.tensor([pos[e] for e in s], dtype=torch.long)
+        return Routing(self.bank.load(union, self.last.projection_names), idx,
+                       torch.full((len(sets), k), self.scale))
+
+    def _eos(self) -> set[int]:
+        ids = self.base.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if self.base.tokenizer.eos_token_id is not None:
+            ids.add(self.base.tokenizer.eos_token_id)
+        return ids
+
+    def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        limit = self.base.max_positions
+        for i, ids in enumerate(enc):
+            if not ids:
+                raise ValueError(f"DMoE.generate: prompt {i} is empty")
+            if limit is not None and len(ids) + max_new_tokens > limit:
+                raise ValueError(f"DMoE.generate: prompt {i} has {len(ids)} tokens; with max_new_tokens="
+                                 f"{max_new_tokens} it exceeds the model's context of {limit} positions")
+        return enc
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
+                 top_k: int | None = None) -> list[Generation]:
+        """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tau = self.tau if tau is None else tau
+        top_k = self.top_k if top_k is None else top_k
+        model, tok = self.base.model, self.base.tokenizer
+        enc = self.encode(prompts, max_new_tokens)
+        B, L = len(enc), max(map(len, enc))
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        eos = self._eos()
+        seqs = [list(e) for e in enc]
+        out = [Generation([], "") for _ in range(B)]
+        active: list[list[str]] = [[] for _ in range(B)]
+        routing = None
+        done = [False] * B
+        with capture_residual(self.last) as cap:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            for t in range(max_new_tokens):
+                ent = token_entropy(logits)
+                trig = [b for b in range(B) if not done[b] and ent[b].item() > tau]
+                for b in trig:
+                    active[b] = list(self.router(tok.decode(seqs[b][-self.query_tokens:]), top_k))
+                if trig:
+                    rows = torch.tensor(trig)
+                    with use_experts(self._routing([active[b] for b in trig])):
+                        logits[rows] = self.last.logits(cap.value[rows, -1]).to(logits.dtype)
+                    routing = self._routing(active)
+                nxt = logits.argmax(-1)
+                for b in range(B):
+                    if done[b]:
+                        nxt[b] = pad
+                        continue
+                    out[b].entropies.append(ent[b].item())
+                    if b in trig:
+                        out[b].triggers.append(Trigger(t, ent[b].item(), list(active[b])))
+                    out[b].tokens.append(nxt[b].item())
+                    seqs[b].append(nxt[b].item())
+                    done[b] = nxt[b].item() in eos
+                if all(done) or t == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                pos = pos[:, -1:] + 1
+                with use_experts(routing):
+                    logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for g in out:
+            g.text = tok.decode([x for x in g.tokens if x not in eos], skip_special_tokens=True).strip()
+        return out
+
+    def ask(self, question: str, max_new_tokens: int = 32, tau: float | None = None,
+            top_k: int | None = None) -> Generation:
+        """Answer one question (the shared QA prompt, no passages)."""
+        from doe_ext.dmoe.augment import qa_prompt
+
+        return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k)[0]
+
+
+def merged_state(base: BaseLM, experts: list[dict[str, Tensor]], scale: float) -> dict[str, Tensor]:
+    """The last MLP projections' weights ``theta + sum_e scale * B_e @ A_e`` in each module's own layout
+    (PRAG's merge, and the reference the tests compare DMoE against). Projection name -> weight."""
+    out = {}
+    for name, module in base.last.projections().items():
+        module = getattr(module, "base_layer", module)
+        w = linear_weight(module).detach()  # [out, in]
+        merged = w + sum(scale * e[f"{name}.lora_b"] @ e[f"{name}.lora_a"] for e in experts) if experts else w.clone()
+        out[name] = merged if isinstance(module, torch.nn.Linear) else merged.t().contiguous()
+    return out

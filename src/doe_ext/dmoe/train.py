@@ -1,0 +1,237 @@
+"""Batched expert training (DMoE §4.1.3 with PRAG's recipe, far cheaper than PRAG's loop).
+
+The base is frozen and experts sit after the last attention, so the residual stream entering the last
+MLP block does not depend on the expert. It is computed once per training instance (one forward of
+the base body, no head) and kept for the positions where the loss is taken; then many experts train
+in one batch: every row goes through its own expert (``multi_lora_linear``), the vocabulary
+projection runs only on those rows and in chunks (:class:`_ChunkedLMLoss`, never a ``[tokens, vocab]``
+float32 tensor for a whole batch), and each expert has its own AdamW state and step count, updated
+only at steps where it had data. Expert ``e``'s step ``s`` always sees the same instances, so experts
+trained together equal experts trained one at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from doe_ext.dmoe.augment import Augmentation, qa_prompt
+from doe_ext.dmoe.base import BaseLM, capture_residual
+from doe_ext.dmoe.experts import ExpertSet, LoRAConfig, Routing, attach, init_expert, use_experts
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The expert recipe.
+
+    Args:
+        lora: rank and alpha (DMoE: 4 / 16).
+        lr: AdamW learning rate (PRAG's code: 3e-4; the DMoE paper states 1e-5).
+        epochs: passes over each document's instances (DMoE: 1).
+        batch_size: instances per expert per optimizer step (PRAG: 1).
+        weight_decay: AdamW's decoupled decay (torch's default, as PRAG uses it).
+        max_length: instances are cut to this many tokens.
+        seed: with the expert id, seeds the expert's LoRA init.
+        head_chunk: rows per chunk of the vocabulary projection.
+    """
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lr: float = 3e-4
+    epochs: int = 1
+    batch_size: int = 1
+    weight_decay: float = 0.01
+    max_length: int = 512
+    seed: int = 0
+    head_chunk: int = 256
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_length", "head_chunk"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"TrainConfig: `{name}` must be a positive int, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: `lr` must be > 0, got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return {"rank": self.lora.rank, "alpha": self.lora.alpha, "lr": self.lr, "epochs": self.epochs,
+                "batch_size": self.batch_size, "weight_decay": self.weight_decay, "max_length": self.max_length,
+                "seed": self.seed}
+
+
+@dataclass
+class Instance:
+    """One training sequence: token ids and the first position whose next token is a target."""
+
+    ids: list[int]
+    loss_start: int
+
+
+@dataclass
+class TrainedExpert:
+    id: str
+    tensors: dict[str, Tensor]  # "<proj>.lora_a" [r, in], "<proj>.lora_b" [out, r]
+    loss: float  # mean next-token loss over the last epoch's steps
+
+
+def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int) -> list[Instance]:
+    """PRAG's instances for one document: the passage and its rewrite as plain text (loss on every
+    token), then for the first half of the QA pairs the question with the passage and with the
+    rewrite in the prompt, for the rest the question alone (loss on the answer)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = [Instance(enc(t)[:max_length], 0) for t in (text, aug.rewrite) if t]
+    half = (len(aug.qa) + 1) // 2
+    for j, qa in enumerate(aug.qa):
+        contexts = [[p] for p in (text, aug.rewrite) if p] if j < half else [None]
+        for ctx in contexts:
+            prompt = enc(qa_prompt(tokenizer, qa["question"], ctx))
+            ids = (prompt + enc(" " + qa["answer"]) + eos)[:max_length]
+            if len(ids) > len(prompt):
+                out.append(Instance(ids, len(prompt) - 1))
+    return [i for i in out if len(i.ids) - 1 > i.loss_start]
+
+
+@torch.no_grad()
+def residuals(base: BaseLM, instances: list[Instance]) -> list[tuple[Tensor, Tensor]]:
+    """Per instance: the residual entering the last MLP block at its loss positions ``[L, d]`` and the
+    targets ``[L]``. One right-padded batch of the base body (no LM head); causal attention makes the
+    padding invisible to the real positions."""
+    if not instances:
+        return []
+    body = base.model.base_model
+    n = max(len(i.ids) for i in instances)
+    pad = base.tokenizer.pad_token_id
+    ids = torch.tensor([i.ids + [pad] * (n - len(i.ids)) for i in instances])
+    mask = torch.tensor([[1] * len(i.ids) + [0] * (n - len(i.ids)) for i in instances])
+    with capture_residual(base.last) as cap:
+        body(input_ids=ids, attention_mask=mask, use_cache=False)
+    out = []
+    for row, inst in zip(cap.value, instances):
+        pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
+        out.append((row[pos].clone(), ids[0].new_tensor(inst.ids)[pos + 1]))
+    return out
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """``sum_t w_t * CE(hidden_t @ W.T + b, target_t)`` with the vocabulary projection in chunks of rows;
+    the frozen head gets no gradient. The gradient w.r.t. ``hidden`` is formed chunk by chunk in the
+    forward, so no ``[rows, vocab]`` tensor outlives a chunk. Returns (total, per-row losses)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, w, chunk):
+        grad = torch.empty_like(hidden)
+        per_row = hidden.new_empty(hidden.shape[0])
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, -1)
+            t = target[s:s + chunk]
+            per_row[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
+            p = torch.exp(logits - lse[:, None])
+            p[torch.arange(len(t)), t] -= 1
+            grad[s:s + chunk] = ((p * w[s:s + chunk, None]).to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(per_row)
+        return (per_row * w).sum(), per_row
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_rows):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None
+
+
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, w: Tensor,
+                    chunk: int = 256) -> tuple[Tensor, Tensor]:
+    return _ChunkedLMLoss.apply(hidden, weight, bias, target, w, chunk)
+
+
+def expert_seed(seed: int, expert_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{expert_id}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+class _ExpertAdamW:
+    """AdamW over stacked expert tensors ``[E, ...]`` with one step count per expert: ``step(rows)``
+    updates only those experts, exactly as ``torch.optim.AdamW`` would update each one alone."""
+
+    def __init__(self, params: list[Tensor], lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros(params[0].shape[0], dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, rows: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t[rows] += 1
+        t = self.t[rows]
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = p.grad[rows]
+            pr = p[rows] * (1 - self.lr * self.wd)
+            mr = m[rows].lerp_(g, 1 - b1)
+            vr = v[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (vr.sqrt() / bc2.sqrt().to(p.dtype).view(shape)).add_(self.eps)
+            pr -= (self.lr / bc1).to(p.dtype).view(shape) * mr / denom
+            p[rows], m[rows], v[rows] = pr, mr, vr
+            p.grad = None
+
+
+def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]], cfg: TrainConfig = TrainConfig(),
+                  progress=None) -> list[TrainedExpert]:
+    """Train one expert per document, all of ``docs`` in one batch.
+
+    Args:
+        docs: ``(expert id, document text, augmentation)`` triples.
+        progress: called with the number of optimizer steps done, for a progress bar.
+    """
+    last = base.last
+    attach(last)
+    shapes = last.shapes()
+    names = last.projection_names
+    data = [residuals(base, training_instances(base.tokenizer, text, aug, cfg.max_length)) for _, text, aug in docs]
+    for (eid, _, _), d in zip(docs, data):
+        if not d:
+            raise ValueError(f"train_experts: document {eid!r} gives no training tokens (empty text?)")
+    inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
+             for eid, _, _ in docs]
+    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).requires_grad_() for n in names}
+    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).requires_grad_() for n in names}
+    opt = _ExpertAdamW([*a.values(), *b.values()], cfg.lr, cfg.weight_decay)
+    experts = ExpertSet(a=a, b=b)
+    head = last.head
+    E = len(docs)
+    steps = [math.ceil(len(d) / cfg.batch_size) for d in data]
+    loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
+    for epoch in range(cfg.epochs):
+        if epoch == cfg.epochs - 1:
+            loss_sum.zero_(), loss_n.zero_()
+        for s in range(max(steps)):
+            active = [e for e in range(E) if s < steps[e]]
+            xs, ts, idx, ws = [], [], [], []
+            for e in active:
+                batch = data[e][s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                n_tok = sum(len(t) for _, t in batch)
+                for x, t in batch:
+                    xs.append(x), ts.append(t)
+                    idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
+            x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx), torch.cat(ws)
+            routing = Routing(experts, i[:, None], torch.full((len(i), 1), cfg.lora.scale))
+            with use_experts(routing):
+                hidden = last.hidden(x)
+            total, per_row = chunked_lm_loss(hidden, head.weight, getattr(head, "bias", None), t, w, cfg.head_chunk)
+            total.backward()
+            opt.step(torch.tensor(active))
+            step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i, (per_row * w).double())
+            loss_sum[active] += step_loss[active]
+            loss_n[active] += 1
+            if progress is not None:
+                progress(1)
+    return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().clone() for n in names},
+                                           **{f"{n}.lora_b": b[n][k].detach().clone() for n in names}},
+                          loss=float(loss_sum[k] / loss_n[k]))
+            for k, (eid, _, _) in enumerate(docs)]
