@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-GROUPS = ("doe_ext.cli.corpus", "doe_ext.cli.lda")
+GROUPS = ("doe_ext.cli.corpus", "doe_ext.cli.lda", "doe_ext.cli.dmoe")
 
 
 class CommandError(Exception):
@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Imported here so `doe-ext --help` stays fast and these errors are known to be the user's.
     from doe_ext.lda.corpus import CorpusError
+    from doe_ext.dmoe.bank import BankError  # noqa: F401  (a ValueError: reported below)
     try:
         args.func(args)
-    except (CommandError, CorpusError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (CommandError, CorpusError, ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"doe-ext: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`

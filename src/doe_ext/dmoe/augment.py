@@ -114,6 +114,10 @@ def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: in
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tok.padding_side = side
+    limit = base.max_positions
+    if limit is not None and enc["input_ids"].shape[1] + max_new_tokens > limit:
+        raise ValueError(f"augment: a prompt of {enc['input_ids'].shape[1]} tokens plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the model's context of {limit} positions (shorten the document)")
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     if sample_seed is None:
         kwargs.update(do_sample=False)

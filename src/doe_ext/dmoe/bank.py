@@ -163,6 +163,10 @@ class ExpertBank:
         except sqlite3.OperationalError:
             return {}
 
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     def close(self) -> None:
         self._db.close()
 
@@ -309,7 +313,10 @@ class ExpertBank:
         got = hashlib.sha256(data).hexdigest()
         if got != checksum:
             raise BankError(f"ExpertBank: expert {expert_id!r}: {path} has sha256 {got}, its row says {checksum}")
-        tensors = {k: v.float() for k, v in st_load(data).items()}
+        try:
+            tensors = {k: v.float() for k, v in st_load(data).items()}
+        except Exception as e:  # safetensors only: anything else (a pickle, say) is refused, never run
+            raise BankError(f"ExpertBank: expert {expert_id!r}: {path} is not a safetensors file ({e})") from None
         self._cache[expert_id] = (checksum, tensors)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

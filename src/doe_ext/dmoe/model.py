@@ -136,7 +136,7 @@ class DMoE:
         routing = None
         done = [False] * B
         with capture_residual(self.last) as cap:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1]
             for t in range(max_new_tokens):
                 ent = token_entropy(logits)
@@ -165,7 +165,7 @@ class DMoE:
                 pos = pos[:, -1:] + 1
                 with use_experts(routing):
                     logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         for g in out:
             g.text = tok.decode([x for x in g.tokens if x not in eos], skip_special_tokens=True).strip()
         return out

@@ -127,7 +127,8 @@ class _ChunkedLMLoss(torch.autograd.Function):
         per_row = hidden.new_empty(hidden.shape[0])
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> f32, f64 stays
             lse = torch.logsumexp(logits, -1)
             t = target[s:s + chunk]
             per_row[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]

@@ -1,0 +1,162 @@
+"""``doe-ext dmoe build | ask | add | rm | ls``: DMoE expert banks (CONTRACT §6)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from doe_ext.cli import CommandError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dmoe", help="DMoE: build an expert bank, ask questions, add / remove experts")
+    cmds = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def train_args(c, defaults: bool):
+        d = (lambda v: v) if defaults else (lambda v: None)
+        c.add_argument("--epochs", type=int, default=d(1), help="passes over each document's instances")
+        c.add_argument("--lr", type=float, default=d(3e-4), help="AdamW learning rate")
+        c.add_argument("--augment", choices=("model", "none"), default=d("model"),
+                       help="model: the base writes a rewrite and three QA pairs per document (App. C); none: the document alone")
+        c.add_argument("--group-size", type=int, default=32, help="documents augmented and trained together")
+        c.add_argument("--ray", type=int, default=0, metavar="N", help="train on N Ray workers")
+        c.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto)")
+        c.add_argument("--no-progress", action="store_true")
+
+    b = cmds.add_parser("build", help="train one expert per document of DOCS.jsonl into a bank (resumable)")
+    b.add_argument("docs", help='JSON lines: {"id": str, "text": str}')
+    b.add_argument("--out", required=True, help="bank directory")
+    b.add_argument("--base", default="smollm2-135m", help="smollm2-135m, a .gguf file or a model directory")
+    b.add_argument("--rank", type=int, default=4)
+    b.add_argument("--alpha", type=float, default=16.0)
+    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights on disk")
+    b.add_argument("--seed", type=int, default=0)
+    train_args(b, defaults=True)
+    b.set_defaults(func=build)
+
+    a = cmds.add_parser("add", help="add (or replace) experts for the documents of DOCS.jsonl, with the bank's recipe")
+    a.add_argument("bank")
+    a.add_argument("docs")
+    train_args(a, defaults=False)
+    a.set_defaults(func=add)
+
+    q = cmds.add_parser("ask", help="answer a question with the bank's experts")
+    q.add_argument("bank")
+    q.add_argument("question")
+    q.add_argument("--tau", type=float, default=2.0, help="trigger threshold on token entropy (inf: never)")
+    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
+    q.add_argument("--json", action="store_true", help='print {"answer": ..., "triggers": [...]}')
+    q.set_defaults(func=ask)
+
+    r = cmds.add_parser("rm", help="remove experts by id")
+    r.add_argument("bank")
+    r.add_argument("ids", nargs="+")
+    r.set_defaults(func=rm)
+
+    ls_ = cmds.add_parser("ls", help="list the experts of a bank")
+    ls_.add_argument("bank")
+    ls_.add_argument("--json", action="store_true", help="one JSON object per expert")
+    ls_.set_defaults(func=ls)
+
+
+def _open(path: str):
+    from doe_ext.dmoe import ExpertBank
+
+    return ExpertBank(path)
+
+
+def _train(args, base, bank, cfg, augment: str, replace: bool) -> list[str]:
+    from doe_ext.dmoe import build_bank, read_documents
+
+    docs = read_documents(args.docs)
+    if args.ray:
+        from doe_ext.dmoe.distributed import build_bank_ray
+
+        if replace:
+            bank.remove([d.id for d in docs if d.id in bank])
+        return build_bank_ray(bank.base_name, base.fingerprint, docs, bank, cfg, augment, args.ray, args.group_size,
+                              args.ray_address, progress=not args.no_progress)
+    return build_bank(base, docs, bank, cfg, augment, args.group_size, replace=replace, progress=not args.no_progress)
+
+
+def _config(rank, alpha, epochs, lr, seed):
+    from doe_ext.dmoe import LoRAConfig, TrainConfig
+
+    return TrainConfig(lora=LoRAConfig(rank, alpha), epochs=epochs, lr=lr, seed=seed)
+
+
+def build(args) -> None:
+    from doe_ext.dmoe import ExpertBank, load_base
+
+    out = Path(args.out)
+    cfg = _config(args.rank, args.alpha, args.epochs, args.lr, args.seed)
+    base_name = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
+    base = load_base(base_name)
+    # create=True also opens an existing bank (a resumed build), after checking it was made the same way.
+    with ExpertBank(out, create=True, fingerprint=base.fingerprint, base_name=base_name, lora=cfg.lora,
+                    dtype=args.dtype) as bank:
+        if bank.base_name != base_name:
+            raise CommandError(f"{out}: the bank was built with --base {bank.base_name}, not {base_name}")
+        recipe = json.dumps({**cfg.to_dict(), "augment": args.augment}, sort_keys=True)
+        old = bank.meta().get("train")
+        if old is not None and old != recipe:
+            raise CommandError(f"{out}: the bank was built with the recipe {old}; this build asks for {recipe}")
+        bank.set_meta("train", recipe)
+        done = _train(args, base, bank, cfg, args.augment, replace=False)
+        print(f"{out}: {len(done)} experts trained, {len(bank)} in the bank")
+
+
+def add(args) -> None:
+    with _open(args.bank) as bank:
+        recipe = json.loads(bank.meta().get("train", "{}"))
+        if not recipe:
+            raise CommandError(f"{args.bank}: the bank has no recipe; create it with `doe-ext dmoe build`")
+        for k in ("epochs", "lr", "augment"):
+            if getattr(args, k) is not None:
+                recipe[k] = getattr(args, k)
+        cfg = _config(recipe["rank"], recipe["alpha"], recipe["epochs"], recipe["lr"], recipe["seed"])
+        from doe_ext.dmoe import load_base
+
+        done = _train(args, load_base(bank.base_name), bank, cfg, recipe["augment"], replace=True)
+        print(f"{args.bank}: {len(done)} experts added, {len(bank)} in the bank")
+
+
+def ask(args) -> None:
+    from doe_ext.dmoe import DMoE, load_base
+
+    with _open(args.bank) as bank:
+        base = load_base(args.base or bank.base_name)
+        tau = math.inf if math.isinf(args.tau) else args.tau
+        g = DMoE(base, bank, tau=tau, top_k=args.top_k).ask(args.question, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(g.to_dict(), ensure_ascii=False))
+    else:
+        print(g.text)
+        for t in g.triggers:
+            print(f"  [trigger] position {t.position}  entropy {t.entropy:.3f}  experts {', '.join(t.experts)}")
+
+
+def rm(args) -> None:
+    with _open(args.bank) as bank:
+        missing = [i for i in args.ids if i not in bank]
+        if missing:
+            raise CommandError(f"{args.bank}: no expert with id {', '.join(map(repr, missing))}")
+        bank.remove(args.ids)
+        print(f"{args.bank}: removed {len(args.ids)}, {len(bank)} left")
+
+
+def ls(args) -> None:
+    with _open(args.bank) as bank:
+        rows = bank.rows()
+        if args.json:
+            for r in rows:
+                print(json.dumps({"id": r.id, "loss": r.loss, "checksum": r.checksum, "file": r.file,
+                                  "text": r.text}, ensure_ascii=False))
+            return
+        print(repr(bank))
+        for r in rows:
+            loss = "-" if r.loss is None else f"{r.loss:.4f}"
+            text = r.text if len(r.text) <= 60 else r.text[:57] + "..."
+            print(f"{r.id}\tloss {loss}\t{text}")

@@ -1,0 +1,189 @@
+"""The expert bank: rows, weights, BM25 routing, integrity checks and crash safety."""
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import DOCS, random_bank, random_expert, write_docs
+from doe_ext.dmoe import BankError, ExpertBank, LoRAConfig
+from doe_ext.dmoe.bank import DB, fts_query
+
+
+@pytest.fixture
+def bank(base, tmp_path):
+    return random_bank(base, tmp_path / "bank")
+
+
+def test_round_trip_and_listing(base, bank):
+    assert len(bank) == len(DOCS) and bank.ids() == [d["id"] for d in DOCS]
+    assert "otter" in bank and "walrus" not in bank
+    gen = torch.Generator().manual_seed(0)
+    first = random_expert(base, gen, 4)
+    got = bank.get("otter")
+    assert set(got) == set(first)
+    for k in first:
+        assert torch.equal(got[k], first[k])
+    assert bank.row("otter").text == DOCS[0]["text"]
+    assert bank._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s = bank.load(["fugue", "otter"], base.last.projection_names)
+    assert s.num_experts == 2 and torch.equal(s.a[base.last.projection_names[0]][1], first[f"{base.last.projection_names[0]}.lora_a"])
+    assert "experts=5" in repr(bank)
+
+
+def test_bf16_weights(base, tmp_path):
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, lora=LoRAConfig(), dtype="bfloat16")
+    e = random_expert(base, torch.Generator().manual_seed(1), 4)
+    bank.add("x", e, "t", "t")
+    for k, v in bank.get("x").items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, e[k].bfloat16().float(), atol=0, rtol=0)
+    with pytest.raises(BankError, match="`dtype` must be one of"):
+        ExpertBank(tmp_path / "c", create=True, fingerprint="f", lora=LoRAConfig(), dtype="float16")
+
+
+def test_bm25_routing(bank):
+    assert bank.route("volcanic lava rock", 1) == ["basalt"]
+    assert bank.route("music melody voices", 2)[0] == "fugue"
+    assert bank.route("sea", 5)[:2] == ["otter", "sextant"] or bank.route("sea", 5)[:2] == ["sextant", "otter"]
+    assert set(bank.route("sea", 5)) == {"otter", "sextant"}  # only documents with the term match
+    assert bank.route("xylophone zebra", 3) == [] and bank.route("!!! ...", 3) == []
+    assert fts_query('a "quoted" AND b_c') == '"a" OR "quoted" OR "and" OR "b" OR "c"'
+    with pytest.raises(ValueError, match="`k` must be >= 1"):
+        bank.route("sea", 0)
+
+
+def test_remove_and_replace_touch_one_expert(base, bank):
+    before = {i: bank.row(i).checksum for i in bank.ids()}
+    bank.remove(["basalt"])
+    assert "basalt" not in bank and bank.route("volcanic lava", 3) == []
+    assert len(list((bank.path / "experts").iterdir())) == len(DOCS) - 1
+    with pytest.raises(KeyError, match="no expert with id 'basalt'"):
+        bank.remove(["basalt"])
+    old_file = bank.row("fugue").file
+    bank.add("fugue", random_expert(base, torch.Generator().manual_seed(9), 4), "new text", "glacier ice")
+    assert bank.route("glacier", 1) == ["fugue"] and bank.route("melody voices", 3) == []
+    assert not (bank.path / "experts" / old_file).exists()
+    assert {i: bank.row(i).checksum for i in bank.ids() if i != "fugue"} == {
+        i: c for i, c in before.items() if i not in ("fugue", "basalt")}
+
+
+def test_integrity_checks(base, bank):
+    path = bank.path / "experts" / bank.row("otter").file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(BankError, match="expert 'otter'.*has sha256 .* its row says"):
+        bank.get("otter")
+    db = sqlite3.connect(bank.path / DB)
+    with db:
+        db.execute("UPDATE experts SET file = '../../escape.safetensors' WHERE id = 'tort'")
+        db.execute("UPDATE experts SET fingerprint = 'other' WHERE id = 'fugue'")
+    with pytest.raises(BankError, match="expert 'tort' names the file '../../escape.safetensors'"):
+        bank.get("tort")
+    with pytest.raises(BankError, match="expert 'fugue' was trained for base fingerprint other"):
+        bank.get("fugue")
+    # A pickle whose checksum the row agrees with is still refused: safetensors only.
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(1)}, buf)
+    p = bank.path / "experts" / bank.row("sextant").file
+    p.write_bytes(buf.getvalue())
+    import hashlib
+    with db:
+        db.execute("UPDATE experts SET checksum = ? WHERE id = 'sextant'", (hashlib.sha256(buf.getvalue()).hexdigest(),))
+    with pytest.raises(BankError, match="is not a safetensors file"):
+        bank.get("sextant")
+    with pytest.raises(KeyError, match="no expert with id 'walrus'"):
+        bank.get("walrus")
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", "a\\b", "tab\there"])
+def test_bad_ids_are_refused(base, bank, bad):
+    with pytest.raises(BankError, match="invalid expert id"):
+        bank.add(bad, random_expert(base, torch.Generator(), 4), "t", "t")
+
+
+def test_open_and_create_errors(base, bank, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no bank here"):
+        ExpertBank(tmp_path / "nothing")
+    with pytest.raises(BankError, match="already holds a bank"):
+        ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, lora=LoRAConfig(rank=8))
+    again = ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, lora=LoRAConfig())  # same config: opens
+    assert len(again) == len(DOCS)
+    with pytest.raises(BankError, match="needs the base model's `fingerprint`"):
+        ExpertBank(tmp_path / "x", create=True)
+
+
+def test_garbage_collection(bank):
+    folder = bank.path / "experts"
+    (folder / ".tmp-123.safetensors").write_bytes(b"x")
+    (folder / ("0" * 16 + "-" + "1" * 16 + ".safetensors")).write_bytes(b"x")
+    (folder / "user-notes.txt").write_text("kept")
+    assert bank.collect_garbage() == 2
+    assert (folder / "user-notes.txt").exists() and len(list(folder.glob("*.safetensors"))) == len(DOCS)
+
+
+def test_size_per_expert_is_the_parameter_bytes(tmp_path):
+    """SmolLM2-135M's last MLP (d = 576, ffn = 1536), rank 4: the file is the raw fp32 bytes plus a header."""
+    shapes = {"gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    e = {}
+    for n, (o, i) in shapes.items():
+        e[f"{n}.lora_a"], e[f"{n}.lora_b"] = torch.randn(4, i), torch.randn(o, 4)
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint="f", lora=LoRAConfig())
+    bank.add("doc", e, "t", "t")
+    raw = sum(v.numel() * 4 for v in e.values())
+    size = (bank.path / "experts" / bank.row("doc").file).stat().st_size
+    assert raw <= size <= 1.02 * raw
+
+
+def _build_cmd(docs, bank_dir, base_dir):
+    return [sys.executable, "-m", "doe_ext.cli", "dmoe", "build", str(docs), "--out", str(bank_dir), "--base",
+            str(base_dir), "--augment", "none", "--epochs", "2", "--lr", "1e-2", "--group-size", "2"]
+
+
+def _snapshot(bank_dir):
+    bank = ExpertBank(bank_dir)
+    out = {i: (bank.row(i).surrogate, bank.get(i)) for i in bank.ids()}
+    files = sorted(p.name for p in (bank.path / "experts").iterdir())
+    routes = [bank.route(d["text"], 2) for d in DOCS]
+    bank.close()
+    return out, files, routes
+
+
+def test_sigkill_at_any_point_then_rerun_gives_the_same_bank(llama_dir, tmp_path):
+    docs = [{"id": f"{d['id']}-{k}", "text": f"{d['text']} Note {k}."} for k in range(4) for d in DOCS]
+    path = write_docs(tmp_path / "docs.jsonl", docs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_build_cmd(path, tmp_path / "clean", llama_dir), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    for threshold, delay in [(0, 0.0), (3, 0.05), (8, 0.013), (13, 0.2)]:
+        proc = subprocess.Popen(_build_cmd(path, killed, llama_dir), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                n = sqlite3.connect(killed / DB).execute("SELECT count(*) FROM experts").fetchone()[0]
+            except sqlite3.Error:
+                n = -1
+            if n >= threshold:
+                time.sleep(delay)
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_build_cmd(path, killed, llama_dir), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (a, files_a, routes_a), (b, files_b, routes_b) = _snapshot(tmp_path / "clean"), _snapshot(killed)
+    assert list(a) == list(b) == [d["id"] for d in docs]
+    assert routes_a == routes_b
+    assert len(files_a) == len(files_b) == len(docs)  # no orphans, no temporary files
+    for i in a:
+        assert a[i][0] == b[i][0]
+        for k in a[i][1]:
+            torch.testing.assert_close(a[i][1][k], b[i][1][k], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,92 @@
+"""``doe-ext dmoe`` as CONTRACT §6 fixes it."""
+import json
+
+import pytest
+
+from conftest import DOCS, write_docs
+from doe_ext.cli import main
+from doe_ext.dmoe import ExpertBank
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def built(llama_dir, tmp_path, capsys):
+    docs = write_docs(tmp_path / "docs.jsonl", DOCS[:3])
+    code, out, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "bank", "--base", llama_dir,
+                         "--augment", "none", "--epochs", 2, "--no-progress")
+    assert code == 0, err
+    assert "3 experts trained, 3 in the bank" in out
+    return tmp_path / "bank"
+
+
+def test_build_is_resumable_and_ls(built, llama_dir, tmp_path, capsys):
+    docs = write_docs(tmp_path / "more.jsonl", DOCS)
+    code, out, _ = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--augment", "none",
+                       "--epochs", 2, "--no-progress")
+    assert code == 0 and "2 experts trained, 5 in the bank" in out
+    code, out, _ = run(capsys, "dmoe", "ls", built, "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == [d["id"] for d in DOCS] and all(r["loss"] > 0 for r in rows)
+    code, out, _ = run(capsys, "dmoe", "ls", built)
+    assert out.startswith("ExpertBank(") and "otter\tloss" in out
+
+
+def test_a_different_recipe_is_refused(built, llama_dir, tmp_path, capsys):
+    docs = write_docs(tmp_path / "d.jsonl", DOCS[:1])
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--augment", "none",
+                       "--epochs", 3, "--no-progress")
+    assert code == 2 and "was built with the recipe" in err and '"epochs": 3' in err
+
+
+def test_ask_json(built, capsys):
+    code, out, err = run(capsys, "dmoe", "ask", built, "What is basalt?", "--tau", 0, "--top-k", 2,
+                         "--max-new-tokens", 4, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert set(got) == {"answer", "triggers"} and isinstance(got["answer"], str)
+    assert got["triggers"][0]["position"] == 0 and len(got["triggers"][0]["experts"]) == 2
+    assert got["triggers"][0]["experts"][0] == "basalt"
+    code, out, _ = run(capsys, "dmoe", "ask", built, "What is basalt?", "--tau", "inf", "--max-new-tokens", 4, "--json")
+    assert code == 0 and json.loads(out)["triggers"] == []
+
+
+def test_add_replaces_and_rm(built, tmp_path, capsys):
+    before = ExpertBank(built).row("otter").checksum
+    docs = write_docs(tmp_path / "new.jsonl", [{"id": "otter", "text": "Otters hold hands while they sleep."},
+                                               {"id": "walrus", "text": "The walrus uses its tusks to haul out."}])
+    code, out, err = run(capsys, "dmoe", "add", built, docs, "--no-progress")
+    assert code == 0, err
+    assert "2 experts added, 4 in the bank" in out
+    bank = ExpertBank(built)
+    assert bank.row("otter").checksum != before and bank.route("tusks", 1) == ["walrus"]
+    code, out, _ = run(capsys, "dmoe", "rm", built, "walrus", "otter")
+    assert code == 0 and "removed 2, 2 left" in out
+    code, _, err = run(capsys, "dmoe", "rm", built, "walrus")
+    assert code == 2 and "no expert with id 'walrus'" in err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "docs.jsonl:2: not JSON"),
+    ('{"id": 3, "text": "x"}', 'docs.jsonl:2: expected {"id": str, "text": str}'),
+    ('{"id": "a/b", "text": "x"}', "docs.jsonl:2: ExpertBank: invalid expert id 'a/b'"),
+    ('{"id": "otter", "text": "again"}', "docs.jsonl:2: id 'otter' already given on line 1"),
+    ('{"id": "e", "text": "  "}', "docs.jsonl:2: document 'e' has empty text"),
+])
+def test_bad_documents_name_the_line(llama_dir, tmp_path, capsys, line, message):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps(DOCS[0]) + "\n" + line + "\n")
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b", "--base", llama_dir, "--no-progress")
+    assert code == 2 and message in err
+
+
+def test_missing_inputs(tmp_path, capsys):
+    code, _, err = run(capsys, "dmoe", "ls", tmp_path / "nope")
+    assert code == 2 and "nope: no bank here" in err
+    code, _, err = run(capsys, "dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b", "--base",
+                       tmp_path / "nomodel")
+    assert code == 2 and "is neither a built-in name" in err

@@ -1,0 +1,144 @@
+"""DMoE generation against slower, obviously correct references."""
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import DOCS, QUESTIONS, random_bank
+from doe_ext.dmoe.base import LastLayer
+from doe_ext.dmoe import BankError, DMoE, ExpertBank, LoRAConfig, load_base, merged_state, token_entropy
+
+
+def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128):
+    """No KV cache, experts merged into the weights (theta + sum of deltas): the whole model re-runs
+    on the whole sequence at every step, and again after every trigger."""
+    model = copy.deepcopy(base.model)
+    mine = {n: getattr(m, "base_layer", m) for n, m in LastLayer(model).projections().items()}
+    tok = base.tokenizer
+    eos = tok.eos_token_id
+
+    def logits_with(ids, active):
+        for n, w in merged_state(base, [bank.get(e) for e in active], bank.lora.scale).items():
+            mine[n].weight.data.copy_(w)
+        return model(torch.tensor([ids])).logits[0, -1]
+
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    active, tokens, triggers = [], [], []
+    with torch.no_grad():
+        for t in range(max_new_tokens):
+            logits = logits_with(ids, active)
+            ent = token_entropy(logits).item()
+            if ent > tau:
+                active = bank.route(tok.decode(ids[-query_tokens:]), top_k)
+                triggers.append((t, active))
+                logits = logits_with(ids, active)
+            nxt = int(logits.argmax())
+            tokens.append(nxt)
+            ids.append(nxt)
+            if nxt == eos:
+                break
+    return tokens, triggers
+
+
+@pytest.fixture
+def bank(base, tmp_path):
+    return random_bank(base, tmp_path / "bank")
+
+
+def test_tau_inf_is_the_base_model(base, bank):
+    dmoe = DMoE(base, bank, tau=math.inf)
+    for q in QUESTIONS[:2]:
+        enc = base.tokenizer(q, return_tensors="pt", add_special_tokens=False)
+        ref = base.model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=base.tokenizer.pad_token_id)
+        got = dmoe.generate(q, max_new_tokens=12)[0]
+        assert got.tokens == ref[0, enc["input_ids"].shape[1]:].tolist()
+        assert got.triggers == []
+
+
+@pytest.mark.parametrize("tau", [0.0, "mid"])
+def test_equals_no_cache_merged_reference(base, bank, tau):
+    dmoe = DMoE(base, bank, top_k=2)
+    if tau == "mid":  # between the entropies the tau=0 run saw: some steps trigger, some do not
+        ents = sorted(e for q in QUESTIONS for e in dmoe.generate(q, max_new_tokens=10, tau=0.0)[0].entropies)
+        tau = ents[len(ents) // 2]
+    n_trig = 0
+    for q in QUESTIONS:
+        got = dmoe.generate(q, max_new_tokens=10, tau=tau)[0]
+        ref_tokens, ref_triggers = reference_generate(base, bank, q, 10, tau, 2)
+        assert got.tokens == ref_tokens
+        assert [(t.position, t.experts) for t in got.triggers] == ref_triggers
+        n_trig += len(got.triggers)
+    assert n_trig > 0
+
+
+def test_experts_change_the_output(base, bank):
+    """The experts are live: with them the tokens differ from the base model's (else the reference test
+    above would compare two base runs)."""
+    dmoe = DMoE(base, bank)
+    with_experts = [dmoe.generate(q, max_new_tokens=10, tau=0.0)[0].tokens for q in QUESTIONS]
+    without = [dmoe.generate(q, max_new_tokens=10, tau=math.inf)[0].tokens for q in QUESTIONS]
+    assert with_experts != without
+
+
+@pytest.mark.parametrize("tau", [0.0, "mid"])
+def test_batch_equals_each_alone(base, bank, tau):
+    dmoe = DMoE(base, bank, top_k=2)
+    if tau == "mid":
+        ents = sorted(e for q in QUESTIONS for e in dmoe.generate(q, max_new_tokens=8, tau=0.0)[0].entropies)
+        tau = ents[len(ents) // 2]
+    batch = dmoe.generate(QUESTIONS, max_new_tokens=8, tau=tau)
+    sets = set()
+    for q, g in zip(QUESTIONS, batch):
+        alone = dmoe.generate(q, max_new_tokens=8, tau=tau)[0]
+        assert g.tokens == alone.tokens
+        assert [(t.position, t.experts) for t in g.triggers] == [(t.position, t.experts) for t in alone.triggers]
+        assert g.entropies == pytest.approx(alone.entropies, abs=1e-4)
+        sets.update(tuple(t.experts) for t in g.triggers)
+    if tau == 0.0:
+        assert len(sets) > 1  # a mixed batch: sequences ran with different expert sets
+
+
+def test_trace_and_dict(base, bank):
+    g = DMoE(base, bank).generate(QUESTIONS[0], max_new_tokens=5, tau=0.0)[0]
+    d = g.to_dict()
+    assert set(d) == {"answer", "triggers"} and d["answer"] == g.text
+    assert [t["position"] for t in d["triggers"]] == list(range(len(g.tokens)))
+    assert all(len(t["experts"]) == 3 and t["entropy"] > 0 for t in d["triggers"])
+    assert "<table>" in g._repr_html_()
+
+
+def test_empty_bank_is_refused(base, tmp_path):
+    bank = ExpertBank(tmp_path / "empty", create=True, fingerprint=base.fingerprint, lora=LoRAConfig())
+    with pytest.raises(BankError, match="has no experts"):
+        DMoE(base, bank)
+
+
+def test_bank_for_another_base_is_refused(base, bank, tmp_path):
+    other = copy.deepcopy(base.model)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.add_(1e-3)  # the head is part of what experts depend on
+    other_base = load_base(other, tokenizer=base.tokenizer)
+    assert other_base.fingerprint != base.fingerprint
+    with pytest.raises(BankError, match="fingerprint"):
+        DMoE(other_base, bank)
+
+
+def test_prompt_longer_than_the_context(base, bank):
+    long = " ".join(DOCS[0]["text"] for _ in range(60))
+    with pytest.raises(ValueError, match="exceeds the model's context of 1024 positions"):
+        DMoE(base, bank).generate(long, max_new_tokens=8)
+
+
+def test_query_is_the_prefix_before_the_position(base, bank):
+    seen = []
+
+    def router(query, k):
+        seen.append(query)
+        return bank.route(query, k)
+
+    dmoe = DMoE(base, bank, router=router, query_tokens=5)
+    g = dmoe.generate(QUESTIONS[0], max_new_tokens=3, tau=0.0)[0]
+    ids = base.tokenizer(QUESTIONS[0], add_special_tokens=False)["input_ids"]
+    prefixes = [ids + g.tokens[:t] for t in range(3)]
+    assert seen == [base.tokenizer.decode(p[-5:]) for p in prefixes]
