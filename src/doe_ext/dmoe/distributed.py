@@ -75,7 +75,7 @@ def build_bank_ray(base_name: str, fingerprint: str, docs: list[Document], bank:
             bank.cache_augmentations({keys[eid]: aug for eid, _, _, aug in results})
             for eid, tensors, loss, aug in results:
                 text = texts[eid]
-                bank.add(eid, {k: torch.from_numpy(v) for k, v in tensors.items()}, text,
+                bank.add(eid, {k: torch.tensor(v) for k, v in tensors.items()}, text,
                          Augmentation.from_json(aug).surrogate(text), aug, {**cfg.to_dict(), "augment": augment}, loss)
                 bar.update(1)
     finally:
