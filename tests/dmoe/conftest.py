@@ -31,14 +31,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(family: str):
+    """initializer_range 0.3: logits far enough from uniform that token entropies spread out."""
     torch.manual_seed(0)
     if family == "llama":
         cfg = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          eos_token_id=2, pad_token_id=1, bos_token_id=None)
+                          eos_token_id=2, pad_token_id=1, bos_token_id=None, initializer_range=0.3)
         return LlamaForCausalLM(cfg)
     cfg = GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=1024, eos_token_id=2,
-                     bos_token_id=2, pad_token_id=1)
+                     bos_token_id=2, pad_token_id=1, initializer_range=0.3)
     return GPT2LMHeadModel(cfg)
 
 

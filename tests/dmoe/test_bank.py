@@ -13,7 +13,7 @@ import torch
 
 from conftest import DOCS, random_bank, random_expert, write_docs
 from doe_ext.dmoe import BankError, ExpertBank, LoRAConfig
-from doe_ext.dmoe.bank import DB, fts_query
+from doe_ext.dmoe.bank import DB, query_terms
 
 
 @pytest.fixture
@@ -54,7 +54,8 @@ def test_bm25_routing(bank):
     assert bank.route("sea", 5)[:2] == ["otter", "sextant"] or bank.route("sea", 5)[:2] == ["sextant", "otter"]
     assert set(bank.route("sea", 5)) == {"otter", "sextant"}  # only documents with the term match
     assert bank.route("xylophone zebra", 3) == [] and bank.route("!!! ...", 3) == []
-    assert fts_query('a "quoted" AND b_c') == '"a" OR "quoted" OR "and" OR "b" OR "c"'
+    assert query_terms('A "quoted" AND b_c, a naïve dict-gcide') == ["a", "quoted", "and", "b", "c", "naïve", "dict",
+                                                                     "gcide"]
     with pytest.raises(ValueError, match="`k` must be >= 1"):
         bank.route("sea", 0)
 
@@ -109,6 +110,39 @@ def test_bad_ids_are_refused(base, bank, bad):
         bank.add(bad, random_expert(base, torch.Generator(), 4), "t", "t")
 
 
+def test_index_survives_a_crash_before_its_commit(base, bank):
+    """What a crash between a row's commit and the index's leaves is finished when the bank opens again: a
+    row not yet indexed gets indexed, a pending deletion reaches the index. An id without a row is never
+    routed to, even while the index still has it."""
+    db = sqlite3.connect(bank.path / DB)
+    with db:
+        db.execute("UPDATE experts SET indexed = 0 WHERE id = 'basalt'")
+        db.execute("DELETE FROM experts WHERE id = 'fugue'")
+        db.execute("INSERT INTO removals VALUES ('fugue')")
+    bank._index_update(remove=["basalt"])  # as if the index never saw it
+    assert bank.route("melody voices", 3) == [] and bank.route("volcanic lava", 3) == []
+    docs_before = bank._index.searcher().num_docs
+    bank.close()
+    again = ExpertBank(bank.path)
+    assert again.route("volcanic lava", 1) == ["basalt"]
+    assert again._index.searcher().num_docs == docs_before  # basalt in, fugue out
+    assert db.execute("SELECT count(*) FROM removals").fetchone()[0] == 0
+    again.reindex()
+    assert again._index.searcher().num_docs == len(DOCS) - 1 and again.route("volcanic lava", 1) == ["basalt"]
+
+
+def test_second_writer_is_refused(base, bank):
+    writer = bank._index.writer(15_000_000, 1)  # another process holding the index lock
+    try:
+        with pytest.raises(BankError, match="is being written by another process"):
+            bank.add("x", random_expert(base, torch.Generator(), 4), "t", "t")
+    finally:
+        writer.wait_merging_threads()
+    assert "x" in bank and bank.route("t", 1) == []  # the row is committed, not yet indexed...
+    bank.reconcile()
+    assert bank.route("t", 1) == ["x"]  # ...until the next write or open
+
+
 def test_open_and_create_errors(base, bank, tmp_path):
     with pytest.raises(FileNotFoundError, match="no bank here"):
         ExpertBank(tmp_path / "nothing")
@@ -151,7 +185,7 @@ def _snapshot(bank_dir):
     bank = ExpertBank(bank_dir)
     out = {i: (bank.row(i).surrogate, bank.get(i)) for i in bank.ids()}
     files = sorted(p.name for p in (bank.path / "experts").iterdir())
-    routes = [bank.route(d["text"], 2) for d in DOCS]
+    routes = [bank.route(bank.row(i).text, 1) for i in bank.ids()]
     bank.close()
     return out, files, routes
 

@@ -41,6 +41,15 @@ def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tok
     return tokens, triggers
 
 
+def split_tau(dmoe, n):
+    """A threshold between the entropies a tau = 0 run sees, in the widest gap of their middle half, so
+    that some steps trigger and some do not, and float noise cannot move a step across it."""
+    e = sorted(x for q in QUESTIONS for x in dmoe.generate(q, max_new_tokens=n, tau=0.0)[0].entropies)
+    i = max(range(len(e) // 4, 3 * len(e) // 4), key=lambda j: e[j + 1] - e[j])
+    assert e[i + 1] - e[i] > 1e-4
+    return (e[i] + e[i + 1]) / 2
+
+
 @pytest.fixture
 def bank(base, tmp_path):
     return random_bank(base, tmp_path / "bank")
@@ -59,9 +68,8 @@ def test_tau_inf_is_the_base_model(base, bank):
 @pytest.mark.parametrize("tau", [0.0, "mid"])
 def test_equals_no_cache_merged_reference(base, bank, tau):
     dmoe = DMoE(base, bank, top_k=2)
-    if tau == "mid":  # between the entropies the tau=0 run saw: some steps trigger, some do not
-        ents = sorted(e for q in QUESTIONS for e in dmoe.generate(q, max_new_tokens=10, tau=0.0)[0].entropies)
-        tau = ents[len(ents) // 2]
+    if tau == "mid":
+        tau = split_tau(dmoe, 10)
     n_trig = 0
     for q in QUESTIONS:
         got = dmoe.generate(q, max_new_tokens=10, tau=tau)[0]
@@ -85,8 +93,7 @@ def test_experts_change_the_output(base, bank):
 def test_batch_equals_each_alone(base, bank, tau):
     dmoe = DMoE(base, bank, top_k=2)
     if tau == "mid":
-        ents = sorted(e for q in QUESTIONS for e in dmoe.generate(q, max_new_tokens=8, tau=0.0)[0].entropies)
-        tau = ents[len(ents) // 2]
+        tau = split_tau(dmoe, 8)
     batch = dmoe.generate(QUESTIONS, max_new_tokens=8, tau=tau)
     sets = set()
     for q, g in zip(QUESTIONS, batch):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from doe_ext.cli import CommandError
@@ -128,8 +127,7 @@ def ask(args) -> None:
 
     with _open(args.bank) as bank:
         base = load_base(args.base or bank.base_name)
-        tau = math.inf if math.isinf(args.tau) else args.tau
-        g = DMoE(base, bank, tau=tau, top_k=args.top_k).ask(args.question, max_new_tokens=args.max_new_tokens)
+        g = DMoE(base, bank, tau=args.tau, top_k=args.top_k).ask(args.question, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(g.to_dict(), ensure_ascii=False))
     else:
