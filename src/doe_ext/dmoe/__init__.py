@@ -1,7 +1,7 @@
 """DMoE (Decoupled Mixture-of-Experts for parametric knowledge injection; CONTRACT §6).
 
 A frozen base LM, a bank of per-document LoRA experts on its last MLP (:class:`ExpertBank`: SQLite +
-FTS5 BM25 + safetensors), batched expert training (:func:`train_experts`), and generation that
+tantivy BM25 + safetensors), batched expert training (:func:`train_experts`), and generation that
 triggers on token uncertainty and re-predicts with the routed experts without touching the KV cache
 (:class:`DMoE`). ``doe-ext dmoe build|ask|add|rm|ls`` is the command line.
 """

@@ -102,6 +102,19 @@ class LastLayer:
     def logits(self, residual: Tensor) -> Tensor:
         return self.head(self.hidden(residual))
 
+    @torch.no_grad()
+    def verify(self) -> None:
+        """Check on a probe that the model's logits are ``head(final_norm(r + mlp(mlp_norm(r))))`` of the
+        residual entering the last MLP block, which re-prediction and training rely on."""
+        ids = torch.arange(1, 6)[None] % self.model.config.vocab_size
+        with capture_residual(self) as cap:
+            want = self.model(input_ids=ids, use_cache=False).logits
+        got = self.logits(cap.value)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            raise ValueError(f"dmoe: the last layer of {type(self.model).__name__} does not end with "
+                             "out = r + mlp(mlp_norm(r)) followed by the final norm and the head; "
+                             "its experts could not be applied after the last attention")
+
 
 class capture_residual:
     """Context manager: keeps the residual stream entering the last layer's MLP block of every
@@ -123,11 +136,8 @@ class capture_residual:
 
 @dataclass
 class BaseLM:
-    """A frozen causal LM with its tokenizer, as DMoE uses it.
-
-    ``fingerprint`` identifies the weights experts depend on (the last MLP block, the final norm and
-    the head) and the architecture; a bank refuses experts trained for another fingerprint.
-    """
+    """A frozen causal LM with its tokenizer, as DMoE uses it. A bank refuses experts trained for
+    another ``fingerprint`` (:func:`fingerprint`)."""
 
     model: nn.Module
     tokenizer: Any
@@ -144,19 +154,22 @@ class BaseLM:
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the config's architecture fields and the bytes of every tensor after the last attention."""
-    last = LastLayer(model)
+def fingerprint(model: nn.Module, sample: int = 4096) -> str:
+    """sha256 over the architecture fields of the config and, for every tensor of the state dict, its name,
+    shape and up to ``sample`` evenly strided elements. Experts depend on every weight before them (their
+    input is the last residual), so any change of the model changes the fingerprint in practice; the
+    sampling keeps it well under a second for a 135M model (not a proof of equality)."""
     h = hashlib.sha256()
     cfg = model.config
     arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "n_embd",
                                                 "intermediate_size", "num_hidden_layers", "n_layer")}
     h.update(json.dumps(arch, sort_keys=True).encode())
-    mods = [m for m in last.projections().values()] + [last.mlp_norm, last.final_norm, last.head]
-    for m in mods:
-        for name, p in sorted(getattr(m, "base_layer", m).state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    for name, t in sorted(model.state_dict().items()):
+        name = name.replace(".base_layer.", ".")  # the same with or without expert wrappers
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(flat[::step].to(torch.float32).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -239,6 +252,7 @@ def load_base(name_or_path: str | os.PathLike | nn.Module, tokenizer: Any = None
             raise FileNotFoundError(f"load_base: {name!r} is neither a built-in name {sorted(BUILTIN)}, "
                                     "a .gguf file nor a model directory")
     model.eval().requires_grad_(False)
+    LastLayer(model).verify()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseLM(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))

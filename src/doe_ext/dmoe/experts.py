@@ -132,8 +132,3 @@ def stack(experts: list[dict[str, Tensor]], names: tuple[str, ...]) -> ExpertSet
     """Expert tensor dicts -> one :class:`ExpertSet` (projection factors stacked in the given order)."""
     return ExpertSet(a={n: torch.stack([e[f"{n}.lora_a"] for e in experts]) for n in names},
                      b={n: torch.stack([e[f"{n}.lora_b"] for e in experts]) for n in names})
-
-
-def merged_delta(expert: dict[str, Tensor], name: str, cfg: LoRAConfig) -> Tensor:
-    """``scale * B @ A`` of one projection, ``[out, in]`` (the reference path and PRAG's merge)."""
-    return cfg.scale * expert[f"{name}.lora_b"] @ expert[f"{name}.lora_a"]

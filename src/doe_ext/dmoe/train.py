@@ -96,23 +96,29 @@ def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int)
 
 
 @torch.no_grad()
-def residuals(base: BaseLM, instances: list[Instance]) -> list[tuple[Tensor, Tensor]]:
+def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8192) -> list[tuple[Tensor, Tensor]]:
     """Per instance: the residual entering the last MLP block at its loss positions ``[L, d]`` and the
-    targets ``[L]``. One right-padded batch of the base body (no LM head); causal attention makes the
-    padding invisible to the real positions."""
-    if not instances:
-        return []
-    body = base.model.base_model
-    n = max(len(i.ids) for i in instances)
-    pad = base.tokenizer.pad_token_id
-    ids = torch.tensor([i.ids + [pad] * (n - len(i.ids)) for i in instances])
-    mask = torch.tensor([[1] * len(i.ids) + [0] * (n - len(i.ids)) for i in instances])
-    with capture_residual(base.last) as cap:
-        body(input_ids=ids, attention_mask=mask, use_cache=False)
-    out = []
-    for row, inst in zip(cap.value, instances):
-        pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
-        out.append((row[pos].clone(), ids[0].new_tensor(inst.ids)[pos + 1]))
+    targets ``[L]``. Instances run through the base body (no LM head) in right-padded batches of similar
+    length (at most ``max_batch_tokens`` padded tokens each); causal attention keeps the padding
+    invisible to the real positions."""
+    body, pad = base.model.base_model, base.tokenizer.pad_token_id
+    order = sorted(range(len(instances)), key=lambda i: len(instances[i].ids))
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(instances)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(instances[order[end]].ids) <= max_batch_tokens:
+            end += 1
+        batch = [instances[i] for i in order[start:end]]
+        n = len(batch[-1].ids)
+        ids = torch.tensor([i.ids + [pad] * (n - len(i.ids)) for i in batch])
+        mask = torch.tensor([[1] * len(i.ids) + [0] * (n - len(i.ids)) for i in batch])
+        with capture_residual(base.last) as cap:
+            body(input_ids=ids, attention_mask=mask, use_cache=False)
+        for j, (row, inst) in enumerate(zip(cap.value, batch)):
+            pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
+            out[order[start + j]] = (row[pos].clone(), ids[j, pos + 1])
+        start = end
     return out
 
 
@@ -182,22 +188,19 @@ class _ExpertAdamW:
             p.grad = None
 
 
-def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]], cfg: TrainConfig = TrainConfig(),
-                  progress=None) -> list[TrainedExpert]:
-    """Train one expert per document, all of ``docs`` in one batch.
-
-    Args:
-        docs: ``(expert id, document text, augmentation)`` triples.
-        progress: called with the number of optimizer steps done, for a progress bar.
-    """
+def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]],
+                  cfg: TrainConfig = TrainConfig()) -> list[TrainedExpert]:
+    """Train one expert per document (``(expert id, document text, augmentation)`` triples), all in one batch."""
     last = base.last
     attach(last)
     shapes = last.shapes()
     names = last.projection_names
-    data = [residuals(base, training_instances(base.tokenizer, text, aug, cfg.max_length)) for _, text, aug in docs]
-    for (eid, _, _), d in zip(docs, data):
-        if not d:
+    insts = [training_instances(base.tokenizer, text, aug, cfg.max_length) for _, text, aug in docs]
+    for (eid, _, _), i in zip(docs, insts):
+        if not i:
             raise ValueError(f"train_experts: document {eid!r} gives no training tokens (empty text?)")
+    flat = iter(residuals(base, [i for doc in insts for i in doc]))  # one body pass for the whole group
+    data = [[next(flat) for _ in doc] for doc in insts]
     inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
              for eid, _, _ in docs]
     a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).requires_grad_() for n in names}
@@ -230,8 +233,6 @@ def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]], cfg: 
             step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i, (per_row * w).double())
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
-            if progress is not None:
-                progress(1)
     return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().clone() for n in names},
                                            **{f"{n}.lora_b": b[n][k].detach().clone() for n in names}},
                           loss=float(loss_sum[k] / loss_n[k]))

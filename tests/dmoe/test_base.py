@@ -1,0 +1,78 @@
+"""The base model side of DMoE: every family of the table, loading, fingerprints, the structural check."""
+import math
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+from conftest import QUESTIONS, random_bank, tokenizer
+from doe_ext.dmoe import DMoE, load_base
+from doe_ext.dmoe.base import SPECS, LastLayer, capture_residual
+
+SMALL = dict(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=1, initializer_range=0.3)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL, bos_token_id=None),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=8),
+    "mistral": lambda: MistralConfig(**SMALL),
+    "gpt2": lambda: GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=512, eos_token_id=2,
+                               pad_token_id=1, initializer_range=0.3),
+}
+
+
+def test_every_family_of_the_table_is_tested():
+    assert set(CONFIGS) == set(SPECS)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_family(family, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+    base = load_base(model, tokenizer=tokenizer())
+    ids = torch.randint(3, 400, (2, 9))
+    with torch.no_grad(), capture_residual(base.last) as cap:
+        want = base.model(input_ids=ids).logits
+    torch.testing.assert_close(base.last.logits(cap.value), want, rtol=1e-5, atol=1e-5)
+    bank = random_bank(base, tmp_path / "bank")
+    dmoe = DMoE(base, bank, tau=math.inf)
+    enc = base.tokenizer(QUESTIONS[0], return_tensors="pt", add_special_tokens=False)
+    ref = base.model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert dmoe.generate(QUESTIONS[0], max_new_tokens=6)[0].tokens == ref[0, enc["input_ids"].shape[1]:].tolist()
+    assert DMoE(base, bank, tau=0.0).generate(QUESTIONS[0], max_new_tokens=3)[0].triggers
+
+
+def test_unsupported_family_and_structure():
+    from transformers import GPTNeoXConfig
+
+    neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=400, hidden_size=32, intermediate_size=48,
+                                                          num_hidden_layers=2, num_attention_heads=4))
+    with pytest.raises(ValueError, match="model_type 'gpt_neox' is not supported"):
+        load_base(neox, tokenizer=tokenizer())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    last = LastLayer(model)
+    with torch.no_grad():  # a layer that does something after its MLP block breaks the assumption
+        model.model.norm = torch.nn.Sequential(torch.nn.Linear(32, 32), model.model.norm)
+    with pytest.raises(ValueError, match="does not end with out = r \\+ mlp\\(mlp_norm\\(r\\)\\)"):
+        LastLayer(model).verify()
+    assert last.shapes()["gate_proj"] == (48, 32)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is neither a built-in name"):
+        load_base(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        load_base(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match="needs `tokenizer`"):
+        load_base(AutoModelForCausalLM.from_config(CONFIGS["llama"]()))
+
+
+def test_fingerprint_follows_every_weight(base_dir):
+    from doe_ext.dmoe.base import fingerprint
+
+    a, b = load_base(base_dir), load_base(base_dir)
+    assert a.fingerprint == b.fingerprint == fingerprint(b.model)
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1e-4)  # the embedding: every expert's input depends on it
+    assert fingerprint(b.model) != a.fingerprint
