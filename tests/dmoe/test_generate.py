@@ -147,5 +147,10 @@ def test_query_is_the_prefix_before_the_position(base, bank):
     dmoe = DMoE(base, bank, router=router, query_tokens=5)
     g = dmoe.generate(QUESTIONS[0], max_new_tokens=3, tau=0.0)[0]
     ids = base.tokenizer(QUESTIONS[0], add_special_tokens=False)["input_ids"]
-    prefixes = [ids + g.tokens[:t] for t in range(3)]
-    assert seen == [base.tokenizer.decode(p[-5:]) for p in prefixes]
+    assert seen == [base.tokenizer.decode((ids + g.tokens[:t])[-5:], skip_special_tokens=True) for t in range(3)]
+    seen.clear()
+    g = dmoe.generate("Question: " + QUESTIONS[1] + "\nAnswer:", max_new_tokens=2, tau=0.0, route_texts=["basalt"])[0]
+    ids = base.tokenizer("basalt", add_special_tokens=False)["input_ids"]
+    assert seen == [base.tokenizer.decode((ids + g.tokens[:t])[-5:], skip_special_tokens=True) for t in range(2)]
+    with pytest.raises(ValueError, match="2 `route_texts` for 1 prompts"):
+        dmoe.generate("x", route_texts=["a", "b"])

@@ -116,9 +116,16 @@ class DMoE:
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
-                 top_k: int | None = None) -> list[Generation]:
-        """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``)."""
+                 top_k: int | None = None, route_texts: list[str] | None = None) -> list[Generation]:
+        """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``).
+
+        ``route_texts``: per prompt, the task input that stands for it in routing queries (``ask`` gives
+        the question, so that a chat template's system text is not part of the BM25 query); by default
+        the prompt itself. A query is that text's tokens plus the tokens generated so far, the last
+        ``query_tokens`` of them, decoded without special tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if route_texts is not None and len(route_texts) != len(prompts):
+            raise ValueError(f"DMoE.generate: {len(route_texts)} `route_texts` for {len(prompts)} prompts")
         tau = self.tau if tau is None else tau
         top_k = self.top_k if top_k is None else top_k
         model, tok = self.base.model, self.base.tokenizer
@@ -130,7 +137,8 @@ class DMoE:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         eos = self._eos()
-        seqs = [list(e) for e in enc]
+        seqs = ([tok(r, add_special_tokens=False)["input_ids"] for r in route_texts] if route_texts is not None
+                else [list(e) for e in enc])  # what routing queries are made of
         out = [Generation([], "") for _ in range(B)]
         active: list[list[str]] = [[] for _ in range(B)]
         routing = None
@@ -142,7 +150,8 @@ class DMoE:
                 ent = token_entropy(logits)
                 trig = [b for b in range(B) if not done[b] and ent[b].item() > tau]
                 for b in trig:
-                    active[b] = list(self.router(tok.decode(seqs[b][-self.query_tokens:]), top_k))
+                    query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
+                    active[b] = list(self.router(query, top_k))
                 if trig:
                     rows = torch.tensor(trig)
                     with use_experts(self._routing([active[b] for b in trig])):
@@ -172,10 +181,11 @@ class DMoE:
 
     def ask(self, question: str, max_new_tokens: int = 32, tau: float | None = None,
             top_k: int | None = None) -> Generation:
-        """Answer one question (the shared QA prompt, no passages)."""
+        """Answer one question (the shared QA prompt, no passages; routed on the question and the answer so far)."""
         from doe_ext.dmoe.augment import qa_prompt
 
-        return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k)[0]
+        return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k,
+                             route_texts=[question])[0]
 
 
 def merged_state(base: BaseLM, experts: list[dict[str, Tensor]], scale: float) -> dict[str, Tensor]:
