@@ -52,11 +52,11 @@ def test_unsupported_family_and_structure():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
     last = LastLayer(model)
-    with torch.no_grad():  # a layer that does something after its MLP block breaks the assumption
-        model.model.norm = torch.nn.Sequential(torch.nn.Linear(32, 32), model.model.norm)
+    last.verify()
+    # A last layer that does something after its MLP block breaks the assumption.
+    model.model.layers[-1].register_forward_hook(lambda module, args, out: out + 1.0)  # (a scale would not show: RMSNorm follows)
     with pytest.raises(ValueError, match="does not end with out = r \\+ mlp\\(mlp_norm\\(r\\)\\)"):
-        LastLayer(model).verify()
-    assert last.shapes()["gate_proj"] == (48, 32)
+        last.verify()
 
 
 def test_load_errors(tmp_path):

@@ -1,0 +1,64 @@
+"""Answer metrics (SQuAD's normalisation) and bootstrap intervals, as the DMoE evaluation reports them."""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+_CUE = re.compile(r"the answer is\s*:?\s*", re.IGNORECASE)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1: lower case, drop punctuation, drop articles (a, an, the), collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def cut_answer(text: str) -> str:
+    """The answer part of a generation, as PRAG cuts it: after the last "the answer is" if present,
+    then up to the first line break."""
+    parts = _CUE.split(text)
+    text = parts[-1] if len(parts) > 1 else text
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def f1(prediction: str, answers: list[str]) -> float:
+    """Token F1 against the best-matching gold answer."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for a in answers:
+        gold = normalize_answer(a).split()
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            prec, rec = same / len(pred), same / len(gold)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def yes_no(prediction: str) -> str | None:
+    """``"yes"`` / ``"no"`` when the (normalised) prediction starts with one of them, else None."""
+    words = normalize_answer(prediction).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def bootstrap_ci(values, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap interval over the items (questions) of ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(lo), float(hi)

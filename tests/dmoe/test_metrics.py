@@ -1,0 +1,39 @@
+"""EM / F1 with SQuAD's normalisation, PRAG's answer cut, the bootstrap interval."""
+import numpy as np
+import pytest
+
+from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, normalize_answer, yes_no
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Eiffel Tower.", "eiffel tower"), ("  an  apple, A pear ", "apple pear"), ("Théâtre!", "théâtre"),
+    ("theory of the case", "theory of case"), ("", ""), ("U.S.A.", "usa")])
+def test_normalize(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_exact_match_and_f1_known_cases():
+    assert exact_match("The Debian Games Team", ["Debian Games Team"]) == 1.0
+    assert exact_match("Debian Games", ["Debian Games Team"]) == 0.0
+    assert f1("Debian Games", ["Debian Games Team"]) == pytest.approx(0.8)  # p = 1, r = 2/3
+    assert f1("games team of debian", ["Debian Games Team", "x"]) == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert f1("", ["x"]) == 0.0 and f1("the", ["a"]) == 1.0  # "the" and "a" both normalise to nothing
+    assert f1("paris paris", ["paris"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # counts, not sets
+
+
+def test_cut_answer():
+    assert cut_answer("Thinking... So the answer is producer.\nQuestion: next") == "producer."
+    assert cut_answer(" Ritesh Raj Sarraf\nHe also maintains") == "Ritesh Raj Sarraf"
+    assert cut_answer("The answer is: games") == "games"
+
+
+def test_yes_no():
+    assert yes_no("Yes, it is.") == "yes" and yes_no("no") == "no" and yes_no("Maybe yes") is None
+
+
+def test_bootstrap_interval():
+    mean, lo, hi = bootstrap_ci([1.0] * 30 + [0.0] * 70)
+    assert mean == pytest.approx(0.3) and lo < 0.3 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 100), rel=0.15)  # the normal approximation
+    assert bootstrap_ci([0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert all(np.isnan(v) for v in bootstrap_ci([]))
