@@ -10,9 +10,9 @@ from doe_ext.dmoe.base import LastLayer
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, LoRAConfig, load_base, merged_state, token_entropy
 
 
-def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128):
+def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=()):
     """No KV cache, experts merged into the weights (theta + sum of deltas): the whole model re-runs
-    on the whole sequence at every step, and again after every trigger."""
+    on the whole sequence at every step, and again after every trigger. ``active``: the set to start with."""
     model = copy.deepcopy(base.model)
     mine = {n: getattr(m, "base_layer", m) for n, m in LastLayer(model).projections().items()}
     tok = base.tokenizer
@@ -24,7 +24,7 @@ def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tok
         return model(torch.tensor([ids])).logits[0, -1]
 
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    active, tokens, triggers = [], [], []
+    active, tokens, triggers = list(active), [], []
     with torch.no_grad():
         for t in range(max_new_tokens):
             logits = logits_with(ids, active)

@@ -1,4 +1,4 @@
-"""``doe-ext dmoe build | ask | add | rm | ls``: DMoE expert banks (CONTRACT §6)."""
+"""``doe-ext dmoe build | ask | eval | add | rm | ls``: DMoE expert banks (CONTRACT §6)."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,20 @@ def register(sub) -> None:
     q.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
     q.add_argument("--json", action="store_true", help='print {"answer": ..., "triggers": [...]}')
     q.set_defaults(func=ask)
+
+    e = cmds.add_parser("eval", help="evaluate methods on QA.jsonl: EM / F1 with 95% intervals, latency, memory")
+    e.add_argument("bank")
+    e.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...]} (doc_id for gold)')
+    e.add_argument("--methods", default="base,gold,rag,prag,dmoe",
+                   help="comma-separated: base, gold, rag, prag, dmoe (flare, sft: not built yet)")
+    e.add_argument("--out", default=None, help="directory for eval.json and eval.md")
+    e.add_argument("--tau", type=float, default=2.0)
+    e.add_argument("--top-k", type=int, default=3)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--limit", type=int, default=None, help="first N questions only")
+    e.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=evaluate)
 
     r = cmds.add_parser("rm", help="remove experts by id")
     r.add_argument("bank")
@@ -134,6 +148,23 @@ def ask(args) -> None:
         print(g.text)
         for t in g.triggers:
             print(f"  [trigger] position {t.position}  entropy {t.entropy:.3f}  experts {', '.join(t.experts)}")
+
+
+def evaluate(args) -> None:
+    from doe_ext.dmoe import load_base
+    from doe_ext.dmoe.evaluate import check_methods, evaluate, markdown, read_questions, summarize, write
+
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    questions = read_questions(args.questions)[:args.limit]
+    with _open(args.bank) as bank:
+        base = load_base(args.base or bank.base_name)
+        results = evaluate(base, bank, questions, methods, top_k=args.top_k, tau=args.tau,
+                           max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    summary = summarize(results)
+    print(markdown(summary), end="")
+    if args.out:
+        write(results, summary, args.out)
+        print(f"wrote {Path(args.out) / 'eval.json'} and eval.md")
 
 
 def rm(args) -> None:

@@ -116,13 +116,17 @@ class DMoE:
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
-                 top_k: int | None = None, route_texts: list[str] | None = None) -> list[Generation]:
+                 top_k: int | None = None, route_texts: list[str] | None = None,
+                 experts: list[list[str]] | None = None) -> list[Generation]:
         """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``).
 
         ``route_texts``: per prompt, the task input that stands for it in routing queries (``ask`` gives
         the question, so that a chat template's system text is not part of the BM25 query); by default
         the prompt itself. A query is that text's tokens plus the tokens generated so far, the last
-        ``query_tokens`` of them, decoded without special tokens."""
+        ``query_tokens`` of them, decoded without special tokens.
+
+        ``experts``: per prompt, an active set from the first position on (the prompt included), as
+        PRAG applies its merged experts; a trigger replaces it as usual."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if route_texts is not None and len(route_texts) != len(prompts):
             raise ValueError(f"DMoE.generate: {len(route_texts)} `route_texts` for {len(prompts)} prompts")
@@ -140,12 +144,15 @@ class DMoE:
         seqs = ([tok(r, add_special_tokens=False)["input_ids"] for r in route_texts] if route_texts is not None
                 else [list(e) for e in enc])  # what routing queries are made of
         out = [Generation([], "") for _ in range(B)]
-        active: list[list[str]] = [[] for _ in range(B)]
-        routing = None
+        if experts is not None and len(experts) != B:
+            raise ValueError(f"DMoE.generate: {len(experts)} `experts` sets for {B} prompts")
+        active: list[list[str]] = [list(e) for e in experts] if experts is not None else [[] for _ in range(B)]
+        routing = self._routing(active)
         done = [False] * B
         with capture_residual(self.last) as cap:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            with use_experts(routing):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
             for t in range(max_new_tokens):
                 ent = token_entropy(logits)
                 trig = [b for b in range(B) if not done[b] and ent[b].item() > tau]
