@@ -5,36 +5,17 @@ and bytes per expert. SmolLM2-135M-Instruct (the real base), passages from Debia
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from doe_ext.dmoe.data import debian_records, passage
+
 PAPER_BANK = 27_613
-
-
-def debian_records(n: int | None = None) -> list[dict[str, str]]:
-    """Package records (Package, Section, Maintainer, Description, Homepage) from the machine's lists."""
-    out = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, check=True).stdout
-    recs = []
-    for rec in out.split("\n\n"):
-        f = dict(re.findall(r"^([A-Za-z-]+): (.*)$", rec, re.M))
-        if "Package" in f and "Description" in f:
-            recs.append(f)
-            if n is not None and len(recs) >= n:
-                break
-    return recs
-
-
-def passage(f: dict[str, str]) -> str:
-    text = (f"{f['Package']} is a Debian package in the section {f.get('Section', 'unknown')}, maintained by "
-            f"{f.get('Maintainer', 'unknown')}. {f['Description']}.")
-    return text + (f" Its homepage is {f['Homepage']}." if f.get("Homepage") else "")
 
 
 def templated_qa(f: dict[str, str]) -> list[dict[str, str]]:
