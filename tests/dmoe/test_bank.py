@@ -35,6 +35,8 @@ def test_round_trip_and_listing(base, bank):
     s = bank.load(["fugue", "otter"], base.last.projection_names)
     assert s.num_experts == 2 and torch.equal(s.a[base.last.projection_names[0]][1], first[f"{base.last.projection_names[0]}.lora_a"])
     assert "experts=5" in repr(bank)
+    page = bank._repr_html_(rows=2)
+    assert "5 experts" in page and page.count("<tr>") == 3 and "... 3 more" in page
 
 
 def test_bf16_weights(base, tmp_path):

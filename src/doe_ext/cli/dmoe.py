@@ -122,6 +122,8 @@ def build(args) -> None:
 
 
 def add(args) -> None:
+    from doe_ext.dmoe import load_base
+
     with _open(args.bank) as bank:
         recipe = json.loads(bank.meta().get("train", "{}"))
         if not recipe:
@@ -130,8 +132,6 @@ def add(args) -> None:
             if getattr(args, k) is not None:
                 recipe[k] = getattr(args, k)
         cfg = _config(recipe["rank"], recipe["alpha"], recipe["epochs"], recipe["lr"], recipe["seed"])
-        from doe_ext.dmoe import load_base
-
         done = _train(args, load_base(bank.base_name), bank, cfg, recipe["augment"], replace=True)
         print(f"{args.bank}: {len(done)} experts added, {len(bank)} in the bank")
 

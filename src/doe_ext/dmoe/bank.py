@@ -27,7 +27,10 @@ escape the directory) and the file's checksum, and reads safetensors only (never
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import html
 import json
 import os
 import re
@@ -74,6 +77,7 @@ def check_id(expert_id: str) -> str:
     return expert_id
 
 
+@functools.lru_cache(maxsize=1)
 def _analyzer():
     import tantivy
 
@@ -213,17 +217,15 @@ class ExpertBank:
         self.reconcile()
 
     # -- bookkeeping -------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _tx(self):
-        db = self._db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-        return _Tx()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def meta(self) -> dict[str, str]:
         try:
@@ -401,6 +403,14 @@ class ExpertBank:
     def load(self, expert_ids: list[str], names: tuple[str, ...]) -> ExpertSet:
         """Stack experts into an :class:`ExpertSet` over the projections ``names``, in the order given."""
         return stack([self.get(e) for e in expert_ids], names)
+
+    def _repr_html_(self, rows: int = 10) -> str:
+        body = "".join(f"<tr><td>{html.escape(r.id)}</td><td>{'' if r.loss is None else f'{r.loss:.4f}'}</td>"
+                       f"<td>{html.escape(r.text[:120])}</td></tr>" for r in self.rows()[:rows])
+        more = f"<p>... {len(self) - rows} more</p>" if len(self) > rows else ""
+        return (f"<p><b>ExpertBank</b> {html.escape(str(self.path))}: {len(self)} experts, base "
+                f"{html.escape(self.base_name or self.fingerprint)}, rank {self.lora.rank}, alpha {self.lora.alpha}, "
+                f"{self.dtype}</p><table><tr><th>id</th><th>loss</th><th>text</th></tr>{body}</table>{more}")
 
     def __repr__(self) -> str:
         return (f"ExpertBank({str(self.path)!r}, experts={len(self)}, base={self.base_name or self.fingerprint!r}, "
