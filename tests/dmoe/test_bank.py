@@ -1,6 +1,5 @@
 """The expert bank: rows, weights, BM25 routing, integrity checks and crash safety."""
 import io
-import json
 import os
 import signal
 import sqlite3
@@ -53,7 +52,6 @@ def test_bf16_weights(base, tmp_path):
 def test_bm25_routing(bank):
     assert bank.route("volcanic lava rock", 1) == ["basalt"]
     assert bank.route("music melody voices", 2)[0] == "fugue"
-    assert bank.route("sea", 5)[:2] == ["otter", "sextant"] or bank.route("sea", 5)[:2] == ["sextant", "otter"]
     assert set(bank.route("sea", 5)) == {"otter", "sextant"}  # only documents with the term match
     assert bank.route("xylophone zebra", 3) == [] and bank.route("!!! ...", 3) == []
     assert query_terms('A "quoted" AND b_c, a naïve dict-gcide') == ["a", "quoted", "and", "b", "c", "naïve", "dict",

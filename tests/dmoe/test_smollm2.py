@@ -3,7 +3,6 @@ once and cached as safetensors), with a one-document bank."""
 import math
 
 import pytest
-import torch
 
 from doe_ext.dmoe import DMoE, Document, ExpertBank, TrainConfig, build_bank, load_base, qa_prompt
 
@@ -38,5 +37,5 @@ def test_one_document_bank_answers(smollm2, tmp_path):
     base_only = dmoe.ask(QUESTION, max_new_tokens=16, tau=math.inf)
     enc = smollm2.tokenizer(qa_prompt(smollm2.tokenizer, QUESTION), return_tensors="pt", add_special_tokens=False)
     ref = smollm2.model.generate(**enc, max_new_tokens=16, do_sample=False)
-    assert base_only.tokens == [t for t in ref[0, enc["input_ids"].shape[1]:].tolist()]
+    assert base_only.tokens == ref[0, enc["input_ids"].shape[1]:].tolist()
     assert got.tokens != base_only.tokens  # the expert changed the answer

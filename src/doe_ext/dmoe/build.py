@@ -4,10 +4,8 @@ are reused, and a build killed at any point and run again gives the bank an unin
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 from tqdm.auto import tqdm
@@ -15,6 +13,7 @@ from tqdm.auto import tqdm
 from doe_ext.dmoe.augment import AUGMENTATIONS, Augmentation, augment_documents
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.train import TrainConfig, train_experts
 
 
@@ -29,30 +28,20 @@ class Document:
 def read_documents(path: str | os.PathLike) -> list[Document]:
     """``{"id": str, "text": str}`` per line; errors name the file and line. Blank lines are skipped;
     an id given twice is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     docs, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("text"), str):
-                raise ValueError(f'{path}:{n}: expected {{"id": str, "text": str}}')
-            try:
-                check_id(obj["id"])
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            if not obj["text"].strip():
-                raise ValueError(f"{path}:{n}: document {obj['id']!r} has empty text")
-            if obj["id"] in seen:
-                raise ValueError(f"{path}:{n}: id {obj['id']!r} already given on line {seen[obj['id']]}")
-            seen[obj["id"]] = n
-            docs.append(Document(obj["id"], obj["text"]))
+    for n, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("text"), str):
+            raise ValueError(f'{path}:{n}: expected {{"id": str, "text": str}}')
+        try:
+            check_id(obj["id"])
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        if not obj["text"].strip():
+            raise ValueError(f"{path}:{n}: document {obj['id']!r} has empty text")
+        if obj["id"] in seen:
+            raise ValueError(f"{path}:{n}: id {obj['id']!r} already given on line {seen[obj['id']]}")
+        seen[obj["id"]] = n
+        docs.append(Document(obj["id"], obj["text"]))
     return docs
 
 

@@ -22,6 +22,20 @@ DATA = Path(__file__).with_name("data")
 QUESTION_KINDS = ("maintainer", "section", "homepage", "section_yes_no")
 
 
+def read_jsonl(path: str | Path):
+    """``(line number, object)`` for each non-blank line of a JSON-lines file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+
+
 def debian_records(n: int | None = None) -> list[dict[str, str]]:
     """Package records of the machine's package lists (``apt-cache dumpavail``), in the lists' order."""
     out = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, check=True).stdout
@@ -95,8 +109,8 @@ def freeze(out: str | Path, name: str = "debian-packages-v1", n: int = 400, dev:
 
 def load(name: str = "debian-packages-v1", split: str | None = None) -> tuple[list[dict], list[dict]]:
     """A frozen set shipped with the package: (documents, questions of ``split`` or all)."""
-    docs = [json.loads(x) for x in (DATA / f"{name}.docs.jsonl").read_text().splitlines() if x.strip()]
-    qa = [json.loads(x) for x in (DATA / f"{name}.qa.jsonl").read_text().splitlines() if x.strip()]
+    docs = [d for _, d in read_jsonl(DATA / f"{name}.docs.jsonl")]
+    qa = [q for _, q in read_jsonl(DATA / f"{name}.qa.jsonl")]
     return docs, [q for q in qa if split is None or q["split"] == split]
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from doe_ext.dmoe.augment import qa_prompt
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE
 
@@ -46,17 +47,8 @@ class Sample:
 
 def read_questions(path: str | Path) -> list[dict]:
     """``{"question": str, "answers": [str, ...]}`` per line (extra keys kept); errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, q in read_jsonl(path):
         if (not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("answers"), list)
                 or not q["answers"] or not all(isinstance(a, str) for a in q["answers"])):
             raise ValueError(f'{path}:{n}: expected {{"question": str, "answers": [str, ...]}}')
