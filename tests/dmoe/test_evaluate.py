@@ -7,7 +7,7 @@ import pytest
 from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
 from doe_ext.dmoe import DMoE, qa_prompt
-from doe_ext.dmoe.evaluate import METHODS, Sample, check_methods, evaluate, markdown, read_questions, summarize
+from doe_ext.dmoe.evaluate import METHODS, Sample, check_methods, evaluate, flare, markdown, read_questions, summarize
 from doe_ext.dmoe.metrics import cut_answer
 from test_generate import reference_generate
 
@@ -46,6 +46,17 @@ def test_every_method_against_its_reference(base, bank):
     assert res["rag"][4].correct_yes_no in (0.0, 1.0)
 
 
+def test_flare_retrieves_only_on_uncertain_sentences(base, bank):
+    dmoe = DMoE(base, bank)
+    q = QA[1]["question"]
+    text, retrievals, ids = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=0.0)
+    assert retrievals == 0 and ids == [] and text
+    text, retrievals, ids = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=1.01, lookahead=4)
+    assert retrievals >= 1 and set(ids) <= set(bank.ids()) and ids  # every sentence retrieves at theta > 1
+    text_mid, r_mid, _ = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=0.05, lookahead=4)
+    assert 0 <= r_mid <= 3
+
+
 def test_prag_experts_matter(base, bank):
     """PRAG's experts are live: the same prompt with and without them differs."""
     res = evaluate(base, bank, QA, ["rag", "prag"], top_k=3, max_new_tokens=8, progress=False)
@@ -64,8 +75,8 @@ def test_summary_and_markdown_known_values():
 
 
 def test_method_and_question_errors(tmp_path):
-    with pytest.raises(ValueError, match="method 'flare' is not built yet"):
-        check_methods(["base", "flare"])
+    with pytest.raises(ValueError, match="method 'sft' is not built yet"):
+        check_methods(["base", "sft"])
     with pytest.raises(ValueError, match="unknown method 'rgb'"):
         check_methods(["rgb"])
     p = tmp_path / "qa.jsonl"
@@ -83,12 +94,12 @@ def test_eval_cli(llama_dir, tmp_path, capsys):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(q) + "\n" for q in QA))
     capsys.readouterr()
-    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rag,dmoe", "--out",
+    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rag,flare,dmoe", "--out",
                  str(tmp_path / "out"), "--max-new-tokens", "4", "--limit", "3", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "| base | 3 |" in out and "| dmoe | 3 |" in out
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert set(saved["summary"]) == {"base", "rag", "dmoe"} and len(saved["samples"]["rag"]) == 3
+    assert set(saved["summary"]) == {"base", "rag", "flare", "dmoe"} and len(saved["samples"]["rag"]) == 3
     assert (tmp_path / "out" / "eval.md").read_text() == out.split("wrote")[0]
     code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "sft"])
     assert code == 2 and "method 'sft' is not built yet" in capsys.readouterr().err

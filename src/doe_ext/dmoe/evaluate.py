@@ -6,8 +6,11 @@ Methods built so far:
 - ``gold``: the question's own document in the prompt (should be high: the questions are answerable).
 - ``rag``: Basic-RAG, the top-k documents for the question in the prompt.
 - ``prag``: PRAG, the same documents in the prompt plus their experts active from the first position.
+- ``flare``: FLARE-direct (Jiang et al. 2023): generate a look-ahead sentence; if any of its tokens has
+  probability below ``theta``, retrieve with the question and the sentence without those tokens, and
+  generate the sentence again with the documents in a rewritten prompt (no cache reuse).
 - ``dmoe``: DMoE, closed-book prompt, experts triggered by token uncertainty and routed on the prefix.
-``flare`` and ``sft`` (FLARE, SFT-LoRA) are not built yet and are refused by name.
+``sft`` (SFT-LoRA) is not built yet and is refused by name.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE
 
-METHODS = ("base", "gold", "rag", "prag", "dmoe")
-PLANNED = ("flare", "sft")
+METHODS = ("base", "gold", "rag", "prag", "flare", "dmoe")
+PLANNED = ("sft",)
+_SENTENCE_END = (".", "?", "!", "\n")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Sample:
     f1: float
     latency_s: float
     peak_rss_mib: float | None = None  # the process's peak resident memory while answering (weights included)
-    triggers: int = 0
+    triggers: int = 0  # DMoE: triggers; FLARE: retrievals
     passages: list[str] = field(default_factory=list)  # ids of the documents in the prompt / experts used
     yes_no: bool = False
     correct_yes_no: float | None = None
@@ -77,6 +81,39 @@ def _peak_rss_mib() -> float | None:
     return None
 
 
+def flare(dmoe: DMoE, question: str, top_k: int, max_new_tokens: int, theta: float = 0.4, lookahead: int = 16,
+          query_tokens: int = 128):
+    """FLARE-direct on the harness's prompt. Returns (answer text, number of retrievals, ids retrieved)."""
+    tok, bank = dmoe.base.tokenizer, dmoe.bank
+    answer: list[int] = []
+    docs: list[str] = []
+    retrievals, used = 0, []
+    eos = dmoe._eos()
+
+    def sentence(passages):
+        prompt = qa_prompt(tok, question, [bank.row(i).text for i in passages] or None) + tok.decode(answer)
+        g = dmoe.generate(prompt, min(lookahead, max_new_tokens - len(answer)), tau=math.inf)[0]
+        for j, t in enumerate(g.tokens):
+            if t in eos or any(c in tok.decode([t]) for c in _SENTENCE_END):
+                return g.tokens[:j + 1], g.token_probs[:j + 1]
+        return g.tokens, g.token_probs
+
+    while len(answer) < max_new_tokens:
+        toks, probs = sentence(docs)
+        if any(p < theta for p in probs):  # an uncertain sentence: retrieve, rewrite the prompt, redo it
+            kept = [t for t, p in zip(toks, probs) if p >= theta]
+            query_ids = tok(question, add_special_tokens=False)["input_ids"] + answer + kept
+            docs = bank.route(tok.decode(query_ids[-query_tokens:], skip_special_tokens=True), top_k)
+            retrievals += 1
+            used.extend(docs)
+            toks, _ = sentence(docs)
+        answer += toks
+        if not toks or toks[-1] in eos:
+            break
+    text = tok.decode([t for t in answer if t not in eos], skip_special_tokens=True).strip()
+    return text, retrievals, list(dict.fromkeys(used))
+
+
 def check_methods(methods: list[str]) -> list[str]:
     for m in methods:
         if m in PLANNED:
@@ -110,15 +147,19 @@ def evaluate(base: BaseLM, bank: ExpertBank, questions: list[dict], methods: lis
             if m == "dmoe":
                 g = dmoe.generate(qa_prompt(tok, q["question"]), max_new_tokens, route_texts=[q["question"]])[0]
                 ids = list(dict.fromkeys(e for t in g.triggers for e in t.experts))
+                text, triggers = g.text, len(g.triggers)
+            elif m == "flare":
+                text, triggers, ids = flare(dmoe, q["question"], top_k, max_new_tokens, query_tokens=query_tokens)
             else:
                 prompt = qa_prompt(tok, q["question"], [bank.row(i).text for i in ids] or None)
                 g = dmoe.generate(prompt, max_new_tokens, tau=math.inf, experts=[ids] if m == "prag" else None)[0]
+                text, triggers = g.text, 0
             latency = time.perf_counter() - t0
             peak = _peak_rss_mib() if measured else None
-            pred = cut_answer(g.text)
+            pred = cut_answer(text)
             is_yn = bool(q.get("yes_no")) or {a.lower() for a in q["answers"]} <= {"yes", "no"}
             results[m].append(Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
-                                     f1(pred, q["answers"]), latency, peak, len(g.triggers), ids, is_yn,
+                                     f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
                                      float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None))
             bar.update(1)
     bar.close()

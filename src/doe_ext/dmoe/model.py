@@ -40,6 +40,7 @@ class Generation:
     text: str
     triggers: list[Trigger] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)  # TU at every step, before any re-prediction
+    token_probs: list[float] = field(default_factory=list)  # probability of each chosen token (FLARE's signal)
 
     def to_dict(self) -> dict:
         return {"answer": self.text, "triggers": [asdict(t) for t in self.triggers]}
@@ -165,6 +166,7 @@ class DMoE:
                         logits[rows] = self.last.logits(cap.value[rows, -1]).to(logits.dtype)
                     routing = self._routing(active)
                 nxt = logits.argmax(-1)
+                p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]
                 for b in range(B):
                     if done[b]:
                         nxt[b] = pad
@@ -173,6 +175,7 @@ class DMoE:
                     if b in trig:
                         out[b].triggers.append(Trigger(t, ent[b].item(), list(active[b])))
                     out[b].tokens.append(nxt[b].item())
+                    out[b].token_probs.append(p_nxt[b].item())
                     seqs[b].append(nxt[b].item())
                     done[b] = nxt[b].item() in eos
                 if all(done) or t == max_new_tokens - 1:
