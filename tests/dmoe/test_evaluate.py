@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
@@ -74,9 +75,26 @@ def test_summary_and_markdown_known_values():
     assert md.splitlines()[0].startswith("| method | n | EM [95% CI]") and "| rag | 4 | 0.500 [" in md
 
 
+def test_sft_is_one_adapter_over_the_corpus(base, bank):
+    from doe_ext.dmoe import Augmentation, TrainConfig, train_experts
+    from doe_ext.dmoe.evaluate import sft_bank
+    from doe_ext.dmoe.train import train_adapter
+
+    sft = sft_bank(base, bank)
+    assert sft.ids() == ["sft"] and sft.path == bank.path / "sft" and len(bank) == len(DOCS)
+    checksum = sft.row("sft").checksum
+    assert sft_bank(base, bank).row("sft").checksum == checksum  # kept, not trained again
+    one = train_adapter(base, [(DOCS[0]["text"], Augmentation())], TrainConfig())  # one document: an expert
+    ref = train_experts(base, [("sft", DOCS[0]["text"], Augmentation())], TrainConfig())[0]
+    for k in ref.tensors:
+        assert torch.equal(one.tensors[k], ref.tensors[k])
+    bank.remove(["tort"])
+    assert sft_bank(base, bank).row("sft").checksum != checksum  # the corpus changed
+    res = evaluate(base, bank, QA[:2], ["base", "sft"], max_new_tokens=6, progress=False)
+    assert [s.passages for s in res["sft"]] == [["sft"], ["sft"]]
+
+
 def test_method_and_question_errors(tmp_path):
-    with pytest.raises(ValueError, match="method 'sft' is not built yet"):
-        check_methods(["base", "sft"])
     with pytest.raises(ValueError, match="unknown method 'rgb'"):
         check_methods(["rgb"])
     p = tmp_path / "qa.jsonl"
@@ -101,5 +119,5 @@ def test_eval_cli(llama_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert set(saved["summary"]) == {"base", "rag", "flare", "dmoe"} and len(saved["samples"]["rag"]) == 3
     assert (tmp_path / "out" / "eval.md").read_text() == out.split("wrote")[0]
-    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "sft"])
-    assert code == 2 and "method 'sft' is not built yet" in capsys.readouterr().err
+    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rgb"])
+    assert code == 2 and "unknown method 'rgb'" in capsys.readouterr().err

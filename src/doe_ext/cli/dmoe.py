@@ -52,8 +52,9 @@ def register(sub) -> None:
     e = cmds.add_parser("eval", help="evaluate methods on QA.jsonl: EM / F1 with 95% intervals, latency, memory")
     e.add_argument("bank")
     e.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...]} (doc_id for gold)')
-    e.add_argument("--methods", default="base,gold,rag,prag,flare,dmoe",
-                   help="comma-separated: base, gold, rag, prag, flare, dmoe (sft: not built yet)")
+    e.add_argument("--methods", default="base,rag,prag,sft,flare,dmoe",
+                   help="comma-separated: base, gold (the question's own document in the prompt; needs doc_id), "
+                        "rag, prag, sft, flare, dmoe")
     e.add_argument("--out", default=None, help="directory for eval.json and eval.md")
     e.add_argument("--tau", type=float, default=2.0)
     e.add_argument("--top-k", type=int, default=3)

@@ -1,7 +1,7 @@
 """One harness for every method of the DMoE evaluation (§4-5): the same prompt format, greedy
 decoding, the bank's BM25 over the same surrogates, k passages or experts per question.
 
-Methods built so far:
+Methods:
 - ``base``: the frozen model, closed book (should be near 0 EM on knowledge it cannot have).
 - ``gold``: the question's own document in the prompt (should be high: the questions are answerable).
 - ``rag``: Basic-RAG, the top-k documents for the question in the prompt.
@@ -9,8 +9,9 @@ Methods built so far:
 - ``flare``: FLARE-direct (Jiang et al. 2023): generate a look-ahead sentence; if any of its tokens has
   probability below ``theta``, retrieve with the question and the sentence without those tokens, and
   generate the sentence again with the documents in a rewritten prompt (no cache reuse).
+- ``sft``: SFT-LoRA, one LoRA (same recipe and placement as an expert) trained on every document's
+  instances, active from the first position; trained once per bank content and kept in ``BANK/sft``.
 - ``dmoe``: DMoE, closed-book prompt, experts triggered by token uncertainty and routed on the prefix.
-``sft`` (SFT-LoRA) is not built yet and is refused by name.
 """
 from __future__ import annotations
 
@@ -29,8 +30,7 @@ from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE
 
-METHODS = ("base", "gold", "rag", "prag", "flare", "dmoe")
-PLANNED = ("sft",)
+METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
 _SENTENCE_END = (".", "?", "!", "\n")
 
 
@@ -114,12 +114,34 @@ def flare(dmoe: DMoE, question: str, top_k: int, max_new_tokens: int, theta: flo
     return text, retrievals, list(dict.fromkeys(used))
 
 
+def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBank:
+    """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and the bank's
+    recipe), in a bank of one at ``BANK/sft``; trained again only when the documents or recipe change."""
+    import hashlib
+
+    from doe_ext.dmoe.augment import Augmentation
+    from doe_ext.dmoe.experts import LoRAConfig
+    from doe_ext.dmoe.train import TrainConfig, train_adapter
+
+    recipe = json.loads(bank.meta().get("train", "{}"))
+    keys = ("lr", "epochs", "batch_size", "weight_decay", "max_length", "seed")
+    cfg = TrainConfig(lora=LoRAConfig(bank.lora.rank, bank.lora.alpha), **{k: recipe[k] for k in keys if k in recipe})
+    rows = bank.rows()
+    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows] + [cfg.to_dict()],
+                                       sort_keys=True).encode()).hexdigest()
+    sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
+                     lora=bank.lora, dtype=bank.dtype)
+    if sft.meta().get("corpus") != corpus or "sft" not in sft:
+        e = train_adapter(base, [(r.text, Augmentation.from_json(r.augmentation)) for r in rows], cfg)
+        sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", config=cfg.to_dict(), loss=e.loss)
+        sft.set_meta("corpus", corpus)
+    return sft
+
+
 def check_methods(methods: list[str]) -> list[str]:
     for m in methods:
-        if m in PLANNED:
-            raise ValueError(f"dmoe eval: method {m!r} is not built yet (built: {', '.join(METHODS)})")
         if m not in METHODS:
-            raise ValueError(f"dmoe eval: unknown method {m!r} (built: {', '.join(METHODS)})")
+            raise ValueError(f"dmoe eval: unknown method {m!r} (methods: {', '.join(METHODS)})")
     return methods
 
 
@@ -129,6 +151,7 @@ def evaluate(base: BaseLM, bank: ExpertBank, questions: list[dict], methods: lis
     """Run each method on each question, one question at a time (latency is per sample)."""
     check_methods(methods)
     dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens)
+    sft = DMoE(base, sft_bank(base, bank), tau=math.inf) if "sft" in methods else None
     tok = base.tokenizer
     results: dict[str, list[Sample]] = {m: [] for m in methods}
     bar = tqdm(total=len(methods) * len(questions), desc="eval", unit="answer", disable=not progress)
@@ -148,6 +171,9 @@ def evaluate(base: BaseLM, bank: ExpertBank, questions: list[dict], methods: lis
                 g = dmoe.generate(qa_prompt(tok, q["question"]), max_new_tokens, route_texts=[q["question"]])[0]
                 ids = list(dict.fromkeys(e for t in g.triggers for e in t.experts))
                 text, triggers = g.text, len(g.triggers)
+            elif m == "sft":
+                g = sft.generate(qa_prompt(tok, q["question"]), max_new_tokens, tau=math.inf, experts=[["sft"]])[0]
+                text, triggers, ids = g.text, 0, ["sft"]
             elif m == "flare":
                 text, triggers, ids = flare(dmoe, q["question"], top_k, max_new_tokens, query_tokens=query_tokens)
             else:

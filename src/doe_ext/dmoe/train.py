@@ -191,29 +191,44 @@ class _ExpertAdamW:
 def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]],
                   cfg: TrainConfig = TrainConfig()) -> list[TrainedExpert]:
     """Train one expert per document (``(expert id, document text, augmentation)`` triples), all in one batch."""
-    last = base.last
-    attach(last)
-    shapes = last.shapes()
-    names = last.projection_names
     insts = [training_instances(base.tokenizer, text, aug, cfg.max_length) for _, text, aug in docs]
     for (eid, _, _), i in zip(docs, insts):
         if not i:
             raise ValueError(f"train_experts: document {eid!r} gives no training tokens (empty text?)")
+    return _train(base, [eid for eid, _, _ in docs], insts, cfg)
+
+
+def train_adapter(base: BaseLM, docs: list[tuple[str, Augmentation]], cfg: TrainConfig = TrainConfig(),
+                  adapter_id: str = "sft") -> TrainedExpert:
+    """One LoRA on every document's instances, in document order (SFT-LoRA, the DMoE paper's baseline):
+    the same recipe and placement as an expert, on the whole corpus."""
+    insts = [i for text, aug in docs for i in training_instances(base.tokenizer, text, aug, cfg.max_length)]
+    if not insts:
+        raise ValueError("train_adapter: the documents give no training tokens")
+    return _train(base, [adapter_id], [insts], cfg)[0]
+
+
+def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: TrainConfig) -> list[TrainedExpert]:
+    """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
+    last = base.last
+    attach(last)
+    shapes = last.shapes()
+    names = last.projection_names
     flat = iter(residuals(base, [i for doc in insts for i in doc]))  # one body pass for the whole group
     data = [[next(flat) for _ in doc] for doc in insts]
-    inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
-             for eid, _, _ in docs]
+    inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid))) for eid in ids]
     a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).requires_grad_() for n in names}
     b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).requires_grad_() for n in names}
     opt = _ExpertAdamW([*a.values(), *b.values()], cfg.lr, cfg.weight_decay)
     experts = ExpertSet(a=a, b=b)
     head = last.head
-    E = len(docs)
+    E = len(ids)
     steps = [math.ceil(len(d) / cfg.batch_size) for d in data]
     loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
     for epoch in range(cfg.epochs):
-        if epoch == cfg.epochs - 1:
-            loss_sum.zero_(), loss_n.zero_()
+        if epoch == cfg.epochs - 1:  # the loss reported is the last epoch's
+            loss_sum.zero_()
+            loss_n.zero_()
         for s in range(max(steps)):
             active = [e for e in range(E) if s < steps[e]]
             xs, ts, idx, ws = [], [], [], []
@@ -236,4 +251,4 @@ def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]],
     return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().clone() for n in names},
                                            **{f"{n}.lora_b": b[n][k].detach().clone() for n in names}},
                           loss=float(loss_sum[k] / loss_n[k]))
-            for k, (eid, _, _) in enumerate(docs)]
+            for k, eid in enumerate(ids)]
