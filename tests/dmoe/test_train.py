@@ -10,7 +10,7 @@ from conftest import DOCS
 from doe_ext.dmoe import Augmentation, LoRAConfig, TrainConfig, train_experts
 from doe_ext.dmoe.base import LastLayer
 from doe_ext.dmoe.experts import init_expert
-from doe_ext.dmoe.train import chunked_lm_loss, expert_seed, training_instances
+from doe_ext.dmoe.train import Instance, _prefix_groups, chunked_lm_loss, expert_seed, residuals, training_instances
 
 AUG = Augmentation(kind="model", rewrite="A sea otter lies on its back and breaks shellfish with a stone.",
                    qa=[{"question": "What does the otter float on?", "answer": "its back", "full_answer": "its back"},
@@ -98,6 +98,27 @@ def test_instances_follow_prag(base):
         assert target == " " + AUG.qa[qa]["answer"] + tok.eos_token
     assert DOCS[0]["text"] in tok.decode(insts[2].ids) and AUG.rewrite in tok.decode(insts[3].ids)
     assert "Passage" not in tok.decode(insts[6].ids)
+
+
+def test_prefix_groups():
+    insts = [Instance([1, 2, 3, 4, 5, 6], 2), Instance([9, 9], 0), Instance([1, 2, 3, 7, 8], 3),
+             Instance([1, 2, 3, 4, 0], 1), Instance([1, 2], 0)]
+    groups, rest = _prefix_groups(insts, min_shared=3)
+    assert groups == [(3, [3, 0, 2])] and sorted(rest) == [1, 4]  # [1, 2] shares only 2
+    groups, _ = _prefix_groups(insts[:1] + insts[3:4], min_shared=3)
+    assert groups == [(4, [1, 0])]
+    assert _prefix_groups([Instance([5, 5], 0), Instance([5, 5], 0)], 1)[0] == [(1, [0, 1])]  # a suffix stays
+
+
+def test_shared_prefixes_give_the_same_residuals(base):
+    """The PRAG instances that repeat the instruction and the passage run that prefix once."""
+    insts = training_instances(base.tokenizer, DOCS[0]["text"], AUG, 512)
+    groups, _ = _prefix_groups(insts, 16)
+    assert groups and max(len(m) for _, m in groups) >= 2
+    shared, alone = residuals(base, insts), residuals(base, insts, min_shared=10 ** 6)
+    for (x, t), (y, u) in zip(shared, alone):
+        assert torch.equal(t, u)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.augment import Augmentation, qa_prompt
 from doe_ext.dmoe.base import BaseLM, capture_residual
@@ -95,29 +96,80 @@ def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int)
     return [i for i in out if len(i.ids) - 1 > i.loss_start]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _prefix_groups(instances: list[Instance], min_shared: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Instances that start with the same ``>= min_shared`` tokens (PRAG's QA instances repeat the
+    instruction and the passage): ``(prefix length, members)`` groups, and the rest."""
+    order = sorted(range(len(instances)), key=lambda i: instances[i].ids)
+    groups, rest, i = [], [], 0
+    while i < len(order):
+        first = instances[order[i]].ids
+        members, shared = [order[i]], len(first) - 1
+        j = i + 1
+        while j < len(order):
+            ids = instances[order[j]].ids
+            p = min(_common_prefix(first, ids), len(ids) - 1, shared)
+            if p < min_shared:
+                break
+            members.append(order[j])
+            shared = p
+            j += 1
+        if len(members) > 1:
+            groups.append((shared, members))
+        else:
+            rest.append(order[i])
+        i = j
+    return groups, rest
+
+
 @torch.no_grad()
-def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8192) -> list[tuple[Tensor, Tensor]]:
+def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8192,
+              min_shared: int = 16) -> list[tuple[Tensor, Tensor]]:
     """Per instance: the residual entering the last MLP block at its loss positions ``[L, d]`` and the
-    targets ``[L]``. Instances run through the base body (no LM head) in right-padded batches of similar
-    length (at most ``max_batch_tokens`` padded tokens each); causal attention keeps the padding
-    invisible to the real positions."""
+    targets ``[L]``, from the base body (no LM head). Instances sharing a prefix of ``min_shared`` tokens
+    or more run it once (a KV cache repeated over the group, then the suffixes); the others run in
+    right-padded batches of similar length (at most ``max_batch_tokens`` padded tokens each). Causal
+    attention keeps the padding invisible to the real positions."""
     body, pad = base.model.base_model, base.tokenizer.pad_token_id
-    order = sorted(range(len(instances)), key=lambda i: len(instances[i].ids))
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(instances)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(instances[order[end]].ids) <= max_batch_tokens:
-            end += 1
-        batch = [instances[i] for i in order[start:end]]
-        n = len(batch[-1].ids)
-        ids = torch.tensor([i.ids + [pad] * (n - len(i.ids)) for i in batch])
-        mask = torch.tensor([[1] * len(i.ids) + [0] * (n - len(i.ids)) for i in batch])
+
+    def keep(i: int, row: Tensor) -> None:
+        inst = instances[i]
+        pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
+        out[i] = (row[pos].clone(), torch.tensor(inst.ids)[pos + 1])
+
+    def run(batch: list[list[int]], prefix: int = 0, cache=None) -> Tensor:
+        n = max(map(len, batch))
+        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
+        mask = torch.tensor([[1] * (prefix + len(b)) + [0] * (n - len(b)) for b in batch])
+        pos = torch.arange(prefix, prefix + n).expand(len(batch), n)
         with capture_residual(base.last) as cap:
-            body(input_ids=ids, attention_mask=mask, use_cache=False)
-        for j, (row, inst) in enumerate(zip(cap.value, batch)):
-            pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
-            out[order[start + j]] = (row[pos].clone(), ids[j, pos + 1])
+            body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None)
+        return cap.value
+
+    groups, rest = _prefix_groups(instances, min_shared)
+    for shared, members in groups:
+        cache = DynamicCache(config=base.model.config)
+        head = run([instances[members[0]].ids[:shared]], cache=cache)[0]  # [shared, d]
+        cache.batch_repeat_interleave(len(members))
+        tails = run([instances[i].ids[shared:] for i in members], prefix=shared, cache=cache)
+        for i, tail in zip(members, tails):
+            keep(i, torch.cat([head, tail[:len(instances[i].ids) - shared]]))
+    rest.sort(key=lambda i: len(instances[i].ids))
+    start = 0
+    while start < len(rest):
+        end = start + 1
+        while end < len(rest) and (end - start + 1) * len(instances[rest[end]].ids) <= max_batch_tokens:
+            end += 1
+        for i, row in zip(rest[start:end], run([instances[i].ids for i in rest[start:end]])):
+            keep(i, row)
         start = end
     return out
 
