@@ -111,7 +111,7 @@ def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: in
     tok = base.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
     finally:
         tok.padding_side = side
     limit = base.max_positions

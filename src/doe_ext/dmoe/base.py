@@ -106,7 +106,7 @@ class LastLayer:
     def verify(self) -> None:
         """Check on a probe that the model's logits are ``head(final_norm(r + mlp(mlp_norm(r))))`` of the
         residual entering the last MLP block, which re-prediction and training rely on."""
-        ids = torch.arange(1, 6)[None] % self.model.config.vocab_size
+        ids = (torch.arange(1, 6)[None] % self.model.config.vocab_size).to(next(self.model.parameters()).device)
         with capture_residual(self) as cap:
             want = self.model(input_ids=ids, use_cache=False).logits
         got = self.logits(cap.value)
@@ -147,6 +147,10 @@ class BaseLM:
     @property
     def last(self) -> LastLayer:
         return LastLayer(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def max_positions(self) -> int | None:

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight
-from doe_ext.dmoe.experts import Routing, attach, use_experts
+from doe_ext.dmoe.experts import ExpertSet, Routing, attach, use_experts
 
 
 @dataclass
@@ -94,8 +94,10 @@ class DMoE:
         idx = torch.full((len(sets), k), -1, dtype=torch.long)
         for r, s in enumerate(sets):
             idx[r, :len(s)] = torch.tensor([pos[e] for e in s], dtype=torch.long)
-        return Routing(self.bank.load(union, self.last.projection_names), idx,
-                       torch.full((len(sets), k), self.scale))
+        dev = self.base.device
+        experts = self.bank.load(union, self.last.projection_names)
+        experts = ExpertSet({n: t.to(dev) for n, t in experts.a.items()}, {n: t.to(dev) for n, t in experts.b.items()})
+        return Routing(experts, idx.to(dev), torch.full((len(sets), k), self.scale, device=dev))
 
     def _eos(self) -> set[int]:
         ids = self.base.model.generation_config.eos_token_id
@@ -137,8 +139,9 @@ class DMoE:
         enc = self.encode(prompts, max_new_tokens)
         B, L = len(enc), max(map(len, enc))
         pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc])
-        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
+        dev = self.base.device
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc], device=dev)
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         eos = self._eos()
@@ -161,7 +164,7 @@ class DMoE:
                     query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
                     active[b] = list(self.router(query, top_k))
                 if trig:
-                    rows = torch.tensor(trig)
+                    rows = torch.tensor(trig, device=dev)
                     with use_experts(self._routing([active[b] for b in trig])):
                         logits[rows] = self.last.logits(cap.value[rows, -1]).to(logits.dtype)
                     routing = self._routing(active)

@@ -140,16 +140,18 @@ def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8
     body, pad = base.model.base_model, base.tokenizer.pad_token_id
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(instances)
 
+    dev = base.device
+
     def keep(i: int, row: Tensor) -> None:
         inst = instances[i]
-        pos = torch.arange(inst.loss_start, len(inst.ids) - 1)
-        out[i] = (row[pos].clone(), torch.tensor(inst.ids)[pos + 1])
+        pos = torch.arange(inst.loss_start, len(inst.ids) - 1, device=dev)
+        out[i] = (row[pos].clone(), torch.tensor(inst.ids, device=dev)[pos + 1])
 
     def run(batch: list[list[int]], prefix: int = 0, cache=None) -> Tensor:
         n = max(map(len, batch))
-        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
-        mask = torch.tensor([[1] * (prefix + len(b)) + [0] * (n - len(b)) for b in batch])
-        pos = torch.arange(prefix, prefix + n).expand(len(batch), n)
+        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch], device=dev)
+        mask = torch.tensor([[1] * (prefix + len(b)) + [0] * (n - len(b)) for b in batch], device=dev)
+        pos = torch.arange(prefix, prefix + n, device=dev).expand(len(batch), n)
         with capture_residual(base.last) as cap:
             body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None)
         return cap.value
@@ -191,7 +193,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             t = target[s:s + chunk]
             per_row[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
             p = torch.exp(logits - lse[:, None])
-            p[torch.arange(len(t)), t] -= 1
+            p[torch.arange(len(t), device=p.device), t] -= 1
             grad[s:s + chunk] = ((p * w[s:s + chunk, None]).to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(per_row)
@@ -234,8 +236,8 @@ class _ExpertAdamW:
             pr = p[rows] * (1 - self.lr * self.wd)
             mr = m[rows].lerp_(g, 1 - b1)
             vr = v[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (vr.sqrt() / bc2.sqrt().to(p.dtype).view(shape)).add_(self.eps)
-            pr -= (self.lr / bc1).to(p.dtype).view(shape) * mr / denom
+            denom = (vr.sqrt() / bc2.sqrt().to(p.device, p.dtype).view(shape)).add_(self.eps)
+            pr -= (self.lr / bc1).to(p.device, p.dtype).view(shape) * mr / denom
             p[rows], m[rows], v[rows] = pr, mr, vr
             p.grad = None
 
@@ -269,8 +271,9 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: Train
     flat = iter(residuals(base, [i for doc in insts for i in doc]))  # one body pass for the whole group
     data = [[next(flat) for _ in doc] for doc in insts]
     inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid))) for eid in ids]
-    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).requires_grad_() for n in names}
-    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).requires_grad_() for n in names}
+    dev = base.device  # the init is drawn on the CPU, so it is the same on every device
+    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev).requires_grad_() for n in names}
+    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).to(dev).requires_grad_() for n in names}
     opt = _ExpertAdamW([*a.values(), *b.values()], cfg.lr, cfg.weight_decay)
     experts = ExpertSet(a=a, b=b)
     head = last.head
@@ -290,17 +293,17 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: Train
                 for x, t in batch:
                     xs.append(x), ts.append(t)
                     idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
-            x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx), torch.cat(ws)
-            routing = Routing(experts, i[:, None], torch.full((len(i), 1), cfg.lora.scale))
+            x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx).to(dev), torch.cat(ws).to(dev)
+            routing = Routing(experts, i[:, None], torch.full((len(i), 1), cfg.lora.scale, device=dev))
             with use_experts(routing):
                 hidden = last.hidden(x)
             total, per_row = chunked_lm_loss(hidden, head.weight, getattr(head, "bias", None), t, w, cfg.head_chunk)
             total.backward()
             opt.step(torch.tensor(active))
-            step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i, (per_row * w).double())
+            step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i.cpu(), (per_row * w).double().cpu())
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
-    return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().clone() for n in names},
-                                           **{f"{n}.lora_b": b[n][k].detach().clone() for n in names}},
+    return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().cpu().clone() for n in names},
+                                           **{f"{n}.lora_b": b[n][k].detach().cpu().clone() for n in names}},
                           loss=float(loss_sum[k] / loss_n[k]))
             for k, eid in enumerate(ids)]
