@@ -210,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logits, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
     bool training, c10::string_view activation) {
   const std::string act(activation);
-  const auto sz = vr::check_backward(grad_gates, grad_logits, h, w_mu, w_gate, mu_logvar, act);
+  const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
+                                         gates, logits, noise, rng, act);
   const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
   const Eps mode = eps_mode(training, noise, rng);
   // Allocated by backward(), after its temporaries are freed; a meta placeholder carries the shape.

@@ -281,6 +281,71 @@ def test_bad_input_names_the_argument(device):
         FWD(h, *params, None, None, True, "relu")
 
 
+_BWD_CASES = {  # name -> (argument changes, the message); each once segfaulted or read out of bounds
+    "rng of zero elements, eval": (dict(rng=lambda a: a["rng"][:0], training=False), r"`rng` of shape \[2\]"),
+    "rng of one element": (dict(rng=lambda a: a["rng"][:1]), r"`rng` of shape \[2\]"),
+    "w_gate for another dz": (dict(w_gate=lambda a: torch.randn(4, 9)), r"`w_gate`.shape\[1\] == 3"),
+    "w_logvar for another dz": (dict(w_logvar=lambda a: torch.randn(5, 6)), r"`w_logvar`.shape\[0\] == 3"),
+    "mu_logvar too narrow": (dict(mu_logvar=lambda a: a["mu_logvar"][..., :4]), r"`mu_logvar` of shape \[2, 5, 6\]"),
+    "logits of another K": (dict(logits=lambda a: a["logits"][..., :2]), r"`logits` of shape \[2, 5, 4\]"),
+    "gates of another dtype": (dict(gates=lambda a: a["gates"].double()), r"`gates` of dtype float32"),
+    "grad_kl broadcast": (dict(grad_kl=lambda a: torch.ones(1)), r"`grad_kl` of shape \[2, 5\]"),
+    "grad_z of another dz": (dict(grad_z=lambda a: torch.ones(2, 5, 2)), r"`grad_z` of shape \[2, 5, 3\]"),
+    "noise of another dz": (dict(noise=lambda a: torch.randn(2, 5, 2)), r"`noise` of shape \[2, 5, 3\]"),
+}
+
+
+def test_backward_op_checks_what_it_reads():
+    """The raw backward op, called as torch.compile or a user might: every tensor it reads is checked
+    first. The cases run in one child process that reports each as it goes, so a crash fails this test
+    naming its case instead of ending the run."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = textwrap.dedent(f"""
+        import re, sys, torch, doe_ext
+        sys.path[:0] = {[str(here), str(here.parent)]!r}
+        from test_vae_relu_router import _BWD_CASES, backward_args
+        for case, (changes, message) in sorted(_BWD_CASES.items()):
+            print("start\t" + case, flush=True)
+            args = backward_args()
+            for k, f in changes.items():
+                args[k] = f(args) if callable(f) else f
+            try:
+                torch.ops.doe_ext.vae_relu_router_bwd(**args)
+                print(case + "\tno error", flush=True)
+            except RuntimeError as e:
+                print(case + "\t" + ("ok" if re.search(message, str(e)) else "wrong message: " + str(e)), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, f"child died (code {done.returncode}) after: {lines[-1:]}; {done.stderr[-2000:]}"
+    results = dict(line.split("\t", 1) for line in lines if not line.startswith("start\t"))
+    bad = {case: r for case, r in results.items() if r != "ok"}
+    assert sorted(results) == sorted(_BWD_CASES) and not bad, bad
+
+
+def backward_args() -> dict:
+    """Valid arguments of the raw backward op: h [2, 5, 6], dz = 3, K = 4, training with drawn noise."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 6, generator=g)
+    w_mu, w_logvar, w_gate = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(4, 3, generator=g)
+    b_mu, b_logvar, b_gate = torch.zeros(3), torch.zeros(3), torch.zeros(4)
+    rng = torch.tensor([7, 1], dtype=torch.int64)
+    gates, logits, kl, z, mulv, _, _ = FWD(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, None, rng, True, "relu")
+    return dict(grad_gates=torch.ones_like(gates), grad_logits=None, grad_kl=torch.ones_like(kl), grad_z=None, h=h,
+                w_mu=w_mu, w_logvar=w_logvar, w_gate=w_gate, mu_logvar=mulv, gates=gates, logits=logits, noise=None,
+                rng=rng, training=True, activation="relu")
+
+
+def test_backward_args_are_valid():
+    out = torch.ops.doe_ext.vae_relu_router_bwd(**backward_args())
+    assert out[0].shape == (2, 5, 6) and out[5].shape == (4, 3)
+
+
 def test_weight_on_another_device_names_the_argument():
     other = "cuda" if HAS_CUDA else "meta"
     h, params, _ = make_case("K1-dz1")

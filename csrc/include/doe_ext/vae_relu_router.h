@@ -35,15 +35,11 @@ inline void check_activation(const std::string& activation, const char* op) {
               ": expected `activation` to be \"relu\" or \"softmax\", got \"", activation, "\"");
 }
 
-inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu,
-                                            const at::Tensor& w_logvar, const at::Tensor& b_logvar,
-                                            const at::Tensor& w_gate, const at::Tensor& b_gate,
-                                            const std::optional<at::Tensor>& noise,
-                                            const std::optional<at::Tensor>& rng, const std::string& activation) {
-  constexpr const char* op = "vae_relu_router";
+// h, w_mu, w_logvar, w_gate against each other: every size the kernels derive comes from here.
+inline VaeRouterSizes check_weights(const char* op, const at::Tensor& h, const at::Tensor& w_mu,
+                                    const at::Tensor& w_logvar, const at::Tensor& w_gate) {
   check_min_dim(h, 1, op, "h", "[..., d]");
   check_floating(h, op, "h");
-  check_activation(activation, op);
   const int64_t d = h.size(-1);
   check_dim(w_mu, 2, op, "w_mu", "[dz, d]");
   check_same_device(w_mu, h, op, "w_mu", "h");
@@ -57,8 +53,6 @@ inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tenso
   check_same_dtype(w_logvar, h, op, "w_logvar", "h");
   check_size(w_logvar, 0, dz, op, "w_logvar", "dz, the first dim of w_mu");
   check_size(w_logvar, 1, d, op, "w_logvar", "d, the last dim of h");
-  check_vector(b_mu, dz, op, "b_mu", "[dz]", h);
-  check_vector(b_logvar, dz, op, "b_logvar", "[dz]", h);
   check_dim(w_gate, 2, op, "w_gate", "[K, dz]");
   check_same_device(w_gate, h, op, "w_gate", "h");
   check_same_dtype(w_gate, h, op, "w_gate", "h");
@@ -66,16 +60,23 @@ inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tenso
   const int64_t K = w_gate.size(0);
   TORCH_CHECK(K >= 1, op, ": expected `w_gate` to hold at least one knowledge block (K >= 1), got shape ",
               shape_str(w_gate.sizes()));
-  check_vector(b_gate, K, op, "b_gate", "[K]", h);
-  if (noise.has_value()) {
-    const auto& e = *noise;
-    check_same_device(e, h, op, "noise", "h");
-    check_same_dtype(e, h, op, "noise", "h");
-    auto expected = h.sizes().vec();
-    expected.back() = dz;
-    TORCH_CHECK(e.sizes().vec() == expected, op, ": expected `noise` of shape ", c10::IntArrayRef(expected),
-                " ([..., dz] with h's leading dims), got ", shape_str(e.sizes()));
-  }
+  return {c10::multiply_integers(h.sizes().slice(0, h.dim() - 1)), d, dz, K};
+}
+
+// A tensor of h's leading dims and the given last dim (none: h's leading dims only), on h's device and dtype.
+inline void check_rows_like(const at::Tensor& t, const at::Tensor& h, std::optional<int64_t> last, const char* op,
+                            const char* name, const char* what) {
+  auto expected = h.sizes().vec();
+  if (last.has_value()) expected.back() = *last; else expected.pop_back();
+  check_same_device(t, h, op, name, "h");
+  check_same_dtype(t, h, op, name, "h");
+  TORCH_CHECK(t.sizes().vec() == expected, op, ": expected `", name, "` of shape ", c10::IntArrayRef(expected),
+              " (", what, " with h's leading dims), got ", shape_str(t.sizes()));
+}
+
+inline void check_noise_rng(const char* op, const at::Tensor& h, int64_t dz, const std::optional<at::Tensor>& noise,
+                            const std::optional<at::Tensor>& rng) {
+  if (noise.has_value()) check_rows_like(*noise, h, dz, op, "noise", "[..., dz]");
   if (rng.has_value()) {
     const auto& r = *rng;
     check_index(r, op, "rng");
@@ -83,8 +84,21 @@ inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tenso
     TORCH_CHECK(r.dim() == 1 && r.size(0) == 2, op, ": expected `rng` of shape [2] (Philox key, stream), got ",
                 shape_str(r.sizes()));
   }
-  const int64_t N = c10::multiply_integers(h.sizes().slice(0, h.dim() - 1));
-  return {N, d, dz, K};
+}
+
+inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu,
+                                            const at::Tensor& w_logvar, const at::Tensor& b_logvar,
+                                            const at::Tensor& w_gate, const at::Tensor& b_gate,
+                                            const std::optional<at::Tensor>& noise,
+                                            const std::optional<at::Tensor>& rng, const std::string& activation) {
+  constexpr const char* op = "vae_relu_router";
+  check_activation(activation, op);
+  const auto sz = check_weights(op, h, w_mu, w_logvar, w_gate);
+  check_vector(b_mu, sz.dz, op, "b_mu", "[dz]", h);
+  check_vector(b_logvar, sz.dz, op, "b_logvar", "[dz]", h);
+  check_vector(b_gate, sz.K, op, "b_gate", "[K]", h);
+  check_noise_rng(op, h, sz.dz, noise, rng);
+  return sz;
 }
 
 namespace vr {
@@ -248,23 +262,25 @@ DOE_HD void softmax_backward_row(const T* p, const T* gg, const T* gl, T* dl, in
 
 // ---- host helpers of both backends ----
 
-// The backward's own inputs (the forward's were checked when it ran): sizes from h and the weights.
+// Every tensor the backward reads, checked before any is touched; sizes from the same tensors the kernels use.
 inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates,
-                                     const std::optional<at::Tensor>& grad_logits, const at::Tensor& h,
-                                     const at::Tensor& w_mu, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
-                                     const std::string& activation) {
+                                     const std::optional<at::Tensor>& grad_logits,
+                                     const std::optional<at::Tensor>& grad_kl, const std::optional<at::Tensor>& grad_z,
+                                     const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& w_logvar,
+                                     const at::Tensor& w_gate, const at::Tensor& mu_logvar, const at::Tensor& gates,
+                                     const at::Tensor& logits, const std::optional<at::Tensor>& noise,
+                                     const std::optional<at::Tensor>& rng, const std::string& activation) {
   constexpr const char* op = "vae_relu_router_bwd";
   check_activation(activation, op);
-  const VaeRouterSizes sz{c10::multiply_integers(h.sizes().slice(0, h.dim() - 1)), h.size(-1), w_mu.size(0),
-                          w_gate.size(0)};
-  const auto rows_k = leading_with(h, sz.K);
-  for (const auto* g : {&grad_gates, &grad_logits}) {
-    if (g->has_value())
-      TORCH_CHECK((*g)->sizes().vec() == rows_k, op, ": expected output gradients of shape ",
-                  c10::IntArrayRef(rows_k), ", got ", shape_str((*g)->sizes()));
-  }
-  TORCH_CHECK(mu_logvar.sizes().vec() == leading_with(h, 2 * sz.dz), op,
-              ": expected `mu_logvar` of shape [..., 2 dz], got ", shape_str(mu_logvar.sizes()));
+  const auto sz = check_weights(op, h, w_mu, w_logvar, w_gate);
+  check_rows_like(mu_logvar, h, 2 * sz.dz, op, "mu_logvar", "[..., 2 dz]");
+  check_rows_like(gates, h, sz.K, op, "gates", "[..., K]");
+  check_rows_like(logits, h, sz.K, op, "logits", "[..., K]");
+  if (grad_gates.has_value()) check_rows_like(*grad_gates, h, sz.K, op, "grad_gates", "[..., K]");
+  if (grad_logits.has_value()) check_rows_like(*grad_logits, h, sz.K, op, "grad_logits", "[..., K]");
+  if (grad_kl.has_value()) check_rows_like(*grad_kl, h, std::nullopt, op, "grad_kl", "[...]");
+  if (grad_z.has_value()) check_rows_like(*grad_z, h, sz.dz, op, "grad_z", "[..., dz]");
+  check_noise_rng(op, h, sz.dz, noise, rng);
   return sz;
 }
 
