@@ -103,6 +103,7 @@ def _config(rank, alpha, epochs, lr, seed):
 
 def build(args) -> None:
     from doe_ext.dmoe import ExpertBank, load_base
+    from doe_ext.dmoe.build import recipe
 
     out = Path(args.out)
     cfg = _config(args.rank, args.alpha, args.epochs, args.lr, args.seed)
@@ -113,11 +114,11 @@ def build(args) -> None:
                     dtype=args.dtype) as bank:
         if bank.base_name != base_name:
             raise CommandError(f"{out}: the bank was built with --base {bank.base_name}, not {base_name}")
-        recipe = json.dumps({**cfg.to_dict(), "augment": args.augment}, sort_keys=True)
+        wanted = json.dumps(recipe(cfg, args.augment), sort_keys=True)
         old = bank.meta().get("train")
-        if old is not None and old != recipe:
-            raise CommandError(f"{out}: the bank was built with the recipe {old}; this build asks for {recipe}")
-        bank.set_meta("train", recipe)
+        if old is not None and old != wanted:
+            raise CommandError(f"{out}: the bank was built with the recipe {old}; this build asks for {wanted}")
+        bank.set_meta("train", wanted)
         done = _train(args, base, bank, cfg, args.augment, replace=False)
         print(f"{out}: {len(done)} experts trained, {len(bank)} in the bank")
 

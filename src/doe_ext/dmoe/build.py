@@ -14,7 +14,7 @@ from doe_ext.dmoe.augment import AUGMENTATIONS, Augmentation, augment_documents
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.train import TrainConfig, train_experts
+from doe_ext.dmoe.train import TrainConfig, TrainedExpert, train_experts
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,18 @@ def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document], kind: st
     return [Augmentation.from_json(g) for g in got]
 
 
+def recipe(cfg: TrainConfig, augment: str) -> dict:
+    """How an expert was made: the training config and the augmentation (kept on each row and on the bank)."""
+    return {**cfg.to_dict(), "augment": augment}
+
+
+def commit(bank: ExpertBank, doc: Document, aug: Augmentation, expert: TrainedExpert, cfg: TrainConfig,
+           augment: str) -> None:
+    """One trained expert into the bank, with its surrogate (document + augmentation) and recipe."""
+    bank.add(doc.id, expert.tensors, doc.text, aug.surrogate(doc.text), aug.to_json(), recipe(cfg, augment),
+             expert.loss)
+
+
 def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, cfg: TrainConfig = TrainConfig(),
                augment: str = "model", group_size: int = 32, replace: bool = False, progress: bool = True) -> list[str]:
     """Train and commit an expert for every document not yet in ``bank`` (all of them with
@@ -85,8 +97,7 @@ def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, cfg: Tr
             augs = augmentations(base, bank, group, augment)
             trained = train_experts(base, [(d.id, d.text, a) for d, a in zip(group, augs)], cfg)
             for d, a, e in zip(group, augs, trained):
-                bank.add(d.id, e.tensors, d.text, a.surrogate(d.text), a.to_json(),
-                         {**cfg.to_dict(), "augment": augment}, e.loss)
+                commit(bank, d, a, e, cfg, augment)
                 bar.update(1)
     finally:
         bar.close()

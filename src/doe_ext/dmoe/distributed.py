@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from doe_ext.dmoe.augment import Augmentation
 from doe_ext.dmoe.bank import ExpertBank
-from doe_ext.dmoe.build import Document, augmentation_key
-from doe_ext.dmoe.train import TrainConfig
+from doe_ext.dmoe.build import Document, augmentation_key, commit
+from doe_ext.dmoe.train import TrainConfig, TrainedExpert
 
 
 def _train_shard(base_name: str, docs: list[tuple[str, str, str | None]], cfg: TrainConfig, augment: str,
@@ -64,7 +64,7 @@ def build_bank_ray(base_name: str, fingerprint: str, docs: list[Document], bank:
     shards = [todo[i::num_workers] for i in range(num_workers)]
     futures = [task.remote(base_name, [(d.id, d.text, bank.cached_augmentation(keys[d.id])) for d in shard],
                            cfg, augment, group_size, threads) for shard in shards if shard]
-    texts = {d.id: d.text for d in todo}
+    by_id = {d.id: d for d in todo}
     bar = tqdm(total=len(todo), desc="experts", unit="expert", disable=not progress)
     pending = list(futures)
     try:
@@ -74,9 +74,8 @@ def build_bank_ray(base_name: str, fingerprint: str, docs: list[Document], bank:
             bank.check_base(fp)
             bank.cache_augmentations({keys[eid]: aug for eid, _, _, aug in results})
             for eid, tensors, loss, aug in results:
-                text = texts[eid]
-                bank.add(eid, {k: torch.tensor(v) for k, v in tensors.items()}, text,
-                         Augmentation.from_json(aug).surrogate(text), aug, {**cfg.to_dict(), "augment": augment}, loss)
+                expert = TrainedExpert(eid, {k: torch.tensor(v) for k, v in tensors.items()}, loss)
+                commit(bank, by_id[eid], Augmentation.from_json(aug), expert, cfg, augment)
                 bar.update(1)
     finally:
         bar.close()
