@@ -8,7 +8,9 @@ import torch
 from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
 from doe_ext.dmoe import DMoE, qa_prompt
-from doe_ext.dmoe.evaluate import METHODS, Sample, check_methods, evaluate, flare, markdown, read_questions, summarize
+from doe_ext.dmoe.augment import fewshot_prompt
+from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
+                                   markdown, read_questions, summarize)
 from doe_ext.dmoe.metrics import cut_answer
 from test_generate import reference_generate
 
@@ -22,45 +24,78 @@ def bank(base, tmp_path):
     return random_bank(base, tmp_path / "bank")
 
 
-def test_every_method_against_its_reference(base, bank):
-    res = evaluate(base, bank, QA, METHODS, top_k=2, tau=0.0, max_new_tokens=6, progress=False)
+SHOTS = [("What is a tort?", "a civil wrong", DOCS[3]["text"]), ("Which rock is formed from lava?", "basalt",
+                                                                   DOCS[1]["text"])]
+
+
+@pytest.mark.parametrize("shots", [(), SHOTS], ids=["chat", "fewshot"])
+def test_every_method_against_its_reference(base, bank, shots):
+    h = Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=2)
+    res = evaluate(h, QA, METHODS, progress=False)
     assert list(res) == list(METHODS) and all(len(v) == len(QA) for v in res.values())
     tok = base.tokenizer
+    prompt = (lambda q, p: fewshot_prompt(q, p, shots)) if shots else (lambda q, p: qa_prompt(tok, q, p))
     for i, q in enumerate(QA):
         routed = bank.route(q["question"], 2)
         assert res["rag"][i].passages == res["prag"][i].passages == routed
         assert res["gold"][i].passages == [q["doc_id"]] and res["base"][i].passages == []
         for m, active in (("base", ()), ("gold", ()), ("rag", ()), ("prag", routed)):
             ids = {"base": [], "gold": [q["doc_id"]], "rag": routed, "prag": routed}[m]
-            prompt = qa_prompt(tok, q["question"], [bank.row(d).text for d in ids] or None)
-            tokens, triggers = reference_generate(base, bank, prompt, 6, math.inf, 2, active=active)
+            tokens, triggers = reference_generate(base, bank, prompt(q["question"], [bank.row(d).text for d in ids] or None),
+                                                  6, math.inf, 2, active=active, stop=h.stop)
             want = cut_answer(tok.decode([t for t in tokens if t != tok.eos_token_id], skip_special_tokens=True).strip())
             assert res[m][i].prediction == want, m
             assert res[m][i].triggers == 0 and not triggers
-        g = DMoE(base, bank, tau=0.0, top_k=2).ask(q["question"], max_new_tokens=6)
-        assert res["dmoe"][i].prediction == cut_answer(g.text) and res["dmoe"][i].triggers == len(g.triggers) > 0
+        tokens, triggers = reference_generate(base, bank, prompt(q["question"], None), 6, 0.0, 2, stop=h.stop,
+                                              route_text=q["question"])
+        want = cut_answer(tok.decode([t for t in tokens if t != tok.eos_token_id], skip_special_tokens=True).strip())
+        assert res["dmoe"][i].prediction == want and res["dmoe"][i].triggers == len(triggers) > 0
+        assert res["dmoe"][i].entropy > 0 and res["base"][i].entropy == pytest.approx(res["dmoe"][i].entropy, abs=1e-4)
         for m in METHODS:
             s = res[m][i]
             assert 0 <= s.em <= s.f1 <= 1
             assert s.latency_s > 0 and (s.peak_rss_mib is None or s.peak_rss_mib > 10)
     assert [s.yes_no for s in res["base"]] == [False] * 4 + [True]
     assert res["rag"][4].correct_yes_no in (0.0, 1.0)
+    one = evaluate(Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=1), QA, METHODS,
+                   progress=False)
+    for m in METHODS:  # batches (and their shared prompt prefix) answer as one question at a time does
+        assert [s.prediction for s in one[m]] == [s.prediction for s in res[m]], m
+        assert [s.passages for s in one[m]] == [s.passages for s in res[m]], m
 
 
 def test_flare_retrieves_only_on_uncertain_sentences(base, bank):
-    dmoe = DMoE(base, bank)
-    q = QA[1]["question"]
-    text, retrievals, ids = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=0.0)
-    assert retrievals == 0 and ids == [] and text
-    text, retrievals, ids = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=1.01, lookahead=4)
-    assert retrievals >= 1 and set(ids) <= set(bank.ids()) and ids  # every sentence retrieves at theta > 1
-    text_mid, r_mid, _ = flare(dmoe, q, top_k=2, max_new_tokens=12, theta=0.05, lookahead=4)
-    assert 0 <= r_mid <= 3
+    qs = [QA[1]["question"], QA[2]["question"]]
+    h = Harness(base, bank, top_k=2, max_new_tokens=12, flare_theta=0.0)
+    for _, text, retrievals, ids in h._flare(qs):
+        assert retrievals == 0 and ids == [] and text
+    h = Harness(base, bank, top_k=2, max_new_tokens=12, flare_theta=1.01, flare_lookahead=4)
+    for _, text, retrievals, ids in h._flare(qs):
+        assert retrievals >= 1 and set(ids) <= set(bank.ids()) and ids  # every sentence retrieves at theta > 1
+    # one question alone == in the batch
+    assert h._flare(qs[1:]) == h._flare(qs)[1:]
+
+
+def test_first_sentence(base):
+    tok = base.tokenizer
+    ids = tok("see github.com now. Then more", add_special_tokens=False)["input_ids"]
+    n = _first_sentence(tok, ids, set())
+    assert tok.decode(ids[:n]).rstrip() == "see github.com now."
+    assert _first_sentence(tok, ids, {ids[1]}) == 2 and _first_sentence(tok, ids[:3], set()) == 3
+
+
+def test_oracle_variant_routes_to_the_question_document(base, bank):
+    h = Harness(base, bank, top_k=2, max_new_tokens=4)
+    v = Variant("oracle", DMoE(base, bank, tau=0.0), oracle=True)
+    res = evaluate(h, QA, [v], progress=False)["oracle"]
+    assert [s.passages for s in res] == [[q["doc_id"]] for q in QA]
+    with pytest.raises(ValueError, match="'oracle' needs a `doc_id`"):
+        evaluate(h, [{"question": "q", "answers": ["a"]}], [v], progress=False)
 
 
 def test_prag_experts_matter(base, bank):
     """PRAG's experts are live: the same prompt with and without them differs."""
-    res = evaluate(base, bank, QA, ["rag", "prag"], top_k=3, max_new_tokens=8, progress=False)
+    res = evaluate(Harness(base, bank, max_new_tokens=8), QA, ["rag", "prag"], progress=False)
     assert [s.prediction for s in res["rag"]] != [s.prediction for s in res["prag"]]
 
 
@@ -90,7 +125,7 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank):
         assert torch.equal(one.tensors[k], ref.tensors[k])
     bank.remove(["tort"])
     assert sft_bank(base, bank).row("sft").checksum != checksum  # the corpus changed
-    res = evaluate(base, bank, QA[:2], ["base", "sft"], max_new_tokens=6, progress=False)
+    res = evaluate(Harness(base, bank, max_new_tokens=6), QA[:2], ["base", "sft"], progress=False)
     assert [s.passages for s in res["sft"]] == [["sft"], ["sft"]]
 
 

@@ -10,9 +10,12 @@ from doe_ext.dmoe.base import LastLayer
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, LoRAConfig, load_base, merged_state, token_entropy
 
 
-def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=()):
+def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=(), stop=(),
+                       route_text=None):
     """No KV cache, experts merged into the weights (theta + sum of deltas): the whole model re-runs
-    on the whole sequence at every step, and again after every trigger. ``active``: the set to start with."""
+    on the whole sequence at every step, and again after every trigger. ``active``: the set to start
+    with; ``stop``: tokens that end the sequence besides EOS; ``route_text``: what queries start with
+    (the prompt by default)."""
     model = copy.deepcopy(base.model)
     mine = {n: getattr(m, "base_layer", m) for n, m in LastLayer(model).projections().items()}
     tok = base.tokenizer
@@ -24,19 +27,21 @@ def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tok
         return model(torch.tensor([ids])).logits[0, -1]
 
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    seq = list(ids) if route_text is None else tok(route_text, add_special_tokens=False)["input_ids"]
     active, tokens, triggers = list(active), [], []
     with torch.no_grad():
         for t in range(max_new_tokens):
             logits = logits_with(ids, active)
             ent = token_entropy(logits).item()
             if ent > tau:
-                active = bank.route(tok.decode(ids[-query_tokens:]), top_k)
+                active = bank.route(tok.decode(seq[-query_tokens:]), top_k)
                 triggers.append((t, active))
                 logits = logits_with(ids, active)
             nxt = int(logits.argmax())
             tokens.append(nxt)
             ids.append(nxt)
-            if nxt == eos:
+            seq.append(nxt)
+            if nxt == eos or nxt in stop:
                 break
     return tokens, triggers
 
@@ -154,3 +159,36 @@ def test_query_is_the_prefix_before_the_position(base, bank):
     assert seen == [base.tokenizer.decode((ids + g.tokens[:t])[-5:], skip_special_tokens=True) for t in range(2)]
     with pytest.raises(ValueError, match="2 `route_texts` for 1 prompts"):
         dmoe.generate("x", route_texts=["a", "b"])
+
+
+@pytest.mark.parametrize("tau", [0.0, "mid", math.inf])
+def test_shared_prefix_equals_unshared(base, bank, tau):
+    """Prompts with a common few-shot prefix: the prefix run once (its cache repeated) == every prompt
+    run whole, in a batch and alone, with triggers and with PRAG-style sets from the first position."""
+    dmoe = DMoE(base, bank, top_k=2)
+    if tau == "mid":
+        tau = split_tau(dmoe, 8)
+    prefix = "".join(f"Question: {q}\nAnswer: {d['text'][:20]}\n\n" for q, d in zip(QUESTIONS, DOCS))
+    prompts = [prefix + f"Question: {q}\nAnswer:" for q in QUESTIONS]
+    n = len(base.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    assert n > 16
+    experts = [[DOCS[i]["id"]] for i in range(len(prompts))] if tau == math.inf else None
+    shared = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts)
+    whole = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts, share_prefix=0)
+    for i, (s, w) in enumerate(zip(shared, whole)):
+        alone = dmoe.generate(prompts[i], max_new_tokens=8, tau=tau, experts=experts and [experts[i]])[0]
+        for other in (w, alone):
+            assert s.tokens == other.tokens
+            assert [(t.position, t.experts) for t in s.triggers] == [(t.position, t.experts) for t in other.triggers]
+            assert s.entropies == pytest.approx(other.entropies, abs=1e-4)
+
+
+def test_stop_tokens_end_a_sequence_and_stay_in_it(base, bank):
+    dmoe = DMoE(base, bank, tau=math.inf)
+    free = dmoe.generate(QUESTIONS, max_new_tokens=8)
+    stop = {free[0].tokens[2], free[1].tokens[0]}
+    got = dmoe.generate(QUESTIONS, max_new_tokens=8, stop_tokens=stop)
+    for f, g in zip(free, got):
+        cut = next((i + 1 for i, t in enumerate(f.tokens) if t in stop), len(f.tokens))
+        assert g.tokens == f.tokens[:cut]
+    assert len(got[0].tokens) <= 3 and len(got[1].tokens) == 1

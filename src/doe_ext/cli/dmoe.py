@@ -60,6 +60,10 @@ def register(sub) -> None:
     e.add_argument("--top-k", type=int, default=3)
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--limit", type=int, default=None, help="first N questions only")
+    e.add_argument("--shots", default=None,
+                   help="JSON lines of demonstrations (question, answers, and doc_id or passage): a plain few-shot "
+                        "prompt instead of the chat template")
+    e.add_argument("--batch-size", type=int, default=16, help="questions answered together")
     e.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=evaluate)
@@ -154,14 +158,17 @@ def ask(args) -> None:
 
 def evaluate(args) -> None:
     from doe_ext.dmoe import load_base
-    from doe_ext.dmoe.evaluate import check_methods, evaluate, markdown, read_questions, summarize, write
+    from doe_ext.dmoe.evaluate import (Harness, check_methods, evaluate, markdown, read_questions, read_shots,
+                                       summarize, write)
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     questions = read_questions(args.questions)[:args.limit]
     with _open(args.bank) as bank:
+        shots = read_shots(args.shots, bank) if args.shots else ()
         base = load_base(args.base or bank.base_name)
-        results = evaluate(base, bank, questions, methods, top_k=args.top_k, tau=args.tau,
-                           max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+        harness = Harness(base, bank, shots=shots, top_k=args.top_k, tau=args.tau,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        results = evaluate(harness, questions, methods, progress=not args.no_progress)
     summary = summarize(results)
     print(markdown(summary), end="")
     if args.out:

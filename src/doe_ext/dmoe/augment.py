@@ -76,6 +76,18 @@ def qa_prompt(tokenizer, question: str, passages: list[str] | None = None) -> st
     return chat(tokenizer, user)
 
 
+def fewshot_prompt(question: str, passages: list[str] | None = None,
+                   shots: list[tuple[str, str, str]] = ()) -> str:
+    """The evaluation's prompt: plain text, no chat template, ``shots`` demonstrations (question,
+    answer, passage) before the question, each with its passage when ``passages`` are given. Chosen on
+    the dev split of the Debian set: SmolLM2-135M-Instruct answers a chat-template prompt in sentences
+    (gold-passage EM 0.04 zero-shot, 0.29 with four demonstrations as chat turns); this gives 0.54."""
+    with_ctx = bool(passages)
+    demo = "".join((f"Passage: {p}\n" if with_ctx else "") + f"Question: {q}\nAnswer: {a}\n\n" for q, a, p in shots)
+    ctx = "".join(f"Passage: {p}\n" for p in passages or [])
+    return f"{demo}{ctx}Question: {question}\nAnswer:"
+
+
 def parse_qa(text: str) -> list[dict[str, str]]:
     """QA pairs from the model's reply: the JSON list if it parses, else every ``{...}`` object that does.
     Items without a non-empty string ``question`` and ``answer`` are dropped; at most three are kept."""

@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from doe_ext.dmoe.augment import qa_prompt
+from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
-from doe_ext.dmoe.model import DMoE
+from doe_ext.dmoe.model import DMoE, Generation, line_break_tokens
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
-_SENTENCE_END = (".", "?", "!", "\n")
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Sample:
     passages: list[str] = field(default_factory=list)  # ids of the documents in the prompt / experts used
     yes_no: bool = False
     correct_yes_no: float | None = None
+    kind: str | None = None  # the question's template, when the question file says
+    entropy: float | None = None  # TU of the first answer token before any expert (DMoE's trigger signal)
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -57,6 +59,20 @@ def read_questions(path: str | Path) -> list[dict]:
                 or not q["answers"] or not all(isinstance(a, str) for a in q["answers"])):
             raise ValueError(f'{path}:{n}: expected {{"question": str, "answers": [str, ...]}}')
         out.append(q)
+    return out
+
+
+def read_shots(path: str | Path, bank: ExpertBank | None = None) -> list[tuple[str, str, str]]:
+    """Demonstrations ``(question, first answer, passage)`` from a questions file; a line without a
+    ``passage`` takes its ``doc_id``'s document from ``bank``."""
+    out = []
+    for n, q in enumerate(read_questions(path), 1):
+        passage = q.get("passage")
+        if not isinstance(passage, str):
+            if bank is None or q.get("doc_id") not in bank:
+                raise ValueError(f"{path}:{n}: a demonstration needs a `passage` or the `doc_id` of a bank document")
+            passage = bank.row(q["doc_id"]).text
+        out.append((q["question"], q["answers"][0], passage))
     return out
 
 
@@ -81,37 +97,148 @@ def _peak_rss_mib() -> float | None:
     return None
 
 
-def flare(dmoe: DMoE, question: str, top_k: int, max_new_tokens: int, theta: float = 0.4, lookahead: int = 16,
-          query_tokens: int = 128):
-    """FLARE-direct on the harness's prompt. Returns (answer text, number of retrievals, ids retrieved)."""
-    tok, bank = dmoe.base.tokenizer, dmoe.bank
-    answer: list[int] = []
-    docs: list[str] = []
-    retrievals, used = 0, []
-    eos = dmoe._eos()
+def _first_sentence(tok, tokens: list[int], ends: set[int]) -> int:
+    """How many of ``tokens`` make FLARE's look-ahead sentence: up to a line break / EOS token, or a
+    ``.?!`` followed by white space (so "github.com" does not end one); all of them if none ends."""
+    for j, t in enumerate(tokens):
+        if t in ends:
+            return j + 1
+    text = tok.decode(tokens, skip_special_tokens=True)
+    m = re.search(r"[.?!](?=\s)", text)
+    if m:
+        for j in range(len(tokens)):
+            if len(tok.decode(tokens[:j + 1], skip_special_tokens=True)) > m.start():
+                return j + 1
+    return len(tokens)
 
-    def sentence(passages):
-        prompt = qa_prompt(tok, question, [bank.row(i).text for i in passages] or None) + tok.decode(answer)
-        g = dmoe.generate(prompt, min(lookahead, max_new_tokens - len(answer)), tau=math.inf)[0]
-        for j, t in enumerate(g.tokens):
-            if t in eos or any(c in tok.decode([t]) for c in _SENTENCE_END):
-                return g.tokens[:j + 1], g.token_probs[:j + 1]
-        return g.tokens, g.token_probs
 
-    while len(answer) < max_new_tokens:
-        toks, probs = sentence(docs)
-        if any(p < theta for p in probs):  # an uncertain sentence: retrieve, rewrite the prompt, redo it
-            kept = [t for t, p in zip(toks, probs) if p >= theta]
-            query_ids = tok(question, add_special_tokens=False)["input_ids"] + answer + kept
-            docs = bank.route(tok.decode(query_ids[-query_tokens:], skip_special_tokens=True), top_k)
-            retrievals += 1
-            used.extend(docs)
-            toks, _ = sentence(docs)
-        answer += toks
-        if not toks or toks[-1] in eos:
-            break
-    text = tok.decode([t for t in answer if t not in eos], skip_special_tokens=True).strip()
-    return text, retrievals, list(dict.fromkeys(used))
+@dataclass
+class Variant:
+    """A DMoE variant for the ablations: its own :class:`DMoE` (tau, top-k, trigger, router), and with
+    ``oracle=True`` a router per question that returns the question's own document (``doc_id``)."""
+
+    name: str
+    dmoe: DMoE
+    oracle: bool = False
+
+
+class Harness:
+    """What every method shares: the base, the bank (its BM25 and documents), the prompt, greedy
+    decoding up to a line break, ``top_k`` passages or experts, queries cut to ``query_tokens``.
+
+    Args:
+        shots: demonstrations ``(question, answer, passage)`` for :func:`fewshot_prompt`; none: the
+            chat-template prompt of :func:`qa_prompt` (the one experts train with).
+        batch_size: questions answered together (the prompt's shared prefix runs once per batch); a
+            sample's latency is its batch's wall time over the batch size.
+    """
+
+    def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
+                 tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
+                 flare_theta: float = 0.4, flare_lookahead: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
+        self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
+        self.max_new_tokens, self.query_tokens, self.batch_size = max_new_tokens, query_tokens, batch_size
+        self.flare_theta, self.flare_lookahead = flare_theta, flare_lookahead
+        self.tok = base.tokenizer
+        self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens)
+        self.stop = line_break_tokens(self.tok)
+        self._sft: DMoE | None = None
+
+    def prompt(self, question: str, passages: list[str] | None = None) -> str:
+        if self.shots:
+            return fewshot_prompt(question, passages, self.shots)
+        return qa_prompt(self.tok, question, passages)
+
+    def query(self, text: str) -> str:
+        return self.tok.decode(self.tok(text, add_special_tokens=False)["input_ids"][:self.query_tokens])
+
+    def passages(self, ids: list[str]) -> list[str]:
+        return [self.bank.row(i).text for i in ids]
+
+    def generate(self, dmoe: DMoE, prompts: list[str], max_new_tokens: int | None = None, **kw) -> list[Generation]:
+        return dmoe.generate(prompts, max_new_tokens or self.max_new_tokens, stop_tokens=self.stop, **kw)
+
+    def sft(self) -> DMoE:
+        if self._sft is None:
+            self._sft = DMoE(self.base, sft_bank(self.base, self.bank), tau=math.inf)
+        return self._sft
+
+    def answer(self, method: str | Variant, qs: list[dict]) -> list[tuple[Generation | None, str, int, list[str]]]:
+        """One batch of questions: per question (generation, text, triggers or retrievals, ids used)."""
+        questions = [q["question"] for q in qs]
+        if isinstance(method, Variant) or method == "dmoe":
+            v = method if isinstance(method, Variant) else Variant("dmoe", self.dmoe)
+            routers = None
+            if v.oracle:
+                routers = [(lambda d: lambda query, k: [d])(_doc_id(q, "oracle")) for q in qs]
+            gens = self.generate(v.dmoe, [self.prompt(x) for x in questions], route_texts=questions, routers=routers)
+            return [(g, g.text, len(g.triggers), list(dict.fromkeys(e for t in g.triggers for e in t.experts)))
+                    for g in gens]
+        if method == "flare":
+            return self._flare(questions)
+        if method == "sft":
+            gens = self.generate(self.sft(), [self.prompt(x) for x in questions], tau=math.inf,
+                                 experts=[["sft"]] * len(qs))
+            return [(g, g.text, 0, ["sft"]) for g in gens]
+        if method == "base":
+            ids = [[] for _ in qs]
+        elif method == "gold":
+            ids = [[_doc_id(q, "gold")] for q in qs]
+        else:  # rag, prag
+            ids = [self.bank.route(self.query(x), self.top_k) for x in questions]
+        gens = self.generate(self.dmoe, [self.prompt(x, self.passages(i) or None) for x, i in zip(questions, ids)],
+                             tau=math.inf, experts=ids if method == "prag" else None)
+        return [(g, g.text, 0, i) for g, i in zip(gens, ids)]
+
+    def _flare(self, questions: list[str]):
+        """FLARE-direct over a batch: look ahead one sentence; where a token has probability below
+        theta, retrieve with the question and the sentence without those tokens and write the sentence
+        again with the documents in a rewritten prompt (no cache reuse), until the answer ends."""
+        tok, n = self.tok, len(questions)
+        ends = self.stop | self.dmoe.eos_tokens()
+        answers: list[list[int]] = [[] for _ in range(n)]
+        docs: list[list[str]] = [[] for _ in range(n)]
+        retrievals, used = [0] * n, [[] for _ in range(n)]
+
+        def sentences(rows):
+            prompts = [self.prompt(questions[r], self.passages(docs[r]) or None) + tok.decode(answers[r]) for r in rows]
+            room = min(self.flare_lookahead, max(self.max_new_tokens - len(answers[r]) for r in rows))
+            out = {}
+            for r, g in zip(rows, self.generate(self.dmoe, prompts, room, tau=math.inf)):
+                cut = min(_first_sentence(tok, g.tokens, ends), self.max_new_tokens - len(answers[r]))
+                out[r] = (g.tokens[:cut], g.token_probs[:cut])
+            return out
+
+        todo = list(range(n))
+        while todo:
+            got = sentences(todo)
+            redo = [r for r in todo if any(p < self.flare_theta for p in got[r][1])]
+            for r in redo:
+                kept = [t for t, p in zip(*got[r]) if p >= self.flare_theta]
+                query_ids = tok(questions[r], add_special_tokens=False)["input_ids"] + answers[r] + kept
+                docs[r] = self.bank.route(tok.decode(query_ids[-self.query_tokens:], skip_special_tokens=True),
+                                          self.top_k)
+                retrievals[r] += 1
+                used[r].extend(docs[r])
+            if redo:
+                got.update(sentences(redo))
+            left = []
+            for r in todo:
+                toks = got[r][0]
+                answers[r] += toks
+                if toks and toks[-1] not in ends and len(answers[r]) < self.max_new_tokens:
+                    left.append(r)
+            todo = left
+        return [(None, tok.decode([t for t in a if t not in ends], skip_special_tokens=True).strip(), k,
+                 list(dict.fromkeys(u))) for a, k, u in zip(answers, retrievals, used)]
+
+
+def _doc_id(q: dict, method: str) -> str:
+    if "doc_id" not in q:
+        raise ValueError(f"dmoe eval: method {method!r} needs a `doc_id` per question")
+    return q["doc_id"]
 
 
 def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBank:
@@ -138,56 +265,41 @@ def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBa
     return sft
 
 
-def check_methods(methods: list[str]) -> list[str]:
+def check_methods(methods: list) -> list:
     for m in methods:
-        if m not in METHODS:
+        if not isinstance(m, Variant) and m not in METHODS:
             raise ValueError(f"dmoe eval: unknown method {m!r} (methods: {', '.join(METHODS)})")
     return methods
 
 
-def evaluate(base: BaseLM, bank: ExpertBank, questions: list[dict], methods: list[str] = METHODS, top_k: int = 3,
-             tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128,
+def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
              progress: bool = True) -> dict[str, list[Sample]]:
-    """Run each method on each question, one question at a time (latency is per sample)."""
+    """Every method (a name of ``METHODS`` or a :class:`Variant`) on every question, in batches."""
     check_methods(methods)
-    dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens)
-    sft = DMoE(base, sft_bank(base, bank), tau=math.inf) if "sft" in methods else None
-    tok = base.tokenizer
-    results: dict[str, list[Sample]] = {m: [] for m in methods}
+    h = harness
+    results: dict[str, list[Sample]] = {}
     bar = tqdm(total=len(methods) * len(questions), desc="eval", unit="answer", disable=not progress)
     for m in methods:
-        for q in questions:
+        name = m.name if isinstance(m, Variant) else m
+        bar.set_postfix_str(name)
+        results[name] = out = []
+        if m == "sft":
+            h.sft()  # trained (or loaded) before the clock starts
+        for s in range(0, len(questions), h.batch_size):
+            qs = questions[s:s + h.batch_size]
             measured = _reset_peak_rss()
             t0 = time.perf_counter()
-            ids: list[str] = []
-            if m in ("rag", "prag"):
-                query = tok.decode(tok(q["question"], add_special_tokens=False)["input_ids"][:query_tokens])
-                ids = bank.route(query, top_k)
-            elif m == "gold":
-                if "doc_id" not in q:
-                    raise ValueError("dmoe eval: method 'gold' needs a `doc_id` per question")
-                ids = [q["doc_id"]]
-            if m == "dmoe":
-                g = dmoe.generate(qa_prompt(tok, q["question"]), max_new_tokens, route_texts=[q["question"]])[0]
-                ids = list(dict.fromkeys(e for t in g.triggers for e in t.experts))
-                text, triggers = g.text, len(g.triggers)
-            elif m == "sft":
-                g = sft.generate(qa_prompt(tok, q["question"]), max_new_tokens, tau=math.inf, experts=[["sft"]])[0]
-                text, triggers, ids = g.text, 0, ["sft"]
-            elif m == "flare":
-                text, triggers, ids = flare(dmoe, q["question"], top_k, max_new_tokens, query_tokens=query_tokens)
-            else:
-                prompt = qa_prompt(tok, q["question"], [bank.row(i).text for i in ids] or None)
-                g = dmoe.generate(prompt, max_new_tokens, tau=math.inf, experts=[ids] if m == "prag" else None)[0]
-                text, triggers = g.text, 0
-            latency = time.perf_counter() - t0
+            got = h.answer(m, qs)
+            latency = (time.perf_counter() - t0) / len(qs)
             peak = _peak_rss_mib() if measured else None
-            pred = cut_answer(text)
-            is_yn = bool(q.get("yes_no")) or {a.lower() for a in q["answers"]} <= {"yes", "no"}
-            results[m].append(Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
-                                     f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
-                                     float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None))
-            bar.update(1)
+            for q, (g, text, triggers, ids) in zip(qs, got):
+                pred = cut_answer(text)
+                is_yn = bool(q.get("yes_no")) or {a.lower() for a in q["answers"]} <= {"yes", "no"}
+                out.append(Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
+                                  f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
+                                  float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None,
+                                  q.get("kind"), g.entropies[0] if g is not None and g.entropies else None))
+            bar.update(len(qs))
     bar.close()
     return results
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicCache
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight
 from doe_ext.dmoe.experts import ExpertSet, Routing, attach, use_experts
+from doe_ext.dmoe.train import common_prefix
 
 
 @dataclass
@@ -69,10 +70,13 @@ class DMoE:
         top_k: experts per trigger (DMoE: 3).
         query_tokens: the routing query is the last this many tokens of the prefix (DMoE: 128).
         router: ``(query_text, k) -> expert ids``; the bank's BM25 by default (ablations swap it).
+        trigger: ``(entropies [B], step) -> bool [B]``, which sequences trigger at this step; TU > tau
+            by default (ablations swap it: a random trigger).
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank, tau: float = 2.0, top_k: int = 3, query_tokens: int = 128,
-                 router: Callable[[str, int], list[str]] | None = None):
+                 router: Callable[[str, int], list[str]] | None = None,
+                 trigger: Callable[[Tensor, int], Tensor] | None = None):
         bank.check_base(base.fingerprint)
         if len(bank) == 0:
             raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
@@ -80,6 +84,7 @@ class DMoE:
             raise ValueError(f"DMoE: `top_k` must be >= 1, got {top_k}")
         self.base, self.bank, self.tau, self.top_k, self.query_tokens = base, bank, tau, top_k, query_tokens
         self.router = router or bank.route
+        self.trigger = trigger
         self.last = base.last
         attach(self.last)
         self.scale = bank.lora.scale
@@ -99,7 +104,7 @@ class DMoE:
         experts = ExpertSet({n: t.to(dev) for n, t in experts.a.items()}, {n: t.to(dev) for n, t in experts.b.items()})
         return Routing(experts, idx.to(dev), torch.full((len(sets), k), self.scale, device=dev))
 
-    def _eos(self) -> set[int]:
+    def eos_tokens(self) -> set[int]:
         ids = self.base.model.generation_config.eos_token_id
         ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
         if self.base.tokenizer.eos_token_id is not None:
@@ -120,7 +125,9 @@ class DMoE:
     @torch.no_grad()
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
                  top_k: int | None = None, route_texts: list[str] | None = None,
-                 experts: list[list[str]] | None = None) -> list[Generation]:
+                 experts: list[list[str]] | None = None, stop_tokens: Collection[int] = (),
+                 share_prefix: int = 16, routers: list[Callable[[str, int], list[str]]] | None = None
+                 ) -> list[Generation]:
         """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``).
 
         ``route_texts``: per prompt, the task input that stands for it in routing queries (``ask`` gives
@@ -129,27 +136,42 @@ class DMoE:
         ``query_tokens`` of them, decoded without special tokens.
 
         ``experts``: per prompt, an active set from the first position on (the prompt included), as
-        PRAG applies its merged experts; a trigger replaces it as usual."""
+        PRAG applies its merged experts; a trigger replaces it as usual.
+
+        ``routers``: per prompt, a router in place of the model's (an oracle that knows each question's
+        document). ``stop_tokens``: token ids that end a sequence as EOS does, but stay in its text (the evaluation
+        stops at a line break). ``share_prefix``: when every prompt of the batch starts with the same
+        this many tokens or more (few-shot demonstrations, a chat template's system text), that prefix
+        runs once and its KV cache is repeated over the batch (0: never). The KV cache of every layer
+        is independent of the experts (they sit after the last attention), so the outputs are those
+        of the unshared run, up to float rounding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if route_texts is not None and len(route_texts) != len(prompts):
-            raise ValueError(f"DMoE.generate: {len(route_texts)} `route_texts` for {len(prompts)} prompts")
+        for name, v in (("route_texts", route_texts), ("experts", experts), ("routers", routers)):
+            if v is not None and len(v) != len(prompts):
+                raise ValueError(f"DMoE.generate: {len(v)} `{name}` for {len(prompts)} prompts")
         tau = self.tau if tau is None else tau
         top_k = self.top_k if top_k is None else top_k
         model, tok = self.base.model, self.base.tokenizer
         enc = self.encode(prompts, max_new_tokens)
-        B, L = len(enc), max(map(len, enc))
+        B = len(enc)
         pad = tok.pad_token_id
         dev = self.base.device
-        ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc], device=dev)
-        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        eos = self._eos()
+        shared = min(min(common_prefix(enc[0], e) for e in enc[1:]), min(map(len, enc)) - 1) if B > 1 else 0
+        shared = shared if share_prefix > 0 and shared >= share_prefix else 0
+        if shared:  # the prefix once, its cache repeated; the suffixes are left-padded after it
+            model(input_ids=torch.tensor([enc[0][:shared]], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(B)
+        rest = [e[shared:] for e in enc]
+        L = max(map(len, rest))
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in rest], device=dev)
+        mask = torch.tensor([[1] * shared + [0] * (L - len(e)) + [1] * len(e) for e in rest], device=dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        eos = self.eos_tokens()
+        stop = eos | set(stop_tokens)
         seqs = ([tok(r, add_special_tokens=False)["input_ids"] for r in route_texts] if route_texts is not None
                 else [list(e) for e in enc])  # what routing queries are made of
         out = [Generation([], "") for _ in range(B)]
-        if experts is not None and len(experts) != B:
-            raise ValueError(f"DMoE.generate: {len(experts)} `experts` sets for {B} prompts")
         active: list[list[str]] = [list(e) for e in experts] if experts is not None else [[] for _ in range(B)]
         routing = self._routing(active)
         done = [False] * B
@@ -159,10 +181,11 @@ class DMoE:
                                use_cache=True, logits_to_keep=1).logits[:, -1]
             for t in range(max_new_tokens):
                 ent = token_entropy(logits)
-                trig = [b for b in range(B) if not done[b] and ent[b].item() > tau]
+                fire = (ent > tau) if self.trigger is None else self.trigger(ent, t)
+                trig = [b for b in range(B) if not done[b] and bool(fire[b])]
                 for b in trig:
                     query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
-                    active[b] = list(self.router(query, top_k))
+                    active[b] = list((routers[b] if routers is not None else self.router)(query, top_k))
                 if trig:
                     rows = torch.tensor(trig, device=dev)
                     with use_experts(self._routing([active[b] for b in trig])):
@@ -180,7 +203,7 @@ class DMoE:
                     out[b].tokens.append(nxt[b].item())
                     out[b].token_probs.append(p_nxt[b].item())
                     seqs[b].append(nxt[b].item())
-                    done[b] = nxt[b].item() in eos
+                    done[b] = nxt[b].item() in stop
                 if all(done) or t == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
@@ -199,6 +222,11 @@ class DMoE:
 
         return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k,
                              route_texts=[question])[0]
+
+
+def line_break_tokens(tokenizer) -> set[int]:
+    """Token ids whose text contains a line break (where the evaluation's answers end)."""
+    return {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
 
 
 def merged_state(base: BaseLM, experts: list[dict[str, Tensor]], scale: float) -> dict[str, Tensor]:

@@ -96,7 +96,7 @@ def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int)
     return [i for i in out if len(i.ids) - 1 > i.loss_start]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -115,7 +115,7 @@ def _prefix_groups(instances: list[Instance], min_shared: int) -> tuple[list[tup
         j = i + 1
         while j < len(order):
             ids = instances[order[j]].ids
-            p = min(_common_prefix(first, ids), len(ids) - 1, shared)
+            p = min(common_prefix(first, ids), len(ids) - 1, shared)
             if p < min_shared:
                 break
             members.append(order[j])
