@@ -15,8 +15,9 @@ def register(sub) -> None:
         d = (lambda v: v) if defaults else (lambda v: None)
         c.add_argument("--epochs", type=int, default=d(1), help="passes over each document's instances")
         c.add_argument("--lr", type=float, default=d(3e-4), help="AdamW learning rate")
-        c.add_argument("--augment", choices=("model", "none"), default=d("model"),
-                       help="model: the base writes a rewrite and three QA pairs per document (App. C); none: the document alone")
+        c.add_argument("--augment", choices=("model", "qa", "none"), default=d("model"),
+                       help="model: the base writes a rewrite and three QA pairs per document (App. C); qa: the base "
+                            "writes up to four QA pairs as plain lines after one worked example; none: the document alone")
         c.add_argument("--group-size", type=int, default=32, help="documents augmented and trained together")
         c.add_argument("--ray", type=int, default=0, metavar="N", help="train on N Ray workers")
         c.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +31,35 @@ QA_PROMPT = (
     "Passage: {passage}")
 QA_INSTRUCTION = ("You should answer the question by referring to the knowledge provided below and integrating "
                   "your own knowledge.")
-AUGMENTATIONS = ("model", "none")
+AUGMENTATIONS = ("model", "qa", "none")
+QA_DEMONSTRATION = Path(__file__).with_name("data") / "qa-demonstration.json"
+
+
+def qa_demonstration() -> dict:
+    """The one worked example the ``"qa"`` augmentation shows the base model (a passage and its QA pairs)."""
+    return json.loads(QA_DEMONSTRATION.read_text())
+
+
+def fewshot_qa_prompt(passage: str, demo: dict) -> str:
+    """Plain text a small model continues with question / answer lines about ``passage``."""
+    def block(p, qa):
+        return f"Passage: {p}\nQuestions and answers about the passage:\n" + "".join(
+            f"Q: {x['question']}\nA: {x['answer']}\n" for x in qa)
+    return block(demo["passage"], demo["qa"]) + "\n" + block(passage, []) + "Q:"
+
+
+def parse_qa_lines(text: str, limit: int = 4) -> list[dict[str, str]]:
+    """``Q: ... / A: ...`` pairs from a continuation of :func:`fewshot_qa_prompt` (it starts after the
+    first ``Q:``), up to the first blank line; a pair with an empty side or a question already asked
+    is dropped (a small model repeats itself)."""
+    text = "Q:" + text.split("\n\n", 1)[0]
+    out, seen = [], set()
+    for m in re.finditer(r"^Q:(.*)\nA:(.*)$", text, re.M):
+        q, a = m.group(1).strip(), m.group(2).strip()
+        if q and a and q.lower() not in seen:
+            seen.add(q.lower())
+            out.append({"question": q, "answer": a, "full_answer": a})
+    return out[:limit]
 
 
 @dataclass
@@ -118,8 +147,10 @@ def parse_qa(text: str) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None) -> list[str]:
-    """Batched generation with the base model (left padding); greedy unless ``sample_seed`` is given."""
+def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None,
+                  stop_strings: list[str] | None = None) -> list[str]:
+    """Batched generation with the base model (left padding); greedy unless ``sample_seed`` is given;
+    a sequence ends at EOS or at one of ``stop_strings``."""
     tok = base.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -131,6 +162,8 @@ def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: in
         raise ValueError(f"augment: a prompt of {enc['input_ids'].shape[1]} tokens plus max_new_tokens="
                          f"{max_new_tokens} exceeds the model's context of {limit} positions (shorten the document)")
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tok)
     if sample_seed is None:
         kwargs.update(do_sample=False)
     else:
@@ -147,7 +180,9 @@ def augment_documents(base, texts: list[str], kind: str = "model", retries: int 
     """Augment a batch of documents (one rewrite, up to three QA pairs each).
 
     Args:
-        kind: ``"model"`` (the base model writes them) or ``"none"``.
+        kind: ``"model"`` (the base model writes them with the App. C prompts), ``"qa"`` (the base model
+            writes up to four QA pairs as plain lines after one worked example, :func:`qa_demonstration`;
+            no rewrite; for models too small to write App. C's JSON) or ``"none"``.
         retries: QA prompt tries per document (greedy, then sampling seeded by ``seed`` and the try).
     """
     if kind not in AUGMENTATIONS:
@@ -157,6 +192,10 @@ def augment_documents(base, texts: list[str], kind: str = "model", retries: int 
     if kind == "none":
         return [Augmentation() for _ in texts]
     tok = base.tokenizer
+    if kind == "qa":  # one greedy try: the pairs parse from plain lines, so there is nothing to retry
+        demo = qa_demonstration()
+        replies = generate_text(base, [fewshot_qa_prompt(t, demo) for t in texts], 96, stop_strings=["\n\n"])
+        return [Augmentation(kind="qa", qa=parse_qa_lines(r), attempts=1) for r in replies]
     rewrites = generate_text(base, [chat(tok, REWRITE_PROMPT.format(passage=t)) for t in texts], max_new_tokens)
     augs = [Augmentation(kind="model", rewrite=r.strip()) for r in rewrites]
     todo = list(range(len(texts)))

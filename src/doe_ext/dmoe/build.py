@@ -10,7 +10,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from doe_ext.dmoe.augment import AUGMENTATIONS, Augmentation, augment_documents
+from doe_ext.dmoe.augment import AUGMENTATIONS, QA_DEMONSTRATION, Augmentation, augment_documents
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
@@ -46,6 +46,8 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
 
 
 def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
+    if kind == "qa":  # the worked example is part of what the model was asked
+        kind += hashlib.sha256(QA_DEMONSTRATION.read_bytes()).hexdigest()
     return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
 
 

@@ -49,6 +49,7 @@ class Sample:
     correct_yes_no: float | None = None
     kind: str | None = None  # the question's template, when the question file says
     entropy: float | None = None  # TU of the first answer token before any expert (DMoE's trigger signal)
+    steps: int = 0  # tokens generated (where the method decodes in one pass)
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -298,7 +299,8 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
                 out.append(Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
                                   f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
                                   float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None,
-                                  q.get("kind"), g.entropies[0] if g is not None and g.entropies else None))
+                                  q.get("kind"), g.entropies[0] if g is not None and g.entropies else None,
+                                  len(g.tokens) if g is not None else 0))
             bar.update(len(qs))
     bar.close()
     return results

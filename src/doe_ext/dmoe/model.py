@@ -183,13 +183,14 @@ class DMoE:
                 ent = token_entropy(logits)
                 fire = (ent > tau) if self.trigger is None else self.trigger(ent, t)
                 trig = [b for b in range(B) if not done[b] and bool(fire[b])]
+                resid = cap.value  # before routing: a router may run the model itself (a dense retriever)
                 for b in trig:
                     query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
                     active[b] = list((routers[b] if routers is not None else self.router)(query, top_k))
                 if trig:
                     rows = torch.tensor(trig, device=dev)
                     with use_experts(self._routing([active[b] for b in trig])):
-                        logits[rows] = self.last.logits(cap.value[rows, -1]).to(logits.dtype)
+                        logits[rows] = self.last.logits(resid[rows, -1]).to(logits.dtype)
                     routing = self._routing(active)
                 nxt = logits.argmax(-1)
                 p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]

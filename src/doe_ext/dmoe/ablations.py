@@ -1,0 +1,133 @@
+"""The DMoE paper's ablations (App. A), each one function over the evaluation :class:`Harness`, returning
+``{row name: [Sample, ...]}`` for :func:`doe_ext.dmoe.evaluate.summarize` (one row group of the report).
+
+Built here: Table 5 (accuracy by token-uncertainty bin), Table 6 (random trigger, random router,
+always trigger, oracle router), Fig. 5 (top-k), Fig. 6 (trigger threshold), Table 7 (BM25 vs a dense
+retriever from the base model's mean-pooled hidden states) and Table 9 (bank fractions). Not built:
+Table 3 (experts in more than the last layer) and Table 8 (rank / alpha), which train the bank again.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from doe_ext.dmoe.evaluate import Harness, Sample, Variant, evaluate
+from doe_ext.dmoe.metrics import bootstrap_ci
+from doe_ext.dmoe.model import DMoE
+
+
+def _dmoe(h: Harness, **kw) -> DMoE:
+    args = dict(tau=h.dmoe.tau, top_k=h.top_k, query_tokens=h.query_tokens)
+    return DMoE(h.base, h.bank, **{**args, **kw})
+
+
+def random_trigger(rate: float, seed: int = 0) -> Callable[[Tensor, int], Tensor]:
+    """Fires at each step of each sequence with probability ``rate`` (seeded), whatever the entropy."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda ent, step: torch.rand(ent.shape[0], generator=g) < rate
+
+
+def random_router(ids: list[str], seed: int = 0) -> Callable[[str, int], list[str]]:
+    """``k`` experts drawn uniformly (seeded) from ``ids``, whatever the query."""
+    rng = random.Random(seed)
+    return lambda query, k: rng.sample(ids, min(k, len(ids)))
+
+
+def trigger_rate(samples: list[Sample]) -> float:
+    """Triggers per generated step (an answer's steps approximated by its tokens, at least 1)."""
+    steps = sum(max(1, s.steps) for s in samples)
+    return sum(s.triggers for s in samples) / max(steps, 1)
+
+
+def table6(h: Harness, questions: list[dict], full: list[Sample], seed: int = 0, progress: bool = True):
+    """Trigger vs router (Table 6): the full DMoE's samples ``full`` against a random trigger at the
+    same rate, a random router behind the TU trigger, a trigger at every step, and the oracle router
+    (each question's own document) behind the TU trigger."""
+    rate = trigger_rate(full)
+    variants = [Variant("random trigger", _dmoe(h, trigger=random_trigger(rate, seed))),
+                Variant("random router", _dmoe(h, router=random_router(h.bank.ids(), seed))),
+                Variant("always trigger", _dmoe(h, tau=-1.0)),
+                Variant("oracle router", _dmoe(h, top_k=1), oracle=True)]
+    return {"TU + BM25 (DMoE)": full, **evaluate(h, questions, variants, progress=progress)}
+
+
+def fig5_top_k(h: Harness, questions: list[dict], ks=(1, 2, 3, 4, 5), progress: bool = True):
+    """Experts per trigger (Fig. 5)."""
+    return evaluate(h, questions, [Variant(f"top-{k}", _dmoe(h, top_k=k)) for k in ks], progress=progress)
+
+
+def fig6_threshold(h: Harness, questions: list[dict], taus=(0.5, 1.0, 2.0, 3.0, 4.0), progress: bool = True):
+    """The trigger threshold (Fig. 6): EM, triggers and latency per tau."""
+    return evaluate(h, questions, [Variant(f"tau={t:g}", _dmoe(h, tau=t)) for t in taus], progress=progress)
+
+
+class DenseRouter:
+    """Table 7's dense retriever: cosine similarity of the base model's mean-pooled last hidden states
+    (an SGPT-style embedding from the same frozen model) between the query and each expert's surrogate."""
+
+    def __init__(self, h: Harness, batch_size: int = 16):
+        self.base, self.ids = h.base, h.bank.ids()
+        rows = {r.id: r.surrogate for r in h.bank.rows()}
+        self.emb = torch.cat([self.embed([rows[i] for i in self.ids[s:s + batch_size]])
+                              for s in range(0, len(self.ids), batch_size)])
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> Tensor:
+        tok = self.base.tokenizer
+        side, tok.padding_side = tok.padding_side, "right"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=256,
+                      add_special_tokens=False).to(self.base.device)
+        finally:
+            tok.padding_side = side
+        hidden = self.base.model.base_model(**enc).last_hidden_state.float()
+        m = enc["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).cpu()
+
+    def __call__(self, query: str, k: int) -> list[str]:
+        scores = self.emb @ self.embed([query])[0]
+        return [self.ids[i] for i in scores.topk(min(k, len(self.ids))).indices.tolist()]
+
+
+def table7_retriever(h: Harness, questions: list[dict], full: list[Sample], progress: bool = True):
+    """BM25 (the full DMoE's samples) vs the dense retriever as DMoE's router (Table 7)."""
+    dense = DenseRouter(h)
+    return {"BM25": full, **evaluate(h, questions, [Variant("dense (mean-pooled base states)", _dmoe(h, router=dense))],
+                                     progress=progress)}
+
+
+def subset_router(h: Harness, keep: list[str]) -> Callable[[str, int], list[str]]:
+    """The bank's BM25 restricted to ``keep`` (best ``k`` among them)."""
+    kept = set(keep)
+
+    def route(query: str, k: int) -> list[str]:
+        return [i for i in h.bank.route(query, len(h.bank)) if i in kept][:k]
+    return route
+
+
+def table9_fractions(h: Harness, questions: list[dict], full: list[Sample], fractions=(0.1, 0.2, 0.5), seed: int = 0,
+                     progress: bool = True):
+    """The bank cut to a seeded fraction of its experts (Table 9); the full bank is the DMoE row.
+    A question whose document was cut can only be answered without it."""
+    ids = h.bank.ids()
+    order = random.Random(seed).sample(ids, len(ids))
+    variants = [Variant(f"{f:g} of the bank", _dmoe(h, router=subset_router(h, order[:max(1, round(f * len(ids)))])))
+                for f in fractions]
+    return {**evaluate(h, questions, variants, progress=progress), "full bank": full}
+
+
+def table5_bins(samples: list[Sample], bins: int = 5) -> list[dict]:
+    """Questions in ``bins`` equal-count bins of the base model's token uncertainty (TU of the first
+    answer token, before any expert), lowest first: per bin its TU range, n, EM and F1 with intervals."""
+    have = sorted((s for s in samples if s.entropy is not None), key=lambda s: s.entropy)
+    out = []
+    for part in np.array_split(np.arange(len(have)), bins):
+        group = [have[i] for i in part]
+        if group:
+            out.append({"tu_low": group[0].entropy, "tu_high": group[-1].entropy, "n": len(group),
+                        "em": bootstrap_ci([s.em for s in group]), "f1": bootstrap_ci([s.f1 for s in group])})
+    return out
