@@ -88,6 +88,20 @@ def test_loss_falls_with_epochs(base):
     assert five < one
 
 
+def test_epoch_snapshots_equal_shorter_runs(base):
+    """The constant learning rate makes epoch e of a long run the experts of an e-epoch run."""
+    items = docs(3)
+    seen = {}
+    final = train_experts(base, items, CFG, on_epoch=lambda e, experts: seen.setdefault(e, experts))
+    assert sorted(seen) == [1, 2, 3] and seen[3] is final
+    for e in (1, 2):
+        short = train_experts(base, items, TrainConfig(lora=CFG.lora, lr=CFG.lr, epochs=e))
+        for got, ref in zip(seen[e], short):
+            for k in ref.tensors:
+                torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-6, rtol=1e-6)
+            assert got.loss == pytest.approx(ref.loss, rel=1e-6)
+
+
 def test_instances_follow_prag(base):
     tok = base.tokenizer
     insts = training_instances(tok, DOCS[0]["text"], AUG, 512)

@@ -1,23 +1,33 @@
 """The DMoE paper's ablations (App. A), each one function over the evaluation :class:`Harness`, returning
 ``{row name: [Sample, ...]}`` for :func:`doe_ext.dmoe.evaluate.summarize` (one row group of the report).
 
-Built here: Table 5 (accuracy by token-uncertainty bin), Table 6 (random trigger, random router,
-always trigger, oracle router), Fig. 5 (top-k), Fig. 6 (trigger threshold), Table 7 (BM25 vs a dense
-retriever from the base model's mean-pooled hidden states) and Table 9 (bank fractions). Not built:
-Table 3 (experts in more than the last layer) and Table 8 (rank / alpha), which train the bank again.
+Routing and triggering (the main bank, no training): Table 5 (accuracy by token-uncertainty bin),
+Table 6 (random trigger, random router, always trigger, oracle router), Fig. 5 (top-k), Fig. 6 (trigger
+threshold), Table 7 (BM25 vs a dense retriever from the base model's mean-pooled hidden states) and
+Table 9 (bank fractions). Retraining (a bank of the given questions' documents per arm, so every arm
+of the table is trained and routed the same way): Table 3 (experts in the last layer vs the last 25% /
+50% of the layers, :mod:`doe_ext.dmoe.deep`) and Table 8 (rank / alpha).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from doe_ext.dmoe.augment import Augmentation
+from doe_ext.dmoe.bank import ExpertBank
+from doe_ext.dmoe.build import Document, build_bank, commit
+from doe_ext.dmoe.deep import DeepDMoE, DeepLayers, train_deep
 from doe_ext.dmoe.evaluate import Harness, Sample, Variant, evaluate
+from doe_ext.dmoe.experts import LoRAConfig
 from doe_ext.dmoe.metrics import bootstrap_ci
 from doe_ext.dmoe.model import DMoE
+from doe_ext.dmoe.train import TrainConfig
 
 
 def _dmoe(h: Harness, **kw) -> DMoE:
@@ -131,3 +141,56 @@ def table5_bins(samples: list[Sample], bins: int = 5) -> list[dict]:
             out.append({"tu_low": group[0].entropy, "tu_high": group[-1].entropy, "n": len(group),
                         "em": bootstrap_ci([s.em for s in group]), "f1": bootstrap_ci([s.f1 for s in group])})
     return out
+
+
+def _docs(h: Harness, questions: list[dict]) -> list[Document]:
+    ids = list(dict.fromkeys(q["doc_id"] for q in questions))
+    return [Document(i, h.bank.row(i).text) for i in ids]
+
+
+def _subset_bank(h: Harness, path: Path, docs: list[Document], cfg: TrainConfig, progress: bool) -> Harness:
+    """A harness over a bank of ``docs`` trained with ``cfg`` (passage only), kept at ``path``."""
+    bank = ExpertBank(path, create=True, fingerprint=h.base.fingerprint, base_name=h.bank.base_name, lora=cfg.lora)
+    build_bank(h.base, docs, bank, cfg, "none", progress=progress)
+    return Harness(h.base, bank, shots=h.shots, top_k=h.top_k, tau=h.dmoe.tau, max_new_tokens=h.max_new_tokens,
+                   query_tokens=h.query_tokens, batch_size=h.batch_size)
+
+
+def table8_rank_alpha(h: Harness, questions: list[dict], cfg: TrainConfig, path: Path,
+                      configs=((2, 8.0), (4, 16.0), (8, 32.0), (16, 64.0)), progress: bool = True):
+    """LoRA rank / alpha (Table 8), alpha / rank = 4 as the paper's 4 / 16: per arm a bank of the
+    questions' documents trained with ``cfg``'s recipe at that shape, then DMoE (TU + BM25 over it)."""
+    docs, out = _docs(h, questions), {}
+    for r, a in configs:
+        hh = _subset_bank(h, Path(path) / f"r{r}-a{a:g}", docs, replace(cfg, lora=LoRAConfig(r, a)), progress)
+        out.update(evaluate(hh, questions, [Variant(f"rank {r} / alpha {a:g}", hh.dmoe)], progress=progress))
+    return out
+
+
+def table3_layers(h: Harness, questions: list[dict], cfg: TrainConfig, path: Path, fractions=(0.25, 0.5),
+                  group_size: int = 16, progress: bool = True):
+    """Experts in the last layer (re-prediction, KV cache kept) vs in the last ``fractions`` of the
+    layers (a trigger rebuilds the sequence's KV cache), on banks of the questions' documents trained
+    with ``cfg``. Returns (rows, cost): per deep arm the recomputed tokens per answer and the share
+    of layers whose KV a trigger makes stale."""
+    docs = _docs(h, questions)
+    hh = _subset_bank(h, Path(path) / f"r{cfg.lora.rank}-a{cfg.lora.alpha:g}", docs, cfg, progress)
+    rows = evaluate(hh, questions, [Variant("last layer", hh.dmoe)], progress=progress)
+    cost = {"last layer": {"recomputed_tokens_per_answer": 0.0, "stale_layer_share": 0.0}}
+    for f in fractions:
+        deep = DeepLayers(h.base, f)
+        bank = ExpertBank(Path(path) / f"deep-{f:g}", create=True, fingerprint=h.base.fingerprint,
+                          base_name=h.bank.base_name, lora=cfg.lora)
+        todo = [d for d in docs if d.id not in bank]
+        for s in range(0, len(todo), group_size):
+            group = todo[s:s + group_size]
+            for d, e in zip(group, train_deep(deep, [(d.id, d.text, Augmentation()) for d in group], cfg)):
+                commit(bank, d, Augmentation(), e, cfg, "none")
+        name = f"last {f:.0%} of layers ({len(deep.mlps)})"
+        dm = DeepDMoE(deep, bank, tau=h.dmoe.tau, top_k=h.top_k, query_tokens=h.query_tokens)
+        rows.update(evaluate(hh, questions, [Variant(name, dm)], progress=progress))
+        cost[name] = {"recomputed_tokens_per_answer": dm.recomputed_tokens / max(len(questions), 1),
+                      "stale_layer_share": deep.recompute_fraction}
+        deep.detach()
+        bank.close()
+    return rows, cost

@@ -56,6 +56,13 @@ def get_path(root: Any, path: str) -> Any:
     return root
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The projection inside any expert wrappers (``base_layer`` chains)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
 def linear_weight(module: nn.Module) -> Tensor:
     """A projection's weight as ``[out, in]`` (a view for GPT-2's ``Conv1D``, which stores ``[in, out]``)."""
     if isinstance(module, nn.Linear):
@@ -89,8 +96,7 @@ class LastLayer:
         """Projection name -> ``(out, in)``."""
         out = {}
         for n, m in self.projections().items():
-            m = getattr(m, "base_layer", m)
-            out[n] = tuple(linear_weight(m).shape)
+            out[n] = tuple(linear_weight(unwrap(m)).shape)
         return out
 
     def hidden(self, residual: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from doe_ext.dmoe.base import LastLayer, linear_weight
+from doe_ext.dmoe.base import LastLayer, linear_weight, unwrap
 from doe_ext.ops import multi_lora_linear
 
 
@@ -98,7 +98,8 @@ class ExpertLinear(nn.Module):
                 raise ValueError(f"dmoe: routing has {idx.shape[0]} rows for an input of shape {tuple(x.shape)}")
             idx = idx.repeat_interleave(x.shape[1], 0)
             scales = scales.repeat_interleave(x.shape[1], 0)
-        y = multi_lora_linear(x2, linear_weight(self.base_layer), getattr(self.base_layer, "bias", None),
+        inner = unwrap(self.base_layer)  # another variant's wrapper may sit inside (unused in this call)
+        y = multi_lora_linear(x2, linear_weight(inner), getattr(inner, "bias", None),
                               routing.experts.a[self.name], routing.experts.b[self.name], idx,
                               scales.to(x.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -107,7 +108,7 @@ class ExpertLinear(nn.Module):
 def attach(last: LastLayer) -> None:
     """Wrap the last MLP's projections in :class:`ExpertLinear` (idempotent)."""
     for name, module in last.projections().items():
-        if not isinstance(module, ExpertLinear):
+        if not (isinstance(module, ExpertLinear) and module.name == name):
             setattr(last.mlp, name, ExpertLinear(module, name))
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.bank import BankError, ExpertBank
-from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight
+from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight, unwrap
 from doe_ext.dmoe.experts import ExpertSet, Routing, attach, use_experts
 from doe_ext.dmoe.train import common_prefix
 
@@ -105,11 +105,7 @@ class DMoE:
         return Routing(experts, idx.to(dev), torch.full((len(sets), k), self.scale, device=dev))
 
     def eos_tokens(self) -> set[int]:
-        ids = self.base.model.generation_config.eos_token_id
-        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if self.base.tokenizer.eos_token_id is not None:
-            ids.add(self.base.tokenizer.eos_token_id)
-        return ids
+        return eos_tokens(self.base)
 
     def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
         enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -225,6 +221,15 @@ class DMoE:
                              route_texts=[question])[0]
 
 
+def eos_tokens(base: BaseLM) -> set[int]:
+    """The ids that end a sequence: the generation config's EOS ids and the tokenizer's."""
+    ids = base.model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if base.tokenizer.eos_token_id is not None:
+        ids.add(base.tokenizer.eos_token_id)
+    return ids
+
+
 def line_break_tokens(tokenizer) -> set[int]:
     """Token ids whose text contains a line break (where the evaluation's answers end)."""
     return {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
@@ -235,7 +240,7 @@ def merged_state(base: BaseLM, experts: list[dict[str, Tensor]], scale: float) -
     (PRAG's merge, and the reference the tests compare DMoE against). Projection name -> weight."""
     out = {}
     for name, module in base.last.projections().items():
-        module = getattr(module, "base_layer", module)
+        module = unwrap(module)
         w = linear_weight(module).detach()  # [out, in]
         merged = w + sum(scale * e[f"{name}.lora_b"] @ e[f"{name}.lora_a"] for e in experts) if experts else w.clone()
         out[name] = merged if isinstance(module, torch.nn.Linear) else merged.t().contiguous()

@@ -35,7 +35,8 @@ def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
     return [(q["question"], q["answers"][0], docs[q["doc_id"]]) for q in first.values()]
 
 
-def run(out: Path, quick: bool = False, ablation_questions: int = 100, progress: bool = True) -> dict:
+def run(out: Path, quick: bool = False, ablation_questions: int = 100, retrain_questions: int = 32,
+        progress: bool = True) -> dict:
     """Build (or reuse) the bank, evaluate, run the ablations; returns the metrics the report reads."""
     out = Path(out) / "dmoe"
     out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,7 @@ def run(out: Path, quick: bool = False, ablation_questions: int = 100, progress:
         keep = {q["doc_id"] for q in test} | {q["doc_id"] for q in dev[:8]}
         docs = [d for d in docs if d["id"] in keep]
         ablation_questions = len(test)
+        retrain_questions = 2
     base = load_base("smollm2-135m")
     tag = hashlib.sha256(json.dumps([recipe(cfg, AUGMENT), [d["id"] for d in docs]]).encode()).hexdigest()[:10]
     bank = ExpertBank(out / f"bank-{tag}", create=True, fingerprint=base.fingerprint, base_name="smollm2-135m",
@@ -75,13 +77,19 @@ def run(out: Path, quick: bool = False, ablation_questions: int = 100, progress:
         "Table 7: router retriever": ablations.table7_retriever(h, sub, full, progress=progress),
         "Table 9: bank fraction": ablations.table9_fractions(h, sub, full, progress=progress),
     }
+    retrain = test[:retrain_questions]
+    t3, t3_cost = ablations.table3_layers(h, retrain, cfg, out / f"ablation-banks-{tag}", progress=progress)
+    groups["Table 3: expert layers"] = t3
+    groups["Table 8: rank / alpha"] = ablations.table8_rank_alpha(h, retrain, cfg, out / f"ablation-banks-{tag}",
+                                                                  progress=progress)
     abl_s = time.perf_counter() - t_abl
     bins = ablations.table5_bins(main["dmoe"])
     base_bins = ablations.table5_bins([_with_entropy(b, d) for b, d in zip(main["base"], main["dmoe"])])
     example = next((s for s in main["dmoe"] if s.triggers and s.em), next((s for s in main["dmoe"] if s.triggers), None))
     metrics = {
         "recipe": recipe(cfg, AUGMENT), "bank": str(bank.path), "documents": len(docs), "experts_trained_now": len(trained),
-        "questions": len(test), "ablation_questions": len(sub), "shots": [q for q, _, _ in demos],
+        "questions": len(test), "ablation_questions": len(sub), "retrain_questions": len(retrain),
+        "table3_cost": t3_cost, "shots": [q for q, _, _ in demos],
         "summary": summarize(main), "by_kind": _by_kind(main),
         "ablations": {g: summarize(rows) for g, rows in groups.items()},
         "table5": {"dmoe": bins, "base": base_bins},
@@ -95,6 +103,76 @@ def run(out: Path, quick: bool = False, ablation_questions: int = 100, progress:
     metrics["figures"] = _plots(metrics, out)
     bank.close()
     return metrics
+
+
+def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5, 10, 20), limit: int | None = None,
+                 progress: bool = True) -> dict:
+    """Issue 10 part 3: the oracle router (each dev question's own expert, triggered by TU as in DMoE)
+    against closed-book Base, across learning rate and epochs, on the dev split (the demonstrations
+    excluded). Experts: passage only, rank 4 / alpha 16. One run per learning rate gives every epoch
+    count (the rate is constant). Writes ``OUT/recipe_sweep.{json,md,png}``."""
+    from doe_ext.dmoe.augment import Augmentation
+    from doe_ext.dmoe.build import commit
+    from doe_ext.dmoe.evaluate import Variant
+    from doe_ext.dmoe.model import DMoE
+    from doe_ext.dmoe.train import train_experts
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs, qa = load()
+    text = {d["id"]: d["text"] for d in docs}
+    dev = [q for q in qa if q["split"] == "dev"]
+    demos = shots(dev, text)
+    questions = [q for q in dev if (q["question"], q["answers"][0]) not in {(a, b) for a, b, _ in demos}][:limit]
+    targets = [Document(q["doc_id"], text[q["doc_id"]]) for q in questions]
+    base = load_base("smollm2-135m")
+    rows = []
+    closed = None
+    for lr in lrs:
+        snaps: dict[int, list] = {}
+        cfg = TrainConfig(lora=RECIPE.lora, lr=lr, epochs=max(epochs))
+        t = time.perf_counter()
+        train_experts(base, [(d.id, d.text, Augmentation()) for d in targets], cfg,
+                      on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in epochs else None)
+        train_s = time.perf_counter() - t
+        for e in epochs:
+            ecfg = TrainConfig(lora=cfg.lora, lr=lr, epochs=e)
+            bank = ExpertBank(out / "banks" / f"lr{lr:g}-ep{e}", create=True, fingerprint=base.fingerprint,
+                              base_name="smollm2-135m", lora=cfg.lora)
+            for d, x in zip(targets, snaps[e]):
+                if d.id not in bank:
+                    commit(bank, d, Augmentation(), x, ecfg, "none")
+            h = Harness(base, bank, shots=demos)
+            methods = [Variant("oracle", DMoE(base, bank, tau=2.0, top_k=1), oracle=True)] + (["base"] if closed is None else [])
+            res = summarize(evaluate(h, questions, methods, progress=progress))
+            closed = closed or res["base"]
+            rows.append({"lr": lr, "epochs": e, "train_s_all_epochs": round(train_s, 1), **res["oracle"]})
+            bank.close()
+    result = {"questions": len(questions), "closed_book": closed, "rows": rows, "lora": [RECIPE.lora.rank, RECIPE.lora.alpha]}
+    (out / "recipe_sweep.json").write_text(json.dumps(result, indent=1))
+    md = [f"Oracle router vs closed-book on {len(questions)} dev questions (EM / F1 with 95% intervals).", "",
+          f"closed-book Base: EM {_ci(closed['em'])}, F1 {_ci(closed['f1'])}", "",
+          "| lr | epochs | oracle EM | oracle F1 | triggers/answer |", "|---|---|---|---|---|"]
+    md += [f"| {r['lr']:g} | {r['epochs']} | {_ci(r['em'])} | {_ci(r['f1'])} | {r['triggers']:.2f} |" for r in rows]
+    (out / "recipe_sweep.md").write_text("\n".join(md) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for lr in lrs:
+        rs = [r for r in rows if r["lr"] == lr]
+        ax.plot([r["epochs"] for r in rs], [r["f1"][0] for r in rs], marker="o", label=f"lr {lr:g}")
+    ax.axhspan(closed["f1"][1], closed["f1"][2], color="grey", alpha=0.25, label="closed-book 95% CI")
+    ax.set_xscale("log")
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("oracle-router F1")
+    ax.legend(fontsize=7)
+    ax.set_title("Expert recipe sweep (dev split)")
+    fig.tight_layout()
+    fig.savefig(out / "recipe_sweep.png", dpi=110)
+    plt.close(fig)
+    return result
 
 
 def _with_entropy(s: Sample, ref: Sample) -> Sample:
@@ -191,10 +269,16 @@ def section(m: dict, rel: str = "dmoe") -> str:
     lines += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v.values()) + " |" for k, v in m["by_kind"].items()]
     lines += ["", "### What the numbers say about the paper's claims", ""]
     lines += _claims(m)
-    lines += ["", f"### Ablations ({m['ablation_questions']} test questions; Tables 3 and 8 retrain the bank and "
-              "are not run here)", ""]
+    lines += ["", f"### Ablations (the first {m['ablation_questions']} test questions; Tables 3 and 8: the first "
+              f"{m['retrain_questions']}, each arm with its own bank of their documents, trained with the same recipe)",
+              ""]
     for g, rows in m["ablations"].items():
         lines += [f"**{g}**", "", markdown(rows)]
+        if g.startswith("Table 3"):
+            lines += ["KV recomputation: " + "; ".join(
+                f"{k}: {v['recomputed_tokens_per_answer']:.1f} tokens re-run per answer, KV of "
+                f"{v['stale_layer_share']:.0%} of the layers stale at a trigger" for k, v in m["table3_cost"].items())
+                + " (the deep arms re-run the whole sequence, all layers: their latency is an upper bound).", ""]
     lines += ["**Table 5: accuracy by the base model's token uncertainty** (equal-count bins of the first answer "
               "token's TU over the test questions)", "", "| TU bin | n | base EM | DMoE EM | DMoE F1 |",
               "|---|---|---|---|---|"]
@@ -237,3 +321,13 @@ def _claims(m: dict) -> list[str]:
     out.append(f"- DMoE above closed-book Base with non-overlapping intervals: **{'yes' if sep else 'no'}** "
                f"({_ci(dm)} vs {_ci(base)}); DMoE triggered {s['dmoe']['triggers']:.2f} times per answer.")
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the DMoE expert-recipe sweep on the dev split (issue 10, part 3)")
+    ap.add_argument("--out", type=Path, default=Path("reports/dmoe-recipe"))
+    ap.add_argument("--limit", type=int, default=None, help="first N dev questions")
+    a = ap.parse_args()
+    print(recipe_sweep(a.out, limit=a.limit)["rows"])

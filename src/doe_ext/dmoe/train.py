@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -242,14 +243,16 @@ class _ExpertAdamW:
             p.grad = None
 
 
-def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]],
-                  cfg: TrainConfig = TrainConfig()) -> list[TrainedExpert]:
-    """Train one expert per document (``(expert id, document text, augmentation)`` triples), all in one batch."""
+def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]], cfg: TrainConfig = TrainConfig(),
+                  on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None) -> list[TrainedExpert]:
+    """Train one expert per document (``(expert id, document text, augmentation)`` triples), all in one batch.
+    ``on_epoch(epoch, experts)`` sees the experts after each epoch (the learning rate is constant, so
+    they are the experts a run of that many epochs gives: one run gives a whole epochs curve)."""
     insts = [training_instances(base.tokenizer, text, aug, cfg.max_length) for _, text, aug in docs]
     for (eid, _, _), i in zip(docs, insts):
         if not i:
             raise ValueError(f"train_experts: document {eid!r} gives no training tokens (empty text?)")
-    return _train(base, [eid for eid, _, _ in docs], insts, cfg)
+    return _train(base, [eid for eid, _, _ in docs], insts, cfg, on_epoch)
 
 
 def train_adapter(base: BaseLM, docs: list[tuple[str, Augmentation]], cfg: TrainConfig = TrainConfig(),
@@ -262,7 +265,8 @@ def train_adapter(base: BaseLM, docs: list[tuple[str, Augmentation]], cfg: Train
     return _train(base, [adapter_id], [insts], cfg)[0]
 
 
-def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: TrainConfig) -> list[TrainedExpert]:
+def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: TrainConfig,
+           on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
     last = base.last
     attach(last)
@@ -281,9 +285,8 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: Train
     steps = [math.ceil(len(d) / cfg.batch_size) for d in data]
     loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
     for epoch in range(cfg.epochs):
-        if epoch == cfg.epochs - 1:  # the loss reported is the last epoch's
-            loss_sum.zero_()
-            loss_n.zero_()
+        loss_sum.zero_()  # the loss reported is the epoch's
+        loss_n.zero_()
         for s in range(max(steps)):
             active = [e for e in range(E) if s < steps[e]]
             xs, ts, idx, ws = [], [], [], []
@@ -303,7 +306,16 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: Train
             step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i.cpu(), (per_row * w).double().cpu())
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
+        if on_epoch is not None and epoch < cfg.epochs - 1:
+            on_epoch(epoch + 1, _experts(ids, names, a, b, loss_sum / loss_n))
+    out = _experts(ids, names, a, b, loss_sum / loss_n)
+    if on_epoch is not None:
+        on_epoch(cfg.epochs, out)
+    return out
+
+
+def _experts(ids, names, a, b, loss) -> list[TrainedExpert]:
     return [TrainedExpert(id=eid, tensors={**{f"{n}.lora_a": a[n][k].detach().cpu().clone() for n in names},
                                            **{f"{n}.lora_b": b[n][k].detach().cpu().clone() for n in names}},
-                          loss=float(loss_sum[k] / loss_n[k]))
+                          loss=float(loss[k]))
             for k, eid in enumerate(ids)]
