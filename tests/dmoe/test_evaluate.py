@@ -10,7 +10,7 @@ from doe_ext.cli import main
 from doe_ext.dmoe import DMoE, qa_prompt
 from doe_ext.dmoe.augment import fewshot_prompt
 from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
-                                   markdown, read_questions, summarize)
+                                   markdown, read_questions, read_shots, summarize)
 from doe_ext.dmoe.metrics import cut_answer
 from test_generate import reference_generate
 
@@ -129,9 +129,18 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank):
     assert [s.passages for s in res["sft"]] == [["sft"], ["sft"]]
 
 
-def test_method_and_question_errors(tmp_path):
+def test_method_and_question_errors(base, bank, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'rgb'"):
         check_methods(["rgb"])
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
+        Harness(base, bank, batch_size=0)
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "nope"}) + "\n")
+    with pytest.raises(ValueError, match="shots.jsonl:1: a demonstration needs a `passage` or the `doc_id`"):
+        read_shots(shots, bank)
+    shots.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "otter"}) + "\n"
+                     + json.dumps({"question": "r", "answers": ["b"], "passage": "p"}) + "\n")
+    assert read_shots(shots, bank) == [("q", "a", DOCS[0]["text"]), ("r", "b", "p")]
     p = tmp_path / "qa.jsonl"
     p.write_text(json.dumps(QA[0]) + "\n" + json.dumps({"question": "q", "answers": []}) + "\n")
     with pytest.raises(ValueError, match="qa.jsonl:2: expected"):

@@ -1,5 +1,6 @@
 """One harness for every method of the DMoE evaluation (§4-5): the same prompt format, greedy
-decoding, the bank's BM25 over the same surrogates, k passages or experts per question.
+decoding up to a line break, the bank's BM25 over the same surrogates, k passages or experts per
+question. Questions run in batches (:class:`Harness`); a prompt prefix the batch shares runs once.
 
 Methods:
 - ``base``: the frozen model, closed book (should be near 0 EM on knowledge it cannot have).
@@ -115,8 +116,9 @@ def _first_sentence(tok, tokens: list[int], ends: set[int]) -> int:
 
 @dataclass
 class Variant:
-    """A DMoE variant for the ablations: its own :class:`DMoE` (tau, top-k, trigger, router), and with
-    ``oracle=True`` a router per question that returns the question's own document (``doc_id``)."""
+    """A DMoE variant for the ablations: its own :class:`DMoE` (tau, top-k, trigger, router) or an
+    object with the same ``generate`` (:class:`doe_ext.dmoe.deep.DeepDMoE`), and with ``oracle=True``
+    a router per question that returns the question's own document (``doc_id``)."""
 
     name: str
     dmoe: DMoE
