@@ -108,8 +108,8 @@ def run(out: Path, quick: bool = False, ablation_questions: int = 100, retrain_q
 def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5, 10, 20), limit: int | None = None,
                  progress: bool = True) -> dict:
     """Issue 10 part 3: the oracle router (each dev question's own expert, triggered by TU as in DMoE)
-    against closed-book Base, across learning rate and epochs, on the dev split (the demonstrations
-    excluded). Experts: passage only, rank 4 / alpha 16. One run per learning rate gives every epoch
+    and DMoE itself (top-3 BM25 over the same experts) against closed-book Base, across learning rate
+    and epochs, on the dev split (the demonstrations excluded). Experts: passage only, rank 4 / alpha 16. One run per learning rate gives every epoch
     count (the rate is constant). Writes ``OUT/recipe_sweep.{json,md,png}``."""
     from doe_ext.dmoe.augment import Augmentation
     from doe_ext.dmoe.build import commit
@@ -143,17 +143,21 @@ def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5,
                 if d.id not in bank:
                     commit(bank, d, Augmentation(), x, ecfg, "none")
             h = Harness(base, bank, shots=demos)
-            methods = [Variant("oracle", DMoE(base, bank, tau=2.0, top_k=1), oracle=True)] + (["base"] if closed is None else [])
+            methods = [Variant("oracle", DMoE(base, bank, tau=2.0, top_k=1), oracle=True),
+                       Variant("dmoe", DMoE(base, bank, tau=2.0, top_k=3))] + (["base"] if closed is None else [])
             res = summarize(evaluate(h, questions, methods, progress=progress))
             closed = closed or res["base"]
-            rows.append({"lr": lr, "epochs": e, "train_s_all_epochs": round(train_s, 1), **res["oracle"]})
+            rows.append({"lr": lr, "epochs": e, "train_s_all_epochs": round(train_s, 1), **res["oracle"],
+                         "dmoe": res["dmoe"]})
             bank.close()
     result = {"questions": len(questions), "closed_book": closed, "rows": rows, "lora": [RECIPE.lora.rank, RECIPE.lora.alpha]}
     (out / "recipe_sweep.json").write_text(json.dumps(result, indent=1))
-    md = [f"Oracle router vs closed-book on {len(questions)} dev questions (EM / F1 with 95% intervals).", "",
+    md = [f"Oracle router (TU trigger, the question's own expert) and DMoE (TU trigger, top-3 BM25 over the "
+          f"same {len(targets)} experts) vs closed-book on {len(questions)} dev questions (EM / F1, 95% intervals).", "",
           f"closed-book Base: EM {_ci(closed['em'])}, F1 {_ci(closed['f1'])}", "",
-          "| lr | epochs | oracle EM | oracle F1 | triggers/answer |", "|---|---|---|---|---|"]
-    md += [f"| {r['lr']:g} | {r['epochs']} | {_ci(r['em'])} | {_ci(r['f1'])} | {r['triggers']:.2f} |" for r in rows]
+          "| lr | epochs | oracle EM | oracle F1 | DMoE EM | DMoE F1 |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['lr']:g} | {r['epochs']} | {_ci(r['em'])} | {_ci(r['f1'])} | {_ci(r['dmoe']['em'])} | "
+           f"{_ci(r['dmoe']['f1'])} |" for r in rows]
     (out / "recipe_sweep.md").write_text("\n".join(md) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -162,11 +166,13 @@ def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5,
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for lr in lrs:
         rs = [r for r in rows if r["lr"] == lr]
-        ax.plot([r["epochs"] for r in rs], [r["f1"][0] for r in rs], marker="o", label=f"lr {lr:g}")
+        line, = ax.plot([r["epochs"] for r in rs], [r["f1"][0] for r in rs], marker="o", label=f"lr {lr:g} oracle")
+        ax.plot([r["epochs"] for r in rs], [r["dmoe"]["f1"][0] for r in rs], marker="x", ls="--",
+                color=line.get_color(), label=f"lr {lr:g} DMoE top-3")
     ax.axhspan(closed["f1"][1], closed["f1"][2], color="grey", alpha=0.25, label="closed-book 95% CI")
     ax.set_xscale("log")
     ax.set_xlabel("epochs")
-    ax.set_ylabel("oracle-router F1")
+    ax.set_ylabel("F1")
     ax.legend(fontsize=7)
     ax.set_title("Expert recipe sweep (dev split)")
     fig.tight_layout()
