@@ -60,3 +60,26 @@ def test_surrogate_and_json_round_trip():
     a = Augmentation("model", "re", [{"question": "q", "answer": "a", "full_answer": "a"}], 1)
     assert a.surrogate("doc") == "doc\nre\nq a"
     assert Augmentation.from_json(a.to_json()) == a
+
+
+def test_qa_lines_parse_dedupe_and_stop_at_a_blank_line():
+    from doe_ext.dmoe.augment import parse_qa_lines
+
+    text = (" Who keeps it?\nA: the team\nQ: who keeps it?\nA: again\nQ: Where?\nA: \nQ: What is it?\nA: a tool\n"
+            "\nPassage: next\nQ: Late?\nA: no")
+    assert parse_qa_lines(text) == [{"question": "Who keeps it?", "answer": "the team", "full_answer": "the team"},
+                                    {"question": "What is it?", "answer": "a tool", "full_answer": "a tool"}]
+    many = "".join(f" q{i}?\nA: a{i}\nQ:" for i in range(6))
+    assert [x["answer"] for x in parse_qa_lines(many)] == ["a0", "a1", "a2", "a3"]
+
+
+def test_qa_augmentation_prompt_and_kind(base):
+    from doe_ext.dmoe.augment import fewshot_qa_prompt, qa_demonstration
+
+    demo = qa_demonstration()
+    prompt = fewshot_qa_prompt("Basalt is dark.", demo)
+    assert prompt.startswith(f"Passage: {demo['passage']}\n") and prompt.endswith("Passage: Basalt is dark.\n"
+                                                                                  "Questions and answers about the passage:\nQ:")
+    assert all(f"Q: {x['question']}\nA: {x['answer']}\n" in prompt for x in demo["qa"])
+    augs = augment_documents(base, ["The sea otter floats.", "Basalt is dark."], kind="qa")
+    assert all(a.kind == "qa" and a.attempts == 1 and a.rewrite == "" and len(a.qa) <= 4 for a in augs)
