@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DOCS, QUESTIONS
+from conftest import DOCS, QUESTIONS, random_bank
 from doe_ext.dmoe import Augmentation, DMoE, ExpertBank, LoRAConfig, TrainConfig, train_experts
 from doe_ext.dmoe.base import get_path, linear_weight, unwrap
 from doe_ext.dmoe.deep import DeepDMoE, DeepLayers, train_deep
@@ -131,8 +131,6 @@ def test_generate_equals_no_cache_reference(base, tmp_path, tau):
 
 def test_last_layer_only_generates_as_dmoe(base, tmp_path):
     """Experts on the last layer only: rebuilding the cache changes nothing, DMoE's re-prediction agrees."""
-    from conftest import random_bank
-
     flat = random_bank(base, tmp_path / "flat")
     deep = DeepLayers(base, 0.5)
     bank = ExpertBank(tmp_path / "deep", create=True, fingerprint=base.fingerprint, base_name=base.name,
