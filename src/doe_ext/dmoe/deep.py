@@ -102,8 +102,8 @@ def train_deep(deep: DeepLayers, docs: list[tuple[str, str, Augmentation]], cfg:
             sel = [(r, p) for r, (_, i) in enumerate(rows) for p in range(i.loss_start, len(i.ids) - 1)]
             r_idx = torch.tensor([r for r, _ in sel], device=dev)
             p_idx = torch.tensor([p for _, p in sel], device=dev)
-            n_tok = torch.zeros(len(ids)).index_add_(0, torch.tensor([rows[r][0] for r, _ in sel]), torch.ones(len(sel)))
-            who = torch.tensor([rows[r][0] for r, _ in sel])
+            who = torch.tensor([rows[r][0] for r, _ in sel])  # the expert of each loss row
+            n_tok = torch.zeros(len(ids)).index_add_(0, who, torch.ones(len(sel)))
             w = (1.0 / n_tok[who]).to(dev)
             routing = Routing(experts, torch.tensor([[e] for e, _ in rows], device=dev),
                               torch.full((len(rows), 1), cfg.lora.scale, device=dev))
@@ -134,10 +134,8 @@ class DeepDMoE:
         if not active:
             return None
         dev = self.deep.base.device
-        e = self.bank.load(active, self.deep.names)
-        return Routing(ExpertSet({n: t.to(dev) for n, t in e.a.items()}, {n: t.to(dev) for n, t in e.b.items()}),
-                       torch.arange(len(active), device=dev)[None], torch.full((1, len(active)), self.bank.lora.scale,
-                                                                                device=dev))
+        return Routing(self.bank.load(active, self.deep.names).to(dev), torch.arange(len(active), device=dev)[None],
+                       torch.full((1, len(active)), self.bank.lora.scale, device=dev))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, route_texts: list[str] | None = None,

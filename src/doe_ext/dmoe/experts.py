@@ -48,6 +48,9 @@ class ExpertSet:
     a: dict[str, Tensor]
     b: dict[str, Tensor]
 
+    def to(self, device) -> "ExpertSet":
+        return ExpertSet({n: t.to(device) for n, t in self.a.items()}, {n: t.to(device) for n, t in self.b.items()})
+
     @property
     def num_experts(self) -> int:
         return next(iter(self.a.values())).shape[0]

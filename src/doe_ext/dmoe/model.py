@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight, unwrap
-from doe_ext.dmoe.experts import ExpertSet, Routing, attach, use_experts
+from doe_ext.dmoe.experts import Routing, attach, use_experts
 from doe_ext.dmoe.train import common_prefix
 
 
@@ -101,7 +101,7 @@ class DMoE:
             idx[r, :len(s)] = torch.tensor([pos[e] for e in s], dtype=torch.long)
         dev = self.base.device
         experts = self.bank.load(union, self.last.projection_names)
-        experts = ExpertSet({n: t.to(dev) for n, t in experts.a.items()}, {n: t.to(dev) for n, t in experts.b.items()})
+        experts = experts.to(dev)
         return Routing(experts, idx.to(dev), torch.full((len(sets), k), self.scale, device=dev))
 
     def eos_tokens(self) -> set[int]:

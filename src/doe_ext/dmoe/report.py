@@ -1,6 +1,6 @@
 """The DMoE half of ``make demo``: a bank of experts for the frozen Debian set, built with the real
-SmolLM2-135M-Instruct, every method of the harness on the test questions, the routing ablations, and
-a report section (markdown + PNG) that says what the numbers say about the paper's claims.
+SmolLM2-135M-Instruct, every method of the harness on the test questions, the ablations (routing ones
+on the main bank, Tables 3 and 8 on banks of their own), and a report section (markdown + PNG) that says what the numbers say about the paper's claims.
 
 The bank is kept in ``OUT/dmoe/bank-<recipe hash>``: a re-run with the same recipe trains nothing.
 Prompt, shots and recipe were chosen on the dev split (its first question of each kind are the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from doe_ext.dmoe import ablations
@@ -183,7 +184,6 @@ def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5,
 
 def _with_entropy(s: Sample, ref: Sample) -> Sample:
     """``s`` binned by ``ref``'s first-token TU (DMoE's first step runs without experts: the base's TU)."""
-    from dataclasses import replace
     return replace(s, entropy=ref.entropy)
 
 
