@@ -9,7 +9,7 @@ APT_PKGS := ccache libgtest-dev dict-gcide
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 EXTRAS ?= test,lda,dmoe
 
-.PHONY: setup test bench demo clean
+.PHONY: setup test bench demo ablate-dmoe clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -42,6 +42,11 @@ test: setup
 demo: setup
 	$(PY) -m doe_ext.demo --out reports/demo
 	@echo "open reports/demo/report.md"
+
+# The DMoE ablations beyond the demo's threshold sweep (Tables 3, 6-9, Fig. 5) on the demo's bank;
+# the next `make demo` includes their tables (~40 min on 2 cores).
+ablate-dmoe: setup
+	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo
 
 bench: setup
 	$(PIP) install -q -e ".[$(EXTRAS),bench]" --no-build-isolation

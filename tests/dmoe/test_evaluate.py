@@ -55,6 +55,11 @@ def test_every_method_against_its_reference(base, bank, shots):
             s = res[m][i]
             assert 0 <= s.em <= s.f1 <= 1
             assert s.latency_s > 0 and (s.peak_rss_mib is None or s.peak_rss_mib > 10)
+    for m in ("base", "gold", "rag"):  # batched shortest prompt first; results in the questions' order (above)
+        idx = h.order(m, QA)
+        sizes = [len(tok(prompt(QA[i]["question"], [bank.row(d).text for d in res[m][i].passages] or None),
+                         add_special_tokens=False)["input_ids"]) for i in idx]
+        assert sorted(idx) == list(range(len(QA))) and sizes == sorted(sizes) and len(set(sizes)) > 1
     assert [s.yes_no for s in res["base"]] == [False] * 4 + [True]
     assert res["rag"][4].correct_yes_no in (0.0, 1.0)
     one = evaluate(Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=1), QA, METHODS,

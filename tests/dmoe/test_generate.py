@@ -176,11 +176,29 @@ def test_shared_prefix_equals_unshared(base, bank, tau):
     shared = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts)
     whole = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts, share_prefix=0)
     for i, (s, w) in enumerate(zip(shared, whole)):
-        alone = dmoe.generate(prompts[i], max_new_tokens=8, tau=tau, experts=experts and [experts[i]])[0]
+        alone = dmoe.generate(prompts[i], max_new_tokens=8, tau=tau, experts=experts and [experts[i]],
+                              share_prefix=0)[0]
         for other in (w, alone):
             assert s.tokens == other.tokens
             assert [(t.position, t.experts) for t in s.triggers] == [(t.position, t.experts) for t in other.triggers]
             assert s.entropies == pytest.approx(other.entropies, abs=1e-4)
+
+
+def test_kept_prefix_serves_the_next_call(base, bank):
+    """A call keeps its shared prefix's cache; the next call, whose prompts share only part of it (and
+    one prompt alone), reuses that part and answers as a fresh model without sharing does."""
+    dmoe = DMoE(base, bank, tau=math.inf)
+    prefix = "".join(f"Question: {q}\nAnswer: {d['text'][:20]}\n\n" for q, d in zip(QUESTIONS, DOCS))
+    n = len(base.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    first = [prefix + "Question: Which rock is basalt?\nAnswer:", prefix + "Question: Which rock is granite?\nAnswer:"]
+    dmoe.generate(first, max_new_tokens=3)
+    assert len(dmoe._kept_prefix[0]) > n  # the first batch shared "Question: Which rock is" too
+    for prompts in ([prefix + f"Question: {q}\nAnswer:" for q in QUESTIONS], [prefix + "Question: " + QUESTIONS[0]]):
+        got = dmoe.generate(prompts, max_new_tokens=6)
+        want = DMoE(base, bank, tau=math.inf).generate(prompts, max_new_tokens=6, share_prefix=0)
+        for g, w in zip(got, want):
+            assert g.tokens == w.tokens
+            assert g.entropies == pytest.approx(w.entropies, abs=1e-4)
 
 
 def test_stop_tokens_end_a_sequence_and_stay_in_it(base, bank):

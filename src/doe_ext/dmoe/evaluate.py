@@ -132,18 +132,22 @@ class Harness:
     Args:
         shots: demonstrations ``(question, answer, passage)`` for :func:`fewshot_prompt`; none: the
             chat-template prompt of :func:`qa_prompt` (the one experts train with).
-        batch_size: questions answered together (the prompt's shared prefix runs once per batch); a
-            sample's latency is its batch's wall time over the batch size.
+        batch_size: questions answered together; a sample's latency is its batch's wall time over
+            the batch size. A prompt prefix the questions share runs once per method (DMoE keeps it
+            from one batch to the next).
+        sort_by_length: batch the questions in order of their prompt's length (less padding); the
+            results keep the questions' order either way.
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
-                 flare_theta: float = 0.4, flare_lookahead: int = 16):
+                 flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
         self.max_new_tokens, self.query_tokens, self.batch_size = max_new_tokens, query_tokens, batch_size
         self.flare_theta, self.flare_lookahead = flare_theta, flare_lookahead
+        self.sort_by_length = sort_by_length
         self.tok = base.tokenizer
         self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens)
         self.stop = line_break_tokens(self.tok)
@@ -168,6 +172,22 @@ class Harness:
             self._sft = DMoE(self.base, sft_bank(self.base, self.bank), tau=math.inf)
         return self._sft
 
+    def context(self, method: str | Variant, qs: list[dict]) -> list[list[str]]:
+        """The documents each question's prompt holds under ``method``: its own (gold), BM25's top-k
+        for the question (rag, prag), none (every other method's prompt is closed-book)."""
+        if method == "gold":
+            return [[_doc_id(q, "gold")] for q in qs]
+        if method in ("rag", "prag"):
+            return [self.bank.route(self.query(q["question"]), self.top_k) for q in qs]
+        return [[] for _ in qs]
+
+    def order(self, method: str | Variant, qs: list[dict]) -> list[int]:
+        """Indices of ``qs`` from the shortest first prompt to the longest: batches of prompts of like
+        length carry little padding."""
+        prompts = [self.prompt(q["question"], self.passages(ids) or None) for q, ids in zip(qs, self.context(method, qs))]
+        sizes = [len(ids) for ids in self.tok(prompts, add_special_tokens=False)["input_ids"]]
+        return sorted(range(len(qs)), key=sizes.__getitem__)
+
     def answer(self, method: str | Variant, qs: list[dict]) -> list[tuple[Generation | None, str, int, list[str]]]:
         """One batch of questions: per question (generation, text, triggers or retrievals, ids used)."""
         questions = [q["question"] for q in qs]
@@ -185,12 +205,7 @@ class Harness:
             gens = self.generate(self.sft(), [self.prompt(x) for x in questions], tau=math.inf,
                                  experts=[["sft"]] * len(qs))
             return [(g, g.text, 0, ["sft"]) for g in gens]
-        if method == "base":
-            ids = [[] for _ in qs]
-        elif method == "gold":
-            ids = [[_doc_id(q, "gold")] for q in qs]
-        else:  # rag, prag
-            ids = [self.bank.route(self.query(x), self.top_k) for x in questions]
+        ids = self.context(method, qs)  # base, gold, rag, prag
         gens = self.generate(self.dmoe, [self.prompt(x, self.passages(i) or None) for x, i in zip(questions, ids)],
                              tau=math.inf, experts=ids if method == "prag" else None)
         return [(g, g.text, 0, i) for g, i in zip(gens, ids)]
@@ -285,25 +300,28 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
     for m in methods:
         name = m.name if isinstance(m, Variant) else m
         bar.set_postfix_str(name)
-        results[name] = out = []
+        out: list[Sample | None] = [None] * len(questions)
         if m == "sft":
             h.sft()  # trained (or loaded) before the clock starts
+        order = h.order(m, questions) if h.sort_by_length else list(range(len(questions)))
         for s in range(0, len(questions), h.batch_size):
-            qs = questions[s:s + h.batch_size]
+            rows = order[s:s + h.batch_size]
+            qs = [questions[i] for i in rows]
             measured = _reset_peak_rss()
             t0 = time.perf_counter()
             got = h.answer(m, qs)
             latency = (time.perf_counter() - t0) / len(qs)
             peak = _peak_rss_mib() if measured else None
-            for q, (g, text, triggers, ids) in zip(qs, got):
+            for r, q, (g, text, triggers, ids) in zip(rows, qs, got):
                 pred = cut_answer(text)
                 is_yn = bool(q.get("yes_no")) or {a.lower() for a in q["answers"]} <= {"yes", "no"}
-                out.append(Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
-                                  f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
-                                  float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None,
-                                  q.get("kind"), g.entropies[0] if g is not None and g.entropies else None,
-                                  len(g.tokens) if g is not None else 0))
+                out[r] = Sample(q["question"], q["answers"], pred, exact_match(pred, q["answers"]),
+                                f1(pred, q["answers"]), latency, peak, triggers, ids, is_yn,
+                                float(yes_no(pred) == q["answers"][0].lower()) if is_yn else None,
+                                q.get("kind"), g.entropies[0] if g is not None and g.entropies else None,
+                                len(g.tokens) if g is not None else 0)
             bar.update(len(qs))
+        results[name] = out
     bar.close()
     return results
 

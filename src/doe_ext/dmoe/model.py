@@ -12,6 +12,7 @@ next trigger.
 """
 from __future__ import annotations
 
+import copy
 import html
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection
@@ -88,6 +89,7 @@ class DMoE:
         self.last = base.last
         attach(self.last)
         self.scale = bank.lora.scale
+        self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 
     def _routing(self, sets: list[list[str]]) -> Routing | None:
         """One Routing for per-row expert sets (rows without experts get empty slots)."""
@@ -106,6 +108,25 @@ class DMoE:
 
     def eos_tokens(self) -> set[int]:
         return eos_tokens(self.base)
+
+    def _prefix_cache(self, prefix: list[int], reuse: int) -> DynamicCache:
+        """A fresh KV cache of ``prefix`` (one sequence). The last one computed is kept: when it and
+        ``prefix`` start with the same ``reuse`` tokens or more, that part is copied and only the rest
+        runs. The KV of every layer does not depend on the experts, so any call may reuse it."""
+        kept_ids, kept = self._kept_prefix
+        c = common_prefix(kept_ids, prefix)
+        if c >= reuse:
+            cache = copy.deepcopy(kept)
+            if c < len(kept_ids):
+                cache.crop(c - len(kept_ids))  # transformers 5: a negative count of tokens to remove
+        else:
+            c, cache = 0, DynamicCache(config=self.base.model.config)
+        if c < len(prefix):
+            ids = torch.tensor([prefix[c:]], device=self.base.device)
+            self.base.model(input_ids=ids, position_ids=torch.arange(c, len(prefix), device=ids.device)[None],
+                            cache=cache, use_cache=True, logits_to_keep=1)
+            self._kept_prefix = (list(prefix), copy.deepcopy(cache))
+        return cache
 
     def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
         enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -138,9 +159,10 @@ class DMoE:
         document). ``stop_tokens``: token ids that end a sequence as EOS does, but stay in its text (the evaluation
         stops at a line break). ``share_prefix``: when every prompt of the batch starts with the same
         this many tokens or more (few-shot demonstrations, a chat template's system text), that prefix
-        runs once and its KV cache is repeated over the batch (0: never). The KV cache of every layer
-        is independent of the experts (they sit after the last attention), so the outputs are those
-        of the unshared run, up to float rounding."""
+        runs once and its KV cache is repeated over the batch (0: never); the next call reuses the part
+        of it that its own prompts start with. The KV cache of every layer is independent of the
+        experts (they sit after the last attention), so the outputs are those of the unshared run, up
+        to float rounding. A sequence that has ended leaves the batch."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for name, v in (("route_texts", route_texts), ("experts", experts), ("routers", routers)):
             if v is not None and len(v) != len(prompts):
@@ -152,12 +174,13 @@ class DMoE:
         B = len(enc)
         pad = tok.pad_token_id
         dev = self.base.device
-        cache = DynamicCache(config=model.config)
-        shared = min(min(common_prefix(enc[0], e) for e in enc[1:]), min(map(len, enc)) - 1) if B > 1 else 0
+        shared = min(min(common_prefix(enc[0], e) for e in enc), min(map(len, enc)) - 1)
         shared = shared if share_prefix > 0 and shared >= share_prefix else 0
-        if shared:  # the prefix once, its cache repeated; the suffixes are left-padded after it
-            model(input_ids=torch.tensor([enc[0][:shared]], device=dev), cache=cache, use_cache=True, logits_to_keep=1)
+        if shared:  # the prefix once (or what a previous call left of it), repeated; suffixes left-padded after it
+            cache = self._prefix_cache(enc[0][:shared], share_prefix)
             cache.batch_repeat_interleave(B)
+        else:
+            cache = DynamicCache(config=model.config)
         rest = [e[shared:] for e in enc]
         L = max(map(len, rest))
         ids = torch.tensor([[pad] * (L - len(e)) + e for e in rest], device=dev)
@@ -170,7 +193,7 @@ class DMoE:
         out = [Generation([], "") for _ in range(B)]
         active: list[list[str]] = [list(e) for e in experts] if experts is not None else [[] for _ in range(B)]
         routing = self._routing(active)
-        done = [False] * B
+        live = list(range(B))  # the sequences still generating, in the order of the batch's rows
         with capture_residual(self.last) as cap:
             with use_experts(routing):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
@@ -178,32 +201,41 @@ class DMoE:
             for t in range(max_new_tokens):
                 ent = token_entropy(logits)
                 fire = (ent > tau) if self.trigger is None else self.trigger(ent, t)
-                trig = [b for b in range(B) if not done[b] and bool(fire[b])]
+                trig = [j for j in range(len(live)) if bool(fire[j])]  # rows of the live batch
                 resid = cap.value  # before routing: a router may run the model itself (a dense retriever)
-                for b in trig:
+                for j in trig:
+                    b = live[j]
                     query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
                     active[b] = list((routers[b] if routers is not None else self.router)(query, top_k))
                 if trig:
                     rows = torch.tensor(trig, device=dev)
-                    with use_experts(self._routing([active[b] for b in trig])):
+                    with use_experts(self._routing([active[live[j]] for j in trig])):
                         logits[rows] = self.last.logits(resid[rows, -1]).to(logits.dtype)
-                    routing = self._routing(active)
+                    routing = self._routing([active[b] for b in live])
                 nxt = logits.argmax(-1)
                 p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]
-                for b in range(B):
-                    if done[b]:
-                        nxt[b] = pad
-                        continue
-                    out[b].entropies.append(ent[b].item())
-                    if b in trig:
-                        out[b].triggers.append(Trigger(t, ent[b].item(), list(active[b])))
-                    out[b].tokens.append(nxt[b].item())
-                    out[b].token_probs.append(p_nxt[b].item())
-                    seqs[b].append(nxt[b].item())
-                    done[b] = nxt[b].item() in stop
-                if all(done) or t == max_new_tokens - 1:
+                fired = set(trig)
+                keep = []
+                for j, b in enumerate(live):
+                    x = nxt[j].item()
+                    out[b].entropies.append(ent[j].item())
+                    if j in fired:
+                        out[b].triggers.append(Trigger(t, ent[j].item(), list(active[b])))
+                    out[b].tokens.append(x)
+                    out[b].token_probs.append(p_nxt[j].item())
+                    seqs[b].append(x)
+                    if x not in stop:
+                        keep.append(j)
+                if not keep or t == max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+                if len(keep) < len(live):  # finished sequences leave the batch (and the KV cache)
+                    sel = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(sel)
+                    mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                    live = [live[j] for j in keep]
+                    if routing is not None:
+                        routing = Routing(routing.experts, routing.indices[sel], routing.scales[sel])
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
                 pos = pos[:, -1:] + 1
                 with use_experts(routing):
                     logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,

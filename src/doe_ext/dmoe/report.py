@@ -26,6 +26,8 @@ from doe_ext.dmoe.train import TrainConfig
 # The default recipe (issue 10, part 3: the oracle-router sweep on the dev split, benchmarks/README.md).
 RECIPE = TrainConfig(lora=LoRAConfig(4, 16.0), lr=3e-3, epochs=10)
 AUGMENT = "none"
+BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
+FIG6 = "Fig. 6: trigger threshold tau"
 
 
 def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -36,74 +38,103 @@ def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
     return [(q["question"], q["answers"][0], docs[q["doc_id"]]) for q in first.values()]
 
 
-def run(out: Path, quick: bool = False, ablation_questions: int = 100, retrain_questions: int = 32,
-        progress: bool = True) -> dict:
-    """Build (or reuse) the bank, evaluate, run the ablations; returns the metrics the report reads."""
-    out = Path(out) / "dmoe"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+def _setup(out: Path, quick: bool, progress: bool):
+    """The data, the base, and the bank (built or reused; cached by recipe and documents)."""
     docs, qa = load()
     text = {d["id"]: d["text"] for d in docs}
     dev = [q for q in qa if q["split"] == "dev"]
     test = [q for q in qa if q["split"] == "test"]
-    demos = shots(dev, text)
     cfg = RECIPE
     if quick:  # a smoke run: a bank of the first test questions' documents (and the demonstrations')
         test = test[:4]
         cfg = TrainConfig(lora=RECIPE.lora, lr=RECIPE.lr, epochs=2)
         keep = {q["doc_id"] for q in test} | {q["doc_id"] for q in dev[:8]}
         docs = [d for d in docs if d["id"] in keep]
-        ablation_questions = len(test)
-        retrain_questions = 2
     base = load_base("smollm2-135m")
     tag = hashlib.sha256(json.dumps([recipe(cfg, AUGMENT), [d["id"] for d in docs]]).encode()).hexdigest()[:10]
     bank = ExpertBank(out / f"bank-{tag}", create=True, fingerprint=base.fingerprint, base_name="smollm2-135m",
                       lora=cfg.lora)
     bank.set_meta("train", json.dumps(recipe(cfg, AUGMENT), sort_keys=True))
-    t_build = time.perf_counter()
+    t = time.perf_counter()
     trained = build_bank(base, [Document(d["id"], d["text"]) for d in docs], bank, cfg, AUGMENT, progress=progress)
-    build_s = time.perf_counter() - t_build
-    h = Harness(base, bank, shots=demos, top_k=3, tau=2.0, max_new_tokens=32, batch_size=16)
+    h = Harness(base, bank, shots=shots(dev, text), top_k=3, tau=2.0, max_new_tokens=32, batch_size=BATCH)
+    return h, cfg, tag, test, {"documents": len(docs), "experts_trained_now": len(trained),
+                               "build_s": round(time.perf_counter() - t, 1)}
+
+
+def run(out: Path, quick: bool = False, sweep_questions: int = 100, progress: bool = True) -> dict:
+    """Build (or reuse) the bank, evaluate every method on the test questions, sweep the trigger
+    threshold (Fig. 6) on the first ``sweep_questions`` of them, bin the answers by token uncertainty
+    (Table 5); the other ablations' tables join the metrics when :func:`ablations` has written them
+    for this bank. Returns the metrics the report reads."""
+    out = Path(out) / "dmoe"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    h, cfg, tag, test, built = _setup(out, quick, progress)
     t_eval = time.perf_counter()
     main = evaluate(h, test, list(METHODS), progress=progress)
     eval_s = time.perf_counter() - t_eval
     write(main, summarize(main), out)
-    sub = test[:ablation_questions]
-    full = main["dmoe"][:ablation_questions]
-    t_abl = time.perf_counter()
-    groups = {
-        "Table 6: trigger and router": ablations.table6(h, sub, full, progress=progress),
-        "Fig. 5: experts per trigger (top-k)": ablations.fig5_top_k(h, sub, progress=progress),
-        "Fig. 6: trigger threshold tau": ablations.fig6_threshold(h, sub, progress=progress),
-        "Table 7: router retriever": ablations.table7_retriever(h, sub, full, progress=progress),
-        "Table 9: bank fraction": ablations.table9_fractions(h, sub, full, progress=progress),
-    }
-    retrain = test[:retrain_questions]
-    t3, t3_cost = ablations.table3_layers(h, retrain, cfg, out / f"ablation-banks-{tag}", progress=progress)
-    groups["Table 3: expert layers"] = t3
-    groups["Table 8: rank / alpha"] = ablations.table8_rank_alpha(h, retrain, cfg, out / f"ablation-banks-{tag}",
-                                                                  progress=progress)
-    abl_s = time.perf_counter() - t_abl
+    sub = test[:sweep_questions]
+    t_sweep = time.perf_counter()
+    groups = {FIG6: ablations.fig6_threshold(h, sub, progress=progress)}
+    sweep_s = time.perf_counter() - t_sweep
     bins = ablations.table5_bins(main["dmoe"])
     base_bins = ablations.table5_bins([_with_entropy(b, d) for b, d in zip(main["base"], main["dmoe"])])
     example = next((s for s in main["dmoe"] if s.triggers and s.em), next((s for s in main["dmoe"] if s.triggers), None))
     metrics = {
-        "recipe": recipe(cfg, AUGMENT), "bank": str(bank.path), "documents": len(docs), "experts_trained_now": len(trained),
-        "questions": len(test), "ablation_questions": len(sub), "retrain_questions": len(retrain),
-        "table3_cost": t3_cost, "shots": [q for q, _, _ in demos],
+        "recipe": recipe(cfg, AUGMENT), "bank": str(h.bank.path), "documents": built["documents"],
+        "experts_trained_now": built["experts_trained_now"], "questions": len(test), "sweep_questions": len(sub),
+        "batch_size": h.batch_size, "shots": [q for q, _, _ in h.shots],
         "summary": summarize(main), "by_kind": _by_kind(main),
         "ablations": {g: summarize(rows) for g, rows in groups.items()},
         "table5": {"dmoe": bins, "base": base_bins},
         "example": None if example is None else {
             "question": example.question, "answers": example.answers, "prediction": example.prediction,
             "trace": _trace(h, example)},
-        "seconds": {"build": round(build_s, 1), "eval": round(eval_s, 1), "ablations": round(abl_s, 1),
+        "seconds": {"build": built["build_s"], "eval": round(eval_s, 1), "sweep": round(sweep_s, 1),
                     "total": round(time.perf_counter() - t0, 1)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     metrics["figures"] = _plots(metrics, out)
-    bank.close()
+    extra = out / f"ablations-{tag}.json"
+    if extra.is_file():  # from `make ablate-dmoe` on this bank
+        metrics["more_ablations"] = json.loads(extra.read_text())
+    h.bank.close()
     return metrics
+
+
+def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100, retrain_questions: int = 32,
+                  progress: bool = True) -> dict:
+    """The paper's other ablations on the demo's bank (``make ablate-dmoe``): Tables 6, 7 and 9 and
+    Fig. 5 on the first ``ablation_questions`` test questions, each beside DMoE measured in the same
+    run; Tables 3 and 8 on the first ``retrain_questions``, each arm with a bank of their documents
+    trained with the same recipe. Writes ``OUT/dmoe/ablations-<bank tag>.{json,md}``, which the demo
+    report includes."""
+    out = Path(out) / "dmoe"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    h, cfg, tag, test, _ = _setup(out, quick, progress)
+    sub = test[:len(test) if quick else ablation_questions]
+    retrain = test[:2 if quick else retrain_questions]
+    full = evaluate(h, sub, ["dmoe"], progress=progress)["dmoe"]
+    groups = {
+        "Table 6: trigger and router": ablations.table6(h, sub, full, progress=progress),
+        "Fig. 5: experts per trigger (top-k)": ablations.fig5_top_k(h, sub, progress=progress),
+        "Table 7: router retriever": ablations.table7_retriever(h, sub, full, progress=progress),
+        "Table 9: bank fraction": ablations.table9_fractions(h, sub, full, progress=progress),
+    }
+    t3, t3_cost = ablations.table3_layers(h, retrain, cfg, out / f"ablation-banks-{tag}", progress=progress)
+    groups["Table 3: expert layers"] = t3
+    groups["Table 8: rank / alpha"] = ablations.table8_rank_alpha(h, retrain, cfg, out / f"ablation-banks-{tag}",
+                                                                  progress=progress)
+    result = {"ablation_questions": len(sub), "retrain_questions": len(retrain), "table3_cost": t3_cost,
+              "groups": {g: summarize(rows) for g, rows in groups.items()},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    (out / f"ablations-{tag}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (out / f"ablations-{tag}.md").write_text("\n".join(_ablation_lines(result)))
+    h.bank.close()
+    return result
 
 
 def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5, 10, 20), limit: int | None = None,
@@ -212,7 +243,7 @@ def _plots(m: dict, out: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     figs = {}
-    sweep = m["ablations"]["Fig. 6: trigger threshold tau"]
+    sweep = m["ablations"][FIG6]
     taus = [float(k.split("=")[1]) for k in sweep]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     em = [v["em"] for v in sweep.values()]
@@ -223,7 +254,7 @@ def _plots(m: dict, out: Path) -> dict[str, Path]:
     ax2 = ax.twinx()
     ax2.plot(taus, [v["latency_s"] for v in sweep.values()], "s--", color="tab:red", label="latency")
     ax2.set_ylabel("s per sample", color="tab:red")
-    ax.set_title(f"Threshold sweep (Fig. 6), {m['ablation_questions']} test questions")
+    ax.set_title(f"Threshold sweep (Fig. 6), {m['sweep_questions']} test questions")
     fig.tight_layout()
     figs["threshold"] = out / "threshold_sweep.png"
     fig.savefig(figs["threshold"], dpi=110)
@@ -266,25 +297,18 @@ def section(m: dict, rel: str = "dmoe") -> str:
              "yes/no section), worded by evaluation-only templates. One expert per record on the last MLP: rank "
              f"{r['rank']}, alpha {r['alpha']}, lr {r['lr']}, {r['epochs']} epochs, augmentation `{r['augment']}`. "
              "Prompt: plain text with four demonstrations from the dev split; greedy decoding up to a line "
-             "break; BM25 top-3, queries cut to 128 tokens; trigger tau = 2.0. Latency is a batch's wall time "
-             "over its 16 questions (the prompt's shared prefix runs once per batch for every method), on the "
-             "2-core CPU machine, float32.", "",
+             "break; BM25 top-3, queries cut to 128 tokens; trigger tau = 2.0. Questions run in batches of "
+             f"{m['batch_size']} in order of their prompt's length; latency is a batch's wall time over its size "
+             "(the prompts' shared prefix runs once per method, and an answer that has ended leaves its batch), on "
+             "the 2-core CPU machine, float32.", "",
              markdown(s), "EM by question kind:", "",
              "| method | " + " | ".join(next(iter(m["by_kind"].values()))) + " |",
              "|---|" + "---|" * len(next(iter(m["by_kind"].values())))]
     lines += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v.values()) + " |" for k, v in m["by_kind"].items()]
     lines += ["", "### What the numbers say about the paper's claims", ""]
     lines += _claims(m)
-    lines += ["", f"### Ablations (the first {m['ablation_questions']} test questions; Tables 3 and 8: the first "
-              f"{m['retrain_questions']}, each arm with its own bank of their documents, trained with the same recipe)",
-              ""]
-    for g, rows in m["ablations"].items():
-        lines += [f"**{g}**", "", markdown(rows)]
-        if g.startswith("Table 3"):
-            lines += ["KV recomputation: " + "; ".join(
-                f"{k}: {v['recomputed_tokens_per_answer']:.1f} tokens re-run per answer, KV of "
-                f"{v['stale_layer_share']:.0%} of the layers stale at a trigger" for k, v in m["table3_cost"].items())
-                + " (the deep arms re-run the whole sequence, all layers: their latency is an upper bound).", ""]
+    lines += ["", f"### Ablations: the trigger threshold (Fig. 6, the first {m['sweep_questions']} test questions) "
+              "and token uncertainty (Table 5, all of them)", "", f"**{FIG6}**", "", markdown(m["ablations"][FIG6])]
     lines += ["**Table 5: accuracy by the base model's token uncertainty** (equal-count bins of the first answer "
               "token's TU over the test questions)", "", "| TU bin | n | base EM | DMoE EM | DMoE F1 |",
               "|---|---|---|---|---|"]
@@ -302,10 +326,30 @@ def section(m: dict, rel: str = "dmoe") -> str:
         trig = {t["position"]: t for t in ex["trace"]["triggers"]}
         for i, (tok, e) in enumerate(zip(ex["trace"]["tokens"], ex["trace"]["entropies"])):
             lines.append(f"| {i} | `{tok!r}` | {e:.3f} | {', '.join(trig[i]['experts']) if i in trig else ''} |")
+    more = m.get("more_ablations")
+    lines += [""] + (_ablation_lines(more) if more else [
+        "### The other ablations", "", "Tables 3, 6, 7, 8, 9 and Fig. 5 run with `make ablate-dmoe` on this bank "
+        "(they retrain banks and re-answer the questions some 20 times, outside the demo's time budget); the "
+        "next `make demo` includes their tables here.", ""])
     sec = m["seconds"]
     lines += ["", f"Time: bank {sec['build']} s ({m['experts_trained_now']} experts trained in this run), "
-              f"evaluation {sec['eval']} s, ablations {sec['ablations']} s, DMoE half {sec['total']} s.", ""]
+              f"evaluation {sec['eval']} s, threshold sweep {sec['sweep']} s, DMoE half {sec['total']} s.", ""]
     return "\n".join(lines)
+
+
+def _ablation_lines(a: dict) -> list[str]:
+    """The markdown of :func:`run_ablations`' result."""
+    lines = [f"### The other ablations (`make ablate-dmoe`: the first {a['ablation_questions']} test questions; "
+             f"Tables 3 and 8: the first {a['retrain_questions']}, each arm with its own bank of their documents, "
+             f"trained with the same recipe; {a['seconds']} s)", ""]
+    for g, rows in a["groups"].items():
+        lines += [f"**{g}**", "", markdown(rows)]
+        if g.startswith("Table 3"):
+            lines += ["KV recomputation: " + "; ".join(
+                f"{k}: {v['recomputed_tokens_per_answer']:.1f} tokens re-run per answer, KV of "
+                f"{v['stale_layer_share']:.0%} of the layers stale at a trigger" for k, v in a["table3_cost"].items())
+                + " (the deep arms re-run the whole sequence, all layers: their latency is an upper bound).", ""]
+    return lines
 
 
 def _claims(m: dict) -> list[str]:
@@ -332,8 +376,19 @@ def _claims(m: dict) -> list[str]:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="the DMoE expert-recipe sweep on the dev split (issue 10, part 3)")
-    ap.add_argument("--out", type=Path, default=Path("reports/dmoe-recipe"))
-    ap.add_argument("--limit", type=int, default=None, help="first N dev questions")
-    a = ap.parse_args()
-    print(recipe_sweep(a.out, limit=a.limit)["rows"])
+    ap = argparse.ArgumentParser(description="DMoE studies beside the demo (issue 10)")
+    sub = ap.add_subparsers(dest="study", required=True)
+    a = sub.add_parser("ablations", help="Tables 3, 6-9 and Fig. 5 on the demo's bank (make ablate-dmoe)")
+    a.add_argument("--out", type=Path, default=Path("reports/demo"))
+    a.add_argument("--quick", action="store_true")
+    a.add_argument("--ablation-questions", type=int, default=100)
+    a.add_argument("--retrain-questions", type=int, default=32)
+    r = sub.add_parser("sweep", help="the expert-recipe sweep on the dev split (part 3)")
+    r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipe"))
+    r.add_argument("--limit", type=int, default=None, help="first N dev questions")
+    args = ap.parse_args()
+    if args.study == "ablations":
+        print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
+                                                       args.retrain_questions))))
+    else:
+        print(recipe_sweep(args.out, limit=args.limit)["rows"])
