@@ -1,20 +1,37 @@
 """doe_ext: C++/CUDA ops, modules and models for knowledge-driven mixture-of-experts LMs.
 
 Importing the package loads the compiled ops library (``doe_ext._C``), which registers every op
-under ``torch.ops.doe_ext``, then the Python side of each op (fake kernels and autograd), and
-registers the DoE model with transformers' AutoConfig / AutoModelForCausalLM.
+under ``torch.ops.doe_ext``, and the Python side of each op (fake kernels and autograd). Every other
+submodule (``nn``, ``models``, ``lda``, ``dmoe``, ...) is imported on first use, so that Stage 1 and
+the CLI never pay for transformers. The DoE model is still registered with transformers'
+AutoConfig / AutoModel / AutoModelForCausalLM: when transformers' Auto classes are first imported
+(or at once, if they already are), see :mod:`doe_ext._auto`.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
 from doe_ext import _C  # noqa: F401  (registers torch.ops.doe_ext.*)
 from doe_ext import ops  # noqa: E402
-from doe_ext import nn  # noqa: E402
-from doe_ext import models  # noqa: E402  (registers model_type "doe" with transformers' Auto classes)
+from doe_ext import _auto  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "models", "nn", "ops", "__version__"]
+_SUBMODULES = ("analysis", "demo", "dmoe", "integrations", "lda", "losses", "models", "nn", "reference")
+__all__ = ["build_info", "ops", "__version__", *_SUBMODULES]
+
+_auto.install()
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"doe_ext.{name}")
+    raise AttributeError(f"module 'doe_ext' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))
 
 
 def build_info() -> dict:

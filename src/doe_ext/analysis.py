@@ -108,38 +108,42 @@ def block_gradient_norms(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _figure():
-    import matplotlib
+def _figure(figsize):
+    """A matplotlib Figure outside pyplot: no global backend switch, nothing left open; it shows
+    inline when a notebook cell returns it and saves with any backend."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
-def plot_gate_heatmap(activations: dict[Hashable, dict[str, Tensor]], path: str | Path, layer: int = 0,
-                      stat: str = "active", title: str | None = None) -> Path:
-    """Labels x blocks heatmap of one layer's gate activity (Fig. 2 / 6), written to ``path`` (PNG)."""
-    plt = _figure()
+def _finish(fig, path: str | Path | None):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_gate_heatmap(activations: dict[Hashable, dict[str, Tensor]], path: str | Path | None = None, layer: int = 0,
+                      stat: str = "active", title: str | None = None):
+    """Labels x blocks heatmap of one layer's gate activity (Fig. 2 / 6); returns the Figure, written to
+    ``path`` (PNG) when given."""
     labels = list(activations)
     grid = torch.stack([activations[lb][stat][layer] for lb in labels]).numpy()
-    fig, ax = plt.subplots(figsize=(max(6, grid.shape[1] / 8), 1 + 0.5 * len(labels)))
+    fig, ax = _figure((max(6, grid.shape[1] / 8), 1 + 0.5 * len(labels)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(labels)), [str(lb) for lb in labels])
     ax.set_xlabel("knowledge block")
     ax.set_title(title or f"layer {layer}: {'share of tokens with gate > 0' if stat == 'active' else 'mean gate'}")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path)
 
 
-def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path, xlabel: str = "step",
-                ylabel: str = "", title: str = "", logy: bool = False) -> Path:
-    """Line plot of named curves (loss, utilisation CV per layer, ...) written to ``path`` (PNG)."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path | None = None, xlabel: str = "step",
+                ylabel: str = "", title: str = "", logy: bool = False):
+    """Line plot of named curves (loss, utilisation CV per layer, ...); returns the Figure, written to
+    ``path`` (PNG) when given."""
+    fig, ax = _figure((7, 4))
     for name, ys in curves.items():
         ax.plot(list(map(float, ys)), label=name)
     ax.set_xlabel(xlabel)
@@ -149,7 +153,4 @@ def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path, xlabe
         ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path)

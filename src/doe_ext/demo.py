@@ -175,15 +175,14 @@ def main(argv=None) -> Path:
                 "label": d} for x, t, d in zip(*[[np.asarray(v) for v in heldout[0]], heldout[1], heldout[2]])]
     acts = gate_activations_by_label(models["doe"], per_doc)
     acts = dict(sorted(acts.items()))
-    figs = {
-        "loss": plot_curves({k: _smooth(v["train_ntp_curve"]) for k, v in results.items()}, out / "train_loss.png",
-                            ylabel="next-token loss (smoothed)", title="Stage 2 training: DoE vs dense Base"),
-        "cv": plot_curves({f"layer {i}": trackers["doe"].history[:, i] for i in range(trackers["doe"].history.shape[1])},
-                          out / "block_utilisation_cv.png", ylabel="CV of block utilisation",
-                          title="Block-utilisation CV over training (Fig. 4)"),
-    }
+    figs = {"loss": out / "train_loss.png", "cv": out / "block_utilisation_cv.png"}
+    plot_curves({k: _smooth(v["train_ntp_curve"]) for k, v in results.items()}, figs["loss"],
+                ylabel="next-token loss (smoothed)", title="Stage 2 training: DoE vs dense Base")
+    plot_curves({f"layer {i}": trackers["doe"].history[:, i] for i in range(trackers["doe"].history.shape[1])},
+                figs["cv"], ylabel="CV of block utilisation", title="Block-utilisation CV over training (Fig. 4)")
     for layer in range(len(next(iter(acts.values()))["active"])):
-        figs[f"gates_layer{layer}"] = plot_gate_heatmap(acts, out / f"gates_by_domain_layer{layer}.png", layer=layer)
+        figs[f"gates_layer{layer}"] = out / f"gates_by_domain_layer{layer}.png"
+        plot_gate_heatmap(acts, figs[f"gates_layer{layer}"], layer=layer)
 
     metrics = {"config": cfg, "corpus": {"documents": len(docs), "tokens": int(corpus.num_tokens),
                                          "domains": dict(Counter(domains))},

@@ -98,6 +98,13 @@ def test_perplexity_and_coherence_reward_the_fit(planted):
     top = long.top_tokens(5)
     assert len(top) == 8 and all(len(t) == 5 for t in top)
     assert top[0][0] == int(np.argmax(long.topic_word()[0]))
+    topics = long.topics(5)  # the same tokens, each topic's share of the sampled tokens, a notebook table
+    assert list(topics) == top and sum(topics.shares) == pytest.approx(1.0)
+    assert topics.shares[0] == pytest.approx(long.topic_counts[0] / long.topic_counts.sum())
+    table = long._repr_html_()
+    assert table.count("<tr>") == 1 + 8 and f"<td>{' '.join(map(str, top[0]))}</td>" not in table  # 8 tokens shown
+    assert f"<td>{' '.join(map(str, long.top_tokens(8)[3]))}</td>" in table and "num_topics=8" in table
+    assert "not fitted" in repr(LDA(num_topics=3)) and LDA(num_topics=3)._repr_html_().count("<tr>") == 0
 
 
 def test_save_load_round_trip(fitted, planted, tmp_path):

@@ -75,6 +75,10 @@ def test_plots_are_written_as_png(tmp_path):
     acts = gate_activations_by_label(model, _batches())
     heat = plot_gate_heatmap(acts, tmp_path / "heat.png", layer=1)
     curves = plot_curves({"dense": [3.0, 2.5, 2.1], "doe": torch.tensor([3.0, 2.4, 2.0])}, tmp_path / "loss.png")
-    for p in (heat, curves):
-        data = p.read_bytes()
+    for fig, name in ((heat, "heat.png"), (curves, "loss.png")):
+        data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    # the figures come back (a notebook shows them inline): one image + colour bar, two labelled lines
+    assert len(heat.axes) == 2 and heat.axes[0].images[0].get_array().shape == (len(acts), acts[next(iter(acts))]["active"].shape[1])
+    assert [ln.get_label() for ln in curves.axes[0].lines] == ["dense", "doe"]
+    assert plot_curves({"x": [1.0, 2.0]}).axes[0].lines[0].get_ydata().tolist() == [1.0, 2.0]  # no path: nothing written

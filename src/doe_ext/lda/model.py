@@ -7,6 +7,7 @@ labelling and persistence.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -344,6 +345,20 @@ class LDA:
         decode = _token_decoder(tokenizer)
         return [[decode(int(w)) for w in row] for row in top]
 
+    def topics(self, n: int = 10, tokenizer=None) -> "Topics":
+        """:meth:`top_tokens` with each topic's share of the sampled tokens, as a table (HTML in a notebook)."""
+        counts = np.asarray(self.topic_counts, dtype=np.float64)
+        return Topics(self.top_tokens(n, tokenizer), (counts / max(counts.sum(), 1)).tolist())
+
+    def __repr__(self) -> str:
+        fitted = f"fitted on {self.vocab_size} ids" if self.word_topic_counts is not None else "not fitted"
+        return (f"LDA(num_topics={self.num_topics}, alpha={self.alpha:g}, beta={self.beta:g}, seed={self.seed}, "
+                f"sampler={self.sampler!r}, {fitted})")
+
+    def _repr_html_(self) -> str:
+        head = f"<p><b>{html.escape(repr(self))}</b></p>"
+        return head + (self.topics(8)._repr_html_() if self.word_topic_counts is not None else "")
+
     def coherence(self, corpus: TokenCorpus, n: int = 10, measure: str = "npmi",
                   chunk_docs: int = 4096) -> np.ndarray:
         """float64 [K]: topic coherence of each topic's top ``n`` words on ``corpus``.
@@ -457,6 +472,22 @@ class LDA:
             cfg = dict(cfg, threads=threads)
             state["config"] = cfg
         return cls.from_state(state)
+
+
+class Topics(list):
+    """Each topic's top tokens (a list of lists), with its share of the tokens; a table in a notebook."""
+
+    def __init__(self, tokens: list[list], shares: list[float]):
+        super().__init__(tokens)
+        self.shares = shares
+
+    def __str__(self) -> str:
+        return "\n".join(f"topic {k} ({p:.1%}): {' '.join(map(str, t))}" for k, (t, p) in enumerate(zip(self, self.shares)))
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{k}</td><td>{p:.1%}</td><td>{html.escape(' '.join(map(str, t)))}</td></tr>"
+                       for k, (t, p) in enumerate(zip(self, self.shares)))
+        return f"<table><tr><th>topic</th><th>tokens</th><th>top tokens</th></tr>{rows}</table>"
 
 
 def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 256) -> str:

@@ -1,12 +1,18 @@
-"""Models assembled from doe_ext.nn. ``import doe_ext.models`` registers model_type "doe" with
-transformers' AutoConfig / AutoModel / AutoModelForCausalLM."""
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+"""Models assembled from doe_ext.nn. Model type "doe" is registered with transformers' AutoConfig /
+AutoModel / AutoModelForCausalLM as soon as both sides are imported (``doe_ext._auto``); the classes
+here are imported on first use."""
+import importlib
 
-from doe_ext.models.configuration_doe import DoEConfig
-from doe_ext.models.modeling_doe import DoECausalLMOutput, DoEForCausalLM, DoEModel
+_WHERE = {"DoEConfig": "configuration_doe", "DoEModel": "modeling_doe", "DoEForCausalLM": "modeling_doe",
+          "DoECausalLMOutput": "modeling_doe"}
+__all__ = list(_WHERE)
 
-AutoConfig.register("doe", DoEConfig, exist_ok=True)
-AutoModel.register(DoEConfig, DoEModel, exist_ok=True)
-AutoModelForCausalLM.register(DoEConfig, DoEForCausalLM, exist_ok=True)
 
-__all__ = ["DoEConfig", "DoEModel", "DoEForCausalLM", "DoECausalLMOutput"]
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"doe_ext.models.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'doe_ext.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

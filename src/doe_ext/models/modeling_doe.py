@@ -35,6 +35,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from doe_ext import _auto
 from doe_ext.losses import composite_loss
 from doe_ext.models.configuration_doe import DoEConfig
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention, VAEReLURouter
@@ -467,3 +468,6 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
             new = nxt[:, -1:] if nxt is not None else torch.full_like(topic_ids[:, -1:], -1)
             model_kwargs["topic_ids"] = torch.cat([topic_ids, new], dim=-1)
         return model_kwargs
+
+
+_auto.register_models()  # model type "doe" in AutoModel / AutoModelForCausalLM (doe_ext._auto)
