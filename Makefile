@@ -7,9 +7,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 APT_PKGS := ccache libgtest-dev dict-gcide
 # What makes the extension stale: any C++/CUDA source or build file.
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
-EXTRAS ?= test,lda,dmoe
+EXTRAS ?= test,lda,dmoe,notebook
 
-.PHONY: setup test bench demo ablate-dmoe clean
+.PHONY: setup test bench demo ablate-dmoe notebook clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -47,6 +47,11 @@ demo: setup
 # the next `make demo` includes their tables (~40 min on 2 cores).
 ablate-dmoe: setup
 	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo
+
+# JupyterLab on notebooks/ with the project's venv as the kernel ("Python 3 (ipykernel)").
+notebook: setup
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PIP) install -q jupyterlab
+	$(VENV)/bin/jupyter lab notebooks/
 
 bench: setup
 	$(PIP) install -q -e ".[$(EXTRAS),bench]" --no-build-isolation

@@ -124,19 +124,40 @@ def _finish(fig, path: str | Path | None):
     return fig
 
 
+def plot_heatmap(rows: dict[Hashable, Tensor], path: str | Path | None = None, xlabel: str = "", title: str = ""):
+    """Labels x columns heatmap (one row of values per label); returns the Figure, written to ``path``
+    (PNG) when given."""
+    labels = list(rows)
+    grid = torch.stack([torch.as_tensor(rows[lb], dtype=torch.float32) for lb in labels]).numpy()
+    fig, ax = _figure((max(6, grid.shape[1] / 8), 1 + 0.5 * len(labels)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(labels)), [str(lb) for lb in labels])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    return _finish(fig, path)
+
+
 def plot_gate_heatmap(activations: dict[Hashable, dict[str, Tensor]], path: str | Path | None = None, layer: int = 0,
                       stat: str = "active", title: str | None = None):
     """Labels x blocks heatmap of one layer's gate activity (Fig. 2 / 6); returns the Figure, written to
     ``path`` (PNG) when given."""
-    labels = list(activations)
-    grid = torch.stack([activations[lb][stat][layer] for lb in labels]).numpy()
-    fig, ax = _figure((max(6, grid.shape[1] / 8), 1 + 0.5 * len(labels)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(labels)), [str(lb) for lb in labels])
-    ax.set_xlabel("knowledge block")
-    ax.set_title(title or f"layer {layer}: {'share of tokens with gate > 0' if stat == 'active' else 'mean gate'}")
-    fig.colorbar(im, ax=ax)
-    return _finish(fig, path)
+    return plot_heatmap({lb: a[stat][layer] for lb, a in activations.items()}, path, "knowledge block",
+                        title or f"layer {layer}: {'share of tokens with gate > 0' if stat == 'active' else 'mean gate'}")
+
+
+def topic_alignment(theta, labels: list[Hashable]) -> dict[Hashable, Tensor]:
+    """Mean document-topic distribution per label (e.g. each GCIDE domain's mean ``theta [K]``): how
+    Stage 1's topics line up with labels the LDA never saw. ``theta``: ``[D, K]``, one row per document."""
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    if theta.dim() != 2 or theta.shape[0] != len(labels):
+        raise ValueError(f"topic_alignment: `theta` must be [documents, topics] with one row per label, got "
+                         f"{tuple(theta.shape)} for {len(labels)} labels")
+    out = {}
+    for lb in dict.fromkeys(labels):
+        rows = torch.tensor([i for i, x in enumerate(labels) if x == lb])
+        out[lb] = theta[rows].mean(0).float()
+    return out
 
 
 def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path | None = None, xlabel: str = "step",

@@ -66,7 +66,7 @@ def load_gcide_domains(path: Path = GCIDE, per_domain: int = 800, min_words: int
 
 
 def stage1(docs: list[tuple[str, str]], out: Path, vocab_size: int, num_topics: int, iterations: int):
-    """BPE tokenizer, token corpus and LDA topic ids for every token."""
+    """BPE tokenizer, token corpus and LDA topic ids for every token; the fitted model is ``info["lda"]``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from doe_ext.lda import LDA, TokenCorpus
@@ -85,7 +85,7 @@ def stage1(docs: list[tuple[str, str]], out: Path, vocab_size: int, num_topics: 
     fit_s = time.perf_counter() - t0
     topic_ids, theta = lda.label(corpus)
     top = lda.top_tokens(8, tokenizer=tok)
-    return tok, corpus, ids, topic_ids, np.asarray(theta), {"lda_fit_s": round(fit_s, 2), "top_tokens": top}
+    return tok, corpus, ids, topic_ids, np.asarray(theta), {"lda_fit_s": round(fit_s, 2), "top_tokens": top, "lda": lda}
 
 
 def _batches(ids, topics, domains, seq: int, batch: int, steps: int, seed: int):

@@ -161,6 +161,7 @@ def test_knowledge_save_load_round_trip(family, tmp_path):
     saved = load_file(tmp_path / "k" / "doe_knowledge.safetensors")
     added = added_parameters(wrapper, base_params)
     assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in added.values())  # no base weight
+    assert {id(p) for p in wrapper.knowledge_parameters()} == {id(p) for p in added.values()}  # what a PEFT-style run trains
 
     other = doeify(fresh, **OPTIONS).eval()
     ids, topics = batch()

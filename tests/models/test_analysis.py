@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from doe_ext.analysis import (UtilizationTracker, block_gradient_norms, gate_activations_by_label, plot_curves,
+                              plot_heatmap, topic_alignment,
                               plot_gate_heatmap)
 from doe_ext.models import DoEForCausalLM
 from test_doe_model import K, V, tiny
@@ -82,3 +83,15 @@ def test_plots_are_written_as_png(tmp_path):
     assert len(heat.axes) == 2 and heat.axes[0].images[0].get_array().shape == (len(acts), acts[next(iter(acts))]["active"].shape[1])
     assert [ln.get_label() for ln in curves.axes[0].lines] == ["dense", "doe"]
     assert plot_curves({"x": [1.0, 2.0]}).axes[0].lines[0].get_ydata().tolist() == [1.0, 2.0]  # no path: nothing written
+
+
+def test_topic_alignment_is_the_mean_theta_per_label():
+    theta = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]])
+    got = topic_alignment(theta, ["law", "law", "music"])
+    assert list(got) == ["law", "music"]
+    torch.testing.assert_close(got["law"], torch.tensor([0.8, 0.2]))
+    torch.testing.assert_close(got["music"], torch.tensor([0.2, 0.8]))
+    fig = plot_heatmap(got, xlabel="topic")
+    assert fig.axes[0].images[0].get_array().shape == (2, 2)
+    with pytest.raises(ValueError, match="`theta` must be \\[documents, topics\\] with one row per label, got \\(3, 2\\) for 2"):
+        topic_alignment(theta, ["law", "music"])

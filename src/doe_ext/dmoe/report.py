@@ -1,6 +1,9 @@
 """The DMoE half of ``make demo``: a bank of experts for the frozen Debian set, built with the real
-SmolLM2-135M-Instruct, every method of the harness on the test questions, the ablations (routing ones
-on the main bank, Tables 3 and 8 on banks of their own), and a report section (markdown + PNG) that says what the numbers say about the paper's claims.
+SmolLM2-135M-Instruct, every method of the harness on the test questions, the threshold sweep (Fig. 6)
+and the uncertainty bins (Table 5), and a report section (markdown + PNG) that says what the numbers
+say about the paper's claims (:func:`run`). The other ablations (:func:`run_ablations`, ``make
+ablate-dmoe``: Tables 6, 7, 9 and Fig. 5 on the main bank, Tables 3 and 8 on banks of their own) re-answer
+the questions some 20 times; the report includes their tables once they exist for the bank.
 
 The bank is kept in ``OUT/dmoe/bank-<recipe hash>``: a re-run with the same recipe trains nothing.
 Prompt, shots and recipe were chosen on the dev split (its first question of each kind are the
@@ -65,7 +68,7 @@ def _setup(out: Path, quick: bool, progress: bool):
 def run(out: Path, quick: bool = False, sweep_questions: int = 100, progress: bool = True) -> dict:
     """Build (or reuse) the bank, evaluate every method on the test questions, sweep the trigger
     threshold (Fig. 6) on the first ``sweep_questions`` of them, bin the answers by token uncertainty
-    (Table 5); the other ablations' tables join the metrics when :func:`ablations` has written them
+    (Table 5); the other ablations' tables join the metrics when :func:`run_ablations` has written them
     for this bank. Returns the metrics the report reads."""
     out = Path(out) / "dmoe"
     out.mkdir(parents=True, exist_ok=True)

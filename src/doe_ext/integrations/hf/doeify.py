@@ -381,6 +381,13 @@ class DoEWrapper(nn.Module):
                 sd[k] = v
         return sd
 
+    def knowledge_parameters(self) -> list[nn.Parameter]:
+        """The added parameters, those :meth:`save_knowledge` writes: optimise these alone (the base's
+        frozen) for a PEFT-style fine-tune."""
+        named = dict(self._knowledge_modules().named_parameters())
+        named.pop("embedding.token_weight", None)
+        return [self.knowledge_state, *named.values()]
+
     def save_knowledge(self, path: str | os.PathLike) -> None:
         """Write the added parameters (``doe_knowledge.safetensors``) and the doeify options
         (``doe_config.json``) to the folder ``path``."""
