@@ -18,7 +18,7 @@ from doe_ext import ops  # noqa: E402
 from doe_ext import _auto  # noqa: E402
 
 __version__ = "0.1.0"
-_SUBMODULES = ("analysis", "demo", "dmoe", "integrations", "lda", "losses", "models", "nn", "reference")
+_SUBMODULES = ("analysis", "demo", "dmoe", "integrations", "lda", "losses", "models", "nn", "reference", "testing")
 __all__ = ["build_info", "ops", "__version__", *_SUBMODULES]
 
 _auto.install()

@@ -1,0 +1,69 @@
+"""The pytest plugin of doe_ext (entry point ``pytest11``): ablations written as pytest tests.
+
+Options: ``--ablation-scale tiny|small`` (CI: seconds; ``make ablate``), ``--ablation-seeds N``
+(default 3), ``--ablation-dir DIR`` (default ``reports/ablations``). Fixtures: ``ablation`` (a
+factory: ``ablation("table3", control="moe", title=...)`` gives the session's recorder of that name),
+``ablation_scale``, ``ablation_seeds``. At the end of the session every recorder with runs writes
+``DIR/<name>.{json,md,png}``; a claim or control arm without numbers fails the session.
+"""
+from __future__ import annotations
+
+import pytest
+
+from doe_ext.testing.recorder import Ablation
+
+_KEY = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("doe_ext ablations")
+    g.addoption("--ablation-scale", choices=("tiny", "small"), default="tiny",
+                help="size of the ablation runs: tiny (CI, seconds) or small (make ablate)")
+    g.addoption("--ablation-seeds", type=int, default=3, help="seeds per ablation arm (default 3)")
+    g.addoption("--ablation-dir", default="reports/ablations", help="where the ablation tables are written")
+
+
+def pytest_configure(config):
+    config.stash[_KEY] = {}
+    if config.getoption("--ablation-seeds") < 1:
+        raise pytest.UsageError(f"--ablation-seeds must be >= 1, got {config.getoption('--ablation-seeds')}")
+
+
+@pytest.fixture(scope="session")
+def ablation_scale(pytestconfig) -> str:
+    return pytestconfig.getoption("--ablation-scale")
+
+
+@pytest.fixture(scope="session")
+def ablation_seeds(pytestconfig) -> list[int]:
+    return list(range(pytestconfig.getoption("--ablation-seeds")))
+
+
+@pytest.fixture(scope="session")
+def ablation(pytestconfig):
+    recorders = pytestconfig.stash[_KEY]
+
+    def get(name: str, control: str | None = None, title: str = "") -> Ablation:
+        rec = recorders.get(name)
+        if rec is None:
+            rec = recorders[name] = Ablation(name, control, title)
+        elif control is not None and rec.control != control:
+            raise ValueError(f"ablation {name!r}: control {control!r} differs from the {rec.control!r} given before")
+        return rec
+
+    return get
+
+
+def pytest_sessionfinish(session, exitstatus):
+    recorders = session.config.stash.get(_KEY, {})
+    directory = session.config.getoption("--ablation-dir")
+    problems = []
+    for rec in recorders.values():
+        if rec.runs:
+            rec.write(directory)
+        problems += rec.missing() if rec.runs or rec.claims else []
+    if problems:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        for p in problems:
+            (tr.write_line if tr else print)(f"ablation without numbers: {p}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
