@@ -101,42 +101,61 @@ def _batches(ids, topics, domains, seq: int, batch: int, steps: int, seed: int):
                [Counter(flat_d[s:s + seq]).most_common(1)[0][0] for s in starts])
 
 
-def stage2(train, heldout, vocab_size: int, num_topics: int, steps: int, seq: int, batch: int, width: int):
-    """Train DoE and the dense Base on the same batches; held-out NTP loss of both."""
+def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, seed: int = 0, lr: float = 3e-3,
+                progress: bool = True, desc: str = "stage 2"):
+    """One seeded Stage-2 run of a ``DoEForCausalLM(DoEConfig(**config))`` on windows of ``train``
+    (AdamW, one-cycle lr, clipping); the batches are the same for every config and seed. Returns
+    ``(result, model, tracker)``: ``result`` has the training NTP curve, held-out NTP loss and
+    perplexity (20 fixed held-out batches), train seconds, tokens/s, parameters and peak RSS."""
+    import resource
+
     from doe_ext.analysis import UtilizationTracker
     from doe_ext.models import DoEConfig, DoEForCausalLM
 
-    base = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=3, num_attention_heads=4,
+    torch.manual_seed(seed)
+    model = DoEForCausalLM(DoEConfig(**config))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    tracker = UtilizationTracker()
+    curve = []
+    t0 = time.perf_counter()
+    for x, t, _ in tqdm(_batches(*train, seq, batch, steps, seed=1), total=steps, desc=desc, disable=not progress):
+        out = model(x, topic_ids=t, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve.append(float(out.aux["ntp"]))
+        if out.aux["layers"]:
+            tracker.update(out.aux)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(x, topic_ids=t, labels=x).aux["ntp"]) for x, t, _ in _batches(*heldout, seq, batch, 20, seed=2)]
+    result = {"train_ntp_curve": curve, "heldout_ntp": float(np.mean(losses)),
+              "heldout_ppl": math.exp(float(np.mean(losses))), "train_s": round(train_s, 1),
+              "tokens_per_s": steps * seq * batch / max(train_s, 1e-9),
+              "params": sum(p.numel() for p in model.parameters()),
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return result, model, tracker
+
+
+def model_config(vocab_size: int, num_topics: int, seq: int, width: int, **extra) -> dict:
+    """The demo's Stage-2 model: 3 layers of ``width``, 4 heads, topic and latent width 32."""
+    return dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=3, num_attention_heads=4,
                 intermediate_size=int(2.75 * width), num_topics=num_topics, topic_dim=32, latent_dim=32,
-                max_position_embeddings=seq, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+                max_position_embeddings=seq, pad_token_id=0, bos_token_id=2, eos_token_id=2, **extra)
+
+
+def stage2(train, heldout, vocab_size: int, num_topics: int, steps: int, seq: int, batch: int, width: int):
+    """Train DoE and the dense Base on the same batches; held-out NTP loss of both."""
     results, models, trackers = {}, {}, {}
     for name, extra in {"doe": {}, "dense": {"knowledge": False}}.items():
-        torch.manual_seed(0)
-        model = DoEForCausalLM(DoEConfig(**base, **extra))
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-        tracker = UtilizationTracker()
-        curve = []
-        t0 = time.perf_counter()
-        for x, t, _ in tqdm(_batches(*train, seq, batch, steps, seed=1), total=steps, desc=f"stage 2: {name}"):
-            out = model(x, topic_ids=t, labels=x)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            curve.append(float(out.aux["ntp"]))
-            if out.aux["layers"]:
-                tracker.update(out.aux)
-        train_s = time.perf_counter() - t0
-        model.eval()
-        with torch.no_grad():
-            losses = [float(model(x, topic_ids=t, labels=x).aux["ntp"])
-                      for x, t, _ in _batches(*heldout, seq, batch, 20, seed=2)]
-        results[name] = {"train_ntp_curve": curve, "heldout_ntp": float(np.mean(losses)),
-                         "heldout_ppl": math.exp(float(np.mean(losses))), "train_s": round(train_s, 1),
-                         "params": sum(p.numel() for p in model.parameters())}
-        models[name], trackers[name] = model, tracker
+        res, models[name], trackers[name] = train_model(train, heldout, model_config(vocab_size, num_topics, seq, width,
+                                                                                      **extra),
+                                                        steps, seq, batch, desc=f"stage 2: {name}")
+        results[name] = {k: res[k] for k in ("train_ntp_curve", "heldout_ntp", "heldout_ppl", "train_s", "params")}
     return results, models, trackers
 
 

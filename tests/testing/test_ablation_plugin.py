@@ -113,3 +113,26 @@ def test_a_claim_without_numbers_fails_the_session(tmp_path):
     assert "ablation without numbers: demo_table: no `ppl` for arm 'dense' (claim dense < moe on ppl)" in done.stdout
     bad = run_suite(tmp_path, "", "--ablation-seeds", "0")
     assert bad.returncode != 0 and "--ablation-seeds must be >= 1, got 0" in bad.stderr
+
+
+def test_corpus_and_runs_are_cached_and_seeded(tmp_path, monkeypatch):
+    from doe_ext.testing import runs
+
+    monkeypatch.setenv("DOE_EXT_CACHE", str(tmp_path))
+    corpus = runs.labelled_corpus("tiny")
+    assert len(corpus.ids) == len(corpus.topics) == len(corpus.domains) == 7 * runs.SCALES["tiny"]["per_domain"]
+    assert all(len(a) == len(b) for a, b in zip(corpus.ids, corpus.topics))
+    assert max(int(t.max()) for t in corpus.topics) < corpus.num_topics
+    again = runs.labelled_corpus("tiny")  # from the cache file
+    assert all((a == b).all() for a, b in zip(corpus.topics, again.topics)) and len(list(tmp_path.rglob("corpus-*"))) == 1
+    doe = runs.train_run(corpus, None, seed=0, steps=3)
+    dense = runs.train_run(corpus, {"knowledge": False}, seed=0, steps=3)
+    assert len(doe["train_ntp_curve"]) == 3 and doe["heldout_ppl"] > 1 and doe["tokens_per_s"] > 0
+    assert doe["params"] > dense["params"] and len(doe["utilisation_cv"]) == 3 and dense["utilisation_cv"] == []
+    assert runs.train_run(corpus, None, seed=0, steps=3) == doe  # cached
+    other = runs.train_run(corpus, None, seed=1, steps=3)
+    assert other["train_ntp_curve"] != doe["train_ntp_curve"]
+    assert len(list(tmp_path.rglob("run-*.json"))) == 3
+    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("run-*.json")}
+    runs.train_run(corpus, None, seed=0, steps=3)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("run-*.json")} == files  # nothing retrained

@@ -3,7 +3,8 @@
 Options: ``--ablation-scale tiny|small`` (CI: seconds; ``make ablate``), ``--ablation-seeds N``
 (default 3), ``--ablation-dir DIR`` (default ``reports/ablations``). Fixtures: ``ablation`` (a
 factory: ``ablation("table3", control="moe", title=...)`` gives the session's recorder of that name),
-``ablation_scale``, ``ablation_seeds``. At the end of the session every recorder with runs writes
+``ablation_scale``, ``ablation_seeds``, ``doe_corpus`` (the Stage-1-labelled GCIDE corpus of the scale) and
+``train_run`` (``train_run(config, seed)``: one cached Stage-2 run on it, :mod:`doe_ext.testing.runs`). At the end of the session every recorder with runs writes
 ``DIR/<name>.{json,md,png}``; a claim or control arm without numbers fails the session.
 """
 from __future__ import annotations
@@ -52,6 +53,23 @@ def ablation(pytestconfig):
         return rec
 
     return get
+
+
+@pytest.fixture(scope="session")
+def doe_corpus(ablation_scale):
+    from doe_ext.testing.runs import labelled_corpus
+
+    return labelled_corpus(ablation_scale)
+
+
+@pytest.fixture(scope="session")
+def train_run(doe_corpus, ablation_scale):
+    from doe_ext.testing import runs
+
+    def run(config: dict | None = None, seed: int = 0, **kw) -> dict:
+        return runs.train_run(doe_corpus, config, seed, ablation_scale, **kw)
+
+    return run
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,0 +1,95 @@
+"""What an ablation trains on and with: a Stage-1-labelled GCIDE corpus (``doe_corpus``) and one
+seeded Stage-2 run of a ``DoEForCausalLM`` variant (``train_run``), both cached on disk by their
+parameters (``$DOE_EXT_CACHE/ablations``, default ``~/.cache/doe_ext/ablations``), so a re-run only
+trains what changed. Sizes come from the ablation scale: ``tiny`` (CI, seconds) or ``small``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCALES = {
+    "tiny": dict(per_domain=40, vocab=400, topics=8, lda_iters=20, steps=12, seq=32, batch=4, width=32),
+    "small": dict(per_domain=400, vocab=2000, topics=16, lda_iters=100, steps=300, seq=64, batch=16, width=64),
+}
+VERSION = 1  # bump when a change of the training code changes results (invalidates the run cache)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DOE_EXT_CACHE", Path.home() / ".cache" / "doe_ext")) / "ablations"
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LabelledCorpus:
+    """GCIDE definitions, BPE-tokenised, with an LDA topic per token; 90% / 10% train / held-out
+    documents; each document's GCIDE domain kept for analysis (the models never see it)."""
+
+    ids: list[np.ndarray]
+    topics: list[np.ndarray]
+    domains: list[str]
+    vocab_size: int
+    num_topics: int
+    params: dict
+
+    def split(self):
+        cut = int(0.9 * len(self.ids))
+        return ((self.ids[:cut], self.topics[:cut], self.domains[:cut]),
+                (self.ids[cut:], self.topics[cut:], self.domains[cut:]))
+
+
+def labelled_corpus(scale: str = "tiny", cache: Path | None = None, progress: bool = False) -> LabelledCorpus:
+    s = SCALES[scale]
+    params = {k: s[k] for k in ("per_domain", "vocab", "topics", "lda_iters")} | {"version": VERSION}
+    path = (cache or cache_dir()) / f"corpus-{_key(params)}.npz"
+    if not path.is_file():
+        from doe_ext.demo import load_gcide_domains, stage1
+
+        docs = load_gcide_domains(per_domain=s["per_domain"])
+        with tempfile.TemporaryDirectory() as tmp:
+            tok, _, ids, topic_ids, _, _ = stage1(docs, Path(tmp), s["vocab"], s["topics"], s["lda_iters"])
+        lengths = np.array([len(x) for x in ids])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp_path, tokens=np.concatenate(ids), topics=np.asarray(topic_ids), lengths=lengths,
+                 domains=np.array([d for _, d in docs]), vocab_size=tok.get_vocab_size())
+        os.replace(tmp_path, path)
+    z = np.load(path)
+    bounds = np.cumsum(np.concatenate([[0], z["lengths"]]))
+    cut = lambda a: [a[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]  # noqa: E731
+    return LabelledCorpus(cut(z["tokens"]), cut(z["topics"]), z["domains"].tolist(), int(z["vocab_size"]),
+                          s["topics"], params)
+
+
+def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0, scale: str = "tiny",
+              steps: int | None = None, cache: Path | None = None, progress: bool = False, **sizes) -> dict:
+    """One seeded Stage-2 run of the demo's model with ``config`` overrides (``knowledge=False``,
+    ``router="moe_topk"``, ``alpha=0.01``, ...); cached by (corpus, config, seed, sizes). Returns the
+    held-out NTP loss and perplexity, the training curve, the last utilisation CV per layer, tokens/s,
+    train seconds, parameters and peak RSS (:func:`doe_ext.demo.train_model`)."""
+    from doe_ext.demo import model_config, train_model
+
+    s = {**SCALES[scale], **sizes}
+    steps = steps or s["steps"]
+    cfg = model_config(corpus.vocab_size, corpus.num_topics, s["seq"], s["width"], **(config or {}))
+    key = _key({"corpus": corpus.params, "config": cfg, "seed": seed, "steps": steps, "seq": s["seq"],
+                "batch": s["batch"], "version": VERSION})
+    path = (cache or cache_dir()) / f"run-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    train, heldout = corpus.split()
+    result, _, tracker = train_model(train, heldout, cfg, steps, s["seq"], s["batch"], seed=seed, progress=progress)
+    hist = tracker.history
+    result["utilisation_cv"] = hist[-1].tolist() if len(hist) else []
+    result.update(config=config or {}, seed=seed, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
