@@ -107,11 +107,11 @@ def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, 
     (AdamW, one-cycle lr, clipping); the batches are the same for every config and seed. Returns
     ``(result, model, tracker)``: ``result`` has the training NTP curve, held-out NTP loss and
     perplexity (20 fixed held-out batches), train seconds, tokens/s, parameters and peak RSS."""
-    import resource
-
+    from doe_ext._memory import peak_rss_mib, reset_peak_rss
     from doe_ext.analysis import UtilizationTracker
     from doe_ext.models import DoEConfig, DoEForCausalLM
 
+    measured = reset_peak_rss()
     torch.manual_seed(seed)
     model = DoEForCausalLM(DoEConfig(**config))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -137,7 +137,7 @@ def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, 
               "heldout_ppl": math.exp(float(np.mean(losses))), "train_s": round(train_s, 1),
               "tokens_per_s": steps * seq * batch / max(train_s, 1e-9),
               "params": sum(p.numel() for p in model.parameters()),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mib": peak_rss_mib() if measured else None}  # of the process during this run
     return result, model, tracker
 
 

@@ -129,6 +129,7 @@ def test_corpus_and_runs_are_cached_and_seeded(tmp_path, monkeypatch):
     dense = runs.train_run(corpus, {"knowledge": False}, seed=0, steps=3)
     assert len(doe["train_ntp_curve"]) == 3 and doe["heldout_ppl"] > 1 and doe["tokens_per_s"] > 0
     assert doe["params"] > dense["params"] and len(doe["utilisation_cv"]) == 3 and dense["utilisation_cv"] == []
+    assert doe["peak_rss_mib"] > 50  # this run's peak (Linux)
     assert runs.train_run(corpus, None, seed=0, steps=3) == doe  # cached
     other = runs.train_run(corpus, None, seed=1, steps=3)
     assert other["train_ntp_curve"] != doe["train_ntp_curve"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from doe_ext._memory import peak_rss_mib, reset_peak_rss
 from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
@@ -76,27 +77,6 @@ def read_shots(path: str | Path, bank: ExpertBank | None = None) -> list[tuple[s
             passage = bank.row(q["doc_id"]).text
         out.append((q["question"], q["answers"][0], passage))
     return out
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _first_sentence(tok, tokens: list[int], ends: set[int]) -> int:
@@ -307,11 +287,11 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
         for s in range(0, len(questions), h.batch_size):
             rows = order[s:s + h.batch_size]
             qs = [questions[i] for i in rows]
-            measured = _reset_peak_rss()
+            measured = reset_peak_rss()
             t0 = time.perf_counter()
             got = h.answer(m, qs)
             latency = (time.perf_counter() - t0) / len(qs)
-            peak = _peak_rss_mib() if measured else None
+            peak = peak_rss_mib() if measured else None
             for r, q, (g, text, triggers, ids) in zip(rows, qs, got):
                 pred = cut_answer(text)
                 is_yn = bool(q.get("yes_no")) or {a.lower() for a in q["answers"]} <= {"yes", "no"}
