@@ -131,6 +131,8 @@ def test_corpus_and_runs_are_cached_and_seeded(tmp_path, monkeypatch):
     assert doe["params"] > dense["params"] and len(doe["utilisation_cv"]) == 3 and dense["utilisation_cv"] == []
     assert doe["peak_rss_mib"] > 50  # this run's peak (Linux)
     assert runs.train_run(corpus, None, seed=0, steps=3) == doe  # cached
+    with pytest.raises(ValueError, match=r"train_run: unknown size\(s\) \['lr'\]; sizes are \['batch', "):
+        runs.train_run(corpus, None, seed=0, steps=3, lr=1e-3)
     other = runs.train_run(corpus, None, seed=1, steps=3)
     assert other["train_ntp_curve"] != doe["train_ntp_curve"]
     assert len(list(tmp_path.rglob("run-*.json"))) == 3

@@ -79,7 +79,7 @@ def pytest_sessionfinish(session, exitstatus):
     for rec in recorders.values():
         if rec.runs:
             rec.write(directory)
-        problems += rec.missing() if rec.runs or rec.claims else []
+        problems += rec.missing()
     if problems:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         for p in problems:

@@ -46,7 +46,7 @@ class LabelledCorpus:
                 (self.ids[cut:], self.topics[cut:], self.domains[cut:]))
 
 
-def labelled_corpus(scale: str = "tiny", cache: Path | None = None, progress: bool = False) -> LabelledCorpus:
+def labelled_corpus(scale: str = "tiny", cache: Path | None = None) -> LabelledCorpus:
     s = SCALES[scale]
     params = {k: s[k] for k in ("per_domain", "vocab", "topics", "lda_iters")} | {"version": VERSION}
     path = (cache or cache_dir()) / f"corpus-{_key(params)}.npz"
@@ -77,6 +77,9 @@ def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0,
     train seconds, parameters and peak RSS (:func:`doe_ext.demo.train_model`)."""
     from doe_ext.demo import model_config, train_model
 
+    unknown = sorted(set(sizes) - set(SCALES[scale]))
+    if unknown:
+        raise ValueError(f"train_run: unknown size(s) {unknown}; sizes are {sorted(SCALES[scale])}")
     s = {**SCALES[scale], **sizes}
     steps = steps or s["steps"]
     cfg = model_config(corpus.vocab_size, corpus.num_topics, s["seq"], s["width"], **(config or {}))
@@ -91,5 +94,7 @@ def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0,
     result["utilisation_cv"] = hist[-1].tolist() if len(hist) else []
     result.update(config=config or {}, seed=seed, steps=steps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)  # a half-written run is never taken for a whole one
     return result
