@@ -5,6 +5,8 @@
 - :class:`UtilizationTracker`: the coefficient of variation of block utilisation over training (Fig. 4).
 - :func:`block_gradient_norms`: per-block gradient norms during a fine-tune (Fig. 7, "gradient
   isolation": a block whose gate is exactly zero gets exactly zero gradient).
+- :func:`topic_alignment`, :func:`normalized_mutual_info`: how Stage 1's topics line up with labels
+  the LDA never saw (the GCIDE domain).
 - ``plot_*``: matplotlib figures written to PNG.
 """
 from __future__ import annotations
@@ -158,6 +160,29 @@ def topic_alignment(theta, labels: list[Hashable]) -> dict[Hashable, Tensor]:
         rows = torch.tensor([i for i, x in enumerate(labels) if x == lb])
         out[lb] = theta[rows].mean(0).float()
     return out
+
+
+def normalized_mutual_info(a: Iterable[Hashable], b: Iterable[Hashable]) -> float:
+    """``I(a; b) / ((H(a) + H(b)) / 2)`` of two labelings of the same items (e.g. each document's
+    dominant topic and its domain), in [0, 1]; the arithmetic normalisation of scikit-learn's
+    ``normalized_mutual_info_score``. 1.0 when both labelings are constant."""
+    import numpy as np
+
+    a, b = list(a), list(b)
+    if len(a) != len(b) or not a:
+        raise ValueError(f"normalized_mutual_info: `a` and `b` must label the same non-empty items, got "
+                         f"{len(a)} and {len(b)}")
+    _, ia = np.unique(np.asarray(a, dtype=object).astype(str), return_inverse=True)
+    _, ib = np.unique(np.asarray(b, dtype=object).astype(str), return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1.0)
+    joint /= len(a)
+    pa, pb = joint.sum(1), joint.sum(0)
+    h = lambda p: float(-(p[p > 0] * np.log(p[p > 0])).sum())  # noqa: E731
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    denom = (h(pa) + h(pb)) / 2
+    return 1.0 if denom == 0 else max(0.0, min(1.0, mi / denom))
 
 
 def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path | None = None, xlabel: str = "step",

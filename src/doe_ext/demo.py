@@ -26,7 +26,9 @@ import math
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,27 +67,142 @@ def load_gcide_domains(path: Path = GCIDE, per_domain: int = 800, min_words: int
     return [docs[i] for i in order]
 
 
-def stage1(docs: list[tuple[str, str]], out: Path, vocab_size: int, num_topics: int, iterations: int):
-    """BPE tokenizer, token corpus and LDA topic ids for every token; the fitted model is ``info["lda"]``."""
+class WordVocabulary:
+    """The vocabulary of word-level LDA: the lower-cased words of the BPE tokenizer's pre-tokenizer,
+    numbered in order of first appearance. ``id_to_token`` lets :meth:`doe_ext.lda.LDA.top_tokens`
+    print them."""
+
+    def __init__(self):
+        self.words: list[str] = [""]  # id 0: a word the fitted model never saw (never in the LDA vocabulary)
+        self.index: dict[str, int] = {"": 0}
+
+    def ids(self, words: list[str]) -> list[int]:
+        for w in words:
+            if w not in self.index:
+                self.index[w] = len(self.words)
+                self.words.append(w)
+        return [self.index[w] for w in words]
+
+    def id_to_token(self, i: int) -> str:
+        return self.words[i]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+@dataclass
+class Stage1:
+    """DoE's Stage 1 on a corpus: the BPE tokenizer, the LDA model and every token's topic.
+
+    ``unit="token"`` fits LDA on the BPE tokens themselves; ``unit="word"`` fits it on whole
+    lower-cased words (alphabetic, at least 3 letters, in at most ``max_doc_freq`` of the documents)
+    and gives each token the topic of the word it belongs to (a token outside the LDA vocabulary,
+    and the leading [BOS], get the document's dominant topic). ``corpus`` is what the LDA was fitted
+    on (token or word ids) and ``vocab`` decodes its ids; ``ids`` and ``topics`` are per document."""
+
+    tokenizer: Any
+    lda: Any
+    unit: str
+    corpus: Any
+    vocab: Any
+    ids: list[np.ndarray]
+    topics: list[np.ndarray]
+    theta: np.ndarray
+    fit_s: float
+
+    @property
+    def topic_ids(self) -> np.ndarray:
+        return np.concatenate(self.topics)
+
+    def top_words(self, n: int = 8) -> list[list[str]]:
+        return self.lda.top_tokens(n, tokenizer=self.vocab)
+
+    def quality(self, domains: list[str], n: int = 10) -> dict:
+        """Mean NPMI coherence of the top-``n`` words (on ``corpus``) and the NMI between each
+        document's dominant topic and its domain (a label the LDA never saw)."""
+        from doe_ext.analysis import normalized_mutual_info
+
+        return {"npmi": float(self.lda.coherence(self.corpus, n=n).mean()),
+                "nmi": normalized_mutual_info(self.theta.argmax(1).tolist(), domains)}
+
+    def label(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(token ids, topic ids)]`` of new texts, labelled by the fitted model ([BOS] first)."""
+        from doe_ext.lda import TokenCorpus
+
+        ids, units, word_of = _encode(self.tokenizer, texts, self.vocab if self.unit == "word" else None, grow=False)
+        size = len(self.vocab) if self.unit == "word" else self.tokenizer.get_vocab_size()
+        corpus = TokenCorpus.from_documents(units, vocab_size=size)
+        labels, theta = self.lda.label(corpus)
+        return list(zip(ids, _token_topics(labels, theta, corpus, word_of)))
+
+
+def _encode(tok, texts, words: WordVocabulary | None, grow: bool = True):
+    """Token ids per text ([BOS] first); the LDA's units (token ids, or word ids with ``words``);
+    and per text the index of each token's word (None for token-level LDA)."""
+    bos = tok.token_to_id("[BOS]")
+    ids, units, word_of = [], [], []
+    for text in texts:
+        enc = tok.encode(text)
+        ids.append(np.array([bos] + enc.ids, dtype=np.int64))
+        if words is None:
+            units.append(ids[-1])
+            word_of.append(None)
+            continue
+        pre = [w.lower() for w, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        if not grow:  # unseen words map to an id the LDA never kept (labelled by the document)
+            pre = [w if w in words.index else "" for w in pre]  # "" is id 0
+        units.append(np.array(words.ids(pre), dtype=np.int64))
+        word_of.append(np.array([-1] + [w if w is not None else -1 for w in enc.word_ids], dtype=np.int64))
+    return ids, units, word_of
+
+
+def _token_topics(labels: np.ndarray, theta: np.ndarray, corpus, word_of) -> list[np.ndarray]:
+    """Per document: each token's topic (its word's with word-level LDA; [BOS]: the dominant topic)."""
+    out = []
+    for d, w in enumerate(word_of):
+        lo, hi = int(corpus.offsets[d]), int(corpus.offsets[d + 1])
+        unit_topics = labels[lo:hi].astype(np.int64)
+        if w is None:
+            out.append(unit_topics)
+            continue
+        dominant = int(theta[d].argmax()) if (unit_topics >= 0).any() else -1
+        out.append(np.where(w >= 0, unit_topics[np.maximum(w, 0)] if len(unit_topics) else -1, dominant))
+    return out
+
+
+def stage1(docs: list[tuple[str, str]], out: Path, vocab_size: int, num_topics: int, iterations: int,
+           unit: str = "word", max_doc_freq: float = 0.1, alpha: float | None = 0.1, seed: int = 0,
+           progress: bool = True) -> Stage1:
+    """BPE tokenizer (``out/tokenizer.json``), LDA and a topic id for every token (:class:`Stage1`).
+    The defaults (word-level LDA, words in <= 10% of the documents, a sparse document prior
+    ``alpha=0.1`` for these short definitions; ``None`` is LDA's 50 / K) were chosen by measurement:
+    ``ablations/test_stage1.py`` and ``reports/ablations/stage1.md``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from doe_ext.lda import LDA, TokenCorpus
 
+    if unit not in ("token", "word"):
+        raise ValueError(f"stage1: `unit` must be 'token' or 'word', got {unit!r}")
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator((t for t, _ in docs), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[BOS]"], show_progress=False))
     tok.save(str(out / "tokenizer.json"))
-    bos = tok.token_to_id("[BOS]")
-    ids = [[bos] + tok.encode(t).ids for t, _ in docs]
-    corpus = TokenCorpus.from_documents(ids, vocab_size=tok.get_vocab_size()).write(out / "corpus", overwrite=True)
-    lda = LDA(num_topics=num_topics, seed=0)
+    words = WordVocabulary() if unit == "word" else None
+    ids, units, word_of = _encode(tok, [t for t, _ in docs], words)
+    if words is None:
+        size, exclude = tok.get_vocab_size(), [tok.token_to_id(s) for s in ("[PAD]", "[UNK]", "[BOS]")]
+    else:
+        size = len(words)
+        exclude = [i for i, w in enumerate(words.words) if not (w.isalpha() and len(w) >= 3)]
+    corpus = TokenCorpus.from_documents(units, vocab_size=size).write(out / "corpus", overwrite=True)
+    lda = LDA(num_topics=num_topics, alpha=alpha, seed=seed)
     t0 = time.perf_counter()
-    lda.fit(corpus, iterations=iterations, progress=True)
+    lda.fit(corpus, iterations=iterations, progress=progress, exclude=exclude, max_doc_freq=max_doc_freq)
     fit_s = time.perf_counter() - t0
-    topic_ids, theta = lda.label(corpus)
-    top = lda.top_tokens(8, tokenizer=tok)
-    return tok, corpus, ids, topic_ids, np.asarray(theta), {"lda_fit_s": round(fit_s, 2), "top_tokens": top, "lda": lda}
+    labels, theta = lda.label(corpus)
+    return Stage1(tok, lda, unit, corpus, words if words is not None else tok, ids,
+                  _token_topics(labels, np.asarray(theta), corpus, word_of), np.asarray(theta), round(fit_s, 2))
 
 
 def _batches(ids, topics, domains, seq: int, batch: int, steps: int, seed: int):
@@ -172,16 +289,15 @@ def main(argv=None) -> Path:
     t_start = time.perf_counter()
     q = args.quick
     cfg = dict(per_domain=60 if q else 800, vocab=600 if q else 2000, topics=8 if q else 16,
-               lda_iters=20 if q else 150, steps=6 if q else 400, seq=32 if q else 64, batch=4 if q else 16,
+               lda_iters=30 if q else 300, steps=6 if q else 400, seq=32 if q else 64, batch=4 if q else 16,
                width=32 if q else 128)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     from doe_ext.analysis import gate_activations_by_label, plot_curves, plot_gate_heatmap
 
     docs = load_gcide_domains(per_domain=cfg["per_domain"])
-    tok, corpus, ids, topic_ids, theta, s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"])
-    offsets = np.cumsum([0] + [len(x) for x in ids])
-    topics = [topic_ids[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
+    s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"])
+    ids, topics, tok = s1.ids, s1.topics, s1.tokenizer
     domains = [d for _, d in docs]
     cut = int(0.9 * len(ids))
     train = (ids[:cut], topics[:cut], domains[:cut])
@@ -203,12 +319,12 @@ def main(argv=None) -> Path:
         figs[f"gates_layer{layer}"] = out / f"gates_by_domain_layer{layer}.png"
         plot_gate_heatmap(acts, figs[f"gates_layer{layer}"], layer=layer)
 
-    metrics = {"config": cfg, "corpus": {"documents": len(docs), "tokens": int(corpus.num_tokens),
+    metrics = {"config": cfg, "corpus": {"documents": len(docs), "tokens": int(sum(len(x) for x in ids)),
                                          "domains": dict(Counter(domains))},
-               "stage1": {"lda_fit_s": s1["lda_fit_s"]},
+               "stage1": {"lda_fit_s": s1.fit_s, "unit": s1.unit, **s1.quality(domains)},
                "stage2": {k: {kk: vv for kk, vv in v.items() if kk != "train_ntp_curve"} for k, v in results.items()},
                "gate_activity_by_domain": {d: a["active"].mean(1).tolist() for d, a in acts.items()}}
-    report = _report(metrics, s1["top_tokens"], figs, acts)
+    report = _report(metrics, s1.top_words(8), figs, acts)
     metrics["doe_seconds"] = round(time.perf_counter() - t_start, 1)
     if not args.no_dmoe:
         from doe_ext.dmoe import report as dmoe_report
@@ -239,8 +355,11 @@ def _report(m: dict, top_tokens, figs: dict, acts: dict) -> str:
         f"Corpus: {m['corpus']['documents']} dictionary definitions, {m['corpus']['tokens']} tokens, "
         f"domains {m['corpus']['domains']} (from Debian's dict-gcide; the models never see the domain).", "",
         "## Stage 1: LDA", "",
-        f"K = {m['config']['topics']} topics fitted in {m['stage1']['lda_fit_s']} s "
-        f"({m['config']['lda_iters']} Gibbs sweeps, C++ engine). Top tokens per topic:", "",
+        f"K = {m['config']['topics']} topics, {m['stage1']['unit']}-level LDA (each token takes its word's topic), "
+        f"fitted in {m['stage1']['lda_fit_s']} s ({m['config']['lda_iters']} Gibbs sweeps, C++ engine). "
+        f"Mean NPMI coherence of the top-10 words {m['stage1']['npmi']:.3f}; NMI between a definition's "
+        f"dominant topic and its domain {m['stage1']['nmi']:.3f} (how Stage 1 was chosen: "
+        "`reports/ablations/stage1.md`). Top words per topic:", "",
     ]
     lines += [f"- topic {k}: {' '.join(map(str, t))}" for k, t in enumerate(top_tokens)]
     lines += ["", "## Stage 2: DoE vs dense Base (same width, same batches)", "",
