@@ -29,6 +29,9 @@ def batch(B=2, T=9):
 VARIANTS = {
     "doe": {},
     "dense-base": {"knowledge": False},
+    "dense-topic-input": {"knowledge": False, "topic_input": True},
+    "doe-no-topic-input": {"topic_input": False},
+    "supervise-last": {"supervise_last_router": True},
     "vae-softmax": {"router": "vae_softmax"},
     "no-router": {"router": "none"},
     "moe-topk": {"router": "moe_topk", "num_experts": 4, "num_experts_per_tok": 2},
@@ -82,6 +85,43 @@ def test_expert_labels_may_be_document_distributions():
     assert out.aux["expert"] > 0
     out.loss.backward()
     assert model.model.routers["first"].parameters().__next__().grad is not None
+
+
+@pytest.mark.parametrize("supervise_last", [False, True])
+def test_expert_loss_averages_the_supervised_routers(supervise_last):
+    """L_expert against one F.cross_entropy per router, on logits caught by hooks (the last router
+    is excluded unless ``supervise_last_router``)."""
+    model = DoEForCausalLM(tiny(supervise_last_router=supervise_last))
+    ids, topics = batch()
+    caught = []
+    hooks = [r.register_forward_hook(lambda m, i, o: caught.append(o[1])) for r in model.model.routers.values()]
+    out = model(ids, topic_ids=topics, labels=ids)
+    for h in hooks:
+        h.remove()
+    # the shared middle router runs once per middle layer: layers 0, 1 (middle), 2 (last) in order
+    assert len(caught) == 3
+    per_router = [F.cross_entropy(lg[:, :-1].reshape(-1, K), topics[:, 1:].reshape(-1), ignore_index=-1)
+                  for lg in (caught if supervise_last else caught[:-1])]
+    torch.testing.assert_close(out.aux["expert"], torch.stack(per_router).mean())
+
+
+def test_a_dense_model_may_read_the_topic_embedding():
+    """The control of Fig. 3: no knowledge path, no router, but the same topic input as DoE."""
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(knowledge=False, topic_input=True)).eval()
+    assert model.model.knowledge_state is None and not model.model.routers
+    plain = DoEForCausalLM(tiny(knowledge=False))
+    assert {n for n, _ in model.named_parameters()} - {n for n, _ in plain.named_parameters()} == {
+        "model.embed_tokens.topic_weight", "model.embed_tokens.token_weight", "model.embed_tokens.proj.weight"}
+    ids, topics = batch()
+    other = torch.where(topics >= 0, (topics + 1) % K, topics)
+    assert not torch.allclose(model(ids, topic_ids=topics).logits, model(ids, topic_ids=other).logits)
+    # unlabeled topics (-1) contribute nothing: equal to the embedding's token part alone
+    emb = model.model.embed_tokens
+    x = emb(ids, torch.full_like(ids, -1))
+    torch.testing.assert_close(x, F.embedding(ids, emb.token_weight) @ emb.proj.weight[:, :32].T)
+    gen = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 7)
 
 
 @pytest.mark.parametrize("signal", ["v", "k", "q"])

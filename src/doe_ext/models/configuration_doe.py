@@ -30,6 +30,11 @@ class DoEConfig(LlamaConfig):
         beta: weight of KL + reconstruction, the 3-component loss of App. H.3 (0 = off).
         router_decoder: the last layer's router reconstructs the next token's embedding (§3.3).
         knowledge: False gives the dense "Base" model of Fig. 3 (no knowledge path at all).
+        topic_input: feed the topic embedding (DualInputEmbedding) into the model; None (default)
+            means "when there is a knowledge path". ``knowledge=False, topic_input=True`` is the
+            control of Fig. 3 that separates the topic input from the knowledge path.
+        supervise_last_router: also supervise the last layer's router with L_expert (by default it
+            is excluded: CONTRACT §4); its next-topic predictions drive generation.
         num_experts, num_experts_per_tok, router_aux_loss_coef: the moe_topk baseline.
     """
 
@@ -47,6 +52,8 @@ class DoEConfig(LlamaConfig):
     beta: float = 0.0
     router_decoder: bool = False
     knowledge: bool = True
+    topic_input: bool | None = None
+    supervise_last_router: bool = False
     num_experts: int = 8
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.01
@@ -73,6 +80,10 @@ class DoEConfig(LlamaConfig):
     @property
     def has_knowledge_path(self) -> bool:
         return self.knowledge and self.router != "moe_topk"
+
+    @property
+    def has_topic_input(self) -> bool:
+        return self.has_knowledge_path if self.topic_input is None else self.topic_input
 
     @property
     def has_router(self) -> bool:

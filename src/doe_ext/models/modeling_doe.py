@@ -281,13 +281,13 @@ class DoEModel(DoEPreTrainedModel):
     def __init__(self, config: DoEConfig):
         super().__init__(config)
         d, K, L = config.hidden_size, config.num_topics, config.num_hidden_layers
-        if config.has_knowledge_path:
+        if config.has_topic_input:
             self.embed_tokens = DualInputEmbedding(config.vocab_size, d, K, config.topic_dim,
                                                    padding_idx=config.pad_token_id)
-            self.knowledge_state = nn.Parameter(torch.empty(K, d))  # Z, shared by every layer
         else:
             self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
-            self.knowledge_state = None
+        # Z, shared by every layer
+        self.knowledge_state = nn.Parameter(torch.empty(K, d)) if config.has_knowledge_path else None
         self.layers = nn.ModuleList(DoEDecoderLayer(config, i) for i in range(L))
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
@@ -365,15 +365,17 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None, expert_labels: Tensor | None,
-               alpha: float, beta: float = 0.0, balances: list[Tensor] = (), balance_coef: float = 0.0):
+               alpha: float, beta: float = 0.0, balances: list[Tensor] = (), balance_coef: float = 0.0,
+               supervise_last: bool = False):
     """The composite DoE loss (CONTRACT §4) from L_ntp and the routers' outputs, first to last layer:
-    ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·(KL + recon)) (+ balance_coef·MoE balance)``.
+    ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·(KL + recon)) (+ balance_coef·MoE balance)``; L_expert
+    averages every router but the last (all of them with ``supervise_last``).
     Returns ``(loss, parts)`` with the detached parts for ``aux``."""
     parts = {"ntp": ntp.detach()}
     loss = ntp
     if expert_labels is None:
         expert_labels = topic_ids
-    supervised = routed[:-1] if len(routed) > 1 else routed  # every router but the last (CONTRACT §4)
+    supervised = routed[:-1] if len(routed) > 1 and not supervise_last else routed  # CONTRACT §4
     if supervised and expert_labels is not None:
         if expert_labels.is_floating_point():  # per-document distributions [B, K]
             target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)
@@ -441,12 +443,13 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         cfg = self.config
         balances = [e for e in extras if isinstance(e, Tensor)]
         return doe_losses(ntp, routed, topic_ids, expert_labels, alpha=cfg.alpha, beta=cfg.beta,
-                          balances=balances, balance_coef=cfg.router_aux_loss_coef)
+                          balances=balances, balance_coef=cfg.router_aux_loss_coef,
+                          supervise_last=cfg.supervise_last_router)
 
     # ---- generation: prompt topics from the caller, generated tokens take the predicted topic ----
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
         ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if self.config.has_knowledge_path and topic_ids is None and ids is not None:
+        if self.config.has_topic_input and topic_ids is None and ids is not None:
             topic_ids = torch.full_like(ids, -1)
         if topic_ids is not None:
             kwargs["topic_ids"] = topic_ids
