@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from doe_ext.models.modeling_doe import KnowledgeFFN, RouterOutput
+from doe_ext.models.modeling_doe import KnowledgeFFN, RouterOutput, TopKMoE
 
 
 def _knowledge_ffns(model: nn.Module) -> list[KnowledgeFFN]:
@@ -93,8 +93,16 @@ def block_gradient_norms(model: nn.Module) -> dict[str, Tensor]:
 
     ``"knowledge_state"``: ``[K]`` the norm of each row of Z's gradient. With ``blocks="ffn"``,
     ``"block_ffn"``: ``[L, K]`` the norm of each layer's block-FFN gradients per block (exactly 0 for a
-    block whose gate was zero for every token). Missing gradients count as 0.
+    block whose gate was zero for every token). For the top-k MoE baseline, ``"moe_experts"``:
+    ``[L, E]`` the norm of each expert's gradients. Missing gradients count as 0.
     """
+    def norm(params) -> Tensor:
+        return torch.stack([p.grad.detach().square().sum() if p.grad is not None else torch.zeros(())
+                            for p in params]).sum().sqrt().cpu()
+
+    moes = [m for m in model.modules() if isinstance(m, TopKMoE)]
+    if moes:
+        return {"moe_experts": torch.stack([torch.stack([norm(e.parameters()) for e in m.experts]) for m in moes])}
     out = {}
     z = next((p for n, p in model.named_parameters() if n.endswith("knowledge_state")), None)
     if z is not None:

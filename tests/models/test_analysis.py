@@ -71,6 +71,20 @@ def test_block_gradient_norms_isolate_closed_blocks():
     assert norms["knowledge_state"].shape == (K,) and (norms["knowledge_state"] > 0).any()
 
 
+def test_moe_expert_gradient_norms_match_each_experts_parameters():
+    model = DoEForCausalLM(tiny(router="moe_topk", num_experts=4, num_experts_per_tok=1))
+    batch = next(_batches())
+    batch.pop("label")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    norms = block_gradient_norms(model)["moe_experts"]
+    assert norms.shape == (3, 4)
+    for layer, row in zip(model.model.layers, norms):  # one expert at a time, from its own parameters
+        for e, expert in enumerate(layer.ffn.experts):
+            grads = [p.grad.flatten() for p in expert.parameters() if p.grad is not None]
+            want = torch.cat(grads).norm() if grads else torch.tensor(0.0)
+            torch.testing.assert_close(row[e], want)
+
+
 def test_plots_are_written_as_png(tmp_path):
     model = DoEForCausalLM(tiny()).eval()
     acts = gate_activations_by_label(model, _batches())

@@ -69,30 +69,103 @@ def labelled_corpus(scale: str = "tiny", cache: Path | None = None) -> LabelledC
                           s["topics"], params)
 
 
+TOPICS = ("lda", "random", "none")
+
+
+def with_topics(split, kind: str, seed: int):
+    """A split's topic ids as Stage 1 gave them (``"lda"``), shuffled over all of the split's tokens
+    (``"random"``: the same marginal, no relation to the text; seeded) or all -1 (``"none"``)."""
+    ids, topics, domains = split
+    if kind == "lda":
+        return split
+    flat = np.concatenate(topics)
+    flat = np.random.default_rng(10_000 + seed).permutation(flat) if kind == "random" else np.full_like(flat, -1)
+    bounds = np.cumsum([0] + [len(t) for t in topics])
+    return ids, [flat[bounds[i]:bounds[i + 1]] for i in range(len(topics))], domains
+
+
+def by_domain(split, domain: str):
+    keep = [i for i, d in enumerate(split[2]) if d == domain]
+    return tuple([part[i] for i in keep] for part in split)
+
+
+def _zero_grad_share(model) -> float | None:
+    """Share of knowledge blocks (block FFNs with ``blocks="ffn"``, rows of Z otherwise) or MoE
+    experts whose gradient is exactly zero after this backward (Fig. 7); None for a dense model."""
+    from doe_ext.analysis import block_gradient_norms
+
+    try:
+        norms = block_gradient_norms(model)
+    except ValueError:  # no blocks, no experts
+        return None
+    key = next(k for k in ("moe_experts", "block_ffn", "knowledge_state") if k in norms)
+    return float((norms[key] == 0).float().mean())
+
+
+def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int, lr: float = 1e-3) -> dict:
+    """DoE Table 14 and Fig. 7 at our scale: continue training ``model`` on one domain only (constant
+    ``lr``), held-out NTP loss per domain before and after, and the share of blocks with exactly zero
+    gradient at each continued step."""
+    from doe_ext.demo import _batches, evaluate, eval_windows, optimise
+
+    domains = sorted(set(heldout[2]))
+    if target not in domains:
+        raise ValueError(f"seesaw: `target` must be one of the domains {domains}, got {target!r}")
+    windows = {d: eval_windows(by_domain(heldout, d), seq) for d in domains}
+    before = {d: evaluate(model, w, batch)["ntp"] for d, w in windows.items()}
+    shares = []
+
+    def after_backward(step, out):
+        share = _zero_grad_share(model)
+        if share is not None:
+            shares.append(share)
+
+    optimise(model, _batches(*by_domain(train, target), seq, batch, steps, seed=3), steps, lr, one_cycle=False,
+             after_backward=after_backward)
+    after = {d: evaluate(model, w, batch)["ntp"] for d, w in windows.items()}
+    others = [d for d in domains if d != target]
+    out = {"target": target, "steps": steps, "before": before, "after": after,
+           "target_change": after[target] - before[target],
+           "others_change": float(np.mean([after[d] - before[d] for d in others]))}
+    if shares:
+        out["zero_grad_share"] = float(np.mean(shares))
+    return out
+
+
 def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0, scale: str = "tiny",
-              steps: int | None = None, cache: Path | None = None, progress: bool = False, **sizes) -> dict:
+              steps: int | None = None, cache: Path | None = None, progress: bool = False, topics: str = "lda",
+              continue_on: str | None = None, continue_steps: int | None = None, **sizes) -> dict:
     """One seeded Stage-2 run of the demo's model with ``config`` overrides (``knowledge=False``,
-    ``router="moe_topk"``, ``alpha=0.01``, ...); cached by (corpus, config, seed, sizes). Returns the
-    held-out NTP loss and perplexity, the training curve, the last utilisation CV per layer, tokens/s,
-    train seconds, parameters and peak RSS (:func:`doe_ext.demo.train_model`)."""
+    ``router="moe_topk"``, ``alpha=0.01``, ...) on the corpus with its ``topics`` (:func:`with_topics`);
+    with ``continue_on`` a domain, then :func:`seesaw` for ``continue_steps`` (default steps // 3).
+    Cached by (corpus, config, seed, sizes, topics, continuation). Returns the held-out NTP loss and
+    perplexity, the held-out curve (10 points), the training curve, next-topic accuracy (with
+    routers), the last utilisation CV per layer, tokens/s, train seconds, parameters and peak RSS
+    (:func:`doe_ext.demo.train_model`), and ``seesaw`` with a continuation."""
     from doe_ext.demo import model_config, train_model
 
     unknown = sorted(set(sizes) - set(SCALES[scale]))
     if unknown:
         raise ValueError(f"train_run: unknown size(s) {unknown}; sizes are {sorted(SCALES[scale])}")
+    if topics not in TOPICS:
+        raise ValueError(f"train_run: `topics` must be one of {TOPICS}, got {topics!r}")
     s = {**SCALES[scale], **sizes}
     steps = steps or s["steps"]
+    continue_steps = (continue_steps or max(1, steps // 3)) if continue_on else None
     cfg = model_config(corpus.vocab_size, corpus.num_topics, s["seq"], s["width"], **(config or {}))
     key = _key({"corpus": corpus.params, "config": cfg, "seed": seed, "steps": steps, "seq": s["seq"],
-                "batch": s["batch"], "version": VERSION})
+                "batch": s["batch"], "topics": topics, "continue": [continue_on, continue_steps], "version": VERSION})
     path = (cache or cache_dir()) / f"run-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    train, heldout = corpus.split()
-    result, _, tracker = train_model(train, heldout, cfg, steps, s["seq"], s["batch"], seed=seed, progress=progress)
+    train, heldout = (with_topics(part, topics, seed) for part in corpus.split())
+    result, model, tracker = train_model(train, heldout, cfg, steps, s["seq"], s["batch"], seed=seed,
+                                         progress=progress, eval_every=max(1, steps // 10))
     hist = tracker.history
     result["utilisation_cv"] = hist[-1].tolist() if len(hist) else []
-    result.update(config=config or {}, seed=seed, steps=steps)
+    result.update(config=config or {}, seed=seed, steps=steps, topics=topics)
+    if continue_on:
+        result["seesaw"] = seesaw(model, train, heldout, continue_on, continue_steps, s["seq"], s["batch"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(result))
