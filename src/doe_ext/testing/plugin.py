@@ -3,15 +3,16 @@
 Options: ``--ablation-scale tiny|small`` (CI: seconds; ``make ablate``), ``--ablation-seeds N``
 (default 3), ``--ablation-dir DIR`` (default ``reports/ablations``). Fixtures: ``ablation`` (a
 factory: ``ablation("table3", control="moe", title=...)`` gives the session's recorder of that name),
-``ablation_scale``, ``ablation_seeds``, ``doe_corpus`` (the Stage-1-labelled GCIDE corpus of the scale) and
+``ablation_scale``, ``ablation_seeds``, ``ablation_dir`` (the output directory), ``doe_corpus`` (the Stage-1-labelled GCIDE corpus of the scale) and
 ``train_run`` (``train_run(config, seed)``: one cached Stage-2 run on it, :mod:`doe_ext.testing.runs`). At the end of the session every recorder with runs writes
-``DIR/<name>.{json,md,png}``; a claim or control arm without numbers fails the session.
+``DIR/<name>.{json,md,png}`` and ``DIR/README.md`` gathers every table of ``DIR``; a claim or
+control arm without numbers fails the session.
 """
 from __future__ import annotations
 
 import pytest
 
-from doe_ext.testing.recorder import Ablation
+from doe_ext.testing.recorder import Ablation, write_index
 
 _KEY = pytest.StashKey[dict]()
 
@@ -21,7 +22,9 @@ def pytest_addoption(parser):
     g.addoption("--ablation-scale", choices=("tiny", "small"), default="tiny",
                 help="size of the ablation runs: tiny (CI, seconds) or small (make ablate)")
     g.addoption("--ablation-seeds", type=int, default=3, help="seeds per ablation arm (default 3)")
-    g.addoption("--ablation-dir", default="reports/ablations", help="where the ablation tables are written")
+    g.addoption("--ablation-dir", default=None,
+                help="where the ablation tables are written (default reports/ablations at small scale, "
+                     "reports/ablations/tiny at tiny scale)")
 
 
 def pytest_configure(config):
@@ -55,6 +58,11 @@ def ablation(pytestconfig):
     return get
 
 
+@pytest.fixture(scope="session", name="ablation_dir")
+def ablation_dir_fixture(pytestconfig) -> str:
+    return ablation_dir(pytestconfig)
+
+
 @pytest.fixture(scope="session")
 def doe_corpus(ablation_scale):
     from doe_ext.testing.runs import labelled_corpus
@@ -72,14 +80,21 @@ def train_run(doe_corpus, ablation_scale):
     return run
 
 
+def ablation_dir(config) -> str:
+    scale = config.getoption("--ablation-scale")
+    return config.getoption("--ablation-dir") or ("reports/ablations" if scale == "small" else f"reports/ablations/{scale}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     recorders = session.config.stash.get(_KEY, {})
-    directory = session.config.getoption("--ablation-dir")
+    directory = ablation_dir(session.config)
     problems = []
     for rec in recorders.values():
         if rec.runs:
-            rec.write(directory)
+            rec.write(directory, scale=session.config.getoption("--ablation-scale"))
         problems += rec.missing()
+    if any(rec.runs for rec in recorders.values()):
+        write_index(directory)
     if problems:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         for p in problems:

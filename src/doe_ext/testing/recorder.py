@@ -41,12 +41,13 @@ class Ablation:
         name: the table's file name (``reports/ablations/<name>.*``).
         control: the arm the paired differences are taken against.
         title: a heading (e.g. "DoE Table 3: router").
+        notes: markdown shown under the table (what the arms are, how a metric is defined).
     """
 
-    def __init__(self, name: str, control: str | None = None, title: str = ""):
+    def __init__(self, name: str, control: str | None = None, title: str = "", notes: str = ""):
         if not re.fullmatch(r"[\w.\-]+", name):
             raise ValueError(f"ablation: `name` must be a file-name stem (letters, digits, _ . -), got {name!r}")
-        self.name, self.control, self.title = name, control, title or name
+        self.name, self.control, self.title, self.notes = name, control, title or name, notes
         self.runs: dict[str, dict[int, dict[str, float]]] = {}
         self.claims: list[Claim] = []
 
@@ -95,14 +96,14 @@ class Ablation:
             diff = paired_difference(left, right) if set(left) & set(right) else None
             claims.append({"claim": str(c), "paper": c.paper, "difference": None if diff is None else _iv(diff),
                            "verdict": "no data" if diff is None else verdict(diff, c.op)})
-        return {"name": self.name, "title": self.title, "control": self.control,
+        return {"name": self.name, "title": self.title, "notes": self.notes, "control": self.control,
                 "seeds": {arm: sorted(s) for arm, s in self.runs.items()}, "arms": arms,
                 "paired_vs_control": paired, "claims": claims, "runs": self.runs}
 
-    def write(self, directory: str | Path) -> list[Path]:
+    def write(self, directory: str | Path, scale: str | None = None) -> list[Path]:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        r = self.result()
+        r = self.result() | {"scale": scale}
         js, md = directory / f"{self.name}.json", directory / f"{self.name}.md"
         js.write_text(json.dumps(r, indent=1))
         md.write_text(markdown(r))
@@ -129,7 +130,8 @@ def _fmt(d: dict | None) -> str:
 
 def markdown(r: dict) -> str:
     metrics = sorted({m for a in r["arms"].values() for m in a})
-    lines = [f"# {r['title']}", "", f"Mean and 95% t-interval over seeds; control arm: `{r['control']}`.", "",
+    scale = f" Scale `{r['scale']}`." if r.get("scale") else ""
+    lines = [f"# {r['title']}", "", f"Mean and 95% t-interval over seeds; control arm: `{r['control']}`.{scale}", "",
              "| arm | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for arm, ms in r["arms"].items():
         lines.append(f"| {arm} | {len(r['seeds'][arm])} | " + " | ".join(_fmt(ms.get(m)) for m in metrics) + " |")
@@ -142,7 +144,50 @@ def markdown(r: dict) -> str:
         lines += ["", "| claim | paper | difference (left − right) | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['paper'] or '–'} | {_fmt(c['difference'])} | **{c['verdict']}** |"
                   for c in r["claims"]]
+    if r.get("notes"):
+        lines += ["", r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _arm_of(r: dict, arm: str, metric: str) -> str:
+    return _fmt(r["arms"].get(arm, {}).get(metric))
+
+
+def write_index(directory: str | Path) -> Path:
+    """``directory/README.md``: every table written there (``*.json``), each claim with the paper's
+    number, both arms (mean and 95% interval), the paired difference and the verdict, and the summed
+    training seconds of the runs behind the table (``train_s`` records; cached runs count as run)."""
+    directory = Path(directory)
+    tables = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and {"name", "arms", "claims"} <= set(r):
+            tables.append(r)
+    lines = ["# Ablations", "", "Written by the `doe_ext` pytest plugin (`make ablate`; `ablations/`). Per claim: the paper's "
+             "number, ours per arm (mean and 95% t-interval over seeds), the paired difference over seeds and the "
+             "verdict (inconclusive when the interval of the difference covers zero).", "",
+             "| table | scale | seeds | claim | paper | left arm | right arm | difference | verdict | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in tables:
+        seeds = max((len(s) for s in r["seeds"].values()), default=0)
+        train_s = sum(m.get("train_s", 0.0) for arm in r["runs"].values() for m in arm.values())
+        for c in r["claims"] or [{"claim": "(no claim)", "paper": "", "difference": None, "verdict": "–"}]:
+            left, right, metric = _claim_parts(c["claim"])
+            lines.append(f"| [{r['title']}]({r['name']}.md) | {r.get('scale') or '–'} | {seeds} | {c['claim']} | "
+                         f"{c['paper'] or '–'} | {_arm_of(r, left, metric)} | {_arm_of(r, right, metric)} | "
+                         f"{_fmt(c['difference'])} | **{c['verdict']}** | {train_s:.0f} |")
+    out = directory / "README.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _claim_parts(text: str) -> tuple[str, str, str]:
+    claim, _, metric = text.rpartition(" on ")
+    m = _CLAIM.match(claim)
+    return (m.group(1), m.group(3), metric) if m else ("", "", metric)
 
 
 def plot(r: dict, path: Path) -> Path:
