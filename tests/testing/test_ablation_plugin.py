@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from doe_ext.testing import Ablation, Claim, Interval, mean_ci, paired_difference, verdict
+from doe_ext.testing.recorder import write_index
 
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
 
@@ -58,13 +59,13 @@ def test_claim_and_record_errors():
 
 
 def test_recorder_writes_table_claims_and_plot(tmp_path):
-    a = Ablation("table3", control="moe", title="DoE Table 3")
+    a = Ablation("table3", control="moe", title="DoE Table 3", notes="`moe`: top-2 of 8 experts.")
     for seed, (moe, relu) in enumerate([(10.0, 9.0), (11.0, 9.5), (12.0, 10.0)]):
         a.record("moe", seed, ppl=moe)
         a.record("vae_relu", seed, ppl=relu)
     a.expect("vae_relu < moe", metric="ppl", paper="14.1 vs 14.3")
     a.expect("vae_relu > moe", metric="ppl")
-    paths = a.write(tmp_path)
+    paths = a.write(tmp_path, scale="small")
     assert [p.name for p in paths] == ["table3.json", "table3.md", "table3.png"]
     r = json.loads((tmp_path / "table3.json").read_text())
     assert r["arms"]["moe"]["ppl"]["mean"] == pytest.approx(11.0)
@@ -73,6 +74,21 @@ def test_recorder_writes_table_claims_and_plot(tmp_path):
     assert [c["verdict"] for c in r["claims"]] == ["supported", "contradicted"]
     md = (tmp_path / "table3.md").read_text()
     assert "| vae_relu < moe on ppl | 14.1 vs 14.3 |" in md and "**supported**" in md
+    assert "Scale `small`." in md and md.rstrip().endswith("`moe`: top-2 of 8 experts.")
+    a.record("moe", 0, train_s=2.0)
+    a.record("vae_relu", 0, train_s=3.0)
+    a.write(tmp_path, scale="small")
+    (tmp_path / "unrelated.json").write_text("[1, 2]")  # not a table: left out
+    index = write_index(tmp_path).read_text().splitlines()
+    rows = [ln for ln in index if ln.startswith("| [DoE Table 3]")]
+    half = T_975_2 * 0.5 / math.sqrt(3)
+    assert rows == [
+        f"| [DoE Table 3](table3.md) | small | 3 | vae_relu < moe on ppl | 14.1 vs 14.3 | 9.5 [{9.5 - T_975_2 * 0.5 / math.sqrt(3):.4g}, "
+        f"{9.5 + T_975_2 * 0.5 / math.sqrt(3):.4g}] | 11 [{11 - T_975_2 / math.sqrt(3):.4g}, {11 + T_975_2 / math.sqrt(3):.4g}] | "
+        f"-1.5 [{-1.5 - half:.4g}, {-1.5 + half:.4g}] | **supported** | 5 |",
+        f"| [DoE Table 3](table3.md) | small | 3 | vae_relu > moe on ppl | – | 9.5 [{9.5 - half:.4g}, {9.5 + half:.4g}] | "
+        f"11 [{11 - T_975_2 / math.sqrt(3):.4g}, {11 + T_975_2 / math.sqrt(3):.4g}] | -1.5 [{-1.5 - half:.4g}, {-1.5 + half:.4g}] | "
+        "**contradicted** | 5 |"]
     assert (tmp_path / "table3.png").read_bytes()[:4] == b"\x89PNG"
     assert a.missing() == []
     a.expect("dense < moe", metric="ppl")
@@ -105,6 +121,13 @@ def test_the_plugin_in_a_pytest_run(tmp_path):
     assert r["seeds"] == {"moe": [0, 1, 2, 3], "vae_relu": [0, 1, 2, 3]}
     assert r["claims"][0]["verdict"] == "supported" and r["arms"]["moe"]["scale_is_tiny"]["mean"] == 1.0
     assert r["claims"][0]["difference"]["mean"] == pytest.approx(-1.0) and len(r["claims"]) == 1  # stated by both tests, kept once
+    assert "| [toy](demo_table.md) | tiny | 4 | vae_relu < moe on ppl | lower |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_default_directory_follows_the_scale(tmp_path):
+    done = run_suite(tmp_path, "", "--ablation-dir", "")  # empty: the default
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "reports" / "ablations" / "tiny" / "demo_table.json").is_file()
 
 
 def test_a_claim_without_numbers_fails_the_session(tmp_path):

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -37,6 +37,7 @@ from transformers.models.llama.modeling_llama import (
 
 from doe_ext import _auto
 from doe_ext.losses import composite_loss
+from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
 from doe_ext.models.configuration_doe import DoEConfig
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention, VAEReLURouter
 from doe_ext.ops import expert_loss
@@ -51,21 +52,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def causal_prefix_mean(signal: Tensor, mask: Tensor | None, cache: Cache | None, layer_idx: int) -> Tensor:
-    """Mean of ``signal [B, T, D]`` over positions <= t (padding excluded). With a KV cache the running
-    sums of earlier steps live on the cache object, so a cached step equals the uncached forward."""
-    m = torch.ones(signal.shape[:2], dtype=signal.dtype, device=signal.device) if mask is None else mask.to(signal.dtype)
-    csum = (signal * m[..., None]).cumsum(1)  # (B, T, D)
-    count = m.cumsum(1)  # (B, T)
-    if cache is not None:
-        sums = cache.__dict__.setdefault("_doe_signal_sums", {})
-        if layer_idx in sums:
-            prev_sum, prev_count = sums[layer_idx]
-            csum, count = csum + prev_sum[:, None], count + prev_count[:, None]
-        sums[layer_idx] = (csum[:, -1].detach(), count[:, -1].detach())
-    return csum / count.clamp(min=1)[..., None]
 
 
 class DoEAttention(nn.Module):
@@ -98,9 +84,9 @@ class DoEAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
-                        dropout=self.attention_dropout if self.training else 0.0, **kwargs)
-        return self.o_proj(out.reshape(B, T, -1).contiguous()), signal
+        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
+                              dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        return self.o_proj(out.reshape(B, T, -1).contiguous()), signal, weights
 
 
 @dataclass
@@ -211,19 +197,34 @@ class DoEDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, attention_mask=None, position_embeddings=None, cache: Cache | None = None,
                 pad_mask: Tensor | None = None, z: Tensor | None = None, router: nn.Module | None = None,
-                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> tuple[Tensor, Any]:
-        a, signal = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache, **kwargs)
+                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> tuple:
+        """A flat tuple ``(x, attention weights or None, *extra)``: ``extra`` is the router's
+        ``(gates, logits, kl, recon)``, the MoE baseline's ``(balance,)`` or empty. Everything that
+        carries gradient leaves the layer as a tensor of that tuple, so reentrant gradient
+        checkpointing keeps the expert-label and KL gradients (:func:`layer_extra` reads it back)."""
+        a, signal, weights = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache,
+                                            **kwargs)
         x = x + a
         h = self.post_attention_layernorm(x)  # H_mha
+        extra: tuple = ()
         if isinstance(self.ffn, KnowledgeFFN):
             if signal is not None and self.ffn.signal_proj is not None:
                 signal = causal_prefix_mean(signal, pad_mask, cache, self.layer_idx)
-            out, extra = self.ffn(h, z, signal, router, prior, recon_target)
+            out, routed = self.ffn(h, z, signal, router, prior, recon_target)
+            if routed is not None:
+                extra = (routed.gates, routed.logits, routed.kl, routed.recon)
         elif isinstance(self.ffn, TopKMoE):
-            out, extra = self.ffn(h)
+            out, balance = self.ffn(h)
+            extra = (balance,)
         else:
-            out, extra = self.ffn(h), None
-        return x + out, extra
+            out = self.ffn(h)
+        return (x + out, weights, *extra)
+
+
+def layer_extra(outputs: tuple) -> RouterOutput | Tensor | None:
+    """What a :class:`DoEDecoderLayer` routed: its ``RouterOutput``, the MoE balance loss, or None."""
+    extra = outputs[2:]
+    return RouterOutput(*extra) if len(extra) == 4 else extra[0] if extra else None
 
 
 class DoEPreTrainedModel(PreTrainedModel):
@@ -307,17 +308,35 @@ class DoEModel(DoEPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = None,
-                reconstruct: bool = False, **kwargs):
-        """``reconstruct``: the last router's decoder (if any) reconstructs each position's next input
-        embedding (the last position's target is zeros; the loss drops it)."""
-        if isinstance(self.embed_tokens, DualInputEmbedding):
-            x = self.embed_tokens(input_ids, topic_ids)
-        else:
-            x = self.embed_tokens(input_ids)
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def embed(self, input_ids: Tensor | None, topic_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        """The input embedding; ``inputs_embeds`` stands for the token part (``token_weight[input_ids]``),
+        the topic part is still added from ``topic_ids`` (exactly what ``input_ids`` would give)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DoEModel: pass exactly one of `input_ids` and `inputs_embeds`")
+        dual = isinstance(self.embed_tokens, DualInputEmbedding)
+        if inputs_embeds is None:
+            return self.embed_tokens(input_ids, topic_ids) if dual else self.embed_tokens(input_ids)
+        return self.embed_tokens.combine(inputs_embeds, topic_ids) if dual else inputs_embeds
+
+    def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None, cache: Cache | None = None,
+                inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, reconstruct: bool = False, **kwargs):
+        """As ``LlamaModel.forward``, plus ``topic_ids [B, T]`` (-1: none) and ``reconstruct``: the last
+        router's decoder (if any) reconstructs each position's next input embedding (the last
+        position's target is zeros; the loss drops it). Returns a :class:`DoEModelOutput` (a tuple
+        with ``return_dict=False``). ``output_attentions`` needs ``attn_implementation="eager"``."""
+        cfg = self.config
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        x = self.embed(input_ids, topic_ids, inputs_embeds)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DoECache(config=self.config)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(x.shape[1], device=x.device) + past)[None]
@@ -332,14 +351,33 @@ class DoEModel(DoEPreTrainedModel):
         recon_target = None
         if reconstruct and last is not None and last.decoder is not None:
             recon_target = F.pad(x[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
-        extras = []
+        extras, hidden, attentions = [], [], []
         for i, layer in enumerate(self.layers):
             is_last = i == len(self.layers) - 1
-            x, extra = layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, pad_mask=pad_mask,
-                             z=self.knowledge_state, router=self.router_for(i), prior=prior if i == 0 else None,
-                             recon_target=recon_target if is_last else None, **kwargs)
-            extras.append(extra)
-        return self.norm(x), cache, extras
+            if output_hidden_states:
+                hidden.append(x)
+            outputs = layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, pad_mask=pad_mask,
+                            z=self.knowledge_state, router=self.router_for(i), prior=prior if i == 0 else None,
+                            recon_target=recon_target if is_last else None, **kwargs)
+            x = outputs[0]
+            attentions.append(outputs[1])
+            extras.append(layer_extra(outputs))
+        x = self.norm(x)
+        out = DoEModelOutput(last_hidden_state=x, cache=cache,
+                             hidden_states=tuple(hidden) + (x,) if output_hidden_states else None,
+                             attentions=tuple(attentions) if output_attentions else None,
+                             router_outputs=tuple(e if isinstance(e, RouterOutput) else None for e in extras),
+                             moe_balances=tuple(e for e in extras if isinstance(e, Tensor)))
+        return out if return_dict else out.to_tuple()
+
+
+@dataclass
+class DoEModelOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus, per layer, what its router gave (``RouterOutput``, None for
+    a layer without one) and the MoE baseline's load-balancing losses."""
+
+    router_outputs: tuple[RouterOutput | None, ...] | None = None
+    moe_balances: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -418,48 +456,80 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         share = float(torch.stack([1 - s["sparsity"] for s in layers]).mean()) if layers else 1.0
         return total, int(total - block + share * block)
 
-    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, labels: Tensor | None = None,
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None, labels: Tensor | None = None,
                 expert_labels: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = None,
+                position_ids: Tensor | None = None, cache: Cache | None = None, inputs_embeds: Tensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int = 0, **kwargs) -> DoECausalLMOutput:
         """``input_ids, topic_ids [B, T]`` (topic -1 = none); ``labels [B, T]`` as HF (shifted inside);
         ``expert_labels``: per-token topic ids ``[B, T]`` (-1 = none; shifted like labels: the routers at
         position t are supervised with the topic of token t+1) or per-document distributions ``[B, K]``.
         Without expert_labels, topic_ids serve as the per-token labels."""
-        hidden, cache, extras = self.model(input_ids, topic_ids, attention_mask, position_ids, cache, use_cache,
-                                           reconstruct=labels is not None, **kwargs)
+        base = self.model(input_ids=input_ids, topic_ids=topic_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                          output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                          return_dict=True, reconstruct=labels is not None, **kwargs)
+        hidden = base.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        routed = [e for e in extras if isinstance(e, RouterOutput)]
+        routed = [r for r in base.router_outputs if r is not None]
         aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
         next_topics = routed[-1].logits.argmax(-1) if routed else None
+        if base.cache is not None and next_topics is not None:
+            doe_state(base.cache).append_topics(next_topics)  # the topics of generated tokens, beam-aligned
         loss = None
         if labels is not None:
             ntp = next_token_loss(logits, labels)
-            loss, parts = self._auxiliary_losses(ntp, routed, extras, topic_ids, expert_labels)
+            loss, parts = self._auxiliary_losses(ntp, routed, list(base.moe_balances), topic_ids, expert_labels)
             aux.update(parts)
-        return DoECausalLMOutput(loss=loss, logits=logits, cache=cache, aux=aux, next_topic_ids=next_topics)
+        out = DoECausalLMOutput(loss=loss, logits=logits, cache=base.cache, hidden_states=base.hidden_states,
+                                attentions=base.attentions, aux=aux, next_topic_ids=next_topics)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
-    def _auxiliary_losses(self, ntp, routed, extras, topic_ids, expert_labels):
+    def _auxiliary_losses(self, ntp, routed, balances, topic_ids, expert_labels):
         cfg = self.config
-        balances = [e for e in extras if isinstance(e, Tensor)]
         return doe_losses(ntp, routed, topic_ids, expert_labels, alpha=cfg.alpha, beta=cfg.beta,
                           balances=balances, balance_coef=cfg.router_aux_loss_coef,
                           supervise_last=cfg.supervise_last_router)
 
     # ---- generation: prompt topics from the caller, generated tokens take the predicted topic ----
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
+        """``GenerationMixin.generate`` with DoE's topics: ``topic_ids [B, T]`` for the prompt (default
+        -1, unlabeled); each generated token takes the topic the last router predicted before it.
+        With the KV cache (the default) that history lives in a :class:`DoECache`, so beam search,
+        which reorders the cache, keeps it aligned; beam search without the cache is refused."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if self.config.has_topic_input and topic_ids is None and ids is not None:
             topic_ids = torch.full_like(ids, -1)
         if topic_ids is not None:
             kwargs["topic_ids"] = topic_ids
+        config = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if beams > 1 and use_cache is False and self.config.has_router:
+            raise NotImplementedError("DoEForCausalLM.generate: beam search needs the KV cache (use_cache=True): "
+                                      "the generated tokens' topic history lives in the DoECache, which beam "
+                                      "search reorders")
+        if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = DoECache(config=self.config)
         return super().generate(inputs, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         topic_ids = model_inputs.get("topic_ids")
         if topic_ids is not None:
-            model_inputs["topic_ids"] = topic_ids[:, -model_inputs["input_ids"].shape[1]:]
+            new = model_inputs["input_ids"].shape[1]
+            cache = model_inputs.get("cache")
+            state = getattr(cache, "doe", None)
+            if state is not None and state.topics is not None and cache.get_seq_length() > 0 and new == 1:
+                topic_ids = state.topics[:, -1:]  # predicted at the previous position (reordered with the beams)
+            model_inputs["topic_ids"] = topic_ids[:, -new:]
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doe_ext.ops import dual_embedding
@@ -73,6 +74,18 @@ class DualInputEmbedding(nn.Module):
             topic_ids = torch.full_like(token_ids, -1)
         embed = dual_embedding_ref if self.reference else dual_embedding
         h = embed(token_ids, topic_ids, self.token_weight, self.topic_weight, padding_idx=self.padding_idx)
+        return h if self.proj is None else self.proj(h)
+
+    def combine(self, token_embeds: Tensor, topic_ids: Tensor | None = None) -> Tensor:
+        """:meth:`forward` from the token part ``token_embeds [..., d_model]`` (``token_weight[ids]``, or
+        any embedding a caller computed: Hugging Face's ``inputs_embeds``) and ``topic_ids [...]``."""
+        if token_embeds.shape[-1] != self.d_model:
+            raise ValueError(f"DualInputEmbedding.combine: `token_embeds` must end in d_model={self.d_model}, got "
+                             f"{tuple(token_embeds.shape)}")
+        if topic_ids is None:
+            topic_ids = torch.full(token_embeds.shape[:-1], -1, dtype=torch.long, device=token_embeds.device)
+        topic = F.embedding(topic_ids.clamp(min=0), self.topic_weight) * (topic_ids >= 0)[..., None].to(token_embeds.dtype)
+        h = torch.cat([token_embeds, topic.to(token_embeds.dtype)], dim=-1)
         return h if self.proj is None else self.proj(h)
 
     def extra_repr(self) -> str:

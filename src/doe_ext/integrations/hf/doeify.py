@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
 
 from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
+from doe_ext.models.cache import DoECache, causal_prefix_mean
 from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
 from doe_ext.models.modeling_doe import (
     DoECausalLMOutput,
-    causal_prefix_mean,
     compose_expert,
     doe_losses,
     gate_stats,
@@ -313,7 +312,7 @@ class DoEWrapper(nn.Module):
         if use_cache is None:
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
-            cache = DynamicCache(config=self.base_model.config)
+            cache = DoECache(config=self.base_model.config)
         st = self._state
         st.pending = {"topic_ids": topic_ids, "reconstruct": labels is not None}
         try:

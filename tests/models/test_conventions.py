@@ -1,0 +1,143 @@
+"""DoEForCausalLM honours transformers' conventions (issue 12, parts 2-4): the model output, its
+flags, ``inputs_embeds``; gradient checkpointing (reentrant or not) gives the gradients of no
+checkpointing; the DoE cache follows every cache operation of generation, so beam search equals a
+beam search that recomputes every beam from scratch."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_doe_model import batch, tiny
+from transformers import AutoModel
+
+from doe_ext.models import DoEForCausalLM
+from doe_ext.models.cache import DoECache
+from doe_ext.models.modeling_doe import DoEModelOutput
+
+
+def test_model_output_flags_and_tuples():
+    model = DoEForCausalLM(tiny(attn_implementation="eager")).eval()
+    ids, topics = batch()
+    out = model.model(ids, topic_ids=topics, output_hidden_states=True, output_attentions=True)
+    assert isinstance(out, DoEModelOutput) and out.last_hidden_state.shape == (2, 9, 32)
+    assert len(out.hidden_states) == 4 and out.hidden_states[-1] is out.last_hidden_state
+    assert [tuple(a.shape) for a in out.attentions] == [(2, 4, 9, 9)] * 3
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 9))  # softmax rows
+    assert [r is not None for r in out.router_outputs] == [True, True, True] and out.moe_balances == ()
+    full = model(ids, topic_ids=topics, labels=ids)
+    as_tuple = model(ids, topic_ids=topics, labels=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], full.loss)
+    torch.testing.assert_close(as_tuple[1], full.logits)
+    hidden = model(ids, topic_ids=topics, output_hidden_states=True).hidden_states
+    assert len(hidden) == 4 and model(ids, topic_ids=topics).hidden_states is None
+    auto = AutoModel.from_config(tiny())
+    assert isinstance(auto(ids, topic_ids=topics), DoEModelOutput)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"knowledge": False}])
+def test_inputs_embeds_equal_input_ids(overrides):
+    model = DoEForCausalLM(tiny(**overrides)).eval()
+    ids, topics = batch()
+    emb = model.get_input_embeddings()
+    token_part = torch.nn.functional.embedding(ids, emb.token_weight if hasattr(emb, "token_weight") else emb.weight)
+    want = model(ids, topic_ids=topics).logits
+    torch.testing.assert_close(model(inputs_embeds=token_part, topic_ids=topics).logits, want)
+    with pytest.raises(ValueError, match="pass exactly one of `input_ids` and `inputs_embeds`"):
+        model(ids, inputs_embeds=token_part)
+
+
+@pytest.mark.parametrize("overrides", [{"beta": 0.1, "router_decoder": True, "blocks": "ffn"},
+                                       {"router": "moe_topk", "num_experts": 4}])
+def test_gradient_checkpointing_keeps_every_gradient(overrides):
+    """Reentrant and non-reentrant checkpointing against none: the same loss and the same gradient
+    for every parameter (the expert-label, KL, reconstruction and balance terms included)."""
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(alpha=0.3, **overrides)).train()
+    ids, topics = batch()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the VAE's noise
+        out = model(ids, topic_ids=topics, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, want = grads()
+    assert any("routers" in n for n in want) or "moe" in str(overrides)
+    for reentrant in (False, True):
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+        got_loss, got = grads()
+        model.activation_checkpointing_disable()
+        torch.testing.assert_close(got_loss, loss)
+        assert set(got) == set(want), (reentrant, set(want) ^ set(got))
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], msg=lambda m, n=n: f"{n} (reentrant={reentrant}): {m}")
+
+
+def reference_beam_search(model, ids, topics, num_beams: int, steps: int) -> list[int]:
+    """Beam search with no cache: every step recomputes every beam from scratch, each beam carrying
+    its own topic history (a generated token takes the topic predicted at the previous position)."""
+    beams = [(0.0, ids.tolist(), topics.tolist())]
+    for _ in range(steps):
+        cands = []
+        for score, toks, tps in beams:
+            out = model(torch.tensor([toks]), topic_ids=torch.tensor([tps]))
+            logp = out.logits[0, -1].float().log_softmax(-1)
+            nxt = int(out.next_topic_ids[0, -1])
+            top = logp.topk(2 * num_beams)
+            cands += [(score + float(lp), toks + [int(t)], tps + [nxt]) for lp, t in zip(top.values, top.indices)]
+        beams = sorted(cands, key=lambda c: -c[0])[:num_beams]
+    return beams[0][1]
+
+
+@pytest.mark.parametrize("signal", ["v", "none"])
+def test_beam_search_equals_a_full_recompute_reference(signal):
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(signal_source=signal)).eval()
+    ids, topics = batch(B=2, T=5)
+    with torch.no_grad():
+        out = model.generate(ids, topic_ids=topics, num_beams=3, max_new_tokens=5, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        for b in range(2):
+            assert out[b].tolist() == reference_beam_search(model, ids[b], topics[b], 3, 5)
+    with pytest.raises(NotImplementedError, match="beam search needs the KV cache"):
+        model.generate(ids, topic_ids=topics, num_beams=2, max_new_tokens=2, use_cache=False, eos_token_id=None)
+
+
+def test_the_cache_state_follows_crop_select_and_repeat():
+    """After each cache operation, continuing from the cache equals an uncached forward of the
+    sequences the cache now stands for (signal sums and predicted topics included)."""
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny()).eval()
+    ids, topics = batch(B=3, T=8)
+    more, more_t = batch(B=3, T=2)
+
+    def cont(cache, x, t):
+        return model(x, topic_ids=t, cache=cache, use_cache=True).logits
+
+    def full(x, t):
+        return model(x, topic_ids=t).logits
+
+    with torch.no_grad():
+        cache = DoECache(config=model.config)
+        model(ids, topic_ids=topics, cache=cache, use_cache=True)
+        assert cache.doe.topics.shape == (3, 8) and len(cache.doe.sums) == 3
+        cache.crop(-3)  # drop 3 of the 8 positions
+        assert cache.get_seq_length() == 5 and cache.doe.topics.shape == (3, 5)
+        got = cont(cache, more, more_t)
+        torch.testing.assert_close(got, full(torch.cat([ids[:, :5], more], 1), torch.cat([topics[:, :5], more_t], 1))[:, -2:])
+
+        cache = DoECache(config=model.config)
+        model(ids, topic_ids=topics, cache=cache, use_cache=True)
+        pick = torch.tensor([2, 0])
+        cache.batch_select_indices(pick)
+        got = cont(cache, more[:2], more_t[:2])
+        want = full(torch.cat([ids[pick], more[:2]], 1), torch.cat([topics[pick], more_t[:2]], 1))[:, -2:]
+        torch.testing.assert_close(got, want)
+
+        cache = DoECache(config=model.config)
+        model(ids[:1], topic_ids=topics[:1], cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(3)
+        got = cont(cache, more, more_t)
+        torch.testing.assert_close(got, full(torch.cat([ids[:1].expand(3, -1), more], 1),
+                                             torch.cat([topics[:1].expand(3, -1), more_t], 1))[:, -2:])
