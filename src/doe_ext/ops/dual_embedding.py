@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import dual_embedding_ref
 
 _ops = torch.ops.doe_ext
 
@@ -74,6 +76,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     token_ids, topic_ids, token_weight, topic_weight = ctx.saved_tensors
+    if differentiable():  # double backward (doe_ext.ops._double)
+        pad = None if ctx.padding_idx < 0 else ctx.padding_idx
+        _, _, grad_tok, grad_top = twin_grads(lambda a, b, c, d: dual_embedding_ref(a, b, c, d, padding_idx=pad),
+                                              (token_ids, topic_ids, token_weight, topic_weight), (grad_out,),
+                                              ctx.needs_input_grad)
+        return None, None, grad_tok, grad_top, None
     grad_tok, grad_top = _ops.dual_embedding_bwd(grad_out.contiguous(), token_ids, topic_ids, token_weight,
                                                  topic_weight, ctx.padding_idx)
     return (None, None, grad_tok if ctx.needs_input_grad[2] else None,

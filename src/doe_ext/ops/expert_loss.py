@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import expert_loss_ref
 
 _ops = torch.ops.doe_ext
 
@@ -60,16 +62,21 @@ def _bwd_fake(grad_loss, grad_rows, weight):
 
 
 def _setup_context(ctx, inputs, output):
+    logits, target, ignore_index, reduction, label_smoothing, _ = inputs
     _, grad_rows, weight = output
-    ctx.save_for_backward(grad_rows, weight)
+    ctx.save_for_backward(grad_rows, weight, logits, target)  # logits, target: for a double backward only
+    ctx.options = (ignore_index, reduction, label_smoothing)
     ctx.mark_non_differentiable(grad_rows, weight)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _g_rows, _g_weight):
-    grad_rows, weight = ctx.saved_tensors
+    grad_rows, weight, logits, target = ctx.saved_tensors
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
+    if differentiable():  # double backward (doe_ext.ops._double)
+        grad = twin_grads(lambda x: expert_loss_ref(x, target, *ctx.options), (logits,), (grad_loss,), (True,))[0]
+        return grad, None, None, None, None, None
     return _ops.expert_loss_bwd(grad_loss, grad_rows, weight), None, None, None, None, None
 
 

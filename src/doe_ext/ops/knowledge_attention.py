@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import knowledge_attention_ref
 
 _ops = torch.ops.doe_ext
 
@@ -84,7 +86,12 @@ def _backward(ctx, grad_out, _grad_lse, _grad_probs):
     q, z_key, z_value, lse, probs = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None
-    grad_q, grad_zk, grad_zv = _ops.knowledge_attention_bwd(grad_out.contiguous(), q, z_key, z_value, lse, probs, ctx.scale)
+    if differentiable():  # double backward: the twin's gradient, differentiable (doe_ext.ops._double)
+        grad_q, grad_zk, grad_zv, _ = twin_grads(lambda a, b, c, s: knowledge_attention_ref(a, b, c, scale=s),
+                                                  (q, z_key, z_value, ctx.scale), (grad_out,), ctx.needs_input_grad)
+    else:
+        grad_q, grad_zk, grad_zv = _ops.knowledge_attention_bwd(grad_out.contiguous(), q, z_key, z_value, lse, probs,
+                                                                ctx.scale)
     grad_res = grad_out if ctx.has_residual and ctx.needs_input_grad[3] else None
     return grad_q, grad_zk, grad_zv, grad_res, None, None
 

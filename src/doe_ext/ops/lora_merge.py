@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import lora_merge_ref
 
 _ops = torch.ops.doe_ext
 
@@ -71,7 +73,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     lora_a, lora_b, scales = ctx.saved_tensors
     grad_a = grad_b = grad_s = None
-    if any(ctx.needs_input_grad[1:]):
+    if differentiable():  # double backward (doe_ext.ops._double); weight's gradient is grad_out itself
+        grad_a, grad_b, grad_s = twin_grads(lambda a, b, s: lora_merge_ref(torch.zeros_like(grad_out), a, b, s),
+                                            (lora_a, lora_b, scales), (grad_out,), ctx.needs_input_grad[1:])
+    elif any(ctx.needs_input_grad[1:]):
         grad_a, grad_b, grad_s = _ops.lora_merge_bwd(grad_out.contiguous(), lora_a, lora_b, scales)
     return grad_out if ctx.needs_input_grad[0] else None, grad_a, grad_b, grad_s
 

@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import multi_lora_linear_ref
 
 _ops = torch.ops.doe_ext
 
@@ -86,7 +88,7 @@ def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_wei
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, indices, scales = inputs
     _, xa = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, indices, scales, xa)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices, scales, xa, bias)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(xa)
     ctx.set_materialize_grads(False)
@@ -95,8 +97,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_xa):
     if grad_out is None:
         return (None,) * 7
-    x, weight, lora_a, lora_b, indices, scales, xa = ctx.saved_tensors
+    x, weight, lora_a, lora_b, indices, scales, xa, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if differentiable():  # double backward (doe_ext.ops._double)
+        return tuple(twin_grads(multi_lora_linear_ref, (x, weight, bias, lora_a, lora_b, indices, scales), (grad_out,),
+                                need))
     need_weight = need[1] or (ctx.has_bias and need[2])
     need_lora = need[3] or need[4] or need[6]
     gx, gw, gb, ga, gbb, gs = _ops.multi_lora_linear_bwd(grad_out.contiguous(), x, weight, lora_a, lora_b,

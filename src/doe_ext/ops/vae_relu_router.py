@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._double import differentiable, twin_grads
+from doe_ext.reference import vae_relu_router_ref
 
 _ops = torch.ops.doe_ext
 
@@ -121,18 +123,32 @@ def _bwd_fake(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gat
 
 
 def _setup_context(ctx, inputs, output):
-    h, w_mu, _, w_logvar, _, w_gate, _, noise, rng, training, activation = inputs
+    h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, activation = inputs
     gates, logits, _, _, mulv, counts, zero_rows = output
-    ctx.save_for_backward(h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng)
+    # the biases: for a double backward only (parameters, alive anyway)
+    ctx.save_for_backward(h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng, b_mu, b_logvar, b_gate)
     ctx.training, ctx.activation = training, activation
     ctx.mark_non_differentiable(mulv, counts, zero_rows)
     ctx.set_materialize_grads(False)  # absent output grads stay None: no zero tensors are built
 
 
 def _backward(ctx, grad_gates, grad_logits, grad_kl, grad_z, _g_mulv, _g_counts, _g_zero):
-    h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng = ctx.saved_tensors
+    h, w_mu, w_logvar, w_gate, mulv, gates, logits, noise, rng, b_mu, b_logvar, b_gate = ctx.saved_tensors
     if grad_gates is None and grad_logits is None and grad_kl is None and grad_z is None:
         return (None,) * 11
+    if differentiable():  # double backward (doe_ext.ops._double): the twin with the same eps
+        eps = noise
+        if ctx.training and eps is None:  # regenerate the op's Philox eps from its z
+            with torch.no_grad():
+                z = _ops.vae_relu_router_fwd(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, None, rng, True,
+                                             ctx.activation)[3]
+            dz = w_mu.shape[0]
+            eps = ((z - mulv[..., :dz]) * torch.exp(-0.5 * mulv[..., dz:])).detach()
+        inputs = (h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate)
+        grads = twin_grads(lambda *a: vae_relu_router_ref(*a, noise=eps, training=ctx.training, activation=ctx.activation,
+                                                          return_z=True),
+                           inputs, (grad_gates, grad_logits, grad_kl, grad_z), ctx.needs_input_grad[:7])
+        return (*grads, None, None, None, None)
     grads = _ops.vae_relu_router_bwd(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mulv, gates,
                                      logits, noise, rng, ctx.training, ctx.activation)
     return (*grads, None, None, None, None)
