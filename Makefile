@@ -9,7 +9,7 @@ APT_PKGS := ccache libgtest-dev dict-gcide
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 EXTRAS ?= test,lda,dmoe,notebook
 
-.PHONY: setup test bench demo ablate ablate-dmoe notebook clean
+.PHONY: setup test bench demo ablate ablate-dmoe fuzz notebook clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -43,6 +43,11 @@ test: setup
 demo: setup
 	$(PY) -m doe_ext.demo --out reports/demo
 	@echo "open reports/demo/report.md"
+
+# Every public and raw op fuzzed with 5,000 cases each (tests/fuzz; make test runs 300 each), every
+# case in a forked worker so that a crash is a failure with its inputs.
+fuzz: setup
+	DOE_EXT_FUZZ_EXAMPLES=5000 $(PY) -m pytest tests/fuzz -q
 
 # The DoE paper's ablations (CONTRACT §7) at small scale, 3 seeds: reports/ablations/ (~40 min on 2 cores;
 # runs are cached in ~/.cache/doe_ext/ablations, so a re-run only trains what changed).

@@ -96,17 +96,25 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
   const int64_t* tp = tok.data_ptr<int64_t>();
   const int64_t* kp = top.data_ptr<int64_t>();
   validate_ids(tp, kp, sz.N, sz.V, sz.K);
-  const auto tw = token_weight.contiguous(), kw = topic_weight.contiguous();
+  // The tables are read by stride, never copied: an expanded or strided table costs nothing extra.
   const int64_t width = sz.d + sz.dk;
-  AT_DISPATCH_FLOATING_TYPES(tw.scalar_type(), "dual_embedding_fwd_cpu", [&] {
-    const scalar_t* twp = tw.data_ptr<scalar_t>();
-    const scalar_t* kwp = kw.data_ptr<scalar_t>();
+  const int64_t ts0 = token_weight.stride(0), ts1 = token_weight.stride(1);
+  const int64_t ks0 = topic_weight.stride(0), ks1 = topic_weight.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(token_weight.scalar_type(), "dual_embedding_fwd_cpu", [&] {
+    const scalar_t* twp = token_weight.const_data_ptr<scalar_t>();
+    const scalar_t* kwp = topic_weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, sz.N, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* row = op + i * width;
-        de::copy_row<scalar_t>(row, twp + tp[i] * sz.d, 0, sz.d, 1);
-        de::copy_row<scalar_t>(row + sz.d, kp[i] >= 0 ? kwp + kp[i] * sz.dk : nullptr, 0, sz.dk, 1);
+        const scalar_t* t = twp + tp[i] * ts0;
+        for (int64_t c = 0; c < sz.d; ++c) row[c] = t[c * ts1];
+        if (kp[i] >= 0) {
+          const scalar_t* k = kwp + kp[i] * ks0;
+          for (int64_t c = 0; c < sz.dk; ++c) row[sz.d + c] = k[c * ks1];
+        } else {
+          de::copy_row<scalar_t>(row + sz.d, nullptr, 0, sz.dk, 1);
+        }
       }
     });
   });

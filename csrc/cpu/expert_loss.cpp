@@ -110,8 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
 }
 
 at::Tensor expert_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
-  TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1,
-              "expert_loss_bwd: `grad_rows` is empty: the forward ran with keep_grad=False");
+  check_expert_loss_bwd(grad_loss, grad_rows, weight);
   if (grad_loss.dim() == 0) return grad_rows * (grad_loss * weight);
   return grad_rows * (grad_loss * weight).unsqueeze(-1);
 }

@@ -98,10 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key,
     const at::Tensor& z_value, const at::Tensor& lse, const at::Tensor& probs, double scale) {
-  const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
-  TORCH_CHECK(grad_out.sizes().vec() == leading_with(q, sz.dv),
-              "knowledge_attention_bwd: expected `grad_out` of shape [..., dv] matching the output, got ",
-              shape_str(grad_out.sizes()));
+  const auto sz = check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
   const auto q2 = as_rows(q, sz.N), g2 = as_rows(grad_out, sz.N);

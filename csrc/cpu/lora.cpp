@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "doe_ext/lora.h"
@@ -105,13 +106,47 @@ void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, 
 
 at::Tensor as_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// The experts the slots use. With a bank larger than the slots (T * k), the indices are remapped
+// onto 0..U-1 and only those U experts' A and B^T are gathered (index_select: an expanded or huge
+// bank is never copied whole, and the counting sort needs U buckets, not N); otherwise the bank
+// itself, contiguous. Raises on an index out of range, naming `indices`.
+struct Bank {
+  at::Tensor ind, a, bt, used;  // used: the original expert ids (compact banks only)
+  int64_t N;
+  bool compact;
+};
+
+Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t T, int64_t k,
+               int64_t N) {
+  auto ind = indices.contiguous();
+  const int64_t* ip = ind.data_ptr<int64_t>();
+  const int64_t P = T * k;
+  for (int64_t p = 0; p < P; ++p)
+    if (!lora::index_ok(ip[p], N)) fail_multi_lora_index(p / k, p % k, ip[p], N);
+  if (N <= P) return {ind, lora_a.contiguous(), lora_b.transpose(1, 2).contiguous(), at::Tensor(), N, false};
+  std::vector<int64_t> used;
+  for (int64_t p = 0; p < P; ++p)
+    if (ip[p] >= 0) used.push_back(ip[p]);
+  std::sort(used.begin(), used.end());
+  used.erase(std::unique(used.begin(), used.end()), used.end());
+  auto remapped = at::empty_like(ind);
+  int64_t* rp = remapped.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    rp[p] = ip[p] < 0 ? -1 : std::lower_bound(used.begin(), used.end(), ip[p]) - used.begin();
+  auto ids = at::empty({static_cast<int64_t>(used.size())}, ind.options());
+  std::copy(used.begin(), used.end(), ids.data_ptr<int64_t>());
+  return {remapped, lora_a.index_select(0, ids).contiguous(), lora_b.index_select(0, ids).transpose(1, 2).contiguous(),
+          ids, static_cast<int64_t>(used.size()), true};
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                              const std::optional<at::Tensor>& bias,
                                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                              const at::Tensor& indices, const at::Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
-  const auto ind = indices.contiguous();
-  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, sz.N);
+  const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
+  const auto& ind = bank.ind;
+  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, bank.N);
   auto out = at::empty({sz.T, sz.out}, x.options());
   auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options());
   if (sz.T == 0) return {out, xa};
@@ -122,8 +157,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
     at::mm_out(out, x2, weight.t());
   }
   if (s.order.empty() || sz.r == 0) return {out, xa};
-  const auto xc = x2.contiguous(), a = lora_a.contiguous();
-  const auto bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]: B's columns as rows
+  const auto xc = x2.contiguous();
+  const auto& a = bank.a;
+  const auto& bt = bank.bt;  // [N, r, out]: B's columns as rows
   const auto sc = scales.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cpu", [&] {
     using T = scalar_t;
@@ -134,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
     const T* sp = sc.data_ptr<T>();
     for (int64_t p = 0; p < sz.T * sz.k; ++p)
       for (int64_t q = 0; q < sz.r; ++q) coef[p * sz.r + q] = sp[p] * xap[p * sz.r + q];
-    scatter<T>(s, sz.N, sz.k, sz.r, bt.data_ptr<T>(), coef.data(), sz.out, out.data_ptr<T>());
+    scatter<T>(s, bank.N, sz.k, sz.r, bt.data_ptr<T>(), coef.data(), sz.out, out.data_ptr<T>());
   });
   return {out, xa};
 }
@@ -144,8 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
     bool need_weight_grad, bool need_lora_grad) {
   const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
-  const auto ind = indices.contiguous();
-  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, sz.N);
+  const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
+  const auto& ind = bank.ind;
+  const int64_t NB = bank.N;  // experts of the (possibly compact) bank the kernels see
+  const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, NB);
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous();
   auto grad_x = at::mm(g2, weight);
   at::Tensor grad_w, grad_b, grad_a, grad_bt, grad_s;
@@ -153,12 +191,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto none = [&] { return at::empty({0}, x.options()); };
   grad_w = need_weight_grad ? at::mm(g2.t(), x2) : none();
   grad_b = need_weight_grad ? g2.sum(0) : none();
-  grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none();
-  grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none();
+  grad_a = need_lora_grad ? at::empty({NB, sz.r, sz.in}, x.options()) : none();
+  grad_bt = need_lora_grad ? at::empty({NB, sz.r, sz.out}, x.options()) : none();
   grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
   if (sz.T > 0 && sz.r > 0 && !s.order.empty()) {
-    const auto a = lora_a.contiguous();
-    const auto bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]
+    const auto& a = bank.a;
+    const auto& bt = bank.bt;  // [N, r, out]
     const auto sc = scales.contiguous(), xac = xa.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cpu", [&] {
       using T = scalar_t;
@@ -174,20 +212,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           v[p * sz.r + q] = sp[p] * bg[p * sz.r + q];
           sxa[p * sz.r + q] = sp[p] * xap[p * sz.r + q];
         }
-      scatter<T>(s, sz.N, sz.k, sz.r, a.data_ptr<T>(), v.data(), sz.in, grad_x.data_ptr<T>());
+      scatter<T>(s, NB, sz.k, sz.r, a.data_ptr<T>(), v.data(), sz.in, grad_x.data_ptr<T>());
       if (need_lora_grad) {
         T* gs = grad_s.data_ptr<T>();
         for (int64_t p = 0; p < P; ++p)
           if (ip[p] >= 0) gs[p] = dot(bg.data() + p * sz.r, xap + p * sz.r, sz.r);
-        outer<T>(s, sz.N, sz.k, sz.r, v.data(), x2.data_ptr<T>(), sz.in, grad_a.data_ptr<T>());
-        outer<T>(s, sz.N, sz.k, sz.r, sxa.data(), g2.data_ptr<T>(), sz.out, grad_bt.data_ptr<T>());
+        outer<T>(s, NB, sz.k, sz.r, v.data(), x2.data_ptr<T>(), sz.in, grad_a.data_ptr<T>());
+        outer<T>(s, NB, sz.k, sz.r, sxa.data(), g2.data_ptr<T>(), sz.out, grad_bt.data_ptr<T>());
       }
     });
   } else if (need_lora_grad) {
     grad_a.zero_();
     grad_bt.zero_();
   }
-  const auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt;
+  auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt;
+  if (need_lora_grad && bank.compact) {  // the contract's dense gradients over the whole bank
+    grad_a = at::zeros({sz.N, sz.r, sz.in}, x.options()).index_copy_(0, bank.used, grad_a);
+    grad_lb = at::zeros({sz.N, sz.out, sz.r}, x.options()).index_copy_(0, bank.used, grad_lb);
+  }
   return {grad_x, grad_w, grad_b, grad_a, grad_lb, grad_s};
 }
 

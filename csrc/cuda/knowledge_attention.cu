@@ -178,11 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
-    const at::Tensor& lse, const at::Tensor& /*probs: rebuilt from lse on CUDA*/, double scale) {
-  const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
-  TORCH_CHECK(grad_out.sizes().vec() == leading_with(q, sz.dv),
-              "knowledge_attention_bwd: expected `grad_out` of shape [..., dv] matching the output, got ",
-              shape_str(grad_out.sizes()));
+    const at::Tensor& lse, const at::Tensor& probs /*checked; rebuilt from lse on CUDA*/, double scale) {
+  const auto sz = check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
   const c10::cuda::CUDAGuard guard(q.device());
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};

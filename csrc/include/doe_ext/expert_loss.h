@@ -19,6 +19,26 @@ struct ExpertLossSizes {
   bool hard;  // int64 labels (else a float distribution per row)
 };
 
+// expert_loss_bwd: grad_loss is the loss's gradient, a scalar or one per row (reduction="none"), in
+// grad_rows' dtype and device; weight is the forward's scalar row factor.
+inline void check_expert_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
+  constexpr const char* op = "expert_loss_bwd";
+  TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1, op,
+              ": `grad_rows` is empty: the forward ran with keep_grad=False");
+  check_min_dim(grad_rows, 1, op, "grad_rows", "[..., K]");
+  check_floating(grad_rows, op, "grad_rows");
+  const auto lead = grad_rows.sizes().slice(0, grad_rows.dim() - 1);
+  TORCH_CHECK(grad_loss.dim() == 0 || grad_loss.sizes() == lead, op, ": expected `grad_loss` of shape [] or ",
+              shape_str(lead), " (the loss: a scalar, or one per row with reduction='none'), got ",
+              shape_str(grad_loss.sizes()));
+  check_same_device(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
+  check_same_dtype(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
+  TORCH_CHECK(weight.dim() == 0, op, ": expected `weight` of shape [] (the reduction's row factor), got ",
+              shape_str(weight.sizes()));
+  check_same_device(weight, grad_rows, op, "weight", "grad_rows");
+  check_same_dtype(weight, grad_rows, op, "weight", "grad_rows");
+}
+
 inline ExpertLossSizes check_expert_loss(const at::Tensor& logits, const at::Tensor& target,
                                          const std::string& reduction, double label_smoothing) {
   constexpr const char* op = "expert_loss";

@@ -49,4 +49,36 @@ inline KnowledgeAttentionSizes check_knowledge_attention(const at::Tensor& q, co
   return {N, dk, dv, z_key.size(0)};
 }
 
+// knowledge_attention_bwd: the forward's checks, then grad_out [..., dv], lse [...] (float32; float64
+// for float64 q) and probs (empty, or [..., K]) against q, as the forward wrote them.
+inline KnowledgeAttentionSizes check_knowledge_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                                             const at::Tensor& z_key, const at::Tensor& z_value,
+                                                             const at::Tensor& lse, const at::Tensor& probs) {
+  constexpr const char* op = "knowledge_attention_bwd";
+  const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
+  const auto lead = q.sizes().slice(0, q.dim() - 1);
+  auto with_last = [&](int64_t last) {
+    auto s = q.sizes().vec();
+    s.back() = last;
+    return s;
+  };
+  check_same_device(grad_out, q, op, "grad_out", "q");
+  check_same_dtype(grad_out, q, op, "grad_out", "q");
+  TORCH_CHECK(grad_out.sizes().vec() == with_last(sz.dv), op, ": expected `grad_out` of shape ",
+              c10::IntArrayRef(with_last(sz.dv)), " ([..., dv], the output's), got ", shape_str(grad_out.sizes()));
+  check_same_device(lse, q, op, "lse", "q");
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == lse_type, op, ": expected `lse` of dtype ", dtype_name(lse_type),
+              " (the forward's log-sum-exp), got ", dtype_name(lse.scalar_type()));
+  TORCH_CHECK(lse.sizes() == lead, op, ": expected `lse` of shape ", shape_str(lead),
+              " (q's leading dims: one per row), got ", shape_str(lse.sizes()));
+  if (probs.numel() > 0 || probs.dim() > 1) {
+    check_same_device(probs, q, op, "probs", "q");
+    check_same_dtype(probs, q, op, "probs", "q");
+    TORCH_CHECK(probs.sizes().vec() == with_last(sz.K), op, ": expected `probs` empty or of shape ",
+                c10::IntArrayRef(with_last(sz.K)), " ([..., K]), got ", shape_str(probs.sizes()));
+  }
+  return sz;
+}
+
 }  // namespace doe_ext

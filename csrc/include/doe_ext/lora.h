@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "doe_ext/checks.h"
 #include "doe_ext/math.h"
 
@@ -19,20 +21,28 @@ inline void check_lora_bank(const at::Tensor& lora_a, const at::Tensor& lora_b, 
   check_same_device(lora_b, ref, op, "lora_b", ref_name);
   check_same_dtype(lora_a, ref, op, "lora_a", ref_name);
   check_same_dtype(lora_b, ref, op, "lora_b", ref_name);
-  check_size(lora_a, 2, in_features, op, "lora_a", "in, the input features of weight");
   check_size(lora_b, 0, lora_a.size(0), op, "lora_b", "E, the experts of lora_a");
-  check_size(lora_b, 1, out_features, op, "lora_b", "out, the output features of weight");
   check_size(lora_b, 2, lora_a.size(1), op, "lora_b", "r, the rank of lora_a");
+  const std::string in_what = std::string("in, the input features of ") + ref_name;
+  const std::string out_what = std::string("out, the output features of ") + ref_name;
+  check_size(lora_a, 2, in_features, op, "lora_a", in_what.c_str());
+  check_size(lora_b, 1, out_features, op, "lora_b", out_what.c_str());
 }
 
+// weight_name: "weight" (the merges) or "grad_out" (the backward, whose [out, in] must match the bank's).
 inline void check_lora_merge(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                             const at::Tensor& scales, const char* op) {
-  check_dim(weight, 2, op, "weight", "[out, in]");
-  check_floating(weight, op, "weight");
-  check_lora_bank(lora_a, lora_b, weight, "weight", weight.size(0), weight.size(1), op);
+                             const at::Tensor& scales, const char* op, const char* weight_name = "weight") {
+  check_dim(weight, 2, op, weight_name, "[out, in]");
+  check_floating(weight, op, weight_name);
+  if (std::string(weight_name) == "grad_out" && lora_a.dim() == 3 && lora_b.dim() == 3) {
+    TORCH_CHECK(weight.size(0) == lora_b.size(1) && weight.size(1) == lora_a.size(2), op,
+                ": expected `grad_out` of shape [out, in] = [", lora_b.size(1), ", ", lora_a.size(2),
+                "] (lora_b's out, lora_a's in), got ", shape_str(weight.sizes()));
+  }
+  check_lora_bank(lora_a, lora_b, weight, weight_name, weight.size(0), weight.size(1), op);
   check_dim(scales, 1, op, "scales", "[E]");
-  check_same_device(scales, weight, op, "scales", "weight");
-  check_same_dtype(scales, weight, op, "scales", "weight");
+  check_same_device(scales, weight, op, "scales", weight_name);
+  check_same_dtype(scales, weight, op, "scales", weight_name);
   check_size(scales, 0, lora_a.size(0), op, "scales", "E, the experts of lora_a");
 }
 
@@ -66,7 +76,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_bwd_impl(const 
                                                                           const at::Tensor& lora_a,
                                                                           const at::Tensor& lora_b,
                                                                           const at::Tensor& scales) {
-  check_lora_merge(grad_out, lora_a, lora_b, scales, "lora_merge_bwd");
+  check_lora_merge(grad_out, lora_a, lora_b, scales, "lora_merge_bwd", "grad_out");
   const int64_t E = lora_a.size(0), r = lora_a.size(1), in = lora_a.size(2), out = lora_b.size(1);
   if (E * r == 0) return {at::zeros_like(lora_a), at::zeros_like(lora_b), at::zeros_like(scales)};
   const auto a2 = lora_a.reshape({E * r, in});

@@ -227,7 +227,7 @@ DOE_HD int64_t relu_row(const T* logits, T* gates, int32_t* counts, int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
     const T l = logits[k];
     const bool on = l > T(0);
-    gates[k] = on ? l : T(0);
+    gates[k] = on || l != l ? l : T(0);  // relu(NaN) = NaN, as torch.relu: a diverging router shows
     counts[k] += on ? 1 : 0;
     active += on ? 1 : 0;
   }

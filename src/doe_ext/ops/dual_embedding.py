@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import dual_embedding_ref
 
@@ -39,6 +39,10 @@ def dual_embedding(
     gradients. An id out of range raises ``RuntimeError`` naming ``token_ids`` or ``topic_ids``
     and the value (on CUDA this check reads one flag back to the host).
     """
+    check_tensors("dual_embedding", token_ids=token_ids, topic_ids=topic_ids, token_weight=token_weight,
+                  topic_weight=topic_weight)
+    if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
+        raise TypeError(f"dual_embedding: expected `padding_idx` to be an int or None, got {padding_idx!r}")
     if padding_idx is not None:
         V = token_weight.shape[0]
         if not -V <= padding_idx < V:
@@ -62,6 +66,8 @@ def _fwd_fake(token_ids, topic_ids, token_weight, topic_weight, padding_idx=-1):
 
 @torch.library.register_fake("doe_ext::dual_embedding_bwd")
 def _bwd_fake(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx):
+    check_same_device("dual_embedding_bwd", "token_weight", token_weight, grad_out=grad_out, token_ids=token_ids,
+                      topic_ids=topic_ids, topic_weight=topic_weight)
     return torch.empty_like(token_weight, memory_format=torch.contiguous_format), torch.empty_like(
         topic_weight, memory_format=torch.contiguous_format)
 

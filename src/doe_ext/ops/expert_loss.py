@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_float, check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import expert_loss_ref
 
@@ -41,8 +41,12 @@ def expert_loss(
     the logits' dtype). Differentiable in ``logits`` only. The forward writes the gradient of each row
     in the same pass that computes its loss (only when ``logits`` requires grad); the backward scales it.
     """
+    check_tensors("expert_loss", logits=logits, target=target)
+    label_smoothing = check_float("expert_loss", "label_smoothing", label_smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"expert_loss: expected `ignore_index` to be an int, got {ignore_index!r}")
     keep_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _, _ = _ops.expert_loss_fwd(logits, target, ignore_index, reduction, float(label_smoothing), keep_grad)
+    loss, _, _ = _ops.expert_loss_fwd(logits, target, ignore_index, reduction, label_smoothing, keep_grad)
     return loss
 
 
@@ -58,6 +62,13 @@ def _fwd_fake(logits, target, ignore_index, reduction, label_smoothing, keep_gra
 
 @torch.library.register_fake("doe_ext::expert_loss_bwd")
 def _bwd_fake(grad_loss, grad_rows, weight):
+    check_same_device("expert_loss_bwd", "grad_rows", grad_rows, grad_loss=grad_loss, weight=weight)
+    torch._check(grad_loss.dim() == 0 or tuple(grad_loss.shape) == tuple(grad_rows.shape[:-1]),
+                 lambda: f"expert_loss_bwd: expected `grad_loss` of shape [] or {list(grad_rows.shape[:-1])} (the loss: "
+                         f"a scalar, or one per row with reduction='none'), got {list(grad_loss.shape)}")
+    torch._check(grad_loss.dtype == grad_rows.dtype,
+                 lambda: f"expert_loss_bwd: expected `grad_loss` of dtype {grad_rows.dtype} (the dtype of `grad_rows`), "
+                         f"got {grad_loss.dtype}")
     return torch.empty_like(grad_rows)
 
 

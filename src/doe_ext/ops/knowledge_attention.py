@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_float, check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import knowledge_attention_ref
 
@@ -39,7 +39,12 @@ def knowledge_attention(
     from one saved log-sum-exp per row. On the CPU, when a backward will follow, the probabilities
     are kept (as eager autograd does) to spare the backward a GEMM.
     """
+    check_tensors("knowledge_attention", ("residual",), q=q, z_key=z_key, z_value=z_value, residual=residual)
+    scale = check_float("knowledge_attention", "scale", scale, optional=True)
     if scale is None:
+        if q.dim() == 0 or q.shape[-1] == 0:
+            raise ValueError(f"knowledge_attention: expected `q` of shape [..., dk] with dk >= 1 (the default scale is "
+                             f"1/sqrt(dk)), got shape {list(q.shape)}")
         scale = q.shape[-1] ** -0.5
     # On the CPU the block's probabilities are at hand: keeping them for the backward spares it a
     # GEMM (the same [..., K] tensor eager autograd saves). CUDA rebuilds them from lse instead.
@@ -69,6 +74,8 @@ def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
 
 @torch.library.register_fake("doe_ext::knowledge_attention_bwd")
 def _bwd_fake(grad_out, q, z_key, z_value, lse, probs, scale):
+    check_same_device("knowledge_attention_bwd", "q", q, grad_out=grad_out, z_key=z_key, z_value=z_value, lse=lse,
+                      probs=probs)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(z_key), torch.empty_like(z_value)
 
 

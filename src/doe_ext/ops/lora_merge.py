@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import lora_merge_ref
 
@@ -28,6 +28,7 @@ def lora_merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor) -
     and written once. Differentiable in all four inputs. Dtypes: float32/float64 on the CPU;
     float32/float16/bfloat16 on CUDA.
     """
+    check_tensors("lora_merge", weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales)
     return _ops.lora_merge(weight, lora_a, lora_b, scales)
 
 
@@ -37,6 +38,7 @@ def lora_merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor) 
     For export (baking experts into a checkpoint). Returns ``weight``. Runs under ``no_grad``:
     ``weight`` may be a parameter.
     """
+    check_tensors("lora_merge_", weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales)
     with torch.no_grad():
         _ops.lora_merge_(weight, lora_a, lora_b, scales)
     return weight
@@ -61,6 +63,7 @@ def _merge_inplace_fake(weight, lora_a, lora_b, scales):
 
 @torch.library.register_fake("doe_ext::lora_merge_bwd")
 def _bwd_fake(grad_out, lora_a, lora_b, scales):
+    check_same_device("lora_merge_bwd", "grad_out", grad_out, lora_a=lora_a, lora_b=lora_b, scales=scales)
     return (torch.empty_like(lora_a, memory_format=torch.contiguous_format),
             torch.empty_like(lora_b, memory_format=torch.contiguous_format), torch.empty_like(scales))
 

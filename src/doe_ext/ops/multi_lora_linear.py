@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import multi_lora_linear_ref
 
@@ -45,6 +45,8 @@ def multi_lora_linear(
     since raising would need a host sync). Dtypes: float32/float64 on the CPU;
     float32/float16/bfloat16 on CUDA (float32 accumulation).
     """
+    check_tensors("multi_lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                  indices=indices, scales=scales)
     out, _ = _ops.multi_lora_linear_fwd(x, weight, bias, lora_a, lora_b, indices, scales)
     return out
 
@@ -68,6 +70,8 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, indices, scales):
 
 @torch.library.register_fake("doe_ext::multi_lora_linear_bwd")
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad, need_lora_grad):
+    check_same_device("multi_lora_linear_bwd", "x", x, grad_out=grad_out, weight=weight, lora_a=lora_a, lora_b=lora_b,
+                      indices=indices, scales=scales, xa=xa)
     def none():
         return x.new_empty((0,))
 

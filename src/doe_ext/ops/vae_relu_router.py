@@ -1,12 +1,13 @@
 """The VAE-ReLU router (DoE §3.4, App. A.3): hidden state -> latent z -> gates over the K knowledge blocks."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device
+from doe_ext.ops._checks import check_same_device, check_tensors
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import vae_relu_router_ref
 
@@ -82,6 +83,10 @@ def vae_relu_router(
     Differentiable in ``h`` and every weight and bias. An all-zero gate row is valid; nothing divides
     by the gate sum.
     """
+    check_tensors("vae_relu_router", ("noise",), h=h, w_mu=w_mu, b_mu=b_mu, w_logvar=w_logvar, b_logvar=b_logvar,
+                  w_gate=w_gate, b_gate=b_gate, noise=noise)
+    if not isinstance(training, bool):
+        raise TypeError(f"vae_relu_router: expected `training` to be a bool, got {training!r}")
     rng = draw_rng(h.device) if training and noise is None else None
     gates, logits, kl, z, _, counts, zero_rows = _ops.vae_relu_router_fwd(
         h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, activation)
@@ -89,7 +94,7 @@ def vae_relu_router(
     if return_z:
         out += (z,)
     if return_stats:
-        out += (RouterStats(counts, zero_rows, h.numel() // max(h.shape[-1], 1)),)
+        out += (RouterStats(counts, zero_rows, math.prod(h.shape[:-1])),)
     return out
 
 
@@ -116,6 +121,9 @@ def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, tra
 @torch.library.register_fake("doe_ext::vae_relu_router_bwd")
 def _bwd_fake(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits, noise, rng,
               training, activation):
+    check_same_device("vae_relu_router_bwd", "h", h, grad_gates=grad_gates, grad_logits=grad_logits, grad_kl=grad_kl,
+                      grad_z=grad_z, w_mu=w_mu, w_logvar=w_logvar, w_gate=w_gate, mu_logvar=mu_logvar, gates=gates,
+                      logits=logits, noise=noise, rng=rng)
     dz, K = w_mu.shape[0], w_gate.shape[0]
     return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_mu),
             w_mu.new_empty((dz,)), torch.empty_like(w_logvar), w_mu.new_empty((dz,)), torch.empty_like(w_gate),
