@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_doe_model import batch, tiny
+from test_doe_model import V, batch, tiny
 from transformers import AutoModel
 
 from doe_ext.models import DoEForCausalLM
@@ -141,3 +141,36 @@ def test_the_cache_state_follows_crop_select_and_repeat():
         got = cont(cache, more, more_t)
         torch.testing.assert_close(got, full(torch.cat([ids[:1].expand(3, -1), more], 1),
                                              torch.cat([topics[:1].expand(3, -1), more_t], 1))[:, -2:])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"knowledge": False}])
+def test_resize_token_embeddings_keeps_the_old_vocabulary(overrides):
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(**overrides)).eval()
+    ids, topics = batch()
+    with torch.no_grad():  # (a graph kept alive across transformers' in-place resize breaks its backward, Llama's too)
+        before = model(ids, topic_ids=topics).logits
+    model.resize_token_embeddings(V + 7)
+    assert model.config.vocab_size == V + 7 and model.get_input_embeddings().weight.shape[0] == V + 7
+    after = model(ids, topic_ids=topics).logits
+    assert after.shape[-1] == V + 7
+    torch.testing.assert_close(after[..., :V], before)  # old tokens: the same outputs
+    new = torch.full_like(ids, V + 3)  # a new token trains
+    out = model.train()(new, topic_ids=topics, labels=new)
+    out.loss.backward()
+    assert model.get_input_embeddings().weight.grad[V + 3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"knowledge": False}])
+def test_tied_word_embeddings(overrides, tmp_path):
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(tie_word_embeddings=True, **overrides)).eval()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids, topics = batch()
+    want = model(ids, topic_ids=topics).logits
+    model.save_pretrained(tmp_path)
+    again = DoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.lm_head.weight is again.get_input_embeddings().weight
+    torch.testing.assert_close(again(ids, topic_ids=topics).logits, want)
+    again.resize_token_embeddings(V + 2)
+    assert again.lm_head.weight is again.get_input_embeddings().weight and again.lm_head.weight.shape[0] == V + 2

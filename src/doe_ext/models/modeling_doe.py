@@ -442,6 +442,9 @@ def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None
 class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: DoEConfig):
         super().__init__(config)
+        # tie_word_embeddings: the LM head shares the token table (the dual embedding's token_weight)
+        self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.token_weight" if config.has_topic_input
+                                   else "model.embed_tokens.weight"}
         self.model = DoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -458,6 +461,23 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, for the dual embedding too: its token table is resized as an
+        ``nn.Embedding`` would be (new rows from the old rows' mean and covariance with
+        ``mean_resizing``), the topic table and projection are kept, the LM head follows."""
+        emb = self.get_input_embeddings()
+        if not isinstance(emb, DualInputEmbedding):
+            return super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        table = nn.Embedding(emb.vocab_size, emb.d_model, padding_idx=emb.padding_idx, _weight=emb.token_weight.data,
+                             device=emb.token_weight.device, dtype=emb.token_weight.dtype)
+        resized = self._get_resized_embeddings(table, new_num_tokens, pad_to_multiple_of, mean_resizing)
+        emb.token_weight = nn.Parameter(resized.weight.data, requires_grad=emb.token_weight.requires_grad)
+        emb.vocab_size = emb.token_weight.shape[0]
+        head = self._get_resized_lm_head(self.lm_head, emb.vocab_size, mean_resizing=mean_resizing)
+        head.requires_grad_(self.lm_head.weight.requires_grad)
+        self.set_output_embeddings(head)
+        return emb
 
     def set_output_embeddings(self, value):
         self.lm_head = value

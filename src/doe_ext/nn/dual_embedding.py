@@ -76,6 +76,12 @@ class DualInputEmbedding(nn.Module):
         h = embed(token_ids, topic_ids, self.token_weight, self.topic_weight, padding_idx=self.padding_idx)
         return h if self.proj is None else self.proj(h)
 
+    @property
+    def weight(self) -> nn.Parameter:
+        """The token table under the name transformers expects of an input embedding (tying,
+        resizing): ``token_weight``."""
+        return self.token_weight
+
     def combine(self, token_embeds: Tensor, topic_ids: Tensor | None = None) -> Tensor:
         """:meth:`forward` from the token part ``token_embeds [..., d_model]`` (``token_weight[ids]``, or
         any embedding a caller computed: Hugging Face's ``inputs_embeds``) and ``topic_ids [...]``."""
