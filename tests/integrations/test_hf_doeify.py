@@ -9,6 +9,8 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Qwen2Config)
 
+from reference_generation import reference_beam_search
+
 from doe_ext.integrations.hf import DoEMLP, DoEWrapper, doeify
 
 V, D, L, K = 97, 32, 3, 8  # three layers: a first, a shared middle and a last router
@@ -242,3 +244,19 @@ def test_cuda_parity_and_generate(dtype):
     cached = wrapper.generate(ids, topic_ids=topics, max_new_tokens=4, do_sample=False)
     uncached = wrapper.generate(ids, topic_ids=topics, max_new_tokens=4, do_sample=False, use_cache=False)
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_beam_search_equals_a_full_recompute_reference(family):
+    """The wrapper's topic history and signal sums live in the DoECache, which beam search reorders."""
+    base = make_base(family)
+    base_params = {id(p) for p in base.parameters()}
+    wrapper = doeify(base, **OPTIONS).eval()
+    perturb_knowledge(wrapper, base_params)
+    ids, topics = batch(T=5)
+    with torch.no_grad():
+        out = wrapper.generate(ids, topic_ids=topics, num_beams=3, max_new_tokens=5, do_sample=False)
+        for b in range(2):
+            assert out[b].tolist() == reference_beam_search(wrapper, ids[b], topics[b], 3, 5)
+    with pytest.raises(NotImplementedError, match="beam search needs the KV cache"):
+        wrapper.generate(ids, topic_ids=topics, num_beams=2, max_new_tokens=2, use_cache=False)

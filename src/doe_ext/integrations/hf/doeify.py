@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
-from doe_ext.models.cache import DoECache, causal_prefix_mean
+from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
 from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
 from doe_ext.models.modeling_doe import (
     DoECausalLMOutput,
@@ -279,15 +279,24 @@ class DoEWrapper(nn.Module):
         T = ids.shape[1] if ids is not None else None
         st.pad_mask = mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None
         if st.history is not None and ids is not None:  # generate: the topics of this call's tokens
-            st.topic_ids = st.history[:, -T:]
+            if st.history.shape[0] != ids.shape[0] and ids.shape[0] % st.history.shape[0] == 0:
+                # generate expanded the prompts (beams, num_return_sequences) with repeat_interleave
+                st.history = st.history.repeat_interleave(ids.shape[0] // st.history.shape[0], dim=0)
+            state = getattr(st.cache, "doe", None)
+            if state is not None and state.topics is not None and st.cache.get_seq_length() > 0 and T == 1:
+                st.topic_ids = state.topics[:, -1:]  # predicted at the previous position, reordered with the beams
+            else:
+                st.topic_ids = st.history[:, -T:]
         st.prior = None
         if self.topic_prior is not None and st.topic_ids is not None:
             st.prior = topic_prior_embedding(self.topic_prior, st.topic_ids)
 
     def _after_base_forward(self, module, args, kwargs, output):
         st = self._state
+        last = st.routed.get(len(self.doe_layers) - 1)
+        if st.cache is not None and last is not None:  # each position's predicted next topic, in the DoE cache
+            doe_state(st.cache).append_topics(last.logits.argmax(-1))
         if st.history is not None:  # a generated token takes the topic the last router predicts
-            last = st.routed.get(len(self.doe_layers) - 1)
             nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(st.history[:, -1], -1)
             st.history = torch.cat([st.history, nxt[:, None].to(st.history.dtype)], dim=1)
 
@@ -335,15 +344,25 @@ class DoEWrapper(nn.Module):
 
     @torch.no_grad()
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
-        """The base model's ``generate`` (greedy, sampling; KV cache or not) with DoE's topics:
-        ``topic_ids [B, T]`` tag the prompt (None: unlabeled); a generated token takes the topic the
-        last layer's router predicted at the previous position."""
+        """The base model's ``generate`` (greedy, sampling, beam search; KV cache or not) with DoE's
+        topics: ``topic_ids [B, T]`` tag the prompt (None: unlabeled); a generated token takes the topic
+        the last layer's router predicted at the previous position. With the cache that history lives
+        in a :class:`~doe_ext.models.cache.DoECache`, which beam search reorders; beam search without
+        the cache and assisted decoding are refused."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise ValueError("DoEWrapper.generate: pass the prompt as token ids (inputs or input_ids)")
-        if kwargs.get("num_beams", 1) > 1 or kwargs.get("assistant_model") is not None:
-            raise NotImplementedError("DoEWrapper.generate: beam search and assisted decoding reorder or rewind "
-                                      "sequences, which the topic tracking does not follow; use greedy or sampling")
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if kwargs.get("assistant_model") is not None:
+            raise NotImplementedError("DoEWrapper.generate: assisted decoding rewinds sequences, which the topic "
+                                      "tracking does not follow; use greedy, sampling or beam search")
+        if beams > 1 and use_cache is False:
+            raise NotImplementedError("DoEWrapper.generate: beam search needs the KV cache (use_cache=True): the "
+                                      "generated tokens' topic history lives in the DoECache, which beam search reorders")
+        if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = DoECache(config=self.base_model.config)
         if topic_ids is not None and topic_ids.shape != ids.shape:
             raise ValueError(f"DoEWrapper.generate: topic_ids must have the prompt's shape {tuple(ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
