@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from lda_testing import draw_corpus
 from doe_ext.cli import main

@@ -36,11 +36,12 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from doe_ext import _auto
-from doe_ext.losses import composite_loss
+from doe_ext.losses import doe_losses, gate_stats, next_token_loss
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
 from doe_ext.models.configuration_doe import DoEConfig
-from doe_ext.nn import DualInputEmbedding, KnowledgeAttention, VAEReLURouter
-from doe_ext.ops import expert_loss
+from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
+from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,  # noqa: F401
+                                       topic_prior_embedding)
 
 
 class SwiGLU(nn.Module):
@@ -87,29 +88,6 @@ class DoEAttention(nn.Module):
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0, **kwargs)
         return self.o_proj(out.reshape(B, T, -1).contiguous()), signal, weights
-
-
-@dataclass
-class RouterOutput:
-    gates: Tensor  # (B, T, K)
-    logits: Tensor  # (B, T, K) pre-activation, for L_expert
-    kl: Tensor  # (B, T)
-    recon: Tensor | None = None  # (B, T): the last router's error reconstructing the next token's embedding
-
-
-def compose_expert(h: Tensor, z: Tensor, knowledge_attention: KnowledgeAttention, signal_proj: nn.Module | None,
-                   signal: Tensor | None, router: nn.Module | None, prior: Tensor | None,
-                   recon_target: Tensor | None = None) -> tuple[Tensor, Tensor, RouterOutput | None]:
-    """The knowledge path of one layer up to the fusion (shared with the Hugging Face drop-in):
-    ``h [B, T, d]`` (H_mha) -> ``(h_enr, e, routed)`` with ``e = gates @ Z`` (zeros without a router)."""
-    h_enr = knowledge_attention(h, state=z)  # h + softmax(h W_q Z^T / sqrt d) Z
-    if router is None:
-        return h_enr, torch.zeros_like(h_enr), None
-    r = h_enr if signal_proj is None else h_enr + signal_proj(signal)
-    if prior is not None:
-        r = r + prior
-    routed = RouterOutput(*router(r, recon_target))
-    return h_enr, routed.gates @ z, routed  # (B, T, d): the composed expert
 
 
 class KnowledgeFFN(nn.Module):
@@ -249,35 +227,6 @@ class DoEPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.topic_prior.weight)  # the prior starts as a no-op
 
 
-def make_routers(d: int, latent_dim: int, num_topics: int, num_layers: int, router: str = "vae_relu",
-                 decoder: bool = False) -> nn.ModuleDict:
-    """The routers of CONTRACT §4: ``first`` (layer 0, prior-conditioned), ONE ``middle`` module shared
-    by layers 1..L-2, ``last`` (optionally with the decoder that predicts the next token's embedding)."""
-    activation = "relu" if router == "vae_relu" else "softmax"
-    make = lambda decoder=False: VAEReLURouter(d, latent_dim, num_topics, activation=activation,  # noqa: E731
-                                               decoder=decoder)
-    routers = nn.ModuleDict({"first": make()})
-    if num_layers > 2:
-        routers["middle"] = make()
-    if num_layers > 1:
-        routers["last"] = make(decoder=decoder)
-    return routers
-
-
-def layer_router(routers: nn.ModuleDict, i: int, num_layers: int) -> nn.Module | None:
-    """The router of layer ``i`` in ``make_routers``' layout (None without routers)."""
-    if not routers:
-        return None
-    if i == 0:
-        return routers["first"]
-    return routers["last"] if i == num_layers - 1 else routers["middle"]
-
-
-def topic_prior_embedding(topic_prior: nn.Embedding, topic_ids: Tensor) -> Tensor:
-    """``E_prior[topic_ids]`` with topic -1 (unlabeled) contributing zeros."""
-    return topic_prior(topic_ids.clamp(min=0)) * (topic_ids >= 0)[..., None]
-
-
 class DoEModel(DoEPreTrainedModel):
     def __init__(self, config: DoEConfig):
         super().__init__(config)
@@ -387,56 +336,6 @@ class DoECausalLMOutput(CausalLMOutputWithPast):
 
     aux: dict | None = None
     next_topic_ids: Tensor | None = None
-
-
-def gate_stats(gates: Tensor) -> dict[str, Tensor]:
-    """Sparsity, share of all-zero rows, and the coefficient of variation of block utilisation (Fig. 4)."""
-    active = (gates > 0).reshape(-1, gates.shape[-1])
-    use = active.float().sum(0)
-    return {"sparsity": 1 - active.float().mean(), "zero_rows": (~active.any(-1)).float().mean(),
-            "block_cv": use.std(correction=0) / use.mean().clamp(min=1e-12)}
-
-
-def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_ntp: cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` shifted by one (-100 ignored)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None, expert_labels: Tensor | None,
-               alpha: float, beta: float = 0.0, balances: list[Tensor] = (), balance_coef: float = 0.0,
-               supervise_last: bool = False):
-    """The composite DoE loss (CONTRACT §4) from L_ntp and the routers' outputs, first to last layer:
-    ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·(KL + recon)) (+ balance_coef·MoE balance)``; L_expert
-    averages every router but the last (all of them with ``supervise_last``).
-    Returns ``(loss, parts)`` with the detached parts for ``aux``."""
-    parts = {"ntp": ntp.detach()}
-    loss = ntp
-    if expert_labels is None:
-        expert_labels = topic_ids
-    supervised = routed[:-1] if len(routed) > 1 and not supervise_last else routed  # CONTRACT §4
-    if supervised and expert_labels is not None:
-        if expert_labels.is_floating_point():  # per-document distributions [B, K]
-            target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)
-            per_layer = [expert_loss(r.logits, target) for r in supervised]
-        else:  # per-token topic ids, shifted like labels
-            per_layer = [expert_loss(r.logits[:, :-1], expert_labels[:, 1:], ignore_index=-1) for r in supervised]
-        l_expert = torch.stack(per_layer).mean()
-        loss = composite_loss(ntp, l_expert, alpha)
-        parts["expert"] = l_expert.detach()
-    if routed:
-        kl = torch.stack([r.kl.mean() for r in routed]).mean()
-        parts["kl"] = kl.detach()
-        if routed[-1].recon is not None:  # the last router reconstructs the next token's embedding
-            rec = routed[-1].recon[:, :-1].mean()
-            parts["recon"] = rec.detach()
-            kl = kl + rec
-        if beta > 0:
-            loss = loss + beta * kl
-    if balances:
-        balance = torch.stack(balances).mean()
-        parts["moe_balance"] = balance.detach()
-        loss = loss + balance_coef * balance
-    return loss, parts
 
 
 class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):

@@ -32,16 +32,9 @@ from torch import Tensor, nn
 from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
 from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
-from doe_ext.models.modeling_doe import (
-    DoECausalLMOutput,
-    compose_expert,
-    doe_losses,
-    gate_stats,
-    layer_router,
-    make_routers,
-    next_token_loss,
-    topic_prior_embedding,
-)
+from doe_ext.losses import doe_losses, gate_stats, next_token_loss
+from doe_ext.models.modeling_doe import DoECausalLMOutput
+from doe_ext.nn.knowledge_path import compose_expert, layer_router, make_routers, topic_prior_embedding
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 
 ROUTERS = ("vae_relu", "vae_softmax", "none")
