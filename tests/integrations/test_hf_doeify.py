@@ -214,13 +214,19 @@ def test_bad_options_name_the_field(bad, field):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_gradient_checkpointing_gives_the_same_gradients(family):
+    """Non-reentrant checkpointing keeps every gradient; reentrant is refused by name (it would drop the
+    routers' gradients: their outputs leave the HF layer beside its hidden state)."""
     ids, topics = batch()
+    reentrant = doeify(make_base(family), **OPTIONS).train()
+    reentrant.base_model.activation_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(NotImplementedError, match=r"reentrant gradient checkpointing \(use_reentrant=True\)"):
+        reentrant(ids, topic_ids=topics, labels=ids, use_cache=False)
     grads = []
     for checkpointing in (False, True):
         base = make_base(family)
         base_params = {id(p) for p in base.parameters()}
         if checkpointing:
-            base.activation_checkpointing_enable()
+            base.activation_checkpointing_enable({"use_reentrant": False})
         wrapper = doeify(base, **OPTIONS).train()
         perturb_knowledge(wrapper, base_params)
         torch.manual_seed(5)  # the VAE noise

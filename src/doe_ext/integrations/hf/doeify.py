@@ -293,6 +293,18 @@ class DoEWrapper(nn.Module):
             nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(st.history[:, -1], -1)
             st.history = torch.cat([st.history, nxt[:, None].to(st.history.dtype)], dim=1)
 
+    def _refuse_reentrant_checkpointing(self) -> None:
+        """The routers' outputs leave a wrapped layer beside its hidden state, not as its output: a
+        reentrant checkpoint (which runs the layer without grad first) would silently drop their
+        gradients (expert-label loss, KL). Non-reentrant checkpointing keeps them (tested)."""
+        for layer in _get(self.base_model, self.adapter.layers):
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(layer, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"):
+                raise NotImplementedError(
+                    "DoEWrapper: reentrant gradient checkpointing (use_reentrant=True) would drop the expert-label "
+                    "and KL gradients of the routers; enable it with "
+                    "model.activation_checkpointing_enable({'use_reentrant': False})")
+
     @property
     def config(self):
         return self.base_model.config
@@ -311,6 +323,8 @@ class DoEWrapper(nn.Module):
         if topic_ids is not None and topic_ids.shape != input_ids.shape:
             raise ValueError(f"DoEWrapper: topic_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
+        if labels is not None and self.training and torch.is_grad_enabled():
+            self._refuse_reentrant_checkpointing()
         if use_cache is None:
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
