@@ -79,6 +79,21 @@ class DoECache(DynamicCache):
         self.doe.crop(self.get_seq_length())
 
 
+def with_doe_cache(who: str, kwargs: dict, generation_config, model_config, needs_state: bool = True) -> dict:
+    """``generate``'s keyword arguments with a :class:`DoECache` (unless the caller gave a cache or
+    ``use_cache=False``); beam search without the cache is refused when the model has DoE state
+    (``needs_state``): the generated tokens' topic history lives in the cache, which beams reorder."""
+    config = kwargs.get("generation_config") or generation_config
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+    if beams > 1 and use_cache is False and needs_state:
+        raise NotImplementedError(f"{who}: beam search needs the KV cache (use_cache=True): the generated tokens' "
+                                  "topic history lives in the DoECache, which beam search reorders")
+    if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+        kwargs["cache"] = DoECache(config=model_config)
+    return kwargs
+
+
 def doe_state(cache: Cache) -> DoEState:
     """The DoE state of ``cache`` (attached to a cache of another class on first use)."""
     state = getattr(cache, "doe", None)

@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
 
 from doe_ext import _auto
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
-from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
+from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
 from doe_ext.models.configuration_doe import DoEConfig
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,  # noqa: F401
@@ -428,15 +428,8 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
             topic_ids = torch.full_like(ids, -1)
         if topic_ids is not None:
             kwargs["topic_ids"] = topic_ids
-        config = kwargs.get("generation_config") or self.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-        if beams > 1 and use_cache is False and self.config.has_router:
-            raise NotImplementedError("DoEForCausalLM.generate: beam search needs the KV cache (use_cache=True): "
-                                      "the generated tokens' topic history lives in the DoECache, which beam "
-                                      "search reorders")
-        if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = DoECache(config=self.config)
+        kwargs = with_doe_cache("DoEForCausalLM.generate", kwargs, self.generation_config, self.config,
+                                needs_state=self.config.has_router)
         return super().generate(inputs, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):

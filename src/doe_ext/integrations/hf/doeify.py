@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
-from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state
+from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
 from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
@@ -359,17 +359,10 @@ class DoEWrapper(nn.Module):
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise ValueError("DoEWrapper.generate: pass the prompt as token ids (inputs or input_ids)")
-        config = kwargs.get("generation_config") or self.base_model.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
         if kwargs.get("assistant_model") is not None:
             raise NotImplementedError("DoEWrapper.generate: assisted decoding rewinds sequences, which the topic "
                                       "tracking does not follow; use greedy, sampling or beam search")
-        if beams > 1 and use_cache is False:
-            raise NotImplementedError("DoEWrapper.generate: beam search needs the KV cache (use_cache=True): the "
-                                      "generated tokens' topic history lives in the DoECache, which beam search reorders")
-        if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs["cache"] = DoECache(config=self.base_model.config)
+        kwargs = with_doe_cache("DoEWrapper.generate", kwargs, self.base_model.generation_config, self.base_model.config)
         if topic_ids is not None and topic_ids.shape != ids.shape:
             raise ValueError(f"DoEWrapper.generate: topic_ids must have the prompt's shape {tuple(ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
