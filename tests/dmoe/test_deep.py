@@ -13,7 +13,7 @@ from doe_ext.dmoe.deep import DeepDMoE, DeepLayers, train_deep
 from doe_ext.dmoe.experts import init_expert
 from doe_ext.dmoe.model import token_entropy
 from doe_ext.dmoe.train import expert_seed, training_instances
-from doe_ext.integrations.hf.adapters import ADAPTERS
+from doe_ext.integrations.hf.adapters import adapter_for
 from test_train import AUG, RefLoRA
 
 CFG = TrainConfig(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)
@@ -36,10 +36,10 @@ def test_last_layer_only_equals_dmoe_training(base):
 
 
 def _modules(model, first):
-    mt = model.config.model_type
-    layers = get_path(model, ADAPTERS[mt].layers)
+    mt, adapter = model.config.model_type, adapter_for(model)
+    layers = get_path(model, adapter.layers)
     from doe_ext.dmoe.base import SPECS
-    return {f"{i}.{p}": (get_path(layers[i], ADAPTERS[mt].mlp), p) for i in range(first, len(layers))
+    return {f"{i}.{p}": (get_path(layers[i], adapter.mlp), p) for i in range(first, len(layers))
             for p in SPECS[mt].projections}
 
 

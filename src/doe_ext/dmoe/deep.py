@@ -26,7 +26,7 @@ from doe_ext.dmoe.experts import ExpertLinear, ExpertSet, Routing, init_expert, 
 from doe_ext.dmoe.model import Generation, Trigger, eos_tokens, token_entropy
 from doe_ext.dmoe.train import (TrainConfig, TrainedExpert, _ExpertAdamW, _experts, chunked_lm_loss, expert_seed,
                                 training_instances)
-from doe_ext.integrations.hf.adapters import ADAPTERS
+from doe_ext.integrations.hf.adapters import adapter_for
 
 
 class DeepLayers:
@@ -34,11 +34,11 @@ class DeepLayers:
     ``"<layer>.<projection>"`` experts (a last-layer DMoE wrapper stays inside, unused)."""
 
     def __init__(self, base: BaseLM, fraction: float):
-        mt = base.model.config.model_type
-        layers = get_path(base.model, ADAPTERS[mt].layers)
+        mt, adapter = base.model.config.model_type, adapter_for(base.model)
+        layers = get_path(base.model, adapter.layers)
         n = max(1, round(fraction * len(layers)))
         self.base, self.first, self.num_layers = base, len(layers) - n, len(layers)
-        self.mlps = {i: get_path(layers[i], ADAPTERS[mt].mlp) for i in range(self.first, len(layers))}
+        self.mlps = {i: get_path(layers[i], adapter.mlp) for i in range(self.first, len(layers))}
         self.projections = SPECS[mt].projections
         self.names = tuple(f"{i}.{p}" for i in self.mlps for p in self.projections)
 

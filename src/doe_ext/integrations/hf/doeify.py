@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from doe_ext.integrations.hf.adapters import ADAPTERS, FamilyAdapter
+from doe_ext.integrations.hf.adapters import FamilyAdapter, adapter_for, get_path, has_path, out_features
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
 from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
@@ -50,6 +50,7 @@ class _ForwardState:
     def __init__(self):
         self.owner: DoEWrapper | None = None
         self.input_ids: Tensor | None = None
+        self.batch_shape: tuple[int, int] | None = None  # (B, T) of this call (OPT's MLP sees (B*T, d))
         self.pending: dict[str, Any] = {}  # DoEWrapper.forward's topic_ids / reconstruct, for the next base call
         self.topic_ids: Tensor | None = None  # (B, T), -1 = none
         self.history: Tensor | None = None  # generate: topics of every token so far, (B, T_total)
@@ -63,30 +64,17 @@ class _ForwardState:
         self.expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
 
 
-def _get(root: nn.Module, path: str) -> Any:
-    for name in path.split("."):
-        root = getattr(root, name)
-    return root
-
-
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent, _, name = path.rpartition(".")
-    return (_get(root, parent) if parent else root), name
-
-
-def _out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):  # nn.Linear
-        return module.out_features
-    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2)
-        return module.nf
-    raise TypeError(f"doeify: cannot tell the output width of {type(module).__name__}")
+    return get_path(root, parent), name
 
 
 class DoEEmbedding(nn.Module):
     """The base token embedding (``base_layer``) as DoE's dual-input embedding (§3.3):
     ``proj([E_tok[token]; E_know[topic]])`` with ``proj = [I | 0]`` at first. ``E_tok`` IS the base
-    weight (shared, not copied), so a tied LM head stays tied. Topic ids apply only to the call that
-    embeds the model's ``input_ids`` (GPT-2 also embeds ``token_type_ids`` with this table)."""
+    weight (shared, not copied), so a tied LM head stays tied. A scaled embedding (gemma's
+    ``embed_scale``) keeps its scale. Topic ids apply only to the call that embeds the model's
+    ``input_ids`` (GPT-2 also embeds ``token_type_ids`` with this table)."""
 
     def __init__(self, base_layer: nn.Embedding, num_topics: int, topic_dim: int, state: _ForwardState):
         super().__init__()
@@ -94,6 +82,21 @@ class DoEEmbedding(nn.Module):
         self.dual = DualInputEmbedding.from_pretrained(base_layer, num_topics, topic_dim)
         self.dual.token_weight = base_layer.weight
         self._state = state
+        w = base_layer.weight
+        if not w.is_meta:  # the wrapped lookup must be the original's, or parity at init is lost silently
+            probe = torch.arange(min(w.shape[0], 16), device=w.device)
+            with torch.no_grad():
+                same = torch.equal(self._lookup(probe), base_layer(probe))
+            if not same:
+                raise ValueError(f"doeify: the token embedding {type(base_layer).__name__} is not a plain lookup (times "
+                                 "`embed_scale` if it has one); doeify would change its output")
+
+    def _lookup(self, input_ids: Tensor, topics: Tensor | None = None) -> Tensor:
+        out = self.dual(input_ids, topics)
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return out
+        return out * (scale.to(out.dtype) if isinstance(scale, Tensor) else scale)
 
     @property
     def weight(self) -> Tensor:
@@ -103,9 +106,9 @@ class DoEEmbedding(nn.Module):
         st = self._state
         ids = st.input_ids  # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
         if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
-            return self.dual(input_ids)
+            return self._lookup(input_ids)
         topics = None if st.topic_ids is None else st.topic_ids.reshape(input_ids.shape)
-        st.embeds = self.dual(input_ids, topics)
+        st.embeds = self._lookup(input_ids, topics)
         return st.embeds
 
 
@@ -118,7 +121,7 @@ class ConcatInput(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         w = next(base_layer.parameters())
-        self.extra = nn.Linear(d, _out_features(base_layer), bias=False, device=w.device, dtype=w.dtype)
+        self.extra = nn.Linear(d, out_features(base_layer), bias=False, device=w.device, dtype=w.dtype)
         self._state = state
 
     def forward(self, h: Tensor) -> Tensor:
@@ -146,6 +149,9 @@ class DoEMLP(nn.Module):
 
     def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
         st, owner, i = self._state, self._state.owner, self.layer_idx
+        flat = h.dim() == 2  # OPT flattens (B, T, d) to (B*T, d) before its MLP
+        if flat:
+            h = h.view(*st.batch_shape, h.shape[-1])
         num_layers = len(owner.doe_layers)
         router = layer_router(owner.routers, i, num_layers)
         signal = st.signals.get(i)
@@ -159,6 +165,8 @@ class DoEMLP(nn.Module):
                                           signal, router, st.prior if i == 0 else None, recon_target)
         if routed is not None:
             st.routed[i] = routed
+        if flat:
+            h_enr, e = h_enr.flatten(0, 1), e.flatten(0, 1)
         if self.fusion == "add":
             return self.base_layer(h_enr + e, *args, **kwargs)
         st.expert = e
@@ -198,10 +206,11 @@ class DoEWrapper(nn.Module):
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, name, original, wrapper)
         self._hooks: list = []
 
-        embedding = _get(model, adapter.embedding)
-        layers = _get(model, adapter.layers)
+        embedding = get_path(model, adapter.embedding)
+        layers = get_path(model, adapter.layers)
         w = embedding.weight
-        d, K, L = w.shape[1], num_topics, len(layers)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        d, K, L = text_config.hidden_size, num_topics, len(layers)  # OPT's embedding may be narrower than d
         has_router = router != "none"
         self.knowledge_state = nn.Parameter(torch.zeros(K, d, device=w.device, dtype=w.dtype))  # Z = 0: a no-op
         self.routers = make_routers(d, latent_dim, K, L, router, router_decoder) if has_router else nn.ModuleDict()
@@ -217,11 +226,18 @@ class DoEWrapper(nn.Module):
         self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, st))
         self.__dict__["doe_layers"] = []
         for i, layer in enumerate(layers):
-            attn, mlp = _get(layer, adapter.attention), _get(layer, adapter.mlp)
-            signal_dim = self._hook_signal(attn, i, model.config) if has_router and signal_source != "none" else 0
+            attn = get_path(layer, adapter.attention)
+            signal_dim = self._hook_signal(attn, i) if has_router and signal_source != "none" else 0
             if fusion == "concat":
-                for name in adapter.mlp_inputs:
-                    self._swap(mlp, name, ConcatInput(_get(mlp, name), d, st))
+                mlp = get_path(layer, adapter.mlp)
+                inputs = [n for n in adapter.mlp_inputs if has_path(mlp, n)]
+                if not inputs:
+                    raise ValueError(f"doeify: fusion='concat' widens the MLP's input projections {adapter.mlp_inputs}, "
+                                     f"and layer {i}'s {type(mlp).__name__} has none (a MoE block?); use fusion='add'")
+                for name in inputs:
+                    self._swap(layer, f"{adapter.mlp}.{name}" if name else adapter.mlp,
+                               ConcatInput(get_path(mlp, name), d, st))
+            mlp = get_path(layer, adapter.mlp)
             self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, st)))
         self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
@@ -234,36 +250,39 @@ class DoEWrapper(nn.Module):
         setattr(parent, name, new)
         return new
 
-    def _hook_signal(self, attn: nn.Module, i: int, config) -> int:
+    def _hook_signal(self, attn: nn.Module, i: int) -> int:
         """Record layer ``i``'s q/k/v projection output for the router; returns its width."""
         source = self.doe_config["signal_source"]
-        which = "qkv".index(source)
-        st = self._state
-        if self.adapter.qkv is not None:
-            proj = _get(attn, self.adapter.qkv[which])
+        st, adapter = self._state, self.adapter
+        if adapter.qkv is not None:
+            proj = get_path(attn, adapter.qkv["qkv".index(source)])
 
             def hook(module, args, out):
                 st.signals[i] = out
             self._hooks.append(proj.register_forward_hook(hook))
-            return _out_features(proj)
-        nh = config.num_attention_heads
-        hd = getattr(config, "head_dim", None) or config.hidden_size // nh
-        nkv = getattr(config, "num_key_value_heads", None) or nh
-        sizes = [nh * hd, nkv * hd, nkv * hd]
-        proj = _get(attn, self.adapter.fused_qkv)
-        if _out_features(proj) != sum(sizes):
-            raise ValueError(f"doeify: {self.adapter.fused_qkv} of layer {i} has {_out_features(proj)} outputs, "
-                             f"expected q+k+v = {sizes}")
+            return out_features(proj)
+        layout = adapter.fused_qkv
+        if layout is None:
+            raise ValueError(f"doeify: {type(attn).__name__} has no q/k/v projections doeify can find (separate "
+                             f"q_proj/k_proj/v_proj or a fused one); pass signal_source='none', or an adapter with "
+                             f"qkv= or fused_qkv=")
+        proj = get_path(attn, layout.path)
+        if out_features(proj) != layout.width:
+            raise ValueError(f"doeify: {layout.path} of layer {i} has {out_features(proj)} outputs, its layout "
+                             f"{layout} gives {layout.width}")
 
         def fused_hook(module, args, out):
-            st.signals[i] = out.split(sizes, dim=-1)[which]
+            st.signals[i] = layout.split(out, source)
         self._hooks.append(proj.register_forward_hook(fused_hook))
-        return sizes[which]
+        return layout.part_width(source)
 
     def _before_base_forward(self, module, args, kwargs):
         st = self._state
         ids = kwargs.get("input_ids", args[0] if args else None)
         st.input_ids, st.embeds = ids, None
+        embeds = kwargs.get("inputs_embeds")
+        st.batch_shape = tuple(ids.shape[:2]) if ids is not None else (
+            tuple(embeds.shape[:2]) if embeds is not None else None)
         st.signals, st.routed = {}, {}
         st.topic_ids = st.pending.pop("topic_ids", None)  # a direct call of the base model: no topics
         st.reconstruct = st.pending.pop("reconstruct", False)
@@ -297,7 +316,7 @@ class DoEWrapper(nn.Module):
         """The routers' outputs leave a wrapped layer beside its hidden state, not as its output: a
         reentrant checkpoint (which runs the layer without grad first) would silently drop their
         gradients (expert-label loss, KL). Non-reentrant checkpointing keeps them (tested)."""
-        for layer in _get(self.base_model, self.adapter.layers):
+        for layer in get_path(self.base_model, self.adapter.layers):
             fn = getattr(layer, "_gradient_checkpointing_func", None)
             if getattr(layer, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"):
                 raise NotImplementedError(
@@ -381,8 +400,8 @@ class DoEWrapper(nn.Module):
             entry = nn.ModuleDict({"knowledge_attention": mlp.knowledge_attention})
             if mlp.signal_proj is not None:
                 entry["signal_proj"] = mlp.signal_proj
-            concat = {name: _get(mlp.base_layer, name).extra for name in self.adapter.mlp_inputs
-                      if isinstance(_get(mlp.base_layer, name), ConcatInput)}
+            concat = {name or "self": get_path(mlp.base_layer, name).extra for name in self.adapter.mlp_inputs
+                      if has_path(mlp.base_layer, name) and isinstance(get_path(mlp.base_layer, name), ConcatInput)}
             if concat:
                 entry["concat"] = nn.ModuleDict(concat)
             layers.append(entry)
@@ -413,7 +432,8 @@ class DoEWrapper(nn.Module):
         tensors = {k: v.detach().contiguous() for k, v in self.knowledge_state_dict().items()}
         save_file(tensors, os.path.join(path, KNOWLEDGE_FILE), metadata={"doe_config": json.dumps(self.doe_config)})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump({**self.doe_config, "model_type": self.base_model.config.model_type}, f, indent=2)
+            json.dump({**self.doe_config, "model_type": self.base_model.config.model_type,
+                       "adapter": self.adapter.to_dict()}, f, indent=2)
 
     def load_knowledge(self, path: str | os.PathLike) -> None:
         """Load what :meth:`save_knowledge` wrote (a folder, or the safetensors file itself) into this
@@ -473,7 +493,9 @@ class DoEWrapper(nn.Module):
         with open(os.path.join(path, CONFIG_FILE)) as f:
             options = json.load(f)
         options.pop("model_type", None)
-        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), **options)
+        adapter = options.pop("adapter", None)  # absent in folders saved before adapters were saved
+        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), **options,
+                         adapter=None if adapter is None else FamilyAdapter.from_dict(adapter))
         wrapper.load_knowledge(path)
         return wrapper
 
@@ -498,7 +520,8 @@ def doeify(model: nn.Module, num_topics: int = 128, topic_dim: int = 64, latent_
     """Add DoE's knowledge path (CONTRACT §4) to a pretrained causal LM, in place; returns the wrapper.
 
     Args:
-        model: a transformers causal LM of a family in ``ADAPTERS`` (Llama, Qwen2, Mistral, GPT-2).
+        model: a transformers causal LM (families tested: README, "Drop-in"; the layout is read off the
+            model, see :mod:`doe_ext.integrations.hf.adapters`).
         num_topics: K, the LDA topics = knowledge blocks = rows of Z.
         topic_dim: width of the topic embedding of the dual-input embedding.
         latent_dim: width of the VAE router's latent.
@@ -507,16 +530,12 @@ def doeify(model: nn.Module, num_topics: int = 128, topic_dim: int = 64, latent_
         fusion: ``"add"``: MLP(h_enr + e); ``"concat"``: MLP([h_enr; e]) (its input projections widened).
         alpha, beta: loss weights, as in DoEConfig.
         router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
-        adapter: where the family keeps its parts; default ``ADAPTERS[model.config.model_type]``.
+        adapter: where the family keeps its parts; default :func:`~doe_ext.integrations.hf.adapters.adapter_for`
+            (a registered ``ADAPTERS[model_type]``, else derived from the model). Saved with the knowledge.
     """
     if adapter is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        adapter = ADAPTERS.get(model_type)
-        if adapter is None:
-            raise ValueError(f"doeify: no adapter for {type(model).__name__} (model_type={model_type!r}); supported "
-                             f"families: {', '.join(sorted(ADAPTERS))}. Add a FamilyAdapter to "
-                             "doe_ext.integrations.hf.ADAPTERS, or pass adapter=")
-    if isinstance(_get(model, adapter.embedding), DoEEmbedding):
+        adapter = adapter_for(model)
+    if isinstance(get_path(model, adapter.embedding), DoEEmbedding):
         raise ValueError(f"doeify: {type(model).__name__} is already doeified")
     return DoEWrapper(model, adapter, num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim,
                       router=router, signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta,
