@@ -7,9 +7,9 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
-CPU_DTYPES = [torch.float32, torch.float64]
+CPU_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (device, dtype) pairs of the contract: CPU float32/float64, CUDA float32/float16/bfloat16.
+# (device, dtype) pairs of the contract: CPU float32/float64/float16/bfloat16, CUDA float32/float16/bfloat16.
 DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in CPU_DTYPES] + [
     pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))
     for dt in CUDA_DTYPES
@@ -34,6 +34,9 @@ def assert_close_to_reference(actual, ref_same_dtype, ref_f64, name=""):
     rule): the op's error against a float64 reference is at most 2x the reference's own error in
     that dtype, plus a small floor for outputs the reference happens to get exactly."""
     if actual.dtype in LOW_PRECISION:
+        assert actual.shape == ref_f64.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(ref_f64.shape)}"
+        if actual.numel() == 0:
+            return
         err = (actual.double() - ref_f64.double()).abs().max().item()
         ref_err = (ref_same_dtype.double() - ref_f64.double()).abs().max().item()
         floor = 1e-3 * max(ref_f64.abs().max().item(), 1.0)

@@ -100,7 +100,7 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
   const int64_t width = sz.d + sz.dk;
   const int64_t ts0 = token_weight.stride(0), ts1 = token_weight.stride(1);
   const int64_t ks0 = topic_weight.stride(0), ks1 = topic_weight.stride(1);
-  AT_DISPATCH_FLOATING_TYPES(token_weight.scalar_type(), "dual_embedding_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, token_weight.scalar_type(), "dual_embedding_fwd_cpu", [&] {
     const scalar_t* twp = token_weight.const_data_ptr<scalar_t>();
     const scalar_t* kwp = topic_weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -125,19 +125,23 @@ std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad
                                                          const at::Tensor& topic_ids, const at::Tensor& token_weight,
                                                          const at::Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
-  auto grad_tok = grad_table(sz.V, sz.d, token_weight.options());
-  auto grad_top = grad_table(sz.K, sz.dk, token_weight.options());
+  // float16 / bfloat16: the runs are summed into float32 tables, rounded once at the end.
+  const auto dt = token_weight.scalar_type();
+  const auto acc = token_weight.options().dtype(is_half(token_weight) ? at::kFloat : dt);
+  auto grad_tok = grad_table(sz.V, sz.d, acc);
+  auto grad_top = grad_table(sz.K, sz.dk, acc);
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
   validate_ids(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), sz.N, sz.V, sz.K);
   std::vector<int64_t> tok_off, tok_pos, top_off, top_pos;
   sort_positions(tok.data_ptr<int64_t>(), sz.N, sz.V, tok_off, tok_pos);
   sort_positions(top.data_ptr<int64_t>(), sz.N, sz.K, top_off, top_pos);  // -1 (no label) skipped
-  const auto g = grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous();
+  const auto g = up(grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dual_embedding_bwd_cpu", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     reduce_runs<scalar_t>(gp, sz.d + sz.dk, 0, sz.d, tok_off, tok_pos, padding_idx, grad_tok.data_ptr<scalar_t>());
     reduce_runs<scalar_t>(gp, sz.d + sz.dk, sz.d, sz.dk, top_off, top_pos, -1, grad_top.data_ptr<scalar_t>());
   });
+  if (dt != grad_tok.scalar_type()) return {grad_tok.to(dt), grad_top.to(dt)};
   return {grad_tok, grad_top};
 }
 

@@ -74,6 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
                                                                     double label_smoothing, bool keep_grad) {
   const std::string red(reduction);
   const auto sz = check_expert_loss(logits, target, red, label_smoothing);
+  if (is_half(logits)) {  // float32 math, the outputs in the logits' dtype (as on CUDA)
+    const auto dt = logits.scalar_type();
+    auto [loss, grad, weight] = expert_loss_fwd_cpu(up(logits), up(target), ignore_index, reduction, label_smoothing,
+                                                    keep_grad);
+    return {loss.to(dt), grad.to(dt), weight.to(dt)};
+  }
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   auto row_loss = at::empty(lead, logits.options());
   auto grad = keep_grad ? at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))

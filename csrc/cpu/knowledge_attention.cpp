@@ -79,6 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
     const std::optional<at::Tensor>& residual, double scale, bool return_probs) {
   const auto sz = check_knowledge_attention(q, z_key, z_value, residual);
+  if (is_half(q)) {  // float32 math; lse stays float32, as on CUDA
+    auto [out, lse, probs] = knowledge_attention_fwd_cpu(up(q), up(z_key), up(z_value), up(residual), scale, return_probs);
+    return {out.to(q.scalar_type()), lse, probs.to(q.scalar_type())};
+  }
   auto out = at::empty(leading_with(q, sz.dv), q.options());
   auto lse = at::empty(q.sizes().slice(0, q.dim() - 1), q.options());
   auto probs = return_probs ? at::empty(leading_with(q, sz.K), q.options()) : at::empty({0}, q.options());
@@ -99,6 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key,
     const at::Tensor& z_value, const at::Tensor& lse, const at::Tensor& probs, double scale) {
   const auto sz = check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
+  if (is_half(q)) {
+    const auto dt = q.scalar_type();
+    auto [dq, dzk, dzv] = knowledge_attention_bwd_cpu(up(grad_out), up(q), up(z_key), up(z_value), lse, up(probs), scale);
+    return {dq.to(dt), dzk.to(dt), dzv.to(dt)};
+  }
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
   const auto q2 = as_rows(q, sz.N), g2 = as_rows(grad_out, sz.N);

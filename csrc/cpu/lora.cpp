@@ -107,14 +107,23 @@ void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, 
 at::Tensor as_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // The experts the slots use. With a bank larger than the slots (T * k), the indices are remapped
-// onto 0..U-1 and only those U experts' A and B^T are gathered (index_select: an expanded or huge
+// onto 0..U-1 and only those U experts' A and B are gathered (index_select: an expanded or huge
 // bank is never copied whole, and the counting sort needs U buckets, not N); otherwise the bank
 // itself, contiguous. Raises on an index out of range, naming `indices`.
 struct Bank {
-  at::Tensor ind, a, bt, used;  // used: the original expert ids (compact banks only)
+  at::Tensor ind, a, b, used;  // used: the original expert ids (compact banks only)
   int64_t N;
   bool compact;
 };
+
+// A compact bank's LoRA gradients over the whole bank (the contract's dense gradients), in `dtype`.
+std::pair<at::Tensor, at::Tensor> dense_lora_grads(const Bank& bank, int64_t N, const at::Tensor& grad_a,
+                                                   const at::Tensor& grad_b, at::ScalarType dtype) {
+  if (!bank.compact) return {grad_a.to(dtype), grad_b.to(dtype)};
+  const auto opts = grad_a.options().dtype(dtype);
+  return {at::zeros({N, grad_a.size(1), grad_a.size(2)}, opts).index_copy_(0, bank.used, grad_a.to(dtype)),
+          at::zeros({N, grad_b.size(1), grad_b.size(2)}, opts).index_copy_(0, bank.used, grad_b.to(dtype))};
+}
 
 Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t T, int64_t k,
                int64_t N) {
@@ -123,7 +132,7 @@ Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Te
   const int64_t P = T * k;
   for (int64_t p = 0; p < P; ++p)
     if (!lora::index_ok(ip[p], N)) fail_multi_lora_index(p / k, p % k, ip[p], N);
-  if (N <= P) return {ind, lora_a.contiguous(), lora_b.transpose(1, 2).contiguous(), at::Tensor(), N, false};
+  if (N <= P) return {ind, lora_a.contiguous(), lora_b, at::Tensor(), N, false};
   std::vector<int64_t> used;
   for (int64_t p = 0; p < P; ++p)
     if (ip[p] >= 0) used.push_back(ip[p]);
@@ -135,8 +144,8 @@ Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Te
     rp[p] = ip[p] < 0 ? -1 : std::lower_bound(used.begin(), used.end(), ip[p]) - used.begin();
   auto ids = at::empty({static_cast<int64_t>(used.size())}, ind.options());
   std::copy(used.begin(), used.end(), ids.data_ptr<int64_t>());
-  return {remapped, lora_a.index_select(0, ids).contiguous(), lora_b.index_select(0, ids).transpose(1, 2).contiguous(),
-          ids, static_cast<int64_t>(used.size()), true};
+  return {remapped, lora_a.index_select(0, ids).contiguous(), lora_b.index_select(0, ids), ids,
+          static_cast<int64_t>(used.size()), true};
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -145,6 +154,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
                                                              const at::Tensor& indices, const at::Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
   const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
+  if (is_half(x)) {  // float32 math on the experts used (a compact bank: never the whole one); xa stays float32
+    auto [out, xa] = multi_lora_linear_fwd_cpu(up(x), up(weight), up(bias), up(bank.a), up(bank.b), bank.ind, up(scales));
+    return {out.to(x.scalar_type()), xa};
+  }
   const auto& ind = bank.ind;
   const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, bank.N);
   auto out = at::empty({sz.T, sz.out}, x.options());
@@ -159,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
   if (s.order.empty() || sz.r == 0) return {out, xa};
   const auto xc = x2.contiguous();
   const auto& a = bank.a;
-  const auto& bt = bank.bt;  // [N, r, out]: B's columns as rows
+  const auto bt = bank.b.transpose(1, 2).contiguous();  // [N, r, out]: B's columns as rows
   const auto sc = scales.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cpu", [&] {
     using T = scalar_t;
@@ -181,6 +194,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_weight_grad, bool need_lora_grad) {
   const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
   const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
+  if (is_half(x)) {
+    const auto dt = x.scalar_type();
+    auto [gx, gw, gb, ga, glb, gs] = multi_lora_linear_bwd_cpu(up(grad_out), up(x), up(weight), up(bank.a), up(bank.b),
+                                                               bank.ind, up(scales), xa, need_weight_grad, need_lora_grad);
+    if (need_lora_grad) std::tie(ga, glb) = dense_lora_grads(bank, sz.N, ga, glb, dt);
+    return {gx.to(dt), gw.to(dt), gb.to(dt), ga.to(dt), glb.to(dt), gs.to(dt)};
+  }
   const auto& ind = bank.ind;
   const int64_t NB = bank.N;  // experts of the (possibly compact) bank the kernels see
   const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, NB);
@@ -196,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
   if (sz.T > 0 && sz.r > 0 && !s.order.empty()) {
     const auto& a = bank.a;
-    const auto& bt = bank.bt;  // [N, r, out]
+    const auto bt = bank.b.transpose(1, 2).contiguous();  // [N, r, out]
     const auto sc = scales.contiguous(), xac = xa.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cpu", [&] {
       using T = scalar_t;
@@ -226,10 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_bt.zero_();
   }
   auto grad_lb = need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt;
-  if (need_lora_grad && bank.compact) {  // the contract's dense gradients over the whole bank
-    grad_a = at::zeros({sz.N, sz.r, sz.in}, x.options()).index_copy_(0, bank.used, grad_a);
-    grad_lb = at::zeros({sz.N, sz.out, sz.r}, x.options()).index_copy_(0, bank.used, grad_lb);
-  }
+  if (need_lora_grad) std::tie(grad_a, grad_lb) = dense_lora_grads(bank, sz.N, grad_a, grad_lb, x.scalar_type());
   return {grad_x, grad_w, grad_b, grad_a, grad_lb, grad_s};
 }
 

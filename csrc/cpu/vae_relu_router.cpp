@@ -124,6 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     c10::string_view activation) {
   const std::string act(activation);
   const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, act);
+  if (is_half(h)) {  // float32 math, the outputs in h's dtype (as on CUDA)
+    const auto dt = h.scalar_type();
+    auto [gates, logits, kl, z, mulv, counts, zero_rows] = vae_relu_router_fwd_cpu(
+        up(h), up(w_mu), up(b_mu), up(w_logvar), up(b_logvar), up(w_gate), up(b_gate), up(noise), rng, training,
+        activation);
+    return {gates.to(dt), logits.to(dt), kl.to(dt), z.to(dt), mulv.to(dt), counts, zero_rows};
+  }
   const Eps mode = eps_mode(training, noise, rng);
   auto gates = at::empty(leading_with(h, sz.K), h.options());
   auto logits = at::empty(leading_with(h, sz.K), h.options());
@@ -212,6 +219,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
                                          gates, logits, noise, rng, act);
+  if (is_half(h)) {
+    const auto dt = h.scalar_type();
+    auto [dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate] = vae_relu_router_bwd_cpu(
+        up(grad_gates), up(grad_logits), up(grad_kl), up(grad_z), up(h), up(w_mu), up(w_logvar), up(w_gate),
+        up(mu_logvar), up(gates), up(logits), up(noise), rng, training, activation);
+    return {dh.to(dt), dw_mu.to(dt), db_mu.to(dt), dw_lv.to(dt), db_lv.to(dt), dw_gate.to(dt), db_gate.to(dt)};
+  }
   const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
   const Eps mode = eps_mode(training, noise, rng);
   // Allocated by backward(), after its temporaries are freed; a meta placeholder carries the shape.

@@ -393,3 +393,20 @@ def test_beam_search_equals_a_full_recompute_reference(family):
             assert out[b].tolist() == reference_beam_search(wrapper, ids[b], topics[b], 3, 5)
     with pytest.raises(NotImplementedError, match="beam search needs the KV cache"):
         wrapper.generate(ids, topic_ids=topics, num_beams=2, max_new_tokens=2, use_cache=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_half_precision_on_the_cpu(family, dtype):
+    base = make_base(family).to(dtype)
+    ref = copy.deepcopy(base)
+    wrapper = doeify(base, **OPTIONS).eval()
+    assert wrapper.knowledge_state.dtype == dtype
+    ids, topics = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    wrapper.train()
+    out = wrapper(ids, topic_ids=topics, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and wrapper.knowledge_state.grad.dtype == dtype
+    assert wrapper.knowledge_state.grad.abs().sum() > 0

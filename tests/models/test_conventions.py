@@ -159,3 +159,29 @@ def test_tied_word_embeddings(overrides, tmp_path):
     torch.testing.assert_close(again(ids, topic_ids=topics).logits, want)
     again.resize_token_embeddings(V + 2)
     assert again.lm_head.weight is again.get_input_embeddings().weight and again.lm_head.weight.shape[0] == V + 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("overrides", [{}, {"fusion": "concat", "blocks": "ffn"}])
+def test_half_precision_on_the_cpu(dtype, overrides):
+    """``.to(bfloat16 / float16)`` on the CPU: forward and backward run (the ops in float32 math)
+    and stay near the float32 model: loss within 2%, gradients in the float32 gradients' direction."""
+    torch.manual_seed(0)
+    ref = DoEForCausalLM(tiny(alpha=0.1, **overrides)).eval()  # eval: no VAE noise, the same function
+    half = DoEForCausalLM(tiny(alpha=0.1, **overrides)).eval()
+    half.load_state_dict(ref.state_dict())
+    half.to(dtype)
+    ids, topics = batch()
+    out_ref, out = ref(ids, topic_ids=topics, labels=ids), half(ids, topic_ids=topics, labels=ids)
+    assert out.logits.dtype == dtype
+    torch.testing.assert_close(out.loss.float(), out_ref.loss, rtol=0.02, atol=0)
+    out_ref.loss.backward()
+    out.loss.backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), half.parameters()):
+        if p_ref.grad is None or p_ref.grad.norm() < 1e-3 * out_ref.loss.item():
+            continue  # a (near-)zero gradient has no direction to compare
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+        cos = torch.nn.functional.cosine_similarity(p.grad.float().flatten(), p_ref.grad.flatten(), dim=0)
+        assert cos > 0.98, (name, cos.item())
+    generated = half.generate(ids[:, :4], topic_ids=topics[:, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 7)

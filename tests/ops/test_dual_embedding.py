@@ -119,12 +119,13 @@ def test_gradcheck_float64(case):
 
 
 @pytest.mark.parametrize("case", ["batch-odd-unlabeled", "padding", "all-unlabeled", "empty"])
-def test_opcheck(case):
-    token_ids, topic_ids, tw, kw, padding_idx = make_case(case)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    token_ids, topic_ids, tw, kw, padding_idx = make_case(case, dtype=dtype)
     tw, kw = leaves([tw, kw])
     p = -1 if padding_idx is None else padding_idx % tw.shape[0]
     torch.library.opcheck(FWD, (token_ids, topic_ids, tw, kw, p))
-    grad_out = torch.randn(*token_ids.shape, tw.shape[1] + kw.shape[1])
+    grad_out = torch.randn(*token_ids.shape, tw.shape[1] + kw.shape[1], dtype=dtype)
     torch.library.opcheck(BWD, (grad_out, token_ids, topic_ids, tw.detach(), kw.detach(), p))
 
 

@@ -153,15 +153,16 @@ def test_gradcheck_float64(case, kw):
 
 
 @pytest.mark.parametrize("case", ["K17-hard-ignored", "K128-soft-zeros", "all-ignored", "empty"])
-def test_opcheck(case):
-    logits, target = make_case(case)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    logits, target = make_case(case, dtype=dtype)
     (x,) = leaves([logits])
     for red in ("mean", "sum", "none"):
         torch.library.opcheck(FWD, (x, target, -100, red, 0.1, True))
     torch.library.opcheck(FWD, (x.detach(), target, -100, "mean", 0.0, False))
     _, rows, weight = FWD(x.detach(), target, -100, "mean", 0.1, True)
-    torch.library.opcheck(BWD, (torch.tensor(1.5), rows, weight))
-    torch.library.opcheck(BWD, (torch.randn(logits.shape[:-1]), rows, torch.tensor(1.0)))
+    torch.library.opcheck(BWD, (torch.tensor(1.5, dtype=dtype), rows, weight))
+    torch.library.opcheck(BWD, (torch.randn(logits.shape[:-1], dtype=dtype), rows, torch.tensor(1.0, dtype=dtype)))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -212,7 +213,7 @@ def test_bad_input_names_the_argument(device):
         expert_loss(logits, labels, reduction="max")
     with pytest.raises(RuntimeError, match=r"`label_smoothing` in \[0, 1\], got 1.5"):
         expert_loss(logits, labels, label_smoothing=1.5)
-    with pytest.raises(RuntimeError, match=r"`logits` of dtype float32 or float64 on cpu"):
+    with pytest.raises(RuntimeError, match=r"`logits` of dtype float32, float64, float16 or bfloat16 on cpu"):
         expert_loss(logits.cpu().long(), labels.cpu())
 
 

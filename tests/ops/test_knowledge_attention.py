@@ -82,12 +82,13 @@ def test_gradcheck_float64(case):
 
 
 @pytest.mark.parametrize("case", ["K7-batch-odd", "K128-rowslice", "K300-no-residual", "empty"])
-def test_opcheck(case):
-    q, z_key, z_value, residual = leaves(make_case(case))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    q, z_key, z_value, residual = leaves(make_case(case, dtype=dtype))
     for return_probs in (False, True):
         torch.library.opcheck(FWD, (q, z_key, z_value, residual, 0.5, return_probs))
     _, lse, probs = FWD(q, z_key, z_value, residual, 0.5, True)
-    grad_out = torch.randn(*q.shape[:-1], z_value.shape[1])
+    grad_out = torch.randn(*q.shape[:-1], z_value.shape[1], dtype=dtype)
     for saved_probs in (probs.detach(), probs.new_empty(0)):  # kept by the forward, or rebuilt from lse
         torch.library.opcheck(BWD, (grad_out, q.detach(), z_key.detach(), z_value.detach(), lse.detach(), saved_probs, 0.5))
 
@@ -124,7 +125,7 @@ def test_bad_input_names_the_argument(device):
         knowledge_attention(q, z[None], z)
     with pytest.raises(RuntimeError, match=r"`z_value` of dtype float32"):
         knowledge_attention(q, z, z.double())
-    with pytest.raises(RuntimeError, match=r"`q` of dtype float32 or float64 on cpu"):
+    with pytest.raises(RuntimeError, match=r"`q` of dtype float32, float64, float16 or bfloat16 on cpu"):
         knowledge_attention(q.to(torch.int64).cpu(), z.cpu(), z.cpu())
     with pytest.raises(RuntimeError, match=r"`residual` of shape \[4, 8\]"):
         knowledge_attention(q, z, z, residual=torch.randn(4, 7, device=device))

@@ -83,12 +83,13 @@ def test_gradcheck_float64(case):
 
 
 @pytest.mark.parametrize("case", ["E3-r4-odd", "transposed-weight", "no-experts", "empty-weight"])
-def test_opcheck(case):
-    weight, lora_a, lora_b, scales = leaves(make_case(case))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    weight, lora_a, lora_b, scales = leaves(make_case(case, dtype=dtype))
     torch.library.opcheck(MERGE, (weight, lora_a, lora_b, scales))
     detached = [t.detach() for t in (lora_a, lora_b, scales)]
     torch.library.opcheck(MERGE_, (weight.detach().clone(), *detached))
-    torch.library.opcheck(BWD, (torch.randn(weight.shape), *detached))
+    torch.library.opcheck(BWD, (torch.randn(weight.shape, dtype=dtype), *detached))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -119,5 +120,5 @@ def test_bad_input_names_the_argument(device, merge):
         merge(weight, lora_a[0], lora_b, scales)
     with pytest.raises(RuntimeError, match=r"`scales` of dtype float32"):
         merge(weight, lora_a, lora_b, scales.double())
-    with pytest.raises(RuntimeError, match=r"`weight` of dtype float32 or float64 on cpu|`weight` of dtype float32, float16"):
+    with pytest.raises(RuntimeError, match=r"`weight` of dtype float32, float64, float16 or bfloat16 on cpu|`weight` of dtype float32, float16"):
         merge(weight.int(), lora_a, lora_b, scales)

@@ -134,11 +134,12 @@ def test_gradcheck_float64(case):
 
 
 @pytest.mark.parametrize("case", ["r4-k3-odd", "r16-k3-unused-experts", "all-slots-empty", "empty"])
-def test_opcheck(case):
-    x, weight, bias, lora_a, lora_b, indices, scales = leaves(make_case(case))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    x, weight, bias, lora_a, lora_b, indices, scales = leaves(make_case(case, dtype=dtype))
     torch.library.opcheck(FWD, (x, weight, bias, lora_a, lora_b, indices, scales))
     _, xa = FWD(x, weight, bias, lora_a, lora_b, indices, scales)
-    grad_out = torch.randn(x.shape[0], weight.shape[0])
+    grad_out = torch.randn(x.shape[0], weight.shape[0], dtype=dtype)
     detached = [t.detach() for t in (x, weight, lora_a, lora_b)]
     for need_weight, need_lora in ((True, True), (False, True), (False, False)):
         torch.library.opcheck(BWD, (grad_out, *detached, indices, scales.detach(), xa.detach(), need_weight, need_lora))

@@ -204,8 +204,9 @@ def test_gradcheck_float64(case, mode, activation):
 
 
 @pytest.mark.parametrize("case", ["K17-dz7-batch", "K128-dz9-rowslice", "K17-zero-rows", "empty"])
-def test_opcheck(case):
-    h, params, noise = make_case(case)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(case, dtype):
+    h, params, noise = make_case(case, dtype=dtype)
     h, *params = leaves([h, *params])
     rng = torch.tensor([9, 1])
     for args in [(noise, None, True, "relu"), (None, rng, True, "softmax"), (None, None, False, "relu")]:
@@ -271,7 +272,7 @@ def test_bad_input_names_the_argument(device):
         vae_relu_router(h, *params, noise=torch.randn(2, 3, 6, device=device))
     with pytest.raises(RuntimeError, match=r'`activation` to be "relu" or "softmax", got "gelu"'):
         vae_relu_router(h, *params, activation="gelu")
-    with pytest.raises(RuntimeError, match=r"`h` of dtype float32 or float64 on cpu"):
+    with pytest.raises(RuntimeError, match=r"`h` of dtype float32, float64, float16 or bfloat16 on cpu"):
         vae_relu_router(h.cpu().long(), *[p.cpu() for p in params])
     with pytest.raises(RuntimeError, match=r"at least one knowledge block"):
         vae_relu_router(h, w_mu, b_mu, w_lv, b_lv, w_g[:0], b_g[:0])

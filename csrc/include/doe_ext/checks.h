@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,17 +61,30 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
               dtype_name(t.scalar_type()));
 }
 
-// The floating dtypes of the contract: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA.
+// The floating dtypes of the contract: float32/float64/float16/bfloat16 on the CPU (the half
+// types in float32 math, see `up`); float32/float16/bfloat16 on CUDA.
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
+  const bool half = st == at::kHalf || st == at::kBFloat16;
   if (t.is_cuda()) {
-    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": expected `",
-                name, "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
+    TORCH_CHECK(st == at::kFloat || half, op, ": expected `", name,
+                "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
   } else {
     TORCH_CHECK(t.is_cpu(), op, ": expected `", name, "` on cpu or cuda, got ", t.device());
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": expected `", name,
-                "` of dtype float32 or float64 on cpu, got ", dtype_name(st));
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || half, op, ": expected `", name,
+                "` of dtype float32, float64, float16 or bfloat16 on cpu, got ", dtype_name(st));
   }
+}
+
+// float16 / bfloat16 on the CPU: after the checks (on the caller's tensors, so the messages name
+// them), a kernel calls itself on float32 copies (`up`) and rounds its outputs once at the end, so
+// every sum accumulates in float32, as on CUDA. Tensors of other dtypes pass through uncopied.
+inline bool is_half(const at::Tensor& t) {
+  return t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+}
+inline at::Tensor up(const at::Tensor& t) { return is_half(t) ? t.to(at::kFloat) : t; }
+inline std::optional<at::Tensor> up(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(up(*t)) : t;
 }
 
 inline void check_index(const at::Tensor& t, const char* op, const char* name) {

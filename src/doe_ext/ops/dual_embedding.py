@@ -32,7 +32,8 @@ def dual_embedding(
     Returns:
         ``[..., d + dk]``.
 
-    Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA. Differentiable in both
+    Dtypes: float32/float64/float16/bfloat16 on the CPU (the half types in float32 math);
+    float32/float16/bfloat16 on CUDA. Differentiable in both
     tables; their gradients are dense (like ``nn.Embedding(sparse=False)``) and deterministic:
     ids are sorted (a counting sort on the CPU, a CUB radix sort on CUDA) and each table row sums
     its tokens' gradients in token order, never with atomics, so two runs give bitwise-identical

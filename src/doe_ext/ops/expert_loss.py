@@ -37,7 +37,8 @@ def expert_loss(
         The loss: a scalar, or ``[...]`` for ``reduction="none"``. A batch where every row is ignored
         (or with no rows) gives 0 and a zero gradient, not NaN.
 
-    Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA (float32 math, the loss in
+    Dtypes: float32/float64/float16/bfloat16 on the CPU (the half types in float32 math);
+    float32/float16/bfloat16 on CUDA (float32 math, the loss in
     the logits' dtype). Differentiable in ``logits`` only. The forward writes the gradient of each row
     in the same pass that computes its loss (only when ``logits`` requires grad); the backward scales it.
     """

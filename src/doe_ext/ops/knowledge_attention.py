@@ -33,7 +33,8 @@ def knowledge_attention(
     Returns:
         ``out [..., dv]``, or ``(out, probs)`` with ``return_probs=True``.
 
-    Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA (float32 accumulation).
+    Dtypes: float32/float64/float16/bfloat16 on the CPU (the half types in float32 math);
+    float32/float16/bfloat16 on CUDA (float32 accumulation).
     Differentiable in ``q``, ``z_key``, ``z_value`` and ``residual``. The forward writes no
     ``[..., K]`` tensor on CUDA (unless asked for probs): the backward rebuilds the probabilities
     from one saved log-sum-exp per row. On the CPU, when a backward will follow, the probabilities

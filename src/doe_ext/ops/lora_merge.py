@@ -25,8 +25,8 @@ def lora_merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor) -
 
     Computed as one GEMM ``weight + C @ lora_a.view(E*r, in)`` with ``C[o, e*r+q] = scales[e] *
     lora_b[e, o, q]``: the sum over experts is the GEMM's inner dimension, so ``weight`` is read
-    and written once. Differentiable in all four inputs. Dtypes: float32/float64 on the CPU;
-    float32/float16/bfloat16 on CUDA.
+    and written once. Differentiable in all four inputs. Dtypes: float32/float64/float16/bfloat16
+    on the CPU (ATen's GEMMs, float32 accumulation); float32/float16/bfloat16 on CUDA.
     """
     check_tensors("lora_merge", weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales)
     return _ops.lora_merge(weight, lora_a, lora_b, scales)

@@ -42,8 +42,9 @@ def multi_lora_linear(
     expert's A/B meet its tokens in cache; the base GEMM is ATen's. Nothing copies the data to the
     host; an index out of range raises ``RuntimeError`` naming ``indices`` (checked on the CPU
     while sorting; on CUDA such a slot is treated as empty and its token's output is set to NaN,
-    since raising would need a host sync). Dtypes: float32/float64 on the CPU;
-    float32/float16/bfloat16 on CUDA (float32 accumulation).
+    since raising would need a host sync). Dtypes: float32/float64/float16/bfloat16 on the CPU
+    (the half types in float32 math on the experts used); float32/float16/bfloat16 on CUDA (float32
+    accumulation).
     """
     check_tensors("multi_lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                   indices=indices, scales=scales)

@@ -79,7 +79,8 @@ def vae_relu_router(
         ``gates [..., K]``, ``logits [..., K]`` (both differentiable; feed ``logits`` to
         :func:`doe_ext.ops.expert_loss`), ``kl [...]``, then ``z`` and the stats when asked.
 
-    Dtypes: float32/float64 on the CPU; float32/float16/bfloat16 on CUDA (float32 math).
+    Dtypes: float32/float64/float16/bfloat16 on the CPU (the half types in float32 math);
+    float32/float16/bfloat16 on CUDA (float32 math).
     Differentiable in ``h`` and every weight and bias. An all-zero gate row is valid; nothing divides
     by the gate sum.
     """
