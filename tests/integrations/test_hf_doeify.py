@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from reference_generation import reference_beam_search
 
-from doe_ext.integrations.hf import DoEMLP, DoEWrapper, FamilyAdapter, derive_adapter, doeify
+from doe_ext.integrations.hf import DoEifyConfig, DoEMLP, DoEWrapper, FamilyAdapter, derive_adapter, doeify
 
 logging.set_verbosity_error()  # the tiny configs keep the families' default bos/eos ids, outside V
 V, D, L, K = 97, 32, 3, 8  # three layers: a first, a shared middle and a last router
@@ -335,8 +335,21 @@ def test_a_custom_adapter_is_saved_and_reloaded(tmp_path):
                                         (dict(signal_source="o"), "signal_source"), (dict(num_topics=0), "num_topics"),
                                         (dict(alpha=2.0), "alpha")])
 def test_bad_options_name_the_field(bad, field):
-    with pytest.raises(ValueError, match=f"doeify: {field}="):
+    with pytest.raises(ValueError, match=f"DoEifyConfig.{field}="):
         doeify(make_base("llama"), **bad)
+    with pytest.raises(ValueError, match=f"DoEifyConfig.{field}="):  # validated once, wherever it is built
+        DoEifyConfig(**bad)
+
+
+def test_options_are_one_config():
+    config = DoEifyConfig(**OPTIONS, fusion="concat")
+    wrapper = doeify(make_base("llama"), config, alpha=0.2)  # keyword options override the config's fields
+    assert wrapper.doe_config == DoEifyConfig(**OPTIONS, fusion="concat", alpha=0.2)
+    assert doeify(make_base("llama"), **OPTIONS).doe_config == DoEifyConfig(**OPTIONS)
+    with pytest.raises(TypeError, match=r"doeify: unknown option\(s\) \['num_topic'\]"):
+        doeify(make_base("llama"), num_topic=4)
+    with pytest.raises(ValueError, match=r"DoEifyConfig.router='moe_topk': expected one of \('vae_relu'"):
+        DoEifyConfig(router="moe_topk")  # DoEConfig's baseline replaces the MLP: not a wrapper option
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

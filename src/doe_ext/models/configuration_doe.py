@@ -10,6 +10,22 @@ FUSIONS = ("add", "concat")
 BLOCKS = ("state", "ffn")
 
 
+def check_knowledge_options(owner: str, options, routers: tuple[str, ...] = ROUTERS) -> None:
+    """The checks of the knowledge-path options DoEConfig and doeify's DoEifyConfig share (``options``
+    has the attributes): each message names ``owner.field``, the value and what is expected."""
+    for name, allowed in (("router", routers), ("signal_source", SIGNAL_SOURCES), ("fusion", FUSIONS)):
+        if getattr(options, name) not in allowed:
+            raise ValueError(f"{owner}.{name}={getattr(options, name)!r}: expected one of {allowed}")
+    for name in ("num_topics", "topic_dim", "latent_dim"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name}={value!r}: expected an int >= 1")
+    if not 0.0 <= options.alpha <= 1.0:
+        raise ValueError(f"{owner}.alpha={options.alpha}: expected 0 <= alpha <= 1")
+    if options.beta < 0:
+        raise ValueError(f"{owner}.beta={options.beta}: expected >= 0")
+
+
 @strict
 class DoEConfig(LlamaConfig):
     """Llama's fields (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
@@ -59,17 +75,12 @@ class DoEConfig(LlamaConfig):
     router_aux_loss_coef: float = 0.01
 
     def __post_init__(self, **kwargs):
-        choices = {"router": ROUTERS, "signal_source": SIGNAL_SOURCES, "fusion": FUSIONS, "blocks": BLOCKS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"DoEConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("num_topics", "topic_dim", "latent_dim", "num_experts", "num_experts_per_tok"):
+        check_knowledge_options("DoEConfig", self)
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"DoEConfig.blocks={self.blocks!r}: expected one of {BLOCKS}")
+        for name in ("num_experts", "num_experts_per_tok"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DoEConfig.{name}={getattr(self, name)}: expected >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"DoEConfig.alpha={self.alpha}: expected 0 <= alpha <= 1")
-        if self.beta < 0:
-            raise ValueError(f"DoEConfig.beta={self.beta}: expected >= 0")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"DoEConfig.num_experts_per_tok={self.num_experts_per_tok}: expected <= "
                              f"num_experts={self.num_experts}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import FamilyAdapter, adapter_for, get_path, has_path, out_features
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
-from doe_ext.models.configuration_doe import FUSIONS, SIGNAL_SOURCES
+from doe_ext.models.configuration_doe import check_knowledge_options
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
 from doe_ext.nn.knowledge_path import compose_expert, layer_router, make_routers, topic_prior_embedding
@@ -40,6 +41,36 @@ from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 ROUTERS = ("vae_relu", "vae_softmax", "none")
 KNOWLEDGE_FILE = "doe_knowledge.safetensors"
 CONFIG_FILE = "doe_config.json"
+
+
+@dataclass(frozen=True)
+class DoEifyConfig:
+    """``doeify``'s options, validated once with DoEConfig's checks and choices (the router: not
+    ``moe_topk``, which replaces the MLP instead of wrapping it).
+
+    Args:
+        num_topics: K, the LDA topics = knowledge blocks = rows of Z.
+        topic_dim: width of the topic embedding of the dual-input embedding.
+        latent_dim: width of the VAE router's latent.
+        router: ``"vae_relu"`` (DoE), ``"vae_softmax"`` (Table 3 B) or ``"none"`` (knowledge attention only).
+        signal_source: which attention states feed the router as a causal prefix mean: v | k | q | none.
+        fusion: ``"add"``: MLP(h_enr + e); ``"concat"``: MLP([h_enr; e]) (its input projections widened).
+        alpha, beta: loss weights, as in DoEConfig.
+        router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
+    """
+
+    num_topics: int = 128
+    topic_dim: int = 64
+    latent_dim: int = 128
+    router: str = "vae_relu"
+    signal_source: str = "v"
+    fusion: str = "add"
+    alpha: float = 0.001
+    beta: float = 0.0
+    router_decoder: bool = False
+
+    def __post_init__(self):
+        check_knowledge_options("DoEifyConfig", self, routers=ROUTERS)
 
 
 class _ForwardState:
@@ -191,15 +222,11 @@ class DoEWrapper(nn.Module):
     ``from_pretrained``, the base in its original layout).
     """
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, num_topics: int = 128, topic_dim: int = 64,
-                 latent_dim: int = 128, router: str = "vae_relu", signal_source: str = "v", fusion: str = "add",
-                 alpha: float = 0.001, beta: float = 0.0, router_decoder: bool = False):
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, config: DoEifyConfig):
         super().__init__()
-        _check_options(num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim, router=router,
-                       signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta)
-        self.doe_config = dict(num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim, router=router,
-                               signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta,
-                               router_decoder=router_decoder)
+        self.doe_config = config
+        num_topics, topic_dim, router, fusion = config.num_topics, config.topic_dim, config.router, config.fusion
+        signal_source = config.signal_source
         self.base_model = model
         self.adapter = adapter
         self._state = _ForwardState()
@@ -213,7 +240,8 @@ class DoEWrapper(nn.Module):
         d, K, L = text_config.hidden_size, num_topics, len(layers)  # OPT's embedding may be narrower than d
         has_router = router != "none"
         self.knowledge_state = nn.Parameter(torch.zeros(K, d, device=w.device, dtype=w.dtype))  # Z = 0: a no-op
-        self.routers = make_routers(d, latent_dim, K, L, router, router_decoder) if has_router else nn.ModuleDict()
+        self.routers = (make_routers(d, config.latent_dim, K, L, router, config.router_decoder) if has_router
+                        else nn.ModuleDict())
         self.topic_prior = nn.Embedding(K, d) if has_router else None  # E_prior
         if self.topic_prior is not None:
             nn.init.zeros_(self.topic_prior.weight)
@@ -252,7 +280,7 @@ class DoEWrapper(nn.Module):
 
     def _hook_signal(self, attn: nn.Module, i: int) -> int:
         """Record layer ``i``'s q/k/v projection output for the router; returns its width."""
-        source = self.doe_config["signal_source"]
+        source = self.doe_config.signal_source
         st, adapter = self._state, self.adapter
         if adapter.qkv is not None:
             proj = get_path(attn, adapter.qkv["qkv".index(source)])
@@ -361,7 +389,7 @@ class DoEWrapper(nn.Module):
         loss = None
         if labels is not None:
             loss, parts = doe_losses(next_token_loss(logits, labels), routed, topic_ids, expert_labels,
-                                     alpha=self.doe_config["alpha"], beta=self.doe_config["beta"])
+                                     alpha=self.doe_config.alpha, beta=self.doe_config.beta)
             aux.update(parts)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
                                  hidden_states=getattr(out, "hidden_states", None),
@@ -430,9 +458,10 @@ class DoEWrapper(nn.Module):
         (``doe_config.json``) to the folder ``path``."""
         os.makedirs(path, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.knowledge_state_dict().items()}
-        save_file(tensors, os.path.join(path, KNOWLEDGE_FILE), metadata={"doe_config": json.dumps(self.doe_config)})
+        options = asdict(self.doe_config)
+        save_file(tensors, os.path.join(path, KNOWLEDGE_FILE), metadata={"doe_config": json.dumps(options)})
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump({**self.doe_config, "model_type": self.base_model.config.model_type,
+            json.dump({**options, "model_type": self.base_model.config.model_type,
                        "adapter": self.adapter.to_dict()}, f, indent=2)
 
     def load_knowledge(self, path: str | os.PathLike) -> None:
@@ -441,7 +470,7 @@ class DoEWrapper(nn.Module):
         file = os.path.join(path, KNOWLEDGE_FILE) if os.path.isdir(path) else str(path)
         with safe_open(file, framework="pt") as f:
             saved_config = json.loads((f.metadata() or {}).get("doe_config", "{}"))
-        diff = {k: (saved_config.get(k), v) for k, v in self.doe_config.items() if saved_config.get(k) != v}
+        diff = {k: (saved_config.get(k), v) for k, v in asdict(self.doe_config).items() if saved_config.get(k) != v}
         if diff:
             raise ValueError(f"DoEWrapper.load_knowledge: {file} was saved with other doeify options "
                              f"(saved, here): {diff}")
@@ -494,49 +523,30 @@ class DoEWrapper(nn.Module):
             options = json.load(f)
         options.pop("model_type", None)
         adapter = options.pop("adapter", None)  # absent in folders saved before adapters were saved
-        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), **options,
+        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), DoEifyConfig(**options),
                          adapter=None if adapter is None else FamilyAdapter.from_dict(adapter))
         wrapper.load_knowledge(path)
         return wrapper
 
 
-def _check_options(num_topics, topic_dim, latent_dim, router, signal_source, fusion, alpha, beta) -> None:
-    for name, value in (("num_topics", num_topics), ("topic_dim", topic_dim), ("latent_dim", latent_dim)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"doeify: {name}={value!r}, expected an int >= 1")
-    for name, value, allowed in (("router", router, ROUTERS), ("signal_source", signal_source, SIGNAL_SOURCES),
-                                 ("fusion", fusion, FUSIONS)):
-        if value not in allowed:
-            raise ValueError(f"doeify: {name}={value!r}, expected one of {allowed}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"doeify: alpha={alpha}, expected 0 <= alpha <= 1")
-    if beta < 0:
-        raise ValueError(f"doeify: beta={beta}, expected >= 0")
-
-
-def doeify(model: nn.Module, num_topics: int = 128, topic_dim: int = 64, latent_dim: int = 128,
-           router: str = "vae_relu", signal_source: str = "v", fusion: str = "add", alpha: float = 0.001,
-           beta: float = 0.0, router_decoder: bool = False, adapter: FamilyAdapter | None = None) -> DoEWrapper:
+def doeify(model: nn.Module, config: DoEifyConfig | None = None, *, adapter: FamilyAdapter | None = None,
+           **options) -> DoEWrapper:
     """Add DoE's knowledge path (CONTRACT §4) to a pretrained causal LM, in place; returns the wrapper.
 
     Args:
         model: a transformers causal LM (families tested: README, "Drop-in"; the layout is read off the
             model, see :mod:`doe_ext.integrations.hf.adapters`).
-        num_topics: K, the LDA topics = knowledge blocks = rows of Z.
-        topic_dim: width of the topic embedding of the dual-input embedding.
-        latent_dim: width of the VAE router's latent.
-        router: ``"vae_relu"`` (DoE), ``"vae_softmax"`` (Table 3 B) or ``"none"`` (knowledge attention only).
-        signal_source: which attention states feed the router as a causal prefix mean: v | k | q | none.
-        fusion: ``"add"``: MLP(h_enr + e); ``"concat"``: MLP([h_enr; e]) (its input projections widened).
-        alpha, beta: loss weights, as in DoEConfig.
-        router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
+        config: the options (:class:`DoEifyConfig`); ``**options`` build one, or override its fields.
         adapter: where the family keeps its parts; default :func:`~doe_ext.integrations.hf.adapters.adapter_for`
             (a registered ``ADAPTERS[model_type]``, else derived from the model). Saved with the knowledge.
     """
+    names = {f.name for f in fields(DoEifyConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"doeify: unknown option(s) {unknown}; the options are DoEifyConfig's: {sorted(names)}")
+    config = DoEifyConfig(**options) if config is None else replace(config, **options)
     if adapter is None:
         adapter = adapter_for(model)
     if isinstance(get_path(model, adapter.embedding), DoEEmbedding):
         raise ValueError(f"doeify: {type(model).__name__} is already doeified")
-    return DoEWrapper(model, adapter, num_topics=num_topics, topic_dim=topic_dim, latent_dim=latent_dim,
-                      router=router, signal_source=signal_source, fusion=fusion, alpha=alpha, beta=beta,
-                      router_decoder=router_decoder)
+    return DoEWrapper(model, adapter, config)
