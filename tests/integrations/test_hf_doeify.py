@@ -261,6 +261,23 @@ def test_unsupported_models_say_why():
         doeify(make_base("qwen2_moe"), **OPTIONS, fusion="concat")
 
 
+def test_each_call_has_its_own_context():
+    """A call's topics do not leak into the next: the base model called directly after a wrapper
+    call with topics computes the wrapper without topics."""
+    base = make_base("llama")
+    base_params = {id(p) for p in base.parameters()}
+    wrapper = doeify(base, **OPTIONS).eval()
+    with pytest.raises(RuntimeError, match="DoEMLP: runs inside its DoEWrapper's base model"):
+        wrapper.doe_layers[0](torch.randn(2, 7, D))  # outside any forward: no call to read
+    perturb_knowledge(wrapper, base_params)
+    ids, topics = batch()
+    with torch.no_grad():
+        with_topics = wrapper(ids, topic_ids=topics).logits
+        direct = wrapper.base_model(input_ids=ids).logits
+        torch.testing.assert_close(direct, wrapper(ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(direct, with_topics)
+
+
 def test_an_embedding_doeify_cannot_reproduce_is_refused():
     class Doubled(torch.nn.Embedding):
         def forward(self, ids):

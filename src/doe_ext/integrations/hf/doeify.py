@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -73,26 +73,36 @@ class DoEifyConfig:
         check_knowledge_options("DoEifyConfig", self, routers=ROUTERS)
 
 
-class _ForwardState:
-    """What the wrapped modules of one base forward share: set by DoEWrapper's hook on the base
-    model before it runs, filled by the signal hooks and the wrapped MLPs while it runs. It stays
-    until the next base forward, so a layer recomputed by gradient checkpointing sees the same."""
+@dataclass
+class _Call:
+    """One base forward's data, built fresh by DoEWrapper's pre-hook from that call's arguments
+    (DoEWrapper.forward passes its topics as the keywords ``doe_topic_ids`` / ``doe_reconstruct``,
+    which the hook takes out), then filled by the signal hooks and the wrapped modules while it
+    runs. Nothing carries over from one call to the next."""
+
+    input_ids: Tensor | None
+    batch_shape: tuple[int, int] | None  # (B, T) (OPT's MLP sees (B*T, d))
+    topic_ids: Tensor | None  # (B, T), -1 = none
+    pad_mask: Tensor | None  # (B, T)
+    cache: Any
+    prior: Tensor | None  # (B, T, d): E_prior[topic_ids], for layer 0's router
+    reconstruct: bool
+    embeds: Tensor | None = None  # (B, T, d): the dual embedding's output (reconstruction target)
+    signals: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, D) projection output
+    routed: dict[int, Any] = field(default_factory=dict)  # layer -> RouterOutput
+    expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
+
+
+class _Link:
+    """What a wrapper's modules hold: the wrapper, its current call (kept until the next base
+    forward, so a layer that gradient checkpointing recomputes in the backward sees its forward's
+    call, as long as the backward comes before the next forward) and, inside ``generate``, the
+    topic of every token so far."""
 
     def __init__(self):
         self.owner: DoEWrapper | None = None
-        self.input_ids: Tensor | None = None
-        self.batch_shape: tuple[int, int] | None = None  # (B, T) of this call (OPT's MLP sees (B*T, d))
-        self.pending: dict[str, Any] = {}  # DoEWrapper.forward's topic_ids / reconstruct, for the next base call
-        self.topic_ids: Tensor | None = None  # (B, T), -1 = none
-        self.history: Tensor | None = None  # generate: topics of every token so far, (B, T_total)
-        self.pad_mask: Tensor | None = None  # (B, T)
-        self.cache = None
-        self.prior: Tensor | None = None  # (B, T, d): E_prior[topic_ids], for layer 0's router
-        self.embeds: Tensor | None = None  # (B, T, d): the dual embedding's output (reconstruction target)
-        self.reconstruct = False
-        self.signals: dict[int, Tensor] = {}  # layer -> (B, T, D) projection output
-        self.routed: dict[int, Any] = {}  # layer -> RouterOutput
-        self.expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
+        self.call: _Call | None = None
+        self.history: Tensor | None = None  # generate: (B, T_total)
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -107,12 +117,12 @@ class DoEEmbedding(nn.Module):
     ``embed_scale``) keeps its scale. Topic ids apply only to the call that embeds the model's
     ``input_ids`` (GPT-2 also embeds ``token_type_ids`` with this table)."""
 
-    def __init__(self, base_layer: nn.Embedding, num_topics: int, topic_dim: int, state: _ForwardState):
+    def __init__(self, base_layer: nn.Embedding, num_topics: int, topic_dim: int, link: _Link):
         super().__init__()
         self.base_layer = base_layer
         self.dual = DualInputEmbedding.from_pretrained(base_layer, num_topics, topic_dim)
         self.dual.token_weight = base_layer.weight
-        self._state = state
+        self._link = link
         w = base_layer.weight
         if not w.is_meta:  # the wrapped lookup must be the original's, or parity at init is lost silently
             probe = torch.arange(min(w.shape[0], 16), device=w.device)
@@ -134,13 +144,14 @@ class DoEEmbedding(nn.Module):
         return self.base_layer.weight
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        st = self._state
-        ids = st.input_ids  # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
+        call = self._link.call
+        ids = call.input_ids if call is not None else None
+        # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
         if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
             return self._lookup(input_ids)
-        topics = None if st.topic_ids is None else st.topic_ids.reshape(input_ids.shape)
-        st.embeds = self._lookup(input_ids, topics)
-        return st.embeds
+        topics = None if call.topic_ids is None else call.topic_ids.reshape(input_ids.shape)
+        call.embeds = self._lookup(input_ids, topics)
+        return call.embeds
 
 
 class ConcatInput(nn.Module):
@@ -148,16 +159,16 @@ class ConcatInput(nn.Module):
     original projection as ``W_h`` (``base_layer``) and a new ``W_e`` (``extra``). ``e`` is 0 at
     initialisation (Z = 0), so the widened MLP starts as the original."""
 
-    def __init__(self, base_layer: nn.Module, d: int, state: _ForwardState):
+    def __init__(self, base_layer: nn.Module, d: int, link: _Link):
         super().__init__()
         self.base_layer = base_layer
         w = next(base_layer.parameters())
         self.extra = nn.Linear(d, out_features(base_layer), bias=False, device=w.device, dtype=w.dtype)
-        self._state = state
+        self._link = link
 
     def forward(self, h: Tensor) -> Tensor:
         out = self.base_layer(h)
-        e = self._state.expert
+        e = self._link.call.expert if self._link.call is not None else None
         return out if e is None else out + self.extra(e)
 
 
@@ -167,7 +178,7 @@ class DoEMLP(nn.Module):
     the MLP ``h_enr + e`` (``fusion="add"``) or ``[h_enr; e]`` (``"concat"``, via ConcatInput)."""
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, d: int, num_topics: int, signal_dim: int,
-                 fusion: str, state: _ForwardState):
+                 fusion: str, link: _Link):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx, self.fusion = layer_idx, fusion
@@ -176,35 +187,37 @@ class DoEMLP(nn.Module):
         self.knowledge_attention.to(device=w.device, dtype=w.dtype)
         self.signal_proj = (nn.Linear(signal_dim, d, bias=False, device=w.device, dtype=w.dtype)  # W_s
                             if signal_dim else None)
-        self._state = state
+        self._link = link
 
     def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
-        st, owner, i = self._state, self._state.owner, self.layer_idx
+        call, owner, i = self._link.call, self._link.owner, self.layer_idx
+        if call is None:
+            raise RuntimeError("DoEMLP: runs inside its DoEWrapper's base model (call the wrapper or the base model)")
         flat = h.dim() == 2  # OPT flattens (B, T, d) to (B*T, d) before its MLP
         if flat:
-            h = h.view(*st.batch_shape, h.shape[-1])
+            h = h.view(*call.batch_shape, h.shape[-1])
         num_layers = len(owner.doe_layers)
         router = layer_router(owner.routers, i, num_layers)
-        signal = st.signals.get(i)
+        signal = call.signals.get(i)
         if signal is not None and self.signal_proj is not None:
-            signal = causal_prefix_mean(signal, st.pad_mask, st.cache, i)
+            signal = causal_prefix_mean(signal, call.pad_mask, call.cache, i)
         recon_target = None
-        if (i == num_layers - 1 and st.reconstruct and router is not None and router.decoder is not None
-                and st.embeds is not None):
-            recon_target = F.pad(st.embeds[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
+        if (i == num_layers - 1 and call.reconstruct and router is not None and router.decoder is not None
+                and call.embeds is not None):
+            recon_target = F.pad(call.embeds[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
         h_enr, e, routed = compose_expert(h, owner.knowledge_state, self.knowledge_attention, self.signal_proj,
-                                          signal, router, st.prior if i == 0 else None, recon_target)
+                                          signal, router, call.prior if i == 0 else None, recon_target)
         if routed is not None:
-            st.routed[i] = routed
+            call.routed[i] = routed
         if flat:
             h_enr, e = h_enr.flatten(0, 1), e.flatten(0, 1)
         if self.fusion == "add":
             return self.base_layer(h_enr + e, *args, **kwargs)
-        st.expert = e
+        call.expert = e
         try:
             return self.base_layer(h_enr, *args, **kwargs)
         finally:
-            st.expert = None
+            call.expert = None
 
 
 class DoEWrapper(nn.Module):
@@ -229,7 +242,7 @@ class DoEWrapper(nn.Module):
         signal_source = config.signal_source
         self.base_model = model
         self.adapter = adapter
-        self._state = _ForwardState()
+        self._link = _Link()
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, name, original, wrapper)
         self._hooks: list = []
 
@@ -249,7 +262,7 @@ class DoEWrapper(nn.Module):
         if self.topic_prior is not None:
             self.topic_prior.to(device=w.device, dtype=w.dtype)
 
-        st = self._state
+        st = self._link
         # The wrapped modules live in the base model; the wrapper keeps unregistered references.
         self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, st))
         self.__dict__["doe_layers"] = []
@@ -281,12 +294,12 @@ class DoEWrapper(nn.Module):
     def _hook_signal(self, attn: nn.Module, i: int) -> int:
         """Record layer ``i``'s q/k/v projection output for the router; returns its width."""
         source = self.doe_config.signal_source
-        st, adapter = self._state, self.adapter
+        link, adapter = self._link, self.adapter
         if adapter.qkv is not None:
             proj = get_path(attn, adapter.qkv["qkv".index(source)])
 
             def hook(module, args, out):
-                st.signals[i] = out
+                link.call.signals[i] = out
             self._hooks.append(proj.register_forward_hook(hook))
             return out_features(proj)
         layout = adapter.fused_qkv
@@ -300,45 +313,46 @@ class DoEWrapper(nn.Module):
                              f"{layout} gives {layout.width}")
 
         def fused_hook(module, args, out):
-            st.signals[i] = layout.split(out, source)
+            link.call.signals[i] = layout.split(out, source)
         self._hooks.append(proj.register_forward_hook(fused_hook))
         return layout.part_width(source)
 
     def _before_base_forward(self, module, args, kwargs):
-        st = self._state
+        kwargs = dict(kwargs)
+        topic_ids = kwargs.pop("doe_topic_ids", None)  # a direct call of the base model: no topics
+        reconstruct = kwargs.pop("doe_reconstruct", False)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        st.input_ids, st.embeds = ids, None
         embeds = kwargs.get("inputs_embeds")
-        st.batch_shape = tuple(ids.shape[:2]) if ids is not None else (
-            tuple(embeds.shape[:2]) if embeds is not None else None)
-        st.signals, st.routed = {}, {}
-        st.topic_ids = st.pending.pop("topic_ids", None)  # a direct call of the base model: no topics
-        st.reconstruct = st.pending.pop("reconstruct", False)
-        st.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        lead = ids if ids is not None else embeds
+        T = lead.shape[1] if lead is not None else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
-        T = ids.shape[1] if ids is not None else None
-        st.pad_mask = mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None
-        if st.history is not None and ids is not None:  # generate: the topics of this call's tokens
-            if st.history.shape[0] != ids.shape[0] and ids.shape[0] % st.history.shape[0] == 0:
+        link = self._link
+        if link.history is not None and ids is not None:  # generate: the topics of this call's tokens
+            if link.history.shape[0] != ids.shape[0] and ids.shape[0] % link.history.shape[0] == 0:
                 # generate expanded the prompts (beams, num_return_sequences) with repeat_interleave
-                st.history = st.history.repeat_interleave(ids.shape[0] // st.history.shape[0], dim=0)
-            state = getattr(st.cache, "doe", None)
-            if state is not None and state.topics is not None and st.cache.get_seq_length() > 0 and T == 1:
-                st.topic_ids = state.topics[:, -1:]  # predicted at the previous position, reordered with the beams
+                link.history = link.history.repeat_interleave(ids.shape[0] // link.history.shape[0], dim=0)
+            state = getattr(cache, "doe", None)
+            if state is not None and state.topics is not None and cache.get_seq_length() > 0 and T == 1:
+                topic_ids = state.topics[:, -1:]  # predicted at the previous position, reordered with the beams
             else:
-                st.topic_ids = st.history[:, -T:]
-        st.prior = None
-        if self.topic_prior is not None and st.topic_ids is not None:
-            st.prior = topic_prior_embedding(self.topic_prior, st.topic_ids)
+                topic_ids = link.history[:, -T:]
+        prior = None
+        if self.topic_prior is not None and topic_ids is not None:
+            prior = topic_prior_embedding(self.topic_prior, topic_ids)
+        link.call = _Call(input_ids=ids, batch_shape=tuple(lead.shape[:2]) if lead is not None else None,
+                          topic_ids=topic_ids, cache=cache, prior=prior, reconstruct=reconstruct,
+                          pad_mask=mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None)
+        return args, kwargs
 
     def _after_base_forward(self, module, args, kwargs, output):
-        st = self._state
-        last = st.routed.get(len(self.doe_layers) - 1)
-        if st.cache is not None and last is not None:  # each position's predicted next topic, in the DoE cache
-            doe_state(st.cache).append_topics(last.logits.argmax(-1))
-        if st.history is not None:  # a generated token takes the topic the last router predicts
-            nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(st.history[:, -1], -1)
-            st.history = torch.cat([st.history, nxt[:, None].to(st.history.dtype)], dim=1)
+        link, call = self._link, self._link.call
+        last = call.routed.get(len(self.doe_layers) - 1)
+        if call.cache is not None and last is not None:  # each position's predicted next topic, in the DoE cache
+            doe_state(call.cache).append_topics(last.logits.argmax(-1))
+        if link.history is not None:  # a generated token takes the topic the last router predicts
+            nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(link.history[:, -1], -1)
+            link.history = torch.cat([link.history, nxt[:, None].to(link.history.dtype)], dim=1)
 
     def _refuse_reentrant_checkpointing(self) -> None:
         """The routers' outputs leave a wrapped layer beside its hidden state, not as its output: a
@@ -376,14 +390,10 @@ class DoEWrapper(nn.Module):
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
             cache = DoECache(config=self.base_model.config)
-        st = self._state
-        st.pending = {"topic_ids": topic_ids, "reconstruct": labels is not None}
-        try:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                                  use_cache=use_cache, **kwargs)
-        finally:
-            st.pending = {}
-        routed = [st.routed[i] for i in sorted(st.routed)]
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+                              doe_topic_ids=topic_ids, doe_reconstruct=labels is not None, **kwargs)
+        call = self._link.call
+        routed = [call.routed[i] for i in sorted(call.routed)]
         logits = out.logits
         aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
         loss = None
@@ -413,12 +423,12 @@ class DoEWrapper(nn.Module):
         if topic_ids is not None and topic_ids.shape != ids.shape:
             raise ValueError(f"DoEWrapper.generate: topic_ids must have the prompt's shape {tuple(ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
-        st = self._state
-        st.history = torch.full_like(ids, -1) if topic_ids is None else topic_ids
+        link = self._link
+        link.history = torch.full_like(ids, -1) if topic_ids is None else topic_ids
         try:
             return self.base_model.generate(inputs, **kwargs)
         finally:
-            st.history = None
+            link.history = None
 
     # ---- the added parameters ----
     def _knowledge_modules(self) -> nn.ModuleDict:
