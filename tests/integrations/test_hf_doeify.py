@@ -369,29 +369,33 @@ def test_options_are_one_config():
         DoEifyConfig(router="moe_topk")  # DoEConfig's baseline replaces the MLP: not a wrapper option
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_gradient_checkpointing_gives_the_same_gradients(family):
-    """Non-reentrant checkpointing keeps every gradient; reentrant is refused by name (it would drop the
-    routers' gradients: their outputs leave the HF layer beside its hidden state)."""
+@pytest.mark.parametrize("options", [{}, dict(router_decoder=True, beta=0.1, fusion="concat")],
+                         ids=["default", "decoder-beta-concat"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, options):
+    """Reentrant and non-reentrant checkpointing against none: the same loss and the same gradient
+    for every parameter (the expert-label, KL and reconstruction terms included: the routers'
+    tensors leave each checkpointed layer as its outputs)."""
     ids, topics = batch()
-    reentrant = doeify(make_base(family), **OPTIONS).train()
-    reentrant.base_model.activation_checkpointing_enable({"use_reentrant": True})
-    with pytest.raises(NotImplementedError, match=r"reentrant gradient checkpointing \(use_reentrant=True\)"):
-        reentrant(ids, topic_ids=topics, labels=ids, use_cache=False)
-    grads = []
-    for checkpointing in (False, True):
+    results = {}
+    for mode in ("none", "reentrant", "non-reentrant"):
         base = make_base(family)
         base_params = {id(p) for p in base.parameters()}
-        if checkpointing:
-            base.activation_checkpointing_enable({"use_reentrant": False})
-        wrapper = doeify(base, **OPTIONS).train()
+        if mode != "none":
+            base.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
+        wrapper = doeify(base, **OPTIONS, alpha=0.3, **options).train()
         perturb_knowledge(wrapper, base_params)
         torch.manual_seed(5)  # the VAE noise
-        wrapper(ids, topic_ids=topics, labels=ids, use_cache=False).loss.backward()
-        grads.append({n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+        out = wrapper(ids, topic_ids=topics, labels=ids, use_cache=False)
+        out.loss.backward()
+        results[mode] = out.loss.detach(), {n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None}
+    loss, grads = results["none"]
+    assert any(n.startswith("routers.") for n in grads)
+    for mode in ("reentrant", "non-reentrant"):
+        torch.testing.assert_close(results[mode][0], loss)
+        assert results[mode][1].keys() == grads.keys(), mode
+        for name in grads:
+            torch.testing.assert_close(results[mode][1][name], grads[name], msg=lambda m: f"{mode} {name}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

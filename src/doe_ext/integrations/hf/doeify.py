@@ -35,7 +35,8 @@ from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_d
 from doe_ext.models.configuration_doe import check_knowledge_options
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
-from doe_ext.nn.knowledge_path import compose_expert, layer_router, make_routers, topic_prior_embedding
+from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,
+                                       topic_prior_embedding)
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 
 ROUTERS = ("vae_relu", "vae_softmax", "none")
@@ -220,6 +221,34 @@ class DoEMLP(nn.Module):
             call.expert = None
 
 
+class _RouterCheckpoint:
+    """A decoder layer's checkpoint function (``checkpoint(fn, *args)``) whose checkpointed function
+    also returns layer ``i``'s router tensors, which then come back with their gradient."""
+
+    _doe_wrapped = True
+
+    def __init__(self, checkpoint, i: int, link: _Link):
+        self.checkpoint, self.i, self.link = checkpoint, i, link
+
+    def __call__(self, fn, *args):
+        shape = {}
+
+        def run(*inputs):
+            out = fn(*inputs)
+            outs = list(out) if isinstance(out, tuple) else [out]
+            routed = self.link.call.routed.get(self.i)
+            extra = [] if routed is None else [routed.gates, routed.logits, routed.kl] + (
+                [] if routed.recon is None else [routed.recon])
+            shape.update(tuple=isinstance(out, tuple), n=len(outs), extra=len(extra))
+            return (*outs, *extra)
+
+        res = self.checkpoint(run, *args)
+        outs, extra = list(res[:shape["n"]]), list(res[shape["n"]:])
+        if extra:  # the router's tensors as the checkpoint returned them: they carry the gradient
+            self.link.call.routed[self.i] = RouterOutput(*extra)
+        return tuple(outs) if shape["tuple"] else outs[0]
+
+
 class DoEWrapper(nn.Module):
     """A pretrained causal LM with DoE's knowledge path (build it with :func:`doeify`).
 
@@ -354,17 +383,18 @@ class DoEWrapper(nn.Module):
             nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(link.history[:, -1], -1)
             link.history = torch.cat([link.history, nxt[:, None].to(link.history.dtype)], dim=1)
 
-    def _refuse_reentrant_checkpointing(self) -> None:
-        """The routers' outputs leave a wrapped layer beside its hidden state, not as its output: a
-        reentrant checkpoint (which runs the layer without grad first) would silently drop their
-        gradients (expert-label loss, KL). Non-reentrant checkpointing keeps them (tested)."""
-        for layer in get_path(self.base_model, self.adapter.layers):
+    def _checkpoint_router_outputs(self) -> None:
+        """Under gradient checkpointing, the routers' outputs must leave a checkpointed layer as its
+        outputs: a reentrant checkpoint runs the layer without grad and keeps only what it returns, so
+        anything left beside it (the expert-label and KL terms) would lose its gradient. Each decoder
+        layer's checkpoint function (set by HF's ``gradient_checkpointing_enable``) is wrapped once, so
+        that the layer's checkpointed function returns its router's tensors too; reentrant and
+        non-reentrant checkpointing then give the gradients of none (tested)."""
+        for i, layer in enumerate(get_path(self.base_model, self.adapter.layers)):
             fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(layer, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"):
-                raise NotImplementedError(
-                    "DoEWrapper: reentrant gradient checkpointing (use_reentrant=True) would drop the expert-label "
-                    "and KL gradients of the routers; enable it with "
-                    "model.activation_checkpointing_enable({'use_reentrant': False})")
+            if fn is None or getattr(fn, "_doe_wrapped", False):
+                continue
+            layer._gradient_checkpointing_func = _RouterCheckpoint(fn, i, self._link)
 
     @property
     def config(self):
@@ -384,8 +414,8 @@ class DoEWrapper(nn.Module):
         if topic_ids is not None and topic_ids.shape != input_ids.shape:
             raise ValueError(f"DoEWrapper: topic_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
-        if labels is not None and self.training and torch.is_grad_enabled():
-            self._refuse_reentrant_checkpointing()
+        if self.training and torch.is_grad_enabled():
+            self._checkpoint_router_outputs()
         if use_cache is None:
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
