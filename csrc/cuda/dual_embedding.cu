@@ -38,13 +38,21 @@ __global__ void validate_kernel(const int64_t* tok, const int64_t* top, int64_t 
   }
 }
 
+// The tables are read by stride (ts*, ks*), never copied: an expanded or strided table costs nothing extra.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gather_kernel(const int64_t* tok, const int64_t* top, const T* tw,
-                                                          const T* kw, T* out, int64_t N, int64_t d, int64_t dk) {
+                                                          int64_t ts0, int64_t ts1, const T* kw, int64_t ks0,
+                                                          int64_t ks1, T* out, int64_t N, int64_t d, int64_t dk) {
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     T* row = out + i * (d + dk);
-    de::copy_row<T>(row, tw + tok[i] * d, threadIdx.x, d, blockDim.x);
-    de::copy_row<T>(row + d, top[i] >= 0 ? kw + top[i] * dk : nullptr, threadIdx.x, dk, blockDim.x);
+    const T* t = tw + tok[i] * ts0;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = t[c * ts1];
+    if (top[i] >= 0) {
+      const T* k = kw + top[i] * ks0;
+      for (int64_t c = threadIdx.x; c < dk; c += blockDim.x) row[d + c] = k[c * ks1];
+    } else {
+      de::copy_row<T>(row + d, nullptr, threadIdx.x, dk, blockDim.x);
+    }
   }
 }
 
@@ -89,12 +97,13 @@ at::Tensor dual_embedding_fwd_cuda(const at::Tensor& token_ids, const at::Tensor
   if (sz.N == 0) return out;
   const auto tok = token_ids.reshape({-1}).contiguous(), top = topic_ids.reshape({-1}).contiguous();
   check_ids_on_device(tok, top, sz.N, sz.V, sz.K);
-  const auto tw = token_weight.contiguous(), kw = topic_weight.contiguous();
+  const auto& tw = token_weight;
+  const auto& kw = topic_weight;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tw.scalar_type(), "dual_embedding_fwd_cuda", [&] {
     gather_kernel<scalar_t><<<grid_for(sz.N), kThreads, 0, stream>>>(
-        tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), tw.data_ptr<scalar_t>(), kw.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), sz.N, sz.d, sz.dk);
+        tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), tw.const_data_ptr<scalar_t>(), tw.stride(0), tw.stride(1),
+        kw.const_data_ptr<scalar_t>(), kw.stride(0), kw.stride(1), out.data_ptr<scalar_t>(), sz.N, sz.d, sz.dk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -31,18 +31,26 @@ constexpr int64_t kMaxGrid = 65535 * 32;
 
 unsigned grid_for(int64_t n) { return static_cast<unsigned>(n < kMaxGrid ? n : kMaxGrid); }
 
-// u[p, q] = <m[e, q, :], src[p / k, :]> for every slot p (0 for empty or bad slots); m: [N, r, width].
+// The bank m [N, r, width] is read by its strides (se, sq, sc), never copied: an expanded, huge or
+// transposed view (B^T = lora_b.transpose(1, 2)) costs nothing extra.
+
+// u[p, q] = <m[e, q, :], src[p / k, :]> for every slot p (0 for empty or bad slots).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) slot_dot_kernel(const int64_t* ind, const T* m, const T* src,
-                                                            int64_t P, int64_t k, int64_t r, int64_t width,
-                                                            int64_t N, float* u) {
+__global__ void __launch_bounds__(kThreads) slot_dot_kernel(const int64_t* ind, const T* m, int64_t se, int64_t sq,
+                                                            int64_t sc, const T* src, int64_t P, int64_t k, int64_t r,
+                                                            int64_t width, int64_t N, float* u) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / kWarp);
   for (int64_t p = blockIdx.x * int64_t(kThreads / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
     const int64_t e = ind[p];
     const bool used = e >= 0 && e < N;
     for (int64_t q = 0; q < r; ++q) {
-      float acc = used ? lora::dot<float>(m + (e * r + q) * width, src + (p / k) * width, lane, width, kWarp) : 0.f;
+      float acc = 0.f;
+      if (used) {
+        const T* row = m + e * se + q * sq;
+        const T* x = src + (p / k) * width;
+        for (int64_t c = lane; c < width; c += kWarp) acc += static_cast<float>(row[c * sc]) * static_cast<float>(x[c]);
+      }
       for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
       if (lane == 0) u[p * r + q] = acc;
     }
@@ -50,11 +58,11 @@ __global__ void __launch_bounds__(kThreads) slot_dot_kernel(const int64_t* ind, 
 }
 
 // dst[t, c] += sum_j sum_q coef[t*k + j, q] m[e_j, q, c] for token t's used slots (slot order);
-// a bad index in t's row turns the row into NaN. m: [N, r, width]; dst: [T, width].
+// a bad index in t's row turns the row into NaN. dst: [T, width].
 template <typename T>
 __global__ void __launch_bounds__(kThreads) add_lowrank_kernel(const int64_t* ind, const float* coef, const T* m,
-                                                               int64_t T_, int64_t k, int64_t r, int64_t width,
-                                                               int64_t N, T* dst) {
+                                                               int64_t se, int64_t sq, int64_t sc, int64_t T_,
+                                                               int64_t k, int64_t r, int64_t width, int64_t N, T* dst) {
   for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
     bool bad = false;
     for (int64_t j = 0; j < k; ++j) bad |= !lora::index_ok(ind[t * k + j], N);
@@ -63,7 +71,9 @@ __global__ void __launch_bounds__(kThreads) add_lowrank_kernel(const int64_t* in
       for (int64_t j = 0; j < k; ++j) {
         const int64_t e = ind[t * k + j];
         if (e < 0 || e >= N) continue;
-        acc += lora::lowrank_column<float>(coef + (t * k + j) * r, m + e * r * width, r, width, c);
+        const float* cf = coef + (t * k + j) * r;
+        const T* me = m + e * se + c * sc;
+        for (int64_t q = 0; q < r; ++q) acc += cf[q] * static_cast<float>(me[q * sq]);
       }
       dst[t * width + c] = static_cast<T>(bad ? NAN : acc);
     }
@@ -97,8 +107,8 @@ void launch_slot_dot(const at::Tensor& ind, const at::Tensor& m, const at::Tenso
   if (P == 0 || r == 0) return;
   const int64_t per_block = kThreads / kWarp;
   slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      ind.data_ptr<int64_t>(), m.data_ptr<T>(), src.data_ptr<T>(), P, k, r, m.size(2), m.size(0),
-      u.data_ptr<float>());
+      ind.data_ptr<int64_t>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), src.const_data_ptr<T>(),
+      P, k, r, m.size(2), m.size(0), u.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -108,8 +118,8 @@ void launch_add_lowrank(const at::Tensor& ind, const at::Tensor& coef, const at:
   const int64_t T_ = dst.size(0);
   if (T_ == 0) return;
   add_lowrank_kernel<T><<<grid_for(T_), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      ind.data_ptr<int64_t>(), coef.data_ptr<float>(), m.data_ptr<T>(), T_, k, r, m.size(2), m.size(0),
-      dst.data_ptr<T>());
+      ind.data_ptr<int64_t>(), coef.data_ptr<float>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2),
+      T_, k, r, m.size(2), m.size(0), dst.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -118,7 +128,6 @@ void launch_outer(const at::Tensor& keys, const at::Tensor& pos, const at::Tenso
                   int64_t k, int64_t r, at::Tensor& g) {
   const int64_t N = g.size(0), width = g.size(2);
   if (N == 0 || r == 0 || width == 0) return;
-  TORCH_CHECK(N <= 65535, "multi_lora_linear: at most 65535 experts in a bank on CUDA, got ", N);
   const dim3 grid(static_cast<unsigned>((width + kColBlock - 1) / kColBlock), static_cast<unsigned>(N));
   outer_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       keys.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), keys.numel(), u.data_ptr<float>(), src.data_ptr<T>(), k, r,
@@ -137,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(const at::Tensor& 
   const auto x2 = x.contiguous(), ind = indices.contiguous();
   auto out = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   if (sz.k == 0) return {out, xa};
-  const auto a = lora_a.contiguous(), bt = lora_b.transpose(1, 2).contiguous();  // [N, r, out]
+  const auto& a = lora_a;
+  const auto bt = lora_b.transpose(1, 2);  // [N, r, out], a view
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_linear_fwd_cuda", [&] {
     launch_slot_dot<scalar_t>(ind, a, x2, sz.k, sz.r, xa);
     const auto coef = (xa * scales.to(at::kFloat).unsqueeze(-1)).contiguous();
@@ -151,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
     bool need_weight_grad, bool need_lora_grad) {
   const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
+  // The LoRA gradients are dense over the bank (one grid row per expert): refused before allocating them.
+  TORCH_CHECK(!need_lora_grad || sz.N <= 65535, "multi_lora_linear_bwd: at most 65535 experts in `lora_a` for the "
+              "LoRA gradients on CUDA, got ", sz.N);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous(), ind = indices.contiguous();
   const auto none = [&] { return at::empty({0}, x.options()); };
@@ -167,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     return {grad_x, grad_w, grad_b, grad_a, need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt, grad_s};
   }
-  const auto a = lora_a.contiguous(), bt = lora_b.transpose(1, 2).contiguous();
+  const auto& a = lora_a;
+  const auto bt = lora_b.transpose(1, 2);  // [N, r, out], a view
   const auto s3 = scales.to(at::kFloat).unsqueeze(-1);
   const auto xaf = xa.to(at::kFloat);
   auto bg = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));  // B^T g per slot
