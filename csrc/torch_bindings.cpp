@@ -4,6 +4,13 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
+
+#include "doe_ext/dual_embedding.h"
+#include "doe_ext/expert_loss.h"
+#include "doe_ext/knowledge_attention.h"
+#include "doe_ext/lora.h"
+#include "doe_ext/vae_relu_router.h"
 
 #ifndef DOE_EXT_CUDA_ARCHS
 #define DOE_EXT_CUDA_ARCHS ""
@@ -19,6 +26,63 @@ std::string build_config() {
 #else
   return "cuda=0;archs=";
 #endif
+}
+
+// Marks each meta stand-in as standing for its FakeTensor's device while an op's checks run.
+class StandIns {
+ public:
+  StandIns(const std::vector<std::optional<at::Tensor>>& tensors, const std::string& devices) {
+    size_t start = 0;
+    for (const auto& t : tensors) {
+      const size_t end = devices.find(',', start);
+      const std::string dev = devices.substr(start, end == std::string::npos ? std::string::npos : end - start);
+      start = end == std::string::npos ? devices.size() : end + 1;
+      if (t.has_value()) device_stand_ins().push_back({t->unsafeGetTensorImpl(), c10::Device(dev)});
+    }
+  }
+  ~StandIns() { device_stand_ins().clear(); }
+};
+
+// The argument checks of op `op`, exactly as its CPU and CUDA kernels run them first, on `tensors`
+// (its tensor arguments in schema order; meta stand-ins of a fake kernel's FakeTensors, whose devices
+// `devices` lists, comma-separated), `ints`, `floats` and `text` (its int / float / string arguments).
+void check_op(c10::string_view op_name, const c10::List<std::optional<at::Tensor>>& list, c10::string_view devices,
+              std::vector<int64_t> ints, std::vector<double> floats, c10::string_view text) {
+  const std::string op(op_name);
+  std::vector<std::optional<at::Tensor>> t;
+  for (size_t i = 0; i < list.size(); ++i) t.push_back(list.get(i));
+  const StandIns stand_ins(t, std::string(devices));
+  const auto T = [&](size_t i) -> const at::Tensor& { return *t.at(i); };
+  const std::string str(text);
+  if (op == "knowledge_attention_fwd") {
+    check_knowledge_attention(T(0), T(1), T(2), t.at(3));
+  } else if (op == "knowledge_attention_bwd") {
+    check_knowledge_attention_bwd(T(0), T(1), T(2), T(3), T(4), T(5));
+  } else if (op == "vae_relu_router_fwd") {
+    check_vae_relu_router(T(0), T(1), T(2), T(3), T(4), T(5), T(6), t.at(7), t.at(8), str);
+  } else if (op == "vae_relu_router_bwd") {
+    vr::check_backward(t.at(0), t.at(1), t.at(2), t.at(3), T(4), T(5), T(6), T(7), T(8), T(9), T(10), t.at(11),
+                       t.at(12), str);
+  } else if (op == "expert_loss_fwd") {
+    check_expert_loss(T(0), T(1), str, floats.at(0));
+  } else if (op == "expert_loss_bwd") {
+    check_expert_loss_bwd(T(0), T(1), T(2));
+  } else if (op == "dual_embedding_fwd") {
+    const auto sz = check_dual_embedding(T(0), T(1), T(2), T(3));
+    check_padding_idx(ints.at(0), sz.V);
+  } else if (op == "dual_embedding_bwd") {
+    check_dual_embedding_bwd(T(0), T(1), T(2), T(3), T(4), ints.at(0));
+  } else if (op == "lora_merge" || op == "lora_merge_") {
+    check_lora_merge(T(0), T(1), T(2), T(3), op.c_str());
+  } else if (op == "lora_merge_bwd") {
+    check_lora_merge(T(0), T(1), T(2), T(3), "lora_merge_bwd", "grad_out");
+  } else if (op == "multi_lora_linear_fwd") {
+    check_multi_lora_linear(T(0), T(1), t.at(2), T(3), T(4), T(5), T(6));
+  } else if (op == "multi_lora_linear_bwd") {
+    check_multi_lora_linear_bwd(T(0), T(1), T(2), T(3), T(4), T(5), T(6), T(7));
+  } else {
+    TORCH_CHECK(false, "doe_ext::_check: no op ", op);
+  }
 }
 
 }  // namespace
@@ -86,7 +150,13 @@ TORCH_LIBRARY(doe_ext, m) {
         "Tensor indices, Tensor scales, Tensor xa, bool need_weight_grad, bool need_lora_grad) -> "
         "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, "
         "Tensor grad_scales)");
+
+  // The fake kernels' argument checks (see check_op): torch.compile rejects what eager rejects, with
+  // the same message, because both run the same C++ checks.
+  m.def("_check(str op, Tensor?[] tensors, str devices, int[] ints, float[] floats, str text) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) { m.impl("_check", &check_op); }
 
 }  // namespace doe_ext
 

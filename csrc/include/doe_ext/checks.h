@@ -48,10 +48,27 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               expected, " (", what, "), got shape ", shape_str(t.sizes()));
 }
 
+// The device a tensor stands for: its own, except while doe_ext::_check runs an op's checks for its
+// fake kernel on meta stand-ins of FakeTensors (torch_bindings.cpp): each stand-in then reports its
+// FakeTensor's device, so torch.compile and eager reject the same calls with the same messages.
+struct DeviceStandIn {
+  const c10::TensorImpl* impl;
+  c10::Device device;
+};
+inline std::vector<DeviceStandIn>& device_stand_ins() {
+  static thread_local std::vector<DeviceStandIn> stand_ins;
+  return stand_ins;
+}
+inline c10::Device stand_in_device(const at::Tensor& t) {
+  for (const auto& s : device_stand_ins())
+    if (s.impl == t.unsafeGetTensorImpl()) return s.device;
+  return t.device();
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
                               const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": expected `", name, "` on ", ref.device(),
-              " (the device of `", ref_name, "`), got ", t.device());
+  TORCH_CHECK(stand_in_device(t) == stand_in_device(ref), op, ": expected `", name, "` on ", stand_in_device(ref),
+              " (the device of `", ref_name, "`), got ", stand_in_device(t));
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -62,17 +79,20 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
 }
 
 // The floating dtypes of the contract: float32/float64/float16/bfloat16 on the CPU (the half
-// types in float32 math, see `up`); float32/float16/bfloat16 on CUDA.
+// types in float32 math, see `up`); float32/float16/bfloat16 on CUDA; any of them on the meta device
+// (shape inference for a model built there).
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
   const bool half = st == at::kHalf || st == at::kBFloat16;
-  if (t.is_cuda()) {
+  const auto dev = stand_in_device(t);
+  if (dev.is_cuda()) {
     TORCH_CHECK(st == at::kFloat || half, op, ": expected `", name,
                 "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
   } else {
-    TORCH_CHECK(t.is_cpu(), op, ": expected `", name, "` on cpu or cuda, got ", t.device());
+    TORCH_CHECK(dev.is_cpu() || dev.is_meta(), op, ": expected `", name, "` on cpu or cuda, got ", dev);
     TORCH_CHECK(st == at::kFloat || st == at::kDouble || half, op, ": expected `", name,
-                "` of dtype float32, float64, float16 or bfloat16 on cpu, got ", dtype_name(st));
+                "` of dtype float32, float64, float16 or bfloat16 on ", dev.is_cpu() ? "cpu" : "meta", ", got ",
+                dtype_name(st));
   }
 }
 

@@ -134,7 +134,13 @@ inline MultiLoraSizes check_multi_lora_linear_bwd(const at::Tensor& grad_out, co
               sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
   TORCH_CHECK(xa.sizes() == at::IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
               sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+  check_same_device(grad_out, x, "multi_lora_linear_bwd", "grad_out", "x");
   check_same_dtype(grad_out, x, "multi_lora_linear_bwd", "grad_out", "x");
+  check_same_device(xa, x, "multi_lora_linear_bwd", "xa", "x");
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const auto xa_type = half ? at::kFloat : x.scalar_type();  // the forward keeps xa in float32 for half x
+  TORCH_CHECK(xa.scalar_type() == xa_type, "multi_lora_linear_bwd: expected `xa` of dtype ", dtype_name(xa_type),
+              " (the forward's, for `x` of dtype ", dtype_name(x.scalar_type()), "), got ", dtype_name(xa.scalar_type()));
   return sz;
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device, check_tensors
+from doe_ext.ops._checks import check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import dual_embedding_ref
 
@@ -56,19 +56,13 @@ def dual_embedding(
 
 @torch.library.register_fake("doe_ext::dual_embedding_fwd")
 def _fwd_fake(token_ids, topic_ids, token_weight, topic_weight, padding_idx=-1):
-    check_same_device("dual_embedding", "token_weight", token_weight, topic_weight=topic_weight,
-                      token_ids=token_ids, topic_ids=topic_ids)
-    torch._check(token_weight.dim() == 2 and topic_weight.dim() == 2,
-                 lambda: "dual_embedding: token_weight, topic_weight must be 2-D")
-    torch._check(topic_ids.shape == token_ids.shape,
-                 lambda: "dual_embedding: expected `topic_ids` of the shape of `token_ids`")
+    cxx_checks("dual_embedding_fwd", token_ids, topic_ids, token_weight, topic_weight, ints=[padding_idx])
     return token_weight.new_empty((*token_ids.shape, token_weight.shape[1] + topic_weight.shape[1]))
 
 
 @torch.library.register_fake("doe_ext::dual_embedding_bwd")
 def _bwd_fake(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx):
-    check_same_device("dual_embedding_bwd", "token_weight", token_weight, grad_out=grad_out, token_ids=token_ids,
-                      topic_ids=topic_ids, topic_weight=topic_weight)
+    cxx_checks("dual_embedding_bwd", grad_out, token_ids, topic_ids, token_weight, topic_weight, ints=[padding_idx])
     return torch.empty_like(token_weight, memory_format=torch.contiguous_format), torch.empty_like(
         topic_weight, memory_format=torch.contiguous_format)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_float, check_same_device, check_tensors
+from doe_ext.ops._checks import check_float, check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import expert_loss_ref
 
@@ -53,8 +53,7 @@ def expert_loss(
 
 @torch.library.register_fake("doe_ext::expert_loss_fwd")
 def _fwd_fake(logits, target, ignore_index, reduction, label_smoothing, keep_grad):
-    check_same_device("expert_loss", "logits", logits, target=target)
-    torch._check(reduction in ("mean", "sum", "none"), lambda: "expert_loss: reduction must be mean, sum or none")
+    cxx_checks("expert_loss_fwd", logits, target, floats=[label_smoothing], text=reduction)
     lead = logits.shape[:-1]
     loss = logits.new_empty(lead if reduction == "none" else ())
     grad = logits.new_empty(logits.shape) if keep_grad else logits.new_empty((0,))
@@ -63,13 +62,7 @@ def _fwd_fake(logits, target, ignore_index, reduction, label_smoothing, keep_gra
 
 @torch.library.register_fake("doe_ext::expert_loss_bwd")
 def _bwd_fake(grad_loss, grad_rows, weight):
-    check_same_device("expert_loss_bwd", "grad_rows", grad_rows, grad_loss=grad_loss, weight=weight)
-    torch._check(grad_loss.dim() == 0 or tuple(grad_loss.shape) == tuple(grad_rows.shape[:-1]),
-                 lambda: f"expert_loss_bwd: expected `grad_loss` of shape [] or {list(grad_rows.shape[:-1])} (the loss: "
-                         f"a scalar, or one per row with reduction='none'), got {list(grad_loss.shape)}")
-    torch._check(grad_loss.dtype == grad_rows.dtype,
-                 lambda: f"expert_loss_bwd: expected `grad_loss` of dtype {grad_rows.dtype} (the dtype of `grad_rows`), "
-                         f"got {grad_loss.dtype}")
+    cxx_checks("expert_loss_bwd", grad_loss, grad_rows, weight)
     return torch.empty_like(grad_rows)
 
 

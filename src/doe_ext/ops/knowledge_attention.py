@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_float, check_same_device, check_tensors
+from doe_ext.ops._checks import check_float, check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import knowledge_attention_ref
 
@@ -62,10 +62,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("doe_ext::knowledge_attention_fwd")
 def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
-    check_same_device("knowledge_attention", "q", q, z_key=z_key, z_value=z_value, residual=residual)
-    torch._check(z_key.dim() == 2 and z_value.dim() == 2, lambda: "knowledge_attention: z_key, z_value must be 2-D")
-    torch._check(z_key.shape[1] == q.shape[-1], lambda: "knowledge_attention: z_key.shape[1] must equal q.shape[-1]")
-    torch._check(z_value.shape[0] == z_key.shape[0], lambda: "knowledge_attention: z_value.shape[0] must equal K")
+    cxx_checks("knowledge_attention_fwd", q, z_key, z_value, residual)
     lead = q.shape[:-1]
     out = q.new_empty((*lead, z_value.shape[1]))
     lse = q.new_empty(lead, dtype=_lse_dtype(q.dtype))
@@ -75,8 +72,7 @@ def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
 
 @torch.library.register_fake("doe_ext::knowledge_attention_bwd")
 def _bwd_fake(grad_out, q, z_key, z_value, lse, probs, scale):
-    check_same_device("knowledge_attention_bwd", "q", q, grad_out=grad_out, z_key=z_key, z_value=z_value, lse=lse,
-                      probs=probs)
+    cxx_checks("knowledge_attention_bwd", grad_out, q, z_key, z_value, lse, probs)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(z_key), torch.empty_like(z_value)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device, check_tensors
+from doe_ext.ops._checks import check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import lora_merge_ref
 
@@ -44,26 +44,20 @@ def lora_merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor) 
     return weight
 
 
-def _check_fake(op, weight, lora_a, lora_b, scales):
-    check_same_device(op, "weight", weight, lora_a=lora_a, lora_b=lora_b, scales=scales)
-    torch._check(weight.dim() == 2 and lora_a.dim() == 3 and lora_b.dim() == 3 and scales.dim() == 1,
-                 lambda: f"{op}: expected weight [out, in], lora_a [E, r, in], lora_b [E, out, r], scales [E]")
-
-
 @torch.library.register_fake("doe_ext::lora_merge")
 def _merge_fake(weight, lora_a, lora_b, scales):
-    _check_fake("lora_merge", weight, lora_a, lora_b, scales)
+    cxx_checks("lora_merge", weight, lora_a, lora_b, scales)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("doe_ext::lora_merge_")
 def _merge_inplace_fake(weight, lora_a, lora_b, scales):
-    _check_fake("lora_merge_", weight, lora_a, lora_b, scales)
+    cxx_checks("lora_merge_", weight, lora_a, lora_b, scales)
 
 
 @torch.library.register_fake("doe_ext::lora_merge_bwd")
 def _bwd_fake(grad_out, lora_a, lora_b, scales):
-    check_same_device("lora_merge_bwd", "grad_out", grad_out, lora_a=lora_a, lora_b=lora_b, scales=scales)
+    cxx_checks("lora_merge_bwd", grad_out, lora_a, lora_b, scales)
     return (torch.empty_like(lora_a, memory_format=torch.contiguous_format),
             torch.empty_like(lora_b, memory_format=torch.contiguous_format), torch.empty_like(scales))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device, check_tensors
+from doe_ext.ops._checks import check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import multi_lora_linear_ref
 
@@ -58,21 +58,14 @@ def _xa_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("doe_ext::multi_lora_linear_fwd")
 def _fwd_fake(x, weight, bias, lora_a, lora_b, indices, scales):
-    check_same_device("multi_lora_linear", "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                      indices=indices, scales=scales)
-    torch._check(x.dim() == 2 and weight.dim() == 2 and lora_a.dim() == 3 and lora_b.dim() == 3,
-                 lambda: "multi_lora_linear: expected x [T, in], weight [out, in], lora_a [N, r, in], lora_b [N, out, r]")
-    torch._check(weight.shape[1] == x.shape[1], lambda: "multi_lora_linear: weight.shape[1] must equal x.shape[1]")
-    torch._check(indices.dim() == 2 and indices.shape[0] == x.shape[0],
-                 lambda: "multi_lora_linear: expected `indices` [T, k]")
+    cxx_checks("multi_lora_linear_fwd", x, weight, bias, lora_a, lora_b, indices, scales)
     T, k, r = x.shape[0], indices.shape[1], lora_a.shape[1]
     return x.new_empty((T, weight.shape[0])), x.new_empty((T, k, r), dtype=_xa_dtype(x.dtype))
 
 
 @torch.library.register_fake("doe_ext::multi_lora_linear_bwd")
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad, need_lora_grad):
-    check_same_device("multi_lora_linear_bwd", "x", x, grad_out=grad_out, weight=weight, lora_a=lora_a, lora_b=lora_b,
-                      indices=indices, scales=scales, xa=xa)
+    cxx_checks("multi_lora_linear_bwd", grad_out, x, weight, lora_a, lora_b, indices, scales, xa)
     def none():
         return x.new_empty((0,))
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from doe_ext.ops._checks import check_same_device, check_tensors
+from doe_ext.ops._checks import check_tensors, cxx_checks
 from doe_ext.ops._double import differentiable, twin_grads
 from doe_ext.reference import vae_relu_router_ref
 
@@ -101,12 +101,7 @@ def vae_relu_router(
 
 @torch.library.register_fake("doe_ext::vae_relu_router_fwd")
 def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, activation):
-    check_same_device("vae_relu_router", "h", h, w_mu=w_mu, b_mu=b_mu, w_logvar=w_logvar, b_logvar=b_logvar,
-                      w_gate=w_gate, b_gate=b_gate, noise=noise, rng=rng)
-    torch._check(w_mu.dim() == 2 and w_mu.shape[1] == h.shape[-1], lambda: "vae_relu_router: w_mu must be [dz, d]")
-    torch._check(w_logvar.shape == w_mu.shape, lambda: "vae_relu_router: w_logvar must be [dz, d]")
-    torch._check(w_gate.dim() == 2 and w_gate.shape[1] == w_mu.shape[0], lambda: "vae_relu_router: w_gate must be [K, dz]")
-    torch._check(activation in ("relu", "softmax"), lambda: "vae_relu_router: activation must be relu or softmax")
+    cxx_checks("vae_relu_router_fwd", h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, text=activation)
     lead = h.shape[:-1]
     K, dz = w_gate.shape
     gates = h.new_empty((*lead, K))
@@ -122,9 +117,8 @@ def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, tra
 @torch.library.register_fake("doe_ext::vae_relu_router_bwd")
 def _bwd_fake(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits, noise, rng,
               training, activation):
-    check_same_device("vae_relu_router_bwd", "h", h, grad_gates=grad_gates, grad_logits=grad_logits, grad_kl=grad_kl,
-                      grad_z=grad_z, w_mu=w_mu, w_logvar=w_logvar, w_gate=w_gate, mu_logvar=mu_logvar, gates=gates,
-                      logits=logits, noise=noise, rng=rng)
+    cxx_checks("vae_relu_router_bwd", grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
+               gates, logits, noise, rng, text=activation)
     dz, K = w_mu.shape[0], w_gate.shape[0]
     return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_mu),
             w_mu.new_empty((dz,)), torch.empty_like(w_logvar), w_mu.new_empty((dz,)), torch.empty_like(w_gate),

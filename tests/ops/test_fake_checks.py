@@ -1,0 +1,117 @@
+"""The fake kernels run the C++ kernels' own argument checks (``torch.ops.doe_ext._check``): for every
+raw op, every tensor argument bent out of shape (one more or one fewer dimension, a last dimension
+one short, another dtype, the meta device) and every bad string or int, a call under FakeTensorMode
+(what ``torch.compile`` traces with) raises exactly what the eager call raises, or both succeed with
+the same output shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import doe_ext  # noqa: F401  (registers torch.ops.doe_ext.*)
+
+RAW = torch.ops.doe_ext
+
+
+def _r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def valid_calls():
+    """op name -> a valid argument list of the raw op (small, odd sizes)."""
+    torch.manual_seed(0)
+    q, zk, zv, res = _r(2, 3, 5), _r(7, 5), _r(7, 4), _r(2, 3, 4)
+    _, lse, probs = RAW.knowledge_attention_fwd(q, zk, zv, res, 0.5, True)
+    h, d, dz, K = _r(2, 3, 6), 6, 4, 5
+    w = [_r(dz, d), _r(dz), _r(dz, d), _r(dz), _r(K, dz), _r(K)]
+    rng = torch.tensor([3, 1])
+    gates, logits, _, _, mulv, _, _ = RAW.vae_relu_router_fwd(h, *w, None, rng, True, "relu")
+    el_logits, labels = _r(4, 6), torch.tensor([0, 3, 2, 1])  # valid for K - 1 classes too
+    _, rows, weight = RAW.expert_loss_fwd(el_logits, labels, -100, "mean", 0.0, True)
+    tok, top = torch.tensor([[1, 4, 0]]), torch.tensor([[2, -1, 0]])
+    tw, kw = _r(6, 5), _r(3, 2)
+    W, A, B, S = _r(5, 7), _r(3, 2, 7), _r(3, 5, 2), _r(3)
+    x, idx, sc = _r(4, 7), torch.tensor([[0, -1], [2, 1], [1, 1], [-1, -1]]), _r(4, 2)
+    _, xa = RAW.multi_lora_linear_fwd(x, W, _r(5), A, B, idx, sc)
+    return {
+        "knowledge_attention_fwd": [q, zk, zv, res, 0.5, True],
+        "knowledge_attention_bwd": [_r(2, 3, 4), q, zk, zv, lse, probs, 0.5],
+        "vae_relu_router_fwd": [h, *w, _r(2, 3, dz), None, True, "relu"],
+        "vae_relu_router_bwd": [_r(2, 3, K), _r(2, 3, K), _r(2, 3), _r(2, 3, dz), h, w[0], w[2], w[4], mulv, gates,
+                                logits, None, rng, True, "relu"],
+        "expert_loss_fwd": [el_logits, labels, -100, "mean", 0.1, True],
+        "expert_loss_bwd": [torch.tensor(1.5), rows, weight],
+        "dual_embedding_fwd": [tok, top, tw, kw, 2],
+        "dual_embedding_bwd": [_r(1, 3, 7), tok, top, tw, kw, 2],
+        "lora_merge": [W, A, B, S],
+        "lora_merge_": [W.clone(), A, B, S],
+        "lora_merge_bwd": [_r(5, 7), A, B, S],
+        "multi_lora_linear_fwd": [x, W, _r(5), A, B, idx, sc],
+        "multi_lora_linear_bwd": [_r(4, 5), x, W, A, B, idx, sc, xa, True, True],
+    }
+
+
+def _bent(t: torch.Tensor):
+    """(name, tensor) variants of ``t`` out of shape, dtype or device."""
+    yield "rank+1", t.unsqueeze(0)
+    if t.dim() >= 1 and t.shape[0] > 0:
+        yield "rank-1", t[0]
+    if t.dim() >= 1 and t.shape[-1] > 1:
+        yield "last-1", t[..., :-1]
+    other = {torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32}[t.dtype]
+    yield "dtype", t.to(other)
+    yield "meta", t.to("meta")
+
+
+def mutations():
+    bad_scalars = {("vae_relu_router_fwd", 10): "gelu", ("vae_relu_router_bwd", 14): "gelu",
+                   ("expert_loss_fwd", 3): "max", ("expert_loss_fwd", 4): 1.5, ("dual_embedding_fwd", 4): 6,
+                   ("dual_embedding_bwd", 5): -2}
+    for op, args in valid_calls().items():
+        yield pytest.param(op, args, id=f"{op}-valid")
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                for name, bent in _bent(a):
+                    yield pytest.param(op, [*args[:i], bent, *args[i + 1:]], id=f"{op}-arg{i}-{name}")
+        for (name, i), value in bad_scalars.items():
+            if name == op:
+                yield pytest.param(op, [*args[:i], value, *args[i + 1:]], id=f"{op}-arg{i}-{value}")
+
+
+def _run(op, args):
+    try:
+        return getattr(RAW, op)(*args), None
+    except (RuntimeError, ValueError, TypeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("op, args", list(mutations()))
+def test_fake_kernel_rejects_what_eager_rejects(op, args):
+    out, err = _run(op, args)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake_out, fake_err = _run(op, fake_args)
+    assert fake_err == err
+    if err is None:
+        outs = out if isinstance(out, tuple) else (out,)  # lora_merge_ returns None: nothing to compare
+        fakes = fake_out if isinstance(fake_out, tuple) else (fake_out,)
+        outs, fakes = [o for o in outs if o is not None], [f for f in fakes if f is not None]
+        assert [(o.shape, o.dtype) for o in outs] == [(f.shape, f.dtype) for f in fakes]
+
+
+def test_the_valid_calls_are_valid():
+    for op, args in valid_calls().items():
+        assert _run(op, args)[1] is None, op
+
+
+def test_compile_reports_the_eager_message():
+    q, zk = torch.randn(3, 5), torch.randn(7, 5)
+    zv = torch.randn(6, 4)  # K = 6 rows against z_key's 7
+    _, eager = _run("knowledge_attention_fwd", [q, zk, zv, None, 1.0, False])
+    assert eager is not None and "`z_value`.shape[0] == 7" in eager
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, zk, zv: RAW.knowledge_attention_fwd(q, zk, zv, None, 1.0, False)[0], fullgraph=True)
+    with pytest.raises(Exception) as info:
+        fn(q, zk, zv)
+    assert eager.split(": ", 1)[1] in str(info.value)
