@@ -315,6 +315,8 @@ def raw_backward(m, seed, s):
         go = _rand(g, N, K)
         if m == "ml_xa":
             xa = _rand(g, N, 2, dz + 1)
+        elif m == "ml_xa_dtype":  # the forward's xa is x's dtype (float32 for half x)
+            xa = xa.to(torch.float32 if xa.dtype == torch.float64 else torch.float64)
         return (lambda: RAW.multi_lora_linear_bwd(go, x, w, a, b, idx, sc, xa, True, True)), None, "xa"
     raise KeyError(m)
 
@@ -336,7 +338,7 @@ MUTATIONS = {
                           "scales_shape", "float_indices", "weight_in", "meta_bias", "none_x"],
     "raw_backward": ["ka_grad_out", "ka_lse", "ka_meta_lse", "ka_probs", "vae_rng_empty", "vae_rng_one", "vae_w_gate",
                      "vae_mu_logvar", "vae_grad_gates", "vae_meta_rng", "el_broadcast", "el_dtype", "el_meta",
-                     "lm_grad_out", "lm_meta", "de_grad_out", "de_meta", "ml_xa"],
+                     "lm_grad_out", "lm_meta", "de_grad_out", "de_meta", "ml_xa", "ml_xa_dtype"],
 }
 BUILDERS = {name: globals()[name] for name in MUTATIONS}
 

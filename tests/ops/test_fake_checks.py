@@ -87,8 +87,10 @@ def _run(op, args):
 
 
 @pytest.mark.parametrize("op, args", list(mutations()))
-def test_fake_kernel_rejects_what_eager_rejects(op, args):
+def test_fake_kernel_rejects_what_eager_rejects(op, args, request):
     out, err = _run(op, args)
+    if request.node.callspec.id.endswith("-meta"):  # one meta argument beside real ones: always an error
+        assert err is not None and "meta" in err, err
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         fake_out, fake_err = _run(op, fake_args)
@@ -103,6 +105,19 @@ def test_fake_kernel_rejects_what_eager_rejects(op, args):
 def test_the_valid_calls_are_valid():
     for op, args in valid_calls().items():
         assert _run(op, args)[1] is None, op
+
+
+@pytest.mark.parametrize("op", list(valid_calls()))
+def test_every_argument_on_meta_infers_shapes(op):
+    """A model built on the meta device: every op runs there (shapes only), as on the CPU."""
+    args = valid_calls()[op]
+    out, err = _run(op, args)
+    meta_out, meta_err = _run(op, [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    assert meta_err is None, meta_err
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+    metas = [o for o in (meta_out if isinstance(meta_out, tuple) else (meta_out,)) if o is not None]
+    assert [(o.shape, o.dtype) for o in outs] == [(m.shape, m.dtype) for m in metas]
+    assert all(m.device.type == "meta" for m in metas)
 
 
 def test_compile_reports_the_eager_message():

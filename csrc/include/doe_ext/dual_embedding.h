@@ -53,6 +53,7 @@ inline DualEmbeddingSizes check_dual_embedding_bwd(const at::Tensor& grad_out, c
   expected.push_back(sz.d + sz.dk);
   TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
               c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+  check_same_device(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   return sz;
 }
