@@ -291,9 +291,9 @@ class DoEWrapper(nn.Module):
         if self.topic_prior is not None:
             self.topic_prior.to(device=w.device, dtype=w.dtype)
 
-        st = self._link
+        link = self._link
         # The wrapped modules live in the base model; the wrapper keeps unregistered references.
-        self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, st))
+        self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, link))
         self.__dict__["doe_layers"] = []
         for i, layer in enumerate(layers):
             attn = get_path(layer, adapter.attention)
@@ -306,12 +306,12 @@ class DoEWrapper(nn.Module):
                                      f"and layer {i}'s {type(mlp).__name__} has none (a MoE block?); use fusion='add'")
                 for name in inputs:
                     self._swap(layer, f"{adapter.mlp}.{name}" if name else adapter.mlp,
-                               ConcatInput(get_path(mlp, name), d, st))
+                               ConcatInput(get_path(mlp, name), d, link))
             mlp = get_path(layer, adapter.mlp)
-            self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, st)))
+            self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, link)))
         self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
-        st.owner = self
+        link.owner = self
 
     # ---- wiring ----
     def _swap(self, root: nn.Module, path: str, new: nn.Module) -> nn.Module:
