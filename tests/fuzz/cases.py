@@ -19,6 +19,11 @@ def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _dtype(seed: int) -> torch.dtype:
+    """The case's floating dtype: every dtype the CPU kernels take (the half ones in float32 math)."""
+    return (torch.float64, torch.float32, torch.bfloat16, torch.float16)[seed % 4]
+
+
 def _rand(g, *shape, dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
@@ -35,7 +40,7 @@ def _meta(t):
 def knowledge_attention(m, seed, s):
     g = _g(seed)
     B, T, dk, dv, K = s["a"], s["b"] + 1, s["c"] + 1, s["d"] + 1, s["e"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     q, zk, zv, res = _rand(g, B, T, dk, dtype=dt), _rand(g, K, dk, dtype=dt), _rand(g, K, dv, dtype=dt), _rand(g, B, T, dv, dtype=dt)
     scale, bad = None, None
     if m == "strided":
@@ -76,7 +81,7 @@ def knowledge_attention(m, seed, s):
 def dual_embedding(m, seed, s):
     g = _g(seed)
     B, T, V, d, K, dk = s["a"], s["b"] + 1, s["c"] + 2, s["d"] + 1, s["e"] + 1, s["f"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     tok = torch.randint(0, V, (B, T), generator=g)
     top = torch.randint(-1, K, (B, T), generator=g)
     tw, kw, pad, bad = _rand(g, V, d, dtype=dt), _rand(g, K, dk, dtype=dt), None, None
@@ -119,7 +124,7 @@ def dual_embedding(m, seed, s):
 def expert_loss(m, seed, s):
     g = _g(seed)
     N, K = s["a"] + 1, s["b"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     logits = _rand(g, N, K, dtype=dt)
     target = torch.randint(0, K, (N,), generator=g)
     kw, bad = dict(reduction=("mean", "sum", "none")[seed % 3]), None
@@ -158,7 +163,7 @@ def expert_loss(m, seed, s):
 def vae_relu_router(m, seed, s):
     g = _g(seed)
     N, d, dz, K = s["a"], s["b"] + 1, s["c"] + 1, s["d"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     h = _rand(g, N, d, dtype=dt)
     w = [_rand(g, dz, d, dtype=dt), _rand(g, dz, dtype=dt), _rand(g, dz, d, dtype=dt), _rand(g, dz, dtype=dt) - 2,
          _rand(g, K, dz, dtype=dt), _rand(g, K, dtype=dt)]
@@ -195,7 +200,7 @@ def vae_relu_router(m, seed, s):
 def lora_merge(m, seed, s):
     g = _g(seed)
     out, inn, E, r = s["a"] + 1, s["b"] + 1, s["c"], s["d"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     w, a, b, sc = _rand(g, out, inn, dtype=dt), _rand(g, E, r, inn, dtype=dt), _rand(g, E, out, r, dtype=dt), _rand(g, E, dtype=dt)
     bad = None
     if m == "strided":
@@ -224,7 +229,7 @@ def lora_merge(m, seed, s):
 def multi_lora_linear(m, seed, s):
     g = _g(seed)
     T, inn, out, N, r, k = s["a"], s["b"] + 1, s["c"] + 1, s["d"] + 1, s["e"] + 1, s["f"] + 1
-    dt = torch.float32 if seed % 2 else torch.float64
+    dt = _dtype(seed)
     x, w, bias = _rand(g, T, inn, dtype=dt), _rand(g, out, inn, dtype=dt), _rand(g, out, dtype=dt)
     a, b = _rand(g, N, r, inn, dtype=dt), _rand(g, N, out, r, dtype=dt)
     idx = torch.randint(-1, N, (T, k), generator=g)
