@@ -124,6 +124,18 @@ def test_the_plugin_in_a_pytest_run(tmp_path):
     assert "| [toy](demo_table.md) | tiny | 4 | vae_relu < moe on ppl | lower |" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_session_without_its_fixtures_does_not_import_torch(tmp_path):
+    """pytest loads the installed plugin in every session; doe_ext (torch, the compiled ops) comes in
+    only when a test asks for one of its fixtures."""
+    (tmp_path / "test_plain.py").write_text("import sys\n\ndef test_plain():\n    assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_plain.py"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--trace-config", "--co", "-q", "test_plain.py"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert "doe_ext_pytest" in listed.stdout  # the plugin was loaded, through its entry point
+
+
 def test_the_default_directory_follows_the_scale(tmp_path):
     done = run_suite(tmp_path, "", "--ablation-dir", "")  # empty: the default
     assert done.returncode == 0, done.stdout + done.stderr

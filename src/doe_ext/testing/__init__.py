@@ -1,5 +1,5 @@
 """Ablations from pytest (CONTRACT §7): the recorder, its statistics and the pytest plugin
-(:mod:`doe_ext.testing.plugin`, loaded by pytest through the ``pytest11`` entry point)."""
+(:mod:`doe_ext_pytest`, loaded by pytest through the ``pytest11`` entry point)."""
 from doe_ext.testing.recorder import Ablation, Claim
 from doe_ext.testing.stats import Interval, mean_ci, paired_difference, verdict
 

@@ -1,5 +1,9 @@
 """The pytest plugin of doe_ext (entry point ``pytest11``): ablations written as pytest tests.
 
+It lives outside the ``doe_ext`` package and imports it only when a test asks for one of its
+fixtures: pytest loads every installed plugin in every session, and a session that uses none of
+these should not pay for torch and the compiled ops (nor fail with them).
+
 Options: ``--ablation-scale tiny|small`` (CI: seconds; ``make ablate``), ``--ablation-seeds N``
 (default 3), ``--ablation-dir DIR`` (default ``reports/ablations``). Fixtures: ``ablation`` (a
 factory: ``ablation("table3", control="moe", title=...)`` gives the session's recorder of that name),
@@ -11,8 +15,6 @@ control arm without numbers fails the session.
 from __future__ import annotations
 
 import pytest
-
-from doe_ext.testing.recorder import Ablation, write_index
 
 _KEY = pytest.StashKey[dict]()
 
@@ -46,6 +48,8 @@ def ablation_seeds(pytestconfig) -> list[int]:
 @pytest.fixture(scope="session")
 def ablation(pytestconfig):
     recorders = pytestconfig.stash[_KEY]
+
+    from doe_ext.testing.recorder import Ablation
 
     def get(name: str, control: str | None = None, title: str = "") -> Ablation:
         rec = recorders.get(name)
@@ -94,6 +98,8 @@ def pytest_sessionfinish(session, exitstatus):
             rec.write(directory, scale=session.config.getoption("--ablation-scale"))
         problems += rec.missing()
     if any(rec.runs for rec in recorders.values()):
+        from doe_ext.testing.recorder import write_index
+
         write_index(directory)
     if problems:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
