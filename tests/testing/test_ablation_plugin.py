@@ -173,4 +173,5 @@ def test_corpus_and_runs_are_cached_and_seeded(tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("run-*.json"))) == 3
     files = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("run-*.json")}
     runs.train_run(corpus, None, seed=0, steps=3)
+    runs.train_run(corpus, {"alpha": 0.001, "topic_dim": 32}, seed=0, steps=3)  # the values it runs with anyway
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("run-*.json")} == files  # nothing retrained

@@ -132,6 +132,18 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
     return out
 
 
+def _model_config(corpus: "LabelledCorpus", sizes: dict, config: dict | None) -> dict:
+    """The run's model config: the demo's at these sizes with ``config``'s overrides, less those that
+    repeat what the run uses anyway (``{"alpha": 0.001}`` and ``{}`` are one run, one cache entry)."""
+    from doe_ext.demo import model_config
+    from doe_ext.models import DoEConfig
+
+    base = model_config(corpus.vocab_size, corpus.num_topics, sizes["seq"], sizes["width"])
+    resolved = DoEConfig(**base).to_dict()  # every field's value without overrides
+    missing = object()
+    return {**base, **{k: v for k, v in (config or {}).items() if resolved.get(k, missing) != v}}
+
+
 def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0, scale: str = "tiny",
               steps: int | None = None, cache: Path | None = None, progress: bool = False, topics: str = "lda",
               continue_on: str | None = None, continue_steps: int | None = None, **sizes) -> dict:
@@ -142,7 +154,7 @@ def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0,
     perplexity, the held-out curve (10 points), the training curve, next-topic accuracy (with
     routers), the last utilisation CV per layer, tokens/s, train seconds, parameters and peak RSS
     (:func:`doe_ext.demo.train_model`), and ``seesaw`` with a continuation."""
-    from doe_ext.demo import model_config, train_model
+    from doe_ext.demo import train_model
 
     unknown = sorted(set(sizes) - set(SCALES[scale]))
     if unknown:
@@ -152,7 +164,7 @@ def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0,
     s = {**SCALES[scale], **sizes}
     steps = steps or s["steps"]
     continue_steps = (continue_steps or max(1, steps // 3)) if continue_on else None
-    cfg = model_config(corpus.vocab_size, corpus.num_topics, s["seq"], s["width"], **(config or {}))
+    cfg = _model_config(corpus, s, config)
     key = _key({"corpus": corpus.params, "config": cfg, "seed": seed, "steps": steps, "seq": s["seq"],
                 "batch": s["batch"], "topics": topics, "continue": [continue_on, continue_steps], "version": VERSION})
     path = (cache or cache_dir()) / f"run-{key}.json"
