@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import FamilyAdapter, adapter_for, get_path, has_path, out_features
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
-from doe_ext.models.configuration_doe import check_knowledge_options
+from doe_ext.models.configuration_doe import DoEConfig, check_knowledge_options
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
 from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,
@@ -60,15 +60,15 @@ class DoEifyConfig:
         router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
     """
 
-    num_topics: int = 128
-    topic_dim: int = 64
-    latent_dim: int = 128
-    router: str = "vae_relu"
-    signal_source: str = "v"
-    fusion: str = "add"
-    alpha: float = 0.001
-    beta: float = 0.0
-    router_decoder: bool = False
+    num_topics: int = DoEConfig.num_topics  # DoEConfig's defaults: one place
+    topic_dim: int = DoEConfig.topic_dim
+    latent_dim: int = DoEConfig.latent_dim
+    router: str = DoEConfig.router
+    signal_source: str = DoEConfig.signal_source
+    fusion: str = DoEConfig.fusion
+    alpha: float = DoEConfig.alpha
+    beta: float = DoEConfig.beta
+    router_decoder: bool = DoEConfig.router_decoder
 
     def __post_init__(self):
         check_knowledge_options("DoEifyConfig", self, routers=ROUTERS)
