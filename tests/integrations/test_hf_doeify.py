@@ -72,12 +72,13 @@ def added_parameters(wrapper: DoEWrapper, base_params: set[int]) -> dict[str, to
     return {n: p for n, p in wrapper.named_parameters() if id(p) not in base_params}
 
 
-def perturb_knowledge(wrapper: DoEWrapper, base_params: set[int], seed: int = 3) -> None:
+def perturb_knowledge(wrapper: DoEWrapper, seed: int = 3) -> DoEWrapper:
     """Move every added parameter off its no-op start, so the knowledge path changes the logits."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in added_parameters(wrapper, base_params).values():
+        for p in wrapper.knowledge_parameters():  # the added parameters (test_knowledge_save_load_round_trip)
             p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return wrapper
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -162,10 +163,7 @@ def test_gradients_reach_the_knowledge_path(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_generate_with_cache_equals_without_and_tracks_topics(family):
-    base = make_base(family)
-    base_params = {id(p) for p in base.parameters()}
-    wrapper = doeify(base, **OPTIONS).eval()
-    perturb_knowledge(wrapper, base_params)
+    wrapper = perturb_knowledge(doeify(make_base(family), **OPTIONS).eval())
     ids, topics = batch(T=5)
     new = 6
     cached = wrapper.generate(ids, topic_ids=topics, max_new_tokens=new, do_sample=False, use_cache=True)
@@ -200,7 +198,7 @@ def test_knowledge_save_load_round_trip(family, tmp_path):
     fresh = copy.deepcopy(base)
     base_params = {id(p) for p in base.parameters()}
     wrapper = doeify(base, **OPTIONS).eval()
-    perturb_knowledge(wrapper, base_params)
+    perturb_knowledge(wrapper)
     wrapper.save_knowledge(tmp_path / "k")
     saved = load_file(tmp_path / "k" / "doe_knowledge.safetensors")
     added = added_parameters(wrapper, base_params)
@@ -222,10 +220,9 @@ def test_knowledge_save_load_round_trip(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_save_pretrained_with_the_base(family, tmp_path):
     base = make_base(family)
-    base_params = {id(p) for p in base.parameters()}
     moe = family in ("mixtral", "qwen2_moe")  # no input projections to widen in a MoE block
     wrapper = doeify(base, **OPTIONS, fusion="add" if moe else "concat").eval()
-    perturb_knowledge(wrapper, base_params)
+    perturb_knowledge(wrapper)
     wrapper.save_pretrained(tmp_path)
     assert isinstance(wrapper.doe_layers[0], DoEMLP) and wrapper.doe_layers[0] in list(wrapper.modules())
     loaded = DoEWrapper.from_pretrained(tmp_path).eval()
@@ -269,11 +266,10 @@ def test_each_call_has_its_own_context():
     """A call's topics do not leak into the next: the base model called directly after a wrapper
     call with topics computes the wrapper without topics."""
     base = make_base("llama")
-    base_params = {id(p) for p in base.parameters()}
     wrapper = doeify(base, **OPTIONS).eval()
     with pytest.raises(RuntimeError, match="DoEMLP: runs inside its DoEWrapper's base model"):
         wrapper.doe_layers[0](torch.randn(2, 7, D))  # outside any forward: no call to read
-    perturb_knowledge(wrapper, base_params)
+    perturb_knowledge(wrapper)
     ids, topics = batch()
     with torch.no_grad():
         with_topics = wrapper(ids, topic_ids=topics).logits
@@ -338,11 +334,10 @@ def test_the_router_reads_the_values_the_attention_uses(family):
 
 def test_a_custom_adapter_is_saved_and_reloaded(tmp_path):
     base = make_base("llama")
-    base_params = {id(p) for p in base.parameters()}
     derived = derive_adapter(base)
     custom = FamilyAdapter(**{**derived.to_dict(), "mlp_inputs": ("up_proj",)})  # widen one projection only
     wrapper = doeify(base, **OPTIONS, fusion="concat", adapter=custom).eval()
-    perturb_knowledge(wrapper, base_params)
+    perturb_knowledge(wrapper)
     wrapper.save_pretrained(tmp_path)
     loaded = DoEWrapper.from_pretrained(tmp_path).eval()
     assert loaded.adapter == custom and loaded.adapter != derived
@@ -384,11 +379,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, options):
     results = {}
     for mode in ("none", "reentrant", "non-reentrant"):
         base = make_base(family)
-        base_params = {id(p) for p in base.parameters()}
         if mode != "none":
             base.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
         wrapper = doeify(base, **OPTIONS, alpha=0.3, **options).train()
-        perturb_knowledge(wrapper, base_params)
+        perturb_knowledge(wrapper)
         torch.manual_seed(5)  # the VAE noise
         out = wrapper(ids, topic_ids=topics, labels=ids, use_cache=False)
         out.loss.backward()
@@ -420,10 +414,7 @@ def test_cuda_parity_and_generate(dtype):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_beam_search_equals_a_full_recompute_reference(family):
     """The wrapper's topic history and signal sums live in the DoECache, which beam search reorders."""
-    base = make_base(family)
-    base_params = {id(p) for p in base.parameters()}
-    wrapper = doeify(base, **OPTIONS).eval()
-    perturb_knowledge(wrapper, base_params)
+    wrapper = perturb_knowledge(doeify(make_base(family), **OPTIONS).eval())
     ids, topics = batch(T=5)
     with torch.no_grad():
         out = wrapper.generate(ids, topic_ids=topics, num_beams=3, max_new_tokens=5, do_sample=False)
