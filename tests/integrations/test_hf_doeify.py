@@ -396,6 +396,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, options):
             torch.testing.assert_close(results[mode][1][name], grads[name], msg=lambda m: f"{mode} {name}: {m}")
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_with_two_forwards_before_the_backwards(reentrant):
+    """Gradient accumulation: forward A, forward B, then both backwards. Each recomputed layer gets
+    its own forward's topics and signals back, so the gradients are those of no checkpointing."""
+    (ids_a, top_a), (ids_b, top_b) = batch(seed=1), batch(seed=2)
+    grads = []
+    for checkpointing in (False, True):
+        base = make_base("llama")
+        if checkpointing:
+            base.activation_checkpointing_enable({"use_reentrant": reentrant})
+        wrapper = perturb_knowledge(doeify(base, **OPTIONS, alpha=0.3).train())
+        torch.manual_seed(5)
+        loss_a = wrapper(ids_a, topic_ids=top_a, labels=ids_a, use_cache=False).loss
+        loss_b = wrapper(ids_b, topic_ids=top_b, labels=ids_b, use_cache=False).loss
+        (loss_a + loss_b).backward()
+        grads.append({n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_parity_and_generate(dtype):

@@ -95,10 +95,9 @@ class _Call:
 
 
 class _Link:
-    """What a wrapper's modules hold: the wrapper, its current call (kept until the next base
-    forward, so a layer that gradient checkpointing recomputes in the backward sees its forward's
-    call, as long as the backward comes before the next forward) and, inside ``generate``, the
-    topic of every token so far."""
+    """What a wrapper's modules hold: the wrapper, its current call (a layer that gradient
+    checkpointing recomputes in the backward gets its own forward's call back, see
+    ``_RouterCheckpoint``) and, inside ``generate``, the topic of every token so far."""
 
     def __init__(self):
         self.owner: DoEWrapper | None = None
@@ -223,7 +222,9 @@ class DoEMLP(nn.Module):
 
 class _RouterCheckpoint:
     """A decoder layer's checkpoint function (``checkpoint(fn, *args)``) whose checkpointed function
-    also returns layer ``i``'s router tensors, which then come back with their gradient."""
+    also returns layer ``i``'s router tensors, which then come back with their gradient. The
+    recomputation in the backward runs with the call of its own forward, even if other forwards
+    came in between (gradient accumulation over several forwards before one backward)."""
 
     _doe_wrapped = True
 
@@ -231,12 +232,16 @@ class _RouterCheckpoint:
         self.checkpoint, self.i, self.link = checkpoint, i, link
 
     def __call__(self, fn, *args):
-        shape = {}
+        shape, call = {}, self.link.call  # this forward's call
 
         def run(*inputs):
-            out = fn(*inputs)
+            current, self.link.call = self.link.call, call
+            try:
+                out = fn(*inputs)
+            finally:
+                self.link.call = current
             outs = list(out) if isinstance(out, tuple) else [out]
-            routed = self.link.call.routed.get(self.i)
+            routed = call.routed.get(self.i)
             extra = [] if routed is None else [routed.gates, routed.logits, routed.kl] + (
                 [] if routed.recon is None else [routed.recon])
             shape.update(tuple=isinstance(out, tuple), n=len(outs), extra=len(extra))
@@ -245,7 +250,7 @@ class _RouterCheckpoint:
         res = self.checkpoint(run, *args)
         outs, extra = list(res[:shape["n"]]), list(res[shape["n"]:])
         if extra:  # the router's tensors as the checkpoint returned them: they carry the gradient
-            self.link.call.routed[self.i] = RouterOutput(*extra)
+            call.routed[self.i] = RouterOutput(*extra)
         return tuple(outs) if shape["tuple"] else outs[0]
 
 
