@@ -140,7 +140,8 @@ class FamilyAdapter:
 ADAPTERS: dict[str, FamilyAdapter] = {}
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
+    """The config of the language model (a multimodal model's text part)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -169,7 +170,7 @@ def _fused_layout(name: str, proj: nn.Module, config) -> FusedQKV:
 def derive_adapter(model: nn.Module) -> FamilyAdapter:
     """Read a causal LM's layout (see the module docstring); raises ``ValueError`` saying what is missing."""
     cls = type(model).__name__
-    config = _text_config(model)
+    config = text_config(model)
     embedding = model.get_input_embeddings()
     paths = {id(m): n for n, m in model.named_modules()}
     if embedding is None or id(embedding) not in paths:

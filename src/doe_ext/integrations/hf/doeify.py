@@ -3,8 +3,8 @@
 As PEFT does, the original modules are wrapped (kept as ``base_layer``) and swapped in with
 ``setattr(parent, name, wrapper)``; no transformers class is edited. Per decoder layer:
 
-    h     = post_attention_norm(x)                 # the MLP's input, H_mha
-    s     = causal_mean(v)                         # a forward hook on v_proj (or k/q; GPT-2: c_attn split)
+    h     = mlp_input(x)                           # what the MLP sees (post-attention or input norm), H_mha
+    s     = causal_mean(v)                         # a forward hook on the v (or k/q) projection, fused ones split
     h_enr, e, gates = compose_expert(h, Z, ...)    # the DoE model's code: knowledge attention, router, G^T Z
     x     = x + MLP(h_enr + e)                     # the wrapped MLP gets the fused input
 and the token embedding becomes DoE's dual-input embedding ``proj([E_tok[token]; E_know[topic]])``.
@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from doe_ext.integrations.hf.adapters import FamilyAdapter, adapter_for, get_path, has_path, out_features
+from doe_ext.integrations.hf.adapters import (FamilyAdapter, adapter_for, get_path, has_path, out_features,
+                                              text_config)
 from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
 from doe_ext.models.configuration_doe import DoEConfig, check_knowledge_options
 from doe_ext.losses import doe_losses, gate_stats, next_token_loss
@@ -283,8 +284,7 @@ class DoEWrapper(nn.Module):
         embedding = get_path(model, adapter.embedding)
         layers = get_path(model, adapter.layers)
         w = embedding.weight
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        d, K, L = text_config.hidden_size, num_topics, len(layers)  # OPT's embedding may be narrower than d
+        d, K, L = text_config(model).hidden_size, num_topics, len(layers)  # OPT's embedding may be narrower than d
         has_router = router != "none"
         self.knowledge_state = nn.Parameter(torch.zeros(K, d, device=w.device, dtype=w.dtype))  # Z = 0: a no-op
         self.routers = (make_routers(d, config.latent_dim, K, L, router, config.router_decoder) if has_router
