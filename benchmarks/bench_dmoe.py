@@ -40,31 +40,30 @@ def bench_training(base, items, epochs: int) -> dict:
     """Seconds per expert: our batched trainer vs PEFT (one expert at a time, PRAG's loop), same instances."""
     import peft
 
-    from doe_ext.dmoe import TrainConfig, train_experts
+    from doe_ext.dmoe import Recipe, train_experts
     from doe_ext.dmoe.train import training_instances
 
-    cfg = TrainConfig(epochs=epochs)
+    cfg = Recipe(epochs=epochs)
     t0 = time.perf_counter()
     train_experts(base, items, cfg)
     ours = (time.perf_counter() - t0) / len(items)
 
     import copy
 
-    from doe_ext.dmoe.base import LastLayer
-    from doe_ext.dmoe.experts import detach
+    from doe_ext.dmoe import ExpertSite
 
     model = copy.deepcopy(base.model)
-    detach(LastLayer(model))  # PEFT wraps the plain projections
+    ExpertSite(model).detach()  # PEFT wraps the plain projections
     last_layer = model.config.num_hidden_layers - 1
     lcfg = peft.LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                            target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=[last_layer])
     pm = peft.get_peft_model(model, lcfg)
     init = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k}
     t0 = time.perf_counter()
-    for _, text, aug in items:
+    for doc, aug in items:
         pm.load_state_dict(init, strict=False)  # a fresh expert, as PRAG reloads its base adapter
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=cfg.lr)
-        insts = training_instances(base.tokenizer, text, aug, cfg.max_length)
+        insts = training_instances(base.tokenizer, doc.text, aug, cfg.max_length)
         for _ in range(epochs):
             for inst in insts:
                 ids = torch.tensor([inst.ids])
@@ -79,8 +78,8 @@ def bench_training(base, items, epochs: int) -> dict:
     # forward + backward (input grads only) on the loss rows.
     n_params = sum(p.numel() for p in base.model.parameters())
     head = base.model.get_output_embeddings().weight.numel()
-    last_mlp = sum(p.numel() for p in base.last.mlp.parameters())
-    insts = [i for _, t, a in items for i in training_instances(base.tokenizer, t, a, cfg.max_length)]
+    last_mlp = sum(p.numel() for p in base.site.mlp.parameters())
+    insts = [i for d, a in items for i in training_instances(base.tokenizer, d.text, a, cfg.max_length)]
     tokens = sum(len(i.ids) for i in insts)
     loss_rows = sum(len(i.ids) - 1 - i.loss_start for i in insts)
     floor = 2 * (n_params - head) * tokens + epochs * 3 * 2 * (last_mlp + head) * loss_rows
@@ -101,7 +100,7 @@ def bench_routing(texts: list[str], queries: list[str], workdir: Path) -> list[d
     import bm25s
     import tantivy
 
-    from doe_ext.dmoe import ExpertBank, LoRAConfig
+    from doe_ext.dmoe import ExpertBank, Recipe
     from doe_ext.dmoe.bank import DB, query_terms
 
     n_q = 3 * len(queries)
@@ -136,7 +135,7 @@ def bench_routing(texts: list[str], queries: list[str], workdir: Path) -> list[d
 
     # The bank itself: rows inserted in one transaction (weights play no part in routing), indexed by the
     # bank's own reconcile (one tantivy commit), then ExpertBank.route, then one real add.
-    bank = ExpertBank(workdir / "route-bank", create=True, fingerprint="bench", lora=LoRAConfig())
+    bank = ExpertBank(workdir / "route-bank", create=True, fingerprint="bench", recipe=Recipe())
     bank.close()
     db = sqlite3.connect(workdir / "route-bank" / DB, isolation_level=None)
     db.execute("BEGIN")
@@ -207,17 +206,15 @@ def bench_generation(base, bank, prompts: list[str], max_new: int, rounds: int =
 def run(device: str) -> list[dict]:
     if device != "cpu":
         return []  # the DMoE loop is measured on the CPU; CUDA runs of it are not set up yet
-    from doe_ext.dmoe import ExpertBank, LoRAConfig, load_base, qa_prompt
-
-    from doe_ext.dmoe import Augmentation
+    from doe_ext.dmoe import Augmentation, Document, ExpertBank, Recipe, load_base, qa_prompt
 
     base = load_base("smollm2-135m")
     records = debian_records(PAPER_BANK + 200)
     passages = [(f["Package"], passage(f)) for f in records]
     rows = []
-    layouts = {"passage only": [(f["Package"], passage(f), Augmentation()) for f in records[:16]],
-               "PRAG layout, 3 templated QA": [(f["Package"], passage(f), Augmentation("model", "", templated_qa(f), 1))
-                                               for f in records[:16]]}
+    layouts = {"passage only": [(Document(f["Package"], passage(f)), Augmentation()) for f in records[:16]],
+               "PRAG layout, 3 templated QA": [(Document(f["Package"], passage(f)),
+                                                Augmentation("model", "", templated_qa(f), 1)) for f in records[:16]]}
     for layout, items in layouts.items():
         for epochs in (1, 5):
             r = bench_training(base, items, epochs)
@@ -247,18 +244,18 @@ def run(device: str) -> list[dict]:
                                 **({"add_one": round(r["add_one_ms"], 3)} if r["add_one_ms"] is not None else {})},
                          "build_s": round(r["build_s"], 2), **({"note": r["note"]} if "note" in r else {})})
         bank = ExpertBank(work / "bank", create=True, fingerprint=base.fingerprint, base_name="smollm2-135m",
-                          lora=LoRAConfig())
+                          recipe=Recipe())
         gen = torch.Generator().manual_seed(0)
         for pkg, text in passages[:64]:
             e = {}
-            for n, (o, i) in base.last.shapes().items():
+            for n, (o, i) in base.site.shapes().items():
                 e[f"{n}.lora_a"] = torch.randn(4, i, generator=gen) / i ** 0.5
                 e[f"{n}.lora_b"] = torch.randn(o, 4, generator=gen) * 1e-3
             bank.add(pkg, e, text, text)
         raw = sum(v.numel() * 4 for v in e.values())
         size = statistics.mean((bank.path / "experts" / r.file).stat().st_size for r in bank.rows())
         ids = bank.ids()
-        names = base.last.projection_names
+        names = base.site.names
         it = iter(range(10 ** 9))
 
         def cold():

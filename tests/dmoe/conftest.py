@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from doe_ext.dmoe import ExpertBank, LoRAConfig, load_base
+from doe_ext.dmoe import ExpertBank, LoRAConfig, Recipe, load_base
 
 DOCS = [
     {"id": "otter", "text": "The sea otter floats on its back and cracks shellfish on a stone held on its chest."},
@@ -68,7 +68,7 @@ def base(base_dir):
 def random_expert(base, gen: torch.Generator, rank: int, std: float = 0.5) -> dict:
     """An expert with random non-zero A and B, so that it visibly moves the logits."""
     out = {}
-    for name, (o, i) in base.last.shapes().items():
+    for name, (o, i) in base.site.shapes().items():
         out[f"{name}.lora_a"] = torch.randn(rank, i, generator=gen) * std
         out[f"{name}.lora_b"] = torch.randn(o, rank, generator=gen) * std
     return out
@@ -76,7 +76,7 @@ def random_expert(base, gen: torch.Generator, rank: int, std: float = 0.5) -> di
 
 def random_bank(base, path, docs=DOCS, rank=4, alpha=16.0, seed=0) -> ExpertBank:
     bank = ExpertBank(path, create=True, fingerprint=base.fingerprint, base_name=base.name,
-                      lora=LoRAConfig(rank, alpha))
+                      recipe=Recipe(lora=LoRAConfig(rank, alpha)))
     gen = torch.Generator().manual_seed(seed)
     for d in docs:
         bank.add(d["id"], random_expert(base, gen, rank), d["text"], d["text"])

@@ -38,12 +38,13 @@ def test_trigger_rate_and_random_trigger():
 def test_routers(harness):
     ids = harness.bank.ids()
     r = ablations.random_router(ids, seed=0)
-    picks = [tuple(r("anything", 2)) for _ in range(20)]
+    picks = [tuple(i for i, _ in r("anything", 2)) for _ in range(20)]
     assert all(len(set(p)) == 2 and set(p) <= set(ids) for p in picks) and len(set(picks)) > 1
+    assert {s for _ in range(5) for _, s in r("x", 2)} == {1.0}
     keep = ["basalt", "tort"]
     sub = ablations.subset_router(harness, keep)
     q = "volcanic rock formed from lava"
-    assert harness.bank.route(q, 1) == ["basalt"] and sub(q, 3) == [i for i in harness.bank.route(q, 5) if i in keep]
+    assert harness.bank.route(q, 1) == ["basalt"] and sub(q, 3) == [h for h in harness.bank.search(q, 5) if h[0] in keep]
 
 
 def test_dense_router_ranks_by_cosine(harness):
@@ -51,10 +52,12 @@ def test_dense_router_ranks_by_cosine(harness):
     assert dense.emb.shape == (len(DOCS), harness.base.model.config.hidden_size)
     torch.testing.assert_close(dense.emb.norm(dim=-1), torch.ones(len(DOCS)))
     q = dense.embed(["lava rock"])[0]
-    want = [harness.bank.ids()[i] for i in (dense.emb @ q).argsort(descending=True)[:3].tolist()]
-    assert dense("lava rock", 3) == want
+    scores = dense.emb @ q
+    want = [harness.bank.ids()[i] for i in scores.argsort(descending=True)[:3].tolist()]
+    got = dense("lava rock", 3)
+    assert [i for i, _ in got] == want and [s for _, s in got] == pytest.approx(sorted(scores.tolist())[::-1][:3])
     # a document's own text is nearest to its own embedding (padding and batching do not leak)
-    assert [dense(d["text"], 1)[0] for d in DOCS] == [d["id"] for d in DOCS]
+    assert [dense(d["text"], 1)[0][0] for d in DOCS] == [d["id"] for d in DOCS]
 
 
 def test_variants_run_through_the_harness(harness):
@@ -68,3 +71,10 @@ def test_variants_run_through_the_harness(harness):
     never = evaluate(harness, QA, [Variant("never", ablations._dmoe(harness, tau=math.inf))], progress=False)["never"]
     base = evaluate(harness, QA, ["base"], progress=False)["base"]
     assert [s.prediction for s in never] == [s.prediction for s in base]
+
+
+def test_compositions_table(harness):
+    rows = ablations.compositions(harness, QA, temperatures=(1.0,), progress=False)
+    assert list(rows) == ["sum", "mean", "score (T=1)", "top1", "oracle router"]
+    assert all(len(v) == len(QA) for v in rows.values())
+    assert all(len(s.passages) <= 1 for s in rows["top1"]) and any(len(s.passages) > 1 for s in rows["sum"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DOCS, random_bank, random_expert, write_docs
-from doe_ext.dmoe import BankError, ExpertBank, LoRAConfig
+from doe_ext.dmoe import BankError, ExpertBank, LoRAConfig, Recipe
 from doe_ext.dmoe.bank import DB, query_terms
 
 
@@ -31,22 +31,22 @@ def test_round_trip_and_listing(base, bank):
         assert torch.equal(got[k], first[k])
     assert bank.row("otter").text == DOCS[0]["text"]
     assert bank._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    s = bank.load(["fugue", "otter"], base.last.projection_names)
-    assert s.num_experts == 2 and torch.equal(s.a[base.last.projection_names[0]][1], first[f"{base.last.projection_names[0]}.lora_a"])
+    s = bank.load(["fugue", "otter"], base.site.names)
+    assert s.num_experts == 2 and torch.equal(s.a[base.site.names[0]][1], first[f"{base.site.names[0]}.lora_a"])
     assert "experts=5" in repr(bank)
     page = bank._repr_html_(rows=2)
     assert "5 experts" in page and page.count("<tr>") == 3 and "... 3 more" in page
 
 
 def test_bf16_weights(base, tmp_path):
-    bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, lora=LoRAConfig(), dtype="bfloat16")
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=Recipe(), dtype="bfloat16")
     e = random_expert(base, torch.Generator().manual_seed(1), 4)
     bank.add("x", e, "t", "t")
     for k, v in bank.get("x").items():
         assert v.dtype == torch.float32
         torch.testing.assert_close(v, e[k].bfloat16().float(), atol=0, rtol=0)
     with pytest.raises(BankError, match="`dtype` must be one of"):
-        ExpertBank(tmp_path / "c", create=True, fingerprint="f", lora=LoRAConfig(), dtype="float16")
+        ExpertBank(tmp_path / "c", create=True, fingerprint="f", recipe=Recipe(), dtype="float16")
 
 
 def test_bm25_routing(bank):
@@ -146,9 +146,11 @@ def test_second_writer_is_refused(base, bank):
 def test_open_and_create_errors(base, bank, tmp_path):
     with pytest.raises(FileNotFoundError, match="no bank here"):
         ExpertBank(tmp_path / "nothing")
-    with pytest.raises(BankError, match="already holds a bank"):
-        ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, lora=LoRAConfig(rank=8))
-    again = ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, lora=LoRAConfig())  # same config: opens
+    with pytest.raises(BankError, match=r"another recipe: lora.rank=4 \(asked: 8\)"):
+        ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, recipe=Recipe(lora=LoRAConfig(rank=8)))
+    with pytest.raises(BankError, match="already holds a bank for fingerprint"):
+        ExpertBank(bank.path, create=True, fingerprint="other", recipe=Recipe())
+    again = ExpertBank(bank.path, create=True, fingerprint=base.fingerprint, recipe=Recipe())  # same config: opens
     assert len(again) == len(DOCS)
     with pytest.raises(BankError, match="needs the base model's `fingerprint`"):
         ExpertBank(tmp_path / "x", create=True)
@@ -169,7 +171,7 @@ def test_size_per_expert_is_the_parameter_bytes(tmp_path):
     e = {}
     for n, (o, i) in shapes.items():
         e[f"{n}.lora_a"], e[f"{n}.lora_b"] = torch.randn(4, i), torch.randn(o, 4)
-    bank = ExpertBank(tmp_path / "b", create=True, fingerprint="f", lora=LoRAConfig())
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint="f", recipe=Recipe())
     bank.add("doc", e, "t", "t")
     raw = sum(v.numel() * 4 for v in e.values())
     size = (bank.path / "experts" / bank.row("doc").file).stat().st_size
@@ -178,7 +180,7 @@ def test_size_per_expert_is_the_parameter_bytes(tmp_path):
 
 def _build_cmd(docs, bank_dir, base_dir):
     return [sys.executable, "-m", "doe_ext.cli", "dmoe", "build", str(docs), "--out", str(bank_dir), "--base",
-            str(base_dir), "--augment", "none", "--epochs", "2", "--lr", "1e-2", "--group-size", "2"]
+            str(base_dir), "--recipe", "paper", "--augment", "none", "--epochs", "2", "--lr", "1e-2", "--group-size", "2"]
 
 
 def _snapshot(bank_dir):
@@ -221,3 +223,56 @@ def test_sigkill_at_any_point_then_rerun_gives_the_same_bank(llama_dir, tmp_path
         assert a[i][0] == b[i][0]
         for k in a[i][1]:
             torch.testing.assert_close(a[i][1][k], b[i][1][k], atol=1e-5, rtol=1e-5)
+
+
+def test_recipe_round_trip(base, tmp_path):
+    """The recipe a bank is made with is the one it reopens with, every field of it."""
+    recipe = Recipe(lora=LoRAConfig(8, 32.0), objective="distill", augment="qa", lr=1e-3, epochs=7, batch_size=2,
+                    weight_decay=0.1, max_length=256, seed=5, instances=("chunks", "questions"), answer_tokens=12,
+                    hidden_weight=0.5)
+    ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=recipe).close()
+    again = ExpertBank(tmp_path / "b")
+    assert again.recipe == recipe and again.lora == LoRAConfig(8, 32.0)
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    gen = torch.Generator().manual_seed(0)
+    again.add("otter", random_expert(base, gen, 8), DOCS[0]["text"], DOCS[0]["text"])
+    assert Recipe.from_json(again.row("otter").config) == recipe  # each row names its recipe too
+
+
+def test_another_recipe_is_refused_by_name(base, tmp_path):
+    ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=Recipe(lr=1e-3)).close()
+    other = Recipe(lr=2e-3, objective="distill", augment="qa", instances=("subject",))
+    with pytest.raises(BankError) as e:
+        ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=other)
+    msg = str(e.value)
+    for field in ("augment='none' (asked: 'qa')", "instances=[] (asked: ['subject'])", "lr=0.001 (asked: 0.002)",
+                  "objective='next_token' (asked: 'distill')"):
+        assert field in msg
+    assert "epochs" not in msg  # only what differs is named
+    with pytest.raises(BankError, match=r"objective='next_token' \(asked: 'distill'\)"):
+        ExpertBank(tmp_path / "b").check_recipe(other)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 0}, "`epochs` must be a positive int"), ({"lr": 0.0}, "`lr` must be > 0"),
+    ({"objective": "mse"}, "`objective` must be one of"), ({"augment": "gpt"}, "`augment` must be one of"),
+    ({"objective": "distill"}, "needs at least one kind in `instances`"),
+    ({"objective": "distill", "instances": ("questions",)}, "'questions' but `augment` is 'none'"),
+    ({"instances": ("chunks",)}, "belong to the distill objective"),
+    ({"objective": "distill", "instances": ("poems",)}, "`instances` must be drawn from"),
+    ({"hidden_weight": -1.0}, "`hidden_weight` must be >= 0"), ({"answer_tokens": 0}, "`answer_tokens` must be"),
+])
+def test_bad_recipes_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(**kwargs)
+
+
+def test_recipe_from_dict_refuses_unknown_fields():
+    with pytest.raises(ValueError, match="unknown field 'rank'"):
+        Recipe.from_dict({"rank": 4})
+
+
+def test_search_scores_are_bm25_order(bank):
+    hits = bank.search("volcanic lava rock sea", 3)
+    assert [h for h, _ in hits] == bank.route("volcanic lava rock sea", 3) and hits[0][0] == "basalt"
+    assert all(a[1] >= b[1] > 0 for a, b in zip(hits, hits[1:]))

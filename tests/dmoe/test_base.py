@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 from conftest import QUESTIONS, random_bank, tokenizer
 from doe_ext.dmoe import DMoE, load_base
-from doe_ext.dmoe.base import SPECS, LastLayer, capture_residual
+from doe_ext.dmoe.experts import FAMILIES, ExpertSite
 
 SMALL = dict(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=1, initializer_range=0.3)
@@ -21,7 +21,7 @@ CONFIGS = {
 
 
 def test_every_family_of_the_table_is_tested():
-    assert set(CONFIGS) == set(SPECS)
+    assert set(CONFIGS) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -30,9 +30,9 @@ def test_family(family, tmp_path):
     model = AutoModelForCausalLM.from_config(CONFIGS[family]())
     base = load_base(model, tokenizer=tokenizer())
     ids = torch.randint(3, 400, (2, 9))
-    with torch.no_grad(), capture_residual(base.last) as cap:
+    with torch.no_grad(), base.site.capture() as cap:
         want = base.model(input_ids=ids).logits
-    torch.testing.assert_close(base.last.logits(cap.value), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.site.logits(cap.value), want, rtol=1e-5, atol=1e-5)
     bank = random_bank(base, tmp_path / "bank")
     dmoe = DMoE(base, bank, tau=math.inf)
     enc = base.tokenizer(QUESTIONS[0], return_tensors="pt", add_special_tokens=False)
@@ -50,7 +50,7 @@ def test_unsupported_family_and_structure():
         load_base(neox, tokenizer=tokenizer())
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
-    last = LastLayer(model)
+    last = ExpertSite(model)
     last.verify()
     # A last layer that does something after its MLP block breaks the assumption.
     model.model.layers[-1].register_forward_hook(lambda module, args, out: out + 1.0)  # (a scale would not show: RMSNorm follows)
@@ -75,3 +75,22 @@ def test_fingerprint_follows_every_weight(base_dir):
     with torch.no_grad():
         next(b.model.parameters()).add_(1e-4)  # the embedding: every expert's input depends on it
     assert fingerprint(b.model) != a.fingerprint
+
+
+def test_site_depth_and_keys(base_dir):
+    base = load_base(base_dir)
+    last, both = base.site, ExpertSite(base.model, depth=1.0)
+    assert last.keeps_cache and last.layer_ids == (1,) and last.stale_layer_share == 0.0
+    assert not both.keeps_cache and both.layer_ids == (0, 1) and both.stale_layer_share == 1.0
+    assert both.names == tuple(f"{i}.{p}" for i in (0, 1) for p in last.names)
+    assert ExpertSite(base.model, depth=0.5).names == last.names  # one layer of two: the last
+    assert {n.split(".", 1)[1]: s for n, s in both.shapes().items() if n.startswith("1.")} == last.shapes()
+    before = dict(base.model.named_modules())
+    last.attach(), both.attach(), last.attach()  # idempotent; the two sites' wrappers chain
+    both.detach()
+    assert all(type(m).__name__ == "ExpertLinear" and m.name in last.names for m in last.modules().values())
+    last.detach()
+    assert dict(base.model.named_modules()).keys() == before.keys()
+    for bad in (0, 3, 1.5, 0.0, True, "last"):
+        with pytest.raises(ValueError, match="`depth` must be an int in \\[1, 2\\] or a fraction"):
+            ExpertSite(base.model, depth=bad)

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import DOCS, write_docs
 from doe_ext.cli import main
-from doe_ext.dmoe import ExpertBank
+from doe_ext.dmoe import ExpertBank, LoRAConfig
 
 
 def run(capsys, *argv):
@@ -18,7 +18,7 @@ def run(capsys, *argv):
 def built(llama_dir, tmp_path, capsys):
     docs = write_docs(tmp_path / "docs.jsonl", DOCS[:3])
     code, out, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "bank", "--base", llama_dir,
-                         "--augment", "none", "--epochs", 2, "--no-progress")
+                         "--recipe", "paper", "--augment", "none", "--epochs", 2, "--no-progress")
     assert code == 0, err
     assert "3 experts trained, 3 in the bank" in out
     return tmp_path / "bank"
@@ -26,7 +26,7 @@ def built(llama_dir, tmp_path, capsys):
 
 def test_build_is_resumable_and_ls(built, llama_dir, tmp_path, capsys):
     docs = write_docs(tmp_path / "more.jsonl", DOCS)
-    code, out, _ = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--augment", "none",
+    code, out, _ = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--recipe", "paper", "--augment", "none",
                        "--epochs", 2, "--no-progress")
     assert code == 0 and "2 experts trained, 5 in the bank" in out
     code, out, _ = run(capsys, "dmoe", "ls", built, "--json")
@@ -38,9 +38,9 @@ def test_build_is_resumable_and_ls(built, llama_dir, tmp_path, capsys):
 
 def test_a_different_recipe_is_refused(built, llama_dir, tmp_path, capsys):
     docs = write_docs(tmp_path / "d.jsonl", DOCS[:1])
-    code, _, err = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--augment", "none",
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", built, "--base", llama_dir, "--recipe", "paper", "--augment", "none",
                        "--epochs", 3, "--no-progress")
-    assert code == 2 and "was built with the recipe" in err and '"epochs": 3' in err
+    assert code == 2 and "was built with another recipe: epochs=2 (asked: 3)" in err
 
 
 def test_ask_json(built, capsys):
@@ -90,3 +90,39 @@ def test_missing_inputs(tmp_path, capsys):
     code, _, err = run(capsys, "dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b", "--base",
                        tmp_path / "nomodel")
     assert code == 2 and "is neither a built-in name" in err
+
+
+def test_default_recipe_is_the_package_default(llama_dir, tmp_path, capsys):
+    from doe_ext.dmoe import RECIPES
+
+    docs = write_docs(tmp_path / "docs.jsonl", DOCS[:2])
+    code, out, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "bank", "--base", llama_dir,
+                         "--epochs", 1, "--no-progress")
+    assert code == 0, err
+    bank = ExpertBank(tmp_path / "bank")
+    assert bank.recipe == RECIPES["default"].replace(epochs=1) and bank.recipe.objective == "distill"
+    code, out, err = run(capsys, "dmoe", "ask", tmp_path / "bank", "What is basalt?", "--tau", 0, "--compose", "top1",
+                         "--max-new-tokens", 2, "--json")
+    assert code == 0, err
+    assert all(len(t["experts"]) == 1 and t["weights"] == [1.0] for t in json.loads(out)["triggers"])
+
+
+def test_paper_recipe_with_a_changed_field(llama_dir, tmp_path, capsys):
+    from doe_ext.dmoe import RECIPES
+
+    docs = write_docs(tmp_path / "docs.jsonl", DOCS[:1])
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "bank", "--base", llama_dir, "--recipe",
+                       "paper", "--augment", "none", "--rank", 2, "--no-progress")
+    assert code == 0, err
+    assert ExpertBank(tmp_path / "bank").recipe == RECIPES["paper"].replace(augment="none", lora=LoRAConfig(2, 16.0))
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b2", "--base", llama_dir, "--augment",
+                       "none", "--no-progress")
+    assert code == 2 and "`instances` has 'questions' but `augment` is 'none'" in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["dmoe", "--help"]] + [["dmoe", c, "--help"] for c in
+                                                                      ("build", "add", "ask", "eval", "rm", "ls")])
+def test_help_runs(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: doe-ext")

@@ -7,96 +7,93 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DOCS, QUESTIONS, random_bank
-from doe_ext.dmoe import Augmentation, DMoE, ExpertBank, LoRAConfig, TrainConfig, train_experts
-from doe_ext.dmoe.base import get_path, linear_weight, unwrap
-from doe_ext.dmoe.deep import DeepDMoE, DeepLayers, train_deep
-from doe_ext.dmoe.experts import init_expert
+from doe_ext.dmoe import Augmentation, DMoE, Document, ExpertBank, ExpertSite, LoRAConfig, Recipe, train_experts
+from doe_ext.dmoe.deep import train_deep
+from doe_ext.dmoe.experts import set_linear_weight
 from doe_ext.dmoe.model import token_entropy
 from doe_ext.dmoe.train import expert_seed, training_instances
-from doe_ext.integrations.hf.adapters import adapter_for
-from test_train import AUG, RefLoRA
+from test_train import AUG, RefLoRA, base64  # noqa: F401  (a fixture)
 
-CFG = TrainConfig(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)
+CFG = Recipe(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)
 
 
 def items(n):
-    return [(d["id"], d["text"], AUG if i == 0 else Augmentation()) for i, d in enumerate(DOCS[:n])]
+    return [(Document(d["id"], d["text"]), AUG if i == 0 else Augmentation()) for i, d in enumerate(DOCS[:n])]
 
 
-def test_last_layer_only_equals_dmoe_training(base):
-    deep = DeepLayers(base, 0.5)  # 2 layers: the last one only
-    assert deep.first == 1 and deep.recompute_fraction == 0.5
-    got = train_deep(deep, items(3), CFG)
-    ref = train_experts(base, items(3), CFG)
+def test_last_layer_only_equals_dmoe_training(base64):
+    site = ExpertSite(base64.model, depth=1)
+    assert site.keeps_cache and site.names == base64.site.names
+    got = train_deep(base64, site, items(3), CFG)
+    ref = train_experts(base64, items(3), CFG)
     for g, r in zip(got, ref):
         for k, v in r.tensors.items():
-            torch.testing.assert_close(g.tensors[f"1.{k}"], v, atol=1e-5, rtol=1e-4)
-        assert g.loss == pytest.approx(r.loss, rel=1e-4)
-    deep.detach()
+            torch.testing.assert_close(g.tensors[k], v, atol=1e-7, rtol=1e-6)
+        assert g.loss == pytest.approx(r.loss, rel=1e-6)
+    site.detach()
 
 
-def _modules(model, first):
-    mt, adapter = model.config.model_type, adapter_for(model)
-    layers = get_path(model, adapter.layers)
-    from doe_ext.dmoe.base import SPECS
-    return {f"{i}.{p}": (get_path(layers[i], adapter.mlp), p) for i in range(first, len(layers))
-            for p in SPECS[mt].projections}
-
-
-def test_every_layer_equals_a_reference_loop(base):
+def test_every_layer_equals_a_reference_loop(base64):
     """Both layers' MLPs: PEFT-style LoRA modules, the whole model on each instance, torch.optim.AdamW."""
-    deep = DeepLayers(base, 1.0)
-    (eid, text, aug), = items(1)
-    got = train_deep(deep, [(eid, text, aug)], CFG)[0].tensors
-    deep.detach()
+    base = base64
+    site = ExpertSite(base.model, depth=1.0)
+    (doc, aug), = items(1)
+    got = train_deep(base, site, [(doc, aug)], CFG)[0].tensors
+    site.detach()
     model = copy.deepcopy(base.model)
-    mods = _modules(model, 0)
-    shapes = {n: tuple(linear_weight(getattr(m, p)).shape) for n, (m, p) in mods.items()}
-    init = init_expert(shapes, CFG.lora, torch.Generator().manual_seed(expert_seed(CFG.seed, eid)))
+    ref_site = ExpertSite(model, depth=1.0)
+    init = ref_site.init_expert(CFG.lora, torch.Generator().manual_seed(expert_seed(CFG.seed, doc.id)))
     layers = {}
-    for n, (m, p) in mods.items():
+    for n, (m, p) in ref_site._slots.items():
         layers[n] = RefLoRA(getattr(m, p), init[f"{n}.lora_a"], init[f"{n}.lora_b"], CFG.lora.scale)
         setattr(m, p, layers[n])
     opt = torch.optim.AdamW([q for lyr in layers.values() for q in (lyr.a, lyr.b)], lr=CFG.lr,
                             weight_decay=CFG.weight_decay)
     for _ in range(CFG.epochs):
-        for inst in training_instances(base.tokenizer, text, aug, CFG.max_length):
+        for inst in training_instances(base.tokenizer, doc.text, aug, CFG.max_length):
             ids = torch.tensor(inst.ids)
             loss = F.cross_entropy(model(ids[None]).logits[0][inst.loss_start:-1], ids[inst.loss_start + 1:])
             opt.zero_grad()
             loss.backward()
             opt.step()
+    assert set(got) == {f"{n}.lora_{x}" for n in layers for x in "ab"}
     for n, lyr in layers.items():
-        torch.testing.assert_close(got[f"{n}.lora_a"], lyr.a.detach(), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got[f"{n}.lora_b"], lyr.b.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[f"{n}.lora_a"], lyr.a.detach(), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(got[f"{n}.lora_b"], lyr.b.detach(), atol=1e-7, rtol=1e-6)
     assert any(got[k].abs().max() > 1e-3 for k in got if k.endswith("lora_b"))
 
 
-def deep_bank(base, deep, path, seed=0):
-    bank = ExpertBank(path, create=True, fingerprint=base.fingerprint, base_name=base.name, lora=LoRAConfig(4, 16.0))
+def test_deep_training_refuses_distillation(base):
+    with pytest.raises(ValueError, match="only the next_token objective"):
+        train_deep(base, ExpertSite(base.model, 1.0), items(1),
+                   Recipe(objective="distill", instances=("subject",)))
+
+
+def deep_bank(base, site, path, seed=0, zero_below=False):
+    """Random experts on every layer of ``site`` (with ``zero_below``: B = 0 below the last layer)."""
+    bank = ExpertBank(path, create=True, fingerprint=base.fingerprint, base_name=base.name, recipe=CFG)
     gen = torch.Generator().manual_seed(seed)
+    last = site.layer_ids[-1]
     for d in DOCS:
         t = {}
-        for n, (o, i) in deep.shapes().items():
+        for n, (o, i) in site.shapes().items():
             t[f"{n}.lora_a"] = torch.randn(4, i, generator=gen) * 0.5
-            t[f"{n}.lora_b"] = torch.randn(o, 4, generator=gen) * 0.5
+            t[f"{n}.lora_b"] = torch.randn(o, 4, generator=gen) * 0.5 * (not zero_below or n.startswith(f"{last}."))
         bank.add(d["id"], t, d["text"], d["text"])
     return bank
 
 
-def reference(base, bank, deep, prompt, n, tau, k):
+def reference(base, bank, depth, prompt, n, tau, k):
     """No cache: the whole sequence with the active experts merged into every expert layer, every step."""
     model = copy.deepcopy(base.model)
-    mods = _modules(model, deep.first)
-    plain = {name: linear_weight(unwrap(getattr(m, p))).detach().clone() for name, (m, p) in mods.items()}
+    site = ExpertSite(model, depth=depth)
+    plain = {name: w.detach().clone() for name, w in site.weights().items()}
     tok = base.tokenizer
 
     def logits(ids, active):
-        for name, (m, p) in mods.items():
-            w = plain[name] + sum(bank.lora.scale * bank.get(e)[f"{name}.lora_b"] @ bank.get(e)[f"{name}.lora_a"]
-                                  for e in active) if active else plain[name]
-            mod = unwrap(getattr(m, p))  # outside a routing call a wrapper is its base layer
-            mod.weight.data.copy_(w if isinstance(mod, torch.nn.Linear) else w.t())
+        for name, m in site.modules().items():
+            delta = [bank.lora.scale * bank.get(e)[f"{name}.lora_b"] @ bank.get(e)[f"{name}.lora_a"] for e in active]
+            set_linear_weight(m, plain[name] + sum(delta) if delta else plain[name])
         return model(torch.tensor([ids])).logits[0, -1]
 
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -117,28 +114,34 @@ def reference(base, bank, deep, prompt, n, tau, k):
 
 @pytest.mark.parametrize("tau", [0.0, 3.5, math.inf])
 def test_generate_equals_no_cache_reference(base, tmp_path, tau):
-    deep = DeepLayers(base, 1.0)
-    bank = deep_bank(base, deep, tmp_path / "deep")
-    dm = DeepDMoE(deep, bank, tau=tau, top_k=2)
-    for q in QUESTIONS[:3]:
-        g = dm.generate([q], 8)[0]
-        tokens, triggers = reference(base, bank, deep, q, 8, tau, 2)
+    """DMoE with a deep site (a trigger re-runs the rows and replaces their cache), in a batch, equals
+    the reference one prompt at a time."""
+    site = ExpertSite(base.model, depth=1.0)
+    bank = deep_bank(base, site, tmp_path / "deep")
+    dm = DMoE(base, bank, tau=tau, top_k=2, site=site)
+    got = dm.generate(QUESTIONS[:3], 8)
+    for q, g in zip(QUESTIONS[:3], got):
+        tokens, triggers = reference(base, bank, 1.0, q, 8, tau, 2)
         assert g.tokens == tokens
         assert [(t.position, t.experts) for t in g.triggers] == triggers
     assert (dm.recomputed_tokens > 0) == (tau != math.inf)
-    deep.detach()
+    site.detach()
 
 
-def test_last_layer_only_generates_as_dmoe(base, tmp_path):
-    """Experts on the last layer only: rebuilding the cache changes nothing, DMoE's re-prediction agrees."""
+def test_zero_deeper_experts_generate_as_dmoe(base, tmp_path):
+    """Experts whose deeper layers are zero: re-running the rows with a fresh cache changes nothing,
+    so the deep site agrees with DMoE's re-prediction from the residual."""
     flat = random_bank(base, tmp_path / "flat")
-    deep = DeepLayers(base, 0.5)
-    bank = ExpertBank(tmp_path / "deep", create=True, fingerprint=base.fingerprint, base_name=base.name,
-                      lora=LoRAConfig(4, 16.0))
+    site = ExpertSite(base.model, depth=1.0)
+    bank = ExpertBank(tmp_path / "deep", create=True, fingerprint=base.fingerprint, base_name=base.name, recipe=CFG)
     for d in DOCS:
-        bank.add(d["id"], {f"1.{k}": v for k, v in flat.get(d["id"]).items()}, d["text"], d["text"])
+        t = {f"1.{k}": v for k, v in flat.get(d["id"]).items()}
+        t.update({f"0.{k}": v * (k.endswith("lora_a")) for k, v in flat.get(d["id"]).items()})
+        bank.add(d["id"], t, d["text"], d["text"])
     want = DMoE(base, flat, tau=0.0, top_k=2).generate(QUESTIONS, 6)
-    got = DeepDMoE(deep, bank, tau=0.0, top_k=2).generate(QUESTIONS, 6)
+    deep = DMoE(base, bank, tau=0.0, top_k=2, site=site)
+    got = deep.generate(QUESTIONS, 6)
     for w, g in zip(want, got):
         assert w.tokens == g.tokens and [t.experts for t in w.triggers] == [t.experts for t in g.triggers]
-    deep.detach()
+    assert deep.recomputed_tokens > 0
+    site.detach()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DOCS
-from doe_ext.dmoe import Document, ExpertBank, LoRAConfig, TrainConfig, build_bank, load_base
+from doe_ext.dmoe import Document, ExpertBank, LoRAConfig, Recipe, build_bank, load_base
 
 ray = pytest.importorskip("ray")
 
@@ -13,18 +13,18 @@ def test_ray_two_workers_equal_one_process(llama_dir, tmp_path):
 
     base = load_base(llama_dir)
     docs = [Document(d["id"], d["text"]) for d in DOCS]
-    cfg = TrainConfig(lora=LoRAConfig(4, 16.0), lr=1e-2, epochs=2)
+    cfg = Recipe(lora=LoRAConfig(4, 16.0), lr=1e-2, epochs=2)
 
     def new(name):
         return ExpertBank(tmp_path / name, create=True, fingerprint=base.fingerprint, base_name=str(llama_dir),
-                          lora=cfg.lora)
+                          recipe=cfg)
 
     local = new("local")
-    build_bank(base, docs, local, cfg, augment="none", group_size=2, progress=False)
+    build_bank(base, docs, local, group_size=2, progress=False)
     shared = new("ray")
     try:
-        done = build_bank_ray(str(llama_dir), base.fingerprint, docs, shared, cfg, augment="none", num_workers=2,
-                              group_size=2, progress=False)
+        done = build_bank_ray(str(llama_dir), base.fingerprint, docs, shared, num_workers=2, group_size=2,
+                              progress=False)
     finally:
         ray.shutdown()
     assert sorted(done) == sorted(d.id for d in docs)
@@ -34,4 +34,4 @@ def test_ray_two_workers_equal_one_process(llama_dir, tmp_path):
         a, b = local.get(i), shared.get(i)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
-    assert build_bank_ray(str(llama_dir), base.fingerprint, docs, shared, cfg, augment="none") == []  # all done
+    assert build_bank_ray(str(llama_dir), base.fingerprint, docs, shared) == []  # all done

@@ -12,7 +12,7 @@ from doe_ext.dmoe.augment import fewshot_prompt
 from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
                                    markdown, read_questions, read_shots, summarize)
 from doe_ext.dmoe.metrics import cut_answer
-from test_generate import reference_generate
+from test_generate import reference_compose, reference_generate
 
 QA = [{"question": q, "answers": [a], "doc_id": d} for q, a, d in zip(
     QUESTIONS, ["shellfish", "basalt", "a piece of music", "a civil wrong"], ["otter", "basalt", "fugue", "tort"])]
@@ -28,9 +28,10 @@ SHOTS = [("What is a tort?", "a civil wrong", DOCS[3]["text"]), ("Which rock is 
                                                                    DOCS[1]["text"])]
 
 
-@pytest.mark.parametrize("shots", [(), SHOTS], ids=["chat", "fewshot"])
-def test_every_method_against_its_reference(base, bank, shots):
-    h = Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=2)
+@pytest.mark.parametrize("shots, compose", [((), "sum"), (SHOTS, "score")], ids=["chat-sum", "fewshot-score"])
+def test_every_method_against_its_reference(base, bank, shots, compose):
+    h = Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=2, compose=compose,
+                temperature=0.5)
     res = evaluate(h, QA, METHODS, progress=False)
     assert list(res) == list(METHODS) and all(len(v) == len(QA) for v in res.values())
     tok = base.tokenizer
@@ -39,7 +40,9 @@ def test_every_method_against_its_reference(base, bank, shots):
         routed = bank.route(q["question"], 2)
         assert res["rag"][i].passages == res["prag"][i].passages == routed
         assert res["gold"][i].passages == [q["doc_id"]] and res["base"][i].passages == []
-        for m, active in (("base", ()), ("gold", ()), ("rag", ()), ("prag", routed)):
+        hits, weights = reference_compose(bank.search(q["question"], 2), compose, 0.5)
+        prag = [(e, w) for (e, _), w in zip(hits, weights)]
+        for m, active in (("base", ()), ("gold", ()), ("rag", ()), ("prag", prag)):
             ids = {"base": [], "gold": [q["doc_id"]], "rag": routed, "prag": routed}[m]
             tokens, triggers = reference_generate(base, bank, prompt(q["question"], [bank.row(d).text for d in ids] or None),
                                                   6, math.inf, 2, active=active, stop=h.stop)
@@ -47,7 +50,7 @@ def test_every_method_against_its_reference(base, bank, shots):
             assert res[m][i].prediction == want, m
             assert res[m][i].triggers == 0 and not triggers
         tokens, triggers = reference_generate(base, bank, prompt(q["question"], None), 6, 0.0, 2, stop=h.stop,
-                                              route_text=q["question"])
+                                              route_text=q["question"], compose=compose, temperature=0.5)
         want = cut_answer(tok.decode([t for t in tokens if t != tok.eos_token_id], skip_special_tokens=True).strip())
         assert res["dmoe"][i].prediction == want and res["dmoe"][i].triggers == len(triggers) > 0
         assert res["dmoe"][i].entropy > 0 and res["base"][i].entropy == pytest.approx(res["dmoe"][i].entropy, abs=1e-4)
@@ -62,8 +65,8 @@ def test_every_method_against_its_reference(base, bank, shots):
         assert sorted(idx) == list(range(len(QA))) and sizes == sorted(sizes) and len(set(sizes)) > 1
     assert [s.yes_no for s in res["base"]] == [False] * 4 + [True]
     assert res["rag"][4].correct_yes_no in (0.0, 1.0)
-    one = evaluate(Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=1), QA, METHODS,
-                   progress=False)
+    one = evaluate(Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=1, compose=compose,
+                           temperature=0.5), QA, METHODS, progress=False)
     for m in METHODS:  # batches (and their shared prompt prefix) answer as one question at a time does
         assert [s.prediction for s in one[m]] == [s.prediction for s in res[m]], m
         assert [s.passages for s in one[m]] == [s.passages for s in res[m]], m
@@ -116,7 +119,7 @@ def test_summary_and_markdown_known_values():
 
 
 def test_sft_is_one_adapter_over_the_corpus(base, bank):
-    from doe_ext.dmoe import Augmentation, TrainConfig, train_experts
+    from doe_ext.dmoe import Augmentation, Document, Recipe, train_experts
     from doe_ext.dmoe.evaluate import sft_bank
     from doe_ext.dmoe.train import train_adapter
 
@@ -124,8 +127,8 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank):
     assert sft.ids() == ["sft"] and sft.path == bank.path / "sft" and len(bank) == len(DOCS)
     checksum = sft.row("sft").checksum
     assert sft_bank(base, bank).row("sft").checksum == checksum  # kept, not trained again
-    one = train_adapter(base, [(DOCS[0]["text"], Augmentation())], TrainConfig())  # one document: an expert
-    ref = train_experts(base, [("sft", DOCS[0]["text"], Augmentation())], TrainConfig())[0]
+    one = train_adapter(base, [(Document("x", DOCS[0]["text"]), Augmentation())], Recipe())  # one document: an expert
+    ref = train_experts(base, [(Document("sft", DOCS[0]["text"]), Augmentation())], Recipe())[0]
     for k in ref.tensors:
         assert torch.equal(one.tensors[k], ref.tensors[k])
     bank.remove(["tort"])
@@ -157,7 +160,7 @@ def test_method_and_question_errors(base, bank, tmp_path):
 def test_eval_cli(llama_dir, tmp_path, capsys):
     docs = write_docs(tmp_path / "docs.jsonl", DOCS)
     assert main(["dmoe", "build", str(docs), "--out", str(tmp_path / "bank"), "--base", str(llama_dir),
-                 "--augment", "none", "--no-progress"]) == 0
+                 "--recipe", "paper", "--augment", "none", "--no-progress"]) == 0
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(q) + "\n" for q in QA))
     capsys.readouterr()

@@ -6,24 +6,47 @@ import pytest
 import torch
 
 from conftest import DOCS, QUESTIONS, random_bank
-from doe_ext.dmoe.base import LastLayer
-from doe_ext.dmoe import BankError, DMoE, ExpertBank, LoRAConfig, load_base, merged_state, token_entropy
+from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, Recipe, load_base, merged_state, token_entropy
+from doe_ext.dmoe.experts import set_linear_weight, unwrap
+
+
+def plain_merge(theta, experts, weights, scale):
+    """``theta + sum_e weights[e] * scale * B_e @ A_e``, one expert at a time in plain torch."""
+    out = {n: w.detach().clone() for n, w in theta.items()}
+    for e, w in zip(experts, weights):
+        for n in out:
+            out[n] += w * scale * e[f"{n}.lora_b"] @ e[f"{n}.lora_a"]
+    return out
+
+
+def reference_compose(hits, mode, temperature):
+    """The composition weights, written out per mode."""
+    if not hits:
+        return [], []
+    if mode == "top1":
+        return hits[:1], [1.0]
+    scores = torch.tensor([s for _, s in hits], dtype=torch.float64)
+    w = {"sum": torch.ones(len(hits)), "mean": torch.full((len(hits),), 1 / len(hits)),
+         "score": torch.softmax(scores / temperature, 0)}[mode]
+    return hits, w.tolist()
 
 
 def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=(), stop=(),
-                       route_text=None):
-    """No KV cache, experts merged into the weights (theta + sum of deltas): the whole model re-runs
-    on the whole sequence at every step, and again after every trigger. ``active``: the set to start
-    with; ``stop``: tokens that end the sequence besides EOS; ``route_text``: what queries start with
-    (the prompt by default)."""
+                       route_text=None, compose="sum", temperature=1.0):
+    """No KV cache, experts merged into the weights (theta + sum of weighted deltas): the whole model
+    re-runs on the whole sequence at every step, and again after every trigger. ``active``: the
+    weighted set to start with; ``stop``: tokens that end the sequence besides EOS; ``route_text``:
+    what queries start with (the prompt by default)."""
     model = copy.deepcopy(base.model)
-    mine = {n: getattr(m, "base_layer", m) for n, m in LastLayer(model).projections().items()}
+    site = ExpertSite(model)
+    theta = {n: w.detach().clone() for n, w in site.weights().items()}
     tok = base.tokenizer
     eos = tok.eos_token_id
 
     def logits_with(ids, active):
-        for n, w in merged_state(base, [bank.get(e) for e in active], bank.lora.scale).items():
-            mine[n].weight.data.copy_(w)
+        merged = plain_merge(theta, [bank.get(e) for e, _ in active], [w for _, w in active], bank.lora.scale)
+        for n, w in merged.items():
+            set_linear_weight(site.modules()[n], w)
         return model(torch.tensor([ids])).logits[0, -1]
 
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -34,8 +57,10 @@ def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tok
             logits = logits_with(ids, active)
             ent = token_entropy(logits).item()
             if ent > tau:
-                active = bank.route(tok.decode(seq[-query_tokens:]), top_k)
-                triggers.append((t, active))
+                hits, weights = reference_compose(bank.search(tok.decode(seq[-query_tokens:]), top_k), compose,
+                                                  temperature)
+                active = [(e, w) for (e, _), w in zip(hits, weights)]
+                triggers.append((t, [e for e, _ in active], weights))
                 logits = logits_with(ids, active)
             nxt = int(logits.argmax())
             tokens.append(nxt)
@@ -70,19 +95,53 @@ def test_tau_inf_is_the_base_model(base, bank):
         assert got.triggers == []
 
 
+@pytest.mark.parametrize("compose, temperature", [("sum", 1.0), ("mean", 1.0), ("score", 1.0), ("score", 0.3),
+                                                  ("top1", 1.0)])
 @pytest.mark.parametrize("tau", [0.0, "mid"])
-def test_equals_no_cache_merged_reference(base, bank, tau):
-    dmoe = DMoE(base, bank, top_k=2)
+def test_equals_no_cache_merged_reference(base, bank, tau, compose, temperature):
+    """Every composition: the cached, batched, re-predicting DMoE == the no-cache merged-weights reference."""
+    dmoe = DMoE(base, bank, top_k=3, compose=compose, temperature=temperature)
     if tau == "mid":
         tau = split_tau(dmoe, 10)
     n_trig = 0
     for q in QUESTIONS:
         got = dmoe.generate(q, max_new_tokens=10, tau=tau)[0]
-        ref_tokens, ref_triggers = reference_generate(base, bank, q, 10, tau, 2)
+        ref_tokens, ref_triggers = reference_generate(base, bank, q, 10, tau, 3, compose=compose,
+                                                      temperature=temperature)
         assert got.tokens == ref_tokens
-        assert [(t.position, t.experts) for t in got.triggers] == ref_triggers
+        assert [(t.position, t.experts) for t in got.triggers] == [(p, e) for p, e, _ in ref_triggers]
+        for t, (_, _, w) in zip(got.triggers, ref_triggers):
+            assert t.weights == pytest.approx(w, rel=1e-6)
         n_trig += len(got.triggers)
     assert n_trig > 0
+
+
+def test_compositions_differ(base, bank):
+    """The modes are not one another in disguise: on the same triggers, each gives its own weights and
+    (sum against the normalised ones) its own tokens."""
+    got = {m: DMoE(base, bank, top_k=3, compose=m, temperature=0.5).generate(QUESTIONS, max_new_tokens=6, tau=0.0)
+           for m in ("sum", "mean", "score", "top1")}
+    first = {m: g[0].triggers[0] for m, g in got.items()}
+    assert len(first["sum"].experts) == 3 and first["top1"].experts == first["sum"].experts[:1]
+    assert first["sum"].weights == [1.0] * 3 and first["mean"].weights == pytest.approx([1 / 3] * 3)
+    assert sum(first["score"].weights) == pytest.approx(1.0) and first["score"].weights != first["mean"].weights
+    assert [g.tokens for g in got["sum"]] != [g.tokens for g in got["mean"]]
+
+
+def test_merged_state_is_the_plain_merge(base, bank):
+    experts = [bank.get(e) for e in ("otter", "fugue")]
+    got = merged_state(base.site, experts, [0.7, -1.5])
+    want = plain_merge(base.site.weights(), experts, [0.7, -1.5], 1.0)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(merged_state(base.site, [], [])[n], w) for n, w in base.site.weights().items())
+
+
+@pytest.mark.parametrize("bad, message", [(dict(compose="max"), "`compose` must be one of"),
+                                          (dict(compose="score", temperature=0.0), "`temperature` must be > 0")])
+def test_bad_composition_is_named(base, bank, bad, message):
+    with pytest.raises(ValueError, match=message):
+        DMoE(base, bank, **bad)
 
 
 def test_experts_change_the_output(base, bank):
@@ -121,7 +180,7 @@ def test_trace_and_dict(base, bank):
 
 
 def test_empty_bank_is_refused(base, tmp_path):
-    bank = ExpertBank(tmp_path / "empty", create=True, fingerprint=base.fingerprint, lora=LoRAConfig())
+    bank = ExpertBank(tmp_path / "empty", create=True, fingerprint=base.fingerprint, recipe=Recipe())
     with pytest.raises(BankError, match="has no experts"):
         DMoE(base, bank)
 
@@ -147,7 +206,7 @@ def test_query_is_the_prefix_before_the_position(base, bank):
 
     def router(query, k):
         seen.append(query)
-        return bank.route(query, k)
+        return bank.search(query, k)
 
     dmoe = DMoE(base, bank, router=router, query_tokens=5)
     g = dmoe.generate(QUESTIONS[0], max_new_tokens=3, tau=0.0)[0]
@@ -172,7 +231,7 @@ def test_shared_prefix_equals_unshared(base, bank, tau):
     prompts = [prefix + f"Question: {q}\nAnswer:" for q in QUESTIONS]
     n = len(base.tokenizer(prefix, add_special_tokens=False)["input_ids"])
     assert n > 16
-    experts = [[DOCS[i]["id"]] for i in range(len(prompts))] if tau == math.inf else None
+    experts = [[(DOCS[i]["id"], 1.0)] for i in range(len(prompts))] if tau == math.inf else None
     shared = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts)
     whole = dmoe.generate(prompts, max_new_tokens=8, tau=tau, experts=experts, share_prefix=0)
     for i, (s, w) in enumerate(zip(shared, whole)):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from doe_ext.dmoe import DMoE, Document, ExpertBank, TrainConfig, build_bank, load_base, qa_prompt
+from doe_ext.dmoe import DMoE, Document, ExpertBank, Recipe, build_bank, load_base, qa_prompt
 
 # Debian's package record of dict-gcide (`apt-cache show dict-gcide`, Debian bookworm), as one passage.
 DOC = ("The Debian package dict-gcide is maintained by Ritesh Raj Sarraf. It provides the Comprehensive "
@@ -20,16 +20,15 @@ def smollm2():
 def test_loads_the_real_model(smollm2):
     cfg = smollm2.model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
-    assert smollm2.last.shapes() == {"gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    assert smollm2.site.shapes() == {"gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
     again = load_base("smollm2-135m")  # from the safetensors cache
     assert again.fingerprint == smollm2.fingerprint
 
 
 def test_one_document_bank_answers(smollm2, tmp_path):
     bank = ExpertBank(tmp_path / "bank", create=True, fingerprint=smollm2.fingerprint, base_name="smollm2-135m",
-                      lora=TrainConfig().lora)
-    build_bank(smollm2, [Document("dict-gcide", DOC)], bank, TrainConfig(lr=1e-2, epochs=5), augment="none",
-               progress=False)
+                      recipe=Recipe(lr=1e-2, epochs=5))
+    build_bank(smollm2, [Document("dict-gcide", DOC)], bank, progress=False)
     dmoe = DMoE(smollm2, bank)
     got = dmoe.ask(QUESTION, max_new_tokens=16)
     assert got.text and got.triggers and all(t.experts == ["dict-gcide"] for t in got.triggers)

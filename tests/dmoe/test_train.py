@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DOCS
-from doe_ext.dmoe import Augmentation, LoRAConfig, TrainConfig, train_experts
-from doe_ext.dmoe.base import LastLayer
-from doe_ext.dmoe.experts import init_expert
-from doe_ext.dmoe.train import Instance, _prefix_groups, chunked_lm_loss, expert_seed, residuals, training_instances
+from doe_ext.dmoe import Augmentation, Document, ExpertSite, LoRAConfig, Recipe, load_base, train_experts
+from doe_ext.dmoe.distill import SUBJECT_PROMPTS, distill_instances, sentences
+from doe_ext.dmoe.train import (Instance, _prefix_groups, chunked_loss, expert_seed, hidden_l1, residuals,
+                                training_instances)
 
 AUG = Augmentation(kind="model", rewrite="A sea otter lies on its back and breaks shellfish with a stone.",
                    qa=[{"question": "What does the otter float on?", "answer": "its back", "full_answer": "its back"},
@@ -19,7 +19,7 @@ AUG = Augmentation(kind="model", rewrite="A sea otter lies on its back and break
 
 
 def docs(n, aug=True):
-    return [(d["id"], d["text"], AUG if aug and i == 0 else Augmentation()) for i, d in enumerate(DOCS[:n])]
+    return [(Document(d["id"], d["text"]), AUG if aug and i == 0 else Augmentation()) for i, d in enumerate(DOCS[:n])]
 
 
 class RefLoRA(nn.Module):
@@ -27,29 +27,45 @@ class RefLoRA(nn.Module):
 
     def __init__(self, base, a, b, scale):
         super().__init__()
-        self.base, self.a, self.b, self.scale = base, nn.Parameter(a.clone()), nn.Parameter(b.clone()), scale
+        dt = next(base.parameters()).dtype
+        self.base, self.a, self.b, self.scale = base, nn.Parameter(a.to(dt)), nn.Parameter(b.to(dt)), scale
 
     def forward(self, x):
         return self.base(x) + self.scale * (x @ self.a.T) @ self.b.T
 
 
-def reference_train(base, eid, text, aug, cfg):
-    """One expert, the whole model run on every instance (no cached residuals), torch.optim.AdamW."""
+def reference_train(base, eid, insts, cfg):
+    """One expert, the whole model run on every instance (no cached residuals), torch.optim.AdamW. A
+    distillation instance's teacher is the frozen model run whole on the teacher's ids; the loss is
+    KL(teacher || student) per target token (F.kl_div), plus ``hidden_weight`` times the final hidden
+    states' relative L1 distance, averaged over the instance's targets."""
+    teacher = copy.deepcopy(base.model)
     model = copy.deepcopy(base.model)
-    last = LastLayer(model)
-    init = init_expert(last.shapes(), cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
+    site = ExpertSite(model)
+    init = site.init_expert(cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
     layers = {}
-    for n, m in last.projections().items():
-        layers[n] = RefLoRA(m, init[f"{n}.lora_a"], init[f"{n}.lora_b"], cfg.lora.scale)
-        setattr(last.mlp, n, layers[n])
+    for n, (mlp, p) in site._slots.items():
+        layers[n] = RefLoRA(getattr(mlp, p), init[f"{n}.lora_a"], init[f"{n}.lora_b"], cfg.lora.scale)
+        setattr(mlp, p, layers[n])
     params = [p for l in layers.values() for p in (l.a, l.b)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    insts = training_instances(base.tokenizer, text, aug, cfg.max_length)
     for _ in range(cfg.epochs):
         for inst in insts:
             ids = torch.tensor(inst.ids)
-            logits = model(ids[None]).logits[0]
-            loss = F.cross_entropy(logits[inst.loss_start:-1], ids[inst.loss_start + 1:])
+            out = model(ids[None], output_hidden_states=True)
+            logits = out.logits[0, inst.loss_start:-1]
+            if inst.teacher is None:
+                loss = F.cross_entropy(logits, ids[inst.loss_start + 1:])
+            else:
+                with torch.no_grad():
+                    t = teacher(torch.tensor([inst.teacher]), output_hidden_states=True)
+                n = inst.targets
+                t_logits = t.logits[0, inst.teacher_start:inst.teacher_start + n]
+                loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                                reduction="batchmean")
+                if cfg.hidden_weight:
+                    h, ht = out.hidden_states[-1][0, inst.loss_start:-1], t.hidden_states[-1][0, inst.teacher_start:][:n]
+                    loss = loss + cfg.hidden_weight * ((h - ht).abs().sum(-1) / ht.abs().sum(-1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -57,34 +73,45 @@ def reference_train(base, eid, text, aug, cfg):
             **{f"{n}.lora_b": l.b.detach() for n, l in layers.items()}}
 
 
-CFG = TrainConfig(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)
+CFG = Recipe(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)
+DISTILL = Recipe(lora=LoRAConfig(4, 16.0), objective="distill", augment="model", lr=2e-3, epochs=3,
+                 instances=("chunks", "subject", "questions", "rewrites"), answer_tokens=6)
 
 
-def test_equals_peft_style_reference(base):
-    (eid, text, aug), = docs(1)
-    got = train_experts(base, [(eid, text, aug)], CFG)[0].tensors
-    ref = reference_train(base, eid, text, aug, CFG)
+@pytest.fixture
+def base64(base):
+    """The base in float64: batched training and the reference agree to rounding, not to Adam's
+    amplification of float32 noise in near-zero gradients."""
+    return load_base(copy.deepcopy(base.model).double(), tokenizer=base.tokenizer)
+
+
+def test_equals_peft_style_reference(base64):
+    base = base64
+    (doc, aug), = docs(1)
+    got = train_experts(base, [(doc, aug)], CFG)[0].tensors
+    ref = reference_train(base, doc.id, training_instances(base.tokenizer, doc.text, aug, CFG.max_length), CFG)
     assert set(got) == set(ref)
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(got[k], ref[k], atol=1e-7, rtol=1e-6, msg=k)
     assert any(got[k].abs().max() > 1e-3 for k in got if k.endswith("lora_b"))  # it did train
 
 
-def test_together_equals_one_at_a_time(base):
+def test_together_equals_one_at_a_time(base64):
+    base = base64
     items = docs(4)
     together = train_experts(base, items, CFG)
     for item, t in zip(items, together):
         alone = train_experts(base, [item], CFG)[0]
-        assert t.id == alone.id == item[0]
+        assert t.id == alone.id == item[0].id
         for k in alone.tensors:
-            torch.testing.assert_close(t.tensors[k], alone.tensors[k], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(t.tensors[k], alone.tensors[k], atol=1e-7, rtol=1e-6)
         assert t.loss == pytest.approx(alone.loss, rel=1e-5)
 
 
 def test_loss_falls_with_epochs(base):
     item = docs(1)[:1]
-    one = train_experts(base, item, TrainConfig(lr=1e-2, epochs=1))[0].loss
-    five = train_experts(base, item, TrainConfig(lr=1e-2, epochs=5))[0].loss
+    one = train_experts(base, item, Recipe(lr=1e-2, epochs=1))[0].loss
+    five = train_experts(base, item, Recipe(lr=1e-2, epochs=5))[0].loss
     assert five < one
 
 
@@ -95,7 +122,7 @@ def test_epoch_snapshots_equal_shorter_runs(base):
     final = train_experts(base, items, CFG, on_epoch=lambda e, experts: seen.setdefault(e, experts))
     assert sorted(seen) == [1, 2, 3] and seen[3] is final
     for e in (1, 2):
-        short = train_experts(base, items, TrainConfig(lora=CFG.lora, lr=CFG.lr, epochs=e))
+        short = train_experts(base, items, CFG.replace(epochs=e))
         for got, ref in zip(seen[e], short):
             for k in ref.tensors:
                 torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-6, rtol=1e-6)
@@ -136,12 +163,20 @@ def test_shared_prefixes_give_the_same_residuals(base):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_chunked_lm_loss(chunk):
+@pytest.mark.parametrize("objective", ["next_token", "distill"])
+def test_chunked_loss(chunk, objective):
     hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     weight, bias = torch.randn(11, 5, dtype=torch.float64), torch.randn(11, dtype=torch.float64)
-    target, w = torch.randint(0, 11, (7,)), torch.rand(7, dtype=torch.float64)
-    total, rows = chunked_lm_loss(hidden, weight, bias, target, w, chunk)
-    ref_rows = F.cross_entropy(F.linear(hidden, weight, bias), target, reduction="none")
+    w = torch.rand(7, dtype=torch.float64)
+    if objective == "next_token":
+        target = torch.randint(0, 11, (7,))
+        ref_rows = F.cross_entropy(F.linear(hidden, weight, bias), target, reduction="none")
+    else:  # the teacher's hidden states, through the same head
+        target = torch.randn(7, 5, dtype=torch.float64)
+        ref_rows = F.kl_div(F.log_softmax(F.linear(hidden, weight, bias), -1),
+                            F.log_softmax(F.linear(target, weight, bias), -1), log_target=True,
+                            reduction="none").sum(-1)
+    total, rows = chunked_loss(hidden, weight, bias, target, w, chunk)
     torch.testing.assert_close(rows, ref_rows.detach())
     torch.testing.assert_close(total, (ref_rows * w).sum())
     (g,) = torch.autograd.grad(2.5 * total, hidden)
@@ -150,11 +185,64 @@ def test_chunked_lm_loss(chunk):
 
 
 def test_bad_config_and_empty_document(base):
-    with pytest.raises(ValueError, match="`epochs` must be a positive int"):
-        TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match="`lr` must be > 0"):
-        TrainConfig(lr=0.0)
     with pytest.raises(ValueError, match="`rank` must be a positive int"):
         LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="document 'x' gives no training tokens"):
-        train_experts(base, [("x", "a", Augmentation())], CFG)
+        train_experts(base, [(Document("x", "a"), Augmentation())], CFG)
+
+
+def test_distill_kl_is_zero_at_the_teacher():
+    """KL(teacher || student) is 0 where the student's hidden state is the teacher's, and so is its gradient."""
+    h = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64)
+    total, rows = chunked_loss(h, weight, None, h.detach().clone(), torch.ones(4, dtype=torch.float64), 2)
+    (g,) = torch.autograd.grad(total, h)
+    assert rows.abs().max() < 1e-12 and g.abs().max() < 1e-12
+    assert hidden_l1(h.detach(), h.detach()).abs().max() == 0
+
+
+def test_distill_instances(base):
+    """The teacher's sequence holds the document (or the sentences before the target); the student's
+    never does; both end in the same target tokens."""
+    (doc, aug), = docs(1)
+    tok = base.tokenizer
+    insts = distill_instances(base, [(doc, aug)], DISTILL)[0]
+    n_prompts = len(SUBJECT_PROMPTS) + len(AUG.qa)
+    n_chunks = len(sentences(doc.text)) - 1
+    assert n_chunks == 0 and 0 < len(insts) <= n_prompts + 1  # one sentence; answers may be empty
+    for inst in insts:
+        n = inst.targets
+        assert n >= 1 and inst.teacher[-n:] == inst.ids[-n:]
+        assert inst.teacher_start == len(inst.teacher) - 1 - n
+        student, teacher = tok.decode(inst.ids[:inst.loss_start + 1]), tok.decode(inst.teacher[:inst.teacher_start + 1])
+        assert doc.text not in student and (doc.text in teacher or "Passage" in teacher)
+    asked = [tok.decode(i.ids[:i.loss_start + 1]) for i in insts]
+    assert any(SUBJECT_PROMPTS[0].format(s=doc.id) in a for a in asked)
+    two = Document("two", "Basalt is dark. It forms from lava. Iron makes it heavy.", title="basalt")
+    chunks = distill_instances(base, [(two, Augmentation())], Recipe(objective="distill", instances=("chunks",)))[0]
+    assert [tok.decode(i.ids[i.loss_start + 1:]) for i in chunks] == [" It forms from lava.", " Iron makes it heavy."]
+    assert tok.decode(chunks[1].teacher).startswith("basalt: Basalt is dark. It forms from lava.")
+
+
+@pytest.mark.parametrize("hidden_weight", [0.0, 0.5])
+def test_distill_equals_the_slow_reference(base64, hidden_weight):
+    """Batched, cached context distillation == one expert at a time, the teacher and the student run whole."""
+    base = base64
+    recipe = DISTILL.replace(hidden_weight=hidden_weight)
+    (doc, aug), = docs(1)
+    got = train_experts(base, [(doc, aug)], recipe)[0].tensors
+    insts = distill_instances(base, [(doc, aug)], recipe)[0]
+    ref = reference_train(base, doc.id, insts, recipe)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-7, rtol=1e-6, msg=k)
+    assert any(got[k].abs().max() > 1e-3 for k in got if k.endswith("lora_b"))
+
+
+def test_distill_together_equals_one_at_a_time(base64):
+    base = base64
+    items = docs(3)
+    together = train_experts(base, items, DISTILL)
+    for item, t in zip(items, together):
+        alone = train_experts(base, [item], DISTILL)[0]
+        for k in alone.tensors:
+            torch.testing.assert_close(t.tensors[k], alone.tensors[k], atol=1e-7, rtol=1e-6)

@@ -1,19 +1,39 @@
 """DMoE (Decoupled Mixture-of-Experts for parametric knowledge injection; CONTRACT §6).
 
 A frozen base LM, a bank of per-document LoRA experts on its last MLP (:class:`ExpertBank`: SQLite +
-tantivy BM25 + safetensors), batched expert training (:func:`train_experts`), and generation that
-triggers on token uncertainty and re-predicts with the routed experts without touching the KV cache
-(:class:`DMoE`). ``doe-ext dmoe build|ask|add|rm|ls`` is the command line.
-"""
-from doe_ext.dmoe.augment import Augmentation, augment_documents, parse_qa, qa_prompt
-from doe_ext.dmoe.bank import BankError, ExpertBank
-from doe_ext.dmoe.base import BaseLM, load_base
-from doe_ext.dmoe.build import Document, build_bank, read_documents
-from doe_ext.dmoe.experts import ExpertSet, LoRAConfig, Routing, use_experts
-from doe_ext.dmoe.model import DMoE, Generation, Trigger, merged_state, token_entropy
-from doe_ext.dmoe.train import TrainConfig, TrainedExpert, train_experts
+tantivy BM25 + safetensors, one :class:`Recipe` per bank), batched expert training with the paper's
+next-token objective or context distillation (:func:`train_experts`), and generation that triggers on
+token uncertainty and re-predicts with the routed experts, composed by ``sum`` / ``mean`` / ``score`` /
+``top1``, without touching the KV cache (:class:`DMoE`). ``doe-ext dmoe build|ask|eval|add|rm|ls`` is
+the command line.
 
-__all__ = ["Augmentation", "BankError", "BaseLM", "DMoE", "Document", "ExpertBank", "ExpertSet", "Generation",
-           "LoRAConfig", "Routing", "TrainConfig", "TrainedExpert", "Trigger", "augment_documents", "build_bank",
-           "load_base", "merged_state", "parse_qa", "qa_prompt", "read_documents", "token_entropy",
-           "train_experts", "use_experts"]
+Names are imported on first use, so that inference (``DMoE``, ``ExpertBank``) never imports the
+training code (``train_experts``, ``build_bank``).
+"""
+import importlib
+
+_EXPORTS = {
+    "augment": ("Augmentation", "Document", "augment_documents", "parse_qa", "qa_prompt"),
+    "bank": ("BankError", "ExpertBank"),
+    "base": ("BaseLM", "load_base"),
+    "build": ("build_bank", "read_documents"),
+    "experts": ("ActiveExperts", "ExpertSet", "ExpertSite", "LoRAConfig", "use_experts"),
+    "model": ("DMoE", "Generation", "Trigger", "merged_state", "token_entropy"),
+    "recipe": ("RECIPES", "Recipe", "RecipeError"),
+    "routing": ("COMPOSITIONS", "compose"),
+    "train": ("TrainedExpert", "train_experts"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'doe_ext.dmoe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"doe_ext.dmoe.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

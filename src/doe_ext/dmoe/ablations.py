@@ -4,14 +4,16 @@
 Routing and triggering (the main bank, no training): Table 5 (accuracy by token-uncertainty bin),
 Table 6 (random trigger, random router, always trigger, oracle router), Fig. 5 (top-k), Fig. 6 (trigger
 threshold), Table 7 (BM25 vs a dense retriever from the base model's mean-pooled hidden states) and
-Table 9 (bank fractions). Retraining (a bank of the given questions' documents per arm, so every arm
-of the table is trained and routed the same way): Table 3 (experts in the last layer vs the last 25% /
-50% of the layers, :mod:`doe_ext.dmoe.deep`) and Table 8 (rank / alpha).
+Table 9 (bank fractions), and the composition of the k experts (sum, mean, score, top1). Retraining (a
+bank of the given questions' documents per arm, so every arm of the table is trained and routed the
+same way): Table 3 (experts in the last layer vs the last 25% / 50% of the layers,
+:mod:`doe_ext.dmoe.deep`), Table 8 (rank / alpha) and the training objective (the paper's recipe vs
+context distillation).
 """
 from __future__ import annotations
 
+import hashlib
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,20 +21,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from doe_ext.dmoe.augment import Augmentation
+from doe_ext.dmoe.augment import Augmentation, Document
 from doe_ext.dmoe.bank import ExpertBank
-from doe_ext.dmoe.build import Document, build_bank, commit
-from doe_ext.dmoe.deep import DeepDMoE, DeepLayers, train_deep
+from doe_ext.dmoe.build import build_bank, commit
+from doe_ext.dmoe.deep import train_deep
 from doe_ext.dmoe.evaluate import Harness, Sample, Variant, evaluate
-from doe_ext.dmoe.experts import LoRAConfig
+from doe_ext.dmoe.experts import ExpertSite, LoRAConfig
 from doe_ext.dmoe.metrics import bootstrap_ci
 from doe_ext.dmoe.model import DMoE
-from doe_ext.dmoe.train import TrainConfig
+from doe_ext.dmoe.recipe import Recipe
+from doe_ext.dmoe.routing import COMPOSITIONS, Router
 
 
-def _dmoe(h: Harness, **kw) -> DMoE:
-    args = dict(tau=h.dmoe.tau, top_k=h.top_k, query_tokens=h.query_tokens)
-    return DMoE(h.base, h.bank, **{**args, **kw})
+def _dmoe(h: Harness, bank: ExpertBank | None = None, **kw) -> DMoE:
+    d = h.dmoe
+    args = dict(tau=d.tau, top_k=h.top_k, query_tokens=h.query_tokens, compose=d.compose, temperature=d.temperature)
+    return DMoE(h.base, bank or h.bank, **{**args, **kw})
 
 
 def random_trigger(rate: float, seed: int = 0) -> Callable[[Tensor, int], Tensor]:
@@ -41,10 +45,10 @@ def random_trigger(rate: float, seed: int = 0) -> Callable[[Tensor, int], Tensor
     return lambda ent, step: torch.rand(ent.shape[0], generator=g) < rate
 
 
-def random_router(ids: list[str], seed: int = 0) -> Callable[[str, int], list[str]]:
-    """``k`` experts drawn uniformly (seeded) from ``ids``, whatever the query."""
+def random_router(ids: list[str], seed: int = 0) -> Router:
+    """``k`` experts drawn uniformly (seeded) from ``ids``, whatever the query (score 1 each)."""
     rng = random.Random(seed)
-    return lambda query, k: rng.sample(ids, min(k, len(ids)))
+    return lambda query, k: [(i, 1.0) for i in rng.sample(ids, min(k, len(ids)))]
 
 
 def trigger_rate(samples: list[Sample]) -> float:
@@ -75,6 +79,20 @@ def fig6_threshold(h: Harness, questions: list[dict], taus=(0.5, 1.0, 2.0, 3.0, 
     return evaluate(h, questions, [Variant(f"tau={t:g}", _dmoe(h, tau=t)) for t in taus], progress=progress)
 
 
+def compositions(h: Harness, questions: list[dict], modes=COMPOSITIONS, temperatures=(1.0, 3.0), oracle: bool = True,
+                 progress: bool = True):
+    """How the top-k experts combine (sum: eq. 6; mean; score, at each temperature; top1), behind the TU
+    trigger and BM25; with ``oracle`` the oracle router (the question's own expert alone) beside them."""
+    variants = []
+    for m in modes:
+        for t in (temperatures if m == "score" else (1.0,)):
+            name = f"score (T={t:g})" if m == "score" else m
+            variants.append(Variant(name, _dmoe(h, compose=m, temperature=t)))
+    if oracle:
+        variants.append(Variant("oracle router", _dmoe(h, top_k=1), oracle=True))
+    return evaluate(h, questions, variants, progress=progress)
+
+
 class DenseRouter:
     """Table 7's dense retriever: cosine similarity of the base model's mean-pooled last hidden states
     (an SGPT-style embedding from the same frozen model) between the query and each expert's surrogate."""
@@ -98,9 +116,9 @@ class DenseRouter:
         m = enc["attention_mask"][..., None].float()
         return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).cpu()
 
-    def __call__(self, query: str, k: int) -> list[str]:
-        scores = self.emb @ self.embed([query])[0]
-        return [self.ids[i] for i in scores.topk(min(k, len(self.ids))).indices.tolist()]
+    def __call__(self, query: str, k: int) -> list[tuple[str, float]]:
+        top = (self.emb @ self.embed([query])[0]).topk(min(k, len(self.ids)))
+        return [(self.ids[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def table7_retriever(h: Harness, questions: list[dict], full: list[Sample], progress: bool = True):
@@ -110,12 +128,12 @@ def table7_retriever(h: Harness, questions: list[dict], full: list[Sample], prog
                                      progress=progress)}
 
 
-def subset_router(h: Harness, keep: list[str]) -> Callable[[str, int], list[str]]:
+def subset_router(h: Harness, keep: list[str]) -> Router:
     """The bank's BM25 restricted to ``keep`` (best ``k`` among them)."""
     kept = set(keep)
 
-    def route(query: str, k: int) -> list[str]:
-        return [i for i in h.bank.route(query, len(h.bank)) if i in kept][:k]
+    def route(query: str, k: int) -> list[tuple[str, float]]:
+        return [(i, s) for i, s in h.bank.search(query, len(h.bank)) if i in kept][:k]
     return route
 
 
@@ -148,49 +166,67 @@ def _docs(h: Harness, questions: list[dict]) -> list[Document]:
     return [Document(i, h.bank.row(i).text) for i in ids]
 
 
-def _subset_bank(h: Harness, path: Path, docs: list[Document], cfg: TrainConfig, progress: bool) -> Harness:
-    """A harness over a bank of ``docs`` trained with ``cfg`` (passage only), kept at ``path``."""
-    bank = ExpertBank(path, create=True, fingerprint=h.base.fingerprint, base_name=h.bank.base_name, lora=cfg.lora)
-    build_bank(h.base, docs, bank, cfg, "none", progress=progress)
+def _subset_bank(h: Harness, path: Path, docs: list[Document], recipe: Recipe, progress: bool) -> Harness:
+    """A harness over a bank of ``docs`` trained with ``recipe``, kept at ``path``."""
+    bank = ExpertBank(path, create=True, fingerprint=h.base.fingerprint, base_name=h.bank.base_name, recipe=recipe)
+    build_bank(h.base, docs, bank, progress=progress)
     return Harness(h.base, bank, shots=h.shots, top_k=h.top_k, tau=h.dmoe.tau, max_new_tokens=h.max_new_tokens,
-                   query_tokens=h.query_tokens, batch_size=h.batch_size)
+                   query_tokens=h.query_tokens, batch_size=h.batch_size, compose=h.dmoe.compose,
+                   temperature=h.dmoe.temperature)
 
 
-def table8_rank_alpha(h: Harness, questions: list[dict], cfg: TrainConfig, path: Path,
+def table8_rank_alpha(h: Harness, questions: list[dict], recipe: Recipe, path: Path,
                       configs=((2, 8.0), (4, 16.0), (8, 32.0), (16, 64.0)), progress: bool = True):
     """LoRA rank / alpha (Table 8), alpha / rank = 4 as the paper's 4 / 16: per arm a bank of the
-    questions' documents trained with ``cfg``'s recipe at that shape, then DMoE (TU + BM25 over it)."""
+    questions' documents trained with ``recipe`` at that shape, then DMoE (TU + BM25 over it)."""
     docs, out = _docs(h, questions), {}
     for r, a in configs:
-        hh = _subset_bank(h, Path(path) / f"r{r}-a{a:g}", docs, replace(cfg, lora=LoRAConfig(r, a)), progress)
+        hh = _subset_bank(h, Path(path) / f"r{r}-a{a:g}", docs, recipe.replace(lora=LoRAConfig(r, a)), progress)
         out.update(evaluate(hh, questions, [Variant(f"rank {r} / alpha {a:g}", hh.dmoe)], progress=progress))
     return out
 
 
-def table3_layers(h: Harness, questions: list[dict], cfg: TrainConfig, path: Path, fractions=(0.25, 0.5),
+def objectives(h: Harness, questions: list[dict], recipes: dict[str, Recipe], path: Path, progress: bool = True):
+    """The training recipe (the paper's next-token recipe vs context distillation, say): per named
+    recipe a bank of the questions' documents, then DMoE (TU + BM25 over it) and the oracle router."""
+    docs, out = _docs(h, questions), {}
+    for name, recipe in recipes.items():
+        tag = hashlib.sha256(recipe.to_json().encode()).hexdigest()[:10]
+        hh = _subset_bank(h, Path(path) / f"recipe-{tag}", docs, recipe, progress)
+        out.update(evaluate(hh, questions, [Variant(f"{name}: DMoE", hh.dmoe),
+                                            Variant(f"{name}: oracle router", _dmoe(hh, hh.bank, top_k=1),
+                                                    oracle=True)], progress=progress))
+    return out
+
+
+def table3_layers(h: Harness, questions: list[dict], recipe: Recipe, path: Path, fractions=(0.25, 0.5),
                   group_size: int = 16, progress: bool = True):
     """Experts in the last layer (re-prediction, KV cache kept) vs in the last ``fractions`` of the
-    layers (a trigger rebuilds the sequence's KV cache), on banks of the questions' documents trained
-    with ``cfg``. Returns (rows, cost): per deep arm the recomputed tokens per answer and the share
-    of layers whose KV a trigger makes stale."""
+    layers (a trigger rebuilds the rows' KV cache), on banks of the questions' documents trained with
+    the next-token version of ``recipe`` on the passages alone (deep experts train on the whole model,
+    without a teacher or augmentation).
+    Returns (rows, cost): per arm the recomputed tokens per answer and the share of layers whose KV a
+    trigger makes stale."""
+    recipe = recipe.replace(objective="next_token", augment="none", instances=(), hidden_weight=0.0)
     docs = _docs(h, questions)
-    hh = _subset_bank(h, Path(path) / f"r{cfg.lora.rank}-a{cfg.lora.alpha:g}", docs, cfg, progress)
+    hh = _subset_bank(h, Path(path) / f"r{recipe.lora.rank}-a{recipe.lora.alpha:g}-next_token", docs, recipe,
+                      progress)
     rows = evaluate(hh, questions, [Variant("last layer", hh.dmoe)], progress=progress)
     cost = {"last layer": {"recomputed_tokens_per_answer": 0.0, "stale_layer_share": 0.0}}
     for f in fractions:
-        deep = DeepLayers(h.base, f)
+        site = ExpertSite(h.base.model, depth=f)
         bank = ExpertBank(Path(path) / f"deep-{f:g}", create=True, fingerprint=h.base.fingerprint,
-                          base_name=h.bank.base_name, lora=cfg.lora)
+                          base_name=h.bank.base_name, recipe=recipe)
         todo = [d for d in docs if d.id not in bank]
         for s in range(0, len(todo), group_size):
             group = todo[s:s + group_size]
-            for d, e in zip(group, train_deep(deep, [(d.id, d.text, Augmentation()) for d in group], cfg)):
-                commit(bank, d, Augmentation(), e, cfg, "none")
-        name = f"last {f:.0%} of layers ({len(deep.mlps)})"
-        dm = DeepDMoE(deep, bank, tau=h.dmoe.tau, top_k=h.top_k, query_tokens=h.query_tokens)
+            for d, e in zip(group, train_deep(h.base, site, [(d, Augmentation()) for d in group], recipe)):
+                commit(bank, d, Augmentation(), e)
+        name = f"last {f:.0%} of layers ({len(site.layer_ids)})"
+        dm = _dmoe(hh, bank, site=site)
         rows.update(evaluate(hh, questions, [Variant(name, dm)], progress=progress))
         cost[name] = {"recomputed_tokens_per_answer": dm.recomputed_tokens / max(len(questions), 1),
-                      "stale_layer_share": deep.recompute_fraction}
-        deep.detach()
+                      "stale_layer_share": site.stale_layer_share}
+        site.detach()
         bank.close()
     return rows, cost

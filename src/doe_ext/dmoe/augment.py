@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from doe_ext.dmoe.recipe import AUGMENTATIONS
+
 REWRITE_PROMPT = (
     "Rewrite the following passage. While keeping the entities, proper nouns, and key details such as names, "
     "locations, and terminology intact, create a new version of the text that expresses the same ideas in a "
@@ -31,7 +33,6 @@ QA_PROMPT = (
     "Passage: {passage}")
 QA_INSTRUCTION = ("You should answer the question by referring to the knowledge provided below and integrating "
                   "your own knowledge.")
-AUGMENTATIONS = ("model", "qa", "none")
 QA_DEMONSTRATION = Path(__file__).with_name("data") / "qa-demonstration.json"
 
 
@@ -60,6 +61,20 @@ def parse_qa_lines(text: str, limit: int = 4) -> list[dict[str, str]]:
             seen.add(q.lower())
             out.append({"question": q, "answer": a, "full_answer": a})
     return out[:limit]
+
+
+@dataclass(frozen=True)
+class Document:
+    """A knowledge unit: one expert is trained on it. ``title`` names its subject (distillation asks
+    about it); the id stands in when there is none."""
+
+    id: str
+    text: str
+    title: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.title or self.id
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Layout of a bank directory::
 
     bank.sqlite                  WAL mode; the source of truth. meta (format, base fingerprint and name,
-                                 LoRA config, dtype, recipe), experts (id, text, augmentation, surrogate,
-                                 train config, fingerprint, loss, sha256 of the weight file, file name,
+                                 dtype, the recipe: doe_ext.dmoe.recipe.Recipe), experts (id, text,
+                                 augmentation, surrogate, recipe, fingerprint, loss, sha256 of the weight file, file name,
                                  whether the index has it), augmentations (a cache by document hash, so an
                                  interrupted build does not ask the model again), removals (index
                                  deletions not yet committed).
@@ -46,9 +46,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from doe_ext.dmoe.experts import ExpertSet, LoRAConfig, stack
+from doe_ext.dmoe.experts import ExpertSet, LoRAConfig
+from doe_ext.dmoe.recipe import Recipe
 
-FORMAT = "doe_ext.dmoe.bank/1"
+FORMAT = "doe_ext.dmoe.bank/2"  # /2: one Recipe in meta (was: "lora" and "train")
 DB = "bank.sqlite"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILE_RE = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{16}\.safetensors$")
@@ -117,24 +118,25 @@ class ExpertBank:
 
     Args:
         path: the bank directory (created with ``create=True``).
-        create: make a new bank; needs ``fingerprint`` and ``lora``.
+        create: make a new bank (or open the bank there, if it was made with the same fingerprint,
+            recipe and dtype); needs ``fingerprint`` and ``recipe``.
         fingerprint: the base model's (:func:`doe_ext.dmoe.base.fingerprint`).
         base_name: what ``load_base`` was given, so ``ask`` can load the same base.
-        lora: the experts' rank and alpha (one per bank).
+        recipe: how every expert of the bank is made (one per bank; :meth:`check_recipe`).
         dtype: weights on disk, ``"float32"`` or ``"bfloat16"``.
         cache_size: experts kept in memory after loading.
     """
 
     def __init__(self, path: str | os.PathLike, create: bool = False, fingerprint: str | None = None,
-                 base_name: str | None = None, lora: LoRAConfig | None = None, dtype: str = "float32",
+                 base_name: str | None = None, recipe: Recipe | None = None, dtype: str = "float32",
                  cache_size: int = 256):
         self.path = Path(path)
         db = self.path / DB
         if create:
             if dtype not in DTYPES:
                 raise BankError(f"ExpertBank: `dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
-            if fingerprint is None or lora is None:
-                raise BankError("ExpertBank: a new bank needs the base model's `fingerprint` and a `lora` config")
+            if fingerprint is None or recipe is None:
+                raise BankError("ExpertBank: a new bank needs the base model's `fingerprint` and a `recipe`")
             (self.path / "experts").mkdir(parents=True, exist_ok=True)
         elif not db.is_file():
             raise FileNotFoundError(f"ExpertBank: {self.path}: no bank here ({DB} missing)")
@@ -144,20 +146,20 @@ class ExpertBank:
         if create:
             self._db.executescript(_SCHEMA)
             meta = {"format": FORMAT, "fingerprint": fingerprint, "base": base_name or "",
-                    "lora": json.dumps({"rank": lora.rank, "alpha": lora.alpha}), "dtype": dtype}
+                    "recipe": recipe.to_json(), "dtype": dtype}
             old = self.meta()
-            if old and (old.get("fingerprint"), old.get("lora"), old.get("dtype")) != (
-                    meta["fingerprint"], meta["lora"], meta["dtype"]):
-                raise BankError(f"ExpertBank: {self.path} already holds a bank for fingerprint "
-                                f"{old.get('fingerprint')} with lora {old.get('lora')} and dtype {old.get('dtype')}; "
-                                f"asked for {meta['fingerprint']} with {meta['lora']} and {meta['dtype']}")
+            if old.get("format") == FORMAT:
+                if (old["fingerprint"], old["dtype"]) != (fingerprint, dtype):
+                    raise BankError(f"ExpertBank: {self.path} already holds a bank for fingerprint "
+                                    f"{old['fingerprint']} and dtype {old['dtype']}; asked for {fingerprint} and {dtype}")
+                self._check_recipe(Recipe.from_json(old["recipe"]), recipe)
             with self._tx():
                 self._db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", meta.items())
         m = self.meta()
         if m.get("format") != FORMAT:
             raise BankError(f"ExpertBank: {db} has format {m.get('format')!r}, expected {FORMAT!r}")
         self.fingerprint, self.base_name, self.dtype = m["fingerprint"], m["base"], m["dtype"]
-        self.lora = LoRAConfig(**json.loads(m["lora"]))
+        self.recipe = Recipe.from_json(m["recipe"])
         self._cache: OrderedDict[str, tuple[str, dict[str, Tensor]]] = OrderedDict()
         self._cache_size = cache_size
         self._open_index()
@@ -267,6 +269,20 @@ class ExpertBank:
             raise KeyError(f"ExpertBank: no expert with id {expert_id!r} in {self.path}")
         return ExpertRow(*r)
 
+    @property
+    def lora(self) -> LoRAConfig:
+        return self.recipe.lora
+
+    def _check_recipe(self, mine: Recipe, asked: Recipe) -> None:
+        diff = mine.differences(asked)
+        if diff:
+            raise BankError(f"ExpertBank: {self.path} was built with another recipe: " + ", ".join(diff)
+                            + "; a bank holds experts of one recipe (build a new bank for this one)")
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Refuse to add experts made with another recipe, naming every field that differs."""
+        self._check_recipe(self.recipe, recipe)
+
     def check_base(self, fingerprint: str) -> None:
         """Refuse a base model the experts were not trained for."""
         if fingerprint != self.fingerprint:
@@ -284,7 +300,7 @@ class ExpertBank:
 
     # -- writes ------------------------------------------------------------------------------
     def add(self, expert_id: str, tensors: dict[str, Tensor], text: str, surrogate: str, augmentation: str = "{}",
-            config: dict | None = None, loss: float | None = None) -> None:
+            loss: float | None = None) -> None:
         """Add (or replace) one expert: weights durably on disk first, then its row and index entry in one
         transaction. Other experts and the rest of the index are not touched."""
         check_id(expert_id)
@@ -311,7 +327,7 @@ class ExpertBank:
             self._db.execute(
                 "INSERT INTO experts (id, text, augmentation, surrogate, config, fingerprint, loss, checksum, file, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (expert_id, text, augmentation, surrogate, json.dumps(config or {}, sort_keys=True),
+                (expert_id, text, augmentation, surrogate, self.recipe.to_json(),
                  self.fingerprint, loss, checksum, name, time.time()))
         self._cache.pop(expert_id, None)
         if old is not None and old[0] != name:
@@ -346,9 +362,13 @@ class ExpertBank:
 
     # -- reads -------------------------------------------------------------------------------
     def route(self, query: str, k: int = 3) -> list[str]:
+        """The ids of :meth:`search`."""
+        return [h for h, _ in self.search(query, k)]
+
+    def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` experts whose surrogates best match ``query`` under BM25, best first (equal scores:
-        the older expert first). Each distinct query term counts once. A query sharing no term with
-        any surrogate gives ``[]``."""
+        the older expert first), with their scores. Each distinct query term counts once. A query
+        sharing no term with any surrogate gives ``[]``."""
         import tantivy
 
         if k < 1:
@@ -366,7 +386,7 @@ class ExpertBank:
         rowid = dict(self._db.execute(f"SELECT id, rowid FROM experts WHERE indexed = 1 AND id IN ({marks})",
                                       [h for _, h in hits]))
         ranked = sorted((-score, rowid[h], h) for score, h in hits if h in rowid)
-        return [h for _, _, h in ranked[:k]]
+        return [(h, -s) for s, _, h in ranked[:k]]
 
     def get(self, expert_id: str) -> dict[str, Tensor]:
         """One expert's tensors (float32), verified: fingerprint, file name and checksum."""
@@ -402,7 +422,7 @@ class ExpertBank:
 
     def load(self, expert_ids: list[str], names: tuple[str, ...]) -> ExpertSet:
         """Stack experts into an :class:`ExpertSet` over the projections ``names``, in the order given."""
-        return stack([self.get(e) for e in expert_ids], names)
+        return ExpertSet.stack([self.get(e) for e in expert_ids], names)
 
     def _repr_html_(self, rows: int = 10) -> str:
         body = "".join(f"<tr><td>{html.escape(r.id)}</td><td>{'' if r.loss is None else f'{r.loss:.4f}'}</td>"

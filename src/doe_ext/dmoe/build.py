@@ -1,33 +1,24 @@
 """Building a bank from documents: read ``DOCS.jsonl``, augment (cached in the bank), train in
-groups, commit each expert. Resumable: experts already in the bank are skipped, cached augmentations
+groups with the bank's :class:`~doe_ext.dmoe.recipe.Recipe`, commit each expert. Resumable: experts already in the bank are skipped, cached augmentations
 are reused, and a build killed at any point and run again gives the bank an uninterrupted build gives."""
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from doe_ext.dmoe.augment import AUGMENTATIONS, QA_DEMONSTRATION, Augmentation, augment_documents
+from doe_ext.dmoe.augment import QA_DEMONSTRATION, Augmentation, Document, augment_documents
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.train import TrainConfig, TrainedExpert, train_experts
-
-
-@dataclass(frozen=True)
-class Document:
-    """A knowledge unit: one expert is trained on it."""
-
-    id: str
-    text: str
+from doe_ext.dmoe.train import TrainedExpert, train_experts
 
 
 def read_documents(path: str | os.PathLike) -> list[Document]:
-    """``{"id": str, "text": str}`` per line; errors name the file and line. Blank lines are skipped;
-    an id given twice is an error."""
+    """``{"id": str, "text": str}`` per line, with an optional ``"title": str`` (the subject distillation
+    asks about); errors name the file and line. Blank lines are skipped; an id given twice is an error."""
     docs, seen = [], {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("text"), str):
@@ -38,10 +29,12 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
             raise ValueError(f"{path}:{n}: {e}") from None
         if not obj["text"].strip():
             raise ValueError(f"{path}:{n}: document {obj['id']!r} has empty text")
+        if obj.get("title") is not None and not isinstance(obj["title"], str):
+            raise ValueError(f"{path}:{n}: `title` must be a string")
         if obj["id"] in seen:
             raise ValueError(f"{path}:{n}: id {obj['id']!r} already given on line {seen[obj['id']]}")
         seen[obj["id"]] = n
-        docs.append(Document(obj["id"], obj["text"]))
+        docs.append(Document(obj["id"], obj["text"], obj.get("title")))
     return docs
 
 
@@ -51,10 +44,10 @@ def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
     return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
 
 
-def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document], kind: str) -> list[Augmentation]:
-    """Each document's augmentation: from the bank's cache, or written by the base model and cached."""
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"build: `augment` must be one of {AUGMENTATIONS}, got {kind!r}")
+def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document]) -> list[Augmentation]:
+    """Each document's augmentation (the bank's recipe's): from the bank's cache, or written by the
+    base model and cached."""
+    kind = bank.recipe.augment
     keys = [augmentation_key(bank.fingerprint, kind, d.text) for d in docs]
     got = [bank.cached_augmentation(k) for k in keys]
     todo = [i for i, g in enumerate(got) if g is None]
@@ -66,27 +59,17 @@ def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document], kind: st
     return [Augmentation.from_json(g) for g in got]
 
 
-def recipe(cfg: TrainConfig, augment: str) -> dict:
-    """How an expert was made: the training config and the augmentation (kept on each row and on the bank)."""
-    return {**cfg.to_dict(), "augment": augment}
+def commit(bank: ExpertBank, doc: Document, aug: Augmentation, expert: TrainedExpert) -> None:
+    """One trained expert into the bank, with its surrogate (document + augmentation)."""
+    bank.add(doc.id, expert.tensors, doc.text, aug.surrogate(doc.text), aug.to_json(), expert.loss)
 
 
-def commit(bank: ExpertBank, doc: Document, aug: Augmentation, expert: TrainedExpert, cfg: TrainConfig,
-           augment: str) -> None:
-    """One trained expert into the bank, with its surrogate (document + augmentation) and recipe."""
-    bank.add(doc.id, expert.tensors, doc.text, aug.surrogate(doc.text), aug.to_json(), recipe(cfg, augment),
-             expert.loss)
-
-
-def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, cfg: TrainConfig = TrainConfig(),
-               augment: str = "model", group_size: int = 32, replace: bool = False, progress: bool = True) -> list[str]:
-    """Train and commit an expert for every document not yet in ``bank`` (all of them with
-    ``replace=True``). ``group_size`` documents are augmented and trained together. Returns the ids
-    trained now."""
+def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, group_size: int = 32, replace: bool = False,
+               progress: bool = True) -> list[str]:
+    """Train (with the bank's recipe) and commit an expert for every document not yet in ``bank`` (all
+    of them with ``replace=True``). ``group_size`` documents are augmented and trained together.
+    Returns the ids trained now."""
     bank.check_base(base.fingerprint)
-    if (cfg.lora.rank, cfg.lora.alpha) != (bank.lora.rank, bank.lora.alpha):
-        raise ValueError(f"build: the bank's experts have rank {bank.lora.rank} / alpha {bank.lora.alpha}, "
-                         f"the training config asks for {cfg.lora.rank} / {cfg.lora.alpha}")
     if group_size < 1:
         raise ValueError(f"build: `group_size` must be >= 1, got {group_size}")
     bank.collect_garbage()
@@ -96,10 +79,10 @@ def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, cfg: Tr
     try:
         for s in range(0, len(todo), group_size):
             group = todo[s:s + group_size]
-            augs = augmentations(base, bank, group, augment)
-            trained = train_experts(base, [(d.id, d.text, a) for d, a in zip(group, augs)], cfg)
+            augs = augmentations(base, bank, group)
+            trained = train_experts(base, list(zip(group, augs)), bank.recipe)
             for d, a, e in zip(group, augs, trained):
-                commit(bank, d, a, e, cfg, augment)
+                commit(bank, d, a, e)
                 bar.update(1)
     finally:
         bar.close()

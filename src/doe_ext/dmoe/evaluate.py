@@ -6,7 +6,8 @@ Methods:
 - ``base``: the frozen model, closed book (should be near 0 EM on knowledge it cannot have).
 - ``gold``: the question's own document in the prompt (should be high: the questions are answerable).
 - ``rag``: Basic-RAG, the top-k documents for the question in the prompt.
-- ``prag``: PRAG, the same documents in the prompt plus their experts active from the first position.
+- ``prag``: PRAG, the same documents in the prompt plus their experts active from the first position,
+  combined by the harness's composition (the same as DMoE's).
 - ``flare``: FLARE-direct (Jiang et al. 2023): generate a look-ahead sentence; if any of its tokens has
   probability below ``theta``, retrieve with the question and the sentence without those tokens, and
   generate the sentence again with the documents in a rewritten prompt (no cache reuse).
@@ -31,7 +32,8 @@ from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
-from doe_ext.dmoe.model import DMoE, Generation, line_break_tokens
+from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
+from doe_ext.dmoe.routing import compose, fixed
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
 
@@ -96,9 +98,9 @@ def _first_sentence(tok, tokens: list[int], ends: set[int]) -> int:
 
 @dataclass
 class Variant:
-    """A DMoE variant for the ablations: its own :class:`DMoE` (tau, top-k, trigger, router) or an
-    object with the same ``generate`` (:class:`doe_ext.dmoe.deep.DeepDMoE`), and with ``oracle=True``
-    a router per question that returns the question's own document (``doc_id``)."""
+    """A DMoE variant for the ablations: its own :class:`DMoE` (tau, top-k, composition, trigger,
+    router, site), and with ``oracle=True`` a router per question that returns the question's own
+    document (``doc_id``)."""
 
     name: str
     dmoe: DMoE
@@ -117,11 +119,13 @@ class Harness:
             from one batch to the next).
         sort_by_length: batch the questions in order of their prompt's length (less padding); the
             results keep the questions' order either way.
+        compose, temperature: how DMoE's and PRAG's k experts combine (:mod:`doe_ext.dmoe.routing`).
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
-                 flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True):
+                 flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
+                 compose: str = "sum", temperature: float = 1.0):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
@@ -129,7 +133,8 @@ class Harness:
         self.flare_theta, self.flare_lookahead = flare_theta, flare_lookahead
         self.sort_by_length = sort_by_length
         self.tok = base.tokenizer
-        self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens)
+        self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens, compose=compose,
+                         temperature=temperature)
         self.stop = line_break_tokens(self.tok)
         self._sft: DMoE | None = None
 
@@ -152,19 +157,22 @@ class Harness:
             self._sft = DMoE(self.base, sft_bank(self.base, self.bank), tau=math.inf)
         return self._sft
 
-    def context(self, method: str | Variant, qs: list[dict]) -> list[list[str]]:
-        """The documents each question's prompt holds under ``method``: its own (gold), BM25's top-k
-        for the question (rag, prag), none (every other method's prompt is closed-book)."""
+    def context(self, method: str | Variant, qs: list[dict]) -> list[list[tuple[str, float]]]:
+        """The documents each question's prompt holds under ``method``, with their scores: its own
+        (gold), BM25's top-k for the question (rag, prag), none (every other method's prompt is closed-book)."""
         if method == "gold":
-            return [[_doc_id(q, "gold")] for q in qs]
+            return [[(_doc_id(q, "gold"), 1.0)] for q in qs]
         if method in ("rag", "prag"):
-            return [self.bank.route(self.query(q["question"]), self.top_k) for q in qs]
+            return [self.bank.search(self.query(q["question"]), self.top_k) for q in qs]
         return [[] for _ in qs]
+
+    def prompt_with(self, question: str, hits: list[tuple[str, float]]) -> str:
+        return self.prompt(question, self.passages([i for i, _ in hits]) or None)
 
     def order(self, method: str | Variant, qs: list[dict]) -> list[int]:
         """Indices of ``qs`` from the shortest first prompt to the longest: batches of prompts of like
         length carry little padding."""
-        prompts = [self.prompt(q["question"], self.passages(ids) or None) for q, ids in zip(qs, self.context(method, qs))]
+        prompts = [self.prompt_with(q["question"], hits) for q, hits in zip(qs, self.context(method, qs))]
         sizes = [len(ids) for ids in self.tok(prompts, add_special_tokens=False)["input_ids"]]
         return sorted(range(len(qs)), key=sizes.__getitem__)
 
@@ -173,9 +181,7 @@ class Harness:
         questions = [q["question"] for q in qs]
         if isinstance(method, Variant) or method == "dmoe":
             v = method if isinstance(method, Variant) else Variant("dmoe", self.dmoe)
-            routers = None
-            if v.oracle:
-                routers = [(lambda d: lambda query, k: [d])(_doc_id(q, "oracle")) for q in qs]
+            routers = [fixed([_doc_id(q, "oracle")]) for q in qs] if v.oracle else None
             gens = self.generate(v.dmoe, [self.prompt(x) for x in questions], route_texts=questions, routers=routers)
             return [(g, g.text, len(g.triggers), list(dict.fromkeys(e for t in g.triggers for e in t.experts)))
                     for g in gens]
@@ -183,12 +189,15 @@ class Harness:
             return self._flare(questions)
         if method == "sft":
             gens = self.generate(self.sft(), [self.prompt(x) for x in questions], tau=math.inf,
-                                 experts=[["sft"]] * len(qs))
+                                 experts=[[("sft", 1.0)]] * len(qs))
             return [(g, g.text, 0, ["sft"]) for g in gens]
-        ids = self.context(method, qs)  # base, gold, rag, prag
-        gens = self.generate(self.dmoe, [self.prompt(x, self.passages(i) or None) for x, i in zip(questions, ids)],
-                             tau=math.inf, experts=ids if method == "prag" else None)
-        return [(g, g.text, 0, i) for g, i in zip(gens, ids)]
+        hits = self.context(method, qs)  # base, gold, rag, prag
+        sets: list[WeightedSet] | None = None
+        if method == "prag":
+            sets = [compose(h, self.dmoe.compose, self.dmoe.temperature) for h in hits]
+        gens = self.generate(self.dmoe, [self.prompt_with(x, h) for x, h in zip(questions, hits)], tau=math.inf,
+                             experts=sets)
+        return [(g, g.text, 0, [i for i, _ in h]) for g, h in zip(gens, hits)]
 
     def _flare(self, questions: list[str]):
         """FLARE-direct over a batch: look ahead one sentence; where a token has probability below
@@ -241,24 +250,22 @@ def _doc_id(q: dict, method: str) -> str:
 
 def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBank:
     """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and the bank's
-    recipe), in a bank of one at ``BANK/sft``; trained again only when the documents or recipe change."""
+    recipe), in a bank of one at ``BANK/sft``; trained again only when the documents or recipe change.
+    Training code is imported here, on first use: the rest of the harness is inference."""
     import hashlib
 
-    from doe_ext.dmoe.augment import Augmentation
-    from doe_ext.dmoe.experts import LoRAConfig
-    from doe_ext.dmoe.train import TrainConfig, train_adapter
+    from doe_ext.dmoe.augment import Augmentation, Document
+    from doe_ext.dmoe.train import train_adapter
 
-    recipe = json.loads(bank.meta().get("train", "{}"))
-    keys = ("lr", "epochs", "batch_size", "weight_decay", "max_length", "seed")
-    cfg = TrainConfig(lora=LoRAConfig(bank.lora.rank, bank.lora.alpha), **{k: recipe[k] for k in keys if k in recipe})
     rows = bank.rows()
-    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows] + [cfg.to_dict()],
+    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows] + [bank.recipe.to_dict()],
                                        sort_keys=True).encode()).hexdigest()
     sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
-                     lora=bank.lora, dtype=bank.dtype)
+                     recipe=bank.recipe, dtype=bank.dtype)
     if sft.meta().get("corpus") != corpus or "sft" not in sft:
-        e = train_adapter(base, [(r.text, Augmentation.from_json(r.augmentation)) for r in rows], cfg)
-        sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", config=cfg.to_dict(), loss=e.loss)
+        e = train_adapter(base, [(Document(r.id, r.text), Augmentation.from_json(r.augmentation)) for r in rows],
+                          bank.recipe)
+        sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
         sft.set_meta("corpus", corpus)
     return sft
 

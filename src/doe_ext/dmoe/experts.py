@@ -1,44 +1,75 @@
-"""Expert LoRA on the last MLP's projections, PEFT-style: each projection is wrapped (kept as
-``base_layer``) and swapped in with ``setattr``; nothing is monkeypatched.
+"""Where experts sit and which ones a call uses.
 
-A wrapped projection is a function of its inputs plus the routing set for exactly one call by
-:func:`use_experts` (a context variable, so concurrent threads and nested calls do not see each
-other's experts). Outside such a call it is its base layer, bit for bit.
+:class:`ExpertSite` is the one object that knows where a model's experts sit: the MLP projections of
+its last decoder layer (DMoE §3.2, the default) or of its last few layers (Table 3's variant). It
+wraps those projections PEFT-style (:class:`ExpertLinear` keeps the original as ``base_layer``,
+swapped in with ``setattr``; nothing is monkeypatched), knows their shapes, and, for the last layer,
+recomputes the logits from the residual stream entering its MLP block, which is what lets DMoE predict
+a position again with other experts without touching the KV cache.
+
+:class:`ActiveExperts` says which experts each row of one call uses, with what weight; :func:`use_experts`
+sets it for exactly the calls made inside its block (a context variable, so concurrent threads and
+nested calls do not see each other's experts). Outside such a block a wrapped projection is its base
+layer, bit for bit.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from doe_ext.dmoe.base import LastLayer, linear_weight, unwrap
+from doe_ext.dmoe.recipe import LoRAConfig
+from doe_ext.integrations.hf.adapters import adapter_for, get_path
 from doe_ext.ops import multi_lora_linear
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
-    """An expert's shape (PEFT's convention: ``delta = (alpha / rank) * B @ A``).
+class FamilySpec:
+    """What an :class:`ExpertSite` needs of a family beyond doeify's adapter (``adapter_for``: the
+    decoder layers and their MLP), as dotted attribute paths.
 
     Args:
-        rank: LoRA rank ``r`` (DMoE §4.1.3: 4).
-        alpha: LoRA scaling numerator (DMoE: 16).
+        mlp_norm: decoder layer -> the norm whose output the MLP takes (its input is the residual).
+        projections: MLP -> the linear projections that carry experts (``nn.Linear`` or GPT-2's ``Conv1D``).
+        final_norm: causal LM -> the norm before the LM head.
     """
 
-    rank: int = 4
-    alpha: float = 16.0
+    mlp_norm: str
+    projections: tuple[str, ...]
+    final_norm: str
 
-    def __post_init__(self):
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"LoRAConfig: `rank` must be a positive int, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig: `alpha` must be > 0, got {self.alpha!r}")
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+_LLAMA = FamilySpec("post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"), "model.norm")
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
+    "gpt2": FamilySpec("ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
+}
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The projection inside any expert wrappers (``base_layer`` chains)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """A projection's weight as ``[out, in]`` (a view for GPT-2's ``Conv1D``, which stores ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    raise TypeError(f"dmoe: expert projections must be nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def set_linear_weight(module: nn.Module, weight: Tensor) -> None:
+    """Copy ``weight [out, in]`` into a projection, in its own layout."""
+    with torch.no_grad():
+        linear_weight(unwrap(module)).copy_(weight)
 
 
 @dataclass
@@ -55,84 +86,216 @@ class ExpertSet:
     def num_experts(self) -> int:
         return next(iter(self.a.values())).shape[0]
 
+    @classmethod
+    def stack(cls, experts: Sequence[dict[str, Tensor]], names: Sequence[str]) -> "ExpertSet":
+        """Expert tensor dicts (``"<name>.lora_a"`` / ``"<name>.lora_b"``) -> one set, in the given order."""
+        return cls(a={n: torch.stack([e[f"{n}.lora_a"] for e in experts]) for n in names},
+                   b={n: torch.stack([e[f"{n}.lora_b"] for e in experts]) for n in names})
+
 
 @dataclass
-class Routing:
+class ActiveExperts:
     """Which experts each row uses in one call.
 
-    ``indices`` int64 ``[R, k]`` into the ExpertSet (``-1``: empty slot) and ``scales [R, k]``. ``R`` is
-    either the number of rows the projection sees (tokens) or the batch size ``B`` of a ``[B, T, in]``
-    input (one set per sequence, shared by its tokens).
+    ``indices`` int64 ``[R, k]`` into ``experts`` (``-1``: empty slot) and ``scales [R, k]`` (LoRA's
+    ``alpha / rank`` times the composition weight). ``R`` is either the number of rows the projection
+    sees (tokens) or the batch size ``B`` of a ``[B, T, in]`` input (one set per sequence, shared by its
+    tokens). Built by :meth:`per_row` (training: row ``r`` uses expert ``rows[r]``) or :meth:`from_sets`
+    (inference: weighted sets of expert ids).
     """
 
     experts: ExpertSet
     indices: Tensor
     scales: Tensor
 
+    @classmethod
+    def per_row(cls, experts: ExpertSet, rows: Tensor, scale: float) -> "ActiveExperts":
+        return cls(experts, rows[:, None], torch.full((len(rows), 1), scale, device=rows.device))
 
-_ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("doe_ext_dmoe_routing", default=None)
+    @classmethod
+    def from_sets(cls, sets: Sequence[Sequence[tuple[str, float]]], load: Callable[[list[str]], ExpertSet],
+                  scale: float, device) -> "ActiveExperts | None":
+        """Per row a list of ``(expert id, weight)``; ``load(ids)`` stacks the union of the ids once.
+        Rows without experts get empty slots; no expert anywhere gives None."""
+        union = list(dict.fromkeys(e for s in sets for e, _ in s))
+        if not union:
+            return None
+        pos = {e: i for i, e in enumerate(union)}
+        k = max(len(s) for s in sets)
+        idx = torch.full((len(sets), k), -1, dtype=torch.long)
+        scales = torch.zeros(len(sets), k)
+        for r, s in enumerate(sets):
+            for j, (e, w) in enumerate(s):
+                idx[r, j], scales[r, j] = pos[e], scale * w
+        return cls(load(union).to(device), idx.to(device), scales.to(device))
+
+    def select(self, rows: Tensor) -> "ActiveExperts":
+        return ActiveExperts(self.experts, self.indices[rows], self.scales[rows])
+
+
+_ACTIVE: contextvars.ContextVar[ActiveExperts | None] = contextvars.ContextVar("doe_ext_dmoe_active", default=None)
 
 
 @contextlib.contextmanager
-def use_experts(routing: Routing | None):
-    """Run the wrapped projections with ``routing`` for the calls made inside the block."""
-    token = _ROUTING.set(routing)
+def use_experts(active: ActiveExperts | None):
+    """Run the wrapped projections with ``active`` for the calls made inside the block."""
+    token = _ACTIVE.set(active)
     try:
         yield
     finally:
-        _ROUTING.reset(token)
+        _ACTIVE.reset(token)
 
 
 class ExpertLinear(nn.Module):
-    """A projection of the last MLP with per-row LoRA experts (``multi_lora_linear``)."""
+    """A projection with per-row LoRA experts (``multi_lora_linear``); ``name`` is its key in an
+    :class:`ExpertSet`. Without experts for that key it is ``base_layer``."""
 
     def __init__(self, base_layer: nn.Module, name: str):
         super().__init__()
         self.base_layer, self.name = base_layer, name
 
     def forward(self, x: Tensor) -> Tensor:
-        routing = _ROUTING.get()
-        if routing is None or self.name not in routing.experts.a:
+        active = _ACTIVE.get()
+        if active is None or self.name not in active.experts.a:
             return self.base_layer(x)
-        idx, scales = routing.indices, routing.scales
+        idx, scales = active.indices, active.scales
         x2 = x.reshape(-1, x.shape[-1])
         if idx.shape[0] != x2.shape[0]:  # one set per sequence of a [B, T, in] input
             if x.dim() != 3 or idx.shape[0] != x.shape[0]:
-                raise ValueError(f"dmoe: routing has {idx.shape[0]} rows for an input of shape {tuple(x.shape)}")
+                raise ValueError(f"dmoe: the active experts have {idx.shape[0]} rows for an input of shape "
+                                 f"{tuple(x.shape)}")
             idx = idx.repeat_interleave(x.shape[1], 0)
             scales = scales.repeat_interleave(x.shape[1], 0)
-        inner = unwrap(self.base_layer)  # another variant's wrapper may sit inside (unused in this call)
-        y = multi_lora_linear(x2, linear_weight(inner), getattr(inner, "bias", None),
-                              routing.experts.a[self.name], routing.experts.b[self.name], idx,
-                              scales.to(x.dtype))
+        inner = unwrap(self.base_layer)  # another site's wrapper may sit inside (unused in this call)
+        y = multi_lora_linear(x2, linear_weight(inner), getattr(inner, "bias", None), active.experts.a[self.name],
+                              active.experts.b[self.name], idx, scales.to(x.dtype))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def attach(last: LastLayer) -> None:
-    """Wrap the last MLP's projections in :class:`ExpertLinear` (idempotent)."""
-    for name, module in last.projections().items():
-        if not (isinstance(module, ExpertLinear) and module.name == name):
-            setattr(last.mlp, name, ExpertLinear(module, name))
+class ExpertSite:
+    """Where a causal LM's experts sit: the MLP projections of its last ``depth`` decoder layers.
+
+    Args:
+        model: a causal LM of a family in :data:`FAMILIES`.
+        depth: how many of the last decoder layers carry experts: ``1`` (DMoE's last layer, the default),
+            an int, or a fraction of the layers in ``(0, 1]`` (Table 3: 0.25, 0.5).
+
+    Experts on the last layer are keyed by projection name (``"down_proj"``); on several layers by
+    ``"<layer>.<projection>"``. Only a last-layer site can predict a position again from the residual
+    (:meth:`logits`) without touching the KV cache: deeper experts change the keys and values of every
+    layer after them (:attr:`keeps_cache`).
+    """
+
+    def __init__(self, model: nn.Module, depth: int | float = 1):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise ValueError(f"dmoe: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+        spec, adapter = FAMILIES[model_type], adapter_for(model)
+        layers = get_path(model, adapter.layers)
+        L = len(layers)
+        if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not (
+                (isinstance(depth, int) and 1 <= depth <= L) or (isinstance(depth, float) and 0 < depth <= 1)):
+            raise ValueError(f"ExpertSite: `depth` must be an int in [1, {L}] or a fraction in (0, 1], got {depth!r}")
+        n = depth if isinstance(depth, int) else max(1, round(depth * L))
+        self.model, self.num_layers, self.layer_ids = model, L, tuple(range(L - n, L))
+        self.mlps = {i: get_path(layers[i], adapter.mlp) for i in self.layer_ids}
+        self.projection_names = spec.projections
+        self.keeps_cache = n == 1
+        self.names = tuple(p if self.keeps_cache else f"{i}.{p}" for i in self.layer_ids for p in spec.projections)
+        self._slots = {name: (self.mlps[i], p) for name, (i, p) in
+                       zip(self.names, ((i, p) for i in self.layer_ids for p in spec.projections))}
+        self.mlp: nn.Module = self.mlps[L - 1]
+        self.mlp_norm: nn.Module = get_path(layers[L - 1], spec.mlp_norm)
+        self.final_norm: nn.Module = get_path(model, spec.final_norm)
+        self.head: nn.Module = model.get_output_embeddings()
+
+    @property
+    def stale_layer_share(self) -> float:
+        """The share of the layers whose KV cache a change of experts makes stale."""
+        return 0.0 if self.keeps_cache else len(self.layer_ids) / self.num_layers
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Expert key -> the module now in that projection's place (a wrapper once attached)."""
+        return {n: getattr(mlp, p) for n, (mlp, p) in self._slots.items()}
+
+    def weights(self) -> dict[str, Tensor]:
+        """Expert key -> the base projection's weight ``[out, in]``."""
+        return {n: linear_weight(unwrap(m)) for n, m in self.modules().items()}
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Expert key -> ``(out, in)``."""
+        return {n: tuple(w.shape) for n, w in self.weights().items()}
+
+    def attach(self) -> "ExpertSite":
+        """Wrap every projection in an :class:`ExpertLinear` of this site's key (idempotent; another
+        site's wrapper may stay inside)."""
+        for name, (mlp, p) in self._slots.items():
+            m, keys = getattr(mlp, p), set()
+            while isinstance(m, ExpertLinear):
+                keys.add(m.name)
+                m = m.base_layer
+            if name not in keys:
+                setattr(mlp, p, ExpertLinear(getattr(mlp, p), name))
+        return self
+
+    def detach(self) -> None:
+        """Remove this site's wrappers wherever they sit in a chain of wrappers."""
+        for name, (mlp, p) in self._slots.items():
+            parent, attr, m = mlp, p, getattr(mlp, p)
+            while isinstance(m, ExpertLinear):
+                if m.name == name:
+                    setattr(parent, attr, m.base_layer)
+                    break
+                parent, attr, m = m, "base_layer", m.base_layer
+
+    def init_expert(self, cfg: LoRAConfig, generator: torch.Generator) -> dict[str, Tensor]:
+        """A fresh expert as PEFT initialises LoRA: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform
+        with a = sqrt(5)), ``B = 0``, so it starts as the base model."""
+        out = {}
+        for name, (o, i) in self.shapes().items():
+            out[f"{name}.lora_a"] = (torch.rand(cfg.rank, i, generator=generator) * 2 - 1) / i ** 0.5
+            out[f"{name}.lora_b"] = torch.zeros(o, cfg.rank)
+        return out
+
+    # -- the last layer's MLP block, the final norm and the head -------------------------------------
+    def hidden(self, residual: Tensor) -> Tensor:
+        """The final hidden state (before the head) from the residual entering the last MLP block."""
+        return self.final_norm(residual + self.mlp(self.mlp_norm(residual)))
+
+    def logits(self, residual: Tensor) -> Tensor:
+        return self.head(self.hidden(residual))
+
+    def capture(self) -> "capture_residual":
+        """A context manager keeping the residual entering the last MLP block of each forward inside it."""
+        return capture_residual(self)
+
+    @torch.no_grad()
+    def verify(self) -> None:
+        """Check on a probe that the model's logits are ``head(final_norm(r + mlp(mlp_norm(r))))`` of the
+        residual entering the last MLP block, which re-prediction and training rely on."""
+        ids = (torch.arange(1, 6)[None] % self.model.config.vocab_size).to(next(self.model.parameters()).device)
+        with self.capture() as cap:
+            want = self.model(input_ids=ids, use_cache=False).logits
+        got = self.logits(cap.value)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            raise ValueError(f"dmoe: the last layer of {type(self.model).__name__} does not end with "
+                             "out = r + mlp(mlp_norm(r)) followed by the final norm and the head; "
+                             "its experts could not be applied after the last attention")
 
 
-def detach(last: LastLayer) -> None:
-    """Put the original projections back."""
-    for name, module in last.projections().items():
-        if isinstance(module, ExpertLinear):
-            setattr(last.mlp, name, module.base_layer)
+class capture_residual:
+    """Context manager: keeps the residual stream entering the last layer's MLP block of every
+    forward run inside it (``.value``, ``[B, T, d]``), read by a forward pre-hook on ``mlp_norm``."""
 
+    def __init__(self, site: ExpertSite):
+        self.site, self.value = site, None
 
-def init_expert(shapes: dict[str, tuple[int, int]], cfg: LoRAConfig, generator: torch.Generator) -> dict[str, Tensor]:
-    """A fresh expert as PEFT initialises LoRA: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform with
-    a = sqrt(5)), ``B = 0``, so it starts as the base model. Keys ``"<proj>.lora_a"`` / ``"<proj>.lora_b"``."""
-    out = {}
-    for name, (o, i) in shapes.items():
-        out[f"{name}.lora_a"] = (torch.rand(cfg.rank, i, generator=generator) * 2 - 1) / i ** 0.5
-        out[f"{name}.lora_b"] = torch.zeros(o, cfg.rank)
-    return out
+    def _hook(self, module, args):
+        self.value = args[0]
 
+    def __enter__(self):
+        self._handle = self.site.mlp_norm.register_forward_pre_hook(self._hook)
+        return self
 
-def stack(experts: list[dict[str, Tensor]], names: tuple[str, ...]) -> ExpertSet:
-    """Expert tensor dicts -> one :class:`ExpertSet` (projection factors stacked in the given order)."""
-    return ExpertSet(a={n: torch.stack([e[f"{n}.lora_a"] for e in experts]) for n in names},
-                     b={n: torch.stack([e[f"{n}.lora_b"] for e in experts]) for n in names})
+    def __exit__(self, *exc):
+        self._handle.remove()

@@ -1,30 +1,39 @@
 """DMoE inference (§3.1-3.3): the token-uncertainty trigger, BM25 routing on the prefix, and
-re-prediction of the triggering position with the new experts, without touching the KV cache.
+re-prediction of the triggering position with the new experts.
 
 At each decoding step the next-token distribution of every sequence is read; where its entropy
 ``TU = -sum p log p`` exceeds ``tau``, the routing query is that sequence's prompt plus generated
 prefix (the tokens before the position being predicted, the last ``query_tokens`` of them), the top-k
-experts become its active set (``theta + sum of deltas``, eq. 6), and the position is predicted again
-by re-running only the last MLP block, the final norm and the head on the residual already computed
-for it. Earlier layers, and so the KV cache of every layer, do not depend on the experts. Every
-sequence of a batch has its own set (a mixed batch through ``multi_lora_linear``), kept until its
-next trigger.
+experts, weighted by the composition (:mod:`doe_ext.dmoe.routing`), become its active set, and the
+position is predicted again with them. Every sequence of a batch has its own set (a mixed batch
+through ``multi_lora_linear``), kept until its next trigger.
+
+:meth:`DMoE.generate` is three parts: :meth:`~DMoE.prefill` (the prompts, sharing a common prefix),
+:meth:`~DMoE.step` (one token per live sequence) and :meth:`~DMoE.repredict` (the triggered rows
+with their new experts). Re-prediction depends on where the experts sit (:class:`ExpertSite`): after
+the last attention (DMoE's design) only the last MLP block, the final norm and the head run again, on
+the residual already computed for the position, and no layer's KV cache changes; experts on deeper
+layers (Table 3's variant) make the rows' KV cache stale from their first layer on, so those rows
+run again from the first token with the new set and their cache is replaced.
 """
 from __future__ import annotations
 
 import copy
 import html
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Collection
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.bank import BankError, ExpertBank
-from doe_ext.dmoe.base import BaseLM, capture_residual, linear_weight, unwrap
-from doe_ext.dmoe.experts import Routing, attach, use_experts
-from doe_ext.dmoe.train import common_prefix
+from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
+from doe_ext.dmoe.routing import Router, check_composition, compose
+from doe_ext.ops import lora_merge
+
+WeightedSet = list[tuple[str, float]]
 
 
 @dataclass
@@ -32,6 +41,7 @@ class Trigger:
     position: int  # index of the generated token that was predicted again (0: the first new token)
     entropy: float  # TU of the distribution that triggered (before the new experts)
     experts: list[str]  # the sequence's new active set, best first
+    weights: list[float] = field(default_factory=list)  # their composition weights
 
 
 @dataclass
@@ -60,59 +70,91 @@ def token_entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class DecodeState:
+    """A batch being decoded. Row ``j`` of every tensor is sequence ``running[j]`` of the batch."""
+
+    cache: DynamicCache
+    ids: Tensor  # [R, T] every token fed so far (the shared prefix, left padding, prompt, generated)
+    mask: Tensor  # [R, T]
+    running: list[int]  # the sequences still generating
+    sets: list[WeightedSet]  # per sequence of the batch (all of them), its active experts
+    active: ActiveExperts | None  # the running rows' sets, stacked
+    residual: Tensor | None = None  # [R, d] the residual entering the last MLP block at the newest position
+
+
 class DMoE:
-    """A frozen base LM with a bank of LoRA experts on its last MLP (wrapped PEFT-style, see
-    :mod:`doe_ext.dmoe.experts`).
+    """A frozen base LM with a bank of LoRA experts (wrapped PEFT-style, see :mod:`doe_ext.dmoe.experts`).
 
     Args:
         base: from :func:`doe_ext.dmoe.load_base`.
         bank: an :class:`ExpertBank` built for this base (checked by fingerprint; an empty bank is refused).
         tau: the trigger threshold on TU (DMoE: 2.0); ``math.inf`` never triggers (the base model).
         top_k: experts per trigger (DMoE: 3).
+        compose: how the ``top_k`` experts combine: ``"sum"`` (DMoE's eq. 6), ``"mean"``, ``"score"``
+            (softmax of the router's scores over ``temperature``) or ``"top1"``.
+        temperature: the ``"score"`` composition's softmax temperature (BM25 score units).
         query_tokens: the routing query is the last this many tokens of the prefix (DMoE: 128).
-        router: ``(query_text, k) -> expert ids``; the bank's BM25 by default (ablations swap it).
-        trigger: ``(entropies [B], step) -> bool [B]``, which sequences trigger at this step; TU > tau
-            by default (ablations swap it: a random trigger).
+        router: ``(query_text, k) -> [(expert id, score), ...]``, best first; the bank's BM25 by default
+            (ablations swap it).
+        trigger: ``(entropies [R], step) -> bool [R]``, which running sequences trigger at this step;
+            TU > tau by default (ablations swap it: a random trigger).
+        site: where the bank's experts sit (:class:`ExpertSite`); the last MLP by default.
     """
 
-    def __init__(self, base: BaseLM, bank: ExpertBank, tau: float = 2.0, top_k: int = 3, query_tokens: int = 128,
-                 router: Callable[[str, int], list[str]] | None = None,
-                 trigger: Callable[[Tensor, int], Tensor] | None = None):
+    def __init__(self, base: BaseLM, bank: ExpertBank, tau: float = 2.0, top_k: int = 3, compose: str = "sum",
+                 temperature: float = 1.0, query_tokens: int = 128, router: Router | None = None,
+                 trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None):
         bank.check_base(base.fingerprint)
         if len(bank) == 0:
             raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
         if top_k < 1:
             raise ValueError(f"DMoE: `top_k` must be >= 1, got {top_k}")
+        check_composition(compose, temperature)
         self.base, self.bank, self.tau, self.top_k, self.query_tokens = base, bank, tau, top_k, query_tokens
-        self.router = router or bank.route
+        self.compose, self.temperature = compose, temperature
+        self.router = router or bank.search
         self.trigger = trigger
-        self.last = base.last
-        attach(self.last)
-        self.scale = bank.lora.scale
+        self.site = (site or base.site).attach()
+        self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 
-    def _routing(self, sets: list[list[str]]) -> Routing | None:
-        """One Routing for per-row expert sets (rows without experts get empty slots)."""
-        union = list(dict.fromkeys(e for s in sets for e in s))
-        if not union:
-            return None
-        pos = {e: i for i, e in enumerate(union)}
-        k = max(len(s) for s in sets)
-        idx = torch.full((len(sets), k), -1, dtype=torch.long)
-        for r, s in enumerate(sets):
-            idx[r, :len(s)] = torch.tensor([pos[e] for e in s], dtype=torch.long)
-        dev = self.base.device
-        experts = self.bank.load(union, self.last.projection_names)
-        experts = experts.to(dev)
-        return Routing(experts, idx.to(dev), torch.full((len(sets), k), self.scale, device=dev))
+    def route(self, query: str, top_k: int, router: Router | None = None) -> WeightedSet:
+        """The weighted set for a query: the router's top-k, composed."""
+        return compose((router or self.router)(query, top_k), self.compose, self.temperature)
+
+    def activate(self, sets: Sequence[WeightedSet]) -> ActiveExperts | None:
+        """Weighted sets (one per row) -> the rows' :class:`ActiveExperts`, on the model's device."""
+        return ActiveExperts.from_sets(sets, lambda ids: self.bank.load(ids, self.site.names), self.bank.lora.scale,
+                                       self.base.device)
 
     def eos_tokens(self) -> set[int]:
         return eos_tokens(self.base)
 
+    def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        limit = self.base.max_positions
+        for i, ids in enumerate(enc):
+            if not ids:
+                raise ValueError(f"DMoE.generate: prompt {i} is empty")
+            if limit is not None and len(ids) + max_new_tokens > limit:
+                raise ValueError(f"DMoE.generate: prompt {i} has {len(ids)} tokens; with max_new_tokens="
+                                 f"{max_new_tokens} it exceeds the model's context of {limit} positions")
+        return enc
+
+    # -- the three parts of generation -------------------------------------------------------------
     def _prefix_cache(self, prefix: list[int], reuse: int) -> DynamicCache:
         """A fresh KV cache of ``prefix`` (one sequence). The last one computed is kept: when it and
         ``prefix`` start with the same ``reuse`` tokens or more, that part is copied and only the rest
-        runs. The KV of every layer does not depend on the experts, so any call may reuse it."""
+        runs. A last-layer site's experts leave every layer's KV alone, so any call may reuse it."""
         kept_ids, kept = self._kept_prefix
         c = common_prefix(kept_ids, prefix)
         if c >= reuse:
@@ -128,54 +170,14 @@ class DMoE:
             self._kept_prefix = (list(prefix), copy.deepcopy(cache))
         return cache
 
-    def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-        enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        limit = self.base.max_positions
-        for i, ids in enumerate(enc):
-            if not ids:
-                raise ValueError(f"DMoE.generate: prompt {i} is empty")
-            if limit is not None and len(ids) + max_new_tokens > limit:
-                raise ValueError(f"DMoE.generate: prompt {i} has {len(ids)} tokens; with max_new_tokens="
-                                 f"{max_new_tokens} it exceeds the model's context of {limit} positions")
-        return enc
-
-    @torch.no_grad()
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
-                 top_k: int | None = None, route_texts: list[str] | None = None,
-                 experts: list[list[str]] | None = None, stop_tokens: Collection[int] = (),
-                 share_prefix: int = 16, routers: list[Callable[[str, int], list[str]]] | None = None
-                 ) -> list[Generation]:
-        """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``).
-
-        ``route_texts``: per prompt, the task input that stands for it in routing queries (``ask`` gives
-        the question, so that a chat template's system text is not part of the BM25 query); by default
-        the prompt itself. A query is that text's tokens plus the tokens generated so far, the last
-        ``query_tokens`` of them, decoded without special tokens.
-
-        ``experts``: per prompt, an active set from the first position on (the prompt included), as
-        PRAG applies its merged experts; a trigger replaces it as usual.
-
-        ``routers``: per prompt, a router in place of the model's (an oracle that knows each question's
-        document). ``stop_tokens``: token ids that end a sequence as EOS does, but stay in its text (the evaluation
-        stops at a line break). ``share_prefix``: when every prompt of the batch starts with the same
-        this many tokens or more (few-shot demonstrations, a chat template's system text), that prefix
-        runs once and its KV cache is repeated over the batch (0: never); the next call reuses the part
-        of it that its own prompts start with. The KV cache of every layer is independent of the
-        experts (they sit after the last attention), so the outputs are those of the unshared run, up
-        to float rounding. A sequence that has ended leaves the batch."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        for name, v in (("route_texts", route_texts), ("experts", experts), ("routers", routers)):
-            if v is not None and len(v) != len(prompts):
-                raise ValueError(f"DMoE.generate: {len(v)} `{name}` for {len(prompts)} prompts")
-        tau = self.tau if tau is None else tau
-        top_k = self.top_k if top_k is None else top_k
-        model, tok = self.base.model, self.base.tokenizer
-        enc = self.encode(prompts, max_new_tokens)
+    def prefill(self, enc: list[list[int]], sets: list[WeightedSet], share_prefix: int) -> tuple[DecodeState, Tensor]:
+        """Run the prompts (left-padded; a prefix every prompt starts with runs once when it has
+        ``share_prefix`` tokens or more, and only with a last-layer site, whose experts leave the KV
+        cache alone) with their starting sets. Returns the state and the next-token logits ``[B, V]``."""
+        model, dev, pad = self.base.model, self.base.device, self.base.tokenizer.pad_token_id
         B = len(enc)
-        pad = tok.pad_token_id
-        dev = self.base.device
         shared = min(min(common_prefix(enc[0], e) for e in enc), min(map(len, enc)) - 1)
-        shared = shared if share_prefix > 0 and shared >= share_prefix else 0
+        shared = shared if share_prefix > 0 and shared >= share_prefix and self.site.keeps_cache else 0
         if shared:  # the prefix once (or what a previous call left of it), repeated; suffixes left-padded after it
             cache = self._prefix_cache(enc[0][:shared], share_prefix)
             cache.batch_repeat_interleave(B)
@@ -183,63 +185,123 @@ class DMoE:
             cache = DynamicCache(config=model.config)
         rest = [e[shared:] for e in enc]
         L = max(map(len, rest))
-        ids = torch.tensor([[pad] * (L - len(e)) + e for e in rest], device=dev)
+        ids = torch.tensor([enc[0][:shared] + [pad] * (L - len(e)) + e for e in rest], device=dev)
         mask = torch.tensor([[1] * shared + [0] * (L - len(e)) + [1] * len(e) for e in rest], device=dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        state = DecodeState(cache, ids, mask, list(range(B)), [list(s) for s in sets], self.activate(sets))
+        logits = self._forward(state, ids[:, shared:], mask, positions(mask)[:, shared:])
+        return state, logits
+
+    def _forward(self, state: DecodeState, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        with self.site.capture() as cap, use_experts(state.active):
+            logits = self.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=state.cache,
+                                     use_cache=True, logits_to_keep=1).logits[:, -1]
+        state.residual = cap.value[:, -1]
+        return logits
+
+    def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """Feed one token per running sequence; the next-token logits ``[R, V]``."""
+        state.ids = torch.cat([state.ids, tokens[:, None]], 1)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(state.running), 1)], 1)
+        return self._forward(state, tokens[:, None], state.mask, positions(state.mask)[:, -1:])
+
+    def repredict(self, state: DecodeState, rows: list[int], logits: Tensor) -> None:
+        """Predict the newest position of ``rows`` (of the running batch) again with their sets (already
+        in ``state.sets``), in place in ``logits``; ``state.active`` follows the new sets."""
+        sel = torch.tensor(rows, device=logits.device)
+        new = self.activate([state.sets[state.running[j]] for j in rows])
+        if self.site.keeps_cache:
+            with use_experts(new):
+                logits[sel] = self.site.logits(state.residual[sel]).to(logits.dtype)
+        else:  # deeper experts: the rows run again from the first token with the new set, their cache replaced
+            fresh = DynamicCache(config=self.base.model.config)
+            with self.site.capture() as cap, use_experts(new):
+                out = self.base.model(input_ids=state.ids[sel], attention_mask=state.mask[sel],
+                                      position_ids=positions(state.mask[sel]), cache=fresh, use_cache=True,
+                                      logits_to_keep=1).logits[:, -1]
+            for mine, theirs in zip(state.cache.layers, fresh.layers):
+                mine.keys[sel], mine.values[sel] = theirs.keys, theirs.values
+            logits[sel] = out.to(logits.dtype)
+            state.residual[sel] = cap.value[:, -1]
+            self.recomputed_tokens += int(state.mask[sel].sum())
+        state.active = self.activate([state.sets[b] for b in state.running])
+
+    def keep(self, state: DecodeState, rows: list[int]) -> None:
+        """Only ``rows`` of the running batch go on (finished sequences leave it and the KV cache)."""
+        sel = torch.tensor(rows, device=state.ids.device)
+        state.cache.batch_select_indices(sel)
+        state.ids, state.mask, state.residual = state.ids[sel], state.mask[sel], state.residual[sel]
+        state.running = [state.running[j] for j in rows]
+        if state.active is not None:
+            state.active = state.active.select(sel)
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
+                 top_k: int | None = None, route_texts: list[str] | None = None,
+                 experts: list[WeightedSet] | None = None, stop_tokens: Collection[int] = (),
+                 share_prefix: int = 16, routers: list[Router] | None = None) -> list[Generation]:
+        """Greedy generation of a batch of prompts (already formatted, e.g. by ``qa_prompt``).
+
+        ``route_texts``: per prompt, the task input that stands for it in routing queries (``ask`` gives
+        the question, so that a chat template's system text is not part of the BM25 query); by default
+        the prompt itself. A query is that text's tokens plus the tokens generated so far, the last
+        ``query_tokens`` of them, decoded without special tokens.
+
+        ``experts``: per prompt, a weighted set ``[(id, weight), ...]`` active from the first position on
+        (the prompt included), as PRAG applies its merged experts; a trigger replaces it as usual.
+
+        ``routers``: per prompt, a router in place of the model's (an oracle that knows each question's
+        document). ``stop_tokens``: token ids that end a sequence as EOS does, but stay in its text (the evaluation
+        stops at a line break). ``share_prefix``: when every prompt of the batch starts with the same
+        this many tokens or more (few-shot demonstrations, a chat template's system text), that prefix
+        runs once and its KV cache is repeated over the batch (0: never); the next call reuses the part
+        of it that its own prompts start with. The outputs are those of the unshared run, up to float
+        rounding. A sequence that has ended leaves the batch."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for name, v in (("route_texts", route_texts), ("experts", experts), ("routers", routers)):
+            if v is not None and len(v) != len(prompts):
+                raise ValueError(f"DMoE.generate: {len(v)} `{name}` for {len(prompts)} prompts")
+        tau = self.tau if tau is None else tau
+        top_k = self.top_k if top_k is None else top_k
+        tok = self.base.tokenizer
+        enc = self.encode(prompts, max_new_tokens)
+        B = len(enc)
         eos = self.eos_tokens()
         stop = eos | set(stop_tokens)
-        seqs = ([tok(r, add_special_tokens=False)["input_ids"] for r in route_texts] if route_texts is not None
-                else [list(e) for e in enc])  # what routing queries are made of
+        queries = ([tok(r, add_special_tokens=False)["input_ids"] for r in route_texts] if route_texts is not None
+                   else [list(e) for e in enc])  # what routing queries are made of
         out = [Generation([], "") for _ in range(B)]
-        active: list[list[str]] = [list(e) for e in experts] if experts is not None else [[] for _ in range(B)]
-        routing = self._routing(active)
-        live = list(range(B))  # the sequences still generating, in the order of the batch's rows
-        with capture_residual(self.last) as cap:
-            with use_experts(routing):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                               use_cache=True, logits_to_keep=1).logits[:, -1]
-            for t in range(max_new_tokens):
-                ent = token_entropy(logits)
-                fire = (ent > tau) if self.trigger is None else self.trigger(ent, t)
-                trig = [j for j in range(len(live)) if bool(fire[j])]  # rows of the live batch
-                resid = cap.value  # before routing: a router may run the model itself (a dense retriever)
-                for j in trig:
-                    b = live[j]
-                    query = tok.decode(seqs[b][-self.query_tokens:], skip_special_tokens=True)
-                    active[b] = list((routers[b] if routers is not None else self.router)(query, top_k))
-                if trig:
-                    rows = torch.tensor(trig, device=dev)
-                    with use_experts(self._routing([active[live[j]] for j in trig])):
-                        logits[rows] = self.last.logits(resid[rows, -1]).to(logits.dtype)
-                    routing = self._routing([active[b] for b in live])
-                nxt = logits.argmax(-1)
-                p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]
-                fired = set(trig)
-                keep = []
-                for j, b in enumerate(live):
-                    x = nxt[j].item()
-                    out[b].entropies.append(ent[j].item())
-                    if j in fired:
-                        out[b].triggers.append(Trigger(t, ent[j].item(), list(active[b])))
-                    out[b].tokens.append(x)
-                    out[b].token_probs.append(p_nxt[j].item())
-                    seqs[b].append(x)
-                    if x not in stop:
-                        keep.append(j)
-                if not keep or t == max_new_tokens - 1:
-                    break
-                if len(keep) < len(live):  # finished sequences leave the batch (and the KV cache)
-                    sel = torch.tensor(keep, device=dev)
-                    cache.batch_select_indices(sel)
-                    mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
-                    live = [live[j] for j in keep]
-                    if routing is not None:
-                        routing = Routing(routing.experts, routing.indices[sel], routing.scales[sel])
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
-                pos = pos[:, -1:] + 1
-                with use_experts(routing):
-                    logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        state, logits = self.prefill(enc, list(experts) if experts is not None else [[] for _ in range(B)],
+                                     share_prefix)
+        for t in range(max_new_tokens):
+            ent = token_entropy(logits)
+            fires = (ent > tau) if self.trigger is None else self.trigger(ent, t)
+            triggered = [j for j in range(len(state.running)) if bool(fires[j])]
+            for j in triggered:
+                b = state.running[j]
+                query = tok.decode(queries[b][-self.query_tokens:], skip_special_tokens=True)
+                state.sets[b] = self.route(query, top_k, routers[b] if routers is not None else None)
+            if triggered:
+                self.repredict(state, triggered, logits)
+            nxt = logits.argmax(-1)
+            p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]
+            going = []
+            for j, b in enumerate(state.running):
+                x = nxt[j].item()
+                out[b].entropies.append(ent[j].item())
+                if j in triggered:
+                    out[b].triggers.append(Trigger(t, ent[j].item(), [e for e, _ in state.sets[b]],
+                                                   [w for _, w in state.sets[b]]))
+                out[b].tokens.append(x)
+                out[b].token_probs.append(p_nxt[j].item())
+                queries[b].append(x)
+                if x not in stop:
+                    going.append(j)
+            if not going or t == max_new_tokens - 1:
+                break
+            if len(going) < len(state.running):
+                self.keep(state, going)
+                nxt = nxt[torch.tensor(going, device=nxt.device)]
+            logits = self.step(state, nxt)
         for g in out:
             g.text = tok.decode([x for x in g.tokens if x not in eos], skip_special_tokens=True).strip()
         return out
@@ -251,6 +313,11 @@ class DMoE:
 
         return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k,
                              route_texts=[question])[0]
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids of a left-padded batch (padding at 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def eos_tokens(base: BaseLM) -> set[int]:
@@ -267,13 +334,16 @@ def line_break_tokens(tokenizer) -> set[int]:
     return {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
 
 
-def merged_state(base: BaseLM, experts: list[dict[str, Tensor]], scale: float) -> dict[str, Tensor]:
-    """The last MLP projections' weights ``theta + sum_e scale * B_e @ A_e`` in each module's own layout
-    (PRAG's merge, and the reference the tests compare DMoE against). Projection name -> weight."""
+def merged_state(site: ExpertSite, experts: Sequence[dict[str, Tensor]], scales: Sequence[float]) -> dict[str, Tensor]:
+    """The site's projection weights ``theta + sum_e scales[e] * B_e @ A_e`` (``[out, in]``, by the
+    package's ``lora_merge`` op): PRAG's merge, and the reference the tests compare DMoE against."""
     out = {}
-    for name, module in base.last.projections().items():
-        module = unwrap(module)
-        w = linear_weight(module).detach()  # [out, in]
-        merged = w + sum(scale * e[f"{name}.lora_b"] @ e[f"{name}.lora_a"] for e in experts) if experts else w.clone()
-        out[name] = merged if isinstance(module, torch.nn.Linear) else merged.t().contiguous()
+    for name, w in site.weights().items():
+        w = w.detach()
+        if not experts:
+            out[name] = w.clone()
+            continue
+        a = torch.stack([e[f"{name}.lora_a"] for e in experts]).to(w)
+        b = torch.stack([e[f"{name}.lora_b"] for e in experts]).to(w)
+        out[name] = lora_merge(w.contiguous(), a, b, torch.tensor(list(scales), dtype=w.dtype, device=w.device))
     return out

@@ -18,17 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from doe_ext.dmoe import ablations
+from doe_ext.dmoe.augment import Document
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import load_base
-from doe_ext.dmoe.build import Document, build_bank, recipe
+from doe_ext.dmoe.build import build_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
-from doe_ext.dmoe.experts import LoRAConfig
-from doe_ext.dmoe.train import TrainConfig
+from doe_ext.dmoe.recipe import DEFAULT, Recipe
 
-# The default recipe (issue 10, part 3: the oracle-router sweep on the dev split, benchmarks/README.md).
-RECIPE = TrainConfig(lora=LoRAConfig(4, 16.0), lr=3e-3, epochs=10)
-AUGMENT = "none"
+RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/README.md)
 BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
 FIG6 = "Fig. 6: trigger threshold tau"
 
@@ -50,16 +48,15 @@ def _setup(out: Path, quick: bool, progress: bool):
     cfg = RECIPE
     if quick:  # a smoke run: a bank of the first test questions' documents (and the demonstrations')
         test = test[:4]
-        cfg = TrainConfig(lora=RECIPE.lora, lr=RECIPE.lr, epochs=2)
+        cfg = RECIPE.replace(epochs=2)
         keep = {q["doc_id"] for q in test} | {q["doc_id"] for q in dev[:8]}
         docs = [d for d in docs if d["id"] in keep]
     base = load_base("smollm2-135m")
-    tag = hashlib.sha256(json.dumps([recipe(cfg, AUGMENT), [d["id"] for d in docs]]).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(json.dumps([cfg.to_dict(), [d["id"] for d in docs]]).encode()).hexdigest()[:10]
     bank = ExpertBank(out / f"bank-{tag}", create=True, fingerprint=base.fingerprint, base_name="smollm2-135m",
-                      lora=cfg.lora)
-    bank.set_meta("train", json.dumps(recipe(cfg, AUGMENT), sort_keys=True))
+                      recipe=cfg)
     t = time.perf_counter()
-    trained = build_bank(base, [Document(d["id"], d["text"]) for d in docs], bank, cfg, AUGMENT, progress=progress)
+    trained = build_bank(base, [Document(d["id"], d["text"]) for d in docs], bank, progress=progress)
     h = Harness(base, bank, shots=shots(dev, text), top_k=3, tau=2.0, max_new_tokens=32, batch_size=BATCH)
     return h, cfg, tag, test, {"documents": len(docs), "experts_trained_now": len(trained),
                                "build_s": round(time.perf_counter() - t, 1)}
@@ -86,7 +83,7 @@ def run(out: Path, quick: bool = False, sweep_questions: int = 100, progress: bo
     base_bins = ablations.table5_bins([_with_entropy(b, d) for b, d in zip(main["base"], main["dmoe"])])
     example = next((s for s in main["dmoe"] if s.triggers and s.em), next((s for s in main["dmoe"] if s.triggers), None))
     metrics = {
-        "recipe": recipe(cfg, AUGMENT), "bank": str(h.bank.path), "documents": built["documents"],
+        "recipe": cfg.to_dict(), "bank": str(h.bank.path), "documents": built["documents"],
         "experts_trained_now": built["experts_trained_now"], "questions": len(test), "sweep_questions": len(sub),
         "batch_size": h.batch_size, "shots": [q for q, _, _ in h.shots],
         "summary": summarize(main), "by_kind": _by_kind(main),
@@ -152,6 +149,8 @@ def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5,
     from doe_ext.dmoe.model import DMoE
     from doe_ext.dmoe.train import train_experts
 
+    paper = Recipe(lora=RECIPE.lora, objective="next_token", augment="none")
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     docs, qa = load()
@@ -165,18 +164,17 @@ def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5,
     closed = None
     for lr in lrs:
         snaps: dict[int, list] = {}
-        cfg = TrainConfig(lora=RECIPE.lora, lr=lr, epochs=max(epochs))
+        cfg = paper.replace(lr=lr, epochs=max(epochs))
         t = time.perf_counter()
-        train_experts(base, [(d.id, d.text, Augmentation()) for d in targets], cfg,
+        train_experts(base, [(d, Augmentation()) for d in targets], cfg,
                       on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in epochs else None)
         train_s = time.perf_counter() - t
         for e in epochs:
-            ecfg = TrainConfig(lora=cfg.lora, lr=lr, epochs=e)
             bank = ExpertBank(out / "banks" / f"lr{lr:g}-ep{e}", create=True, fingerprint=base.fingerprint,
-                              base_name="smollm2-135m", lora=cfg.lora)
+                              base_name="smollm2-135m", recipe=cfg.replace(epochs=e))
             for d, x in zip(targets, snaps[e]):
                 if d.id not in bank:
-                    commit(bank, d, Augmentation(), x, ecfg, "none")
+                    commit(bank, d, Augmentation(), x)
             h = Harness(base, bank, shots=demos)
             methods = [Variant("oracle", DMoE(base, bank, tau=2.0, top_k=1), oracle=True),
                        Variant("dmoe", DMoE(base, bank, tau=2.0, top_k=3))] + (["base"] if closed is None else [])

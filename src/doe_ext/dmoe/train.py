@@ -1,19 +1,25 @@
-"""Batched expert training (DMoE §4.1.3 with PRAG's recipe, far cheaper than PRAG's loop).
+"""Batched expert training (DMoE §4.1.3), for both objectives of a :class:`Recipe`.
 
 The base is frozen and experts sit after the last attention, so the residual stream entering the last
 MLP block does not depend on the expert. It is computed once per training instance (one forward of
 the base body, no head) and kept for the positions where the loss is taken; then many experts train
 in one batch: every row goes through its own expert (``multi_lora_linear``), the vocabulary
-projection runs only on those rows and in chunks (:class:`_ChunkedLMLoss`, never a ``[tokens, vocab]``
+projection runs only on those rows and in chunks (:class:`_ChunkedLoss`, never a ``[tokens, vocab]``
 float32 tensor for a whole batch), and each expert has its own AdamW state and step count, updated
 only at steps where it had data. Expert ``e``'s step ``s`` always sees the same instances, so experts
 trained together equal experts trained one at a time.
+
+The objectives differ only in each loss row's target. ``"next_token"``: the next token (cross-entropy).
+``"distill"``: the teacher's final hidden state at the same target token, computed once per instance
+from the base with the document in its prompt (:mod:`doe_ext.dmoe.distill`); the loss is
+``KL(teacher || student)`` of the two next-token distributions, plus ``hidden_weight`` times the L1
+distance of the final hidden states relative to the teacher's.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,62 +27,34 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
-from doe_ext.dmoe.augment import Augmentation, qa_prompt
-from doe_ext.dmoe.base import BaseLM, capture_residual
-from doe_ext.dmoe.experts import ExpertSet, LoRAConfig, Routing, attach, init_expert, use_experts
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The expert recipe.
-
-    Args:
-        lora: rank and alpha (DMoE: 4 / 16).
-        lr: AdamW learning rate (PRAG's code: 3e-4; the DMoE paper states 1e-5).
-        epochs: passes over each document's instances (DMoE: 1).
-        batch_size: instances per expert per optimizer step (PRAG: 1).
-        weight_decay: AdamW's decoupled decay (torch's default, as PRAG uses it).
-        max_length: instances are cut to this many tokens.
-        seed: with the expert id, seeds the expert's LoRA init.
-        head_chunk: rows per chunk of the vocabulary projection.
-    """
-
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    lr: float = 3e-4
-    epochs: int = 1
-    batch_size: int = 1
-    weight_decay: float = 0.01
-    max_length: int = 512
-    seed: int = 0
-    head_chunk: int = 256
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "max_length", "head_chunk"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"TrainConfig: `{name}` must be a positive int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig: `lr` must be > 0, got {self.lr!r}")
-
-    def to_dict(self) -> dict:
-        return {"rank": self.lora.rank, "alpha": self.lora.alpha, "lr": self.lr, "epochs": self.epochs,
-                "batch_size": self.batch_size, "weight_decay": self.weight_decay, "max_length": self.max_length,
-                "seed": self.seed}
+from doe_ext.dmoe.augment import Augmentation, Document, qa_prompt
+from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, use_experts
+from doe_ext.dmoe.model import common_prefix
+from doe_ext.dmoe.recipe import Recipe
 
 
 @dataclass
 class Instance:
-    """One training sequence: token ids and the first position whose next token is a target."""
+    """One training sequence: token ids and the first position whose next token is a target. A
+    distillation instance also has the teacher's ids and first target position: its last targets are
+    the student's, token for token."""
 
     ids: list[int]
     loss_start: int
+    teacher: list[int] | None = None
+    teacher_start: int | None = None
+
+    @property
+    def targets(self) -> int:
+        return len(self.ids) - 1 - self.loss_start
 
 
 @dataclass
 class TrainedExpert:
     id: str
     tensors: dict[str, Tensor]  # "<proj>.lora_a" [r, in], "<proj>.lora_b" [out, r]
-    loss: float  # mean next-token loss over the last epoch's steps
+    loss: float  # mean loss over the last epoch's steps
 
 
 def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int) -> list[Instance]:
@@ -95,14 +73,6 @@ def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int)
             if len(ids) > len(prompt):
                 out.append(Instance(ids, len(prompt) - 1))
     return [i for i in out if len(i.ids) - 1 > i.loss_start]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _prefix_groups(instances: list[Instance], min_shared: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
@@ -153,7 +123,7 @@ def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8
         ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch], device=dev)
         mask = torch.tensor([[1] * (prefix + len(b)) + [0] * (n - len(b)) for b in batch], device=dev)
         pos = torch.arange(prefix, prefix + n, device=dev).expand(len(batch), n)
-        with capture_residual(base.last) as cap:
+        with base.site.capture() as cap:
             body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None)
         return cap.value
 
@@ -177,24 +147,32 @@ def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8
     return out
 
 
-class _ChunkedLMLoss(torch.autograd.Function):
-    """``sum_t w_t * CE(hidden_t @ W.T + b, target_t)`` with the vocabulary projection in chunks of rows;
-    the frozen head gets no gradient. The gradient w.r.t. ``hidden`` is formed chunk by chunk in the
-    forward, so no ``[rows, vocab]`` tensor outlives a chunk. Returns (total, per-row losses)."""
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """``sum_t w_t * loss_t`` of the logits ``hidden_t @ W.T + b`` with the vocabulary projection in
+    chunks of rows; the frozen head gets no gradient. ``target`` is either next-token ids ``[N]``
+    (cross-entropy) or the teacher's final hidden states ``[N, d]`` (``KL(teacher || student)``, the
+    teacher's logits through the same head). The gradient w.r.t. ``hidden`` is formed chunk by chunk
+    in the forward, so no ``[rows, vocab]`` tensor outlives a chunk. Returns (total, per-row losses)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, w, chunk):
         grad = torch.empty_like(hidden)
         per_row = hidden.new_empty(hidden.shape[0])
+        up = torch.promote_types(hidden.dtype, torch.float32)  # bf16 -> f32, f64 stays
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
-            logits = F.linear(h, weight, bias)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> f32, f64 stays
-            lse = torch.logsumexp(logits, -1)
+            logp = torch.log_softmax(F.linear(hidden[s:s + chunk], weight, bias).to(up), -1)
             t = target[s:s + chunk]
-            per_row[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
-            p = torch.exp(logits - lse[:, None])
-            p[torch.arange(len(t), device=p.device), t] -= 1
+            if t.dim() == 1:  # next-token ids
+                per_row[s:s + chunk] = -logp.gather(1, t[:, None])[:, 0]
+                p = logp.exp()
+                p[torch.arange(len(t), device=p.device), t] -= 1
+            else:  # teacher hidden states
+                logq = torch.log_softmax(F.linear(t, weight, bias).to(up), -1)
+                q = logq.exp()
+                per_row[s:s + chunk] = (q * (logq - logp)).sum(-1)
+                p = logp.exp() - q
             grad[s:s + chunk] = ((p * w[s:s + chunk, None]).to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(per_row)
@@ -206,9 +184,16 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return grad * grad_total, None, None, None, None, None
 
 
-def chunked_lm_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, w: Tensor,
-                    chunk: int = 256) -> tuple[Tensor, Tensor]:
-    return _ChunkedLMLoss.apply(hidden, weight, bias, target, w, chunk)
+def chunked_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, w: Tensor,
+                 chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """See :class:`_ChunkedLoss`."""
+    return _ChunkedLoss.apply(hidden, weight, bias, target, w, chunk)
+
+
+def hidden_l1(hidden: Tensor, teacher: Tensor) -> Tensor:
+    """Per row, ``|h - h_teacher|_1 / |h_teacher|_1`` (deep context distillation's hidden-state term,
+    on the final hidden state: what a last-layer expert controls)."""
+    return (hidden - teacher).abs().sum(-1) / teacher.abs().sum(-1).clamp(min=1e-6)
 
 
 def expert_seed(seed: int, expert_id: str) -> int:
@@ -243,74 +228,103 @@ class _ExpertAdamW:
             p.grad = None
 
 
-def train_experts(base: BaseLM, docs: list[tuple[str, str, Augmentation]], cfg: TrainConfig = TrainConfig(),
-                  on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None) -> list[TrainedExpert]:
-    """Train one expert per document (``(expert id, document text, augmentation)`` triples), all in one batch.
+def instances_for(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe) -> list[list[Instance]]:
+    """Each document's instances under ``recipe``'s objective (distillation runs its teacher here)."""
+    if recipe.objective == "distill":
+        from doe_ext.dmoe.distill import distill_instances
+
+        return distill_instances(base, items, recipe)
+    return [training_instances(base.tokenizer, d.text, a, recipe.max_length) for d, a in items]
+
+
+def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
+                  on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
+                  head_chunk: int = 256) -> list[TrainedExpert]:
+    """Train one expert per ``(document, augmentation)``, all in one batch, on the base's last MLP.
     ``on_epoch(epoch, experts)`` sees the experts after each epoch (the learning rate is constant, so
     they are the experts a run of that many epochs gives: one run gives a whole epochs curve)."""
-    insts = [training_instances(base.tokenizer, text, aug, cfg.max_length) for _, text, aug in docs]
-    for (eid, _, _), i in zip(docs, insts):
+    insts = instances_for(base, items, recipe)
+    for (d, _), i in zip(items, insts):
         if not i:
-            raise ValueError(f"train_experts: document {eid!r} gives no training tokens (empty text?)")
-    return _train(base, [eid for eid, _, _ in docs], insts, cfg, on_epoch)
+            raise ValueError(f"train_experts: document {d.id!r} gives no training tokens (empty text?)")
+    return _train(base, [d.id for d, _ in items], insts, recipe, on_epoch, head_chunk)
 
 
-def train_adapter(base: BaseLM, docs: list[tuple[str, Augmentation]], cfg: TrainConfig = TrainConfig(),
-                  adapter_id: str = "sft") -> TrainedExpert:
-    """One LoRA on every document's instances, in document order (SFT-LoRA, the DMoE paper's baseline):
-    the same recipe and placement as an expert, on the whole corpus."""
-    insts = [i for text, aug in docs for i in training_instances(base.tokenizer, text, aug, cfg.max_length)]
+def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
+                  adapter_id: str = "sft", docs_per_step: int = 1, head_chunk: int = 256) -> TrainedExpert:
+    """One LoRA on every document's instances (SFT-LoRA, the DMoE paper's baseline): the same recipe
+    and placement as an expert, on the whole corpus, ``recipe.batch_size * docs_per_step`` instances
+    per step in document order."""
+    insts = [i for doc in instances_for(base, items, recipe) for i in doc]
     if not insts:
         raise ValueError("train_adapter: the documents give no training tokens")
-    return _train(base, [adapter_id], [insts], cfg)[0]
+    per_step = recipe.replace(batch_size=recipe.batch_size * docs_per_step)
+    return _train(base, [adapter_id], [insts], per_step, head_chunk=head_chunk)[0]
 
 
-def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], cfg: TrainConfig,
-           on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None) -> list[TrainedExpert]:
+def training_data(base: BaseLM, insts: list[list[Instance]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """Per expert, per instance: the residual entering the last MLP block at its loss positions ``[L, d]``
+    and the targets: next-token ids ``[L]``, or for distillation the teacher's final hidden states
+    ``[L, d]`` (the base without experts, with the document in its prompt)."""
+    flat = [i for doc in insts for i in doc]
+    student = residuals(base, flat)  # one body pass for the whole group
+    teachers = [i for i in flat if i.teacher is not None]
+    if teachers:
+        site = base.site
+        got = iter(residuals(base, [Instance(i.teacher, i.teacher_start) for i in teachers]))
+        with torch.no_grad():
+            student = [(x, site.hidden(next(got)[0]) if i.teacher is not None else t)
+                       for i, (x, t) in zip(flat, student)]
+    it = iter(student)
+    return [[next(it) for _ in doc] for doc in insts]
+
+
+def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
+           on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
+           head_chunk: int = 256) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
-    last = base.last
-    attach(last)
-    shapes = last.shapes()
-    names = last.projection_names
-    flat = iter(residuals(base, [i for doc in insts for i in doc]))  # one body pass for the whole group
-    data = [[next(flat) for _ in doc] for doc in insts]
-    inits = [init_expert(shapes, cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid))) for eid in ids]
-    dev = base.device  # the init is drawn on the CPU, so it is the same on every device
-    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev).requires_grad_() for n in names}
-    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).to(dev).requires_grad_() for n in names}
-    opt = _ExpertAdamW([*a.values(), *b.values()], cfg.lr, cfg.weight_decay)
+    site = base.site.attach()
+    data = training_data(base, insts)
+    inits = [site.init_expert(recipe.lora, torch.Generator().manual_seed(expert_seed(recipe.seed, eid))) for eid in ids]
+    dev, dt = base.device, site.head.weight.dtype  # the init is drawn on the CPU: the same on every device
+    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
+    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
+    opt = _ExpertAdamW([*a.values(), *b.values()], recipe.lr, recipe.weight_decay)
     experts = ExpertSet(a=a, b=b)
-    head = last.head
-    E = len(ids)
-    steps = [math.ceil(len(d) / cfg.batch_size) for d in data]
+    head = site.head
+    E, bs = len(ids), recipe.batch_size
+    steps = [math.ceil(len(d) / bs) for d in data]
     loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
-    for epoch in range(cfg.epochs):
+    for epoch in range(recipe.epochs):
         loss_sum.zero_()  # the loss reported is the epoch's
         loss_n.zero_()
         for s in range(max(steps)):
             active = [e for e in range(E) if s < steps[e]]
             xs, ts, idx, ws = [], [], [], []
             for e in active:
-                batch = data[e][s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                batch = data[e][s * bs:(s + 1) * bs]
                 n_tok = sum(len(t) for _, t in batch)
                 for x, t in batch:
                     xs.append(x), ts.append(t)
                     idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
             x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx).to(dev), torch.cat(ws).to(dev)
-            routing = Routing(experts, i[:, None], torch.full((len(i), 1), cfg.lora.scale, device=dev))
-            with use_experts(routing):
-                hidden = last.hidden(x)
-            total, per_row = chunked_lm_loss(hidden, head.weight, getattr(head, "bias", None), t, w, cfg.head_chunk)
+            with use_experts(ActiveExperts.per_row(experts, i, recipe.lora.scale)):
+                hidden = site.hidden(x)
+            total, per_row = chunked_loss(hidden, head.weight, getattr(head, "bias", None), t, w, head_chunk)
+            if recipe.hidden_weight and t.dim() == 2:
+                extra = recipe.hidden_weight * hidden_l1(hidden, t)
+                total = total + (extra * w).sum()
+                per_row = per_row + extra.detach()
             total.backward()
             opt.step(torch.tensor(active))
             step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i.cpu(), (per_row * w).double().cpu())
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
-        if on_epoch is not None and epoch < cfg.epochs - 1:
-            on_epoch(epoch + 1, _experts(ids, names, a, b, loss_sum / loss_n))
-    out = _experts(ids, names, a, b, loss_sum / loss_n)
+        if on_epoch is not None and epoch < recipe.epochs - 1:
+            on_epoch(epoch + 1, _experts(ids, site.names, a, b, loss_sum / loss_n))
+    out = _experts(ids, site.names, a, b, loss_sum / loss_n)
     if on_epoch is not None:
-        on_epoch(cfg.epochs, out)
+        on_epoch(recipe.epochs, out)
     return out
 
 

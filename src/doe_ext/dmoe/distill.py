@@ -1,0 +1,102 @@
+"""Context-distilled experts: the instances of the ``"distill"`` objective and their teacher.
+
+The teacher is the frozen base with the document in its prompt; the student is the base plus the
+expert, without it. Each instance is a pair of token sequences ending in the same target tokens, the
+teacher's prefix holding the document (or the part of it before the target), the student's not; the
+expert is trained on ``KL(teacher || student)`` over the target tokens (:mod:`doe_ext.dmoe.train`).
+Nothing here needs a generator the base cannot run: the targets are the document's own text or the
+teacher's own greedy answers, and the only text the base writes besides them is the ``"qa"``
+augmentation's questions (plain ``Q:`` lines; their answers are never used).
+
+What we took from the literature:
+
+- prompt distillation (Kujanpää et al. 2024, "Knowledge injection via prompt distillation"): the
+  teacher answers questions with the document in its prompt, the student learns the teacher's whole
+  output distribution on those answers without it; variety of questions matters more than their number;
+- deep context distillation (Caccia et al. 2025, "Training plug-n-play knowledge modules with deep
+  context distillation", ``microsoft/mttl``): the teacher sees a preceding chunk of the document and
+  the student does not, with KL on the next chunk's tokens plus an L1 term on hidden states normalised
+  by the teacher's. Our experts sit on the last MLP only, so the hidden-state term is on the final
+  hidden state (``Recipe.hidden_weight``).
+
+Instance kinds (``Recipe.instances``):
+
+- ``"chunks"``: each sentence of the document after the first; the teacher sees the sentences before it.
+- ``"subject"``: generic prompts about the document's subject (its title, else its id), :data:`SUBJECT_PROMPTS`.
+- ``"questions"``: the questions of the document's augmentation (the base writes them).
+- ``"rewrites"``: the augmentation's rewrite of the document; the teacher sees the document before it.
+
+The prompts use the evaluation harness's plain ``Question: ...\\nAnswer:`` layout
+(:func:`doe_ext.dmoe.augment.fewshot_prompt` without demonstrations); none copies an evaluation
+question's wording.
+"""
+from __future__ import annotations
+
+import re
+
+from doe_ext.dmoe.augment import Augmentation, Document, fewshot_prompt, generate_text
+from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.recipe import Recipe
+from doe_ext.dmoe.train import Instance
+
+# Fixed before any evaluation, written for no particular kind of document.
+SUBJECT_PROMPTS = ("What is {s}?", "Tell me about {s}.", "What do you know about {s}?",
+                   "Give the key facts about {s}.", "Describe {s} in one sentence.")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE.split(text.strip()) if s]
+
+
+def distill_prompts(doc: Document, aug: Augmentation, recipe: Recipe) -> list[str]:
+    """The questions the teacher answers for ``doc``: subject prompts, then the augmentation's questions."""
+    out = []
+    if "subject" in recipe.instances:
+        out += [p.format(s=doc.subject) for p in SUBJECT_PROMPTS]
+    if "questions" in recipe.instances:
+        out += [q["question"] for q in aug.qa]
+    return list(dict.fromkeys(out))
+
+
+def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max_new_tokens: int,
+                    batch_size: int = 32) -> list[str]:
+    """The teacher's greedy answers (the base, the passage in its prompt), up to a line break."""
+    prompts = [fewshot_prompt(q, [p]) for p, q in zip(passages, questions)]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of like length
+    out = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        for i, text in zip(rows, generate_text(base, [prompts[i] for i in rows], max_new_tokens, stop_strings=["\n"])):
+            out[i] = text.split("\n", 1)[0].strip()
+    return out
+
+
+def _pair(enc, teacher_prefix: str, student_prefix: str, target: str, max_length: int) -> Instance | None:
+    t, s = enc(teacher_prefix), enc(student_prefix)
+    y = enc(target)[:max_length - max(len(t), len(s))]
+    if not y or not s:
+        return None
+    return Instance(s + y, len(s) - 1, t + y, len(t) - 1)
+
+
+def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe) -> list[list[Instance]]:
+    """Per document, its distillation instances (the teacher's answers generated here, in batches)."""
+    tok = base.tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    asked = [(n, q) for n, (d, a) in enumerate(items) for q in distill_prompts(d, a, recipe)]
+    answers = teacher_answers(base, [items[n][0].text for n, _ in asked], [q for _, q in asked], recipe.answer_tokens)
+    out: list[list[Instance | None]] = [[] for _ in items]
+    for (n, q), answer in zip(asked, answers):
+        if answer:
+            out[n].append(_pair(enc, fewshot_prompt(q, [items[n][0].text]), fewshot_prompt(q), f" {answer}\n",
+                                recipe.max_length))
+    for n, (d, a) in enumerate(items):
+        lead = f"{d.subject}:"
+        if "chunks" in recipe.instances:
+            sents = sentences(d.text)
+            for i in range(1, len(sents)):
+                out[n].append(_pair(enc, f"{lead} {' '.join(sents[:i])}", lead, " " + sents[i], recipe.max_length))
+        if "rewrites" in recipe.instances and a.rewrite:
+            out[n].append(_pair(enc, f"Passage: {d.text}\n{lead}", lead, " " + a.rewrite, recipe.max_length))
+    return [[i for i in doc if i is not None] for doc in out]
