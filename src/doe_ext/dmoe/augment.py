@@ -169,7 +169,7 @@ def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: in
     tok = base.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
+        enc = tok(prompts, return_tensors="pt", padding=True).to(base.device)  # a sequence start: BOS where the model has one
     finally:
         tok.padding_side = side
     limit = base.max_positions

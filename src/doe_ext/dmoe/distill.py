@@ -37,11 +37,12 @@ import re
 from doe_ext.dmoe.augment import Augmentation, Document, fewshot_prompt, generate_text
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.train import Instance
+from doe_ext.dmoe.train import Instance, continues, starts
 
 # Fixed before any evaluation, written for no particular kind of document.
 SUBJECT_PROMPTS = ("What is {s}?", "Tell me about {s}.", "What do you know about {s}?",
-                   "Give the key facts about {s}.", "Describe {s} in one sentence.")
+                   "Give the key facts about {s}.", "Describe {s} in one sentence.",
+                   "Repeat what the passage says about {s}.")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -72,9 +73,10 @@ def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max
     return out
 
 
-def _pair(enc, teacher_prefix: str, student_prefix: str, target: str, max_length: int) -> Instance | None:
+def _pair(tok, teacher_prefix: str, student_prefix: str, target: str, max_length: int) -> Instance | None:
+    enc = starts(tok)
     t, s = enc(teacher_prefix), enc(student_prefix)
-    y = enc(target)[:max_length - max(len(t), len(s))]
+    y = continues(tok)(target)[:max_length - max(len(t), len(s))]
     if not y or not s:
         return None
     return Instance(s + y, len(s) - 1, t + y, len(t) - 1)
@@ -83,20 +85,19 @@ def _pair(enc, teacher_prefix: str, student_prefix: str, target: str, max_length
 def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe) -> list[list[Instance]]:
     """Per document, its distillation instances (the teacher's answers generated here, in batches)."""
     tok = base.tokenizer
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     asked = [(n, q) for n, (d, a) in enumerate(items) for q in distill_prompts(d, a, recipe)]
     answers = teacher_answers(base, [items[n][0].text for n, _ in asked], [q for _, q in asked], recipe.answer_tokens)
     out: list[list[Instance | None]] = [[] for _ in items]
     for (n, q), answer in zip(asked, answers):
         if answer:
-            out[n].append(_pair(enc, fewshot_prompt(q, [items[n][0].text]), fewshot_prompt(q), f" {answer}\n",
+            out[n].append(_pair(tok, fewshot_prompt(q, [items[n][0].text]), fewshot_prompt(q), f" {answer}\n",
                                 recipe.max_length))
     for n, (d, a) in enumerate(items):
         lead = f"{d.subject}:"
         if "chunks" in recipe.instances:
             sents = sentences(d.text)
             for i in range(1, len(sents)):
-                out[n].append(_pair(enc, f"{lead} {' '.join(sents[:i])}", lead, " " + sents[i], recipe.max_length))
+                out[n].append(_pair(tok, f"{lead} {' '.join(sents[:i])}", lead, " " + sents[i], recipe.max_length))
         if "rewrites" in recipe.instances and a.rewrite:
-            out[n].append(_pair(enc, f"Passage: {d.text}\n{lead}", lead, " " + a.rewrite, recipe.max_length))
+            out[n].append(_pair(tok, f"Passage: {d.text}\n{lead}", lead, " " + a.rewrite, recipe.max_length))
     return [[i for i in doc if i is not None] for doc in out]

@@ -62,7 +62,7 @@ def build_bank_ray(base_name: str, fingerprint: str, docs: list[Document], bank:
     threads = max(1, (os.cpu_count() or 1) // num_workers) if address is None else None
     task = ray.remote(num_cpus=1)(_train_shard)
     shards = [todo[i::num_workers] for i in range(num_workers)]
-    futures = [task.remote(base_name, [(d, bank.cached_augmentation(keys[d.id])) for d in shard],
+    futures = [task.remote(base_name, [(d, bank.cached(keys[d.id])) for d in shard],
                            bank.recipe, group_size, threads) for shard in shards if shard]
     by_id = {d.id: d for d in todo}
     bar = tqdm(total=len(todo), desc="experts", unit="expert", disable=not progress)
@@ -72,7 +72,7 @@ def build_bank_ray(base_name: str, fingerprint: str, docs: list[Document], bank:
             ready, pending = ray.wait(pending, num_returns=1)
             fp, results = ray.get(ready[0])
             bank.check_base(fp)
-            bank.cache_augmentations({keys[eid]: aug for eid, _, _, aug in results})
+            bank.cache({keys[eid]: aug for eid, _, _, aug in results})
             for eid, tensors, loss, aug in results:
                 expert = TrainedExpert(eid, {k: torch.tensor(v) for k, v in tensors.items()}, loss)
                 commit(bank, by_id[eid], Augmentation.from_json(aug), expert)

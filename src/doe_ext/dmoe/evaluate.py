@@ -255,6 +255,7 @@ def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBa
     import hashlib
 
     from doe_ext.dmoe.augment import Augmentation, Document
+    from doe_ext.dmoe.build import instances
     from doe_ext.dmoe.train import train_adapter
 
     rows = bank.rows()
@@ -263,8 +264,8 @@ def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBa
     sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
                      recipe=bank.recipe, dtype=bank.dtype)
     if sft.meta().get("corpus") != corpus or "sft" not in sft:
-        e = train_adapter(base, [(Document(r.id, r.text), Augmentation.from_json(r.augmentation)) for r in rows],
-                          bank.recipe)
+        items = [(Document(r.id, r.text, r.title), Augmentation.from_json(r.augmentation)) for r in rows]
+        e = train_adapter(base, items, bank.recipe, instances=instances(base, bank, items))
         sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
         sft.set_meta("corpus", corpus)
     return sft

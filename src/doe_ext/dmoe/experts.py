@@ -36,17 +36,22 @@ class FamilySpec:
         mlp_norm: decoder layer -> the norm whose output the MLP takes (its input is the residual).
         projections: MLP -> the linear projections that carry experts (``nn.Linear`` or GPT-2's ``Conv1D``).
         final_norm: causal LM -> the norm before the LM head.
+        post_mlp_norm: decoder layer -> a norm of the MLP's output before the residual add (Gemma's
+            sandwich norms), or None.
     """
 
     mlp_norm: str
     projections: tuple[str, ...]
     final_norm: str
+    post_mlp_norm: str | None = None
 
 
-_LLAMA = FamilySpec("post_attention_layernorm", ("gate_proj", "up_proj", "down_proj"), "model.norm")
+_GATED = ("gate_proj", "up_proj", "down_proj")
+_LLAMA = FamilySpec("post_attention_layernorm", _GATED, "model.norm")
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA,
     "gpt2": FamilySpec("ln_2", ("c_fc", "c_proj"), "transformer.ln_f"),
+    "gemma3_text": FamilySpec("pre_feedforward_layernorm", _GATED, "model.norm", "post_feedforward_layernorm"),
 }
 
 
@@ -206,6 +211,7 @@ class ExpertSite:
                        zip(self.names, ((i, p) for i in self.layer_ids for p in spec.projections))}
         self.mlp: nn.Module = self.mlps[L - 1]
         self.mlp_norm: nn.Module = get_path(layers[L - 1], spec.mlp_norm)
+        self.post_mlp_norm: nn.Module = get_path(layers[L - 1], spec.post_mlp_norm) if spec.post_mlp_norm else nn.Identity()
         self.final_norm: nn.Module = get_path(model, spec.final_norm)
         self.head: nn.Module = model.get_output_embeddings()
 
@@ -260,7 +266,7 @@ class ExpertSite:
     # -- the last layer's MLP block, the final norm and the head -------------------------------------
     def hidden(self, residual: Tensor) -> Tensor:
         """The final hidden state (before the head) from the residual entering the last MLP block."""
-        return self.final_norm(residual + self.mlp(self.mlp_norm(residual)))
+        return self.final_norm(residual + self.post_mlp_norm(self.mlp(self.mlp_norm(residual))))
 
     def logits(self, residual: Tensor) -> Tensor:
         return self.head(self.hidden(residual))
@@ -271,8 +277,8 @@ class ExpertSite:
 
     @torch.no_grad()
     def verify(self) -> None:
-        """Check on a probe that the model's logits are ``head(final_norm(r + mlp(mlp_norm(r))))`` of the
-        residual entering the last MLP block, which re-prediction and training rely on."""
+        """Check on a probe that the model's logits are ``head(final_norm(r + post(mlp(mlp_norm(r)))))`` of
+        the residual entering the last MLP block, which re-prediction and training rely on."""
         ids = (torch.arange(1, 6)[None] % self.model.config.vocab_size).to(next(self.model.parameters()).device)
         with self.capture() as cap:
             want = self.model(input_ids=ids, use_cache=False).logits

@@ -140,7 +140,7 @@ class DMoE:
         return eos_tokens(self.base)
 
     def encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-        enc = [self.base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        enc = [self.base.tokenizer(p)["input_ids"] for p in prompts]  # sequence starts: BOS where the model has one
         limit = self.base.max_positions
         for i, ids in enumerate(enc):
             if not ids:

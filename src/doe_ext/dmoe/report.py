@@ -24,7 +24,7 @@ from doe_ext.dmoe.base import load_base
 from doe_ext.dmoe.build import build_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
-from doe_ext.dmoe.recipe import DEFAULT, Recipe
+from doe_ext.dmoe.recipe import DEFAULT, PAPER, Recipe
 
 RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/README.md)
 BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
@@ -106,10 +106,10 @@ def run(out: Path, quick: bool = False, sweep_questions: int = 100, progress: bo
 
 def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100, retrain_questions: int = 32,
                   progress: bool = True) -> dict:
-    """The paper's other ablations on the demo's bank (``make ablate-dmoe``): Tables 6, 7 and 9 and
-    Fig. 5 on the first ``ablation_questions`` test questions, each beside DMoE measured in the same
-    run; Tables 3 and 8 on the first ``retrain_questions``, each arm with a bank of their documents
-    trained with the same recipe. Writes ``OUT/dmoe/ablations-<bank tag>.{json,md}``, which the demo
+    """The paper's other ablations on the demo's bank (``make ablate-dmoe``): Tables 6, 7 and 9, Fig. 5
+    and the composition of the top-k on the first ``ablation_questions`` test questions, each beside
+    DMoE measured in the same run; Tables 3 and 8 and the training objective (the paper's recipe vs the
+    default) on the first ``retrain_questions``, each arm with a bank of their documents. Writes ``OUT/dmoe/ablations-<bank tag>.{json,md}``, which the demo
     report includes."""
     out = Path(out) / "dmoe"
     out.mkdir(parents=True, exist_ok=True)
@@ -123,11 +123,14 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
         "Fig. 5: experts per trigger (top-k)": ablations.fig5_top_k(h, sub, progress=progress),
         "Table 7: router retriever": ablations.table7_retriever(h, sub, full, progress=progress),
         "Table 9: bank fraction": ablations.table9_fractions(h, sub, full, progress=progress),
+        "Composition of the top-k experts": ablations.compositions(h, sub, progress=progress),
     }
     t3, t3_cost = ablations.table3_layers(h, retrain, cfg, out / f"ablation-banks-{tag}", progress=progress)
     groups["Table 3: expert layers"] = t3
     groups["Table 8: rank / alpha"] = ablations.table8_rank_alpha(h, retrain, cfg, out / f"ablation-banks-{tag}",
                                                                   progress=progress)
+    groups["Training objective"] = ablations.objectives(h, retrain, {"paper": PAPER, "default": cfg},
+                                                        out / f"ablation-banks-{tag}", progress=progress)
     result = {"ablation_questions": len(sub), "retrain_questions": len(retrain), "table3_cost": t3_cost,
               "groups": {g: summarize(rows) for g, rows in groups.items()},
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -137,81 +140,114 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
     return result
 
 
-def recipe_sweep(out: Path, lrs=(1e-5, 3e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2, 5, 10, 20), limit: int | None = None,
-                 progress: bool = True) -> dict:
-    """Issue 10 part 3: the oracle router (each dev question's own expert, triggered by TU as in DMoE)
-    and DMoE itself (top-3 BM25 over the same experts) against closed-book Base, across learning rate
-    and epochs, on the dev split (the demonstrations excluded). Experts: passage only, rank 4 / alpha 16. One run per learning rate gives every epoch
-    count (the rate is constant). Writes ``OUT/recipe_sweep.{json,md,png}``."""
-    from doe_ext.dmoe.augment import Augmentation
-    from doe_ext.dmoe.build import commit
-    from doe_ext.dmoe.evaluate import Variant
-    from doe_ext.dmoe.model import DMoE
-    from doe_ext.dmoe.train import train_experts
-
-    paper = Recipe(lora=RECIPE.lora, objective="next_token", augment="none")
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def dev_questions(limit: int | None = None) -> tuple[list[dict], list[tuple[str, str, str]], dict[str, str]]:
+    """The dev split without its demonstrations and yes/no questions (whose EM is a coin toss): the
+    questions every recipe choice is made on, the demonstrations, and the documents' texts."""
     docs, qa = load()
     text = {d["id"]: d["text"] for d in docs}
     dev = [q for q in qa if q["split"] == "dev"]
     demos = shots(dev, text)
-    questions = [q for q in dev if (q["question"], q["answers"][0]) not in {(a, b) for a, b, _ in demos}][:limit]
-    targets = [Document(q["doc_id"], text[q["doc_id"]]) for q in questions]
-    base = load_base("smollm2-135m")
-    rows = []
-    closed = None
-    for lr in lrs:
-        snaps: dict[int, list] = {}
-        cfg = paper.replace(lr=lr, epochs=max(epochs))
-        t = time.perf_counter()
-        train_experts(base, [(d, Augmentation()) for d in targets], cfg,
-                      on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in epochs else None)
-        train_s = time.perf_counter() - t
-        for e in epochs:
-            bank = ExpertBank(out / "banks" / f"lr{lr:g}-ep{e}", create=True, fingerprint=base.fingerprint,
-                              base_name="smollm2-135m", recipe=cfg.replace(epochs=e))
-            for d, x in zip(targets, snaps[e]):
-                if d.id not in bank:
-                    commit(bank, d, Augmentation(), x)
-            h = Harness(base, bank, shots=demos)
-            methods = [Variant("oracle", DMoE(base, bank, tau=2.0, top_k=1), oracle=True),
-                       Variant("dmoe", DMoE(base, bank, tau=2.0, top_k=3))] + (["base"] if closed is None else [])
-            res = summarize(evaluate(h, questions, methods, progress=progress))
-            closed = closed or res["base"]
-            rows.append({"lr": lr, "epochs": e, "train_s_all_epochs": round(train_s, 1), **res["oracle"],
-                         "dmoe": res["dmoe"]})
-            bank.close()
-    result = {"questions": len(questions), "closed_book": closed, "rows": rows, "lora": [RECIPE.lora.rank, RECIPE.lora.alpha]}
-    (out / "recipe_sweep.json").write_text(json.dumps(result, indent=1))
-    md = [f"Oracle router (TU trigger, the question's own expert) and DMoE (TU trigger, top-3 BM25 over the "
-          f"same {len(targets)} experts) vs closed-book on {len(questions)} dev questions (EM / F1, 95% intervals).", "",
-          f"closed-book Base: EM {_ci(closed['em'])}, F1 {_ci(closed['f1'])}", "",
-          "| lr | epochs | oracle EM | oracle F1 | DMoE EM | DMoE F1 |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['lr']:g} | {r['epochs']} | {_ci(r['em'])} | {_ci(r['f1'])} | {_ci(r['dmoe']['em'])} | "
-           f"{_ci(r['dmoe']['f1'])} |" for r in rows]
-    (out / "recipe_sweep.md").write_text("\n".join(md) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    used = {(a, b) for a, b, _ in demos}
+    qs = [q for q in dev if (q["question"], q["answers"][0]) not in used and not q.get("yes_no")]
+    return qs[:limit], demos, text
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for lr in lrs:
-        rs = [r for r in rows if r["lr"] == lr]
-        line, = ax.plot([r["epochs"] for r in rs], [r["f1"][0] for r in rs], marker="o", label=f"lr {lr:g} oracle")
-        ax.plot([r["epochs"] for r in rs], [r["dmoe"]["f1"][0] for r in rs], marker="x", ls="--",
-                color=line.get_color(), label=f"lr {lr:g} DMoE top-3")
-    ax.axhspan(closed["f1"][1], closed["f1"][2], color="grey", alpha=0.25, label="closed-book 95% CI")
-    ax.set_xscale("log")
-    ax.set_xlabel("epochs")
-    ax.set_ylabel("F1")
-    ax.legend(fontsize=7)
-    ax.set_title("Expert recipe sweep (dev split)")
-    fig.tight_layout()
-    fig.savefig(out / "recipe_sweep.png", dpi=110)
-    plt.close(fig)
+
+STUDY_RECIPES = {
+    # the demo's recipe before context distillation (issue 10's sweep): the passage alone, next-token loss
+    "next_token, passage": Recipe(objective="next_token", augment="none", lr=3e-3, epochs=10),
+    "paper": PAPER,
+    "distill": Recipe(objective="distill", augment="qa", lr=1e-3, epochs=8, instances=("subject", "questions", "chunks")),
+}
+
+
+def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dict[str, tuple[float, ...]] | None = None,
+                 snapshots: dict[str, tuple[int, ...]] | None = None, compositions=("mean", "score", "top1"),
+                 temperatures=(1.0, 3.0), limit: int | None = None, progress: bool = True) -> dict:
+    """The dev-split study behind the default recipe (issue 21): per recipe, a bank of the dev questions'
+    documents; the oracle router (each question's own expert, TU trigger), DMoE (TU trigger, top-3 BM25
+    summed, as the paper) and DMoE top-1, against closed book; seconds per expert (augmentation, teacher
+    and training, side by side in one run). One training run per learning rate gives every epoch count of
+    ``snapshots`` (the rate is constant). Then the compositions of the top-3 on the recipe whose DMoE is
+    best. Writes ``OUT/recipe_study.{json,md}``."""
+    from doe_ext.dmoe.augment import Augmentation, augment_documents
+    from doe_ext.dmoe.build import commit
+    from doe_ext.dmoe.evaluate import Variant
+    from doe_ext.dmoe.model import DMoE
+    from doe_ext.dmoe.train import _train, instances_for
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    questions, demos, text = dev_questions(limit)
+    targets = [Document(i, text[i]) for i in dict.fromkeys(q["doc_id"] for q in questions)]
+    base = load_base("smollm2-135m")
+    lrs, snapshots = lrs or {"distill": (1e-3, 3e-3)}, snapshots or {"distill": (2, 4, 8)}
+    rows, closed, augs = [], None, {}
+    for name, recipe in recipes.items():
+        t0 = time.perf_counter()
+        if recipe.augment not in augs:
+            augs[recipe.augment] = augment_documents(base, [d.text for d in targets], recipe.augment)
+        aug_s = time.perf_counter() - t0 if recipe.augment != "none" else 0.0
+        items = list(zip(targets, augs[recipe.augment]))
+        t0 = time.perf_counter()
+        insts = instances_for(base, items, recipe)
+        teacher_s = time.perf_counter() - t0
+        for lr in lrs.get(name, (recipe.lr,)):
+            r = recipe.replace(lr=lr)
+            keep = set(snapshots.get(name, (recipe.epochs,)))
+            r = r.replace(epochs=max(keep))
+            snaps: dict[int, list] = {}
+            t0 = time.perf_counter()
+            _train(base, [d.id for d in targets], insts, r,
+                   on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in keep else None)
+            train_s = time.perf_counter() - t0
+            for e in sorted(keep):
+                re = r.replace(epochs=e)
+                tag = hashlib.sha256(re.to_json().encode()).hexdigest()[:10]
+                bank = ExpertBank(out / "banks" / tag, create=True, fingerprint=base.fingerprint,
+                                  base_name="smollm2-135m", recipe=re)
+                for (d, a), x in zip(items, snaps[e]):
+                    if d.id not in bank:
+                        commit(bank, d, a, x)
+                h = Harness(base, bank, shots=demos, batch_size=BATCH)
+                methods = [Variant("oracle", DMoE(base, bank, top_k=1), oracle=True), "dmoe",
+                           Variant("dmoe top1", DMoE(base, bank, compose="top1"))] + (["base"] if closed is None else [])
+                res = summarize(evaluate(h, questions, methods, progress=progress))
+                closed = closed or res["base"]
+                rows.append({"recipe": name, **re.to_dict(), "tag": tag,
+                             "seconds_per_expert": {"augment": round(aug_s / len(targets), 3),
+                                                    "instances": round(teacher_s / len(targets), 3),
+                                                    "train_all_snapshots": round(train_s / len(targets), 3)},
+                             "oracle": res["oracle"], "dmoe": res["dmoe"], "dmoe_top1": res["dmoe top1"]})
+                bank.close()
+    best = max(rows, key=lambda x: x["dmoe"]["em"][0])
+    bank = ExpertBank(out / "banks" / best["tag"])
+    h = Harness(base, bank, shots=demos, batch_size=BATCH)
+    variants = [Variant(f"{m} (T={t:g})" if m == "score" else m, DMoE(base, bank, compose=m, temperature=t))
+                for m in compositions for t in (temperatures if m == "score" else (1.0,))]
+    comp = summarize(evaluate(h, questions, variants, progress=progress))
+    comp["sum"] = best["dmoe"]
+    result = {"split": "dev", "questions": len(questions), "documents": len(targets), "closed_book": closed,
+              "rows": rows, "compositions": {"recipe": best["tag"], "rows": comp}}
+    (out / "recipe_study.json").write_text(json.dumps(result, indent=1))
+    (out / "recipe_study.md").write_text(study_markdown(result))
     return result
+
+
+def study_markdown(r: dict) -> str:
+    md = [f"Dev split: {r['questions']} questions (no yes/no, no demonstrations), a bank of their {r['documents']} "
+          "documents; EM / F1 with 95% bootstrap intervals.", "",
+          f"Closed book: EM {_ci(r['closed_book']['em'])}, F1 {_ci(r['closed_book']['f1'])}", "",
+          "| recipe | lr | epochs | s/expert (aug + inst + train) | oracle EM | DMoE top-3 sum EM | DMoE top-1 EM | "
+          "DMoE sum F1 |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        s = x["seconds_per_expert"]
+        md.append(f"| {x['recipe']} | {x['lr']:g} | {x['epochs']} | {s['augment']:.2f} + {s['instances']:.2f} + "
+                  f"{s['train_all_snapshots']:.2f} | {_ci(x['oracle']['em'])} | {_ci(x['dmoe']['em'])} | "
+                  f"{_ci(x['dmoe_top1']['em'])} | {_ci(x['dmoe']['f1'])} |")
+    md += ["", f"Compositions of the top-3 (bank {r['compositions']['recipe']}):", "", "| composition | EM | F1 |",
+           "|---|---|---|"]
+    md += [f"| {k} | {_ci(v['em'])} | {_ci(v['f1'])} |" for k, v in r["compositions"]["rows"].items()]
+    return "\n".join(md) + "\n"
 
 
 def _with_entropy(s: Sample, ref: Sample) -> Sample:
@@ -385,12 +421,12 @@ if __name__ == "__main__":
     a.add_argument("--quick", action="store_true")
     a.add_argument("--ablation-questions", type=int, default=100)
     a.add_argument("--retrain-questions", type=int, default=32)
-    r = sub.add_parser("sweep", help="the expert-recipe sweep on the dev split (part 3)")
-    r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipe"))
+    r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
+    r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipes"))
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
     args = ap.parse_args()
     if args.study == "ablations":
         print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
                                                        args.retrain_questions))))
     else:
-        print(recipe_sweep(args.out, limit=args.limit)["rows"])
+        print(study_markdown(recipe_study(args.out, limit=args.limit)))

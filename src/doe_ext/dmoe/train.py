@@ -57,11 +57,22 @@ class TrainedExpert:
     loss: float  # mean loss over the last epoch's steps
 
 
+def starts(tokenizer) -> Callable[[str], list[int]]:
+    """Text -> ids of a sequence that starts with it (the tokenizer's BOS where it adds one: Gemma)."""
+    return lambda s: tokenizer(s)["input_ids"]
+
+
+def continues(tokenizer) -> Callable[[str], list[int]]:
+    """Text -> ids that continue a sequence (no special tokens)."""
+    return lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+
+
 def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int) -> list[Instance]:
     """PRAG's instances for one document: the passage and its rewrite as plain text (loss on every
     token), then for the first half of the QA pairs the question with the passage and with the
-    rewrite in the prompt, for the rest the question alone (loss on the answer)."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rewrite in the prompt, for the rest the question alone (loss on the answer). Sequences start as
+    the tokenizer starts them (BOS where the model has one); answers continue them."""
+    enc, cont = starts(tokenizer), continues(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = [Instance(enc(t)[:max_length], 0) for t in (text, aug.rewrite) if t]
     half = (len(aug.qa) + 1) // 2
@@ -69,7 +80,7 @@ def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int)
         contexts = [[p] for p in (text, aug.rewrite) if p] if j < half else [None]
         for ctx in contexts:
             prompt = enc(qa_prompt(tokenizer, qa["question"], ctx))
-            ids = (prompt + enc(" " + qa["answer"]) + eos)[:max_length]
+            ids = (prompt + cont(" " + qa["answer"]) + eos)[:max_length]
             if len(ids) > len(prompt):
                 out.append(Instance(ids, len(prompt) - 1))
     return [i for i in out if len(i.ids) - 1 > i.loss_start]
@@ -239,11 +250,12 @@ def instances_for(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
                   on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
-                  head_chunk: int = 256) -> list[TrainedExpert]:
+                  instances: list[list[Instance]] | None = None, head_chunk: int = 256) -> list[TrainedExpert]:
     """Train one expert per ``(document, augmentation)``, all in one batch, on the base's last MLP.
     ``on_epoch(epoch, experts)`` sees the experts after each epoch (the learning rate is constant, so
-    they are the experts a run of that many epochs gives: one run gives a whole epochs curve)."""
-    insts = instances_for(base, items, recipe)
+    they are the experts a run of that many epochs gives: one run gives a whole epochs curve).
+    ``instances``: each document's, when already made (:func:`doe_ext.dmoe.build.instances` caches them)."""
+    insts = instances_for(base, items, recipe) if instances is None else instances
     for (d, _), i in zip(items, insts):
         if not i:
             raise ValueError(f"train_experts: document {d.id!r} gives no training tokens (empty text?)")
@@ -251,11 +263,12 @@ def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
-                  adapter_id: str = "sft", docs_per_step: int = 1, head_chunk: int = 256) -> TrainedExpert:
+                  adapter_id: str = "sft", docs_per_step: int = 1, instances: list[list[Instance]] | None = None,
+                  head_chunk: int = 256) -> TrainedExpert:
     """One LoRA on every document's instances (SFT-LoRA, the DMoE paper's baseline): the same recipe
     and placement as an expert, on the whole corpus, ``recipe.batch_size * docs_per_step`` instances
-    per step in document order."""
-    insts = [i for doc in instances_for(base, items, recipe) for i in doc]
+    per step in document order. ``instances`` as for :func:`train_experts`."""
+    insts = [i for doc in (instances_for(base, items, recipe) if instances is None else instances) for i in doc]
     if not insts:
         raise ValueError("train_adapter: the documents give no training tokens")
     per_step = recipe.replace(batch_size=recipe.batch_size * docs_per_step)
