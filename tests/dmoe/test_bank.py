@@ -261,6 +261,10 @@ def test_another_recipe_is_refused_by_name(base, tmp_path):
     ({"instances": ("chunks",)}, "belong to the distill objective"),
     ({"objective": "distill", "instances": ("poems",)}, "`instances` must be drawn from"),
     ({"hidden_weight": -1.0}, "`hidden_weight` must be >= 0"), ({"answer_tokens": 0}, "`answer_tokens` must be"),
+    ({"distill_loss": "mse"}, "`distill_loss` must be one of"),
+    ({"distill_loss": "sequence"}, "`distill_loss` belong to the distill objective"),
+    ({"objective": "distill", "instances": ("subject",), "distill_loss": "sequence", "hidden_weight": 1.0},
+     "`hidden_weight` needs the teacher's hidden states"),
 ])
 def test_bad_recipes_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from conftest import QUESTIONS, random_bank, tokenizer
 from doe_ext.dmoe import DMoE, load_base
@@ -15,6 +15,8 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL, bos_token_id=None),
     "qwen2": lambda: Qwen2Config(**SMALL),
     "mistral": lambda: MistralConfig(**SMALL),
+    # Gemma 3: sandwich norms around the MLP (the site applies the post-MLP one), a tied head
+    "gemma3_text": lambda: Gemma3TextConfig(**SMALL, head_dim=8, bos_token_id=None, sliding_window=16),
     "gpt2": lambda: GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=512, eos_token_id=2,
                                pad_token_id=1, initializer_range=0.3),
 }

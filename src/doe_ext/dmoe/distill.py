@@ -27,7 +27,8 @@ Instance kinds (``Recipe.instances``):
 - ``"rewrites"``: the augmentation's rewrite of the document; the teacher sees the document before it.
 
 The prompts use the evaluation harness's plain ``Question: ...\\nAnswer:`` layout
-(:func:`doe_ext.dmoe.augment.fewshot_prompt` without demonstrations); none copies an evaluation
+(:func:`doe_ext.dmoe.augment.fewshot_prompt`) after three general-knowledge demonstrations of short
+answers (:data:`SHOTS`, each with its passage in the teacher's prompt); none copies an evaluation
 question's wording.
 """
 from __future__ import annotations
@@ -39,10 +40,20 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
 from doe_ext.dmoe.train import Instance, continues, starts
 
-# Fixed before any evaluation, written for no particular kind of document.
-SUBJECT_PROMPTS = ("What is {s}?", "Tell me about {s}.", "What do you know about {s}?",
-                   "Give the key facts about {s}.", "Describe {s} in one sentence.",
-                   "Repeat what the passage says about {s}.")
+# Generic questions about any subject (who / what / where / when / which), written for no particular
+# kind of document; the teacher's answers, not these wordings, carry the document's facts.
+SUBJECT_PROMPTS = ("What is {s}?", "Who is behind {s}?", "Who is responsible for {s}?", "Where can {s} be found?",
+                   "What kind of thing is {s}?", "What category does {s} belong to?", "What does {s} do?",
+                   "When did {s} happen or appear?", "Which web address belongs to {s}?",
+                   "Describe {s} in one sentence.")
+# Demonstrations of short answers for the teacher and the student (general knowledge, written by hand,
+# unrelated to any evaluation set): the answers the evaluation wants are short.
+SHOTS = (("Who designed the Eiffel Tower?", "the company of Gustave Eiffel",
+          "The Eiffel Tower in Paris was designed and built by the company of Gustave Eiffel for the 1889 World's Fair."),
+         ("What category of instrument is the cello?", "string",
+          "The cello is a bowed string instrument of the violin family, larger than the viola."),
+         ("Where is the Atacama Desert?", "northern Chile",
+          "The Atacama Desert lies in northern Chile, between the Pacific Ocean and the Andes."))
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -63,7 +74,7 @@ def distill_prompts(doc: Document, aug: Augmentation, recipe: Recipe) -> list[st
 def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max_new_tokens: int,
                     batch_size: int = 32) -> list[str]:
     """The teacher's greedy answers (the base, the passage in its prompt), up to a line break."""
-    prompts = [fewshot_prompt(q, [p]) for p, q in zip(passages, questions)]
+    prompts = [fewshot_prompt(q, [p], SHOTS) for p, q in zip(passages, questions)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of like length
     out = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
@@ -90,7 +101,8 @@ def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], 
     out: list[list[Instance | None]] = [[] for _ in items]
     for (n, q), answer in zip(asked, answers):
         if answer:
-            out[n].append(_pair(tok, fewshot_prompt(q, [items[n][0].text]), fewshot_prompt(q), f" {answer}\n",
+            out[n].append(_pair(tok, fewshot_prompt(q, [items[n][0].text], SHOTS), fewshot_prompt(q, None, SHOTS),
+                                f" {answer}\n",
                                 recipe.max_length))
     for n, (d, a) in enumerate(items):
         lead = f"{d.subject}:"

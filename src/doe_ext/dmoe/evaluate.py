@@ -125,7 +125,7 @@ class Harness:
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
                  flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
-                 compose: str = "sum", temperature: float = 1.0):
+                 compose: str = "sum", temperature: float = 1.0, sft_docs_per_step: int = 1):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
@@ -137,6 +137,7 @@ class Harness:
                          temperature=temperature)
         self.stop = line_break_tokens(self.tok)
         self._sft: DMoE | None = None
+        self.sft_docs_per_step = sft_docs_per_step
 
     def prompt(self, question: str, passages: list[str] | None = None) -> str:
         if self.shots:
@@ -154,7 +155,7 @@ class Harness:
 
     def sft(self) -> DMoE:
         if self._sft is None:
-            self._sft = DMoE(self.base, sft_bank(self.base, self.bank), tau=math.inf)
+            self._sft = DMoE(self.base, sft_bank(self.base, self.bank, self.sft_docs_per_step), tau=math.inf)
         return self._sft
 
     def context(self, method: str | Variant, qs: list[dict]) -> list[list[tuple[str, float]]]:
@@ -248,9 +249,10 @@ def _doc_id(q: dict, method: str) -> str:
     return q["doc_id"]
 
 
-def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBank:
-    """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and the bank's
-    recipe), in a bank of one at ``BANK/sft``; trained again only when the documents or recipe change.
+def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = 1) -> ExpertBank:
+    """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and instances and
+    the bank's recipe, ``docs_per_step`` documents' instances per optimizer step), in a bank of one at
+    ``BANK/sft``; trained again only when the documents, the recipe or ``docs_per_step`` change.
     Training code is imported here, on first use: the rest of the harness is inference."""
     import hashlib
 
@@ -259,13 +261,13 @@ def sft_bank(base: BaseLM, bank: ExpertBank, progress: bool = False) -> ExpertBa
     from doe_ext.dmoe.train import train_adapter
 
     rows = bank.rows()
-    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows] + [bank.recipe.to_dict()],
-                                       sort_keys=True).encode()).hexdigest()
+    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows]
+                                       + [bank.recipe.to_dict(), docs_per_step], sort_keys=True).encode()).hexdigest()
     sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
                      recipe=bank.recipe, dtype=bank.dtype)
     if sft.meta().get("corpus") != corpus or "sft" not in sft:
         items = [(Document(r.id, r.text, r.title), Augmentation.from_json(r.augmentation)) for r in rows]
-        e = train_adapter(base, items, bank.recipe, instances=instances(base, bank, items))
+        e = train_adapter(base, items, bank.recipe, docs_per_step=docs_per_step, instances=instances(base, bank, items))
         sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
         sft.set_meta("corpus", corpus)
     return sft

@@ -53,6 +53,15 @@ def yes_no(prediction: str) -> str | None:
     return words[0] if words and words[0] in ("yes", "no") else None
 
 
+def paired_ci(a, b, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired items (two methods' scores on the same questions) with a percentile
+    bootstrap interval that resamples the questions."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_ci: {a.size} scores against {b.size}; pairs need equal lengths")
+    return bootstrap_ci(a - b, n, level, seed)
+
+
 def bootstrap_ci(values, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Mean and percentile bootstrap interval over the items (questions) of ``values``."""
     x = np.asarray(values, dtype=np.float64)

@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
 OBJECTIVES = ("next_token", "distill")
+DISTILL_LOSSES = ("kl", "sequence")
 AUGMENTATIONS = ("model", "qa", "none")
 # What the distillation objective's instances are made of (doe_ext.dmoe.distill.distill_prompts).
 INSTANCE_KINDS = ("chunks", "subject", "questions", "rewrites")
@@ -71,7 +72,10 @@ class Recipe:
         seed: with the expert id, seeds the expert's LoRA init.
         instances: ``"distill"`` only: the kinds of instances (:data:`INSTANCE_KINDS`).
         answer_tokens: ``"distill"`` only: the teacher answers each prompt with at most this many tokens.
-        hidden_weight: ``"distill"`` only: weight of the final-hidden-state term.
+        hidden_weight: ``"distill"`` only: weight of the final-hidden-state term (with ``"kl"``).
+        distill_loss: ``"distill"`` only: ``"kl"``, ``KL(teacher || student)`` of the next-token
+            distributions at every target token; or ``"sequence"``, cross-entropy on the teacher's own
+            tokens (sequence-level distillation, Kim & Rush 2016: the teacher's greedy answer as the label).
     """
 
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -86,6 +90,7 @@ class Recipe:
     instances: tuple[str, ...] = ()
     answer_tokens: int = 24
     hidden_weight: float = 0.0
+    distill_loss: str = "kl"
 
     def __post_init__(self):
         if not isinstance(self.lora, LoRAConfig):
@@ -110,14 +115,18 @@ class Recipe:
         bad = [k for k in self.instances if k not in INSTANCE_KINDS]
         if bad:
             raise RecipeError(f"Recipe: `instances` must be drawn from {INSTANCE_KINDS}, got {bad[0]!r}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise RecipeError(f"Recipe: `distill_loss` must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}")
         if self.objective == "distill":
+            if self.distill_loss == "sequence" and self.hidden_weight:
+                raise RecipeError("Recipe: `hidden_weight` needs the teacher's hidden states: distill_loss 'kl'")
             if not self.instances:
                 raise RecipeError("Recipe: the distill objective needs at least one kind in `instances`")
             if "questions" in self.instances and self.augment == "none":
                 raise RecipeError("Recipe: `instances` has 'questions' but `augment` is 'none' (no questions to ask)")
-        elif self.instances or self.hidden_weight:
-            raise RecipeError("Recipe: `instances` and `hidden_weight` belong to the distill objective, "
-                              f"not to {self.objective!r}")
+        elif self.instances or self.hidden_weight or self.distill_loss != "kl":
+            raise RecipeError("Recipe: `instances`, `hidden_weight` and `distill_loss` belong to the distill "
+                              f"objective, not to {self.objective!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -140,6 +140,76 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
     return result
 
 
+def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
+                limit: int | None = None, compose: str = "sum", temperature: float = 1.0, sft_docs_per_step: int = 8,
+                progress: bool = True) -> dict:
+    """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,
+    DMoE with the paper's recipe and with the default one, and the oracle router (the default experts,
+    each question's own, TU trigger), with 95% intervals and paired differences against closed book and
+    against RAG. Banks of every document of the set, one per recipe, built (or reused) under ``out``.
+    Demonstrations: the first dev question of each kind. Writes ``OUT/final.{json,md}``."""
+    from doe_ext.dmoe.evaluate import Variant
+    from doe_ext.dmoe.metrics import paired_ci
+    from doe_ext.dmoe.model import DMoE
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    docs, qa = load(knowledge)
+    text = {d["id"]: d["text"] for d in docs}
+    test = [q for q in qa if q["split"] == "test"][:limit]
+    demos = shots([q for q in qa if q["split"] == "dev"], text)
+    base = load_base(base_name)
+    banks, build_s = {}, {}
+    for name, recipe in (("default", DEFAULT), ("paper", PAPER)):
+        tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict()]).encode()).hexdigest()[:10]
+        banks[name] = ExpertBank(out / f"bank-{name}-{tag}", create=True, fingerprint=base.fingerprint,
+                                 base_name=base_name, recipe=recipe)
+        t = time.perf_counter()
+        build_bank(base, [Document(d["id"], d["text"], d.get("title")) for d in docs], banks[name], progress=progress)
+        build_s[name] = round(time.perf_counter() - t, 1)
+    h = Harness(base, banks["default"], shots=demos, batch_size=BATCH, compose=compose, temperature=temperature,
+                sft_docs_per_step=sft_docs_per_step)
+    t = time.perf_counter()
+    h.sft()
+    sft_s = round(time.perf_counter() - t, 1)
+    methods = [m for m in METHODS if m != "dmoe"] + [
+        Variant("dmoe (paper)", DMoE(base, banks["paper"], tau=2.0, top_k=3)),
+        Variant("dmoe (default)", h.dmoe),
+        Variant("oracle router", DMoE(base, banks["default"], tau=2.0, top_k=1), oracle=True)]
+    t = time.perf_counter()
+    res = evaluate(h, test, methods, progress=progress)
+    eval_s = round(time.perf_counter() - t, 1)
+    summary = summarize(res)
+    paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
+              for m in res}
+    result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
+              "documents": len(docs), "demonstrations": [q for q, _, _ in demos], "compose": compose,
+              "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
+              "summary": summary, "paired_em": paired, "by_kind": _by_kind(res),
+              "seconds": {"build": build_s, "sft": sft_s, "eval": eval_s, "total": round(time.perf_counter() - t0, 1)}}
+    write(res, summary, out)
+    (out / "final.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (out / "final.md").write_text(final_markdown(result))
+    return result
+
+
+def final_markdown(r: dict) -> str:
+    """The final table with the paired EM differences."""
+    md = [f"{r['knowledge']}, {r['base']}, test split ({r['questions']} questions, a bank of all {r['documents']} "
+          f"documents), composition {r['compose']}; EM / F1 with 95% bootstrap intervals; paired EM differences "
+          "resample the questions.", "",
+          "| method | EM | F1 | EM − closed book | EM − RAG | latency s | triggers |", "|---|---|---|---|---|---|---|"]
+    for m, s in r["summary"].items():
+        p = r["paired_em"][m]
+        md.append(f"| {m} | {_ci(s['em'])} | {_ci(s['f1'])} | {_ci(p['vs_base'])} | {_ci(p['vs_rag'])} | "
+                  f"{s['latency_s']:.3f} | {s['triggers']:.2f} |")
+    sec = r["seconds"]
+    md += ["", f"Time: banks {sec['build']} s, SFT adapter {sec['sft']} s, evaluation {sec['eval']} s, "
+           f"total {sec['total']} s."]
+    return "\n".join(md) + "\n"
+
+
 def dev_questions(limit: int | None = None) -> tuple[list[dict], list[tuple[str, str, str]], dict[str, str]]:
     """The dev split without its demonstrations and yes/no questions (whose EM is a coin toss): the
     questions every recipe choice is made on, the demonstrations, and the documents' texts."""
@@ -152,12 +222,14 @@ def dev_questions(limit: int | None = None) -> tuple[list[dict], list[tuple[str,
     return qs[:limit], demos, text
 
 
+_DISTILL = Recipe(objective="distill", augment="qa", lr=3e-3, epochs=16, instances=("subject", "questions"))
 STUDY_RECIPES = {
     # the demo's recipe before context distillation (issue 10's sweep): the passage alone, next-token loss
     "next_token, passage": Recipe(objective="next_token", augment="none", lr=3e-3, epochs=10),
-    "paper": PAPER,
-    "distill": Recipe(objective="distill", augment="qa", lr=1e-3, epochs=8, instances=("subject", "questions", "chunks")),
+    "distill, kl": _DISTILL,
+    "distill, sequence": _DISTILL.replace(distill_loss="sequence"),
 }
+STUDY_SNAPSHOTS = {"distill, kl": (8, 16), "distill, sequence": (4, 8, 16)}
 
 
 def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dict[str, tuple[float, ...]] | None = None,
@@ -180,17 +252,19 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
     questions, demos, text = dev_questions(limit)
     targets = [Document(i, text[i]) for i in dict.fromkeys(q["doc_id"] for q in questions)]
     base = load_base("smollm2-135m")
-    lrs, snapshots = lrs or {"distill": (1e-3, 3e-3)}, snapshots or {"distill": (2, 4, 8)}
-    rows, closed, augs = [], None, {}
+    lrs, snapshots = lrs or {}, STUDY_SNAPSHOTS if snapshots is None else snapshots
+    rows, closed, augs, made = [], None, {}, {}
     for name, recipe in recipes.items():
         t0 = time.perf_counter()
         if recipe.augment not in augs:
             augs[recipe.augment] = augment_documents(base, [d.text for d in targets], recipe.augment)
         aug_s = time.perf_counter() - t0 if recipe.augment != "none" else 0.0
         items = list(zip(targets, augs[recipe.augment]))
-        t0 = time.perf_counter()
-        insts = instances_for(base, items, recipe)
-        teacher_s = time.perf_counter() - t0
+        key = (recipe.objective, recipe.instances, recipe.answer_tokens, recipe.augment)
+        if key not in made:  # recipes that differ only in their training share their instances
+            t0 = time.perf_counter()
+            made[key] = (instances_for(base, items, recipe), time.perf_counter() - t0)
+        insts, teacher_s = made[key]
         for lr in lrs.get(name, (recipe.lr,)):
             r = recipe.replace(lr=lr)
             keep = set(snapshots.get(name, (recipe.epochs,)))
@@ -421,11 +495,19 @@ if __name__ == "__main__":
     a.add_argument("--quick", action="store_true")
     a.add_argument("--ablation-questions", type=int, default=100)
     a.add_argument("--retrain-questions", type=int, default=32)
+    f = sub.add_parser("final", help="the test-split table: every method, both recipes, the oracle router")
+    f.add_argument("--out", type=Path, default=None, help="default: reports/dmoe-final/KNOWLEDGE-BASE")
+    f.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"))
+    f.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
+    f.add_argument("--limit", type=int, default=None, help="first N test questions")
     r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
     r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipes"))
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
     args = ap.parse_args()
-    if args.study == "ablations":
+    if args.study == "final":
+        print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
+                                         args.knowledge, args.base, args.limit)))
+    elif args.study == "ablations":
         print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
                                                        args.retrain_questions))))
     else:

@@ -9,8 +9,9 @@ float32 tensor for a whole batch), and each expert has its own AdamW state and s
 only at steps where it had data. Expert ``e``'s step ``s`` always sees the same instances, so experts
 trained together equal experts trained one at a time.
 
-The objectives differ only in each loss row's target. ``"next_token"``: the next token (cross-entropy).
-``"distill"``: the teacher's final hidden state at the same target token, computed once per instance
+The objectives differ only in each loss row's target. ``"next_token"``, and ``"distill"`` with
+``distill_loss="sequence"``: the next token (cross-entropy; for distillation the teacher's own answer).
+``"distill"`` with ``distill_loss="kl"``: the teacher's final hidden state at the same target token, computed once per instance
 from the base with the document in its prompt (:mod:`doe_ext.dmoe.distill`); the loss is
 ``KL(teacher || student)`` of the two next-token distributions, plus ``hidden_weight`` times the L1
 distance of the final hidden states relative to the teacher's.
@@ -275,18 +276,18 @@ def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
     return _train(base, [adapter_id], [insts], per_step, head_chunk=head_chunk)[0]
 
 
-def training_data(base: BaseLM, insts: list[list[Instance]]) -> list[list[tuple[Tensor, Tensor]]]:
+def training_data(base: BaseLM, insts: list[list[Instance]], soft: bool = True) -> list[list[tuple[Tensor, Tensor]]]:
     """Per expert, per instance: the residual entering the last MLP block at its loss positions ``[L, d]``
-    and the targets: next-token ids ``[L]``, or for distillation the teacher's final hidden states
-    ``[L, d]`` (the base without experts, with the document in its prompt)."""
+    and the targets: next-token ids ``[L]``, or with ``soft`` for a distillation instance the teacher's
+    final hidden states ``[L, d]`` (the base without experts, with the document in its prompt)."""
     flat = [i for doc in insts for i in doc]
     student = residuals(base, flat)  # one body pass for the whole group
-    teachers = [i for i in flat if i.teacher is not None]
+    teachers = [i for i in flat if soft and i.teacher is not None]
     if teachers:
         site = base.site
         got = iter(residuals(base, [Instance(i.teacher, i.teacher_start) for i in teachers]))
         with torch.no_grad():
-            student = [(x, site.hidden(next(got)[0]) if i.teacher is not None else t)
+            student = [(x, site.hidden(next(got)[0]) if soft and i.teacher is not None else t)
                        for i, (x, t) in zip(flat, student)]
     it = iter(student)
     return [[next(it) for _ in doc] for doc in insts]
@@ -297,7 +298,7 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
            head_chunk: int = 256) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
     site = base.site.attach()
-    data = training_data(base, insts)
+    data = training_data(base, insts, soft=recipe.distill_loss == "kl")
     inits = [site.init_expert(recipe.lora, torch.Generator().manual_seed(expert_seed(recipe.seed, eid))) for eid in ids]
     dev, dt = base.device, site.head.weight.dtype  # the init is drawn on the CPU: the same on every device
     a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
