@@ -269,3 +269,19 @@ def test_stop_tokens_end_a_sequence_and_stay_in_it(base, bank):
         cut = next((i + 1 for i, t in enumerate(f.tokens) if t in stop), len(f.tokens))
         assert g.tokens == f.tokens[:cut]
     assert len(got[0].tokens) <= 3 and len(got[1].tokens) == 1
+
+
+def test_without_a_bank_it_is_the_base_model(base):
+    """``DMoE(base, None)``: the base alone, with the batched, prefix-sharing decoding (the distillation
+    teacher uses it): equal to HF's greedy generate one prompt at a time; experts and triggers refused."""
+    dmoe = DMoE(base, None, tau=math.inf)
+    prefix = "".join(f"Passage: {d['text']}\n" for d in DOCS[:2])
+    prompts = [prefix + f"Question: {q}\nAnswer:" for q in QUESTIONS]
+    for p, g in zip(prompts, dmoe.generate(prompts, max_new_tokens=6)):
+        enc = base.tokenizer(p, return_tensors="pt")
+        ref = base.model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=base.tokenizer.pad_token_id)
+        assert g.tokens == ref[0, enc["input_ids"].shape[1]:].tolist()
+    with pytest.raises(ValueError, match="without a bank there are no experts: `tau` must be inf"):
+        dmoe.generate("x", tau=2.0)
+    with pytest.raises(ValueError, match="without a bank there are no experts"):
+        dmoe.generate("x", experts=[[("otter", 1.0)]])

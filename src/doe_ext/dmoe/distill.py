@@ -33,9 +33,10 @@ question's wording.
 """
 from __future__ import annotations
 
+import math
 import re
 
-from doe_ext.dmoe.augment import Augmentation, Document, fewshot_prompt, generate_text
+from doe_ext.dmoe.augment import Augmentation, Document, fewshot_prompt
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
 from doe_ext.dmoe.train import Instance, continues, starts
@@ -71,16 +72,19 @@ def distill_prompts(doc: Document, aug: Augmentation, recipe: Recipe) -> list[st
     return list(dict.fromkeys(out))
 
 
-def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max_new_tokens: int,
-                    batch_size: int = 32) -> list[str]:
-    """The teacher's greedy answers (the base, the passage in its prompt), up to a line break."""
-    prompts = [fewshot_prompt(q, [p], SHOTS) for p, q in zip(passages, questions)]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of like length
-    out = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        for i, text in zip(rows, generate_text(base, [prompts[i] for i in rows], max_new_tokens, stop_strings=["\n"])):
-            out[i] = text.split("\n", 1)[0].strip()
+def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max_new_tokens: int) -> list[str]:
+    """The teacher's greedy answers (the base, the passage in its prompt), up to a line break. The
+    questions about one passage run as one batch whose common prefix (the demonstrations and the
+    passage) runs once (:meth:`doe_ext.dmoe.DMoE.generate` without a bank)."""
+    from doe_ext.dmoe.model import DMoE, line_break_tokens
+
+    teacher, stop = DMoE(base, None, tau=math.inf), line_break_tokens(base.tokenizer)
+    out = [""] * len(questions)
+    for p in dict.fromkeys(passages):
+        rows = [i for i, x in enumerate(passages) if x == p]
+        for i, g in zip(rows, teacher.generate([fewshot_prompt(questions[i], [p], SHOTS) for i in rows],
+                                               max_new_tokens, stop_tokens=stop)):
+            out[i] = g.text.split("\n", 1)[0].strip()
     return out
 
 

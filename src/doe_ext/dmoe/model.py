@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import html
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Sequence
 
@@ -96,7 +97,9 @@ class DMoE:
 
     Args:
         base: from :func:`doe_ext.dmoe.load_base`.
-        bank: an :class:`ExpertBank` built for this base (checked by fingerprint; an empty bank is refused).
+        bank: an :class:`ExpertBank` built for this base (checked by fingerprint; an empty bank is refused),
+            or None: the base alone (``tau`` must be ``inf``), with this class's batched decoding and prefix
+            sharing (the distillation teacher uses it).
         tau: the trigger threshold on TU (DMoE: 2.0); ``math.inf`` never triggers (the base model).
         top_k: experts per trigger (DMoE: 3).
         compose: how the ``top_k`` experts combine: ``"sum"`` (DMoE's eq. 6), ``"mean"``, ``"score"``
@@ -110,18 +113,19 @@ class DMoE:
         site: where the bank's experts sit (:class:`ExpertSite`); the last MLP by default.
     """
 
-    def __init__(self, base: BaseLM, bank: ExpertBank, tau: float = 2.0, top_k: int = 3, compose: str = "sum",
+    def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3, compose: str = "sum",
                  temperature: float = 1.0, query_tokens: int = 128, router: Router | None = None,
                  trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None):
-        bank.check_base(base.fingerprint)
-        if len(bank) == 0:
-            raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
+        if bank is not None:
+            bank.check_base(base.fingerprint)
+            if len(bank) == 0:
+                raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
         if top_k < 1:
             raise ValueError(f"DMoE: `top_k` must be >= 1, got {top_k}")
         check_composition(compose, temperature)
         self.base, self.bank, self.tau, self.top_k, self.query_tokens = base, bank, tau, top_k, query_tokens
         self.compose, self.temperature = compose, temperature
-        self.router = router or bank.search
+        self.router = router or (bank.search if bank is not None else None)
         self.trigger = trigger
         self.site = (site or base.site).attach()
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
@@ -133,6 +137,8 @@ class DMoE:
 
     def activate(self, sets: Sequence[WeightedSet]) -> ActiveExperts | None:
         """Weighted sets (one per row) -> the rows' :class:`ActiveExperts`, on the model's device."""
+        if not any(sets):
+            return None
         return ActiveExperts.from_sets(sets, lambda ids: self.bank.load(ids, self.site.names), self.bank.lora.scale,
                                        self.base.device)
 
@@ -262,6 +268,8 @@ class DMoE:
                 raise ValueError(f"DMoE.generate: {len(v)} `{name}` for {len(prompts)} prompts")
         tau = self.tau if tau is None else tau
         top_k = self.top_k if top_k is None else top_k
+        if self.bank is None and (tau != math.inf or experts is not None):
+            raise ValueError("DMoE.generate: without a bank there are no experts: `tau` must be inf and `experts` None")
         tok = self.base.tokenizer
         enc = self.encode(prompts, max_new_tokens)
         B = len(enc)
