@@ -203,6 +203,24 @@ def bench_generation(base, bank, prompts: list[str], max_new: int, rounds: int =
     return res
 
 
+def bench_recipes(base, docs, workdir: Path) -> dict:
+    """Seconds per expert of a whole bank build (augmentation, distillation teacher, training), one
+    recipe after the other in one process on the same documents: the demo's recipe before issue 21
+    (next-token loss on the passage, lr 3e-3, 10 epochs), the paper's and the package default."""
+    from doe_ext.dmoe import RECIPES, ExpertBank, Recipe, build_bank
+
+    recipes = {"passage, next-token (before)": Recipe(objective="next_token", augment="none", lr=3e-3, epochs=10),
+               "paper": RECIPES["paper"], "default": RECIPES["default"]}
+    out = {}
+    for name, recipe in recipes.items():
+        bank = ExpertBank(workdir / f"recipe-{len(out)}", create=True, fingerprint=base.fingerprint, recipe=recipe)
+        t0 = time.perf_counter()
+        build_bank(base, docs, bank, progress=False)
+        out[name] = (time.perf_counter() - t0) / len(docs)
+        bank.close()
+    return out
+
+
 def run(device: str) -> list[dict]:
     if device != "cpu":
         return []  # the DMoE loop is measured on the CPU; CUDA runs of it are not set up yet
@@ -230,6 +248,11 @@ def run(device: str) -> list[dict]:
                          "peft_flop_floor_gflop_per_expert": round(r["peft_floor_gflop"], 2)})
     work = Path(tempfile.mkdtemp(prefix="bench-dmoe-"))
     try:
+        per = bench_recipes(base, [Document(pkg, text) for pkg, text in passages[:32]], work)
+        before = per["passage, next-token (before)"]
+        rows.append({"bench": "dmoe_recipes", "shape": "SmolLM2-135M, a bank of 32 Debian records, whole build",
+                     "dtype": "float32", "device": device, "ms": {k: round(1e3 * v) for k, v in per.items()},
+                     "speedup": {f"{k} / before": round(v / before, 2) for k, v in per.items()}})
         surrogates = [t for _, t in passages[:PAPER_BANK]]
         assert len(surrogates) == PAPER_BANK, f"only {len(surrogates)} package records on this machine"
         tok = base.tokenizer

@@ -159,9 +159,11 @@ def test_shared_prefixes_give_the_same_residuals(base):
     groups, _ = _prefix_groups(insts, 16)
     assert groups and max(len(m) for _, m in groups) >= 2
     shared, alone = residuals(base, insts), residuals(base, insts, min_shared=10 ** 6)
-    for (x, t), (y, u) in zip(shared, alone):
-        assert torch.equal(t, u)
+    small = residuals(base, insts, max_batch_tokens=1)  # a group's suffixes in batches of one
+    for (x, t), (y, u), (z, v) in zip(shared, alone, small):
+        assert torch.equal(t, u) and torch.equal(t, v)
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x, z, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])

@@ -47,15 +47,19 @@ def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
     return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
 
 
+_MADE: dict[str, str] = {}  # what this process made, for the next bank of the same base and documents
+
+
 def _cached(bank: ExpertBank, keys: list[str], make: Callable[[list[int]], list[str]]) -> list[str]:
-    """The bank's cached value of each key; the missing ones made (``make(indices)``) and cached."""
-    got = [bank.cached(k) for k in keys]
+    """The bank's cached value of each key (or this process's, made for another bank: the keys name the
+    base and everything the value depends on); the missing ones made (``make(indices)``) and cached."""
+    got = [bank.cached(k) or _MADE.get(k) for k in keys]
     todo = [i for i, g in enumerate(got) if g is None]
     if todo:
         new = make(todo)
-        bank.cache({keys[i]: v for i, v in zip(todo, new)})
         for i, v in zip(todo, new):
-            got[i] = v
+            got[i] = _MADE[keys[i]] = v
+    bank.cache({k: v for k, v in zip(keys, got) if bank.cached(k) is None})
     return got
 
 

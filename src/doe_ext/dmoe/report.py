@@ -129,7 +129,8 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
     groups["Table 3: expert layers"] = t3
     groups["Table 8: rank / alpha"] = ablations.table8_rank_alpha(h, retrain, cfg, out / f"ablation-banks-{tag}",
                                                                   progress=progress)
-    groups["Training objective"] = ablations.objectives(h, retrain, {"paper": PAPER, "default": cfg},
+    paper = {"paper (passage only)": PAPER.replace(augment="none")} if quick else {"paper": PAPER}  # App. C's JSON is slow
+    groups["Training objective"] = ablations.objectives(h, retrain, {**paper, "default": cfg},
                                                         out / f"ablation-banks-{tag}", progress=progress)
     result = {"ablation_questions": len(sub), "retrain_questions": len(retrain), "table3_cost": t3_cost,
               "groups": {g: summarize(rows) for g, rows in groups.items()},
@@ -142,12 +143,14 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
 
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
                 limit: int | None = None, compose: str = "sum", temperature: float = 1.0, sft_docs_per_step: int = 8,
+                recipes: tuple[str, ...] = ("default", "paper"), methods: tuple[str, ...] = METHODS,
                 progress: bool = True) -> dict:
     """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,
     DMoE with the paper's recipe and with the default one, and the oracle router (the default experts,
     each question's own, TU trigger), with 95% intervals and paired differences against closed book and
     against RAG. Banks of every document of the set, one per recipe, built (or reused) under ``out``.
-    Demonstrations: the first dev question of each kind. Writes ``OUT/final.{json,md}``."""
+    Demonstrations: the first dev question of each kind. ``recipes`` and ``methods`` leave rows out (a
+    partial run says so in its table). Writes ``OUT/final.{json,md}``."""
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.metrics import paired_ci
     from doe_ext.dmoe.model import DMoE
@@ -162,6 +165,8 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     base = load_base(base_name)
     banks, build_s = {}, {}
     for name, recipe in (("default", DEFAULT), ("paper", PAPER)):
+        if name not in recipes:
+            continue
         tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict()]).encode()).hexdigest()[:10]
         banks[name] = ExpertBank(out / f"bank-{name}-{tag}", create=True, fingerprint=base.fingerprint,
                                  base_name=base_name, recipe=recipe)
@@ -171,14 +176,15 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     h = Harness(base, banks["default"], shots=demos, batch_size=BATCH, compose=compose, temperature=temperature,
                 sft_docs_per_step=sft_docs_per_step)
     t = time.perf_counter()
-    h.sft()
+    if "sft" in methods:
+        h.sft()
     sft_s = round(time.perf_counter() - t, 1)
-    methods = [m for m in METHODS if m != "dmoe"] + [
-        Variant("dmoe (paper)", DMoE(base, banks["paper"], tau=2.0, top_k=3)),
+    rows = [m for m in methods if m != "dmoe"] + ([Variant("dmoe (paper)", DMoE(base, banks["paper"], tau=2.0, top_k=3))]
+                                                  if "paper" in banks else []) + [
         Variant("dmoe (default)", h.dmoe),
         Variant("oracle router", DMoE(base, banks["default"], tau=2.0, top_k=1), oracle=True)]
     t = time.perf_counter()
-    res = evaluate(h, test, methods, progress=progress)
+    res = evaluate(h, test, rows, progress=progress)
     eval_s = round(time.perf_counter() - t, 1)
     summary = summarize(res)
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
@@ -500,13 +506,17 @@ if __name__ == "__main__":
     f.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"))
     f.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
     f.add_argument("--limit", type=int, default=None, help="first N test questions")
+    f.add_argument("--recipes", default="default,paper", help="the banks: default, paper")
+    f.add_argument("--methods", default=",".join(METHODS), help="the methods besides DMoE and the oracle router")
     r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
     r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipes"))
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
     args = ap.parse_args()
     if args.study == "final":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
-                                         args.knowledge, args.base, args.limit)))
+                                         args.knowledge, args.base, args.limit,
+                                         recipes=tuple(args.recipes.split(",")),
+                                         methods=tuple(args.methods.split(",")))))
     elif args.study == "ablations":
         print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
                                                        args.retrain_questions))))

@@ -18,6 +18,7 @@ distance of the final hidden states relative to the teacher's.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass
@@ -118,8 +119,9 @@ def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8
     """Per instance: the residual entering the last MLP block at its loss positions ``[L, d]`` and the
     targets ``[L]``, from the base body (no LM head). Instances sharing a prefix of ``min_shared`` tokens
     or more run it once (a KV cache repeated over the group, then the suffixes); the others run in
-    right-padded batches of similar length (at most ``max_batch_tokens`` padded tokens each). Causal
-    attention keeps the padding invisible to the real positions."""
+    right-padded batches of similar length. Every batch holds at most ``max_batch_tokens`` padded tokens
+    (a large group's suffixes in several). Causal attention keeps the padding invisible to the real
+    positions."""
     body, pad = base.model.base_model, base.tokenizer.pad_token_id
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(instances)
 
@@ -139,23 +141,30 @@ def residuals(base: BaseLM, instances: list[Instance], max_batch_tokens: int = 8
             body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None)
         return cap.value
 
+    def batches(rows: list[int], length) -> list[list[int]]:
+        """``rows`` sorted by ``length``, cut into batches of at most ``max_batch_tokens`` padded tokens."""
+        rows, out_, start = sorted(rows, key=length), [], 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and (end - start + 1) * length(rows[end]) <= max_batch_tokens:
+                end += 1
+            out_.append(rows[start:end])
+            start = end
+        return out_
+
     groups, rest = _prefix_groups(instances, min_shared)
     for shared, members in groups:
-        cache = DynamicCache(config=base.model.config)
-        head = run([instances[members[0]].ids[:shared]], cache=cache)[0]  # [shared, d]
-        cache.batch_repeat_interleave(len(members))
-        tails = run([instances[i].ids[shared:] for i in members], prefix=shared, cache=cache)
-        for i, tail in zip(members, tails):
-            keep(i, torch.cat([head, tail[:len(instances[i].ids) - shared]]))
-    rest.sort(key=lambda i: len(instances[i].ids))
-    start = 0
-    while start < len(rest):
-        end = start + 1
-        while end < len(rest) and (end - start + 1) * len(instances[rest[end]].ids) <= max_batch_tokens:
-            end += 1
-        for i, row in zip(rest[start:end], run([instances[i].ids for i in rest[start:end]])):
+        prefix = DynamicCache(config=base.model.config)
+        head = run([instances[members[0]].ids[:shared]], cache=prefix)[0]  # [shared, d]
+        for batch in batches(members, lambda i: len(instances[i].ids)):
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(batch))
+            tails = run([instances[i].ids[shared:] for i in batch], prefix=shared, cache=cache)
+            for i, tail in zip(batch, tails):
+                keep(i, torch.cat([head, tail[:len(instances[i].ids) - shared]]))
+    for batch in batches(rest, lambda i: len(instances[i].ids)):
+        for i, row in zip(batch, run([instances[i].ids for i in batch])):
             keep(i, row)
-        start = end
     return out
 
 
