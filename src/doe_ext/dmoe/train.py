@@ -290,16 +290,16 @@ def training_data(base: BaseLM, insts: list[list[Instance]], soft: bool = True) 
     and the targets: next-token ids ``[L]``, or with ``soft`` for a distillation instance the teacher's
     final hidden states ``[L, d]`` (the base without experts, with the document in its prompt)."""
     flat = [i for doc in insts for i in doc]
-    student = residuals(base, flat)  # one body pass for the whole group
-    teachers = [i for i in flat if soft and i.teacher is not None]
-    if teachers:
-        site = base.site
-        got = iter(residuals(base, [Instance(i.teacher, i.teacher_start) for i in teachers]))
+    student = iter(residuals(base, flat))  # one body pass for the whole group
+    site, out = base.site, []
+    for doc in insts:
+        teachers = [Instance(i.teacher, i.teacher_start) for i in doc if soft and i.teacher is not None]
+        # a document's teacher sequences share their demonstrations and the document: one group each
+        got = iter(residuals(base, teachers)) if teachers else None
         with torch.no_grad():
-            student = [(x, site.hidden(next(got)[0]) if soft and i.teacher is not None else t)
-                       for i, (x, t) in zip(flat, student)]
-    it = iter(student)
-    return [[next(it) for _ in doc] for doc in insts]
+            out.append([(x, site.hidden(next(got)[0]) if soft and i.teacher is not None else t)
+                        for i, (x, t) in zip(doc, student)])
+    return out
 
 
 def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
