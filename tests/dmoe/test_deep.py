@@ -118,7 +118,7 @@ def test_generate_equals_no_cache_reference(base, tmp_path, tau):
     the reference one prompt at a time."""
     site = ExpertSite(base.model, depth=1.0)
     bank = deep_bank(base, site, tmp_path / "deep")
-    dm = DMoE(base, bank, tau=tau, top_k=2, site=site)
+    dm = DMoE(base, bank, tau=tau, top_k=2, site=site, compose="sum")  # the reference sums
     got = dm.generate(QUESTIONS[:3], 8)
     for q, g in zip(QUESTIONS[:3], got):
         tokens, triggers = reference(base, bank, 1.0, q, 8, tau, 2)

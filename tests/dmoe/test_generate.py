@@ -7,7 +7,8 @@ import torch
 
 from conftest import DOCS, QUESTIONS, random_bank
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, Recipe, load_base, merged_state, token_entropy
-from doe_ext.dmoe.experts import set_linear_weight, unwrap
+from doe_ext.dmoe.experts import set_linear_weight
+from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
 
 def plain_merge(theta, experts, weights, scale):
@@ -32,7 +33,7 @@ def reference_compose(hits, mode, temperature):
 
 
 def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=(), stop=(),
-                       route_text=None, compose="sum", temperature=1.0):
+                       route_text=None, compose=DEFAULT_COMPOSE, temperature=DEFAULT_TEMPERATURE):
     """No KV cache, experts merged into the weights (theta + sum of weighted deltas): the whole model
     re-runs on the whole sequence at every step, and again after every trigger. ``active``: the
     weighted set to start with; ``stop``: tokens that end the sequence besides EOS; ``route_text``:

@@ -9,7 +9,7 @@ from doe_ext.cli import CommandError
 
 def register(sub) -> None:
     from doe_ext.dmoe.recipe import AUGMENTATIONS, OBJECTIVES, RECIPES
-    from doe_ext.dmoe.routing import COMPOSITIONS
+    from doe_ext.dmoe.routing import COMPOSITIONS, DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
     p = sub.add_parser("dmoe", help="DMoE: build an expert bank, ask questions, add / remove experts")
     cmds = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -23,10 +23,11 @@ def register(sub) -> None:
     def routing_args(c):
         c.add_argument("--tau", type=float, default=2.0, help="trigger threshold on token entropy (inf: never)")
         c.add_argument("--top-k", type=int, default=3, help="experts per trigger")
-        c.add_argument("--compose", choices=COMPOSITIONS, default="sum",
+        c.add_argument("--compose", choices=COMPOSITIONS, default=DEFAULT_COMPOSE,
                        help="how the top-k experts combine: sum (the paper's eq. 6), mean, score (softmax of the "
-                            "BM25 scores over --temperature) or top1")
-        c.add_argument("--temperature", type=float, default=1.0, help="the score composition's softmax temperature")
+                            "BM25 scores over --temperature; the default, chosen on our dev split) or top1")
+        c.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                       help="the score composition's softmax temperature (BM25 score units)")
         c.add_argument("--max-new-tokens", type=int, default=32)
         c.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
 

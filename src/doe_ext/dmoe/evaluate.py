@@ -33,7 +33,7 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
-from doe_ext.dmoe.routing import compose, fixed
+from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, compose, fixed
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
 
@@ -125,7 +125,7 @@ class Harness:
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
                  flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
-                 compose: str = "sum", temperature: float = 1.0, sft_docs_per_step: int = 1):
+                 compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 1):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
-from doe_ext.dmoe.routing import Router, check_composition, compose
+from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
 from doe_ext.ops import lora_merge
 
 WeightedSet = list[tuple[str, float]]
@@ -103,7 +103,8 @@ class DMoE:
         tau: the trigger threshold on TU (DMoE: 2.0); ``math.inf`` never triggers (the base model).
         top_k: experts per trigger (DMoE: 3).
         compose: how the ``top_k`` experts combine: ``"sum"`` (DMoE's eq. 6), ``"mean"``, ``"score"``
-            (softmax of the router's scores over ``temperature``) or ``"top1"``.
+            (softmax of the router's scores over ``temperature``; the default, chosen on the dev split)
+            or ``"top1"``.
         temperature: the ``"score"`` composition's softmax temperature (BM25 score units).
         query_tokens: the routing query is the last this many tokens of the prefix (DMoE: 128).
         router: ``(query_text, k) -> [(expert id, score), ...]``, best first; the bank's BM25 by default
@@ -113,8 +114,9 @@ class DMoE:
         site: where the bank's experts sit (:class:`ExpertSite`); the last MLP by default.
     """
 
-    def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3, compose: str = "sum",
-                 temperature: float = 1.0, query_tokens: int = 128, router: Router | None = None,
+    def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3,
+                 compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, query_tokens: int = 128,
+                 router: Router | None = None,
                  trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None):
         if bank is not None:
             bank.check_base(base.fingerprint)

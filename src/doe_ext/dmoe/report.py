@@ -25,6 +25,7 @@ from doe_ext.dmoe.build import build_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT, PAPER, Recipe
+from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
 RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/README.md)
 BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
@@ -142,7 +143,8 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
 
 
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
-                limit: int | None = None, compose: str = "sum", temperature: float = 1.0, sft_docs_per_step: int = 8,
+                limit: int | None = None, compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE,
+                sft_docs_per_step: int = 8,
                 recipes: tuple[str, ...] = ("default", "paper"), methods: tuple[str, ...] = METHODS,
                 progress: bool = True) -> dict:
     """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,
@@ -179,7 +181,8 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     if "sft" in methods:
         h.sft()
     sft_s = round(time.perf_counter() - t, 1)
-    rows = [m for m in methods if m != "dmoe"] + ([Variant("dmoe (paper)", DMoE(base, banks["paper"], tau=2.0, top_k=3))]
+    paper = DMoE(base, banks["paper"], tau=2.0, top_k=3, compose="sum") if "paper" in banks else None  # eq. 6
+    rows = [m for m in methods if m != "dmoe"] + ([Variant("dmoe (paper)", paper)]
                                                   if "paper" in banks else []) + [
         Variant("dmoe (default)", h.dmoe),
         Variant("oracle router", DMoE(base, banks["default"], tau=2.0, top_k=1), oracle=True)]
@@ -288,7 +291,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
                 for (d, a), x in zip(items, snaps[e]):
                     if d.id not in bank:
                         commit(bank, d, a, x)
-                h = Harness(base, bank, shots=demos, batch_size=BATCH)
+                h = Harness(base, bank, shots=demos, batch_size=BATCH, compose="sum")  # DMoE as the paper composes
                 methods = [Variant("oracle", DMoE(base, bank, top_k=1), oracle=True), "dmoe",
                            Variant("dmoe top1", DMoE(base, bank, compose="top1"))] + (["base"] if closed is None else [])
                 res = summarize(evaluate(h, questions, methods, progress=progress))
@@ -301,7 +304,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
                 bank.close()
     best = max(rows, key=lambda x: x["dmoe"]["em"][0])
     bank = ExpertBank(out / "banks" / best["tag"])
-    h = Harness(base, bank, shots=demos, batch_size=BATCH)
+    h = Harness(base, bank, shots=demos, batch_size=BATCH, compose="sum")
     variants = [Variant(f"{m} (T={t:g})" if m == "score" else m, DMoE(base, bank, compose=m, temperature=t))
                 for m in compositions for t in (temperatures if m == "score" else (1.0,))]
     comp = summarize(evaluate(h, questions, variants, progress=progress))
