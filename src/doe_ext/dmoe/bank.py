@@ -31,7 +31,6 @@ import contextlib
 import functools
 import hashlib
 import html
-import json
 import os
 import re
 import sqlite3

@@ -17,7 +17,7 @@ from doe_ext.dmoe.augment import Augmentation, Document
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.train import TrainedExpert, _ExpertAdamW, _experts, chunked_loss, expert_seed, training_instances
+from doe_ext.dmoe.train import TrainedExpert, _ExpertAdamW, _experts, chunked_loss, fresh_experts, training_instances
 
 
 def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augmentation]], recipe: Recipe,
@@ -30,10 +30,7 @@ def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augme
     insts = [training_instances(tok, d.text, a, recipe.max_length) for d, a in items]
     ids = [d.id for d, _ in items]
     site.attach()
-    inits = [site.init_expert(recipe.lora, torch.Generator().manual_seed(expert_seed(recipe.seed, e))) for e in ids]
-    dt = site.head.weight.dtype
-    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
-    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
+    a, b = fresh_experts(site, ids, recipe, dev)
     opt = _ExpertAdamW([*a.values(), *b.values()], recipe.lr, recipe.weight_decay)
     experts, head, body, bs = ExpertSet(a=a, b=b), site.head, base.model.base_model, recipe.batch_size
     steps = [math.ceil(len(d) / bs) for d in insts]

@@ -79,9 +79,10 @@ def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max
     from doe_ext.dmoe.model import DMoE, line_break_tokens
 
     teacher, stop = DMoE(base, None, tau=math.inf), line_break_tokens(base.tokenizer)
-    out = [""] * len(questions)
-    for p in dict.fromkeys(passages):
-        rows = [i for i, x in enumerate(passages) if x == p]
+    out, by_passage = [""] * len(questions), {}
+    for i, p in enumerate(passages):
+        by_passage.setdefault(p, []).append(i)
+    for p, rows in by_passage.items():
         for i, g in zip(rows, teacher.generate([fewshot_prompt(questions[i], [p], SHOTS) for i in rows],
                                                max_new_tokens, stop_tokens=stop)):
             out[i] = g.text.split("\n", 1)[0].strip()
@@ -106,8 +107,7 @@ def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], 
     for (n, q), answer in zip(asked, answers):
         if answer:
             out[n].append(_pair(tok, fewshot_prompt(q, [items[n][0].text], SHOTS), fewshot_prompt(q, None, SHOTS),
-                                f" {answer}\n",
-                                recipe.max_length))
+                                f" {answer}\n", recipe.max_length))
     for n, (d, a) in enumerate(items):
         lead = f"{d.subject}:"
         if "chunks" in recipe.instances:

@@ -250,7 +250,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
     and training, side by side in one run). One training run per learning rate gives every epoch count of
     ``snapshots`` (the rate is constant). Then the compositions of the top-3 on the recipe whose DMoE is
     best. Writes ``OUT/recipe_study.{json,md}``."""
-    from doe_ext.dmoe.augment import Augmentation, augment_documents
+    from doe_ext.dmoe.augment import augment_documents
     from doe_ext.dmoe.build import commit
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.model import DMoE

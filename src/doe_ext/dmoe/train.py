@@ -302,16 +302,23 @@ def training_data(base: BaseLM, insts: list[list[Instance]], soft: bool = True) 
     return out
 
 
+def fresh_experts(site, ids: list[str], recipe: Recipe, device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stacked trainable factors ``a [E, r, in]``, ``b [E, out, r]`` per site key, each expert initialised
+    from its own seed (drawn on the CPU: the same on every device) in the model's dtype."""
+    inits = [site.init_expert(recipe.lora, torch.Generator().manual_seed(expert_seed(recipe.seed, eid))) for eid in ids]
+    dt = site.head.weight.dtype
+    return tuple({n: torch.stack([e[f"{n}.lora_{x}"] for e in inits]).to(device, dt).requires_grad_()
+                  for n in site.names} for x in "ab")
+
+
 def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
            on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
            head_chunk: int = 256) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
     site = base.site.attach()
     data = training_data(base, insts, soft=recipe.distill_loss == "kl")
-    inits = [site.init_expert(recipe.lora, torch.Generator().manual_seed(expert_seed(recipe.seed, eid))) for eid in ids]
-    dev, dt = base.device, site.head.weight.dtype  # the init is drawn on the CPU: the same on every device
-    a = {n: torch.stack([e[f"{n}.lora_a"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
-    b = {n: torch.stack([e[f"{n}.lora_b"] for e in inits]).to(dev, dt).requires_grad_() for n in site.names}
+    dev = base.device
+    a, b = fresh_experts(site, ids, recipe, dev)
     opt = _ExpertAdamW([*a.values(), *b.values()], recipe.lr, recipe.weight_decay)
     experts = ExpertSet(a=a, b=b)
     head = site.head
