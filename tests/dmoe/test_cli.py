@@ -126,3 +126,15 @@ def test_help_runs(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: doe-ext")
+
+
+@pytest.mark.parametrize("study", ["final", "recipes", "ablations"])
+def test_report_studies_help_runs(study):
+    """The studies the README names (python -m doe_ext.dmoe.report ...) parse their options."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "doe_ext.dmoe.report", study, "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: report.py") and "--out" in done.stdout
