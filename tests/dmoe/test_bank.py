@@ -271,6 +271,13 @@ def test_bad_recipes_name_the_field(kwargs, message):
         Recipe(**kwargs)
 
 
+def test_next_token_version_of_a_distill_recipe():
+    d = Recipe(objective="distill", augment="qa", instances=("subject",), hidden_weight=0.5, lr=1e-3)
+    n = d.next_token(augment="none")
+    assert (n.objective, n.instances, n.hidden_weight, n.distill_loss, n.augment, n.lr) == (
+        "next_token", (), 0.0, "kl", "none", 1e-3)
+
+
 def test_recipe_from_dict_refuses_unknown_fields():
     with pytest.raises(ValueError, match="unknown field 'rank'"):
         Recipe.from_dict({"rank": 4})

@@ -118,6 +118,10 @@ def test_paper_recipe_with_a_changed_field(llama_dir, tmp_path, capsys):
     code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b2", "--base", llama_dir, "--augment",
                        "none", "--no-progress")
     assert code == 2 and "`instances` has 'questions' but `augment` is 'none'" in err
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b3", "--base", llama_dir, "--objective",
+                       "next_token", "--augment", "none", "--epochs", 1, "--no-progress")
+    assert code == 0, err
+    assert ExpertBank(tmp_path / "b3").recipe == RECIPES["default"].next_token(augment="none", epochs=1)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["dmoe", "--help"]] + [["dmoe", c, "--help"] for c in

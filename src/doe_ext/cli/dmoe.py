@@ -116,9 +116,9 @@ def recipe_from(args):
     from doe_ext.dmoe import RECIPES, LoRAConfig
 
     recipe = RECIPES[args.recipe]
+    if args.objective == "next_token":
+        recipe = recipe.next_token()  # the distill-only fields go with the objective
     fields = {k: getattr(args, k) for k in ("objective", "epochs", "lr", "augment", "seed") if getattr(args, k) is not None}
-    if fields.get("objective") == "next_token" and recipe.objective != "next_token":
-        fields.update(instances=(), hidden_weight=0.0)  # the distill-only fields go with the objective
     if args.rank is not None or args.alpha is not None:
         fields["lora"] = LoRAConfig(args.rank or recipe.lora.rank, args.alpha or recipe.lora.alpha)
     return recipe.replace(**fields)

@@ -207,7 +207,7 @@ def table3_layers(h: Harness, questions: list[dict], recipe: Recipe, path: Path,
     without a teacher or augmentation).
     Returns (rows, cost): per arm the recomputed tokens per answer and the share of layers whose KV a
     trigger makes stale."""
-    recipe = recipe.replace(objective="next_token", augment="none", instances=(), hidden_weight=0.0)
+    recipe = recipe.next_token(augment="none")
     docs = _docs(h, questions)
     hh = _subset_bank(h, Path(path) / f"r{recipe.lora.rank}-a{recipe.lora.alpha:g}-next_token", docs, recipe,
                       progress)

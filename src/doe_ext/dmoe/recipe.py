@@ -161,6 +161,10 @@ class Recipe:
     def replace(self, **changes) -> "Recipe":
         return replace(self, **changes)
 
+    def next_token(self, **changes) -> "Recipe":
+        """This recipe with the next-token objective (the distill-only fields back at their defaults)."""
+        return replace(self, objective="next_token", instances=(), hidden_weight=0.0, distill_loss="kl", **changes)
+
 
 # The DMoE paper's recipe (§4.1.3, PRAG's code): next-token loss on the document, one rewrite and three
 # QA pairs written by the base with App. C's prompts, rank 4 / alpha 16, one epoch at PRAG's 3e-4.
