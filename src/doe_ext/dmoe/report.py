@@ -84,7 +84,7 @@ def run(out: Path, quick: bool = False, sweep_questions: int = 100, progress: bo
     base_bins = ablations.table5_bins([_with_entropy(b, d) for b, d in zip(main["base"], main["dmoe"])])
     example = next((s for s in main["dmoe"] if s.triggers and s.em), next((s for s in main["dmoe"] if s.triggers), None))
     metrics = {
-        "recipe": cfg.to_dict(), "bank": str(h.bank.path), "documents": built["documents"],
+        "recipe": cfg.to_dict(), "compose": h.dmoe.compose, "bank": str(h.bank.path), "documents": built["documents"],
         "experts_trained_now": built["experts_trained_now"], "questions": len(test), "sweep_questions": len(sub),
         "batch_size": h.batch_size, "shots": [q for q, _, _ in h.shots],
         "summary": summarize(main), "by_kind": _by_kind(main),
@@ -415,9 +415,12 @@ def section(m: dict, rel: str = "dmoe") -> str:
              f"Knowledge: {m['documents']} Debian package records frozen in `doe_ext/dmoe/data/debian-packages-v1` "
              f"(source and licence in its README); {m['questions']} test questions (maintainer, section, homepage, "
              "yes/no section), worded by evaluation-only templates. One expert per record on the last MLP: rank "
-             f"{r['rank']}, alpha {r['alpha']}, lr {r['lr']}, {r['epochs']} epochs, augmentation `{r['augment']}`. "
+             f"{r['lora']['rank']}, alpha {r['lora']['alpha']}, objective `{r['objective']}`"
+             + (f" (`{r['distill_loss']}`; instances {', '.join(r['instances'])})" if r["objective"] == "distill" else "")
+             + f", lr {r['lr']}, {r['epochs']} epochs, augmentation `{r['augment']}`. "
              "Prompt: plain text with four demonstrations from the dev split; greedy decoding up to a line "
-             "break; BM25 top-3, queries cut to 128 tokens; trigger tau = 2.0. Questions run in batches of "
+             f"break; BM25 top-3 composed by `{m['compose']}`, queries cut to 128 tokens; trigger tau = 2.0. "
+             "Questions run in batches of "
              f"{m['batch_size']} in order of their prompt's length; latency is a batch's wall time over its size "
              "(the prompts' shared prefix runs once per method, and an answer that has ended leaves its batch), on "
              "the 2-core CPU machine, float32.", "",
