@@ -53,13 +53,13 @@ _MADE: dict[str, str] = {}  # what this process made, for the next bank of the s
 def _cached(bank: ExpertBank, keys: list[str], make: Callable[[list[int]], list[str]]) -> list[str]:
     """The bank's cached value of each key (or this process's, made for another bank: the keys name the
     base and everything the value depends on); the missing ones made (``make(indices)``) and cached."""
-    got = [bank.cached(k) or _MADE.get(k) for k in keys]
+    stored = [bank.cached(k) for k in keys]
+    got = [v or _MADE.get(k) for k, v in zip(keys, stored)]
     todo = [i for i, g in enumerate(got) if g is None]
     if todo:
-        new = make(todo)
-        for i, v in zip(todo, new):
+        for i, v in zip(todo, make(todo)):
             got[i] = _MADE[keys[i]] = v
-    bank.cache({k: v for k, v in zip(keys, got) if bank.cached(k) is None})
+    bank.cache({k: v for k, v, old in zip(keys, got, stored) if old is None})
     return got
 
 
