@@ -11,6 +11,7 @@ Where experts sit in it is :class:`doe_ext.dmoe.experts.ExpertSite` (``BaseLM.si
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,9 +39,10 @@ class BaseLM:
     name: str
     fingerprint: str
 
-    @property
+    @functools.cached_property
     def site(self) -> ExpertSite:
-        """Where DMoE's experts sit: the last decoder layer's MLP."""
+        """Where DMoE's experts sit: the last decoder layer's MLP (derived once; every batch of
+        training and generation reads it)."""
         return ExpertSite(self.model)
 
     @property
