@@ -142,3 +142,16 @@ def test_report_studies_help_runs(study):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: report.py") and "--out" in done.stdout
+
+
+def test_final_table_sample_is_seeded_and_keeps_file_order():
+    """`report final --questions N`: the same N questions at every run, in the file's order, none twice."""
+    from doe_ext.dmoe.report import sample
+
+    qs = [{"question": f"q{i}"} for i in range(50)]
+    a, b = sample(qs, 7), sample(qs, 7)
+    assert a == b and len(a) == 7
+    idx = [qs.index(q) for q in a]
+    assert idx == sorted(set(idx))
+    assert sample(qs, 7, seed=1) != a
+    assert sample(qs, None) == qs and sample(qs, 80) == qs

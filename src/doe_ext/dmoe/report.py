@@ -143,16 +143,19 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
 
 
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
-                limit: int | None = None, compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE,
-                sft_docs_per_step: int = 8,
+                questions: int | None = None, bank_docs: str = "all", compose: str = DEFAULT_COMPOSE,
+                temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 8,
                 recipes: tuple[str, ...] = ("default", "paper"), methods: tuple[str, ...] = METHODS,
                 progress: bool = True) -> dict:
     """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,
     DMoE with the paper's recipe and with the default one, and the oracle router (the default experts,
     each question's own, TU trigger), with 95% intervals and paired differences against closed book and
-    against RAG. Banks of every document of the set, one per recipe, built (or reused) under ``out``.
-    Demonstrations: the first dev question of each kind. ``recipes`` and ``methods`` leave rows out (a
-    partial run says so in its table). Writes ``OUT/final.{json,md}``."""
+    against RAG. ``questions``: a seeded sample of that many test questions (all by default; the order
+    of the file is kept). Banks, one per recipe, built (or reused) under ``out``: of every document of
+    the set (``bank_docs="all"``), or of the sampled questions' documents only (``"questions"``, cheaper,
+    and routing has fewer documents to tell apart). Demonstrations: the first dev question of each kind.
+    ``recipes`` and ``methods`` leave rows out (a partial run says so in its table). Writes
+    ``OUT/final.{json,md}``."""
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.metrics import paired_ci
     from doe_ext.dmoe.model import DMoE
@@ -162,14 +165,21 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     t0 = time.perf_counter()
     docs, qa = load(knowledge)
     text = {d["id"]: d["text"] for d in docs}
-    test = [q for q in qa if q["split"] == "test"][:limit]
+    test = sample([q for q in qa if q["split"] == "test"], questions)
     demos = shots([q for q in qa if q["split"] == "dev"], text)
+    if bank_docs not in ("all", "questions"):
+        raise ValueError(f"bank_docs must be 'all' or 'questions', got {bank_docs!r}")
+    if bank_docs == "questions":
+        keep = {q["doc_id"] for q in test}
+        docs = [d for d in docs if d["id"] in keep]
     base = load_base(base_name)
     banks, build_s = {}, {}
     for name, recipe in (("default", DEFAULT), ("paper", PAPER)):
         if name not in recipes:
             continue
-        tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict()]).encode()).hexdigest()[:10]
+        tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict()] +
+                                        ([] if bank_docs == "all" else [sorted(d["id"] for d in docs)])
+                                        ).encode()).hexdigest()[:10]
         banks[name] = ExpertBank(out / f"bank-{name}-{tag}", create=True, fingerprint=base.fingerprint,
                                  base_name=base_name, recipe=recipe)
         t = time.perf_counter()
@@ -193,7 +203,7 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
               for m in res}
     result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
-              "documents": len(docs), "demonstrations": [q for q, _, _ in demos], "compose": compose,
+              "sampled": questions is not None, "bank_docs": bank_docs, "documents": len(docs), "demonstrations": [q for q, _, _ in demos], "compose": compose,
               "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
               "summary": summary, "paired_em": paired, "by_kind": _by_kind(res),
               "seconds": {"build": build_s, "sft": sft_s, "eval": eval_s, "total": round(time.perf_counter() - t0, 1)}}
@@ -203,11 +213,24 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     return result
 
 
+def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
+    """A seeded sample of ``n`` questions in their file order (all of them when ``n`` is None)."""
+    if n is None or n >= len(questions):
+        return list(questions)
+    import random
+
+    keep = set(random.Random(seed).sample(range(len(questions)), n))
+    return [q for i, q in enumerate(questions) if i in keep]
+
+
 def final_markdown(r: dict) -> str:
     """The final table with the paired EM differences."""
-    md = [f"{r['knowledge']}, {r['base']}, test split ({r['questions']} questions, a bank of all {r['documents']} "
-          f"documents), composition {r['compose']}; EM / F1 with 95% bootstrap intervals; paired EM differences "
-          "resample the questions.", "",
+    which = (f"a seeded sample of {r['questions']} questions" if r.get("sampled") else f"{r['questions']} questions")
+    bank = (f"a bank of all {r['documents']} documents" if r.get("bank_docs", "all") == "all"
+            else f"a bank of their {r['documents']} documents")
+    md = [f"{r['knowledge']}, {r['base']}, test split ({which}, {bank}), composition {r['compose']} "
+          f"(T={r['temperature']:g}); EM / F1 with 95% bootstrap intervals; paired EM differences resample the "
+          "questions.", "",
           "| method | EM | F1 | EM − closed book | EM − RAG | latency s | triggers |", "|---|---|---|---|---|---|---|"]
     for m, s in r["summary"].items():
         p = r["paired_em"][m]
@@ -511,7 +534,9 @@ if __name__ == "__main__":
     f.add_argument("--out", type=Path, default=None, help="default: reports/dmoe-final/KNOWLEDGE-BASE")
     f.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"))
     f.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
-    f.add_argument("--limit", type=int, default=None, help="first N test questions")
+    f.add_argument("--questions", type=int, default=None, help="a seeded sample of N test questions (default: all)")
+    f.add_argument("--bank-docs", default="all", choices=("all", "questions"),
+                   help="bank every document of the set, or only the sampled questions' documents")
     f.add_argument("--recipes", default="default,paper", help="the banks: default, paper")
     f.add_argument("--methods", default=",".join(METHODS), help="the methods besides DMoE and the oracle router")
     r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
@@ -520,7 +545,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.study == "final":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
-                                         args.knowledge, args.base, args.limit,
+                                         args.knowledge, args.base, args.questions, args.bank_docs,
                                          recipes=tuple(args.recipes.split(",")),
                                          methods=tuple(args.methods.split(",")))))
     elif args.study == "ablations":
