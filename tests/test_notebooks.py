@@ -36,7 +36,7 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     spec = KernelSpecManager().get_kernel_spec("python3")
     assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve() or spec.argv[0] == "python", spec.argv
     # a cell that raises fails the test with the cell and its traceback; the timeout only guards a hang
-    nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
+    nbclient.NotebookClient(book, timeout=1800, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
     assert outputs and not [o for o in outputs if o.output_type == "error"]
