@@ -203,7 +203,8 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
               for m in res}
     result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
-              "sampled": questions is not None, "bank_docs": bank_docs, "documents": len(docs), "demonstrations": [q for q, _, _ in demos], "compose": compose,
+              "sampled": questions is not None, "bank_docs": bank_docs, "documents": len(docs),
+              "demonstrations": [q for q, _, _ in demos], "compose": compose,
               "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
               "summary": summary, "paired_em": paired, "by_kind": _by_kind(res),
               "seconds": {"build": build_s, "sft": sft_s, "eval": eval_s, "total": round(time.perf_counter() - t0, 1)}}
