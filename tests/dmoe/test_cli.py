@@ -155,3 +155,10 @@ def test_final_table_sample_is_seeded_and_keeps_file_order():
     assert idx == sorted(set(idx))
     assert sample(qs, 7, seed=1) != a
     assert sample(qs, None) == qs and sample(qs, 80) == qs
+
+
+def test_final_table_refuses_an_unknown_bank_docs_by_name(tmp_path):
+    from doe_ext.dmoe.report import final_table
+
+    with pytest.raises(ValueError, match="bank_docs must be 'all' or 'questions', got 'some'"):
+        final_table(tmp_path, bank_docs="some")

@@ -163,12 +163,13 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    docs, qa = load(knowledge)
-    text = {d["id"]: d["text"] for d in docs}
-    test = sample([q for q in qa if q["split"] == "test"], questions)
-    demos = shots([q for q in qa if q["split"] == "dev"], text)
     if bank_docs not in ("all", "questions"):
         raise ValueError(f"bank_docs must be 'all' or 'questions', got {bank_docs!r}")
+    docs, qa = load(knowledge)
+    text = {d["id"]: d["text"] for d in docs}
+    every = [q for q in qa if q["split"] == "test"]
+    test = sample(every, questions)
+    demos = shots([q for q in qa if q["split"] == "dev"], text)
     if bank_docs == "questions":
         keep = {q["doc_id"] for q in test}
         docs = [d for d in docs if d["id"] in keep]
@@ -177,8 +178,7 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     for name, recipe in (("default", DEFAULT), ("paper", PAPER)):
         if name not in recipes:
             continue
-        tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict()] +
-                                        ([] if bank_docs == "all" else [sorted(d["id"] for d in docs)])
+        tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict(), sorted(d["id"] for d in docs)]
                                         ).encode()).hexdigest()[:10]
         banks[name] = ExpertBank(out / f"bank-{name}-{tag}", create=True, fingerprint=base.fingerprint,
                                  base_name=base_name, recipe=recipe)
@@ -203,7 +203,7 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
               for m in res}
     result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
-              "sampled": questions is not None, "bank_docs": bank_docs, "documents": len(docs),
+              "sampled": len(test) < len(every), "bank_docs": bank_docs, "documents": len(docs),
               "demonstrations": [q for q, _, _ in demos], "compose": compose,
               "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
               "summary": summary, "paired_em": paired, "by_kind": _by_kind(res),
