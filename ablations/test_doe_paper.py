@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from doe_ext.demo import eval_windows
+from doe_ext.training import eval_windows
 from doe_ext.testing.runs import SCALES
 
 METRICS = ("heldout_ppl", "heldout_ntp", "train_s")

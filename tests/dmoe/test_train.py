@@ -228,6 +228,19 @@ def test_distill_instances(base):
     assert tok.decode(chunks[1].teacher).startswith("basalt: Basalt is dark. It forms from lava.")
 
 
+def test_distill_keeps_a_document_longer_than_max_length(base):
+    """``max_length`` bounds the student's sequence: a document longer than it (with the
+    demonstrations, in the teacher's prompt) still gives instances, the teacher seeing all of it."""
+    tok = base.tokenizer
+    long = Document("long", " ".join(f"Fact {i}: the basalt sample {i} weighs {3 * i} grams." for i in range(12)),
+                    title="basalt samples")
+    recipe = Recipe(objective="distill", instances=("subject",), answer_tokens=4, max_length=200)
+    assert len(tok(long.text)["input_ids"]) > recipe.max_length
+    insts = distill_instances(base, [(long, Augmentation())], recipe)[0]
+    assert insts and all(len(i.ids) <= recipe.max_length < len(i.teacher) for i in insts)
+    assert all(long.text in tok.decode(i.teacher) for i in insts)
+
+
 @pytest.mark.parametrize("hidden_weight", [0.0, 0.5])
 def test_distill_equals_the_slow_reference(base64, hidden_weight):
     """Batched, cached context distillation == one expert at a time, the teacher and the student run whole."""

@@ -35,16 +35,36 @@ def test_model_output_flags_and_tuples():
     assert isinstance(auto(ids, topic_ids=topics), DoEModelOutput)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"knowledge": False}])
+@pytest.mark.parametrize("overrides", [{}, {"knowledge": False, "topic_input": True}, {"knowledge": False}])
 def test_inputs_embeds_equal_input_ids(overrides):
+    """transformers' idiom (PEFT's prompt tuning, TRL, generation from embeddings):
+    ``inputs_embeds=model.get_input_embeddings()(ids)`` with the same topics gives the logits of ``ids``,
+    with a trained projection (not ``[I | 0]``, which would hide a projection applied twice)."""
+    torch.manual_seed(0)
     model = DoEForCausalLM(tiny(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.model.embed_tokens.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     ids, topics = batch()
-    emb = model.get_input_embeddings()
-    token_part = torch.nn.functional.embedding(ids, emb.token_weight if hasattr(emb, "token_weight") else emb.weight)
+    embeds = model.get_input_embeddings()(ids)
+    assert embeds.shape == (*ids.shape, 32)
     want = model(ids, topic_ids=topics).logits
-    torch.testing.assert_close(model(inputs_embeds=token_part, topic_ids=topics).logits, want)
+    if model.config.has_topic_input:
+        assert not torch.allclose(model(ids).logits, want)  # the topics matter
+    torch.testing.assert_close(model(inputs_embeds=embeds, topic_ids=topics).logits, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="pass exactly one of `input_ids` and `inputs_embeds`"):
-        model(ids, inputs_embeds=token_part)
+        model(ids, inputs_embeds=embeds)
+
+
+def test_set_input_embeddings_keeps_the_topic_part():
+    model = DoEForCausalLM(tiny()).eval()
+    dual = model.model.embed_tokens
+    table = torch.nn.Embedding(V, 32)
+    model.set_input_embeddings(table)
+    assert model.model.embed_tokens is dual and dual.token_weight is table.weight
+    assert model.get_input_embeddings().weight is table.weight
+    with pytest.raises(ValueError, match="`value` has width 5, the model 32"):
+        model.set_input_embeddings(torch.nn.Embedding(V, 5))
 
 
 @pytest.mark.parametrize("overrides", [{"beta": 0.1, "router_decoder": True, "blocks": "ffn"},

@@ -242,13 +242,29 @@ def test_module_wraps_the_linear_and_starts_as_it_with_zero_b():
     torch.testing.assert_close(layer(x, torch.randint(-1, 4, (3, 2))), base(x), rtol=0, atol=0)
 
 
+def test_module_wraps_gpt2_conv1d_as_its_linear_twin():
+    """GPT-2's Conv1D stores its weight [in, out]: wrapped, it computes what the equal nn.Linear does."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(6, 8)
+    conv.bias.data.normal_()
+    linear = nn.Linear(8, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    a, b = torch.randn(4, 2, 8), torch.randn(4, 6, 2)
+    x, idx, s = torch.randn(2, 3, 8), torch.randint(-1, 4, (2, 3, 2)), torch.rand(2, 3, 2)
+    torch.testing.assert_close(MultiLoRALinear(conv, a, b)(x, idx, s), MultiLoRALinear(linear, a, b)(x, idx, s))
+
+
 def test_module_rejects_bad_banks():
     base = nn.Linear(8, 6)
     with pytest.raises(ValueError, match=r"`bank_a` of shape \[N, r, 8\]"):
         MultiLoRALinear(base, torch.randn(4, 2, 7), torch.zeros(4, 6, 2))
     with pytest.raises(ValueError, match=r"`bank_b` of shape \[4, 6, 2\]"):
         MultiLoRALinear(base, torch.randn(4, 2, 8), torch.zeros(4, 6, 3))
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match="expected `base` to be an nn.Linear or Conv1D, got Conv1d"):
         MultiLoRALinear(nn.Conv1d(8, 6, 1), torch.randn(4, 2, 8), torch.zeros(4, 6, 2))
 
 

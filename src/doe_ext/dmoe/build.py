@@ -73,11 +73,16 @@ def augmentations(base: BaseLM, bank: ExpertBank, docs: list[Document]) -> list[
     return [Augmentation.from_json(g) for g in got]
 
 
+# Bumped when the making of instances changes (2: a long document's distillation instances are kept).
+INSTANCES_VERSION = 2
+
+
 def instances_key(bank: ExpertBank, doc: Document, aug: Augmentation) -> str:
-    """What a document's instances depend on: the base, the recipe's instance fields, the document, its augmentation."""
+    """What a document's instances depend on: the base, the recipe's instance fields, the document, its
+    augmentation, and :data:`INSTANCES_VERSION`."""
     r = bank.recipe
     what = [bank.fingerprint, r.objective, list(r.instances), r.answer_tokens, r.max_length, doc.text, doc.title,
-            aug.to_json()]
+            aug.to_json(), INSTANCES_VERSION]
     return "instances:" + hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 

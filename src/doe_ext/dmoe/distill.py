@@ -90,9 +90,11 @@ def teacher_answers(base: BaseLM, passages: list[str], questions: list[str], max
 
 
 def _pair(tok, teacher_prefix: str, student_prefix: str, target: str, max_length: int) -> Instance | None:
+    """``max_length`` bounds the student's sequence, the one trained; the teacher's holds the whole
+    document however long (it is only run forward), so a long document keeps its instances."""
     enc = starts(tok)
     t, s = enc(teacher_prefix), enc(student_prefix)
-    y = continues(tok)(target)[:max_length - max(len(t), len(s))]
+    y = continues(tok)(target)[:max_length - len(s)]
     if not y or not s:
         return None
     return Instance(s + y, len(s) - 1, t + y, len(t) - 1)

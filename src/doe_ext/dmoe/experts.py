@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from doe_ext.dmoe.recipe import LoRAConfig
 from doe_ext.integrations.hf.adapters import adapter_for, get_path
-from doe_ext.ops import multi_lora_linear
+from doe_ext.nn.multi_lora_linear import lora_rows
+from doe_ext.nn.projection import linear_weight
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "base_layer"):
         module = module.base_layer
     return module
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """A projection's weight as ``[out, in]`` (a view for GPT-2's ``Conv1D``, which stores ``[in, out]``)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D":
-        return module.weight.t()
-    raise TypeError(f"dmoe: expert projections must be nn.Linear or Conv1D, got {type(module).__name__}")
 
 
 def set_linear_weight(module: nn.Module, weight: Tensor) -> None:
@@ -164,17 +156,14 @@ class ExpertLinear(nn.Module):
         if active is None or self.name not in active.experts.a:
             return self.base_layer(x)
         idx, scales = active.indices, active.scales
-        x2 = x.reshape(-1, x.shape[-1])
-        if idx.shape[0] != x2.shape[0]:  # one set per sequence of a [B, T, in] input
+        if idx.shape[0] != x.numel() // x.shape[-1]:  # one set per sequence of a [B, T, in] input
             if x.dim() != 3 or idx.shape[0] != x.shape[0]:
                 raise ValueError(f"dmoe: the active experts have {idx.shape[0]} rows for an input of shape "
                                  f"{tuple(x.shape)}")
             idx = idx.repeat_interleave(x.shape[1], 0)
             scales = scales.repeat_interleave(x.shape[1], 0)
         inner = unwrap(self.base_layer)  # another site's wrapper may sit inside (unused in this call)
-        y = multi_lora_linear(x2, linear_weight(inner), getattr(inner, "bias", None), active.experts.a[self.name],
-                              active.experts.b[self.name], idx, scales.to(x.dtype))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return lora_rows(inner, x, active.experts.a[self.name], active.experts.b[self.name], idx, scales)
 
 
 class ExpertSite:

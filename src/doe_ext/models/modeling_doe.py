@@ -17,7 +17,7 @@ One DoE layer, residual stream x:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,25 @@ class TopKMoE(nn.Module):
         return out.view_as(h), balance
 
 
+class LayerOutput(NamedTuple):
+    """What a :class:`DoEDecoderLayer` returns: a tuple of fixed length, so that everything carrying
+    gradient leaves the layer as one of its tensors (reentrant gradient checkpointing keeps only
+    those: the expert-label and KL gradients survive). A checkpoint may hand it back as a plain
+    tuple: ``LayerOutput(*outputs)`` names it again."""
+
+    hidden: Tensor
+    attention_weights: Tensor | None = None
+    gates: Tensor | None = None  # the router's, when the layer has one
+    logits: Tensor | None = None
+    kl: Tensor | None = None
+    recon: Tensor | None = None
+    balance: Tensor | None = None  # the MoE baseline's load-balancing loss
+
+    @property
+    def routed(self) -> RouterOutput | None:
+        return None if self.gates is None else RouterOutput(self.gates, self.logits, self.kl, self.recon)
+
+
 class DoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DoEConfig, layer_idx: int):
         super().__init__()
@@ -175,34 +194,21 @@ class DoEDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, attention_mask=None, position_embeddings=None, cache: Cache | None = None,
                 pad_mask: Tensor | None = None, z: Tensor | None = None, router: nn.Module | None = None,
-                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> tuple:
-        """A flat tuple ``(x, attention weights or None, *extra)``: ``extra`` is the router's
-        ``(gates, logits, kl, recon)``, the MoE baseline's ``(balance,)`` or empty. Everything that
-        carries gradient leaves the layer as a tensor of that tuple, so reentrant gradient
-        checkpointing keeps the expert-label and KL gradients (:func:`layer_extra` reads it back)."""
+                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> LayerOutput:
         a, signal, weights = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache,
                                             **kwargs)
         x = x + a
         h = self.post_attention_layernorm(x)  # H_mha
-        extra: tuple = ()
         if isinstance(self.ffn, KnowledgeFFN):
             if signal is not None and self.ffn.signal_proj is not None:
                 signal = causal_prefix_mean(signal, pad_mask, cache, self.layer_idx)
             out, routed = self.ffn(h, z, signal, router, prior, recon_target)
-            if routed is not None:
-                extra = (routed.gates, routed.logits, routed.kl, routed.recon)
-        elif isinstance(self.ffn, TopKMoE):
+            return LayerOutput(x + out, weights, *(() if routed is None else
+                                                   (routed.gates, routed.logits, routed.kl, routed.recon)))
+        if isinstance(self.ffn, TopKMoE):
             out, balance = self.ffn(h)
-            extra = (balance,)
-        else:
-            out = self.ffn(h)
-        return (x + out, weights, *extra)
-
-
-def layer_extra(outputs: tuple) -> RouterOutput | Tensor | None:
-    """What a :class:`DoEDecoderLayer` routed: its ``RouterOutput``, the MoE balance loss, or None."""
-    extra = outputs[2:]
-    return RouterOutput(*extra) if len(extra) == 4 else extra[0] if extra else None
+            return LayerOutput(x + out, weights, balance=balance)
+        return LayerOutput(x + self.ffn(h), weights)
 
 
 class DoEPreTrainedModel(PreTrainedModel):
@@ -254,21 +260,31 @@ class DoEModel(DoEPreTrainedModel):
     def router_for(self, i: int) -> nn.Module | None:
         return layer_router(self.routers, i, self.config.num_hidden_layers)
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (with a dual embedding, its token part :class:`~doe_ext.nn.TokenEmbedding`):
+        ``model(inputs_embeds=model.get_input_embeddings()(ids), topic_ids=t)`` equals ``model(ids, topic_ids=t)``."""
+        return self.embed_tokens.tokens if isinstance(self.embed_tokens, DualInputEmbedding) else self.embed_tokens
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """An ``nn.Embedding`` becomes the token table (a dual embedding keeps its topic table and
+        projection); a :class:`DualInputEmbedding` replaces the whole embedding."""
+        if isinstance(self.embed_tokens, DualInputEmbedding) and not isinstance(value, DualInputEmbedding):
+            if value is not self.embed_tokens.tokens:
+                if value.weight.shape[1] != self.embed_tokens.d_model:
+                    raise ValueError(f"DoEModel.set_input_embeddings: `value` has width {value.weight.shape[1]}, "
+                                     f"the model {self.embed_tokens.d_model}")
+                self.embed_tokens.token_weight = value.weight
+                self.embed_tokens.vocab_size = value.weight.shape[0]
+            return
         self.embed_tokens = value
 
     def embed(self, input_ids: Tensor | None, topic_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        """The input embedding; ``inputs_embeds`` stands for the token part (``token_weight[input_ids]``),
-        the topic part is still added from ``topic_ids`` (exactly what ``input_ids`` would give)."""
+        """The input embedding: the token part (``get_input_embeddings()(input_ids)``, or ``inputs_embeds``
+        given for it), then the topic part from ``topic_ids`` (one path, so the two are equal)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DoEModel: pass exactly one of `input_ids` and `inputs_embeds`")
-        dual = isinstance(self.embed_tokens, DualInputEmbedding)
-        if inputs_embeds is None:
-            return self.embed_tokens(input_ids, topic_ids) if dual else self.embed_tokens(input_ids)
-        return self.embed_tokens.combine(inputs_embeds, topic_ids) if dual else inputs_embeds
+        tokens = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.embed_tokens.combine(tokens, topic_ids) if isinstance(self.embed_tokens, DualInputEmbedding) else tokens
 
     def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None, cache: Cache | None = None,
@@ -300,7 +316,7 @@ class DoEModel(DoEPreTrainedModel):
         recon_target = None
         if reconstruct and last is not None and last.decoder is not None:
             recon_target = F.pad(x[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
-        extras, hidden, attentions = [], [], []
+        layer_outputs, hidden, attentions = [], [], []
         for i, layer in enumerate(self.layers):
             is_last = i == len(self.layers) - 1
             if output_hidden_states:
@@ -308,15 +324,16 @@ class DoEModel(DoEPreTrainedModel):
             outputs = layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, pad_mask=pad_mask,
                             z=self.knowledge_state, router=self.router_for(i), prior=prior if i == 0 else None,
                             recon_target=recon_target if is_last else None, **kwargs)
-            x = outputs[0]
-            attentions.append(outputs[1])
-            extras.append(layer_extra(outputs))
+            outputs = LayerOutput(*outputs)
+            x = outputs.hidden
+            attentions.append(outputs.attention_weights)
+            layer_outputs.append(outputs)
         x = self.norm(x)
         out = DoEModelOutput(last_hidden_state=x, cache=cache,
                              hidden_states=tuple(hidden) + (x,) if output_hidden_states else None,
                              attentions=tuple(attentions) if output_attentions else None,
-                             router_outputs=tuple(e if isinstance(e, RouterOutput) else None for e in extras),
-                             moe_balances=tuple(e for e in extras if isinstance(e, Tensor)))
+                             router_outputs=tuple(o.routed for o in layer_outputs),
+                             moe_balances=tuple(o.balance for o in layer_outputs if o.balance is not None))
         return out if return_dict else out.to_tuple()
 
 
@@ -358,6 +375,12 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         share = float(torch.stack([1 - s["sparsity"] for s in layers]).mean()) if layers else 1.0
         return total, int(total - block + share * block)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -365,7 +388,7 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         """transformers' resize, for the dual embedding too: its token table is resized as an
         ``nn.Embedding`` would be (new rows from the old rows' mean and covariance with
         ``mean_resizing``), the topic table and projection are kept, the LM head follows."""
-        emb = self.get_input_embeddings()
+        emb = self.model.embed_tokens
         if not isinstance(emb, DualInputEmbedding):
             return super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         table = nn.Embedding(emb.vocab_size, emb.d_model, padding_idx=emb.padding_idx, _weight=emb.token_weight.data,
@@ -376,7 +399,7 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         head = self._get_resized_lm_head(self.lm_head, emb.vocab_size, mean_resizing=mean_resizing)
         head.requires_grad_(self.lm_head.weight.requires_grad)
         self.set_output_embeddings(head)
-        return emb
+        return emb.tokens
 
     def set_output_embeddings(self, value):
         self.lm_head = value

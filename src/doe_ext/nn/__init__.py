@@ -1,9 +1,9 @@
 """nn.Module wrappers: each owns its parameters and calls a fused op (or, with
 ``reference=True``, the op's plain-PyTorch twin: the same module as a test oracle)."""
 from doe_ext.nn.knowledge_attention import KnowledgeAttention
-from doe_ext.nn.dual_embedding import DualInputEmbedding
+from doe_ext.nn.dual_embedding import DualInputEmbedding, TokenEmbedding
 from doe_ext.nn.multi_lora_linear import MultiLoRALinear
 from doe_ext.nn.expert_loss import ExpertLoss
 from doe_ext.nn.vae_relu_router import SparsityController, VAEReLURouter
 
-__all__ = ["KnowledgeAttention", "DualInputEmbedding", "MultiLoRALinear", "VAEReLURouter", "ExpertLoss", "SparsityController"]
+__all__ = ["KnowledgeAttention", "DualInputEmbedding", "TokenEmbedding", "MultiLoRALinear", "VAEReLURouter", "ExpertLoss", "SparsityController"]

@@ -8,6 +8,37 @@ from doe_ext.ops import dual_embedding
 from doe_ext.reference import dual_embedding_ref
 
 
+class TokenEmbedding(nn.Module):
+    """The token part of a :class:`DualInputEmbedding` as a module of its own, ``E_tok[ids]``: what a
+    model with a dual embedding returns from transformers' ``get_input_embeddings()``. Its output,
+    passed back as ``inputs_embeds`` with the same ``topic_ids``, gives what ``input_ids`` give (the
+    model adds the topic part, as a multimodal model adds its image features). It owns no parameter:
+    ``weight`` is the owner's ``token_weight``, so the state dict and tying are unchanged."""
+
+    def __init__(self, owner: "DualInputEmbedding"):
+        super().__init__()
+        self._owner = (owner,)  # in a tuple: not registered as a child (no cycle in named_modules)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._owner[0].token_weight
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self._owner[0].padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return F.embedding(token_ids, self.weight, self.padding_idx)
+
+
 class DualInputEmbedding(nn.Module):
     """The dual-input embedding of DoE §3.3 (Algorithm 1): ``[E_tok[token]; E_know[topic]]``.
 
@@ -42,6 +73,7 @@ class DualInputEmbedding(nn.Module):
         self.token_weight = nn.Parameter(torch.empty(vocab_size, d_model))  # E_tok
         self.topic_weight = nn.Parameter(torch.empty(num_topics, topic_dim))  # E_know
         self.proj = nn.Linear(d_model + topic_dim, d_model, bias=False) if project else None
+        self.tokens = TokenEmbedding(self)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,16 +114,18 @@ class DualInputEmbedding(nn.Module):
         resizing): ``token_weight``."""
         return self.token_weight
 
-    def combine(self, token_embeds: Tensor, topic_ids: Tensor | None = None) -> Tensor:
+    def combine(self, token_embeds: Tensor, topic_ids: Tensor | None = None, topic_scale: float | Tensor = 1.0) -> Tensor:
         """:meth:`forward` from the token part ``token_embeds [..., d_model]`` (``token_weight[ids]``, or
-        any embedding a caller computed: Hugging Face's ``inputs_embeds``) and ``topic_ids [...]``."""
+        any embedding a caller computed: Hugging Face's ``inputs_embeds``) and ``topic_ids [...]``.
+        ``topic_scale`` multiplies the topic part (a scaled token embedding's scale, so that the result
+        is the scaled dual embedding: the projection is linear)."""
         if token_embeds.shape[-1] != self.d_model:
             raise ValueError(f"DualInputEmbedding.combine: `token_embeds` must end in d_model={self.d_model}, got "
                              f"{tuple(token_embeds.shape)}")
         if topic_ids is None:
             topic_ids = torch.full(token_embeds.shape[:-1], -1, dtype=torch.long, device=token_embeds.device)
         topic = F.embedding(topic_ids.clamp(min=0), self.topic_weight) * (topic_ids >= 0)[..., None].to(token_embeds.dtype)
-        h = torch.cat([token_embeds, topic.to(token_embeds.dtype)], dim=-1)
+        h = torch.cat([token_embeds, (topic * topic_scale).to(token_embeds.dtype)], dim=-1)
         return h if self.proj is None else self.proj(h)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ class VAEReLURouter(nn.Module):
     Args:
         d_model: width of the router input ``h``.
         latent_dim: width of z.
-        num_blocks: K, the number of knowledge blocks (gates).
+        num_topics: K, the number of knowledge blocks (gates): the LDA topic count, as everywhere in the package.
         activation: ``"relu"`` (DoE) or ``"softmax"`` (the VAE-softmax ablation).
         decoder: add a linear decoder ``z -> [decoder_dim]`` that reconstructs a given target (the
             input itself, or the next token's embedding for the last layer, §3.3).
@@ -30,19 +30,19 @@ class VAEReLURouter(nn.Module):
     counts and all-zero rows as device tensors: reading them is the only sync).
     """
 
-    def __init__(self, d_model: int, latent_dim: int, num_blocks: int, activation: str = "relu",
+    def __init__(self, d_model: int, latent_dim: int, num_topics: int, activation: str = "relu",
                  decoder: bool = False, decoder_dim: int | None = None, reference: bool = False):
         super().__init__()
-        if d_model < 1 or latent_dim < 1 or num_blocks < 1:
-            raise ValueError(f"VAEReLURouter: d_model, latent_dim and num_blocks must be >= 1, got d_model={d_model}, "
-                             f"latent_dim={latent_dim}, num_blocks={num_blocks}")
+        if d_model < 1 or latent_dim < 1 or num_topics < 1:
+            raise ValueError(f"VAEReLURouter: d_model, latent_dim and num_topics must be >= 1, got d_model={d_model}, "
+                             f"latent_dim={latent_dim}, num_topics={num_topics}")
         if activation not in ("relu", "softmax"):
             raise ValueError(f'VAEReLURouter: activation must be "relu" or "softmax", got "{activation}"')
-        self.d_model, self.latent_dim, self.num_blocks = d_model, latent_dim, num_blocks
+        self.d_model, self.latent_dim, self.num_topics = d_model, latent_dim, num_topics
         self.activation, self.reference = activation, reference
         self.mu = nn.Linear(d_model, latent_dim)  # mu_phi(h), eq. 5
         self.logvar = nn.Linear(d_model, latent_dim)  # log sigma_phi^2(h), eq. 5
-        self.gate = nn.Linear(latent_dim, num_blocks)  # gating network on z
+        self.gate = nn.Linear(latent_dim, num_topics)  # gating network on z
         self.decoder = nn.Linear(latent_dim, decoder_dim or d_model) if decoder else None  # p_psi(h|z), eq. 7
         self.last_stats: RouterStats | None = None
         self.reset_parameters()
@@ -67,7 +67,7 @@ class VAEReLURouter(nn.Module):
             raise ValueError("VAEReLURouter: recon_target given but the router has no decoder (decoder=False)")
         if self.reference:
             out = vae_relu_router_ref(*args, training=self.training, activation=self.activation, return_z=want_z)
-            active = out[0].detach().reshape(-1, self.num_blocks) > 0
+            active = out[0].detach().reshape(-1, self.num_topics) > 0
             self.last_stats = RouterStats(active.sum(0), active.any(-1).logical_not().sum(), active.shape[0])
         else:
             *out, stats = vae_relu_router(*args, training=self.training, activation=self.activation, return_z=want_z,
@@ -80,7 +80,7 @@ class VAEReLURouter(nn.Module):
         return gates, logits, kl, recon
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, latent_dim={self.latent_dim}, num_blocks={self.num_blocks}, "
+        return (f"d_model={self.d_model}, latent_dim={self.latent_dim}, num_topics={self.num_topics}, "
                 f"activation={self.activation}, decoder={self.decoder is not None}")
 
 

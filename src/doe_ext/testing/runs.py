@@ -106,7 +106,7 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
     """DoE Table 14 and Fig. 7 at our scale: continue training ``model`` on one domain only (constant
     ``lr``), held-out NTP loss per domain before and after, and the share of blocks with exactly zero
     gradient at each continued step."""
-    from doe_ext.demo import _batches, evaluate, eval_windows, optimise
+    from doe_ext.training import batches, eval_windows, evaluate, optimise
 
     domains = sorted(set(heldout[2]))
     if target not in domains:
@@ -120,7 +120,7 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
         if share is not None:
             shares.append(share)
 
-    optimise(model, _batches(*by_domain(train, target), seq, batch, steps, seed=3), steps, lr, one_cycle=False,
+    optimise(model, batches(*by_domain(train, target), seq, batch, steps, seed=3), steps, lr, one_cycle=False,
              after_backward=after_backward)
     after = {d: evaluate(model, w, batch)["ntp"] for d, w in windows.items()}
     others = [d for d in domains if d != target]
@@ -153,8 +153,8 @@ def train_run(corpus: LabelledCorpus, config: dict | None = None, seed: int = 0,
     Cached by (corpus, config, seed, sizes, topics, continuation). Returns the held-out NTP loss and
     perplexity, the held-out curve (10 points), the training curve, next-topic accuracy (with
     routers), the last utilisation CV per layer, tokens/s, train seconds, parameters and peak RSS
-    (:func:`doe_ext.demo.train_model`), and ``seesaw`` with a continuation."""
-    from doe_ext.demo import train_model
+    (:func:`doe_ext.training.train_model`), and ``seesaw`` with a continuation."""
+    from doe_ext.training import train_model
 
     unknown = sorted(set(sizes) - set(SCALES[scale]))
     if unknown:

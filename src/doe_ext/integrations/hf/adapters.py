@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from doe_ext.nn.projection import is_projection, out_features
+
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 FLAT_MLP_INPUTS = ("fc1",)  # OPT: no MLP module; fc1 takes the MLP's input
@@ -51,25 +53,14 @@ def has_path(root: Any, path: str) -> bool:
     return True
 
 
-def out_features(module: nn.Module) -> int:
-    if hasattr(module, "out_features"):  # nn.Linear and its subclasses
-        return module.out_features
-    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2)
-        return module.nf
-    raise TypeError(f"doeify: cannot tell the output width of {type(module).__name__}")
-
-
-def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 @dataclass(frozen=True)
 class FusedQKV:
     """A fused q/k/v projection (``path``, from the attention) and its output's layout: viewed as
     ``(..., groups, q + k + v, head_dim)``, each group holds ``q`` query heads, then ``k`` key heads,
     then ``v`` value heads. ``[q | k | v]`` blocks (GPT-2, Phi-3, Falcon multi-query) are one group;
     GPT-NeoX, BLOOM and multi-head Falcon interleave per head (``groups = heads``, 1 each); Falcon's
-    new architecture has one group per key/value head."""
+    new architecture has one group per key/value head. ``order``: the parts' order within a group
+    (CodeGen's four model-parallel groups hold q, then v, then k)."""
 
     path: str
     groups: int
@@ -77,6 +68,11 @@ class FusedQKV:
     k: int
     v: int
     head_dim: int
+    order: str = "qkv"
+
+    def __post_init__(self):
+        if sorted(self.order) != ["k", "q", "v"]:
+            raise ValueError(f"FusedQKV: `order` must be a permutation of 'qkv', got {self.order!r}")
 
     @property
     def width(self) -> int:
@@ -87,7 +83,8 @@ class FusedQKV:
 
     def split(self, out: Tensor, which: str) -> Tensor:
         """The ``which`` ("q" | "k" | "v") part of the projection's output ``(..., width)``, heads in order."""
-        start = {"q": 0, "k": self.q, "v": self.q + self.k}[which]
+        before = self.order[:self.order.index(which)]
+        start = sum(getattr(self, p) for p in before)
         heads = out.unflatten(-1, (self.groups, self.q + self.k + self.v, self.head_dim))
         return heads[..., start:start + getattr(self, which), :].flatten(-3)
 
@@ -158,6 +155,8 @@ def _fused_layout(name: str, proj: nn.Module, config) -> FusedQKV:
             layout = FusedQKV(name, 1, nh, 1, 1, hd)
         else:
             layout = FusedQKV(name, nh, 1, 1, 1, hd)
+    elif getattr(config, "model_type", None) == "codegen":  # four groups of [q | v | k] (its TPU shards)
+        layout = FusedQKV(name, 4, nh // 4, nh // 4, nh // 4, hd, order="qvk")
     else:  # [q | k | v] blocks: GPT-2's c_attn, Phi-3's qkv_proj, MPT's Wqkv
         nkv = getattr(config, "num_key_value_heads", None) or nh
         layout = FusedQKV(name, 1, nh, nkv, nkv, hd)
@@ -192,7 +191,7 @@ def derive_adapter(model: nn.Module) -> FamilyAdapter:
     if mlp in FLAT_MLP_INPUTS:
         mlp_inputs: tuple[str, ...] = ("",)
     else:
-        found = {n for lay in stack for n, c in get_path(lay, mlp).named_children() if _is_projection(c)}
+        found = {n for lay in stack for n, c in get_path(lay, mlp).named_children() if is_projection(c)}
         mlp_inputs = tuple(n for n in INPUT_PROJECTIONS if n in found)
     attn = get_path(layer, attention)
     qkv = QKV_NAMES if all(hasattr(attn, n) for n in QKV_NAMES) else None

@@ -59,6 +59,7 @@ class DoEifyConfig:
         fusion: ``"add"``: MLP(h_enr + e); ``"concat"``: MLP([h_enr; e]) (its input projections widened).
         alpha, beta: loss weights, as in DoEConfig.
         router_decoder: the last router reconstructs the next token's embedding (adds to the KL term).
+        supervise_last_router: also supervise the last router with L_expert, as in DoEConfig.
     """
 
     num_topics: int = DoEConfig.num_topics  # DoEConfig's defaults: one place
@@ -70,6 +71,7 @@ class DoEifyConfig:
     alpha: float = DoEConfig.alpha
     beta: float = DoEConfig.beta
     router_decoder: bool = DoEConfig.router_decoder
+    supervise_last_router: bool = DoEConfig.supervise_last_router
 
     def __post_init__(self):
         check_knowledge_options("DoEifyConfig", self, routers=ROUTERS)
@@ -113,45 +115,37 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 class DoEEmbedding(nn.Module):
     """The base token embedding (``base_layer``) as DoE's dual-input embedding (§3.3):
-    ``proj([E_tok[token]; E_know[topic]])`` with ``proj = [I | 0]`` at first. ``E_tok`` IS the base
-    weight (shared, not copied), so a tied LM head stays tied. A scaled embedding (gemma's
-    ``embed_scale``) keeps its scale. Topic ids apply only to the call that embeds the model's
-    ``input_ids`` (GPT-2 also embeds ``token_type_ids`` with this table)."""
+    ``proj([base_layer(ids); s·E_know[topic]])`` with ``proj = [I | 0]`` at first and ``s`` the
+    embedding's scale (gemma's ``embed_scale``; 1 otherwise), i.e. ``s·proj([E_tok; E_know])``.
+    ``E_tok`` IS the base weight (shared, not copied), so a tied LM head stays tied. The topic part is
+    added only to the call that embeds the model's ``input_ids`` (GPT-2 also embeds
+    ``token_type_ids`` with this table; those, and any other caller, get ``base_layer``'s output), or
+    by :meth:`combine` to ``inputs_embeds``."""
 
-    def __init__(self, base_layer: nn.Embedding, num_topics: int, topic_dim: int, link: _Link):
+    def __init__(self, base_layer: nn.Module, num_topics: int, topic_dim: int, link: _Link):
         super().__init__()
         self.base_layer = base_layer
         self.dual = DualInputEmbedding.from_pretrained(base_layer, num_topics, topic_dim)
         self.dual.token_weight = base_layer.weight
         self._link = link
-        w = base_layer.weight
-        if not w.is_meta:  # the wrapped lookup must be the original's, or parity at init is lost silently
-            probe = torch.arange(min(w.shape[0], 16), device=w.device)
-            with torch.no_grad():
-                same = torch.equal(self._lookup(probe), base_layer(probe))
-            if not same:
-                raise ValueError(f"doeify: the token embedding {type(base_layer).__name__} is not a plain lookup (times "
-                                 "`embed_scale` if it has one); doeify would change its output")
-
-    def _lookup(self, input_ids: Tensor, topics: Tensor | None = None) -> Tensor:
-        out = self.dual(input_ids, topics)
-        scale = getattr(self.base_layer, "embed_scale", None)
-        if scale is None:
-            return out
-        return out * (scale.to(out.dtype) if isinstance(scale, Tensor) else scale)
 
     @property
     def weight(self) -> Tensor:
         return self.base_layer.weight
 
+    def combine(self, tokens: Tensor, topics: Tensor | None) -> Tensor:
+        """The dual embedding from the token part ``tokens`` (``base_layer``'s output, or ``inputs_embeds``)."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        return self.dual.combine(tokens, topics, 1.0 if scale is None else scale)
+
     def forward(self, input_ids: Tensor) -> Tensor:
+        tokens = self.base_layer(input_ids)
         call = self._link.call
         ids = call.input_ids if call is not None else None
         # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
         if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
-            return self._lookup(input_ids)
-        topics = None if call.topic_ids is None else call.topic_ids.reshape(input_ids.shape)
-        call.embeds = self._lookup(input_ids, topics)
+            return tokens
+        call.embeds = self.combine(tokens, None if call.topic_ids is None else call.topic_ids.reshape(input_ids.shape))
         return call.embeds
 
 
@@ -330,7 +324,11 @@ class DoEWrapper(nn.Module):
         source = self.doe_config.signal_source
         link, adapter = self._link, self.adapter
         if adapter.qkv is not None:
-            proj = get_path(attn, adapter.qkv["qkv".index(source)])
+            path = adapter.qkv["qkv".index(source)]
+            if not has_path(attn, path):
+                raise ValueError(f"doeify: layer {i}'s {type(attn).__name__} has no {path} (its layers' attentions differ); "
+                                 f"pass signal_source='none', or an adapter")
+            proj = get_path(attn, path)
 
             def hook(module, args, out):
                 link.call.signals[i] = out
@@ -377,6 +375,8 @@ class DoEWrapper(nn.Module):
         link.call = _Call(input_ids=ids, batch_shape=tuple(lead.shape[:2]) if lead is not None else None,
                           topic_ids=topic_ids, cache=cache, prior=prior, reconstruct=reconstruct,
                           pad_mask=mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None)
+        if ids is None and embeds is not None:  # the token part given: the topic part is added here
+            kwargs["inputs_embeds"] = link.call.embeds = self.doe_embedding.combine(embeds, topic_ids)
         return args, kwargs
 
     def _after_base_forward(self, module, args, kwargs, output):
@@ -405,28 +405,38 @@ class DoEWrapper(nn.Module):
     def config(self):
         return self.base_model.config
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The base model's own token embedding (its output is the token part): passed back as
+        ``inputs_embeds`` with the same ``topic_ids``, it gives the logits of ``input_ids``."""
+        return self.doe_embedding.base_layer
+
     @property
     def device(self) -> torch.device:
         return self.knowledge_state.device
 
     # ---- forward, loss, generate ----
-    def forward(self, input_ids: Tensor, topic_ids: Tensor | None = None, labels: Tensor | None = None,
+    def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None, labels: Tensor | None = None,
                 expert_labels: Tensor | None = None, attention_mask: Tensor | None = None, cache=None,
-                use_cache: bool | None = None, **kwargs) -> DoECausalLMOutput:
+                use_cache: bool | None = None, inputs_embeds: Tensor | None = None, **kwargs) -> DoECausalLMOutput:
         """``input_ids, topic_ids [B, T]`` (topic -1 = none); ``labels [B, T]`` as HF (shifted inside);
         ``expert_labels``: per-token topic ids ``[B, T]`` or per-document distributions ``[B, K]``
-        (default: topic_ids). Other keyword arguments go to the base model."""
-        if topic_ids is not None and topic_ids.shape != input_ids.shape:
-            raise ValueError(f"DoEWrapper: topic_ids must have input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(topic_ids.shape)}")
+        (default: topic_ids). ``inputs_embeds [B, T, d]`` instead of ``input_ids``: the token part,
+        ``get_input_embeddings()(input_ids)``, to which the topic part is added as for ``input_ids``.
+        Other keyword arguments go to the base model."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DoEWrapper: pass exactly one of `input_ids` and `inputs_embeds`")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if topic_ids is not None and topic_ids.shape != shape:
+            raise ValueError(f"DoEWrapper: topic_ids must have the shape of input_ids (or inputs_embeds' first two "
+                             f"dimensions) {tuple(shape)}, got {tuple(topic_ids.shape)}")
         if self.training and torch.is_grad_enabled():
             self._checkpoint_router_outputs()
         if use_cache is None:
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
             cache = DoECache(config=self.base_model.config)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-                              doe_topic_ids=topic_ids, doe_reconstruct=labels is not None, **kwargs)
+        out = self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                              use_cache=use_cache, doe_topic_ids=topic_ids, doe_reconstruct=labels is not None, **kwargs)
         call = self._link.call
         routed = [call.routed[i] for i in sorted(call.routed)]
         logits = out.logits
@@ -434,7 +444,8 @@ class DoEWrapper(nn.Module):
         loss = None
         if labels is not None:
             loss, parts = doe_losses(next_token_loss(logits, labels), routed, topic_ids, expert_labels,
-                                     alpha=self.doe_config.alpha, beta=self.doe_config.beta)
+                                     alpha=self.doe_config.alpha, beta=self.doe_config.beta,
+                                     supervise_last=self.doe_config.supervise_last_router)
             aux.update(parts)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
                                  hidden_states=getattr(out, "hidden_states", None),
@@ -515,7 +526,9 @@ class DoEWrapper(nn.Module):
         file = os.path.join(path, KNOWLEDGE_FILE) if os.path.isdir(path) else str(path)
         with safe_open(file, framework="pt") as f:
             saved_config = json.loads((f.metadata() or {}).get("doe_config", "{}"))
-        diff = {k: (saved_config.get(k), v) for k, v in asdict(self.doe_config).items() if saved_config.get(k) != v}
+        defaults = {f.name: f.default for f in fields(DoEifyConfig)}  # an option added since the save has its default
+        diff = {k: (saved_config.get(k, defaults[k]), v) for k, v in asdict(self.doe_config).items()
+                if saved_config.get(k, defaults[k]) != v}
         if diff:
             raise ValueError(f"DoEWrapper.load_knowledge: {file} was saved with other doeify options "
                              f"(saved, here): {diff}")
