@@ -75,3 +75,20 @@ def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None
         parts["moe_balance"] = balance.detach()
         loss = loss + balance_coef * balance
     return loss, parts
+
+
+def knowledge_outputs(options, routed: list[RouterOutput], ntp: Tensor | None, topic_ids: Tensor | None,
+                      expert_labels: Tensor | None, balances: list[Tensor] = ()) -> tuple[Tensor | None, dict]:
+    """One forward's loss and ``aux`` from its routers' outputs, for DoEForCausalLM and the drop-in
+    alike: ``options`` has ``alpha``, ``beta``, ``supervise_last_router`` (and the MoE baseline's
+    ``router_aux_loss_coef``). ``aux``: per-layer gate statistics, plus the loss parts when ``ntp``
+    (a training forward) is given."""
+    aux: dict = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
+    if ntp is None:
+        return None, aux
+    loss, parts = doe_losses(ntp, routed, topic_ids, expert_labels, alpha=options.alpha, beta=options.beta,
+                             balances=balances, balance_coef=getattr(options, "router_aux_loss_coef", 0.0),
+                             supervise_last=options.supervise_last_router)
+    aux.update(parts)
+    return loss, aux
+

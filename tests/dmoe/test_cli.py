@@ -124,12 +124,34 @@ def test_paper_recipe_with_a_changed_field(llama_dir, tmp_path, capsys):
     assert ExpertBank(tmp_path / "b3").recipe == RECIPES["default"].next_token(augment="none", epochs=1)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["dmoe", "--help"]] + [["dmoe", c, "--help"] for c in
-                                                                      ("build", "add", "ask", "eval", "rm", "ls")])
+def _commands(parser, prefix=()):
+    """Every command path of a parser tree: (), ("dmoe",), ("dmoe", "build"), ..."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, prefix + (name,))
+
+
+def _all_commands():
+    from doe_ext.cli import build_parser
+
+    return [list(c) for c in _commands(build_parser())]
+
+
+@pytest.mark.parametrize("argv", _all_commands(), ids=lambda a: " ".join(a) or "doe-ext")
 def test_help_runs(capsys, argv):
+    """``--help`` of every command, found by walking the parser (a new command is covered by itself)."""
     with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: doe-ext")
+        main(argv + ["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: doe-ext " + " ".join(argv))
+
+
+def test_every_command_is_walked():
+    assert {"corpus build", "lda fit", "lda label", "lda show", "dmoe build", "dmoe eval", "dmoe ls"} <= {
+        " ".join(a) for a in _all_commands()}
 
 
 @pytest.mark.parametrize("study", ["final", "recipes", "ablations"])

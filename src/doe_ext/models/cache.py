@@ -112,3 +112,33 @@ def causal_prefix_mean(signal: Tensor, mask: Tensor | None, cache: Cache | None,
     if cache is not None:
         csum, count = doe_state(cache).append_sums(layer_idx, csum, count)
     return csum / count.clamp(min=1)[..., None]
+
+
+# Topics during generation, shared by DoEForCausalLM and the drop-in DoEWrapper: a prompt token has the
+# caller's topic, a generated token the topic the last router predicted at the position before it.
+
+def step_topics(history: Tensor, cache: Cache | None, new: int) -> Tensor:
+    """The topic ids of a forward's ``new`` tokens, from the sequence's topic ``history [B, T]``; one
+    token after a cached prefix takes the cache's last predicted topic (reordered with the beams)."""
+    state = getattr(cache, "doe", None)
+    if state is not None and state.topics is not None and cache.get_seq_length() > 0 and new == 1:
+        return state.topics[:, -1:]
+    return history[:, -new:]
+
+
+def record_next_topics(routed: list, cache: Cache | None) -> Tensor | None:
+    """Each position's predicted next topic (the last router's argmax ``[B, T]``; None without
+    routers), appended to the DoE state of ``cache`` when there is one."""
+    if not routed:
+        return None
+    nxt = routed[-1].logits.argmax(-1)
+    if cache is not None:
+        doe_state(cache).append_topics(nxt)
+    return nxt
+
+
+def extend_history(history: Tensor, next_topic_ids: Tensor | None) -> Tensor:
+    """``history`` with one more column: the topic predicted at its last position (-1 without routers)."""
+    nxt = next_topic_ids[:, -1:] if next_topic_ids is not None else torch.full_like(history[:, -1:], -1)
+    return torch.cat([history, nxt.to(history.dtype)], dim=-1)
+

@@ -17,7 +17,7 @@ One DoE layer, residual stream x:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,12 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from doe_ext import _auto
-from doe_ext.losses import doe_losses, gate_stats, next_token_loss
-from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
+from doe_ext.losses import knowledge_outputs, next_token_loss
+from doe_ext.models.cache import (DoECache, causal_prefix_mean, extend_history, record_next_topics, step_topics,
+                                  with_doe_cache)
 from doe_ext.models.configuration_doe import DoEConfig
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
-from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,  # noqa: F401
+from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers, next_embedding_target,  # noqa: F401
                                        topic_prior_embedding)
 
 
@@ -315,7 +316,7 @@ class DoEModel(DoEPreTrainedModel):
         last = self.router_for(len(self.layers) - 1)
         recon_target = None
         if reconstruct and last is not None and last.decoder is not None:
-            recon_target = F.pad(x[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
+            recon_target = next_embedding_target(x)
         layer_outputs, hidden, attentions = [], [], []
         for i, layer in enumerate(self.layers):
             is_last = i == len(self.layers) - 1
@@ -421,24 +422,12 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         hidden = base.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         routed = [r for r in base.router_outputs if r is not None]
-        aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
-        next_topics = routed[-1].logits.argmax(-1) if routed else None
-        if base.cache is not None and next_topics is not None:
-            doe_state(base.cache).append_topics(next_topics)  # the topics of generated tokens, beam-aligned
-        loss = None
-        if labels is not None:
-            ntp = next_token_loss(logits, labels)
-            loss, parts = self._auxiliary_losses(ntp, routed, list(base.moe_balances), topic_ids, expert_labels)
-            aux.update(parts)
+        next_topics = record_next_topics(routed, base.cache)  # the topics of generated tokens, beam-aligned
+        loss, aux = knowledge_outputs(self.config, routed, None if labels is None else next_token_loss(logits, labels),
+                                      topic_ids, expert_labels, list(base.moe_balances))
         out = DoECausalLMOutput(loss=loss, logits=logits, cache=base.cache, hidden_states=base.hidden_states,
                                 attentions=base.attentions, aux=aux, next_topic_ids=next_topics)
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
-
-    def _auxiliary_losses(self, ntp, routed, balances, topic_ids, expert_labels):
-        cfg = self.config
-        return doe_losses(ntp, routed, topic_ids, expert_labels, alpha=cfg.alpha, beta=cfg.beta,
-                          balances=balances, balance_coef=cfg.router_aux_loss_coef,
-                          supervise_last=cfg.supervise_last_router)
 
     # ---- generation: prompt topics from the caller, generated tokens take the predicted topic ----
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
@@ -459,22 +448,14 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         topic_ids = model_inputs.get("topic_ids")
         if topic_ids is not None:
-            new = model_inputs["input_ids"].shape[1]
-            cache = model_inputs.get("cache")
-            state = getattr(cache, "doe", None)
-            if state is not None and state.topics is not None and cache.get_seq_length() > 0 and new == 1:
-                topic_ids = state.topics[:, -1:]  # predicted at the previous position (reordered with the beams)
-            model_inputs["topic_ids"] = topic_ids[:, -new:]
+            model_inputs["topic_ids"] = step_topics(topic_ids, model_inputs.get("cache"), model_inputs["input_ids"].shape[1])
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
                                                                    num_new_tokens)
-        topic_ids = model_kwargs.get("topic_ids")
-        if topic_ids is not None:
-            nxt = outputs.next_topic_ids
-            new = nxt[:, -1:] if nxt is not None else torch.full_like(topic_ids[:, -1:], -1)
-            model_kwargs["topic_ids"] = torch.cat([topic_ids, new], dim=-1)
+        if model_kwargs.get("topic_ids") is not None:
+            model_kwargs["topic_ids"] = extend_history(model_kwargs["topic_ids"], outputs.next_topic_ids)
         return model_kwargs
 
 

@@ -63,3 +63,10 @@ def layer_router(routers: nn.ModuleDict, i: int, num_layers: int) -> nn.Module |
 def topic_prior_embedding(topic_prior: nn.Embedding, topic_ids: Tensor) -> Tensor:
     """``E_prior[topic_ids]`` with topic -1 (unlabeled) contributing zeros."""
     return topic_prior(topic_ids.clamp(min=0)) * (topic_ids >= 0)[..., None]
+
+
+def next_embedding_target(embeds: Tensor) -> Tensor:
+    """The last router's reconstruction target: at position t the input embedding of token t+1
+    ``[B, T, d]`` (zeros at the last position, whose term the loss drops), without gradient."""
+    return torch.nn.functional.pad(embeds[:, 1:].detach(), (0, 0, 0, 1))
+

@@ -25,18 +25,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import (FamilyAdapter, adapter_for, get_path, has_path, out_features,
                                               text_config)
-from doe_ext.models.cache import DoECache, causal_prefix_mean, doe_state, with_doe_cache
+from doe_ext.models.cache import (DoECache, causal_prefix_mean, extend_history, record_next_topics, step_topics,
+                                  with_doe_cache)
 from doe_ext.models.configuration_doe import DoEConfig, check_knowledge_options
-from doe_ext.losses import doe_losses, gate_stats, next_token_loss
+from doe_ext.losses import knowledge_outputs, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
-from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers,
+from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers, next_embedding_target,
                                        topic_prior_embedding)
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 
@@ -95,6 +95,7 @@ class _Call:
     signals: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, D) projection output
     routed: dict[int, Any] = field(default_factory=dict)  # layer -> RouterOutput
     expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
+    next_topic_ids: Tensor | None = None  # (B, T): the last router's prediction at each position
 
 
 class _Link:
@@ -199,7 +200,7 @@ class DoEMLP(nn.Module):
         recon_target = None
         if (i == num_layers - 1 and call.reconstruct and router is not None and router.decoder is not None
                 and call.embeds is not None):
-            recon_target = F.pad(call.embeds[:, 1:].detach(), (0, 0, 0, 1))  # (B, T, d): embedding of token t+1
+            recon_target = next_embedding_target(call.embeds)
         h_enr, e, routed = compose_expert(h, owner.knowledge_state, self.knowledge_attention, self.signal_proj,
                                           signal, router, call.prior if i == 0 else None, recon_target)
         if routed is not None:
@@ -364,11 +365,7 @@ class DoEWrapper(nn.Module):
             if link.history.shape[0] != ids.shape[0] and ids.shape[0] % link.history.shape[0] == 0:
                 # generate expanded the prompts (beams, num_return_sequences) with repeat_interleave
                 link.history = link.history.repeat_interleave(ids.shape[0] // link.history.shape[0], dim=0)
-            state = getattr(cache, "doe", None)
-            if state is not None and state.topics is not None and cache.get_seq_length() > 0 and T == 1:
-                topic_ids = state.topics[:, -1:]  # predicted at the previous position, reordered with the beams
-            else:
-                topic_ids = link.history[:, -T:]
+            topic_ids = step_topics(link.history, cache, T)
         prior = None
         if self.topic_prior is not None and topic_ids is not None:
             prior = topic_prior_embedding(self.topic_prior, topic_ids)
@@ -382,11 +379,9 @@ class DoEWrapper(nn.Module):
     def _after_base_forward(self, module, args, kwargs, output):
         link, call = self._link, self._link.call
         last = call.routed.get(len(self.doe_layers) - 1)
-        if call.cache is not None and last is not None:  # each position's predicted next topic, in the DoE cache
-            doe_state(call.cache).append_topics(last.logits.argmax(-1))
+        call.next_topic_ids = record_next_topics([] if last is None else [last], call.cache)
         if link.history is not None:  # a generated token takes the topic the last router predicts
-            nxt = last.logits[:, -1].argmax(-1) if last is not None else torch.full_like(link.history[:, -1], -1)
-            link.history = torch.cat([link.history, nxt[:, None].to(link.history.dtype)], dim=1)
+            link.history = extend_history(link.history, call.next_topic_ids)
 
     def _checkpoint_router_outputs(self) -> None:
         """Under gradient checkpointing, the routers' outputs must leave a checkpointed layer as its
@@ -440,17 +435,12 @@ class DoEWrapper(nn.Module):
         call = self._link.call
         routed = [call.routed[i] for i in sorted(call.routed)]
         logits = out.logits
-        aux: dict[str, Any] = {"layers": [gate_stats(r.gates.detach()) for r in routed]}
-        loss = None
-        if labels is not None:
-            loss, parts = doe_losses(next_token_loss(logits, labels), routed, topic_ids, expert_labels,
-                                     alpha=self.doe_config.alpha, beta=self.doe_config.beta,
-                                     supervise_last=self.doe_config.supervise_last_router)
-            aux.update(parts)
+        loss, aux = knowledge_outputs(self.doe_config, routed, None if labels is None else next_token_loss(logits, labels),
+                                      topic_ids, expert_labels)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
                                  hidden_states=getattr(out, "hidden_states", None),
                                  attentions=getattr(out, "attentions", None), aux=aux,
-                                 next_topic_ids=routed[-1].logits.argmax(-1) if routed else None)
+                                 next_topic_ids=call.next_topic_ids)
 
     @torch.no_grad()
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
