@@ -309,9 +309,17 @@ def test_each_call_has_its_own_context():
     ids, topics = batch()
     with torch.no_grad():
         with_topics = wrapper(ids, topic_ids=topics).logits
+        assert wrapper._link.call is None  # nothing of the call outlives it
+        # the same ids tensor, embedded outside a forward: the token part, not the last call's topics
+        torch.testing.assert_close(wrapper.base_model.get_input_embeddings()(ids),
+                                   wrapper.get_input_embeddings()(ids), rtol=0, atol=0)
         direct = wrapper.base_model(input_ids=ids).logits
         torch.testing.assert_close(direct, wrapper(ids).logits, rtol=0, atol=0)
         assert not torch.allclose(direct, with_topics)
+        with pytest.raises(IndexError):  # a forward that fails half-way leaves no call behind either
+            wrapper(torch.full_like(ids, V + 5), topic_ids=topics)
+        assert wrapper._link.call is None
+        torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, with_topics, rtol=0, atol=0)
 
 
 def test_any_token_embedding_module_is_kept():
@@ -450,8 +458,10 @@ def test_supervise_last_router(supervise_last):
 
     wrapper = perturb_knowledge(doeify(make_base("llama"), **OPTIONS, alpha=0.5, supervise_last_router=supervise_last))
     ids, topics = batch()
+    calls = []  # the forward's call, seen from inside it (none is left after it)
+    wrapper.doe_layers[-1].register_forward_hook(lambda module, args, out: calls.append(wrapper._link.call))
     out = wrapper(ids, topic_ids=topics, labels=ids)
-    routed = wrapper._link.call.routed
+    routed = calls[0].routed
     per_layer = [expert_loss(routed[i].logits[:, :-1], topics[:, 1:], ignore_index=-1) for i in sorted(routed)]
     want = torch.stack(per_layer if supervise_last else per_layer[:-1]).mean()
     torch.testing.assert_close(out.aux["expert"], want.detach())

@@ -19,6 +19,7 @@ projection have moved off zero (as LoRA's ``A`` follows ``B``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -96,17 +97,30 @@ class _Call:
     routed: dict[int, Any] = field(default_factory=dict)  # layer -> RouterOutput
     expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
     next_topic_ids: Tensor | None = None  # (B, T): the last router's prediction at each position
+    token: Any = None  # resets the link's context variable when the forward ends
 
 
 class _Link:
-    """What a wrapper's modules hold: the wrapper, its current call (a layer that gradient
+    """What a wrapper's modules hold: the wrapper, the call of the base forward now running (a
+    context variable, set by the base model's pre-hook and reset when that forward ends, even by an
+    exception: outside a forward there is none, and each thread has its own; a layer that gradient
     checkpointing recomputes in the backward gets its own forward's call back, see
     ``_RouterCheckpoint``) and, inside ``generate``, the topic of every token so far."""
 
     def __init__(self):
         self.owner: DoEWrapper | None = None
-        self.call: _Call | None = None
+        self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("doe_call", default=None)
         self.history: Tensor | None = None  # generate: (B, T_total)
+
+    @property
+    def call(self) -> _Call | None:
+        return self._call.get()
+
+    def enter(self, call: _Call) -> contextvars.Token:
+        return self._call.set(call)
+
+    def leave(self, token: contextvars.Token) -> None:
+        self._call.reset(token)
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -231,11 +245,11 @@ class _RouterCheckpoint:
         shape, call = {}, self.link.call  # this forward's call
 
         def run(*inputs):
-            current, self.link.call = self.link.call, call
+            token = self.link.enter(call)
             try:
                 out = fn(*inputs)
             finally:
-                self.link.call = current
+                self.link.leave(token)
             outs = list(out) if isinstance(out, tuple) else [out]
             routed = call.routed.get(self.i)
             extra = [] if routed is None else [routed.gates, routed.logits, routed.kl] + (
@@ -311,6 +325,7 @@ class DoEWrapper(nn.Module):
             self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, link)))
         self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._end_base_forward, with_kwargs=True, always_call=True))
         link.owner = self
 
     # ---- wiring ----
@@ -354,6 +369,7 @@ class DoEWrapper(nn.Module):
         kwargs = dict(kwargs)
         topic_ids = kwargs.pop("doe_topic_ids", None)  # a direct call of the base model: no topics
         reconstruct = kwargs.pop("doe_reconstruct", False)
+        receiver = kwargs.pop("doe_receiver", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         lead = ids if ids is not None else embeds
@@ -369,11 +385,14 @@ class DoEWrapper(nn.Module):
         prior = None
         if self.topic_prior is not None and topic_ids is not None:
             prior = topic_prior_embedding(self.topic_prior, topic_ids)
-        link.call = _Call(input_ids=ids, batch_shape=tuple(lead.shape[:2]) if lead is not None else None,
-                          topic_ids=topic_ids, cache=cache, prior=prior, reconstruct=reconstruct,
-                          pad_mask=mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None)
+        call = _Call(input_ids=ids, batch_shape=tuple(lead.shape[:2]) if lead is not None else None,
+                     topic_ids=topic_ids, cache=cache, prior=prior, reconstruct=reconstruct,
+                     pad_mask=mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None)
         if ids is None and embeds is not None:  # the token part given: the topic part is added here
-            kwargs["inputs_embeds"] = link.call.embeds = self.doe_embedding.combine(embeds, topic_ids)
+            kwargs["inputs_embeds"] = call.embeds = self.doe_embedding.combine(embeds, topic_ids)
+        if receiver is not None:  # DoEWrapper.forward: the call, handed back explicitly
+            receiver.append(call)
+        call.token = link.enter(call)
         return args, kwargs
 
     def _after_base_forward(self, module, args, kwargs, output):
@@ -382,6 +401,12 @@ class DoEWrapper(nn.Module):
         call.next_topic_ids = record_next_topics([] if last is None else [last], call.cache)
         if link.history is not None:  # a generated token takes the topic the last router predicts
             link.history = extend_history(link.history, call.next_topic_ids)
+
+    def _end_base_forward(self, module, args, kwargs, output):
+        call = self._link.call
+        if call is not None and call.token is not None:
+            self._link.leave(call.token)
+            call.token = None
 
     def _checkpoint_router_outputs(self) -> None:
         """Under gradient checkpointing, the routers' outputs must leave a checkpointed layer as its
@@ -430,9 +455,11 @@ class DoEWrapper(nn.Module):
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
             cache = DoECache(config=self.base_model.config)
+        received: list[_Call] = []
         out = self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                              use_cache=use_cache, doe_topic_ids=topic_ids, doe_reconstruct=labels is not None, **kwargs)
-        call = self._link.call
+                              use_cache=use_cache, doe_topic_ids=topic_ids, doe_reconstruct=labels is not None,
+                              doe_receiver=received, **kwargs)
+        call, = received
         routed = [call.routed[i] for i in sorted(call.routed)]
         logits = out.logits
         loss, aux = knowledge_outputs(self.doe_config, routed, None if labels is None else next_token_loss(logits, labels),
