@@ -184,3 +184,16 @@ def test_final_table_refuses_an_unknown_bank_docs_by_name(tmp_path):
 
     with pytest.raises(ValueError, match="bank_docs must be 'all' or 'questions', got 'some'"):
         final_table(tmp_path, bank_docs="some")
+
+
+def test_final_markdown_names_the_rows_a_partial_table_lacks():
+    from doe_ext.dmoe.report import FINAL_ROWS, final_markdown
+
+    row = {"em": [0.1, 0.0, 0.2], "f1": [0.1, 0.0, 0.2], "latency_s": 0.1, "triggers": 0.0}
+    r = {"knowledge": "k", "base": "b", "questions": 3, "sampled": False, "bank_docs": "questions", "documents": 3,
+         "compose": "score", "temperature": 1.0, "summary": {m: row for m in FINAL_ROWS if m != "dmoe (paper)"},
+         "paired_em": {m: {"vs_base": [0, 0, 0], "vs_rag": [0, 0, 0]} for m in FINAL_ROWS},
+         "seconds": {"build": {}, "sft": 1, "eval": 1, "total": 2}}
+    assert "Not run in this table: dmoe (paper)." in final_markdown(r)
+    r["summary"]["dmoe (paper)"] = row
+    assert "Not run" not in final_markdown(r)

@@ -224,6 +224,10 @@ def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
     return [q for i, q in enumerate(questions) if i in keep]
 
 
+# the rows of a complete final table
+FINAL_ROWS = tuple(m for m in METHODS if m != "dmoe") + ("dmoe (paper)", "dmoe (default)", "oracle router")
+
+
 def final_markdown(r: dict) -> str:
     """The final table with the paired EM differences."""
     which = (f"a seeded sample of {r['questions']} questions" if r.get("sampled") else f"{r['questions']} questions")
@@ -237,6 +241,9 @@ def final_markdown(r: dict) -> str:
         p = r["paired_em"][m]
         md.append(f"| {m} | {_ci(s['em'])} | {_ci(s['f1'])} | {_ci(p['vs_base'])} | {_ci(p['vs_rag'])} | "
                   f"{s['latency_s']:.3f} | {s['triggers']:.2f} |")
+    missing = [m for m in FINAL_ROWS if m not in r["summary"]]
+    if missing:
+        md += ["", f"Not run in this table: {', '.join(missing)}."]
     sec = r["seconds"]
     md += ["", f"Time: banks {sec['build']} s, SFT adapter {sec['sft']} s, evaluation {sec['eval']} s, "
            f"total {sec['total']} s."]
