@@ -34,6 +34,8 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 test: setup
 	@# tests/, then the shipped ablation suite at tiny scale (2 seeds; tables in reports/ablations/tiny).
 	$(PY) -m pytest tests ablations -q --ablation-seeds 2
+	@# The shipped op self-test, as a user runs it (GPU users: --device cuda; see the README).
+	$(PY) -m doe_ext.selftest --dtype float32 --dtype float64 --dtype bfloat16
 	@# C++ unit tests of the LDA engine (built when libgtest-dev is installed).
 	@d=$$(ls -d build/*/csrc/lda 2>/dev/null | head -n1); \
 	if [ -n "$$d" ] && [ -f "$$d/CTestTestfile.cmake" ]; then ctest --test-dir "$$d" --output-on-failure; \

@@ -45,12 +45,14 @@ at::Tensor grad_table(int64_t rows, int64_t width, const at::TensorOptions& opti
 // Flat, contiguous int64 ids.
 at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).contiguous(); }
 
-// Raises (naming the argument) at the first id out of range.
-void validate_ids(const int64_t* tok, const int64_t* top, int64_t N, int64_t V, int64_t K) {
-  for (int64_t i = 0; i < N; ++i) {
-    if (!de::token_id_ok(tok[i], V)) fail_dual_embedding_id(false, i, tok[i], V);
-    if (!de::topic_id_ok(top[i], K)) fail_dual_embedding_id(true, i, top[i], K);
-  }
+// Raises (naming the argument) at the first id out of range (a token id first at one position), as
+// on CUDA. Reads the ids in place: called before anything of their size is allocated or copied.
+void validate_ids(const at::Tensor& token_ids, const at::Tensor& topic_ids, int64_t V, int64_t K) {
+  const auto tok = first_bad_id(token_ids, [V](int64_t id) { return !de::token_id_ok(id, V); });
+  const auto top = first_bad_id(topic_ids, [K](int64_t id) { return !de::topic_id_ok(id, K); });
+  if (tok.position >= 0 && (top.position < 0 || tok.position <= top.position))
+    fail_dual_embedding_id(false, tok.position, tok.value, V);
+  if (top.position >= 0) fail_dual_embedding_id(true, top.position, top.value, K);
 }
 
 // Counting sort of token positions by id (ids in [0, rows); negative ids are skipped): on return
@@ -88,6 +90,7 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
                                   int64_t padding_idx) {
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
+  validate_ids(token_ids, topic_ids, sz.V, sz.K);
   auto shape = token_ids.sizes().vec();
   shape.push_back(sz.d + sz.dk);
   auto out = at::empty(shape, token_weight.options());
@@ -95,7 +98,6 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
   const int64_t* tp = tok.data_ptr<int64_t>();
   const int64_t* kp = top.data_ptr<int64_t>();
-  validate_ids(tp, kp, sz.N, sz.V, sz.K);
   // The tables are read by stride, never copied: an expanded or strided table costs nothing extra.
   const int64_t width = sz.d + sz.dk;
   const int64_t ts0 = token_weight.stride(0), ts1 = token_weight.stride(1);
@@ -125,13 +127,13 @@ std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad
                                                          const at::Tensor& topic_ids, const at::Tensor& token_weight,
                                                          const at::Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
+  validate_ids(token_ids, topic_ids, sz.V, sz.K);
   // float16 / bfloat16: the runs are summed into float32 tables, rounded once at the end.
   const auto dt = token_weight.scalar_type();
   const auto acc = token_weight.options().dtype(is_half(token_weight) ? at::kFloat : dt);
   auto grad_tok = grad_table(sz.V, sz.d, acc);
   auto grad_top = grad_table(sz.K, sz.dk, acc);
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
-  validate_ids(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), sz.N, sz.V, sz.K);
   std::vector<int64_t> tok_off, tok_pos, top_off, top_pos;
   sort_positions(tok.data_ptr<int64_t>(), sz.N, sz.V, tok_off, tok_pos);
   sort_positions(top.data_ptr<int64_t>(), sz.N, sz.K, top_off, top_pos);  // -1 (no label) skipped

@@ -26,6 +26,11 @@ double soft_f(const double* x, const double* t, int64_t K, double eps, double* g
 
 constexpr int64_t kNoBadRow = std::numeric_limits<int64_t>::max();
 
+[[noreturn]] void fail_label(int64_t K, int64_t ignore_index, int64_t value, int64_t row) {
+  TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", K, ") (K classes) or ignore_index (", ignore_index,
+              "), got ", value, " at flat row ", row);
+}
+
 // The first invalid row is reported (whichever thread finds it), as on CUDA.
 void lower(std::atomic<int64_t>& a, int64_t v) {
   int64_t cur = a.load();
@@ -74,6 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
                                                                     double label_smoothing, bool keep_grad) {
   const std::string red(reduction);
   const auto sz = check_expert_loss(logits, target, red, label_smoothing);
+  if (sz.hard) {  // labels checked in place, before anything of their size is allocated
+    const int64_t K = sz.K;
+    const auto bad = first_bad_id(target, [=](int64_t y) { return y != ignore_index && (y < 0 || y >= K); });
+    if (bad.position >= 0) fail_label(K, ignore_index, bad.value, bad.position);
+  }
   if (is_half(logits)) {  // float32 math, the outputs in the logits' dtype (as on CUDA)
     const auto dt = logits.scalar_type();
     auto [loss, grad, weight] = expert_loss_fwd_cpu(up(logits), up(target), ignore_index, reduction, label_smoothing,
@@ -95,10 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
   }
   if (bad_row.load() != kNoBadRow) {
     const int64_t i = bad_row.load();
-    if (sz.hard) {
-      TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
-                  ignore_index, "), got ", target.reshape({sz.N})[i].item<int64_t>(), " at flat row ", i);
-    }
+    if (sz.hard) fail_label(sz.K, ignore_index, target.reshape({sz.N})[i].item<int64_t>(), i);
     TORCH_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
                 "value in flat row ", i);
   }

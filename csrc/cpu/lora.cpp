@@ -127,11 +127,12 @@ std::pair<at::Tensor, at::Tensor> dense_lora_grads(const Bank& bank, int64_t N, 
 
 Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t T, int64_t k,
                int64_t N) {
+  // Checked in place, before the copy below (an expanded index tensor may be huge).
+  const auto bad = first_bad_id(indices, [N](int64_t id) { return !lora::index_ok(id, N); });
+  if (bad.position >= 0) fail_multi_lora_index(bad.position / k, bad.position % k, bad.value, N);
   auto ind = indices.contiguous();
   const int64_t* ip = ind.data_ptr<int64_t>();
   const int64_t P = T * k;
-  for (int64_t p = 0; p < P; ++p)
-    if (!lora::index_ok(ip[p], N)) fail_multi_lora_index(p / k, p % k, ip[p], N);
   if (N <= P) return {ind, lora_a.contiguous(), lora_b, at::Tensor(), N, false};
   std::vector<int64_t> used;
   for (int64_t p = 0; p < P; ++p)

@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
     c10::string_view activation) {
   const std::string act(activation);
-  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, act);
+  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, act);
   if (is_half(h)) {  // float32 math, the outputs in h's dtype (as on CUDA)
     const auto dt = h.scalar_type();
     auto [gates, logits, kl, z, mulv, counts, zero_rows] = vae_relu_router_fwd_cpu(
@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool training, c10::string_view activation) {
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
-                                         gates, logits, noise, rng, act);
+                                         gates, logits, noise, rng, training, act);
   if (is_half(h)) {
     const auto dt = h.scalar_type();
     auto [dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate] = vae_relu_router_bwd_cpu(

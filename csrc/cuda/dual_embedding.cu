@@ -93,10 +93,10 @@ at::Tensor dual_embedding_fwd_cuda(const at::Tensor& token_ids, const at::Tensor
   const c10::cuda::CUDAGuard guard(token_weight.device());
   auto shape = token_ids.sizes().vec();
   shape.push_back(sz.d + sz.dk);
-  auto out = at::empty(shape, token_weight.options());
-  if (sz.N == 0) return out;
+  if (sz.N == 0) return at::empty(shape, token_weight.options());
   const auto tok = token_ids.reshape({-1}).contiguous(), top = topic_ids.reshape({-1}).contiguous();
-  check_ids_on_device(tok, top, sz.N, sz.V, sz.K);
+  check_ids_on_device(tok, top, sz.N, sz.V, sz.K);  // before the output is allocated
+  auto out = at::empty(shape, token_weight.options());
   const auto& tw = token_weight;
   const auto& kw = topic_weight;
   auto stream = c10::cuda::getCurrentCUDAStream();

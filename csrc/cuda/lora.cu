@@ -135,12 +135,26 @@ void launch_outer(const at::Tensor& keys, const at::Tensor& pos, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A bad index raises, with the CPU's message, before anything of the call's size is allocated: the
+// range is a reduction over the indices as they lie (one host sync); only a failing call builds the
+// mask that finds the first bad slot.
+void check_indices(const at::Tensor& indices, int64_t N) {
+  if (indices.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(indices);
+  const auto range = at::stack({lo, hi}).cpu();
+  if (range[0].item<int64_t>() >= -1 && range[1].item<int64_t>() < N) return;
+  const auto flat = indices.reshape({-1});
+  const int64_t p = ((flat < -1) | (flat >= N)).nonzero()[0][0].item<int64_t>();
+  fail_multi_lora_index(p / indices.size(1), p % indices.size(1), flat[p].item<int64_t>(), N);
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& bias,
                                                               const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                               const at::Tensor& indices, const at::Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_indices(indices, sz.N);
   auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));
   if (sz.T == 0) return {at::empty({0, sz.out}, x.options()), xa};
   const auto x2 = x.contiguous(), ind = indices.contiguous();
@@ -165,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!need_lora_grad || sz.N <= 65535, "multi_lora_linear_bwd: at most 65535 experts in `lora_a` for the "
               "LoRA gradients on CUDA, got ", sz.N);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_indices(indices, sz.N);
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous(), ind = indices.contiguous();
   const auto none = [&] { return at::empty({0}, x.options()); };
   auto grad_x = at::mm(g2, weight);

@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
     c10::string_view activation) {
   const std::string act(activation);
-  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, act);
+  const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, act);
   TORCH_CHECK(sz.K <= (48 * 1024) / 4 - 1, "vae_relu_router: K = ", sz.K, " knowledge blocks exceed the CUDA "
               "kernel's telemetry buffer (at most 12287)");
   const c10::cuda::CUDAGuard guard(h.device());
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& rng, bool training, c10::string_view activation) {
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
-                                         gates, logits, noise, rng, act);
+                                         gates, logits, noise, rng, training, act);
   const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
   const c10::cuda::CUDAGuard guard(h.device());
   const Eps mode = eps_mode(training, noise, rng);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from doe_ext import ops, reference as ref
+from doe_ext.ops.specs import RAW_OPS, raw_call, schema_arguments
 
 RAW = torch.ops.doe_ext
 NAN, INF = float("nan"), float("inf")
@@ -223,6 +224,9 @@ def lora_merge(m, seed, s):
         sc, bad = _meta(sc), "scales"
     elif m == "rank_weight":
         w, bad = w[0], "weight"
+    elif m == "inplace_overlapping_weight":  # in place into an expanded weight: refused, as torch's own in-place ops do
+        w = _rand(g, 1, inn, dtype=dt).expand(out + 1, inn)
+        return (lambda: ops.lora_merge_(w, a, b, _rand(g, E, dtype=dt))), None, "weight"
     return (lambda: ops.lora_merge(w, a, b, sc), None if bad else (lambda: ref.lora_merge_ref(w, a, b, sc)), bad)
 
 
@@ -326,6 +330,37 @@ def raw_backward(m, seed, s):
     raise KeyError(m)
 
 
+def _meta_like(v):
+    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+def _raw_argument_mutations() -> list[str]:
+    """``op:kind:argument`` for every raw op and tensor argument: ``none`` (None for a required tensor,
+    the others real), ``none_meta`` (None beside meta tensors: the fake kernel's path) and ``meta``
+    (that one argument on the meta device, the others real)."""
+    out = []
+    for op in RAW_OPS:
+        for name, ty in schema_arguments(op):
+            if ty == "Tensor":
+                out += [f"{op}:none:{name}", f"{op}:none_meta:{name}"]
+            if ty.startswith("Tensor"):
+                out.append(f"{op}:meta:{name}")
+    return out
+
+
+def raw_arguments(m, seed, s):
+    """A raw op (``torch.ops.doe_ext.*``) called with None or a meta tensor where a real tensor
+    belongs: refused by name (never a crash), on the kernel's path and on the fake kernel's."""
+    op, kind, name = m.split(":")
+    args = raw_call(op, dtype=_dtype(seed), seed=seed)
+    if kind == "none_meta":
+        args = {k: _meta_like(v) for k, v in args.items()}
+    if name == "noise":  # the router's sample call draws eps from rng instead: noise [..., dz], on meta
+        args[name] = torch.empty(args["h"].shape[:-1] + args["w_mu"].shape[:1], dtype=args["h"].dtype, device="meta")
+    args[name] = None if kind.startswith("none") else _meta_like(args[name])
+    return (lambda: getattr(RAW, op)(*args.values())), None, name
+
+
 MUTATIONS = {
     "knowledge_attention": ["none", "strided", "zero_tokens", "nan_q", "inf_z_key", "scale", "bad_rank_z_key",
                             "bad_size_z_value", "bad_dk_z_key", "dtype_z_value", "int_q", "meta_z_key", "bad_residual",
@@ -338,12 +373,13 @@ MUTATIONS = {
     "vae_relu_router": ["none", "noise", "softmax", "nan_h", "strided", "d0", "w_gate_dz", "b_mu_size", "dtype_w_logvar",
                         "activation_str", "noise_shape", "meta_w_mu", "training_str"],
     "lora_merge": ["none", "strided", "expanded", "nan_scales", "lora_a_in", "lora_b_out", "scales_size", "dtype_lora_b",
-                   "meta_scales", "rank_weight"],
+                   "meta_scales", "rank_weight", "inplace_overlapping_weight"],
     "multi_lora_linear": ["none", "no_bias", "strided", "expanded_huge_bank", "nan_x", "index_out_of_range", "index_below",
                           "scales_shape", "float_indices", "weight_in", "meta_bias", "none_x"],
     "raw_backward": ["ka_grad_out", "ka_lse", "ka_meta_lse", "ka_probs", "vae_rng_empty", "vae_rng_one", "vae_w_gate",
                      "vae_mu_logvar", "vae_grad_gates", "vae_meta_rng", "el_broadcast", "el_dtype", "el_meta",
                      "lm_grad_out", "lm_meta", "de_grad_out", "de_meta", "ml_xa", "ml_xa_dtype"],
+    "raw_arguments": _raw_argument_mutations(),
 }
 BUILDERS = {name: globals()[name] for name in MUTATIONS}
 

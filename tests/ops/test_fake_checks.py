@@ -1,6 +1,6 @@
 """The fake kernels run the C++ kernels' own argument checks (``torch.ops.doe_ext._check``): for every
 raw op, every tensor argument bent out of shape (one more or one fewer dimension, a last dimension
-one short, another dtype, the meta device) and every bad string or int, a call under FakeTensorMode
+one short, another dtype, the meta device, None) and every bad string or int, a call under FakeTensorMode
 (what ``torch.compile`` traces with) raises exactly what the eager call raises, or both succeed with
 the same output shapes."""
 from __future__ import annotations
@@ -9,47 +9,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import doe_ext  # noqa: F401  (registers torch.ops.doe_ext.*)
+from doe_ext.ops.specs import RAW_OPS, raw_call
 
 RAW = torch.ops.doe_ext
 
 
-def _r(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
-
-
 def valid_calls():
-    """op name -> a valid argument list of the raw op (small, odd sizes)."""
-    torch.manual_seed(0)
-    q, zk, zv, res = _r(2, 3, 5), _r(7, 5), _r(7, 4), _r(2, 3, 4)
-    _, lse, probs = RAW.knowledge_attention_fwd(q, zk, zv, res, 0.5, True)
-    h, d, dz, K = _r(2, 3, 6), 6, 4, 5
-    w = [_r(dz, d), _r(dz), _r(dz, d), _r(dz), _r(K, dz), _r(K)]
-    rng = torch.tensor([3, 1])
-    gates, logits, _, _, mulv, _, _ = RAW.vae_relu_router_fwd(h, *w, None, rng, True, "relu")
-    el_logits, labels = _r(4, 6), torch.tensor([0, 3, 2, 1])  # valid for K - 1 classes too
-    _, rows, weight = RAW.expert_loss_fwd(el_logits, labels, -100, "mean", 0.0, True)
-    tok, top = torch.tensor([[1, 4, 0]]), torch.tensor([[2, -1, 0]])
-    tw, kw = _r(6, 5), _r(3, 2)
-    W, A, B, S = _r(5, 7), _r(3, 2, 7), _r(3, 5, 2), _r(3)
-    x, idx, sc = _r(4, 7), torch.tensor([[0, -1], [2, 1], [1, 1], [-1, -1]]), _r(4, 2)
-    _, xa = RAW.multi_lora_linear_fwd(x, W, _r(5), A, B, idx, sc)
-    return {
-        "knowledge_attention_fwd": [q, zk, zv, res, 0.5, True],
-        "knowledge_attention_bwd": [_r(2, 3, 4), q, zk, zv, lse, probs, 0.5],
-        "vae_relu_router_fwd": [h, *w, _r(2, 3, dz), None, True, "relu"],
-        "vae_relu_router_bwd": [_r(2, 3, K), _r(2, 3, K), _r(2, 3), _r(2, 3, dz), h, w[0], w[2], w[4], mulv, gates,
-                                logits, None, rng, True, "relu"],
-        "expert_loss_fwd": [el_logits, labels, -100, "mean", 0.1, True],
-        "expert_loss_bwd": [torch.tensor(1.5), rows, weight],
-        "dual_embedding_fwd": [tok, top, tw, kw, 2],
-        "dual_embedding_bwd": [_r(1, 3, 7), tok, top, tw, kw, 2],
-        "lora_merge": [W, A, B, S],
-        "lora_merge_": [W.clone(), A, B, S],
-        "lora_merge_bwd": [_r(5, 7), A, B, S],
-        "multi_lora_linear_fwd": [x, W, _r(5), A, B, idx, sc],
-        "multi_lora_linear_bwd": [_r(4, 5), x, W, A, B, idx, sc, xa, True, True],
-    }
+    """op name -> a valid argument list of the raw op (the sample calls of doe_ext.ops.specs)."""
+    return {op: list(raw_call(op).values()) for op in RAW_OPS}
 
 
 def _bent(t: torch.Tensor):
@@ -62,11 +29,12 @@ def _bent(t: torch.Tensor):
     other = {torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32}[t.dtype]
     yield "dtype", t.to(other)
     yield "meta", t.to("meta")
+    yield "None", None  # a required tensor: refused by name; an optional one: a valid call
 
 
 def mutations():
     bad_scalars = {("vae_relu_router_fwd", 10): "gelu", ("vae_relu_router_bwd", 14): "gelu",
-                   ("expert_loss_fwd", 3): "max", ("expert_loss_fwd", 4): 1.5, ("dual_embedding_fwd", 4): 6,
+                   ("expert_loss_fwd", 3): "max", ("expert_loss_fwd", 4): 1.5, ("dual_embedding_fwd", 4): 11,
                    ("dual_embedding_bwd", 5): -2}
     for op, args in valid_calls().items():
         yield pytest.param(op, args, id=f"{op}-valid")

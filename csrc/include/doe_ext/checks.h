@@ -8,11 +8,23 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace doe_ext {
 
 inline std::string shape_str(at::IntArrayRef s) { return c10::str(s); }
+
+// A Python None passed for a tensor argument reaches a kernel as an undefined tensor: refused by name.
+inline void check_given(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": expected `", name, "` to be a Tensor, got None");
+}
+
+// Every required tensor argument of an op given, checked in schema order before anything else, so
+// the first None is the one named whatever the other arguments are.
+inline void check_given(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  for (const auto& [name, t] : args) check_given(*t, op, name);
+}
 
 // torch's spelling of a dtype ("float32", not ATen's "Float"), as users write it.
 inline std::string dtype_name(at::ScalarType st) {
@@ -32,12 +44,14 @@ inline std::string dtype_name(at::ScalarType st) {
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
                       const char* layout) {
+  check_given(t, op, name);
   TORCH_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
               t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
 }
 
 inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
                           const char* layout) {
+  check_given(t, op, name);
   TORCH_CHECK(t.dim() >= dim, op, ": expected `", name, "` to have at least ", dim,
               " dimension(s) ", layout, ", got shape ", shape_str(t.sizes()));
 }
@@ -67,12 +81,16 @@ inline c10::Device stand_in_device(const at::Tensor& t) {
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
                               const char* name, const char* ref_name) {
+  check_given(t, op, name);
+  check_given(ref, op, ref_name);
   TORCH_CHECK(stand_in_device(t) == stand_in_device(ref), op, ": expected `", name, "` on ", stand_in_device(ref),
               " (the device of `", ref_name, "`), got ", stand_in_device(t));
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
                              const char* name, const char* ref_name) {
+  check_given(t, op, name);
+  check_given(ref, op, ref_name);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
               dtype_name(ref.scalar_type()), " (the dtype of `", ref_name, "`), got ",
               dtype_name(t.scalar_type()));
@@ -82,6 +100,7 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
 // types in float32 math, see `up`); float32/float16/bfloat16 on CUDA; any of them on the meta device
 // (shape inference for a model built there).
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  check_given(t, op, name);
   const auto st = t.scalar_type();
   const bool half = st == at::kHalf || st == at::kBFloat16;
   const auto dev = stand_in_device(t);
@@ -108,8 +127,42 @@ inline std::optional<at::Tensor> up(const std::optional<at::Tensor>& t) {
 }
 
 inline void check_index(const at::Tensor& t, const char* op, const char* name) {
+  check_given(t, op, name);
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected `", name, "` of dtype int64, got ",
               dtype_name(t.scalar_type()));
+}
+
+// The first element of the int64 CPU tensor `ids` (row-major order) whose value `bad` rejects: its
+// flat position (-1: none) and value. Read by stride, never copied: a bad id in an expanded or
+// strided index tensor is found before anything of its size is allocated.
+struct BadId {
+  int64_t position = -1, value = 0;
+};
+template <typename F>
+BadId first_bad_id(const at::Tensor& ids, F bad) {
+  const int64_t n = ids.numel();
+  if (n == 0) return {};
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  if (ids.is_contiguous()) {
+    for (int64_t i = 0; i < n; ++i)
+      if (bad(p[i])) return {i, p[i]};
+    return {};
+  }
+  const auto sizes = ids.sizes(), strides = ids.strides();
+  std::vector<int64_t> idx(sizes.size(), 0);
+  int64_t off = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (bad(p[off])) return {i, p[off]};
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {  // the next index, odometer-style
+      if (++idx[d] < sizes[d]) {
+        off += strides[d];
+        break;
+      }
+      off -= strides[d] * (sizes[d] - 1);
+      idx[d] = 0;
+    }
+  }
+  return {};
 }
 
 // A tensor's [..., d] as a 2-D [N, d] matrix with unit stride along d (a view when possible).

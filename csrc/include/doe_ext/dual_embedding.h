@@ -22,6 +22,8 @@ struct DualEmbeddingSizes {
 inline DualEmbeddingSizes check_dual_embedding(const at::Tensor& token_ids, const at::Tensor& topic_ids,
                                                const at::Tensor& token_weight, const at::Tensor& topic_weight) {
   constexpr const char* op = "dual_embedding";
+  check_given(op, {{"token_ids", &token_ids}, {"topic_ids", &topic_ids}, {"token_weight", &token_weight},
+                   {"topic_weight", &topic_weight}});
   check_index(token_ids, op, "token_ids");
   check_index(topic_ids, op, "topic_ids");
   TORCH_CHECK(topic_ids.sizes() == token_ids.sizes(), op, ": expected `topic_ids` of shape ",
@@ -47,6 +49,7 @@ inline void check_padding_idx(int64_t padding_idx, int64_t V) {
 inline DualEmbeddingSizes check_dual_embedding_bwd(const at::Tensor& grad_out, const at::Tensor& token_ids,
                                                    const at::Tensor& topic_ids, const at::Tensor& token_weight,
                                                    const at::Tensor& topic_weight, int64_t padding_idx) {
+  check_given(grad_out, "dual_embedding_bwd", "grad_out");
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
   auto expected = token_ids.sizes().vec();

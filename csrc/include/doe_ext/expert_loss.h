@@ -23,6 +23,7 @@ struct ExpertLossSizes {
 // grad_rows' dtype and device; weight is the forward's scalar row factor.
 inline void check_expert_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
   constexpr const char* op = "expert_loss_bwd";
+  check_given(op, {{"grad_loss", &grad_loss}, {"grad_rows", &grad_rows}, {"weight", &weight}});
   TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1, op,
               ": `grad_rows` is empty: the forward ran with keep_grad=False");
   check_min_dim(grad_rows, 1, op, "grad_rows", "[..., K]");
@@ -42,6 +43,7 @@ inline void check_expert_loss_bwd(const at::Tensor& grad_loss, const at::Tensor&
 inline ExpertLossSizes check_expert_loss(const at::Tensor& logits, const at::Tensor& target,
                                          const std::string& reduction, double label_smoothing) {
   constexpr const char* op = "expert_loss";
+  check_given(op, {{"logits", &logits}, {"target", &target}});
   check_min_dim(logits, 1, op, "logits", "[..., K]");
   check_floating(logits, op, "logits");
   check_same_device(target, logits, op, "target", "logits");

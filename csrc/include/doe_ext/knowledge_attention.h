@@ -22,6 +22,7 @@ inline KnowledgeAttentionSizes check_knowledge_attention(const at::Tensor& q, co
                                                          const at::Tensor& z_value,
                                                          const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "knowledge_attention";
+  check_given(op, {{"q", &q}, {"z_key", &z_key}, {"z_value", &z_value}});
   check_min_dim(q, 1, op, "q", "[..., dk]");
   check_dim(z_key, 2, op, "z_key", "[K, dk]");
   check_dim(z_value, 2, op, "z_value", "[K, dv]");
@@ -55,6 +56,8 @@ inline KnowledgeAttentionSizes check_knowledge_attention_bwd(const at::Tensor& g
                                                              const at::Tensor& z_key, const at::Tensor& z_value,
                                                              const at::Tensor& lse, const at::Tensor& probs) {
   constexpr const char* op = "knowledge_attention_bwd";
+  check_given(op, {{"grad_out", &grad_out}, {"q", &q}, {"z_key", &z_key}, {"z_value", &z_value}, {"lse", &lse},
+                   {"probs", &probs}});
   const auto sz = check_knowledge_attention(q, z_key, z_value, std::nullopt);
   const auto lead = q.sizes().slice(0, q.dim() - 1);
   auto with_last = [&](int64_t last) {
@@ -72,8 +75,8 @@ inline KnowledgeAttentionSizes check_knowledge_attention_bwd(const at::Tensor& g
               " (the forward's log-sum-exp), got ", dtype_name(lse.scalar_type()));
   TORCH_CHECK(lse.sizes() == lead, op, ": expected `lse` of shape ", shape_str(lead),
               " (q's leading dims: one per row), got ", shape_str(lse.sizes()));
+  check_same_device(probs, q, op, "probs", "q");  // also when empty: the forward allocates it on q's device
   if (probs.numel() > 0 || probs.dim() > 1) {
-    check_same_device(probs, q, op, "probs", "q");
     check_same_dtype(probs, q, op, "probs", "q");
     TORCH_CHECK(probs.sizes().vec() == with_last(sz.K), op, ": expected `probs` empty or of shape ",
                 c10::IntArrayRef(with_last(sz.K)), " ([..., K]), got ", shape_str(probs.sizes()));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <string>
 
@@ -32,6 +33,10 @@ inline void check_lora_bank(const at::Tensor& lora_a, const at::Tensor& lora_b, 
 // weight_name: "weight" (the merges) or "grad_out" (the backward, whose [out, in] must match the bank's).
 inline void check_lora_merge(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                              const at::Tensor& scales, const char* op, const char* weight_name = "weight") {
+  check_given(op, {{weight_name, &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b}, {"scales", &scales}});
+  TORCH_CHECK(std::string(op) != "lora_merge_" || at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
+              ": `weight` has overlapping memory (an expanded tensor?), so an in-place merge would write some of its "
+              "elements more than once; merge into weight.clone(), or call lora_merge");
   check_dim(weight, 2, op, weight_name, "[out, in]");
   check_floating(weight, op, weight_name);
   if (std::string(weight_name) == "grad_out" && lora_a.dim() == 3 && lora_b.dim() == 3) {
@@ -99,6 +104,8 @@ inline MultiLoraSizes check_multi_lora_linear(const at::Tensor& x, const at::Ten
                                               const at::Tensor& lora_b, const at::Tensor& indices,
                                               const at::Tensor& scales) {
   constexpr const char* op = "multi_lora_linear";
+  check_given(op, {{"x", &x}, {"weight", &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b}, {"indices", &indices},
+                   {"scales", &scales}});
   check_dim(x, 2, op, "x", "[T, in]");
   check_floating(x, op, "x");
   check_dim(weight, 2, op, "weight", "[out, in]");
@@ -129,6 +136,8 @@ inline MultiLoraSizes check_multi_lora_linear_bwd(const at::Tensor& grad_out, co
                                                   const at::Tensor& weight, const at::Tensor& lora_a,
                                                   const at::Tensor& lora_b, const at::Tensor& indices,
                                                   const at::Tensor& scales, const at::Tensor& xa) {
+  check_given("multi_lora_linear_bwd", {{"grad_out", &grad_out}, {"x", &x}, {"weight", &weight}, {"lora_a", &lora_a},
+                                        {"lora_b", &lora_b}, {"indices", &indices}, {"scales", &scales}, {"xa", &xa}});
   const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
               sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));

@@ -74,8 +74,11 @@ inline void check_rows_like(const at::Tensor& t, const at::Tensor& h, std::optio
               " (", what, " with h's leading dims), got ", shape_str(t.sizes()));
 }
 
+// eps: `noise` when given, else drawn from `rng`; training needs one of them (eval uses none).
 inline void check_noise_rng(const char* op, const at::Tensor& h, int64_t dz, const std::optional<at::Tensor>& noise,
-                            const std::optional<at::Tensor>& rng) {
+                            const std::optional<at::Tensor>& rng, bool training) {
+  TORCH_CHECK(!training || noise.has_value() || rng.has_value(), op, ": training without `noise` needs `rng` (an "
+              "int64 [2] Philox key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
   if (noise.has_value()) check_rows_like(*noise, h, dz, op, "noise", "[..., dz]");
   if (rng.has_value()) {
     const auto& r = *rng;
@@ -90,14 +93,17 @@ inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tenso
                                             const at::Tensor& w_logvar, const at::Tensor& b_logvar,
                                             const at::Tensor& w_gate, const at::Tensor& b_gate,
                                             const std::optional<at::Tensor>& noise,
-                                            const std::optional<at::Tensor>& rng, const std::string& activation) {
+                                            const std::optional<at::Tensor>& rng, bool training,
+                                            const std::string& activation) {
   constexpr const char* op = "vae_relu_router";
+  check_given(op, {{"h", &h}, {"w_mu", &w_mu}, {"b_mu", &b_mu}, {"w_logvar", &w_logvar}, {"b_logvar", &b_logvar},
+                   {"w_gate", &w_gate}, {"b_gate", &b_gate}});
   check_activation(activation, op);
   const auto sz = check_weights(op, h, w_mu, w_logvar, w_gate);
   check_vector(b_mu, sz.dz, op, "b_mu", "[dz]", h);
   check_vector(b_logvar, sz.dz, op, "b_logvar", "[dz]", h);
   check_vector(b_gate, sz.K, op, "b_gate", "[K]", h);
-  check_noise_rng(op, h, sz.dz, noise, rng);
+  check_noise_rng(op, h, sz.dz, noise, rng, training);
   return sz;
 }
 
@@ -269,8 +275,11 @@ inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates
                                      const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& w_logvar,
                                      const at::Tensor& w_gate, const at::Tensor& mu_logvar, const at::Tensor& gates,
                                      const at::Tensor& logits, const std::optional<at::Tensor>& noise,
-                                     const std::optional<at::Tensor>& rng, const std::string& activation) {
+                                     const std::optional<at::Tensor>& rng, bool training,
+                                     const std::string& activation) {
   constexpr const char* op = "vae_relu_router_bwd";
+  check_given(op, {{"h", &h}, {"w_mu", &w_mu}, {"w_logvar", &w_logvar}, {"w_gate", &w_gate}, {"mu_logvar", &mu_logvar},
+                   {"gates", &gates}, {"logits", &logits}});
   check_activation(activation, op);
   const auto sz = check_weights(op, h, w_mu, w_logvar, w_gate);
   check_rows_like(mu_logvar, h, 2 * sz.dz, op, "mu_logvar", "[..., 2 dz]");
@@ -280,16 +289,13 @@ inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates
   if (grad_logits.has_value()) check_rows_like(*grad_logits, h, sz.K, op, "grad_logits", "[..., K]");
   if (grad_kl.has_value()) check_rows_like(*grad_kl, h, std::nullopt, op, "grad_kl", "[...]");
   if (grad_z.has_value()) check_rows_like(*grad_z, h, sz.dz, op, "grad_z", "[..., dz]");
-  check_noise_rng(op, h, sz.dz, noise, rng);
+  check_noise_rng(op, h, sz.dz, noise, rng, training);
   return sz;
 }
 
 inline Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
   if (!training) return Eps::kNone;
-  if (noise.has_value()) return Eps::kGiven;
-  TORCH_CHECK(rng.has_value(), "vae_relu_router: training without `noise` needs `rng` (an int64 [2] Philox "
-              "key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
-  return Eps::kDrawn;
+  return noise.has_value() ? Eps::kGiven : Eps::kDrawn;  // check_noise_rng refused training with neither
 }
 
 }  // namespace vr
