@@ -49,7 +49,8 @@ at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).contiguous
 // on CUDA. Reads the ids in place: called before anything of their size is allocated or copied.
 void validate_ids(const at::Tensor& token_ids, const at::Tensor& topic_ids, int64_t V, int64_t K) {
   const auto tok = first_bad_id(token_ids, [V](int64_t id) { return !de::token_id_ok(id, V); });
-  const auto top = first_bad_id(topic_ids, [K](int64_t id) { return !de::topic_id_ok(id, K); });
+  const auto top = first_bad_id(topic_ids, [K](int64_t id) { return !de::topic_id_ok(id, K); },
+                                tok.position >= 0 ? tok.position : std::numeric_limits<int64_t>::max());
   if (tok.position >= 0 && (top.position < 0 || tok.position <= top.position))
     fail_dual_embedding_id(false, tok.position, tok.value, V);
   if (top.position >= 0) fail_dual_embedding_id(true, top.position, top.value, K);

@@ -91,6 +91,9 @@ def dual_embedding(m, seed, s):
     elif m == "expanded_huge":  # 2**31 + 8 rows that all alias one: F.embedding allocates nothing either
         tw = tw[:1].expand(2**31 + 8, d)
         tok = tok * 2**28
+    elif m == "huge_ids_out_of_range":  # 2 x (2**31 + 8) expanded ids, row 0 out of range: refused before the
+        tok = torch.tensor([[V], [0]]).expand(2, 2**31 + 8)  # output (tens of GB) or a copy of the ids is allocated
+        top, bad = torch.zeros(1, 1, dtype=torch.long).expand(2, 2**31 + 8), "token_ids"
     elif m == "zero_tokens":
         tok, top = tok[:0], top[:0]
     elif m == "nan_table":
@@ -252,6 +255,9 @@ def multi_lora_linear(m, seed, s):
     elif m == "index_out_of_range":
         idx, bad = torch.full((max(T, 1), k), N), "indices"
         x, sc = _rand(g, max(T, 1), inn, dtype=dt), _rand(g, max(T, 1), k, dtype=dt)
+    elif m == "huge_indices_out_of_range":  # [1, 2**31 + 8] expanded slots, all out of range: refused before
+        x, idx = _rand(g, 1, inn, dtype=dt), torch.full((1, 1), N).expand(1, 2**31 + 8)  # anything of their size
+        sc, bad = _rand(g, 1, 1, dtype=dt).expand(1, 2**31 + 8), "indices"
     elif m == "index_below":
         idx, bad = torch.full((max(T, 1), k), -2), "indices"
         x, sc = _rand(g, max(T, 1), inn, dtype=dt), _rand(g, max(T, 1), k, dtype=dt)
@@ -365,7 +371,8 @@ MUTATIONS = {
     "knowledge_attention": ["none", "strided", "zero_tokens", "nan_q", "inf_z_key", "scale", "bad_rank_z_key",
                             "bad_size_z_value", "bad_dk_z_key", "dtype_z_value", "int_q", "meta_z_key", "bad_residual",
                             "scale_str", "none_q", "dk0_q"],
-    "dual_embedding": ["none", "strided", "expanded_huge", "zero_tokens", "nan_table", "padding", "token_out_of_range",
+    "dual_embedding": ["none", "strided", "expanded_huge", "huge_ids_out_of_range", "zero_tokens", "nan_table", "padding",
+                       "token_out_of_range",
                        "topic_below_minus_one", "shape_topic_ids", "float_token_ids", "dtype_topic_weight",
                        "meta_topic_weight", "padding_out_of_range", "padding_str", "rank_token_weight"],
     "expert_loss": ["none", "soft", "strided", "zero_rows", "all_ignored", "nan_logits", "smoothing", "target_out_of_range",
@@ -374,7 +381,8 @@ MUTATIONS = {
                         "activation_str", "noise_shape", "meta_w_mu", "training_str"],
     "lora_merge": ["none", "strided", "expanded", "nan_scales", "lora_a_in", "lora_b_out", "scales_size", "dtype_lora_b",
                    "meta_scales", "rank_weight", "inplace_overlapping_weight"],
-    "multi_lora_linear": ["none", "no_bias", "strided", "expanded_huge_bank", "nan_x", "index_out_of_range", "index_below",
+    "multi_lora_linear": ["none", "no_bias", "strided", "expanded_huge_bank", "nan_x", "index_out_of_range",
+                          "huge_indices_out_of_range", "index_below",
                           "scales_shape", "float_indices", "weight_in", "meta_bias", "none_x"],
     "raw_backward": ["ka_grad_out", "ka_lse", "ka_meta_lse", "ka_probs", "vae_rng_empty", "vae_rng_one", "vae_w_gate",
                      "vae_mu_logvar", "vae_grad_gates", "vae_meta_rng", "el_broadcast", "el_dtype", "el_meta",

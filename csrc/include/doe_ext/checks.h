@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -132,15 +134,15 @@ inline void check_index(const at::Tensor& t, const char* op, const char* name) {
               dtype_name(t.scalar_type()));
 }
 
-// The first element of the int64 CPU tensor `ids` (row-major order) whose value `bad` rejects: its
-// flat position (-1: none) and value. Read by stride, never copied: a bad id in an expanded or
-// strided index tensor is found before anything of its size is allocated.
+// The first element of the int64 CPU tensor `ids` (row-major order, positions below `limit`) whose
+// value `bad` rejects: its flat position (-1: none) and value. Read by stride, never copied: a bad
+// id in an expanded or strided index tensor is found before anything of its size is allocated.
 struct BadId {
   int64_t position = -1, value = 0;
 };
 template <typename F>
-BadId first_bad_id(const at::Tensor& ids, F bad) {
-  const int64_t n = ids.numel();
+BadId first_bad_id(const at::Tensor& ids, F bad, int64_t limit = std::numeric_limits<int64_t>::max()) {
+  const int64_t n = std::min(ids.numel(), limit);
   if (n == 0) return {};
   const int64_t* p = ids.const_data_ptr<int64_t>();
   if (ids.is_contiguous()) {
