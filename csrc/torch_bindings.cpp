@@ -29,62 +29,109 @@ std::string build_config() {
 }
 
 // Marks each meta stand-in as standing for its FakeTensor's device while an op's checks run.
+// `devices`: one entry per tensor argument, comma-separated ("" for a None).
 class StandIns {
  public:
-  StandIns(const std::vector<std::optional<at::Tensor>>& tensors, const std::string& devices) {
+  StandIns(c10::string_view devices_view, std::initializer_list<const at::Tensor*> tensors) {
+    const std::string devices(devices_view);
     size_t start = 0;
-    for (const auto& t : tensors) {
+    for (const at::Tensor* t : tensors) {
       const size_t end = devices.find(',', start);
       const std::string dev = devices.substr(start, end == std::string::npos ? std::string::npos : end - start);
       start = end == std::string::npos ? devices.size() : end + 1;
-      if (t.has_value()) device_stand_ins().push_back({t->unsafeGetTensorImpl(), c10::Device(dev)});
+      if (t != nullptr && t->defined()) device_stand_ins().push_back({t->unsafeGetTensorImpl(), c10::Device(dev)});
     }
   }
   ~StandIns() { device_stand_ins().clear(); }
 };
 
-// The argument checks of op `op`, exactly as its CPU and CUDA kernels run them first, on `tensors`
-// (its tensor arguments in schema order; meta stand-ins of a fake kernel's FakeTensors, whose devices
-// `devices` lists, comma-separated), `ints`, `floats` and `text` (its int / float / string arguments).
-void check_op(c10::string_view op_name, const c10::List<std::optional<at::Tensor>>& list, c10::string_view devices,
-              std::vector<int64_t> ints, std::vector<double> floats, c10::string_view text) {
-  const std::string op(op_name);
-  std::vector<std::optional<at::Tensor>> t;
-  for (size_t i = 0; i < list.size(); ++i) t.push_back(list.get(i));
-  const StandIns stand_ins(t, std::string(devices));
-  // A None for a required tensor stays an undefined tensor, which the op's checks refuse by name.
-  static const at::Tensor kNone;
-  const auto T = [&](size_t i) -> const at::Tensor& { return t.at(i).has_value() ? *t.at(i) : kNone; };
-  const std::string str(text);
-  if (op == "knowledge_attention_fwd") {
-    check_knowledge_attention(T(0), T(1), T(2), t.at(3));
-  } else if (op == "knowledge_attention_bwd") {
-    check_knowledge_attention_bwd(T(0), T(1), T(2), T(3), T(4), T(5));
-  } else if (op == "vae_relu_router_fwd") {
-    check_vae_relu_router(T(0), T(1), T(2), T(3), T(4), T(5), T(6), t.at(7), t.at(8), ints.at(0) != 0, str);
-  } else if (op == "vae_relu_router_bwd") {
-    vr::check_backward(t.at(0), t.at(1), t.at(2), t.at(3), T(4), T(5), T(6), T(7), T(8), T(9), T(10), t.at(11),
-                       t.at(12), ints.at(0) != 0, str);
-  } else if (op == "expert_loss_fwd") {
-    check_expert_loss(T(0), T(1), str, floats.at(0));
-  } else if (op == "expert_loss_bwd") {
-    check_expert_loss_bwd(T(0), T(1), T(2));
-  } else if (op == "dual_embedding_fwd") {
-    const auto sz = check_dual_embedding(T(0), T(1), T(2), T(3));
-    check_padding_idx(ints.at(0), sz.V);
-  } else if (op == "dual_embedding_bwd") {
-    check_dual_embedding_bwd(T(0), T(1), T(2), T(3), T(4), ints.at(0));
-  } else if (op == "lora_merge" || op == "lora_merge_") {
-    check_lora_merge(T(0), T(1), T(2), T(3), op.c_str());
-  } else if (op == "lora_merge_bwd") {
-    check_lora_merge(T(0), T(1), T(2), T(3), "lora_merge_bwd", "grad_out");
-  } else if (op == "multi_lora_linear_fwd") {
-    check_multi_lora_linear(T(0), T(1), t.at(2), T(3), T(4), T(5), T(6));
-  } else if (op == "multi_lora_linear_bwd") {
-    check_multi_lora_linear_bwd(T(0), T(1), T(2), T(3), T(4), T(5), T(6), T(7));
-  } else {
-    TORCH_CHECK(false, "doe_ext::_check: no op ", op);
-  }
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// Each op's argument checks for its fake kernel: `_check_<op>(devices, <the op's arguments>)` runs
+// the very check function its CPU and CUDA kernels run first, on meta stand-ins of the fake
+// kernel's FakeTensors that report the FakeTensors' devices (`devices`). One typed function per op.
+void check_knowledge_attention_fwd(c10::string_view devices, const at::Tensor& q, const at::Tensor& z_key,
+                                   const at::Tensor& z_value, const std::optional<at::Tensor>& residual, double, bool) {
+  const StandIns s(devices, {&q, &z_key, &z_value, opt(residual)});
+  check_knowledge_attention(q, z_key, z_value, residual);
+}
+void check_knowledge_attention_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& q,
+                                    const at::Tensor& z_key, const at::Tensor& z_value, const at::Tensor& lse,
+                                    const at::Tensor& probs, double) {
+  const StandIns s(devices, {&grad_out, &q, &z_key, &z_value, &lse, &probs});
+  check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
+}
+void check_vae_relu_router_fwd(c10::string_view devices, const at::Tensor& h, const at::Tensor& w_mu,
+                               const at::Tensor& b_mu, const at::Tensor& w_logvar, const at::Tensor& b_logvar,
+                               const at::Tensor& w_gate, const at::Tensor& b_gate,
+                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
+                               bool training, c10::string_view activation) {
+  const StandIns s(devices, {&h, &w_mu, &b_mu, &w_logvar, &b_logvar, &w_gate, &b_gate, opt(noise), opt(rng)});
+  check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training,
+                        std::string(activation));
+}
+void check_vae_relu_router_bwd(c10::string_view devices, const std::optional<at::Tensor>& grad_gates,
+                               const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_kl,
+                               const std::optional<at::Tensor>& grad_z, const at::Tensor& h, const at::Tensor& w_mu,
+                               const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
+                               const at::Tensor& gates, const at::Tensor& logits,
+                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
+                               bool training, c10::string_view activation) {
+  const StandIns s(devices, {opt(grad_gates), opt(grad_logits), opt(grad_kl), opt(grad_z), &h, &w_mu, &w_logvar,
+                             &w_gate, &mu_logvar, &gates, &logits, opt(noise), opt(rng)});
+  vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits,
+                     noise, rng, training, std::string(activation));
+}
+void check_expert_loss_fwd(c10::string_view devices, const at::Tensor& logits, const at::Tensor& target, int64_t,
+                           c10::string_view reduction, double label_smoothing, bool) {
+  const StandIns s(devices, {&logits, &target});
+  check_expert_loss(logits, target, std::string(reduction), label_smoothing);
+}
+void check_expert_loss_bwd_(c10::string_view devices, const at::Tensor& grad_loss, const at::Tensor& grad_rows,
+                            const at::Tensor& weight) {
+  const StandIns s(devices, {&grad_loss, &grad_rows, &weight});
+  check_expert_loss_bwd(grad_loss, grad_rows, weight);
+}
+void check_dual_embedding_fwd(c10::string_view devices, const at::Tensor& token_ids, const at::Tensor& topic_ids,
+                              const at::Tensor& token_weight, const at::Tensor& topic_weight, int64_t padding_idx) {
+  const StandIns s(devices, {&token_ids, &topic_ids, &token_weight, &topic_weight});
+  check_padding_idx(padding_idx, check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight).V);
+}
+void check_dual_embedding_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& token_ids,
+                               const at::Tensor& topic_ids, const at::Tensor& token_weight,
+                               const at::Tensor& topic_weight, int64_t padding_idx) {
+  const StandIns s(devices, {&grad_out, &token_ids, &topic_ids, &token_weight, &topic_weight});
+  check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
+}
+template <const char* kOp>
+void check_lora_merge_op(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, const at::Tensor& scales) {
+  const StandIns s(devices, {&weight, &lora_a, &lora_b, &scales});
+  const bool bwd = std::string(kOp) == "lora_merge_bwd";
+  check_lora_merge(weight, lora_a, lora_b, scales, kOp, bwd ? "grad_out" : "weight");
+}
+constexpr char kLoraMerge[] = "lora_merge", kLoraMergeInplace[] = "lora_merge_", kLoraMergeBwd[] = "lora_merge_bwd";
+void check_multi_lora_linear_fwd(c10::string_view devices, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                 const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales) {
+  const StandIns s(devices, {&x, &weight, opt(bias), &lora_a, &lora_b, &indices, &scales});
+  check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
+}
+void check_multi_lora_linear_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                  const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa, bool,
+                                  bool) {
+  const StandIns s(devices, {&grad_out, &x, &weight, &lora_a, &lora_b, &indices, &scales, &xa});
+  check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
+}
+
+// An op and its check op, from one argument list: `name(args) -> returns` and
+// `_check_name(str devices, args) -> ()` (alias annotations dropped: a check writes nothing).
+void def_op(torch::Library& m, const std::string& name, const std::string& args, const std::string& returns) {
+  m.def((name + "(" + args + ") -> " + returns).c_str());
+  std::string plain = args;
+  for (size_t at; (at = plain.find("(a!)")) != std::string::npos;) plain.erase(at, 4);
+  m.def(("_check_" + name + "(str devices, " + plain + ") -> ()").c_str());
 }
 
 }  // namespace
@@ -94,12 +141,15 @@ TORCH_LIBRARY(doe_ext, m) {
   // DoE eq. 1-3: out = residual + softmax(q @ z_key.T * scale) @ z_value; lse per row (float32 for
   // half inputs) for the backward; probs [..., K] only when return_probs, else an empty tensor.
   // (The CPU wrapper asks for probs when a backward will follow: reusing them there saves a GEMM.)
-  m.def("knowledge_attention_fwd(Tensor q, Tensor z_key, Tensor z_value, Tensor? residual, float scale, "
-        "bool return_probs) -> (Tensor out, Tensor lse, Tensor probs)");
+  def_op(m, "knowledge_attention_fwd",
+         "Tensor q, Tensor z_key, Tensor z_value, Tensor? residual, float scale, bool return_probs",
+         "(Tensor out, Tensor lse, Tensor probs)");
   // Gradients of knowledge_attention_fwd's out w.r.t. q, z_key, z_value (residual's is grad_out);
   // probs from the forward, or empty to rebuild them from lse.
-  m.def("knowledge_attention_bwd(Tensor grad_out, Tensor q, Tensor z_key, Tensor z_value, Tensor lse, "
-        "Tensor probs, float scale) -> (Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
+  def_op(m, "knowledge_attention_bwd",
+         "Tensor grad_out, Tensor q, Tensor z_key, Tensor z_value, Tensor lse, Tensor probs, "
+         "float scale",
+         "(Tensor grad_q, Tensor grad_z_key, Tensor grad_z_value)");
 
   // ---- VAE-ReLU router and expert-label loss (CONTRACT §2.2, §2.4) ----
   // DoE §3.4 / App. A.3: mu_logvar = h @ [w_mu; w_logvar].T + [b_mu; b_logvar] (one GEMM), z = mu +
@@ -107,58 +157,91 @@ TORCH_LIBRARY(doe_ext, m) {
   // eps: `noise` when given, else Philox(rng = [key, stream] int64 on h's device), else 0 (eval).
   // z is the latent sample (for a decoder, App. H.3). Telemetry: block_counts [K] (rows with gate
   // k > 0), zero_rows [] (rows with every gate 0).
-  m.def("vae_relu_router_fwd(Tensor h, Tensor w_mu, Tensor b_mu, Tensor w_logvar, Tensor b_logvar, "
-        "Tensor w_gate, Tensor b_gate, Tensor? noise, Tensor? rng, bool training, str activation) -> "
-        "(Tensor gates, Tensor logits, Tensor kl, Tensor z, Tensor mu_logvar, Tensor block_counts, Tensor zero_rows)");
+  def_op(m, "vae_relu_router_fwd",
+         "Tensor h, Tensor w_mu, Tensor b_mu, Tensor w_logvar, Tensor b_logvar, Tensor w_gate, "
+         "Tensor b_gate, Tensor? noise, Tensor? rng, bool training, str activation",
+         "(Tensor gates, Tensor logits, Tensor kl, Tensor z, Tensor mu_logvar, Tensor block_counts, "
+         "Tensor zero_rows)");
   // Gradients of vae_relu_router_fwd (any of the four output grads may be None); eps is
   // regenerated from rng, never stored.
-  m.def("vae_relu_router_bwd(Tensor? grad_gates, Tensor? grad_logits, Tensor? grad_kl, Tensor? grad_z, Tensor h, "
-        "Tensor w_mu, Tensor w_logvar, Tensor w_gate, Tensor mu_logvar, Tensor gates, Tensor logits, "
-        "Tensor? noise, Tensor? rng, bool training, str activation) -> (Tensor grad_h, Tensor grad_w_mu, "
-        "Tensor grad_b_mu, Tensor grad_w_logvar, Tensor grad_b_logvar, Tensor grad_w_gate, Tensor grad_b_gate)");
+  def_op(m, "vae_relu_router_bwd",
+         "Tensor? grad_gates, Tensor? grad_logits, Tensor? grad_kl, Tensor? grad_z, Tensor h, "
+         "Tensor w_mu, Tensor w_logvar, Tensor w_gate, Tensor mu_logvar, Tensor gates, Tensor logits, "
+         "Tensor? noise, Tensor? rng, bool training, str activation",
+         "(Tensor grad_h, Tensor grad_w_mu, Tensor grad_b_mu, Tensor grad_w_logvar, Tensor grad_b_logvar, "
+         "Tensor grad_w_gate, Tensor grad_b_gate)");
   // DoE eq. 4 L_expert: cross-entropy to int64 labels (ignore_index, label_smoothing) or KL(t || softmax)
   // to float targets, one pass that also writes d(row loss)/d(logits) when keep_grad; weight is the
   // reduction's row factor (1/count for mean, 1 for sum/none, 0-safe).
-  m.def("expert_loss_fwd(Tensor logits, Tensor target, int ignore_index, str reduction, float label_smoothing, "
-        "bool keep_grad) -> (Tensor loss, Tensor grad_rows, Tensor weight)");
+  def_op(m, "expert_loss_fwd",
+         "Tensor logits, Tensor target, int ignore_index, str reduction, float label_smoothing, "
+         "bool keep_grad",
+         "(Tensor loss, Tensor grad_rows, Tensor weight)");
   // grad_logits = grad_rows * grad_loss * weight, grad_loss broadcast over each row's K logits.
-  m.def("expert_loss_bwd(Tensor grad_loss, Tensor grad_rows, Tensor weight) -> Tensor");
+  def_op(m, "expert_loss_bwd",
+         "Tensor grad_loss, Tensor grad_rows, Tensor weight",
+         "Tensor");
 
   // ---- dual embedding and LoRA experts (CONTRACT §2.3, §2.5) ----
   // DoE §3.3 / Alg. 1: out = cat(token_weight[token_ids], topic_weight[topic_ids] (0 where -1), -1);
   // raises on an out-of-range id, naming token_ids or topic_ids. padding_idx (-1: none) only
   // matters to the backward; it is here, as in aten::embedding, so autograd can read it.
-  m.def("dual_embedding_fwd(Tensor token_ids, Tensor topic_ids, Tensor token_weight, Tensor topic_weight, "
-        "int padding_idx=-1) -> Tensor");
+  def_op(m, "dual_embedding_fwd",
+         "Tensor token_ids, Tensor topic_ids, Tensor token_weight, Tensor topic_weight, "
+         "int padding_idx=-1",
+         "Tensor");
   // Dense, deterministic gradients of both tables (ids sorted, runs reduced in token order; no
   // atomics); rows at padding_idx (>= 0) and topic ids -1 get none. The weights give shapes only.
-  m.def("dual_embedding_bwd(Tensor grad_out, Tensor token_ids, Tensor topic_ids, Tensor token_weight, "
-        "Tensor topic_weight, int padding_idx) -> (Tensor grad_token_weight, Tensor grad_topic_weight)");
+  def_op(m, "dual_embedding_bwd",
+         "Tensor grad_out, Tensor token_ids, Tensor topic_ids, Tensor token_weight, "
+         "Tensor topic_weight, int padding_idx",
+         "(Tensor grad_token_weight, Tensor grad_topic_weight)");
   // DMoE eq. 6, baking E experts into a weight: weight + sum_e scales[e] * lora_b[e] @ lora_a[e].
-  m.def("lora_merge(Tensor weight, Tensor lora_a, Tensor lora_b, Tensor scales) -> Tensor");
+  def_op(m, "lora_merge",
+         "Tensor weight, Tensor lora_a, Tensor lora_b, Tensor scales",
+         "Tensor");
   // The same sum written into weight in place (export; no autograd).
-  m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor scales) -> ()");
+  def_op(m, "lora_merge_",
+         "Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor scales",
+         "()");
   // Gradients of lora_merge w.r.t. lora_a, lora_b, scales (weight's is grad_out itself).
-  m.def("lora_merge_bwd(Tensor grad_out, Tensor lora_a, Tensor lora_b, Tensor scales) "
-        "-> (Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_scales)");
+  def_op(m, "lora_merge_bwd",
+         "Tensor grad_out, Tensor lora_a, Tensor lora_b, Tensor scales",
+         "(Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_scales)");
   // Mixed-batch multi-LoRA linear: y[t] = x[t] @ weight.T + bias
   //   + sum_j [indices[t,j] >= 0] scales[t,j] * lora_b[i] @ (lora_a[i] @ x[t]),  i = indices[t, j].
   // xa [T, k, r] = lora_a[i] @ x[t] per slot (0 for empty slots), kept for the backward.
-  m.def("multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "Tensor indices, Tensor scales) -> (Tensor out, Tensor xa)");
+  def_op(m, "multi_lora_linear_fwd",
+         "Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor indices, "
+         "Tensor scales",
+         "(Tensor out, Tensor xa)");
   // Gradients of multi_lora_linear_fwd's out; grad_weight/grad_bias only when need_weight_grad,
   // the LoRA and scale grads only when need_lora_grad (else empty tensors).
-  m.def("multi_lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-        "Tensor indices, Tensor scales, Tensor xa, bool need_weight_grad, bool need_lora_grad) -> "
-        "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, "
-        "Tensor grad_scales)");
+  def_op(m, "multi_lora_linear_bwd",
+         "Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor indices, "
+         "Tensor scales, Tensor xa, bool need_weight_grad, bool need_lora_grad",
+         "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, "
+         "Tensor grad_scales)");
 
-  // The fake kernels' argument checks (see check_op): torch.compile rejects what eager rejects, with
-  // the same message, because both run the same C++ checks.
-  m.def("_check(str op, Tensor?[] tensors, str devices, int[] ints, float[] floats, str text) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) { m.impl("_check", &check_op); }
+// The fake kernels' argument checks: torch.compile rejects what eager rejects, with the same message,
+// because both run the same C++ check function.
+TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
+  m.impl("_check_knowledge_attention_fwd", &check_knowledge_attention_fwd);
+  m.impl("_check_knowledge_attention_bwd", &check_knowledge_attention_bwd_);
+  m.impl("_check_vae_relu_router_fwd", &check_vae_relu_router_fwd);
+  m.impl("_check_vae_relu_router_bwd", &check_vae_relu_router_bwd);
+  m.impl("_check_expert_loss_fwd", &check_expert_loss_fwd);
+  m.impl("_check_expert_loss_bwd", &check_expert_loss_bwd_);
+  m.impl("_check_dual_embedding_fwd", &check_dual_embedding_fwd);
+  m.impl("_check_dual_embedding_bwd", &check_dual_embedding_bwd_);
+  m.impl("_check_lora_merge", &check_lora_merge_op<kLoraMerge>);
+  m.impl("_check_lora_merge_", &check_lora_merge_op<kLoraMergeInplace>);
+  m.impl("_check_lora_merge_bwd", &check_lora_merge_op<kLoraMergeBwd>);
+  m.impl("_check_multi_lora_linear_fwd", &check_multi_lora_linear_fwd);
+  m.impl("_check_multi_lora_linear_bwd", &check_multi_lora_linear_bwd_);
+}
 
 }  // namespace doe_ext
 

@@ -1,4 +1,4 @@
-"""The fake kernels run the C++ kernels' own argument checks (``torch.ops.doe_ext._check``): for every
+"""The fake kernels run the C++ kernels' own argument checks (``torch.ops.doe_ext._check_<op>``): for every
 raw op, every tensor argument bent out of shape (one more or one fewer dimension, a last dimension
 one short, another dtype, the meta device, None) and every bad string or int, a call under FakeTensorMode
 (what ``torch.compile`` traces with) raises exactly what the eager call raises, or both succeed with

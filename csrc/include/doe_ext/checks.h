@@ -64,7 +64,7 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               expected, " (", what, "), got shape ", shape_str(t.sizes()));
 }
 
-// The device a tensor stands for: its own, except while doe_ext::_check runs an op's checks for its
+// The device a tensor stands for: its own, except while doe_ext::_check_<op> runs an op's checks for its
 // fake kernel on meta stand-ins of FakeTensors (torch_bindings.cpp): each stand-in then reports its
 // FakeTensor's device, so torch.compile and eager reject the same calls with the same messages.
 struct DeviceStandIn {

@@ -14,27 +14,26 @@ def _hint(size) -> int | None:
     return None if hint is None else int(hint)
 
 
-def cxx_checks(op: str, *tensors: torch.Tensor | None, ints=(), floats=(), text: str = "") -> None:
-    """Run ``op``'s C++ argument checks, the ones its CPU and CUDA kernels run first, for its fake
-    kernel: on meta stand-ins of ``tensors`` (the op's tensor arguments in schema order), each
-    standing for its tensor's device (``torch.ops.doe_ext._check``). So ``torch.compile`` (and a call
-    with a ``meta`` argument) rejects what eager rejects, with the same message. Symbolic sizes are
-    checked at their hints; a size without one (data-dependent) leaves the checks to the kernel."""
+def cxx_checks(op: str, *args) -> None:
+    """Run raw op ``op``'s C++ argument checks, the ones its CPU and CUDA kernels run first, for its
+    fake kernel: ``torch.ops.doe_ext._check_<op>`` with the op's own arguments ``args`` (schema order),
+    each tensor replaced by a meta stand-in that reports its tensor's device. So ``torch.compile`` (and
+    a call with a ``meta`` argument) rejects what eager rejects, with the same message. Symbolic sizes
+    are checked at their hints; a size without one (data-dependent) leaves the checks to the kernel."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        stand_ins, devices = [], []
-        for t in tensors:
-            devices.append("" if t is None else str(t.device))
-            if t is None:
-                stand_ins.append(None)
-                continue
-            shape, stride = [_hint(s) for s in t.shape], [_hint(s) for s in t.stride()]
-            if None in shape or None in stride:
-                return
-            stand_ins.append(torch.empty_strided(shape, stride, dtype=t.dtype, device="meta"))
-        torch.ops.doe_ext._check(op, stand_ins, ",".join(devices), [int(i) for i in ints],
-                                 [float(f) for f in floats], text)
+        stand_ins = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                shape, stride = [_hint(s) for s in a.shape], [_hint(s) for s in a.stride()]
+                if None in shape or None in stride:
+                    return
+                a = torch.empty_strided(shape, stride, dtype=a.dtype, device="meta")
+            stand_ins.append(a)
+        # one entry per tensor argument (a None: an optional tensor left out, or a required one missing)
+        devices = ",".join("" if a is None else str(a.device) for a in args if a is None or isinstance(a, torch.Tensor))
+        getattr(torch.ops.doe_ext, f"_check_{op}")(devices, *stand_ins)
 
 
 def check_tensors(op: str, optional: tuple[str, ...] = (), **args) -> None:

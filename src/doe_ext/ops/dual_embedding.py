@@ -56,13 +56,13 @@ def dual_embedding(
 
 @torch.library.register_fake("doe_ext::dual_embedding_fwd")
 def _fwd_fake(token_ids, topic_ids, token_weight, topic_weight, padding_idx=-1):
-    cxx_checks("dual_embedding_fwd", token_ids, topic_ids, token_weight, topic_weight, ints=[padding_idx])
+    cxx_checks("dual_embedding_fwd", token_ids, topic_ids, token_weight, topic_weight, padding_idx)
     return token_weight.new_empty((*token_ids.shape, token_weight.shape[1] + topic_weight.shape[1]))
 
 
 @torch.library.register_fake("doe_ext::dual_embedding_bwd")
 def _bwd_fake(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx):
-    cxx_checks("dual_embedding_bwd", grad_out, token_ids, topic_ids, token_weight, topic_weight, ints=[padding_idx])
+    cxx_checks("dual_embedding_bwd", grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx)
     return torch.empty_like(token_weight, memory_format=torch.contiguous_format), torch.empty_like(
         topic_weight, memory_format=torch.contiguous_format)
 

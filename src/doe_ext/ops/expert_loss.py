@@ -53,7 +53,7 @@ def expert_loss(
 
 @torch.library.register_fake("doe_ext::expert_loss_fwd")
 def _fwd_fake(logits, target, ignore_index, reduction, label_smoothing, keep_grad):
-    cxx_checks("expert_loss_fwd", logits, target, floats=[label_smoothing], text=reduction)
+    cxx_checks("expert_loss_fwd", logits, target, ignore_index, reduction, label_smoothing, keep_grad)
     lead = logits.shape[:-1]
     loss = logits.new_empty(lead if reduction == "none" else ())
     grad = logits.new_empty(logits.shape) if keep_grad else logits.new_empty((0,))

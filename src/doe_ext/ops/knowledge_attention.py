@@ -62,7 +62,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("doe_ext::knowledge_attention_fwd")
 def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
-    cxx_checks("knowledge_attention_fwd", q, z_key, z_value, residual)
+    cxx_checks("knowledge_attention_fwd", q, z_key, z_value, residual, scale, return_probs)
     lead = q.shape[:-1]
     out = q.new_empty((*lead, z_value.shape[1]))
     lse = q.new_empty(lead, dtype=_lse_dtype(q.dtype))
@@ -72,7 +72,7 @@ def _fwd_fake(q, z_key, z_value, residual, scale, return_probs):
 
 @torch.library.register_fake("doe_ext::knowledge_attention_bwd")
 def _bwd_fake(grad_out, q, z_key, z_value, lse, probs, scale):
-    cxx_checks("knowledge_attention_bwd", grad_out, q, z_key, z_value, lse, probs)
+    cxx_checks("knowledge_attention_bwd", grad_out, q, z_key, z_value, lse, probs, scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(z_key), torch.empty_like(z_value)
 
 

@@ -65,7 +65,8 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, indices, scales):
 
 @torch.library.register_fake("doe_ext::multi_lora_linear_bwd")
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad, need_lora_grad):
-    cxx_checks("multi_lora_linear_bwd", grad_out, x, weight, lora_a, lora_b, indices, scales, xa)
+    cxx_checks("multi_lora_linear_bwd", grad_out, x, weight, lora_a, lora_b, indices, scales, xa, need_weight_grad,
+               need_lora_grad)
     def none():
         return x.new_empty((0,))
 

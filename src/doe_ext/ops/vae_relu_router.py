@@ -101,7 +101,8 @@ def vae_relu_router(
 
 @torch.library.register_fake("doe_ext::vae_relu_router_fwd")
 def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, activation):
-    cxx_checks("vae_relu_router_fwd", h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, ints=[training], text=activation)
+    cxx_checks("vae_relu_router_fwd", h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training,
+               activation)
     lead = h.shape[:-1]
     K, dz = w_gate.shape
     gates = h.new_empty((*lead, K))
@@ -118,7 +119,7 @@ def _fwd_fake(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, tra
 def _bwd_fake(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits, noise, rng,
               training, activation):
     cxx_checks("vae_relu_router_bwd", grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
-               gates, logits, noise, rng, ints=[training], text=activation)
+               gates, logits, noise, rng, training, activation)
     dz, K = w_mu.shape[0], w_gate.shape[0]
     return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_mu),
             w_mu.new_empty((dz,)), torch.empty_like(w_logvar), w_mu.new_empty((dz,)), torch.empty_like(w_gate),
