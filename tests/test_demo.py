@@ -19,7 +19,7 @@ def test_gcide_definitions_are_balanced_and_labelled():
 def test_quick_demo_writes_a_report(tmp_path):
     report = main(["--quick", "--dmoe-ablations", "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["stage2"]) == {"doe", "dense"}
+    assert set(metrics["stage2"]) == {"doe", "dense", "dense + topics"}
     for res in metrics["stage2"].values():
         assert math.isfinite(res["heldout_ntp"]) and res["heldout_ppl"] > 1
     assert set(metrics["gate_activity_by_domain"]) == set(DOMAINS.values())
