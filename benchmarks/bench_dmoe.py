@@ -203,6 +203,65 @@ def bench_generation(base, bank, prompts: list[str], max_new: int, rounds: int =
     return res
 
 
+def read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
+    """Bytes per second this machine reads: the median time of summing a ``mib`` MiB float32 tensor
+    (read once; far larger than the caches)."""
+    x = torch.ones(mib * 2**18)
+    x.sum()  # fault the pages in
+    t = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        t.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(t)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights one decoding step reads: every parameter once (a tied head reads the
+    embedding table it shares, counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8), rounds: int = 3) -> list[dict]:
+    """Decode ms per step, at each batch size, beside the memory-bandwidth floor (the weights' bytes
+    over the read bandwidth measured in the same run): HF's greedy ``generate``, our decoding loop
+    without triggers (DMoE, tau = inf) and DMoE with triggers (tau = 2). A step's time is the run with
+    ``steps + 1`` new tokens minus the run with 1 (the prefill and the first token), over ``steps``;
+    the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved."""
+    from doe_ext.dmoe import DMoE
+
+    dmoe = DMoE(base, bank, tau=2.0)
+    dmoe.eos_tokens = set  # no sequence ends early: every run decodes exactly the steps asked for
+    enc = base.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    floor_ms = 1e3 * weight_bytes(base.model) / read_bandwidth()
+
+    def hf(b, n):
+        ids = enc["input_ids"].expand(b, -1)
+        base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False)
+
+    def ours(tau):
+        return lambda b, n: dmoe.generate([prompt] * b, n, tau=tau)
+
+    variants = {"hf_generate": hf, "ours_no_trigger": ours(math.inf), "dmoe_tau_2": ours(2.0)}
+    rows = []
+    for b in batches:
+        times = {k: [] for k in variants}
+        for fn in variants.values():
+            fn(b, 2)  # warm
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn(b, 1)
+                t1 = time.perf_counter()
+                fn(b, steps + 1)
+                times[name].append(1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / steps)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
+                     "x_floor": {k: v / floor_ms for k, v in ms.items()}})
+    return rows
+
+
 def bench_recipes(base, docs, workdir: Path) -> dict:
     """Seconds per expert of a whole bank build (augmentation, distillation teacher, training), one
     recipe after the other in one process on the same documents: the demo's recipe before issue 21
@@ -299,6 +358,12 @@ def run(device: str) -> list[dict]:
                                  "trigger_cost_vs_hf": round(g["trigger_overhead"], 3),
                                  "trigger_cost_vs_own_loop": round(g["trigger_overhead_own_loop"], 3)},
                      "triggers_per_sequence": g["triggers_per_sequence"]})
+        for r in bench_decode_floor(base, bank, prompts[0]):
+            rows.append({"bench": "dmoe_decode_step", "shape": f"batch {r['batch']}, 32 steps after a "
+                         f"{len(tok(prompts[0])['input_ids'])}-token prompt, 64-expert bank", "dtype": "float32",
+                         "device": device, "ms": {k: round(v, 2) for k, v in r["ms_per_step"].items()},
+                         "floor_ms": round(r["floor_ms"], 2),
+                         "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()}})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
