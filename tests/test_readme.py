@@ -20,6 +20,8 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 # the first line of a block -> why it is not run here
 NOT_RUN = {
     "make test": "runs this test suite (and `make demo`, the main job, runs in test_demo.py at --quick)",
+    "make reproduce": "a day on two cores; each of its parts runs at a tiny size elsewhere (test_demo.py, the "
+                      "ablation suite, test_cli.py's report studies)",
     "python -m doe_ext.selftest --device cuda": "needs a CUDA device (tests/ops/test_selftest.py runs it where one is)",
 }
 # (text in the README, what runs here): the long commands at a tiny size
