@@ -22,7 +22,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def close_to_reference(actual: torch.Tensor, ref_same_dtype: torch.Tensor, ref_f64: torch.Tensor, name: str = "") -> None:
+def close_to_reference(actual: torch.Tensor, ref_same_dtype: torch.Tensor, ref_f64: torch.Tensor,
+                       name: str = "") -> None:
     """float32/float64: ``torch.testing.assert_close`` against the twin in the same dtype.
     float16/bfloat16 (flash-attention's rule): the op's error against the float64 twin is at most
     2x the twin's own error in that dtype, plus a small floor for outputs the twin gets exactly."""
@@ -125,11 +126,13 @@ def check_opcheck(raw_op: str, device: str, dtype: torch.dtype) -> str:
 
 def bad_inputs(raw_op: str, device: str, dtype: torch.dtype):
     """``(what, call, argument)`` for each bad input of a raw op: None for each required tensor, each
-    tensor on the meta device, another dtype for each floating tensor, and an id out of range."""
+    tensor on the meta device, another dtype for each floating tensor after the first (which sets the
+    dtype the others must have), and an id out of range."""
     from doe_ext.ops.specs import raw_call, schema_arguments
 
     fn = getattr(torch.ops.doe_ext, raw_op)
-    floating = [n for n, v in raw_call(raw_op, device, dtype).items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    floating = [n for n, v in raw_call(raw_op, device, dtype).items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
     for name, ty in schema_arguments(raw_op):
         if not ty.startswith("Tensor"):
             continue
@@ -139,7 +142,7 @@ def bad_inputs(raw_op: str, device: str, dtype: torch.dtype):
         kinds = {"meta": args[name].to("meta")}
         if ty == "Tensor":
             kinds["None"] = None
-        if name in floating[1:]:  # the first floating tensor sets the dtype the others must have
+        if name in floating[1:]:
             kinds["dtype"] = args[name].to(torch.float64 if dtype != torch.float64 else torch.float32)
         if name in ("token_ids", "topic_ids", "indices", "target") and not args[name].is_floating_point():
             kinds["id out of range"] = torch.full_like(args[name], 10**6)
