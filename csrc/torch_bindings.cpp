@@ -103,14 +103,21 @@ void check_dual_embedding_bwd_(c10::string_view devices, const at::Tensor& grad_
   const StandIns s(devices, {&grad_out, &token_ids, &topic_ids, &token_weight, &topic_weight});
   check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
 }
-template <const char* kOp>
-void check_lora_merge_op(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
-                         const at::Tensor& lora_b, const at::Tensor& scales) {
+void check_lora_merge_fwd(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, const at::Tensor& scales) {
   const StandIns s(devices, {&weight, &lora_a, &lora_b, &scales});
-  const bool bwd = std::string(kOp) == "lora_merge_bwd";
-  check_lora_merge(weight, lora_a, lora_b, scales, kOp, bwd ? "grad_out" : "weight");
+  check_lora_merge(weight, lora_a, lora_b, scales, "lora_merge");
 }
-constexpr char kLoraMerge[] = "lora_merge", kLoraMergeInplace[] = "lora_merge_", kLoraMergeBwd[] = "lora_merge_bwd";
+void check_lora_merge_inplace_(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, const at::Tensor& scales) {
+  const StandIns s(devices, {&weight, &lora_a, &lora_b, &scales});
+  check_lora_merge_inplace(weight, lora_a, lora_b, scales);
+}
+void check_lora_merge_bwd(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, const at::Tensor& scales) {
+  const StandIns s(devices, {&grad_out, &lora_a, &lora_b, &scales});
+  check_lora_merge(grad_out, lora_a, lora_b, scales, "lora_merge_bwd", "grad_out");
+}
 void check_multi_lora_linear_fwd(c10::string_view devices, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                  const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales) {
@@ -236,9 +243,9 @@ TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
   m.impl("_check_expert_loss_bwd", &check_expert_loss_bwd_);
   m.impl("_check_dual_embedding_fwd", &check_dual_embedding_fwd);
   m.impl("_check_dual_embedding_bwd", &check_dual_embedding_bwd_);
-  m.impl("_check_lora_merge", &check_lora_merge_op<kLoraMerge>);
-  m.impl("_check_lora_merge_", &check_lora_merge_op<kLoraMergeInplace>);
-  m.impl("_check_lora_merge_bwd", &check_lora_merge_op<kLoraMergeBwd>);
+  m.impl("_check_lora_merge", &check_lora_merge_fwd);
+  m.impl("_check_lora_merge_", &check_lora_merge_inplace_);
+  m.impl("_check_lora_merge_bwd", &check_lora_merge_bwd);
   m.impl("_check_multi_lora_linear_fwd", &check_multi_lora_linear_fwd);
   m.impl("_check_multi_lora_linear_bwd", &check_multi_lora_linear_bwd_);
 }

@@ -26,12 +26,7 @@ double soft_f(const double* x, const double* t, int64_t K, double eps, double* g
 
 constexpr int64_t kNoBadRow = std::numeric_limits<int64_t>::max();
 
-[[noreturn]] void fail_label(int64_t K, int64_t ignore_index, int64_t value, int64_t row) {
-  TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", K, ") (K classes) or ignore_index (", ignore_index,
-              "), got ", value, " at flat row ", row);
-}
-
-// The first invalid row is reported (whichever thread finds it), as on CUDA.
+// The first row with an invalid soft target is reported (whichever thread finds it), as on CUDA.
 void lower(std::atomic<int64_t>& a, int64_t v) {
   int64_t cur = a.load();
   while (v < cur && !a.compare_exchange_weak(cur, v)) {
@@ -50,11 +45,8 @@ void rows(const at::Tensor& x2, const at::Tensor& target, bool hard, int64_t ign
     for (int64_t i = i0; i < i1; ++i) {
       T* g = grad ? grad + i * K : nullptr;
       if (hard) {
-        const int64_t yi = y[i];
-        if (yi == ignore_index || yi < 0 || yi >= K) {
-          if (yi != ignore_index) {
-            lower(bad_row, i);
-          }
+        const int64_t yi = y[i];  // ignore_index or in [0, K): checked before the call
+        if (yi == ignore_index) {
           row_loss[i] = 0;
           if (g)
             for (int64_t k = 0; k < K; ++k) g[k] = 0;
@@ -82,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
   if (sz.hard) {  // labels checked in place, before anything of their size is allocated
     const int64_t K = sz.K;
     const auto bad = first_bad_id(target, [=](int64_t y) { return y != ignore_index && (y < 0 || y >= K); });
-    if (bad.position >= 0) fail_label(K, ignore_index, bad.value, bad.position);
+    TORCH_CHECK(bad.position < 0, "expert_loss: expected `target` values in [0, ", K, ") (K classes) or ignore_index (",
+                ignore_index, "), got ", bad.value, " at flat row ", bad.position);
   }
   if (is_half(logits)) {  // float32 math, the outputs in the logits' dtype (as on CUDA)
     const auto dt = logits.scalar_type();
@@ -103,9 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cpu(const at::Ten
                      keep_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data_ptr<scalar_t>(), count, bad_row);
     });
   }
-  if (bad_row.load() != kNoBadRow) {
+  if (bad_row.load() != kNoBadRow) {  // soft targets only (hard labels are checked above)
     const int64_t i = bad_row.load();
-    if (sz.hard) fail_label(sz.K, ignore_index, target.reshape({sz.N})[i].item<int64_t>(), i);
     TORCH_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
                 "value in flat row ", i);
   }

@@ -228,8 +228,8 @@ def lora_merge(m, seed, s):
     elif m == "rank_weight":
         w, bad = w[0], "weight"
     elif m == "inplace_overlapping_weight":  # in place into an expanded weight: refused, as torch's own in-place ops do
-        w = _rand(g, 1, inn, dtype=dt).expand(out + 1, inn)
-        return (lambda: ops.lora_merge_(w, a, b, _rand(g, E, dtype=dt))), None, "weight"
+        w, b = _rand(g, 1, inn, dtype=dt).expand(out + 1, inn), _rand(g, E, out + 1, r, dtype=dt)  # 2+ rows alias
+        return (lambda: ops.lora_merge_(w, a, b, sc)), None, "weight"
     return (lambda: ops.lora_merge(w, a, b, sc), None if bad else (lambda: ref.lora_merge_ref(w, a, b, sc)), bad)
 
 
@@ -336,10 +336,6 @@ def raw_backward(m, seed, s):
     raise KeyError(m)
 
 
-def _meta_like(v):
-    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
-
-
 def _raw_argument_mutations() -> list[str]:
     """``op:kind:argument`` for every raw op and tensor argument: ``none`` (None for a required tensor,
     the others real), ``none_meta`` (None beside meta tensors: the fake kernel's path) and ``meta``
@@ -360,10 +356,10 @@ def raw_arguments(m, seed, s):
     op, kind, name = m.split(":")
     args = raw_call(op, dtype=_dtype(seed), seed=seed)
     if kind == "none_meta":
-        args = {k: _meta_like(v) for k, v in args.items()}
+        args = {k: _meta(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     if name == "noise":  # the router's sample call draws eps from rng instead: noise [..., dz], on meta
         args[name] = torch.empty(args["h"].shape[:-1] + args["w_mu"].shape[:1], dtype=args["h"].dtype, device="meta")
-    args[name] = None if kind.startswith("none") else _meta_like(args[name])
+    args[name] = None if kind.startswith("none") else _meta(args[name])
     return (lambda: getattr(RAW, op)(*args.values())), None, name
 
 

@@ -34,9 +34,6 @@ inline void check_lora_bank(const at::Tensor& lora_a, const at::Tensor& lora_b, 
 inline void check_lora_merge(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                              const at::Tensor& scales, const char* op, const char* weight_name = "weight") {
   check_given(op, {{weight_name, &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b}, {"scales", &scales}});
-  TORCH_CHECK(std::string(op) != "lora_merge_" || at::has_internal_overlap(weight) != at::MemOverlap::Yes, op,
-              ": `weight` has overlapping memory (an expanded tensor?), so an in-place merge would write some of its "
-              "elements more than once; merge into weight.clone(), or call lora_merge");
   check_dim(weight, 2, op, weight_name, "[out, in]");
   check_floating(weight, op, weight_name);
   if (std::string(weight_name) == "grad_out" && lora_a.dim() == 3 && lora_b.dim() == 3) {
@@ -49,6 +46,15 @@ inline void check_lora_merge(const at::Tensor& weight, const at::Tensor& lora_a,
   check_same_device(scales, weight, op, "scales", weight_name);
   check_same_dtype(scales, weight, op, "scales", weight_name);
   check_size(scales, 0, lora_a.size(0), op, "scales", "E, the experts of lora_a");
+}
+
+// lora_merge_ writes into weight: the merge's checks, then no overlapping memory (as torch's own in-place ops).
+inline void check_lora_merge_inplace(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                     const at::Tensor& scales) {
+  check_lora_merge(weight, lora_a, lora_b, scales, "lora_merge_");
+  TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes, "lora_merge_: `weight` has overlapping memory "
+              "(an expanded tensor?), so an in-place merge would write some of its elements more than once; merge "
+              "into weight.clone(), or call lora_merge");
 }
 
 // C [out, E*r] with C[o, e*r + q] = scales[e] * lora_b[e, o, q], so that
@@ -69,7 +75,7 @@ inline at::Tensor lora_merge_impl(const at::Tensor& weight, const at::Tensor& lo
 
 inline void lora_merge_inplace_impl(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                     const at::Tensor& scales) {
-  check_lora_merge(weight, lora_a, lora_b, scales, "lora_merge_");
+  check_lora_merge_inplace(weight, lora_a, lora_b, scales);
   const int64_t E = lora_a.size(0), r = lora_a.size(1), in = lora_a.size(2);
   if (E * r == 0 || weight.numel() == 0) return;
   weight.addmm_(lora_merge_coefficients(lora_b, scales), lora_a.reshape({E * r, in}));
