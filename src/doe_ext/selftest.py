@@ -54,11 +54,12 @@ def _leaves(args: dict, dtype: torch.dtype | None = None) -> dict:
     return out
 
 
-def _run(fn: Callable, args: dict, weights: list[torch.Tensor] | None):
-    """Outputs of ``fn(**args)``, and the gradients of sum_i <out_i, weights_i> w.r.t. the leaves."""
+def _run(fn: Callable, args: dict):
+    """Outputs of ``fn(**args)``, and the gradients w.r.t. the leaves of sum_i <out_i, w_i>, with
+    weights w_i drawn from a fixed seed for the outputs' shapes (the same for every dtype)."""
     outs = _tensors(fn(**args))
-    if weights is None:
-        return outs, None
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device) for o in outs]
     loss = sum((o.double() * w).sum() for o, w in zip(outs, weights) if o.is_floating_point())
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -71,12 +72,9 @@ def check_values_and_gradients(op: str, device: str, dtype: torch.dtype) -> str:
 
     fn, twin = getattr(ops, op), getattr(reference, f"{op}_ref")
     args = public_call(op, device, dtype)
-    g = torch.Generator().manual_seed(1)
-    ref64, _ = _run(twin, _leaves(args, torch.float64) if dtype in LOW_PRECISION else _leaves(args), None)
-    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device) for o in ref64]
-    got, got_g = _run(fn, _leaves(args), weights)
-    same, same_g = _run(twin, _leaves(args), weights)
-    f64, f64_g = _run(twin, _leaves(args, torch.float64), weights)
+    got, got_g = _run(fn, _leaves(args))
+    same, same_g = _run(twin, _leaves(args))
+    f64, f64_g = _run(twin, _leaves(args, torch.float64))
     for i, (a, b, c) in enumerate(zip(got, same, f64)):
         close_to_reference(a, b, c, f"{op} output {i}")
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "noise"]

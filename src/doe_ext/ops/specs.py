@@ -13,8 +13,6 @@ RAW_OPS = ("knowledge_attention_fwd", "knowledge_attention_bwd", "vae_relu_route
 
 def schema_arguments(op: str) -> list[tuple[str, str]]:
     """``[(name, type), ...]`` of raw op ``op``, in schema order (type as the schema spells it)."""
-    import doe_ext._C  # noqa: F401  (registers the ops)
-
     return [(a.name, str(a.type)) for a in getattr(torch.ops.doe_ext, op).default._schema.arguments]
 
 
@@ -22,8 +20,6 @@ def raw_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed: in
     """Raw op ``op``'s arguments by name, in schema order: a valid call on ``device`` in ``dtype``
     (floating tensors; ids are int64). Sizes are small and odd: 3 tokens of width 5, K = 7 blocks
     or classes, rank 2, 3 experts."""
-    import doe_ext._C  # noqa: F401
-
     raw = torch.ops.doe_ext
     g = torch.Generator().manual_seed(seed)
     f = dict(device=device, dtype=dtype)
