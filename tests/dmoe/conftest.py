@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from doe_ext.dmoe import ExpertBank, LoRAConfig, Recipe, load_base
 
@@ -38,6 +39,12 @@ def tiny_model(family: str):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                           eos_token_id=2, pad_token_id=1, bos_token_id=None, initializer_range=0.3)
         return LlamaForCausalLM(cfg)
+    if family == "gemma3":  # sliding-window layers (16 positions) beside full ones: prompts here outgrow the window
+        cfg = Gemma3TextConfig(vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
+                               eos_token_id=2, pad_token_id=1, bos_token_id=None, initializer_range=0.3)
+        return Gemma3ForCausalLM(cfg)
     cfg = GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=1024, eos_token_id=2,
                      bos_token_id=2, pad_token_id=1, initializer_range=0.3)
     return GPT2LMHeadModel(cfg)
@@ -63,6 +70,12 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture
 def base(base_dir):
     return load_base(base_dir)
+
+
+@pytest.fixture(scope="session")
+def sliding_base():
+    """A tiny Gemma 3, whose sliding-window layers keep only their window's states."""
+    return load_base(tiny_model("gemma3"), tokenizer=tokenizer())
 
 
 def random_expert(base, gen: torch.Generator, rank: int, std: float = 0.5) -> dict:

@@ -225,10 +225,31 @@ def test_query_is_the_prefix_before_the_position(base, bank):
 def test_shared_prefix_equals_unshared(base, bank, tau):
     """Prompts with a common few-shot prefix: the prefix run once (its cache repeated) == every prompt
     run whole, in a batch and alone, with triggers and with PRAG-style sets from the first position."""
+    check_shared_prefix(base, bank, tau)
+
+
+PREFIX = "".join(f"Question: {q}\nAnswer: {d['text'][:20]}\n\n" for q, d in zip(QUESTIONS, DOCS))
+
+
+def outgrow_window(base):
+    """The prefix tests' shared prefix fills the sliding window several times over, and their suffixes
+    differ in length (so a batch pads them)."""
+    assert len(base.tokenizer(PREFIX)["input_ids"]) > 4 * base.model.config.sliding_window
+    assert len({len(base.tokenizer(f"Question: {q}\nAnswer:")["input_ids"]) for q in QUESTIONS}) > 1
+
+
+@pytest.mark.parametrize("tau", [0.0, "mid", math.inf])
+def test_shared_prefix_with_a_sliding_window(sliding_base, tmp_path, tau):
+    """Gemma 3's sliding-window layers: padding after the shared prefix would take slots of the window."""
+    outgrow_window(sliding_base)
+    check_shared_prefix(sliding_base, random_bank(sliding_base, tmp_path / "bank"), tau)
+
+
+def check_shared_prefix(base, bank, tau):
     dmoe = DMoE(base, bank, top_k=2)
     if tau == "mid":
         tau = split_tau(dmoe, 8)
-    prefix = "".join(f"Question: {q}\nAnswer: {d['text'][:20]}\n\n" for q, d in zip(QUESTIONS, DOCS))
+    prefix = PREFIX
     prompts = [prefix + f"Question: {q}\nAnswer:" for q in QUESTIONS]
     n = len(base.tokenizer(prefix, add_special_tokens=False)["input_ids"])
     assert n > 16
@@ -247,8 +268,18 @@ def test_shared_prefix_equals_unshared(base, bank, tau):
 def test_kept_prefix_serves_the_next_call(base, bank):
     """A call keeps its shared prefix's cache; the next call, whose prompts share only part of it (and
     one prompt alone), reuses that part and answers as a fresh model without sharing does."""
+    check_kept_prefix(base, bank)
+
+
+def test_kept_prefix_with_a_sliding_window(sliding_base, tmp_path):
+    """A full sliding window cannot be cut back to the common part (transformers refuses): it runs again."""
+    outgrow_window(sliding_base)
+    check_kept_prefix(sliding_base, random_bank(sliding_base, tmp_path / "bank"))
+
+
+def check_kept_prefix(base, bank):
     dmoe = DMoE(base, bank, tau=math.inf)
-    prefix = "".join(f"Question: {q}\nAnswer: {d['text'][:20]}\n\n" for q, d in zip(QUESTIONS, DOCS))
+    prefix = PREFIX
     n = len(base.tokenizer(prefix, add_special_tokens=False)["input_ids"])
     first = [prefix + "Question: Which rock is basalt?\nAnswer:", prefix + "Question: Which rock is granite?\nAnswer:"]
     dmoe.generate(first, max_new_tokens=3)

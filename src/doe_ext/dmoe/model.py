@@ -165,6 +165,8 @@ class DMoE:
         runs. A last-layer site's experts leave every layer's KV alone, so any call may reuse it."""
         kept_ids, kept = self._kept_prefix
         c = common_prefix(kept_ids, prefix)
+        if c < len(kept_ids) and kept is not None and any(full_window(layer) for layer in kept.layers):
+            c = 0  # transformers cannot roll a sliding-window layer back once its window is full
         if c >= reuse:
             cache = copy.deepcopy(kept)
             if c < len(kept_ids):
@@ -188,6 +190,8 @@ class DMoE:
         shared = shared if share_prefix > 0 and shared >= share_prefix and self.site.keeps_cache else 0
         if shared:  # the prefix once (or what a previous call left of it), repeated; suffixes left-padded after it
             cache = self._prefix_cache(enc[0][:shared], share_prefix)
+            if len({len(e) for e in enc}) > 1 and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+                return self._prefill_rows(cache, enc, sets, shared)
             cache.batch_repeat_interleave(B)
         else:
             cache = DynamicCache(config=model.config)
@@ -198,6 +202,28 @@ class DMoE:
         state = DecodeState(cache, ids, mask, list(range(B)), [list(s) for s in sets], self.activate(sets))
         logits = self._forward(state, ids[:, shared:], mask, positions(mask)[:, shared:])
         return state, logits
+
+    def _prefill_rows(self, prefix: DynamicCache, enc: list[list[int]], sets: list[WeightedSet],
+                      shared: int) -> tuple[DecodeState, Tensor]:
+        """:meth:`prefill` for a model with sliding-window layers: padding between the shared prefix and a
+        shorter suffix would take slots of the window, and the suffix would see fewer prefix tokens than
+        it does alone. So each row runs its suffix after its own copy of the prefix's cache, and the
+        rows' caches are stacked right-aligned: the cache of the whole prompts left-padded."""
+        dev, pad = self.base.device, self.base.tokenizer.pad_token_id
+        rows, logits, residuals = [], [], []
+        for e, s in zip(enc, sets):
+            one = DecodeState(copy.deepcopy(prefix), torch.tensor([e], device=dev), None, [0], [list(s)],
+                              self.activate([s]))
+            logits.append(self._forward(one, one.ids[:, shared:], torch.ones_like(one.ids),
+                                        torch.arange(shared, len(e), device=dev)[None]))
+            rows.append(one.cache)
+            residuals.append(one.residual)
+        L = max(map(len, enc))
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in enc], device=dev)
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device=dev)
+        state = DecodeState(stack_right_aligned(rows), ids, mask, list(range(len(enc))), [list(s) for s in sets],
+                            self.activate(sets), torch.cat(residuals))
+        return state, torch.cat(logits)
 
     def _forward(self, state: DecodeState, ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
         with self.site.capture() as cap, use_experts(state.active):
@@ -323,6 +349,25 @@ class DMoE:
 
         return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k,
                              route_texts=[question])[0]
+
+
+def full_window(layer) -> bool:
+    """A sliding-window cache layer that has dropped its oldest states (it cannot be cropped)."""
+    return getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.get_max_length()
+
+
+def stack_right_aligned(caches: list[DynamicCache]) -> DynamicCache:
+    """One-row caches of different lengths -> one batch cache (the first one, reused), each row's states
+    right-aligned after zeros that the attention mask hides, as a left-padded batch's cache is."""
+    out = caches[0]
+    for i, layer in enumerate(out.layers):
+        rows = [c.layers[i] for c in caches]
+        n = max(r.keys.shape[-2] for r in rows)
+        layer.keys, layer.values = (torch.cat([torch.nn.functional.pad(t, (0, 0, n - t.shape[-2], 0)) for t in ts])
+                                    for ts in ([r.keys for r in rows], [r.values for r in rows]))
+        if getattr(layer, "is_sliding", False):
+            layer.cumulative_length = max(r.cumulative_length for r in rows)
+    return out
 
 
 def positions(mask: Tensor) -> Tensor:
