@@ -127,7 +127,7 @@ def test_logits_equal_the_original_at_init(family):
     torch.testing.assert_close(wrapper.generate(ids, topic_ids=topics, max_new_tokens=5, do_sample=False), want,
                                rtol=0, atol=0)
     with torch.no_grad():
-        wrapper.knowledge_state.normal_()  # the path is live: a non-zero Z changes the logits
+        wrapper.knowledge.knowledge_state.normal_()  # the path is live: a non-zero Z changes the logits
         assert not torch.allclose(wrapper(ids).logits, expected)
         # unload() gives the original model back, module for module
         plain = wrapper.unload()
@@ -147,15 +147,15 @@ def test_variants_start_as_the_original_and_train(family, options):
     base = make_base(family).to(dtype)
     ref = copy.deepcopy(base)
     wrapper = doeify(base, **OPTIONS, **options).eval()
-    assert wrapper.knowledge_state.dtype == dtype
+    assert wrapper.knowledge.knowledge_state.dtype == dtype
     ids, topics = batch()
     with torch.no_grad():
         torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
     wrapper.train()
     out = wrapper(ids, topic_ids=topics, labels=ids)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and wrapper.knowledge_state.grad.dtype == dtype
-    assert wrapper.knowledge_state.grad.abs().sum() > 0
+    assert torch.isfinite(out.loss) and wrapper.knowledge.knowledge_state.grad.dtype == dtype
+    assert wrapper.knowledge.knowledge_state.grad.abs().sum() > 0
     if options.get("router_decoder"):
         assert out.aux["recon"] > 0
 
@@ -166,8 +166,8 @@ def test_gradients_reach_the_knowledge_path(family):
     base_params = {id(p) for p in base.parameters()}
     wrapper = doeify(base, **OPTIONS, alpha=0.1).train()
     added = added_parameters(wrapper, base_params)
-    assert {"knowledge_state", "topic_prior.weight", "routers.first.mu.weight", "routers.middle.mu.weight",
-            "routers.last.mu.weight"} <= set(added)
+    assert {"knowledge.knowledge_state", "knowledge.topic_prior.weight", "knowledge.routers.first.mu.weight",
+            "knowledge.routers.middle.mu.weight", "knowledge.routers.last.mu.weight"} <= set(added)
     ids, topics = batch()
     out = wrapper(ids, topic_ids=topics, labels=ids)
     ntp, expert = out.aux["ntp"], out.aux["expert"]
@@ -175,8 +175,8 @@ def test_gradients_reach_the_knowledge_path(family):
     out.loss.backward()
     # First step: Z, the embedding projection, the routers (expert loss), the prior and W_s move ...
     first = {n for n, p in added.items() if p.grad is not None and p.grad.abs().sum() > 0}
-    for expected in ("knowledge_state", "topic_prior.weight", "routers.first.gate.weight",
-                     "routers.middle.gate.weight"):
+    for expected in ("knowledge.knowledge_state", "knowledge.topic_prior.weight", "knowledge.routers.first.gate.weight",
+                     "knowledge.routers.middle.gate.weight"):
         assert expected in first, (expected, sorted(first))
     assert any(n.endswith("dual.proj.weight") for n in first)
     assert sum(n.endswith("signal_proj.weight") for n in first) == L - 1  # the last router has no expert loss
@@ -185,7 +185,7 @@ def test_gradients_reach_the_knowledge_path(family):
     wrapper.zero_grad()
     wrapper(ids, topic_ids=topics, labels=ids).loss.backward()
     dead = sorted(n for n, p in added.items() if p.grad is None or p.grad.abs().sum() == 0)
-    assert dead == [n for n in dead if n.startswith("routers.last.") and "decoder" in n], dead
+    assert dead == [n for n in dead if n.startswith("knowledge.routers.last.") and "decoder" in n], dead
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -461,7 +461,7 @@ def test_supervise_last_router(supervise_last):
     calls = []  # the forward's call, seen from inside it (none is left after it)
     wrapper.doe_layers[-1].register_forward_hook(lambda module, args, out: calls.append(wrapper._link.call))
     out = wrapper(ids, topic_ids=topics, labels=ids)
-    routed = calls[0].routed
+    routed = calls[0].step.routed
     per_layer = [expert_loss(routed[i].logits[:, :-1], topics[:, 1:], ignore_index=-1) for i in sorted(routed)]
     want = torch.stack(per_layer if supervise_last else per_layer[:-1]).mean()
     torch.testing.assert_close(out.aux["expert"], want.detach())
@@ -487,7 +487,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, options):
         out.loss.backward()
         results[mode] = out.loss.detach(), {n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None}
     loss, grads = results["none"]
-    assert any(n.startswith("routers.") for n in grads)
+    assert any(n.startswith("knowledge.routers.") for n in grads)
     for mode in ("reentrant", "non-reentrant"):
         torch.testing.assert_close(results[mode][0], loss)
         assert results[mode][1].keys() == grads.keys(), mode
@@ -522,7 +522,7 @@ def test_cuda_parity_and_generate(dtype):
     base = make_base("llama").to("cuda", dtype)
     ref = copy.deepcopy(base)
     wrapper = doeify(base, **OPTIONS).eval()
-    assert wrapper.knowledge_state.device.type == "cuda" and wrapper.knowledge_state.dtype == dtype
+    assert wrapper.knowledge.knowledge_state.device.type == "cuda" and wrapper.knowledge.knowledge_state.dtype == dtype
     ids, topics = (t.cuda() for t in batch())
     with torch.no_grad():
         torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, ref(input_ids=ids).logits)

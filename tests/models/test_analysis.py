@@ -58,7 +58,7 @@ def test_utilization_tracker_records_every_layer_every_step():
 def test_block_gradient_norms_isolate_closed_blocks():
     model = DoEForCausalLM(tiny(blocks="ffn"))
     dead = 2
-    for router in model.model.routers.values():
+    for router in model.model.knowledge.routers.values():
         with torch.no_grad():
             router.gate.bias[dead] = -1e4
     batch = next(_batches())

@@ -205,3 +205,26 @@ def test_half_precision_on_the_cpu(dtype, overrides):
         assert cos > 0.98, (name, cos.item())
     generated = half.generate(ids[:, :4], topic_ids=topics[:, :4], max_new_tokens=3, do_sample=False)
     assert generated.shape == (2, 7)
+
+
+def test_checkpoints_keep_their_layout(tmp_path):
+    """Z, the routers and the topic prior live in one module (``model.knowledge``); checkpoints keep the
+    layout written before it (``model.knowledge_state``, ``model.routers.*``, ``model.topic_prior.*``),
+    and both the causal LM and the bare model (no ``model.`` prefix) load it back exactly."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = DoEForCausalLM(tiny(router_decoder=True)).eval()
+    ids, topics = batch()
+    model.save_pretrained(tmp_path / "lm")
+    model.model.save_pretrained(tmp_path / "bare")
+    for folder, prefix in (("lm", "model."), ("bare", "")):
+        with safe_open(tmp_path / folder / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+        assert {f"{prefix}knowledge_state", f"{prefix}routers.last.decoder.weight", f"{prefix}topic_prior.weight"} <= keys
+        assert not any("knowledge." in k for k in keys)
+    again = DoEForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    torch.testing.assert_close(again(ids, topic_ids=topics).logits, model(ids, topic_ids=topics).logits, rtol=0, atol=0)
+    bare = AutoModel.from_pretrained(tmp_path / "bare").eval()
+    torch.testing.assert_close(bare(ids, topic_ids=topics).last_hidden_state,
+                               model.model(ids, topic_ids=topics).last_hidden_state, rtol=0, atol=0)

@@ -84,7 +84,7 @@ def test_expert_labels_may_be_document_distributions():
     out = model(ids, topic_ids=topics, labels=ids, expert_labels=theta)
     assert out.aux["expert"] > 0
     out.loss.backward()
-    assert model.model.routers["first"].parameters().__next__().grad is not None
+    assert model.model.knowledge.routers["first"].parameters().__next__().grad is not None
 
 
 @pytest.mark.parametrize("supervise_last", [False, True])
@@ -94,7 +94,7 @@ def test_expert_loss_averages_the_supervised_routers(supervise_last):
     model = DoEForCausalLM(tiny(supervise_last_router=supervise_last))
     ids, topics = batch()
     caught = []
-    hooks = [r.register_forward_hook(lambda m, i, o: caught.append(o[1])) for r in model.model.routers.values()]
+    hooks = [r.register_forward_hook(lambda m, i, o: caught.append(o[1])) for r in model.model.knowledge.routers.values()]
     out = model(ids, topic_ids=topics, labels=ids)
     for h in hooks:
         h.remove()
@@ -109,7 +109,7 @@ def test_a_dense_model_may_read_the_topic_embedding():
     """The control of Fig. 3: no knowledge path, no router, but the same topic input as DoE."""
     torch.manual_seed(0)
     model = DoEForCausalLM(tiny(knowledge=False, topic_input=True)).eval()
-    assert model.model.knowledge_state is None and not model.model.routers
+    assert model.model.knowledge is None
     plain = DoEForCausalLM(tiny(knowledge=False))
     assert {n for n, _ in model.named_parameters()} - {n for n, _ in plain.named_parameters()} == {
         "model.embed_tokens.topic_weight", "model.embed_tokens.token_weight", "model.embed_tokens.proj.weight"}
@@ -175,7 +175,7 @@ def test_bad_config_values_name_the_field(field, value, match):
 def test_zero_gate_block_gets_exactly_zero_gradient():
     model = DoEForCausalLM(tiny(blocks="ffn"))
     dead = 3
-    for router in model.model.routers.values():  # block `dead` can never open
+    for router in model.model.knowledge.routers.values():  # block `dead` can never open
         with torch.no_grad():
             router.gate.bias[dead] = -1e4
     ids, topics = batch()

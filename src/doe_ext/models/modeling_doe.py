@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -37,12 +39,10 @@ from transformers.models.llama.modeling_llama import (
 
 from doe_ext import _auto
 from doe_ext.losses import knowledge_outputs, next_token_loss
-from doe_ext.models.cache import (DoECache, causal_prefix_mean, extend_history, record_next_topics, step_topics,
-                                  with_doe_cache)
+from doe_ext.models.cache import DoECache, extend_history, step_topics, with_doe_cache
 from doe_ext.models.configuration_doe import DoEConfig
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
-from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers, next_embedding_target,  # noqa: F401
-                                       topic_prior_embedding)
+from doe_ext.nn.knowledge_path import KnowledgePath, KnowledgeStep, RouterOutput
 
 
 class SwiGLU(nn.Module):
@@ -122,10 +122,8 @@ class KnowledgeFFN(nn.Module):
             out = out.index_add(0, rows, flat_g[rows, k, None] * y)
         return out.view_as(h)
 
-    def forward(self, h: Tensor, z: Tensor, signal: Tensor | None, router: nn.Module | None,
-                prior: Tensor | None, recon_target: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
-        h_enr, e, routed = compose_expert(h, z, self.knowledge_attention, self.signal_proj, signal, router, prior,
-                                          recon_target)
+    def forward(self, h: Tensor, step: KnowledgeStep, i: int, signal: Tensor | None) -> tuple[Tensor, RouterOutput | None]:
+        h_enr, e, routed = step.layer(i, h, signal, self.knowledge_attention, self.signal_proj)
         out = self.mlp(h_enr + e if self.fusion == "add" else torch.cat([h_enr, e], dim=-1))
         if self.blocks == "ffn" and routed is not None:
             out = out + self.block_ffns(h_enr, routed.gates)
@@ -194,16 +192,14 @@ class DoEDecoderLayer(GradientCheckpointingLayer):
             self.ffn = SwiGLU(d, config.intermediate_size, d)  # the dense Base
 
     def forward(self, x: Tensor, attention_mask=None, position_embeddings=None, cache: Cache | None = None,
-                pad_mask: Tensor | None = None, z: Tensor | None = None, router: nn.Module | None = None,
-                prior: Tensor | None = None, recon_target: Tensor | None = None, **kwargs) -> LayerOutput:
+                knowledge: KnowledgeStep | None = None, **kwargs) -> LayerOutput:
+        """``knowledge``: this forward's step of the model's knowledge path (a DoE layer needs it)."""
         a, signal, weights = self.self_attn(self.input_layernorm(x), position_embeddings, attention_mask, cache,
                                             **kwargs)
         x = x + a
         h = self.post_attention_layernorm(x)  # H_mha
         if isinstance(self.ffn, KnowledgeFFN):
-            if signal is not None and self.ffn.signal_proj is not None:
-                signal = causal_prefix_mean(signal, pad_mask, cache, self.layer_idx)
-            out, routed = self.ffn(h, z, signal, router, prior, recon_target)
+            out, routed = self.ffn(h, knowledge, self.layer_idx, signal)
             return LayerOutput(x + out, weights, *(() if routed is None else
                                                    (routed.gates, routed.logits, routed.kl, routed.recon)))
         if isinstance(self.ffn, TopKMoE):
@@ -228,10 +224,10 @@ class DoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, KnowledgeFFN) and module.blocks == "ffn":
             nn.init.normal_(module.block_up, std=std)
             nn.init.normal_(module.block_down, std=std)
-        if isinstance(module, DoEModel) and module.knowledge_state is not None:
+        if isinstance(module, KnowledgePath):
             nn.init.normal_(module.knowledge_state, std=std)
-        if isinstance(module, DoEModel) and module.topic_prior is not None:
-            nn.init.zeros_(module.topic_prior.weight)  # the prior starts as a no-op
+            if module.topic_prior is not None:
+                nn.init.zeros_(module.topic_prior.weight)  # the prior starts as a no-op
 
 
 class DoEModel(DoEPreTrainedModel):
@@ -243,23 +239,15 @@ class DoEModel(DoEPreTrainedModel):
                                                    padding_idx=config.pad_token_id)
         else:
             self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
-        # Z, shared by every layer
-        self.knowledge_state = nn.Parameter(torch.empty(K, d)) if config.has_knowledge_path else None
+        # Z, the routers (layer 0 its own, prior-conditioned; the middle layers ONE shared module; the last
+        # its own, optionally with a decoder) and the topic prior, shared by every layer
+        self.knowledge = (KnowledgePath(d, K, L, config.latent_dim, config.router if config.has_router else "none",
+                                        config.router_decoder) if config.has_knowledge_path else None)
         self.layers = nn.ModuleList(DoEDecoderLayer(config, i) for i in range(L))
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        # Routers (CONTRACT §4): layer 0 its own (prior-conditioned), the middle layers ONE shared
-        # module, the last layer its own (optionally with a decoder).
-        self.routers = nn.ModuleDict()
-        self.topic_prior = None
-        if config.has_router:
-            self.routers = make_routers(d, config.latent_dim, K, L, config.router, config.router_decoder)
-            self.topic_prior = nn.Embedding(K, d)  # E_prior
         self.gradient_checkpointing = False
         self.post_init()
-
-    def router_for(self, i: int) -> nn.Module | None:
-        return layer_router(self.routers, i, self.config.num_hidden_layers)
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding (with a dual embedding, its token part :class:`~doe_ext.nn.TokenEmbedding`):
@@ -310,40 +298,36 @@ class DoEModel(DoEPreTrainedModel):
                                   cache=cache, position_ids=position_ids)
         pad_mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
         pos = self.rotary_emb(x, position_ids=position_ids)
-        prior = None
-        if self.topic_prior is not None and topic_ids is not None:
-            prior = topic_prior_embedding(self.topic_prior, topic_ids)
-        last = self.router_for(len(self.layers) - 1)
-        recon_target = None
-        if reconstruct and last is not None and last.decoder is not None:
-            recon_target = next_embedding_target(x)
-        layer_outputs, hidden, attentions = [], [], []
+        step = None if self.knowledge is None else self.knowledge.begin(topic_ids, cache, pad_mask, reconstruct, x)
+        balances, hidden, attentions = [], [], []
         for i, layer in enumerate(self.layers):
-            is_last = i == len(self.layers) - 1
             if output_hidden_states:
                 hidden.append(x)
-            outputs = layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, pad_mask=pad_mask,
-                            z=self.knowledge_state, router=self.router_for(i), prior=prior if i == 0 else None,
-                            recon_target=recon_target if is_last else None, **kwargs)
-            outputs = LayerOutput(*outputs)
+            outputs = LayerOutput(*layer(x, attention_mask=mask, position_embeddings=pos, cache=cache, knowledge=step,
+                                         **kwargs))
             x = outputs.hidden
             attentions.append(outputs.attention_weights)
-            layer_outputs.append(outputs)
+            if outputs.routed is not None:  # what a checkpointed layer returned, with its gradient
+                step.routed[i] = outputs.routed
+            if outputs.balance is not None:
+                balances.append(outputs.balance)
+        routed, next_topics = step.finish() if step is not None else ([], None)
         x = self.norm(x)
         out = DoEModelOutput(last_hidden_state=x, cache=cache,
                              hidden_states=tuple(hidden) + (x,) if output_hidden_states else None,
                              attentions=tuple(attentions) if output_attentions else None,
-                             router_outputs=tuple(o.routed for o in layer_outputs),
-                             moe_balances=tuple(o.balance for o in layer_outputs if o.balance is not None))
+                             router_outputs=tuple(routed), moe_balances=tuple(balances), next_topic_ids=next_topics)
         return out if return_dict else out.to_tuple()
 
 
 @dataclass
 class DoEModelOutput(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus, per layer, what its router gave (``RouterOutput``, None for
-    a layer without one) and the MoE baseline's load-balancing losses."""
+    """``BaseModelOutputWithPast`` plus what the routers gave (``RouterOutput``, one per routed layer, in
+    layer order), the topic the last router predicts for each next token ``[B, T]`` and the MoE
+    baseline's load-balancing losses."""
 
-    router_outputs: tuple[RouterOutput | None, ...] | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+    next_topic_ids: Tensor | None = None
     moe_balances: tuple[Tensor, ...] | None = None
 
 
@@ -421,8 +405,7 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
                           return_dict=True, reconstruct=labels is not None, **kwargs)
         hidden = base.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        routed = [r for r in base.router_outputs if r is not None]
-        next_topics = record_next_topics(routed, base.cache)  # the topics of generated tokens, beam-aligned
+        routed, next_topics = list(base.router_outputs), base.next_topic_ids  # next topics: beam-aligned in the cache
         loss, aux = knowledge_outputs(self.config, routed, None if labels is None else next_token_loss(logits, labels),
                                       topic_ids, expert_labels, list(base.moe_balances))
         out = DoECausalLMOutput(loss=loss, logits=logits, cache=base.cache, hidden_states=base.hidden_states,
@@ -459,4 +442,8 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
+# Checkpoints saved before the knowledge path was one module kept Z, the routers and the prior on the model itself.
+register_checkpoint_conversion_mapping("doe", [WeightRenaming(rf"^{prefix}(knowledge_state|routers\.|topic_prior\.)",
+                                                              rf"{prefix.replace(chr(92), '')}knowledge.\1")
+                                               for prefix in (r"model\.", "")], overwrite=True)
 _auto.register_models()  # model type "doe" in AutoModel / AutoModelForCausalLM (doe_ext._auto)

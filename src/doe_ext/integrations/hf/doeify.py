@@ -4,8 +4,8 @@ As PEFT does, the original modules are wrapped (kept as ``base_layer``) and swap
 ``setattr(parent, name, wrapper)``; no transformers class is edited. Per decoder layer:
 
     h     = mlp_input(x)                           # what the MLP sees (post-attention or input norm), H_mha
-    s     = causal_mean(v)                         # a forward hook on the v (or k/q) projection, fused ones split
-    h_enr, e, gates = compose_expert(h, Z, ...)    # the DoE model's code: knowledge attention, router, G^T Z
+    s     = v                                      # a forward hook on the v (or k/q) projection, fused ones split
+    h_enr, e, routed = step.layer(i, h, s, ...)    # the DoE model's knowledge path (doe_ext.nn.KnowledgePath)
     x     = x + MLP(h_enr + e)                     # the wrapped MLP gets the fused input
 and the token embedding becomes DoE's dual-input embedding ``proj([E_tok[token]; E_know[topic]])``.
 
@@ -32,13 +32,11 @@ from torch import Tensor, nn
 
 from doe_ext.integrations.hf.adapters import (FamilyAdapter, adapter_for, get_path, has_path, out_features,
                                               text_config)
-from doe_ext.models.cache import (DoECache, causal_prefix_mean, extend_history, record_next_topics, step_topics,
-                                  with_doe_cache)
+from doe_ext.models.cache import DoECache, extend_history, step_topics, with_doe_cache
 from doe_ext.models.configuration_doe import DoEConfig, check_knowledge_options
 from doe_ext.losses import knowledge_outputs, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
-from doe_ext.nn.knowledge_path import (RouterOutput, compose_expert, layer_router, make_routers, next_embedding_target,
-                                       topic_prior_embedding)
+from doe_ext.nn.knowledge_path import KnowledgePath, KnowledgeStep, RouterOutput
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 
 ROUTERS = ("vae_relu", "vae_softmax", "none")
@@ -80,22 +78,18 @@ class DoEifyConfig:
 
 @dataclass
 class _Call:
-    """One base forward's data, built fresh by DoEWrapper's pre-hook from that call's arguments
-    (DoEWrapper.forward passes its topics as the keywords ``doe_topic_ids`` / ``doe_reconstruct``,
-    which the hook takes out), then filled by the signal hooks and the wrapped modules while it
-    runs. Nothing carries over from one call to the next."""
+    """One base forward: its knowledge-path step (:class:`~doe_ext.nn.knowledge_path.KnowledgeStep`,
+    begun by DoEWrapper's pre-hook from that call's arguments: DoEWrapper.forward passes its topics as
+    the keywords ``doe_topic_ids`` / ``doe_reconstruct``, which the hook takes out) and what the
+    wrapped modules need to reach it from inside the base model. Filled while the forward runs;
+    nothing carries over from one call to the next."""
 
-    input_ids: Tensor | None
+    step: KnowledgeStep
+    input_ids: Tensor | None  # the embedding adds the topic part to the call that embeds these
     batch_shape: tuple[int, int] | None  # (B, T) (OPT's MLP sees (B*T, d))
-    topic_ids: Tensor | None  # (B, T), -1 = none
-    pad_mask: Tensor | None  # (B, T)
-    cache: Any
-    prior: Tensor | None  # (B, T, d): E_prior[topic_ids], for layer 0's router
-    reconstruct: bool
-    embeds: Tensor | None = None  # (B, T, d): the dual embedding's output (reconstruction target)
     signals: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, D) projection output
-    routed: dict[int, Any] = field(default_factory=dict)  # layer -> RouterOutput
     expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
+    routed: list[RouterOutput] = field(default_factory=list)  # the step's outputs, when the forward ends
     next_topic_ids: Tensor | None = None  # (B, T): the last router's prediction at each position
     token: Any = None  # resets the link's context variable when the forward ends
 
@@ -160,8 +154,9 @@ class DoEEmbedding(nn.Module):
         # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
         if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
             return tokens
-        call.embeds = self.combine(tokens, None if call.topic_ids is None else call.topic_ids.reshape(input_ids.shape))
-        return call.embeds
+        topics = call.step.topic_ids
+        call.step.embeds = self.combine(tokens, None if topics is None else topics.reshape(input_ids.shape))
+        return call.step.embeds
 
 
 class ConcatInput(nn.Module):
@@ -183,9 +178,10 @@ class ConcatInput(nn.Module):
 
 
 class DoEMLP(nn.Module):
-    """A decoder layer's MLP (``base_layer``) behind DoE's knowledge path: it receives H_mha, runs
-    knowledge attention and the layer's router (shared modules live on the DoEWrapper), and hands
-    the MLP ``h_enr + e`` (``fusion="add"``) or ``[h_enr; e]`` (``"concat"``, via ConcatInput)."""
+    """A decoder layer's MLP (``base_layer``) behind DoE's knowledge path: it receives H_mha, runs the
+    layer's step of the knowledge path (its own ``W_q`` and ``W_s``; Z, the routers and the prior are
+    the wrapper's :class:`KnowledgePath`), and hands the MLP ``h_enr + e`` (``fusion="add"``) or
+    ``[h_enr; e]`` (``"concat"``, via ConcatInput)."""
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, d: int, num_topics: int, signal_dim: int,
                  fusion: str, link: _Link):
@@ -200,25 +196,15 @@ class DoEMLP(nn.Module):
         self._link = link
 
     def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
-        call, owner, i = self._link.call, self._link.owner, self.layer_idx
+        call, i = self._link.call, self.layer_idx
         if call is None:
             raise RuntimeError("DoEMLP: runs inside its DoEWrapper's base model (call the wrapper or the base model)")
         flat = h.dim() == 2  # OPT flattens (B, T, d) to (B*T, d) before its MLP
         if flat:
             h = h.view(*call.batch_shape, h.shape[-1])
-        num_layers = len(owner.doe_layers)
-        router = layer_router(owner.routers, i, num_layers)
-        signal = call.signals.get(i)
-        if signal is not None and self.signal_proj is not None:
-            signal = causal_prefix_mean(signal, call.pad_mask, call.cache, i)
-        recon_target = None
-        if (i == num_layers - 1 and call.reconstruct and router is not None and router.decoder is not None
-                and call.embeds is not None):
-            recon_target = next_embedding_target(call.embeds)
-        h_enr, e, routed = compose_expert(h, owner.knowledge_state, self.knowledge_attention, self.signal_proj,
-                                          signal, router, call.prior if i == 0 else None, recon_target)
+        h_enr, e, routed = call.step.layer(i, h, call.signals.get(i), self.knowledge_attention, self.signal_proj)
         if routed is not None:
-            call.routed[i] = routed
+            call.step.routed[i] = routed
         if flat:
             h_enr, e = h_enr.flatten(0, 1), e.flatten(0, 1)
         if self.fusion == "add":
@@ -251,7 +237,7 @@ class _RouterCheckpoint:
             finally:
                 self.link.leave(token)
             outs = list(out) if isinstance(out, tuple) else [out]
-            routed = call.routed.get(self.i)
+            routed = call.step.routed.get(self.i)
             extra = [] if routed is None else [routed.gates, routed.logits, routed.kl] + (
                 [] if routed.recon is None else [routed.recon])
             shape.update(tuple=isinstance(out, tuple), n=len(outs), extra=len(extra))
@@ -260,7 +246,7 @@ class _RouterCheckpoint:
         res = self.checkpoint(run, *args)
         outs, extra = list(res[:shape["n"]]), list(res[shape["n"]:])
         if extra:  # the router's tensors as the checkpoint returned them: they carry the gradient
-            call.routed[self.i] = RouterOutput(*extra)
+            call.step.routed[self.i] = RouterOutput(*extra)
         return tuple(outs) if shape["tuple"] else outs[0]
 
 
@@ -273,8 +259,8 @@ class DoEWrapper(nn.Module):
     gate statistics) and ``next_topic_ids``. ``generate`` is the base model's, with topic tracking:
     prompt topics from the caller, each generated token takes the last router's predicted topic.
 
-    Added parameters: ``knowledge_state`` (Z), ``routers`` (first / shared middle / last),
-    ``topic_prior``, and inside the base model the wrapped embedding and MLPs. They save and load on
+    Added parameters: ``knowledge`` (a :class:`~doe_ext.nn.knowledge_path.KnowledgePath`: Z, the routers,
+    the topic prior, as in ``DoEForCausalLM``), and inside the base model the wrapped embedding and MLPs. They save and load on
     their own (``save_knowledge`` / ``load_knowledge``) or with the base (``save_pretrained`` /
     ``from_pretrained``, the base in its original layout).
     """
@@ -295,15 +281,8 @@ class DoEWrapper(nn.Module):
         w = embedding.weight
         d, K, L = text_config(model).hidden_size, num_topics, len(layers)  # OPT's embedding may be narrower than d
         has_router = router != "none"
-        self.knowledge_state = nn.Parameter(torch.zeros(K, d, device=w.device, dtype=w.dtype))  # Z = 0: a no-op
-        self.routers = (make_routers(d, config.latent_dim, K, L, router, config.router_decoder) if has_router
-                        else nn.ModuleDict())
-        self.topic_prior = nn.Embedding(K, d) if has_router else None  # E_prior
-        if self.topic_prior is not None:
-            nn.init.zeros_(self.topic_prior.weight)
-        self.routers.to(device=w.device, dtype=w.dtype)
-        if self.topic_prior is not None:
-            self.topic_prior.to(device=w.device, dtype=w.dtype)
+        # Z = 0 and a zero prior: a no-op at first
+        self.knowledge = KnowledgePath(d, K, L, config.latent_dim, router, config.router_decoder).to(w.device, w.dtype)
 
         link = self._link
         # The wrapped modules live in the base model; the wrapper keeps unregistered references.
@@ -382,14 +361,11 @@ class DoEWrapper(nn.Module):
                 # generate expanded the prompts (beams, num_return_sequences) with repeat_interleave
                 link.history = link.history.repeat_interleave(ids.shape[0] // link.history.shape[0], dim=0)
             topic_ids = step_topics(link.history, cache, T)
-        prior = None
-        if self.topic_prior is not None and topic_ids is not None:
-            prior = topic_prior_embedding(self.topic_prior, topic_ids)
-        call = _Call(input_ids=ids, batch_shape=tuple(lead.shape[:2]) if lead is not None else None,
-                     topic_ids=topic_ids, cache=cache, prior=prior, reconstruct=reconstruct,
-                     pad_mask=mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None)
+        pad_mask = mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None
+        call = _Call(self.knowledge.begin(topic_ids, cache, pad_mask, reconstruct), input_ids=ids,
+                     batch_shape=tuple(lead.shape[:2]) if lead is not None else None)
         if ids is None and embeds is not None:  # the token part given: the topic part is added here
-            kwargs["inputs_embeds"] = call.embeds = self.doe_embedding.combine(embeds, topic_ids)
+            kwargs["inputs_embeds"] = call.step.embeds = self.doe_embedding.combine(embeds, topic_ids)
         if receiver is not None:  # DoEWrapper.forward: the call, handed back explicitly
             receiver.append(call)
         call.token = link.enter(call)
@@ -397,8 +373,7 @@ class DoEWrapper(nn.Module):
 
     def _after_base_forward(self, module, args, kwargs, output):
         link, call = self._link, self._link.call
-        last = call.routed.get(len(self.doe_layers) - 1)
-        call.next_topic_ids = record_next_topics([] if last is None else [last], call.cache)
+        call.routed, call.next_topic_ids = call.step.finish()
         if link.history is not None:  # a generated token takes the topic the last router predicts
             link.history = extend_history(link.history, call.next_topic_ids)
 
@@ -432,7 +407,7 @@ class DoEWrapper(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.knowledge_state.device
+        return self.knowledge.knowledge_state.device
 
     # ---- forward, loss, generate ----
     def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None, labels: Tensor | None = None,
@@ -460,9 +435,8 @@ class DoEWrapper(nn.Module):
                               use_cache=use_cache, doe_topic_ids=topic_ids, doe_reconstruct=labels is not None,
                               doe_receiver=received, **kwargs)
         call, = received
-        routed = [call.routed[i] for i in sorted(call.routed)]
         logits = out.logits
-        loss, aux = knowledge_outputs(self.doe_config, routed, None if labels is None else next_token_loss(logits, labels),
+        loss, aux = knowledge_outputs(self.doe_config, call.routed, None if labels is None else next_token_loss(logits, labels),
                                       topic_ids, expert_labels)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
                                  hidden_states=getattr(out, "hidden_states", None),
@@ -506,14 +480,14 @@ class DoEWrapper(nn.Module):
             if concat:
                 entry["concat"] = nn.ModuleDict(concat)
             layers.append(entry)
-        view = nn.ModuleDict({"routers": self.routers, "embedding": self.doe_embedding.dual, "layers": layers})
-        if self.topic_prior is not None:
-            view["topic_prior"] = self.topic_prior
+        view = nn.ModuleDict({"routers": self.knowledge.routers, "embedding": self.doe_embedding.dual, "layers": layers})
+        if self.knowledge.topic_prior is not None:
+            view["topic_prior"] = self.knowledge.topic_prior
         return view
 
     def knowledge_state_dict(self) -> dict[str, Tensor]:
         """The added parameters only (the dual embedding's token table is the base's and is left out)."""
-        sd = {"knowledge_state": self.knowledge_state.detach()}
+        sd = {"knowledge_state": self.knowledge.knowledge_state.detach()}
         for k, v in self._knowledge_modules().state_dict().items():
             if k != "embedding.token_weight":
                 sd[k] = v
@@ -524,7 +498,7 @@ class DoEWrapper(nn.Module):
         frozen) for a PEFT-style fine-tune."""
         named = dict(self._knowledge_modules().named_parameters())
         named.pop("embedding.token_weight", None)
-        return [self.knowledge_state, *named.values()]
+        return [self.knowledge.knowledge_state, *named.values()]
 
     def save_knowledge(self, path: str | os.PathLike) -> None:
         """Write the added parameters (``doe_knowledge.safetensors``) and the doeify options
@@ -551,16 +525,16 @@ class DoEWrapper(nn.Module):
                              f"(saved, here): {diff}")
         tensors = load_file(file, device=str(self.device))
         z = tensors.pop("knowledge_state", None)
-        if z is not None and z.shape != self.knowledge_state.shape:
+        if z is not None and z.shape != self.knowledge.knowledge_state.shape:
             raise ValueError(f"DoEWrapper.load_knowledge: knowledge_state in {file} is {tuple(z.shape)}, this "
-                             f"wrapper's is {tuple(self.knowledge_state.shape)} (another base model?)")
+                             f"wrapper's is {tuple(self.knowledge.knowledge_state.shape)} (another base model?)")
         missing, unexpected = self._knowledge_modules().load_state_dict(tensors, strict=False)
         missing = [k for k in missing if k != "embedding.token_weight"] + (["knowledge_state"] if z is None else [])
         if missing or unexpected:
             raise ValueError(f"DoEWrapper.load_knowledge: {file} does not match this wrapper: missing {missing}, "
                              f"unexpected {unexpected}")
         with torch.no_grad():
-            self.knowledge_state.copy_(z)
+            self.knowledge.knowledge_state.copy_(z)
 
     @contextlib.contextmanager
     def original_modules(self):
