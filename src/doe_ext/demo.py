@@ -318,7 +318,7 @@ def main(argv=None) -> Path:
 
     # estimated seconds of each part on 2 cores (benchmarks/README.md, "make demo"): for the time left only
     scale = 0.1 if q else 1.0
-    job = JobProgress({"stage 1: LDA": 15 * scale, "stage 2: DoE, dense, dense + topics": 65 * scale,
+    job = JobProgress({"stage 1: LDA": 15 * scale, "stage 2: DoE, dense, dense + topics": 100 * scale,
                        "analysis": 8 * scale}, enabled=not args.no_progress)
     if not args.no_dmoe and not args.full:
         for knowledge, base, n in dmoe_report.tour_plan(q):
