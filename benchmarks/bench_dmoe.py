@@ -262,6 +262,32 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
     return rows
 
 
+def random_bank(base, passages: list[tuple[str, str]], path: Path):
+    """A bank of one random rank-4 expert per ``(id, text)`` on the base's last MLP (seeded; B small, so
+    the outputs stay near the base's): what the loading, generation and decoding benchmarks run on."""
+    from doe_ext.dmoe import ExpertBank, Recipe
+
+    bank = ExpertBank(path, create=True, fingerprint=base.fingerprint, base_name=base.name, recipe=Recipe())
+    gen = torch.Generator().manual_seed(0)
+    for pkg, text in passages:
+        e = {}
+        for n, (o, i) in base.site.shapes().items():
+            e[f"{n}.lora_a"] = torch.randn(4, i, generator=gen) / i ** 0.5
+            e[f"{n}.lora_b"] = torch.randn(o, 4, generator=gen) * 1e-3
+        bank.add(pkg, e, text, text)
+    return bank
+
+
+def decode_floor_rows(base, bank, prompt: str, device: str = "cpu") -> list[dict]:
+    """:func:`bench_decode_floor` as benchmark rows."""
+    n = len(base.tokenizer(prompt)["input_ids"])
+    return [{"bench": "dmoe_decode_step", "shape": f"batch {r['batch']}, 32 steps after a {n}-token prompt, "
+             f"{len(bank.ids())}-expert bank", "dtype": "float32", "device": device,
+             "ms": {k: round(v, 2) for k, v in r["ms_per_step"].items()}, "floor_ms": round(r["floor_ms"], 2),
+             "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()}}
+            for r in bench_decode_floor(base, bank, prompt)]
+
+
 def bench_recipes(base, docs, workdir: Path) -> dict:
     """Seconds per expert of a whole bank build (augmentation, distillation teacher, training), one
     recipe after the other in one process on the same documents: the demo's recipe before issue 21
@@ -283,7 +309,7 @@ def bench_recipes(base, docs, workdir: Path) -> dict:
 def run(device: str) -> list[dict]:
     if device != "cpu":
         return []  # the DMoE loop is measured on the CPU; CUDA runs of it are not set up yet
-    from doe_ext.dmoe import Augmentation, Document, ExpertBank, Recipe, load_base, qa_prompt
+    from doe_ext.dmoe import Augmentation, Document, load_base, qa_prompt
 
     base = load_base("smollm2-135m")
     records = debian_records(PAPER_BANK + 200)
@@ -325,16 +351,8 @@ def run(device: str) -> list[dict]:
                          "ms": {"query_median": round(r["query_ms"], 3),
                                 **({"add_one": round(r["add_one_ms"], 3)} if r["add_one_ms"] is not None else {})},
                          "build_s": round(r["build_s"], 2), **({"note": r["note"]} if "note" in r else {})})
-        bank = ExpertBank(work / "bank", create=True, fingerprint=base.fingerprint, base_name="smollm2-135m",
-                          recipe=Recipe())
-        gen = torch.Generator().manual_seed(0)
-        for pkg, text in passages[:64]:
-            e = {}
-            for n, (o, i) in base.site.shapes().items():
-                e[f"{n}.lora_a"] = torch.randn(4, i, generator=gen) / i ** 0.5
-                e[f"{n}.lora_b"] = torch.randn(o, 4, generator=gen) * 1e-3
-            bank.add(pkg, e, text, text)
-        raw = sum(v.numel() * 4 for v in e.values())
+        bank = random_bank(base, passages[:64], work / "bank")
+        raw = sum(v.numel() * 4 for v in bank.get(bank.ids()[-1]).values())  # float32, as stored
         size = statistics.mean((bank.path / "experts" / r.file).stat().st_size for r in bank.rows())
         ids = bank.ids()
         names = base.site.names
@@ -358,18 +376,33 @@ def run(device: str) -> list[dict]:
                                  "trigger_cost_vs_hf": round(g["trigger_overhead"], 3),
                                  "trigger_cost_vs_own_loop": round(g["trigger_overhead_own_loop"], 3)},
                      "triggers_per_sequence": g["triggers_per_sequence"]})
-        for r in bench_decode_floor(base, bank, prompts[0]):
-            rows.append({"bench": "dmoe_decode_step", "shape": f"batch {r['batch']}, 32 steps after a "
-                         f"{len(tok(prompts[0])['input_ids'])}-token prompt, 64-expert bank", "dtype": "float32",
-                         "device": device, "ms": {k: round(v, 2) for k, v in r["ms_per_step"].items()},
-                         "floor_ms": round(r["floor_ms"], 2),
-                         "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()}})
+        rows += decode_floor_rows(base, bank, prompts[0], device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
+def decode_floor(device: str = "cpu") -> list[dict]:
+    """The decode-step rows alone (``--decode-floor``): SmolLM2-135M, a 64-expert random bank, the first
+    of :func:`run`'s generation prompts."""
+    from doe_ext.dmoe import load_base, qa_prompt
+
+    base = load_base("smollm2-135m")
+    passages = [(f["Package"], passage(f)) for f in debian_records(64)]
+    work = Path(tempfile.mkdtemp(prefix="bench-dmoe-"))
+    try:
+        bank = random_bank(base, passages, work / "bank")
+        return decode_floor_rows(base, bank, qa_prompt(base.tokenizer, f"What is the Debian package {passages[0][0]}?"),
+                                 device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
+    import argparse
     import json
 
-    print(json.dumps(run("cpu"), indent=1))
+    ap = argparse.ArgumentParser(description="DMoE benchmarks (CPU)")
+    ap.add_argument("--decode-floor", action="store_true", help="only the decode steps against the bandwidth floor")
+    args = ap.parse_args()
+    print(json.dumps(decode_floor() if args.decode_floor else run("cpu"), indent=1))
