@@ -377,6 +377,7 @@ def run(device: str) -> list[dict]:
                                  "trigger_cost_vs_own_loop": round(g["trigger_overhead_own_loop"], 3)},
                      "triggers_per_sequence": g["triggers_per_sequence"]})
         rows += decode_floor_rows(base, bank, prompts[0], device)
+        rows += bench_prefill_peak(base)  # (bench_best_batch builds a bank of its own: --best-batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -398,11 +399,112 @@ def decode_floor(device: str = "cpu") -> list[dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def gemm_peak(sizes=(1024, 2048, 3072), reps: int = 5) -> dict:
+    """The float32 FLOP/s this machine's GEMM reaches (torch.mm of square matrices, all threads, best
+    median over ``sizes``): the measured peak the prefill is put beside."""
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            t.append(time.perf_counter() - t0)
+        best[n] = 2 * n ** 3 / statistics.median(t)
+    return {"flops": max(best.values()), "by_size": best}
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """Forward FLOPs of a prefill of ``tokens`` tokens that keeps the last position's logits (as
+    ``generate`` does): 2 per weight of every decoder projection and token, the head once, and causal
+    attention's QK^T and AV (2 · 2 · d_attn · T²/2 per layer)."""
+    cfg = model.config
+    layers = model.model.layers
+    proj = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    head = model.get_output_embeddings().weight.numel()
+    return 2 * proj * tokens + 2 * head + len(layers) * 2 * d_attn * tokens ** 2
+
+
+def bench_prefill_peak(base, lengths=(128, 512), reps: int = 5) -> list[dict]:
+    """Prefill tokens/s and FLOP/s of the base (one sequence, float32, ``logits_to_keep=1``) beside the
+    GEMM peak measured in the same run."""
+    peak = gemm_peak()
+    rows = []
+    for T in lengths:
+        ids = torch.randint(10, base.tokenizer.vocab_size - 10, (1, T))
+        with torch.inference_mode():
+            base.model(ids, logits_to_keep=1)
+            t = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                base.model(ids, logits_to_keep=1)
+                t.append(time.perf_counter() - t0)
+        sec = statistics.median(t)
+        flops = prefill_flops(base.model, T) / sec
+        rows.append({"bench": "dmoe_prefill", "shape": f"SmolLM2-135M, 1 x {T} tokens, logits of the last",
+                     "dtype": "float32", "device": "cpu", "ms": round(1e3 * sec, 1), "tokens_per_s": round(T / sec),
+                     "gflops": round(flops / 1e9, 1), "gemm_peak_gflops": round(peak["flops"] / 1e9, 1),
+                     "share_of_peak": round(flops / peak["flops"], 3),
+                     "gemm_by_size_gflops": {n: round(v / 1e9, 1) for n, v in peak["by_size"].items()}})
+    return rows
+
+
+def bench_best_batch(questions: int = 16, batches=(1, 4, 16)) -> list[dict]:
+    """DMoE's and FLARE-direct's latency per sample at each batch size, on a seeded sample of the packages
+    test questions with a bank of their documents (the default recipe, built once under a temporary
+    directory), and the ratio at each method's best batch size (the paper claims DMoE <= 1/3 of FLARE)."""
+    from doe_ext.dmoe import ExpertBank, build_bank, load_base
+    from doe_ext.dmoe.augment import Document
+    from doe_ext.dmoe.data import load
+    from doe_ext.dmoe.evaluate import Harness, evaluate, summarize
+    from doe_ext.dmoe.recipe import DEFAULT
+    from doe_ext.dmoe.report import sample, shots
+
+    base = load_base("smollm2-135m")
+    docs, qa = load("debian-packages-v1")
+    test = sample([q for q in qa if q["split"] == "test"], questions)
+    text = {d["id"]: d["text"] for d in docs}
+    keep = {q["doc_id"] for q in test}
+    work = Path(tempfile.mkdtemp(prefix="bench-dmoe-"))
+    try:
+        bank = ExpertBank(work / "bank", create=True, fingerprint=base.fingerprint, base_name=base.name,
+                          recipe=DEFAULT)
+        build_bank(base, [Document(d["id"], d["text"], d.get("title")) for d in docs if d["id"] in keep], bank,
+                   progress=False)
+        demos = shots([q for q in qa if q["split"] == "dev"], text)
+        latency = {}
+        for b in batches:
+            h = Harness(base, bank, shots=demos, batch_size=b)
+            summary = summarize(evaluate(h, test, ["flare", "dmoe"], progress=False))
+            latency[b] = {m: summary[m]["latency_s"] for m in ("flare", "dmoe")}
+        best = {m: min(latency[b][m] for b in batches) for m in ("flare", "dmoe")}
+        return [{"bench": "dmoe_vs_flare", "shape": f"SmolLM2-135M, {len(test)} packages test questions, a bank of "
+                 f"their {len(keep)} documents, default recipe", "dtype": "float32", "device": "cpu",
+                 "latency_s_per_sample": {str(b): {m: round(v, 3) for m, v in row.items()} for b, row in latency.items()},
+                 "best_s": {m: round(v, 3) for m, v in best.items()},
+                 "dmoe_over_flare_at_best": round(best["dmoe"] / best["flare"], 3)}]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
     import argparse
     import json
 
     ap = argparse.ArgumentParser(description="DMoE benchmarks (CPU)")
     ap.add_argument("--decode-floor", action="store_true", help="only the decode steps against the bandwidth floor")
+    ap.add_argument("--prefill-peak", action="store_true", help="only the prefill against the measured GEMM peak")
+    ap.add_argument("--best-batch", action="store_true",
+                    help="only DMoE's and FLARE's latency per sample at batch sizes 1, 4 and 16")
     args = ap.parse_args()
-    print(json.dumps(decode_floor() if args.decode_floor else run("cpu"), indent=1))
+    if args.decode_floor or args.prefill_peak or args.best_batch:
+        from doe_ext.dmoe import load_base
+
+        rows = (decode_floor() if args.decode_floor else []) + (
+            bench_prefill_peak(load_base("smollm2-135m")) if args.prefill_peak else []) + (
+            bench_best_batch() if args.best_batch else [])
+    else:
+        rows = run("cpu")
+    print(json.dumps(rows, indent=1))
