@@ -80,6 +80,19 @@ def test_full_quick_demo_runs_the_sweeps_and_the_ablations(tmp_path):
     assert len(dm["table5"]["dmoe"]) >= 1 and dm["example"] is not None and "trigger trace" in text
 
 
+def test_doe_half_alone_with_its_progress_bar(tmp_path, capsys):
+    """``--no-dmoe``: the DoE half only; the job's one progress bar (on by default) names each part and
+    the time left, and ends at 100%."""
+    text = main(["--quick", "--no-dmoe", "--out", str(tmp_path)]).read_text()
+    metrics = _check_doe_half(tmp_path, text)
+    assert list(metrics["parts"]) == ["stage 1: LDA", "stage 2: DoE, dense, dense + topics", "analysis"]
+    assert "The DMoE half was not run (`--no-dmoe`)." in text and "## DMoE" not in text
+    assert not (tmp_path / "dmoe").exists()
+    err = capsys.readouterr().err
+    assert "stage 1: LDA" in err and "left" in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1].startswith("analysis: 100%")
+
+
 def test_demo_refuses_ablations_without_full(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--dmoe-ablations", "--out", str(tmp_path)])

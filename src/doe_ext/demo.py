@@ -247,13 +247,13 @@ class JobProgress:
         from tqdm.auto import tqdm
 
         self.estimates, self.times = dict(estimates), {}
-        self.bar = tqdm(total=round(sum(self.estimates.values())), unit="s", disable=not enabled, smoothing=0,
+        self.bar = tqdm(total=sum(self.estimates.values()), unit="s", disable=not enabled, smoothing=0,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
 
     def add(self, name: str, estimate: float) -> None:
         """A part known only once the job runs (a DMoE table)."""
         self.estimates[name] = estimate
-        self.bar.total = round(sum(self.estimates.values()))
+        self.bar.total = sum(self.estimates.values())
 
     @contextlib.contextmanager
     def part(self, name: str, estimate: float | None = None):
@@ -364,7 +364,7 @@ def main(argv=None) -> Path:
             if args.dmoe_ablations:
                 with job.part("DMoE ablations (make ablate-dmoe)", 2400 * scale):
                     dmoe_report.run_ablations(out, quick=q, progress=args.no_progress)
-            with job.part("DMoE at full size", 4500 * scale):
+            with job.part("DMoE at full size", 4800 * scale):
                 dm = dmoe_report.run(out, quick=q, sweep_questions=args.sweep_questions, progress=args.no_progress)
             report += "\n" + dmoe_report.section(dm)
         else:
@@ -385,20 +385,26 @@ def _what_ran(report: str, m: dict, args) -> str:
     """The report's opening: what ran, how long each part took, and the command for the full version."""
     title, _, rest = report.partition("\n")
     lines = [title, "", "## What ran", "",
-             f"`python -m doe_ext.demo {' '.join(_argv(args))}`".replace("  ", " ") + f", {m['seconds']} s in all "
+             f"`python -m doe_ext.demo {' '.join(_argv(args))}`, {m['seconds']} s in all "
              f"({m['seconds'] / 60:.1f} min):", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {name} | {sec} |" for name, sec in m["parts"].items()]
+    if args.no_dmoe:
+        dmoe = "The DMoE half was not run (`--no-dmoe`)."
+    elif args.full:
+        dmoe = "The DMoE half ran at full size."
+    else:
+        dmoe = ("The DMoE half runs every method on samples (each table says how many questions); the full "
+                "version of everything here, both bases and both knowledge sets at full size, the sweeps and "
+                "the ablations, is `make reproduce` (its parts and their times: the README).")
     lines += ["", "The DoE half trains three small models on the GCIDE definitions (one seed; `make ablate` runs "
-              "three with intervals). " + ("The DMoE half ran at full size." if args.full else
-              "The DMoE half runs every method on samples (each table says how many questions); the full "
-              "version of everything here, both bases and both knowledge sets at full size, the sweeps and "
-              "the ablations, is `make reproduce` (its parts and their times: the README)."), ""]
+              "three with intervals). " + dmoe, ""]
     return "\n".join(lines) + rest
 
 
 def _argv(args) -> list[str]:
     flags = [f"--{k.replace('_', '-')}" for k in ("quick", "full", "no_dmoe", "dmoe_ablations") if getattr(args, k)]
     return ["--out", str(args.out), *flags]
+
 
 def _smooth(xs, k: int = 20):
     xs = np.asarray(xs, dtype=float)
