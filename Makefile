@@ -62,8 +62,8 @@ fuzz: setup
 ablate: setup
 	$(PY) -m pytest ablations -v --ablation-scale small --ablation-seeds 3
 
-# The DMoE ablations beyond the threshold sweep (Tables 3, 6-9, Fig. 5) on the full 400-record bank;
-# the next full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~40 min on 2 cores).
+# The DMoE ablations beyond the threshold sweep (Tables 3, 6-9, Fig. 5) on the full 400-record bank; the next
+# full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~40 min on 2 cores).
 ablate-dmoe: setup
 	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo-full
 

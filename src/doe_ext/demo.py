@@ -370,7 +370,7 @@ def main(argv=None) -> Path:
         else:
             dm = dmoe_report.tour(out, quick=q, part=job.part, progress=args.no_progress)
             report += "\n" + dmoe_report.tour_section(dm)
-        metrics["dmoe_seconds"] = dm["seconds"]["total"] if args.full else dm["seconds"]
+        metrics["dmoe_seconds"] = dm["seconds"]["total"]
     job.close()
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     metrics["parts"] = job.times

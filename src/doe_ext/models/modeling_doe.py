@@ -443,7 +443,9 @@ class DoEForCausalLM(DoEPreTrainedModel, GenerationMixin):
 
 
 # Checkpoints saved before the knowledge path was one module kept Z, the routers and the prior on the model itself.
-register_checkpoint_conversion_mapping("doe", [WeightRenaming(rf"^{prefix}(knowledge_state|routers\.|topic_prior\.)",
-                                                              rf"{prefix.replace(chr(92), '')}knowledge.\1")
-                                               for prefix in (r"model\.", "")], overwrite=True)
+# (pattern prefix, replacement prefix): the causal LM's keys start with "model.", the bare DoEModel's with nothing.
+register_checkpoint_conversion_mapping("doe", [WeightRenaming(rf"^{pattern}(knowledge_state|routers\.|topic_prior\.)",
+                                                              rf"{replacement}knowledge.\1")
+                                               for pattern, replacement in ((r"model\.", "model."), ("", ""))],
+                                       overwrite=True)
 _auto.register_models()  # model type "doe" in AutoModel / AutoModelForCausalLM (doe_ext._auto)

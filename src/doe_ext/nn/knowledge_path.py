@@ -85,7 +85,6 @@ def next_embedding_target(embeds: Tensor) -> Tensor:
     return torch.nn.functional.pad(embeds[:, 1:].detach(), (0, 0, 0, 1))
 
 
-
 class KnowledgePath(nn.Module):
     """Z, the routers and the topic prior of a DoE model (CONTRACT §4), and :meth:`begin`, which
     starts one forward's :class:`KnowledgeStep`. The per-layer parts (the knowledge attention's
