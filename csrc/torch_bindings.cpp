@@ -1,7 +1,9 @@
 // Every op schema of doe_ext, in one place. Backends (csrc/cpu, csrc/cuda) only add kernels;
 // Python (src/doe_ext/ops) adds the fake kernels and autograd.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/headeronly/version.h>
+
+#include "doe_ext/tensor.h"
 
 #include <string>
 #include <vector>
@@ -19,114 +21,119 @@
 namespace doe_ext {
 namespace {
 
-// "cuda=<0|1>;archs=<list>": what this binary was built with (read by doe_ext.build_info()).
+// "cuda=<0|1>;archs=<list>;abi=stable;torch_target=<x.y>;torch_built=<x.y.z>": what this binary
+// was built with (read by doe_ext.build_info()): the oldest torch it loads in (the stable ABI's
+// TORCH_TARGET_VERSION) and the torch whose headers built it.
 std::string build_config() {
 #ifdef DOE_EXT_WITH_CUDA
-  return std::string("cuda=1;archs=") + DOE_EXT_CUDA_ARCHS;
+  std::string cfg = std::string("cuda=1;archs=") + DOE_EXT_CUDA_ARCHS;
 #else
-  return "cuda=0;archs=";
+  std::string cfg = "cuda=0;archs=";
 #endif
+  return cfg + str(";abi=stable;torch_target=", (TORCH_TARGET_VERSION >> 56) & 0xff, ".",
+                   (TORCH_TARGET_VERSION >> 48) & 0xff, ";torch_built=", TORCH_VERSION_MAJOR, ".",
+                   TORCH_VERSION_MINOR, ".", TORCH_VERSION_PATCH);
 }
 
 // Marks each meta stand-in as standing for its FakeTensor's device while an op's checks run.
 // `devices`: one entry per tensor argument, comma-separated ("" for a None).
 class StandIns {
  public:
-  StandIns(c10::string_view devices_view, std::initializer_list<const at::Tensor*> tensors) {
+  StandIns(std::string_view devices_view, std::initializer_list<const Tensor*> tensors) {
     const std::string devices(devices_view);
     size_t start = 0;
-    for (const at::Tensor* t : tensors) {
+    for (const Tensor* t : tensors) {
       const size_t end = devices.find(',', start);
       const std::string dev = devices.substr(start, end == std::string::npos ? std::string::npos : end - start);
       start = end == std::string::npos ? devices.size() : end + 1;
-      if (t != nullptr && t->defined()) device_stand_ins().push_back({t->unsafeGetTensorImpl(), c10::Device(dev)});
+      if (t != nullptr && t->defined()) device_stand_ins().push_back({t->get(), parse_device(dev)});
     }
   }
   ~StandIns() { device_stand_ins().clear(); }
 };
 
-const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+const Tensor* opt(const std::optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 // Each op's argument checks for its fake kernel: `_check_<op>(devices, <the op's arguments>)` runs
 // the very check function its CPU and CUDA kernels run first, on meta stand-ins of the fake
 // kernel's FakeTensors that report the FakeTensors' devices (`devices`). One typed function per op.
-void check_knowledge_attention_fwd(c10::string_view devices, const at::Tensor& q, const at::Tensor& z_key,
-                                   const at::Tensor& z_value, const std::optional<at::Tensor>& residual, double, bool) {
+void check_knowledge_attention_fwd(std::string_view devices, const Tensor& q, const Tensor& z_key,
+                                   const Tensor& z_value, const std::optional<Tensor>& residual, double, bool) {
   const StandIns s(devices, {&q, &z_key, &z_value, opt(residual)});
   check_knowledge_attention(q, z_key, z_value, residual);
 }
-void check_knowledge_attention_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& q,
-                                    const at::Tensor& z_key, const at::Tensor& z_value, const at::Tensor& lse,
-                                    const at::Tensor& probs, double) {
+void check_knowledge_attention_bwd_(std::string_view devices, const Tensor& grad_out, const Tensor& q,
+                                    const Tensor& z_key, const Tensor& z_value, const Tensor& lse,
+                                    const Tensor& probs, double) {
   const StandIns s(devices, {&grad_out, &q, &z_key, &z_value, &lse, &probs});
   check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
 }
-void check_vae_relu_router_fwd(c10::string_view devices, const at::Tensor& h, const at::Tensor& w_mu,
-                               const at::Tensor& b_mu, const at::Tensor& w_logvar, const at::Tensor& b_logvar,
-                               const at::Tensor& w_gate, const at::Tensor& b_gate,
-                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
-                               bool training, c10::string_view activation) {
+void check_vae_relu_router_fwd(std::string_view devices, const Tensor& h, const Tensor& w_mu,
+                               const Tensor& b_mu, const Tensor& w_logvar, const Tensor& b_logvar,
+                               const Tensor& w_gate, const Tensor& b_gate,
+                               const std::optional<Tensor>& noise, const std::optional<Tensor>& rng,
+                               bool training, std::string_view activation) {
   const StandIns s(devices, {&h, &w_mu, &b_mu, &w_logvar, &b_logvar, &w_gate, &b_gate, opt(noise), opt(rng)});
   check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training,
                         std::string(activation));
 }
-void check_vae_relu_router_bwd(c10::string_view devices, const std::optional<at::Tensor>& grad_gates,
-                               const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_kl,
-                               const std::optional<at::Tensor>& grad_z, const at::Tensor& h, const at::Tensor& w_mu,
-                               const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
-                               const at::Tensor& gates, const at::Tensor& logits,
-                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng,
-                               bool training, c10::string_view activation) {
+void check_vae_relu_router_bwd(std::string_view devices, const std::optional<Tensor>& grad_gates,
+                               const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& grad_kl,
+                               const std::optional<Tensor>& grad_z, const Tensor& h, const Tensor& w_mu,
+                               const Tensor& w_logvar, const Tensor& w_gate, const Tensor& mu_logvar,
+                               const Tensor& gates, const Tensor& logits,
+                               const std::optional<Tensor>& noise, const std::optional<Tensor>& rng,
+                               bool training, std::string_view activation) {
   const StandIns s(devices, {opt(grad_gates), opt(grad_logits), opt(grad_kl), opt(grad_z), &h, &w_mu, &w_logvar,
                              &w_gate, &mu_logvar, &gates, &logits, opt(noise), opt(rng)});
   vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar, gates, logits,
                      noise, rng, training, std::string(activation));
 }
-void check_expert_loss_fwd(c10::string_view devices, const at::Tensor& logits, const at::Tensor& target, int64_t,
-                           c10::string_view reduction, double label_smoothing, bool) {
+void check_expert_loss_fwd(std::string_view devices, const Tensor& logits, const Tensor& target, int64_t,
+                           std::string_view reduction, double label_smoothing, bool) {
   const StandIns s(devices, {&logits, &target});
   check_expert_loss(logits, target, std::string(reduction), label_smoothing);
 }
-void check_expert_loss_bwd_(c10::string_view devices, const at::Tensor& grad_loss, const at::Tensor& grad_rows,
-                            const at::Tensor& weight) {
+void check_expert_loss_bwd_(std::string_view devices, const Tensor& grad_loss, const Tensor& grad_rows,
+                            const Tensor& weight) {
   const StandIns s(devices, {&grad_loss, &grad_rows, &weight});
   check_expert_loss_bwd(grad_loss, grad_rows, weight);
 }
-void check_dual_embedding_fwd(c10::string_view devices, const at::Tensor& token_ids, const at::Tensor& topic_ids,
-                              const at::Tensor& token_weight, const at::Tensor& topic_weight, int64_t padding_idx) {
+void check_dual_embedding_fwd(std::string_view devices, const Tensor& token_ids, const Tensor& topic_ids,
+                              const Tensor& token_weight, const Tensor& topic_weight, int64_t padding_idx) {
   const StandIns s(devices, {&token_ids, &topic_ids, &token_weight, &topic_weight});
   check_padding_idx(padding_idx, check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight).V);
 }
-void check_dual_embedding_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& token_ids,
-                               const at::Tensor& topic_ids, const at::Tensor& token_weight,
-                               const at::Tensor& topic_weight, int64_t padding_idx) {
+void check_dual_embedding_bwd_(std::string_view devices, const Tensor& grad_out, const Tensor& token_ids,
+                               const Tensor& topic_ids, const Tensor& token_weight,
+                               const Tensor& topic_weight, int64_t padding_idx) {
   const StandIns s(devices, {&grad_out, &token_ids, &topic_ids, &token_weight, &topic_weight});
   check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
 }
-void check_lora_merge_fwd(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
-                          const at::Tensor& lora_b, const at::Tensor& scales) {
+void check_lora_merge_fwd(std::string_view devices, const Tensor& weight, const Tensor& lora_a,
+                          const Tensor& lora_b, const Tensor& scales) {
   const StandIns s(devices, {&weight, &lora_a, &lora_b, &scales});
   check_lora_merge(weight, lora_a, lora_b, scales, "lora_merge");
 }
-void check_lora_merge_inplace_(c10::string_view devices, const at::Tensor& weight, const at::Tensor& lora_a,
-                               const at::Tensor& lora_b, const at::Tensor& scales) {
+void check_lora_merge_inplace_(std::string_view devices, const Tensor& weight, const Tensor& lora_a,
+                               const Tensor& lora_b, const Tensor& scales) {
   const StandIns s(devices, {&weight, &lora_a, &lora_b, &scales});
   check_lora_merge_inplace(weight, lora_a, lora_b, scales);
 }
-void check_lora_merge_bwd(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& lora_a,
-                          const at::Tensor& lora_b, const at::Tensor& scales) {
+void check_lora_merge_bwd(std::string_view devices, const Tensor& grad_out, const Tensor& lora_a,
+                          const Tensor& lora_b, const Tensor& scales) {
   const StandIns s(devices, {&grad_out, &lora_a, &lora_b, &scales});
   check_lora_merge(grad_out, lora_a, lora_b, scales, "lora_merge_bwd", "grad_out");
 }
-void check_multi_lora_linear_fwd(c10::string_view devices, const at::Tensor& x, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                 const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales) {
+void check_multi_lora_linear_fwd(std::string_view devices, const Tensor& x, const Tensor& weight,
+                                 const std::optional<Tensor>& bias, const Tensor& lora_a,
+                                 const Tensor& lora_b, const Tensor& indices, const Tensor& scales) {
   const StandIns s(devices, {&x, &weight, opt(bias), &lora_a, &lora_b, &indices, &scales});
   check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
 }
-void check_multi_lora_linear_bwd_(c10::string_view devices, const at::Tensor& grad_out, const at::Tensor& x,
-                                  const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                  const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa, bool,
+void check_multi_lora_linear_bwd_(std::string_view devices, const Tensor& grad_out, const Tensor& x,
+                                  const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                                  const Tensor& indices, const Tensor& scales, const Tensor& xa, bool,
                                   bool) {
   const StandIns s(devices, {&grad_out, &x, &weight, &lora_a, &lora_b, &indices, &scales, &xa});
   check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
@@ -134,7 +141,7 @@ void check_multi_lora_linear_bwd_(c10::string_view devices, const at::Tensor& gr
 
 // An op and its check op, from one argument list: `name(args) -> returns` and
 // `_check_name(str devices, args) -> ()` (alias annotations dropped: a check writes nothing).
-void def_op(torch::Library& m, const std::string& name, const std::string& args, const std::string& returns) {
+void def_op(torch::stable::detail::StableLibrary& m, const std::string& name, const std::string& args, const std::string& returns) {
   m.def((name + "(" + args + ") -> " + returns).c_str());
   std::string plain = args;
   for (size_t at; (at = plain.find("(a!)")) != std::string::npos;) plain.erase(at, 4);
@@ -143,8 +150,8 @@ void def_op(torch::Library& m, const std::string& name, const std::string& args,
 
 }  // namespace
 
-TORCH_LIBRARY(doe_ext, m) {
-  m.def("_build_config() -> str", &build_config);
+STABLE_TORCH_LIBRARY(doe_ext, m) {
+  m.def("_build_config() -> str");
   // DoE eq. 1-3: out = residual + softmax(q @ z_key.T * scale) @ z_value; lse per row (float32 for
   // half inputs) for the backward; probs [..., K] only when return_probs, else an empty tensor.
   // (The CPU wrapper asks for probs when a backward will follow: reusing them there saves a GEMM.)
@@ -234,26 +241,27 @@ TORCH_LIBRARY(doe_ext, m) {
 
 // The fake kernels' argument checks: torch.compile rejects what eager rejects, with the same message,
 // because both run the same C++ check function.
-TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
-  m.impl("_check_knowledge_attention_fwd", &check_knowledge_attention_fwd);
-  m.impl("_check_knowledge_attention_bwd", &check_knowledge_attention_bwd_);
-  m.impl("_check_vae_relu_router_fwd", &check_vae_relu_router_fwd);
-  m.impl("_check_vae_relu_router_bwd", &check_vae_relu_router_bwd);
-  m.impl("_check_expert_loss_fwd", &check_expert_loss_fwd);
-  m.impl("_check_expert_loss_bwd", &check_expert_loss_bwd_);
-  m.impl("_check_dual_embedding_fwd", &check_dual_embedding_fwd);
-  m.impl("_check_dual_embedding_bwd", &check_dual_embedding_bwd_);
-  m.impl("_check_lora_merge", &check_lora_merge_fwd);
-  m.impl("_check_lora_merge_", &check_lora_merge_inplace_);
-  m.impl("_check_lora_merge_bwd", &check_lora_merge_bwd);
-  m.impl("_check_multi_lora_linear_fwd", &check_multi_lora_linear_fwd);
-  m.impl("_check_multi_lora_linear_bwd", &check_multi_lora_linear_bwd_);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
+  m.impl("_build_config", TORCH_BOX(&build_config));
+  m.impl("_check_knowledge_attention_fwd", TORCH_BOX(&check_knowledge_attention_fwd));
+  m.impl("_check_knowledge_attention_bwd", TORCH_BOX(&check_knowledge_attention_bwd_));
+  m.impl("_check_vae_relu_router_fwd", TORCH_BOX(&check_vae_relu_router_fwd));
+  m.impl("_check_vae_relu_router_bwd", TORCH_BOX(&check_vae_relu_router_bwd));
+  m.impl("_check_expert_loss_fwd", TORCH_BOX(&check_expert_loss_fwd));
+  m.impl("_check_expert_loss_bwd", TORCH_BOX(&check_expert_loss_bwd_));
+  m.impl("_check_dual_embedding_fwd", TORCH_BOX(&check_dual_embedding_fwd));
+  m.impl("_check_dual_embedding_bwd", TORCH_BOX(&check_dual_embedding_bwd_));
+  m.impl("_check_lora_merge", TORCH_BOX(&check_lora_merge_fwd));
+  m.impl("_check_lora_merge_", TORCH_BOX(&check_lora_merge_inplace_));
+  m.impl("_check_lora_merge_bwd", TORCH_BOX(&check_lora_merge_bwd));
+  m.impl("_check_multi_lora_linear_fwd", TORCH_BOX(&check_multi_lora_linear_fwd));
+  m.impl("_check_multi_lora_linear_bwd", TORCH_BOX(&check_multi_lora_linear_bwd_));
 }
 
 }  // namespace doe_ext
 
 // `import doe_ext._C` loads this library (and so registers the ops); it has no Python functions.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }

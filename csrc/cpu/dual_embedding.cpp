@@ -6,13 +6,11 @@
 // grad_out rows, added in token order, or zero. No two threads write one row and the order of the
 // additions does not depend on the thread count, so the gradients are bitwise reproducible; each
 // table row is written exactly once (no separate zero fill, unlike index_put_ on a zeros tensor).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include <sys/mman.h>
 
-#include <cstdlib>
+#include <cstdint>
 #include <vector>
 
 #include "doe_ext/dual_embedding.h"
@@ -25,29 +23,26 @@ DOE_CLONES void add_row(float* dst, const float* src, int64_t width) { de::add_r
 void add_row(double* dst, const double* src, int64_t width) { de::add_row(dst, src, width); }
 
 // A [rows, width] gradient table. Large ones (a vocabulary's dense gradient, tens of MiB, fresh
-// on every backward) are backed by 2 MiB-aligned memory marked for transparent huge pages: the
+// on every backward) are marked for transparent huge pages before anything touches them: the
 // kernel then maps them in 2 MiB faults instead of 4 KiB ones, and the first touch, which is most
-// of this backward's time, gets cheaper. Falls back to a plain tensor when that fails.
-at::Tensor grad_table(int64_t rows, int64_t width, const at::TensorOptions& options) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(rows * width) * options.dtype().itemsize();
-  if (bytes >= 4 * kHuge) {
-    void* p = nullptr;
-    const size_t padded = (bytes + kHuge - 1) / kHuge * kHuge;
-    if (posix_memalign(&p, kHuge, padded) == 0) {
-      madvise(p, padded, MADV_HUGEPAGE);  // advice only: ignored where THP is off
-      return at::from_blob(p, {rows, width}, [](void* q) { free(q); }, options);
-    }
-  }
-  return at::empty({rows, width}, options);
+// of this backward's time, gets cheaper. The advice covers the table's 2 MiB-aligned interior
+// (torch's allocator aligns to 64 bytes only) and is ignored where THP is off.
+Tensor grad_table(int64_t rows, int64_t width, const TensorOptions& options) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  auto t = empty({rows, width}, options);
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
+  const uintptr_t lo = (begin + kHuge - 1) / kHuge * kHuge, hi = end / kHuge * kHuge;
+  if (hi >= lo + 4 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  return t;
 }
 
 // Flat, contiguous int64 ids.
-at::Tensor flat_ids(const at::Tensor& ids) { return ids.reshape({-1}).contiguous(); }
+Tensor flat_ids(const Tensor& ids) { return ids.reshape({-1}).contiguous(); }
 
 // Raises (naming the argument) at the first id out of range (a token id first at one position), as
 // on CUDA. Reads the ids in place: called before anything of their size is allocated or copied.
-void validate_ids(const at::Tensor& token_ids, const at::Tensor& topic_ids, int64_t V, int64_t K) {
+void validate_ids(const Tensor& token_ids, const Tensor& topic_ids, int64_t V, int64_t K) {
   const auto tok = first_bad_id(token_ids, [V](int64_t id) { return !de::token_id_ok(id, V); });
   const auto top = first_bad_id(topic_ids, [K](int64_t id) { return !de::topic_id_ok(id, K); },
                                 tok.position >= 0 ? tok.position : std::numeric_limits<int64_t>::max());
@@ -76,7 +71,7 @@ template <typename T>
 void reduce_runs(const T* g, int64_t ld, int64_t col0, int64_t width, const std::vector<int64_t>& offsets,
                  const std::vector<int64_t>& pos, int64_t skip, T* grad_table) {
   const int64_t rows = static_cast<int64_t>(offsets.size()) - 1;
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* dst = grad_table + r * width;
       de::copy_row<T>(dst, nullptr, 0, width, 1);
@@ -86,15 +81,15 @@ void reduce_runs(const T* g, int64_t ld, int64_t col0, int64_t width, const std:
   });
 }
 
-at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor& topic_ids,
-                                  const at::Tensor& token_weight, const at::Tensor& topic_weight,
+Tensor dual_embedding_fwd_cpu(const Tensor& token_ids, const Tensor& topic_ids,
+                                  const Tensor& token_weight, const Tensor& topic_weight,
                                   int64_t padding_idx) {
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
   validate_ids(token_ids, topic_ids, sz.V, sz.K);
   auto shape = token_ids.sizes().vec();
   shape.push_back(sz.d + sz.dk);
-  auto out = at::empty(shape, token_weight.options());
+  auto out = empty(shape, token_weight.options());
   if (sz.N == 0) return out;
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
   const int64_t* tp = tok.data_ptr<int64_t>();
@@ -103,11 +98,11 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
   const int64_t width = sz.d + sz.dk;
   const int64_t ts0 = token_weight.stride(0), ts1 = token_weight.stride(1);
   const int64_t ks0 = topic_weight.stride(0), ks1 = topic_weight.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, token_weight.scalar_type(), "dual_embedding_fwd_cpu", [&] {
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(token_weight.scalar_type(), "dual_embedding_fwd_cpu", [&] {
     const scalar_t* twp = token_weight.const_data_ptr<scalar_t>();
     const scalar_t* kwp = topic_weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, sz.N, 64, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, sz.N, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* row = op + i * width;
         const scalar_t* t = twp + tp[i] * ts0;
@@ -124,14 +119,14 @@ at::Tensor dual_embedding_fwd_cpu(const at::Tensor& token_ids, const at::Tensor&
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& token_ids,
-                                                         const at::Tensor& topic_ids, const at::Tensor& token_weight,
-                                                         const at::Tensor& topic_weight, int64_t padding_idx) {
+std::tuple<Tensor, Tensor> dual_embedding_bwd_cpu(const Tensor& grad_out, const Tensor& token_ids,
+                                                         const Tensor& topic_ids, const Tensor& token_weight,
+                                                         const Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
   validate_ids(token_ids, topic_ids, sz.V, sz.K);
   // float16 / bfloat16: the runs are summed into float32 tables, rounded once at the end.
   const auto dt = token_weight.scalar_type();
-  const auto acc = token_weight.options().dtype(is_half(token_weight) ? at::kFloat : dt);
+  const auto acc = token_weight.options().dtype(is_half(token_weight) ? kFloat : dt);
   auto grad_tok = grad_table(sz.V, sz.d, acc);
   auto grad_top = grad_table(sz.K, sz.dk, acc);
   const auto tok = flat_ids(token_ids), top = flat_ids(topic_ids);
@@ -139,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad
   sort_positions(tok.data_ptr<int64_t>(), sz.N, sz.V, tok_off, tok_pos);
   sort_positions(top.data_ptr<int64_t>(), sz.N, sz.K, top_off, top_pos);  // -1 (no label) skipped
   const auto g = up(grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dual_embedding_bwd_cpu", [&] {
+  DOE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dual_embedding_bwd_cpu", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     reduce_runs<scalar_t>(gp, sz.d + sz.dk, 0, sz.d, tok_off, tok_pos, padding_idx, grad_tok.data_ptr<scalar_t>());
     reduce_runs<scalar_t>(gp, sz.d + sz.dk, sz.d, sz.dk, top_off, top_pos, -1, grad_top.data_ptr<scalar_t>());
@@ -150,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cpu(const at::Tensor& grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
-  m.impl("dual_embedding_fwd", &dual_embedding_fwd_cpu);
-  m.impl("dual_embedding_bwd", &dual_embedding_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("dual_embedding_fwd", TORCH_BOX(&dual_embedding_fwd_cpu));
+  m.impl("dual_embedding_bwd", TORCH_BOX(&dual_embedding_bwd_cpu));
 }
 
 }  // namespace doe_ext

@@ -5,9 +5,7 @@
 // code of math.h. Whole-matrix GEMMs beat row blocks that stay in cache here: the GEMMs are ~80%
 // of the time and MKL loses more on small blocks than the blocks save in traffic (measured, see
 // benchmarks/README.md). Deterministic for a given thread count.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include "doe_ext/knowledge_attention.h"
 #include "doe_ext/math.h"
@@ -31,92 +29,92 @@ void softmax_backward_row(const double* p, double* dp, int64_t K, double scale) 
 // row (in place, straight into probs when they are kept), then out = residual + P @ z_value (one
 // GEMM whose beta=1 does the residual add).
 template <typename T>
-void forward(const at::Tensor& q2, const at::Tensor& zk, const at::Tensor& zv, const at::Tensor& res2,
-             at::Tensor& out2, at::Tensor& lse1, at::Tensor& probs2, T scale) {
+void forward(const Tensor& q2, const Tensor& zk, const Tensor& zv, const Tensor& res2,
+             Tensor& out2, Tensor& lse1, Tensor& probs2, T scale) {
   const int64_t N = q2.size(0), K = zk.size(0);
-  auto s = probs2.defined() ? probs2 : at::empty({N, K}, q2.options());
-  at::mm_out(s, q2, zk.t());
+  auto s = probs2.defined() ? probs2 : empty({N, K}, q2.options());
+  mm_out(s, q2, zk.t());
   T* sp = s.data_ptr<T>();
   T* lse = lse1.data_ptr<T>();
-  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) lse[i] = softmax_row(sp + i * K, K, scale);
   });
   if (res2.defined()) {
-    at::addmm_out(out2, res2, s, zv);
+    addmm_out(out2, res2, s, zv);
   } else {
-    at::mm_out(out2, s, zv);
+    mm_out(out2, s, zv);
   }
 }
 
 // Backward: P (kept by the forward, or rebuilt from lse), dz_value = P.T @ g, dP = g @ z_value.T,
 // the softmax backward (with the scale) in one pass per row, dq = dS @ z_key, dz_key = dS.T @ q.
 template <typename T>
-void backward(const at::Tensor& g2, const at::Tensor& q2, const at::Tensor& zk, const at::Tensor& zv,
-              const at::Tensor& lse1, const at::Tensor& probs2, at::Tensor& dq2, at::Tensor& dzk,
-              at::Tensor& dzv, T scale) {
+void backward(const Tensor& g2, const Tensor& q2, const Tensor& zk, const Tensor& zv,
+              const Tensor& lse1, const Tensor& probs2, Tensor& dq2, Tensor& dzk,
+              Tensor& dzv, T scale) {
   const int64_t N = q2.size(0), K = zk.size(0);
-  at::Tensor p = probs2;
+  Tensor p = probs2;
   if (!p.defined()) {
-    p = at::mm(q2, zk.t());
+    p = mm(q2, zk.t());
     T* pp = p.data_ptr<T>();
     const T* lse = lse1.data_ptr<T>();
-    at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) probs_from_lse(pp + i * K, K, scale, lse[i]);
     });
   }
-  at::mm_out(dzv, p.t(), g2);
-  auto dp = at::mm(g2, zv.t());
+  mm_out(dzv, p.t(), g2);
+  auto dp = mm(g2, zv.t());
   const T* pp = p.data_ptr<T>();
   T* dpp = dp.data_ptr<T>();
-  at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) softmax_backward_row(pp + i * K, dpp + i * K, K, scale);
   });
-  at::mm_out(dq2, dp, zk);
-  at::mm_out(dzk, dp.t(), q2);
+  mm_out(dq2, dp, zk);
+  mm_out(dzk, dp.t(), q2);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
-    const std::optional<at::Tensor>& residual, double scale, bool return_probs) {
+std::tuple<Tensor, Tensor, Tensor> knowledge_attention_fwd_cpu(
+    const Tensor& q, const Tensor& z_key, const Tensor& z_value,
+    const std::optional<Tensor>& residual, double scale, bool return_probs) {
   const auto sz = check_knowledge_attention(q, z_key, z_value, residual);
   if (is_half(q)) {  // float32 math; lse stays float32, as on CUDA
     auto [out, lse, probs] = knowledge_attention_fwd_cpu(up(q), up(z_key), up(z_value), up(residual), scale, return_probs);
     return {out.to(q.scalar_type()), lse, probs.to(q.scalar_type())};
   }
-  auto out = at::empty(leading_with(q, sz.dv), q.options());
-  auto lse = at::empty(q.sizes().slice(0, q.dim() - 1), q.options());
-  auto probs = return_probs ? at::empty(leading_with(q, sz.K), q.options()) : at::empty({0}, q.options());
+  auto out = empty(leading_with(q, sz.dv), q.options());
+  auto lse = empty(q.sizes().slice(0, q.dim() - 1), q.options());
+  auto probs = return_probs ? empty(leading_with(q, sz.K), q.options()) : empty({0}, q.options());
   if (sz.N == 0) return {out, lse, probs};
   const auto q2 = as_rows(q, sz.N);
   const auto zk = z_key.contiguous(), zv = z_value.contiguous();
-  const auto res2 = residual.has_value() ? as_rows(*residual, sz.N) : at::Tensor();
+  const auto res2 = residual.has_value() ? as_rows(*residual, sz.N) : Tensor();
   auto out2 = out.view({sz.N, sz.dv});
   auto lse1 = lse.view({sz.N});
-  auto probs2 = return_probs ? probs.view({sz.N, sz.K}) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_fwd_cpu", [&] {
+  auto probs2 = return_probs ? probs.view({sz.N, sz.K}) : Tensor();
+  DOE_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_fwd_cpu", [&] {
     forward<scalar_t>(q2, zk, zv, res2, out2, lse1, probs2, static_cast<scalar_t>(scale));
   });
   return {out, lse, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key,
-    const at::Tensor& z_value, const at::Tensor& lse, const at::Tensor& probs, double scale) {
+std::tuple<Tensor, Tensor, Tensor> knowledge_attention_bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& z_key,
+    const Tensor& z_value, const Tensor& lse, const Tensor& probs, double scale) {
   const auto sz = check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
   if (is_half(q)) {
     const auto dt = q.scalar_type();
     auto [dq, dzk, dzv] = knowledge_attention_bwd_cpu(up(grad_out), up(q), up(z_key), up(z_value), lse, up(probs), scale);
     return {dq.to(dt), dzk.to(dt), dzv.to(dt)};
   }
-  auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
+  auto dq = empty(q.sizes(), q.options());
+  if (sz.N == 0) return {dq, zeros_like(z_key), zeros_like(z_value)};
   const auto q2 = as_rows(q, sz.N), g2 = as_rows(grad_out, sz.N);
   const auto zk = z_key.contiguous(), zv = z_value.contiguous();
   auto dq2 = dq.view({sz.N, sz.dk});
-  const auto probs2 = probs.numel() > 0 ? as_rows(probs, sz.N).contiguous() : at::Tensor();
+  const auto probs2 = probs.numel() > 0 ? as_rows(probs, sz.N).contiguous() : Tensor();
   if (probs2.defined()) check_size(probs2, 1, sz.K, "knowledge_attention_bwd", "probs", "K");
-  auto dzk = at::empty_like(zk), dzv = at::empty_like(zv);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_bwd_cpu", [&] {
+  auto dzk = empty_like(zk), dzv = empty_like(zv);
+  DOE_DISPATCH_FLOATING_TYPES(q.scalar_type(), "knowledge_attention_bwd_cpu", [&] {
     backward<scalar_t>(g2, q2, zk, zv, lse.reshape({sz.N}).contiguous(), probs2, dq2, dzk, dzv,
                        static_cast<scalar_t>(scale));
   });
@@ -125,9 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
-  m.impl("knowledge_attention_fwd", &knowledge_attention_fwd_cpu);
-  m.impl("knowledge_attention_bwd", &knowledge_attention_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("knowledge_attention_fwd", TORCH_BOX(&knowledge_attention_fwd_cpu));
+  m.impl("knowledge_attention_bwd", TORCH_BOX(&knowledge_attention_bwd_cpu));
 }
 
 }  // namespace doe_ext

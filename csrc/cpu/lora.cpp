@@ -10,9 +10,7 @@
 // The forward is gather (xa = A x) + scatter (y += s B xa); the backward is gather (B^T g),
 // scatter (dx += A^T v) and two outers (dA, dB). Every sum runs in a fixed order (experts
 // ascending, then token order), so results do not depend on the thread count.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include <algorithm>
 #include <vector>
@@ -56,7 +54,7 @@ template <typename T>
 void gather(const SlotsByExpert& s, const int64_t* ind, int64_t k, int64_t r, const T* m, const T* src,
             int64_t width, T* u) {
   const int64_t P = static_cast<int64_t>(s.order.size());
-  at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t p = s.order[i];
       const T* me = m + ind[p] * r * width;
@@ -72,7 +70,7 @@ template <typename T>
 void scatter(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* m, const T* coef, int64_t width,
              T* dst) {
   const int64_t blocks = (width + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kColBlock, c1 = std::min(width, c0 + kColBlock);
       for (int64_t e = 0; e < N; ++e) {
@@ -91,7 +89,7 @@ void scatter(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* m
 template <typename T>
 void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, const T* src, int64_t width,
            T* g) {
-  at::parallel_for(0, N, 1, [&](int64_t e0, int64_t e1) {
+  torch::stable::parallel_for(0, N, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       T* ge = g + e * r * width;
       for (int64_t c = 0; c < r * width; ++c) ge[c] = T(0);
@@ -104,28 +102,28 @@ void outer(const SlotsByExpert& s, int64_t N, int64_t k, int64_t r, const T* u, 
   });
 }
 
-at::Tensor as_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+Tensor as_rows(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // The experts the slots use. With a bank larger than the slots (T * k), the indices are remapped
 // onto 0..U-1 and only those U experts' A and B are gathered (index_select: an expanded or huge
 // bank is never copied whole, and the counting sort needs U buckets, not N); otherwise the bank
 // itself, contiguous. Raises on an index out of range, naming `indices`.
 struct Bank {
-  at::Tensor ind, a, b, used;  // used: the original expert ids (compact banks only)
+  Tensor ind, a, b, used;  // used: the original expert ids (compact banks only)
   int64_t N;
   bool compact;
 };
 
 // A compact bank's LoRA gradients over the whole bank (the contract's dense gradients), in `dtype`.
-std::pair<at::Tensor, at::Tensor> dense_lora_grads(const Bank& bank, int64_t N, const at::Tensor& grad_a,
-                                                   const at::Tensor& grad_b, at::ScalarType dtype) {
+std::pair<Tensor, Tensor> dense_lora_grads(const Bank& bank, int64_t N, const Tensor& grad_a,
+                                                   const Tensor& grad_b, ScalarType dtype) {
   if (!bank.compact) return {grad_a.to(dtype), grad_b.to(dtype)};
   const auto opts = grad_a.options().dtype(dtype);
-  return {at::zeros({N, grad_a.size(1), grad_a.size(2)}, opts).index_copy_(0, bank.used, grad_a.to(dtype)),
-          at::zeros({N, grad_b.size(1), grad_b.size(2)}, opts).index_copy_(0, bank.used, grad_b.to(dtype))};
+  return {zeros({N, grad_a.size(1), grad_a.size(2)}, opts).index_copy_(0, bank.used, grad_a.to(dtype)),
+          zeros({N, grad_b.size(1), grad_b.size(2)}, opts).index_copy_(0, bank.used, grad_b.to(dtype))};
 }
 
-Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t T, int64_t k,
+Bank used_bank(const Tensor& indices, const Tensor& lora_a, const Tensor& lora_b, int64_t T, int64_t k,
                int64_t N) {
   // Checked in place, before the copy below (an expanded index tensor may be huge).
   const auto bad = first_bad_id(indices, [N](int64_t id) { return !lora::index_ok(id, N); });
@@ -133,26 +131,26 @@ Bank used_bank(const at::Tensor& indices, const at::Tensor& lora_a, const at::Te
   auto ind = indices.contiguous();
   const int64_t* ip = ind.data_ptr<int64_t>();
   const int64_t P = T * k;
-  if (N <= P) return {ind, lora_a.contiguous(), lora_b, at::Tensor(), N, false};
+  if (N <= P) return {ind, lora_a.contiguous(), lora_b, Tensor(), N, false};
   std::vector<int64_t> used;
   for (int64_t p = 0; p < P; ++p)
     if (ip[p] >= 0) used.push_back(ip[p]);
   std::sort(used.begin(), used.end());
   used.erase(std::unique(used.begin(), used.end()), used.end());
-  auto remapped = at::empty_like(ind);
+  auto remapped = empty_like(ind);
   int64_t* rp = remapped.data_ptr<int64_t>();
   for (int64_t p = 0; p < P; ++p)
     rp[p] = ip[p] < 0 ? -1 : std::lower_bound(used.begin(), used.end(), ip[p]) - used.begin();
-  auto ids = at::empty({static_cast<int64_t>(used.size())}, ind.options());
+  auto ids = empty({static_cast<int64_t>(used.size())}, ind.options());
   std::copy(used.begin(), used.end(), ids.data_ptr<int64_t>());
   return {remapped, lora_a.index_select(0, ids).contiguous(), lora_b.index_select(0, ids), ids,
           static_cast<int64_t>(used.size()), true};
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                             const std::optional<at::Tensor>& bias,
-                                                             const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                                             const at::Tensor& indices, const at::Tensor& scales) {
+std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cpu(const Tensor& x, const Tensor& weight,
+                                                             const std::optional<Tensor>& bias,
+                                                             const Tensor& lora_a, const Tensor& lora_b,
+                                                             const Tensor& indices, const Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
   const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
   if (is_half(x)) {  // float32 math on the experts used (a compact bank: never the whole one); xa stays float32
@@ -161,21 +159,21 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
   }
   const auto& ind = bank.ind;
   const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, bank.N);
-  auto out = at::empty({sz.T, sz.out}, x.options());
-  auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options());
+  auto out = empty({sz.T, sz.out}, x.options());
+  auto xa = zeros({sz.T, sz.k, sz.r}, x.options());
   if (sz.T == 0) return {out, xa};
   const auto x2 = as_rows(x);
   if (bias.has_value()) {
-    at::addmm_out(out, *bias, x2, weight.t());
+    addmm_out(out, *bias, x2, weight.t());
   } else {
-    at::mm_out(out, x2, weight.t());
+    mm_out(out, x2, weight.t());
   }
   if (s.order.empty() || sz.r == 0) return {out, xa};
   const auto xc = x2.contiguous();
   const auto& a = bank.a;
   const auto bt = bank.b.transpose(1, 2).contiguous();  // [N, r, out]: B's columns as rows
   const auto sc = scales.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cpu", [&] {
+  DOE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cpu", [&] {
     using T = scalar_t;
     const int64_t* ip = ind.data_ptr<int64_t>();
     T* xap = xa.data_ptr<T>();
@@ -189,9 +187,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(const at::Tensor& x
   return {out, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_bwd_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+    const Tensor& lora_b, const Tensor& indices, const Tensor& scales, const Tensor& xa,
     bool need_weight_grad, bool need_lora_grad) {
   const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
   const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
@@ -206,20 +204,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t NB = bank.N;  // experts of the (possibly compact) bank the kernels see
   const auto s = sort_slots(ind.data_ptr<int64_t>(), sz.T, sz.k, NB);
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous();
-  auto grad_x = at::mm(g2, weight);
-  at::Tensor grad_w, grad_b, grad_a, grad_bt, grad_s;
+  auto grad_x = mm(g2, weight);
+  Tensor grad_w, grad_b, grad_a, grad_bt, grad_s;
   // Gradients not asked for are distinct empty tensors (outputs must not alias).
-  const auto none = [&] { return at::empty({0}, x.options()); };
-  grad_w = need_weight_grad ? at::mm(g2.t(), x2) : none();
+  const auto none = [&] { return empty({0}, x.options()); };
+  grad_w = need_weight_grad ? mm(g2.t(), x2) : none();
   grad_b = need_weight_grad ? g2.sum(0) : none();
-  grad_a = need_lora_grad ? at::empty({NB, sz.r, sz.in}, x.options()) : none();
-  grad_bt = need_lora_grad ? at::empty({NB, sz.r, sz.out}, x.options()) : none();
-  grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
+  grad_a = need_lora_grad ? empty({NB, sz.r, sz.in}, x.options()) : none();
+  grad_bt = need_lora_grad ? empty({NB, sz.r, sz.out}, x.options()) : none();
+  grad_s = need_lora_grad ? zeros({sz.T, sz.k}, x.options()) : none();
   if (sz.T > 0 && sz.r > 0 && !s.order.empty()) {
     const auto& a = bank.a;
     const auto bt = bank.b.transpose(1, 2).contiguous();  // [N, r, out]
     const auto sc = scales.contiguous(), xac = xa.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cpu", [&] {
+    DOE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cpu", [&] {
       using T = scalar_t;
       const int64_t* ip = ind.data_ptr<int64_t>();
       const int64_t P = sz.T * sz.k;
@@ -251,24 +249,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_x, grad_w, grad_b, grad_a, grad_lb, grad_s};
 }
 
-at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                          const at::Tensor& scales) {
+Tensor lora_merge_cpu(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                          const Tensor& scales) {
   return lora_merge_impl(weight, lora_a, lora_b, scales);
 }
 
-void lora_merge_inplace_cpu(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                            const at::Tensor& scales) {
+void lora_merge_inplace_cpu(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                            const Tensor& scales) {
   lora_merge_inplace_impl(weight, lora_a, lora_b, scales);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
-  m.impl("lora_merge", &lora_merge_cpu);
-  m.impl("lora_merge_", &lora_merge_inplace_cpu);
-  m.impl("lora_merge_bwd", &lora_merge_bwd_impl);
-  m.impl("multi_lora_linear_fwd", &multi_lora_linear_fwd_cpu);
-  m.impl("multi_lora_linear_bwd", &multi_lora_linear_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CPU, m) {
+  m.impl("lora_merge", TORCH_BOX(&lora_merge_cpu));
+  m.impl("lora_merge_", TORCH_BOX(&lora_merge_inplace_cpu));
+  m.impl("lora_merge_bwd", TORCH_BOX(&lora_merge_bwd_impl));
+  m.impl("multi_lora_linear_fwd", TORCH_BOX(&multi_lora_linear_fwd_cpu));
+  m.impl("multi_lora_linear_bwd", TORCH_BOX(&multi_lora_linear_bwd_cpu));
 }
 
 }  // namespace doe_ext

@@ -8,12 +8,7 @@
 // in float32, one thread per column: every row written once (zero when unused), no float atomics,
 // bitwise the same on every run. Out-of-range ids (only possible when the backward op is called
 // directly) are skipped, so the backward needs no host sync.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include <algorithm>
 #include <tuple>
@@ -71,68 +66,68 @@ __global__ void __launch_bounds__(kThreads) reduce_runs_kernel(const T* grad, in
 }
 
 // Reads the two flags (one host sync) and raises at the first bad id, as the CPU does.
-void check_ids_on_device(const at::Tensor& tok, const at::Tensor& top, int64_t N, int64_t V, int64_t K) {
-  auto flags = at::full({2}, INT64_MAX, tok.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+void check_ids_on_device(const Tensor& tok, const Tensor& top, int64_t N, int64_t V, int64_t K) {
+  auto flags = int64_tensor({INT64_MAX, INT64_MAX}, tok.device());
+  auto stream = current_cuda_stream();
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 4096));
   validate_kernel<<<blocks, 256, 0, stream>>>(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), N, V, K,
                                               reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DOE_CUDA_KERNEL_LAUNCH_CHECK();
   const auto host = flags.cpu();
-  const int64_t bad_tok = host[0].item<int64_t>(), bad_top = host[1].item<int64_t>();
+  const int64_t bad_tok = host.data_ptr<int64_t>()[0], bad_top = host.data_ptr<int64_t>()[1];
   if (bad_tok == INT64_MAX && bad_top == INT64_MAX) return;
   if (bad_tok <= bad_top) fail_dual_embedding_id(false, bad_tok, tok[bad_tok].item<int64_t>(), V);
   fail_dual_embedding_id(true, bad_top, top[bad_top].item<int64_t>(), K);
 }
 
-at::Tensor dual_embedding_fwd_cuda(const at::Tensor& token_ids, const at::Tensor& topic_ids,
-                                   const at::Tensor& token_weight, const at::Tensor& topic_weight,
+Tensor dual_embedding_fwd_cuda(const Tensor& token_ids, const Tensor& topic_ids,
+                                   const Tensor& token_weight, const Tensor& topic_weight,
                                    int64_t padding_idx) {
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
-  const c10::cuda::CUDAGuard guard(token_weight.device());
+  const CUDAGuard guard(token_weight.device());
   auto shape = token_ids.sizes().vec();
   shape.push_back(sz.d + sz.dk);
-  if (sz.N == 0) return at::empty(shape, token_weight.options());
+  if (sz.N == 0) return empty(shape, token_weight.options());
   const auto tok = token_ids.reshape({-1}).contiguous(), top = topic_ids.reshape({-1}).contiguous();
   check_ids_on_device(tok, top, sz.N, sz.V, sz.K);  // before the output is allocated
-  auto out = at::empty(shape, token_weight.options());
+  auto out = empty(shape, token_weight.options());
   const auto& tw = token_weight;
   const auto& kw = topic_weight;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tw.scalar_type(), "dual_embedding_fwd_cuda", [&] {
+  auto stream = current_cuda_stream();
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(tw.scalar_type(), "dual_embedding_fwd_cuda", [&] {
     gather_kernel<scalar_t><<<grid_for(sz.N), kThreads, 0, stream>>>(
         tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), tw.const_data_ptr<scalar_t>(), tw.stride(0), tw.stride(1),
         kw.const_data_ptr<scalar_t>(), kw.stride(0), kw.stride(1), out.data_ptr<scalar_t>(), sz.N, sz.d, sz.dk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& token_ids,
-                                                          const at::Tensor& topic_ids, const at::Tensor& token_weight,
-                                                          const at::Tensor& topic_weight, int64_t padding_idx) {
+std::tuple<Tensor, Tensor> dual_embedding_bwd_cuda(const Tensor& grad_out, const Tensor& token_ids,
+                                                          const Tensor& topic_ids, const Tensor& token_weight,
+                                                          const Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
-  const c10::cuda::CUDAGuard guard(token_weight.device());
-  auto grad_tok = at::empty({sz.V, sz.d}, token_weight.options());
-  auto grad_top = at::empty({sz.K, sz.dk}, token_weight.options());
+  const CUDAGuard guard(token_weight.device());
+  auto grad_tok = empty({sz.V, sz.d}, token_weight.options());
+  auto grad_top = empty({sz.K, sz.dk}, token_weight.options());
   const auto g = grad_out.reshape({sz.N, sz.d + sz.dk}).contiguous();
-  at::Tensor tok_keys, tok_pos, top_keys, top_pos;
+  Tensor tok_keys, tok_pos, top_keys, top_pos;
   std::tie(tok_keys, tok_pos) = runs::sort_positions_by_key(token_ids);
   std::tie(top_keys, top_pos) = runs::sort_positions_by_key(topic_ids);  // -1 sorts first, in no run
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dual_embedding_bwd_cuda", [&] {
+  auto stream = current_cuda_stream();
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(g.scalar_type(), "dual_embedding_bwd_cuda", [&] {
     if (sz.V > 0 && sz.d > 0) {
       reduce_runs_kernel<scalar_t><<<grid_for(sz.V), kThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), sz.d + sz.dk, 0, sz.d, tok_keys.data_ptr<int64_t>(), tok_pos.data_ptr<int64_t>(),
           sz.N, sz.V, padding_idx, grad_tok.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DOE_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (sz.K > 0 && sz.dk > 0) {
       reduce_runs_kernel<scalar_t><<<grid_for(sz.K), kThreads, 0, stream>>>(
           g.data_ptr<scalar_t>(), sz.d + sz.dk, sz.d, sz.dk, top_keys.data_ptr<int64_t>(),
           top_pos.data_ptr<int64_t>(), sz.N, sz.K, -1, grad_top.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DOE_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {grad_tok, grad_top};
@@ -140,9 +135,9 @@ std::tuple<at::Tensor, at::Tensor> dual_embedding_bwd_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
-  m.impl("dual_embedding_fwd", &dual_embedding_fwd_cuda);
-  m.impl("dual_embedding_bwd", &dual_embedding_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("dual_embedding_fwd", TORCH_BOX(&dual_embedding_fwd_cuda));
+  m.impl("dual_embedding_bwd", TORCH_BOX(&dual_embedding_bwd_cuda));
 }
 
 }  // namespace doe_ext

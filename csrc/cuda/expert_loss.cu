@@ -4,12 +4,7 @@
 // pass, in float32 for every input dtype, with the same formulas as the CPU (expert_loss.h). Row
 // losses are summed by ATen (deterministic); the kept-row count and the first bad row are integer
 // atomics. The only host sync is the bad-label check that the contract asks for.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include <limits>
 
@@ -98,46 +93,48 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const T* x, const int64_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                                     int64_t ignore_index, c10::string_view reduction,
+std::tuple<Tensor, Tensor, Tensor> expert_loss_fwd_cuda(const Tensor& logits, const Tensor& target,
+                                                                     int64_t ignore_index, std::string_view reduction,
                                                                      double label_smoothing, bool keep_grad) {
   const std::string red(reduction);
   const auto sz = check_expert_loss(logits, target, red, label_smoothing);
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const CUDAGuard guard(logits.device());
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
-  auto grad = keep_grad ? at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous))
-                        : at::empty({0}, logits.options());
-  auto row_loss = at::zeros({sz.N}, logits.options().dtype(at::kFloat));
-  auto stats = at::zeros({2}, logits.options().dtype(at::kLong));  // kept rows, first bad row
-  stats[1].fill_(std::numeric_limits<int64_t>::max());
+  auto grad = keep_grad ? empty(logits.sizes(), logits.options())
+                        : empty({0}, logits.options());
+  auto row_loss = zeros({sz.N}, logits.options().dtype(kFloat));
+  auto stats = int64_tensor({0, std::numeric_limits<int64_t>::max()}, logits.device());  // kept rows, first bad row
+  int64_t kept = 0;
   if (sz.N > 0) {
-    TORCH_CHECK(sz.K <= std::numeric_limits<int>::max(), "expert_loss: K = ", sz.K, " classes is too many");
+    DOE_CHECK(sz.K <= std::numeric_limits<int>::max(), "expert_loss: K = ", sz.K, " classes is too many");
     const auto x2 = logits.reshape({sz.N, sz.K}).contiguous();
     const auto t2 = sz.hard ? target.reshape({sz.N}).contiguous() : target.reshape({sz.N, sz.K}).contiguous();
     auto* st = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "expert_loss_fwd_cuda", [&] {
+    auto stream = current_cuda_stream();
+    DOE_DISPATCH_FLOATING_AND_HALF_TYPES(logits.scalar_type(), "expert_loss_fwd_cuda", [&] {
       rows_kernel<scalar_t><<<static_cast<unsigned>((sz.N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
           x2.data_ptr<scalar_t>(), sz.hard ? t2.data_ptr<int64_t>() : nullptr,
           sz.hard ? nullptr : t2.data_ptr<scalar_t>(), sz.N, static_cast<int>(sz.K), ignore_index,
           static_cast<float>(label_smoothing), keep_grad ? grad.data_ptr<scalar_t>() : nullptr,
           row_loss.data_ptr<float>(), st, st + 1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DOE_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // The contract's bad-label error needs the flag on the host: the op's one sync.
-    const int64_t bad = stats[1].item<int64_t>();
+    const auto host = stats.cpu();
+    kept = host.data_ptr<int64_t>()[0];
+    const int64_t bad = host.data_ptr<int64_t>()[1];
     if (bad != std::numeric_limits<int64_t>::max()) {
       if (sz.hard) {
-        TORCH_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
+        DOE_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
                     ignore_index, "), got ", target.reshape({sz.N})[bad].item<int64_t>(), " at flat row ", bad);
       }
-      TORCH_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
+      DOE_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
                   "value in flat row ", bad);
     }
   }
-  // 1 / max(kept, 1) for mean, on the device: no sync for the reduction.
-  auto weight = red == "mean" ? stats[0].clamp_min(1).to(at::kFloat).reciprocal() : at::ones({}, row_loss.options());
-  at::Tensor loss;
+  // 1 / max(kept, 1) for mean (kept came with the bad-label flag: no second sync).
+  auto weight = full({}, red == "mean" ? 1.0 / double(std::max<int64_t>(kept, 1)) : 1.0, row_loss.options());
+  Tensor loss;
   if (red == "none") {
     loss = row_loss.view(lead).to(logits.scalar_type());
   } else {
@@ -148,18 +145,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_loss_fwd_cuda(const at::Te
   return {loss, grad, weight.to(logits.scalar_type())};
 }
 
-at::Tensor expert_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
+Tensor expert_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& grad_rows, const Tensor& weight) {
   check_expert_loss_bwd(grad_loss, grad_rows, weight);
-  const c10::cuda::CUDAGuard guard(grad_rows.device());
+  const CUDAGuard guard(grad_rows.device());
   if (grad_loss.dim() == 0) return grad_rows * (grad_loss * weight);
   return grad_rows * (grad_loss * weight).unsqueeze(-1);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
-  m.impl("expert_loss_fwd", &expert_loss_fwd_cuda);
-  m.impl("expert_loss_bwd", &expert_loss_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("expert_loss_fwd", TORCH_BOX(&expert_loss_fwd_cuda));
+  m.impl("expert_loss_bwd", TORCH_BOX(&expert_loss_bwd_cuda));
 }
 
 }  // namespace doe_ext

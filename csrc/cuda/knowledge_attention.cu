@@ -6,12 +6,7 @@
 // dP = g @ z_value.T and dS in shared memory and writes dq; it also writes P and dS so that the two
 // weight gradients (reductions over all rows) are one cuBLAS GEMM each, deterministic, no atomics.
 // Inputs float32/float16/bfloat16; every accumulation in float32.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include "doe_ext/knowledge_attention.h"
 #include "doe_ext/math.h"
@@ -134,88 +129,89 @@ size_t fwd_smem(int K) { return sizeof(float) * (kRows * K + kRows * kTile + kTi
 size_t bwd_smem(int K) { return sizeof(float) * (2 * kRows * K + kRows * kTile + kTile * K); }
 
 // K > kMaxFusedK: the same math through ATen (cuBLAS GEMMs, float32 softmax).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_large_k(const at::Tensor& q2, const at::Tensor& zk,
-                                                           const at::Tensor& zv, const at::Tensor& res2,
+std::tuple<Tensor, Tensor, Tensor> fwd_large_k(const Tensor& q2, const Tensor& zk,
+                                                           const Tensor& zv, const Tensor& res2,
                                                            double scale, bool return_probs) {
-  auto s = at::mm(q2, zk.t()).to(at::kFloat).mul_(scale);
-  auto lse = at::logsumexp(s, {-1});
+  auto s = mm(q2, zk.t()).to(kFloat).mul_(scale);
+  auto lse = logsumexp(s, -1);
   auto p = (s - lse.unsqueeze(-1)).exp_().to(q2.scalar_type());
-  auto out = res2.defined() ? at::addmm(res2, p, zv) : at::mm(p, zv);
-  return {out, lse, return_probs ? p : at::empty({0}, q2.options())};
+  auto out = res2.defined() ? addmm(res2, p, zv) : mm(p, zv);
+  return {out, lse, return_probs ? p : empty({0}, q2.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
-    const std::optional<at::Tensor>& residual, double scale, bool return_probs) {
+std::tuple<Tensor, Tensor, Tensor> knowledge_attention_fwd_cuda(
+    const Tensor& q, const Tensor& z_key, const Tensor& z_value,
+    const std::optional<Tensor>& residual, double scale, bool return_probs) {
   const auto sz = check_knowledge_attention(q, z_key, z_value, residual);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const CUDAGuard guard(q.device());
   const auto lead = q.sizes().slice(0, q.dim() - 1);
   const auto q2 = as_rows(q, sz.N);
   const auto zk = z_key.contiguous(), zv = z_value.contiguous();
-  const auto res2 = residual.has_value() ? as_rows(*residual, sz.N).contiguous() : at::Tensor();
+  const auto res2 = residual.has_value() ? as_rows(*residual, sz.N).contiguous() : Tensor();
   if (sz.K > kMaxFusedK && sz.N > 0) {
     auto [out, lse, probs] = fwd_large_k(q2, zk, zv, res2, scale, return_probs);
     return {out.view(leading_with(q, sz.dv)), lse.view(lead),
             return_probs ? probs.view(leading_with(q, sz.K)) : probs};
   }
-  auto out = at::empty(leading_with(q, sz.dv), q.options());
-  auto lse = at::empty(lead, q.options().dtype(at::kFloat));
-  auto probs = return_probs ? at::empty(leading_with(q, sz.K), q.options()) : at::empty({0}, q.options());
+  auto out = empty(leading_with(q, sz.dv), q.options());
+  auto lse = empty(lead, q.options().dtype(kFloat));
+  auto probs = return_probs ? empty(leading_with(q, sz.K), q.options()) : empty({0}, q.options());
   if (sz.N == 0) return {out, lse, probs};
   const int K = static_cast<int>(sz.K);
   const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knowledge_attention_fwd_cuda", [&] {
+  auto stream = current_cuda_stream();
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(q.scalar_type(), "knowledge_attention_fwd_cuda", [&] {
     fwd_kernel<scalar_t><<<grid, kThreads, fwd_smem(K), stream>>>(
         q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(), zv.data_ptr<scalar_t>(),
         res2.defined() ? res2.data_ptr<scalar_t>() : nullptr, sz.dv, out.data_ptr<scalar_t>(),
         lse.data_ptr<float>(), return_probs ? probs.data_ptr<scalar_t>() : nullptr, sz.N, sz.dk, sz.dv, K,
         static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> knowledge_attention_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& z_key, const at::Tensor& z_value,
-    const at::Tensor& lse, const at::Tensor& probs /*checked; rebuilt from lse on CUDA*/, double scale) {
+std::tuple<Tensor, Tensor, Tensor> knowledge_attention_bwd_cuda(
+    const Tensor& grad_out, const Tensor& q, const Tensor& z_key, const Tensor& z_value,
+    const Tensor& lse, const Tensor& probs /*checked; rebuilt from lse on CUDA*/, double scale) {
   const auto sz = check_knowledge_attention_bwd(grad_out, q, z_key, z_value, lse, probs);
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (sz.N == 0) return {dq, at::zeros_like(z_key), at::zeros_like(z_value)};
+  const CUDAGuard guard(q.device());
+  auto dq = empty(q.sizes(), q.options());
+  if (sz.N == 0) return {dq, zeros_like(z_key), zeros_like(z_value)};
   const auto q2 = as_rows(q, sz.N), g2 = grad_out.reshape({sz.N, sz.dv}).contiguous();
   const auto zk = z_key.contiguous(), zv = z_value.contiguous();
-  const auto lse1 = lse.reshape({sz.N}).to(at::kFloat).contiguous();
-  at::Tensor p, ds;
+  const auto lse1 = lse.reshape({sz.N}).to(kFloat).contiguous();
+  Tensor p, ds;
   if (sz.K > kMaxFusedK) {
-    p = (at::mm(q2, zk.t()).to(at::kFloat).mul_(scale) - lse1.unsqueeze(-1)).exp_();
-    auto dp = at::mm(g2, zv.t()).to(at::kFloat);
-    ds = p * (dp - (p * dp).sum(-1, true)) * scale;
+    p = (mm(q2, zk.t()).to(kFloat).mul_(scale) - lse1.unsqueeze(-1)).exp_();
+    auto dp = mm(g2, zv.t()).to(kFloat);
+    ds = p * (dp - (p * dp).sum(-1, true));
+    ds.mul_(scale);
     p = p.to(q.scalar_type());
     ds = ds.to(q.scalar_type());
-    dq.view({sz.N, sz.dk}).copy_(at::mm(ds, zk));
+    dq.view({sz.N, sz.dk}).copy_(mm(ds, zk));
   } else {
-    p = at::empty({sz.N, sz.K}, q.options());
-    ds = at::empty({sz.N, sz.K}, q.options());
+    p = empty({sz.N, sz.K}, q.options());
+    ds = empty({sz.N, sz.K}, q.options());
     const int K = static_cast<int>(sz.K);
     const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knowledge_attention_bwd_cuda", [&] {
+    auto stream = current_cuda_stream();
+    DOE_DISPATCH_FLOATING_AND_HALF_TYPES(q.scalar_type(), "knowledge_attention_bwd_cuda", [&] {
       bwd_kernel<scalar_t><<<grid, kThreads, bwd_smem(K), stream>>>(
           g2.data_ptr<scalar_t>(), q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(),
           zv.data_ptr<scalar_t>(), lse1.data_ptr<float>(), dq.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
           ds.data_ptr<scalar_t>(), sz.N, sz.dk, sz.dv, K, static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DOE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {dq, at::mm(ds.t(), q2), at::mm(p.t(), g2)};
+  return {dq, mm(ds.t(), q2), mm(p.t(), g2)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
-  m.impl("knowledge_attention_fwd", &knowledge_attention_fwd_cuda);
-  m.impl("knowledge_attention_bwd", &knowledge_attention_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("knowledge_attention_fwd", TORCH_BOX(&knowledge_attention_fwd_cuda));
+  m.impl("knowledge_attention_bwd", TORCH_BOX(&knowledge_attention_bwd_cuda));
 }
 
 }  // namespace doe_ext

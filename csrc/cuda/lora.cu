@@ -9,12 +9,7 @@
 // sums run in token order. Accumulation in float32; u, coef in float32.
 // An index out of range cannot be raised without a host sync: such a slot contributes nothing and
 // its token's output row is set to NaN (documented in multi_lora_linear's docstring).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include <tuple>
 
@@ -101,93 +96,92 @@ __global__ void __launch_bounds__(kThreads) outer_kernel(const int64_t* keys, co
 }
 
 template <typename T>
-void launch_slot_dot(const at::Tensor& ind, const at::Tensor& m, const at::Tensor& src, int64_t k, int64_t r,
-                     at::Tensor& u) {
+void launch_slot_dot(const Tensor& ind, const Tensor& m, const Tensor& src, int64_t k, int64_t r,
+                     Tensor& u) {
   const int64_t P = ind.numel();
   if (P == 0 || r == 0) return;
   const int64_t per_block = kThreads / kWarp;
-  slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, current_cuda_stream()>>>(
       ind.data_ptr<int64_t>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), src.const_data_ptr<T>(),
       P, k, r, m.size(2), m.size(0), u.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_add_lowrank(const at::Tensor& ind, const at::Tensor& coef, const at::Tensor& m, int64_t k, int64_t r,
-                        at::Tensor& dst) {
+void launch_add_lowrank(const Tensor& ind, const Tensor& coef, const Tensor& m, int64_t k, int64_t r,
+                        Tensor& dst) {
   const int64_t T_ = dst.size(0);
   if (T_ == 0) return;
-  add_lowrank_kernel<T><<<grid_for(T_), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  add_lowrank_kernel<T><<<grid_for(T_), kThreads, 0, current_cuda_stream()>>>(
       ind.data_ptr<int64_t>(), coef.data_ptr<float>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2),
       T_, k, r, m.size(2), m.size(0), dst.data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_outer(const at::Tensor& keys, const at::Tensor& pos, const at::Tensor& u, const at::Tensor& src,
-                  int64_t k, int64_t r, at::Tensor& g) {
+void launch_outer(const Tensor& keys, const Tensor& pos, const Tensor& u, const Tensor& src,
+                  int64_t k, int64_t r, Tensor& g) {
   const int64_t N = g.size(0), width = g.size(2);
   if (N == 0 || r == 0 || width == 0) return;
   const dim3 grid(static_cast<unsigned>((width + kColBlock - 1) / kColBlock), static_cast<unsigned>(N));
-  outer_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  outer_kernel<T><<<grid, kThreads, 0, current_cuda_stream()>>>(
       keys.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), keys.numel(), u.data_ptr<float>(), src.data_ptr<T>(), k, r,
       width, g.data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // A bad index raises, with the CPU's message, before anything of the call's size is allocated: the
 // range is a reduction over the indices as they lie (one host sync); only a failing call builds the
 // mask that finds the first bad slot.
-void check_indices(const at::Tensor& indices, int64_t N) {
+void check_indices(const Tensor& indices, int64_t N) {
   if (indices.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(indices);
-  const auto range = at::stack({lo, hi}).cpu();
-  if (range[0].item<int64_t>() >= -1 && range[1].item<int64_t>() < N) return;
-  const auto flat = indices.reshape({-1});
-  const int64_t p = ((flat < -1) | (flat >= N)).nonzero()[0][0].item<int64_t>();
-  fail_multi_lora_index(p / indices.size(1), p % indices.size(1), flat[p].item<int64_t>(), N);
+  const auto [lo, hi] = aminmax(indices);
+  const auto range = stack({lo, hi}, 0).cpu();
+  if (range.data_ptr<int64_t>()[0] >= -1 && range.data_ptr<int64_t>()[1] < N) return;
+  const auto bad = first_bad_id(indices.cpu(), [N](int64_t id) { return !lora::index_ok(id, N); });
+  fail_multi_lora_index(bad.position / indices.size(1), bad.position % indices.size(1), bad.value, N);
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                              const std::optional<at::Tensor>& bias,
-                                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                                              const at::Tensor& indices, const at::Tensor& scales) {
+std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cuda(const Tensor& x, const Tensor& weight,
+                                                              const std::optional<Tensor>& bias,
+                                                              const Tensor& lora_a, const Tensor& lora_b,
+                                                              const Tensor& indices, const Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CUDAGuard guard(x.device());
   check_indices(indices, sz.N);
-  auto xa = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));
-  if (sz.T == 0) return {at::empty({0, sz.out}, x.options()), xa};
+  auto xa = zeros({sz.T, sz.k, sz.r}, x.options().dtype(kFloat));
+  if (sz.T == 0) return {empty({0, sz.out}, x.options()), xa};
   const auto x2 = x.contiguous(), ind = indices.contiguous();
-  auto out = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  auto out = bias.has_value() ? addmm(*bias, x2, weight.t()) : mm(x2, weight.t());
   if (sz.k == 0) return {out, xa};
   const auto& a = lora_a;
   const auto bt = lora_b.transpose(1, 2);  // [N, r, out], a view
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_linear_fwd_cuda", [&] {
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cuda", [&] {
     launch_slot_dot<scalar_t>(ind, a, x2, sz.k, sz.r, xa);
-    const auto coef = (xa * scales.to(at::kFloat).unsqueeze(-1)).contiguous();
+    const auto coef = (xa * scales.to(kFloat).unsqueeze(-1)).contiguous();
     launch_add_lowrank<scalar_t>(ind, coef, bt, sz.k, sz.r, out);
   });
   return {out, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& indices, const at::Tensor& scales, const at::Tensor& xa,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_bwd_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_a,
+    const Tensor& lora_b, const Tensor& indices, const Tensor& scales, const Tensor& xa,
     bool need_weight_grad, bool need_lora_grad) {
   const auto sz = check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
   // The LoRA gradients are dense over the bank (one grid row per expert): refused before allocating them.
-  TORCH_CHECK(!need_lora_grad || sz.N <= 65535, "multi_lora_linear_bwd: at most 65535 experts in `lora_a` for the "
+  DOE_CHECK(!need_lora_grad || sz.N <= 65535, "multi_lora_linear_bwd: at most 65535 experts in `lora_a` for the "
               "LoRA gradients on CUDA, got ", sz.N);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CUDAGuard guard(x.device());
   check_indices(indices, sz.N);
   const auto g2 = grad_out.contiguous(), x2 = x.contiguous(), ind = indices.contiguous();
-  const auto none = [&] { return at::empty({0}, x.options()); };
-  auto grad_x = at::mm(g2, weight);
-  auto grad_w = need_weight_grad ? at::mm(g2.t(), x2) : none();
+  const auto none = [&] { return empty({0}, x.options()); };
+  auto grad_x = mm(g2, weight);
+  auto grad_w = need_weight_grad ? mm(g2.t(), x2) : none();
   auto grad_b = need_weight_grad ? g2.sum(0) : none();
-  auto grad_a = need_lora_grad ? at::empty_like(lora_a, at::MemoryFormat::Contiguous) : none();
-  auto grad_bt = need_lora_grad ? at::empty({sz.N, sz.r, sz.out}, x.options()) : none();
-  auto grad_s = need_lora_grad ? at::zeros({sz.T, sz.k}, x.options()) : none();
+  auto grad_a = need_lora_grad ? empty_like(lora_a) : none();
+  auto grad_bt = need_lora_grad ? empty({sz.N, sz.r, sz.out}, x.options()) : none();
+  auto grad_s = need_lora_grad ? zeros({sz.T, sz.k}, x.options()) : none();
   if (sz.T == 0 || sz.k == 0) {
     if (need_lora_grad) {
       grad_a.zero_();
@@ -197,16 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const auto& a = lora_a;
   const auto bt = lora_b.transpose(1, 2);  // [N, r, out], a view
-  const auto s3 = scales.to(at::kFloat).unsqueeze(-1);
-  const auto xaf = xa.to(at::kFloat);
-  auto bg = at::zeros({sz.T, sz.k, sz.r}, x.options().dtype(at::kFloat));  // B^T g per slot
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_linear_bwd_cuda", [&] {
+  const auto s3 = scales.to(kFloat).unsqueeze(-1);
+  const auto xaf = xa.to(kFloat);
+  auto bg = zeros({sz.T, sz.k, sz.r}, x.options().dtype(kFloat));  // B^T g per slot
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cuda", [&] {
     launch_slot_dot<scalar_t>(ind, bt, g2, sz.k, sz.r, bg);
     const auto v = (bg * s3).contiguous();  // the gradient of xa
     launch_add_lowrank<scalar_t>(ind, v, a, sz.k, sz.r, grad_x);
     if (need_lora_grad) {
       grad_s.copy_((bg * xaf).sum(-1));  // 0 at empty slots: bg is 0 there
-      at::Tensor keys, pos;
+      Tensor keys, pos;
       std::tie(keys, pos) = runs::sort_positions_by_key(ind);  // -1 sorts first, in no expert's run
       launch_outer<scalar_t>(keys, pos, v, x2, sz.k, sz.r, grad_a);
       const auto sxa = (xaf * s3).contiguous();
@@ -216,32 +210,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_x, grad_w, grad_b, grad_a, need_lora_grad ? grad_bt.transpose(1, 2).contiguous() : grad_bt, grad_s};
 }
 
-at::Tensor lora_merge_cuda(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                           const at::Tensor& scales) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+Tensor lora_merge_cuda(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                           const Tensor& scales) {
+  const CUDAGuard guard(weight.device());
   return lora_merge_impl(weight, lora_a, lora_b, scales);
 }
 
-void lora_merge_inplace_cuda(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                             const at::Tensor& scales) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+void lora_merge_inplace_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
+                             const Tensor& scales) {
+  const CUDAGuard guard(weight.device());
   lora_merge_inplace_impl(weight, lora_a, lora_b, scales);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_merge_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& lora_a,
-                                                                   const at::Tensor& lora_b, const at::Tensor& scales) {
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+std::tuple<Tensor, Tensor, Tensor> lora_merge_bwd_cuda(const Tensor& grad_out, const Tensor& lora_a,
+                                                                   const Tensor& lora_b, const Tensor& scales) {
+  const CUDAGuard guard(grad_out.device());
   return lora_merge_bwd_impl(grad_out, lora_a, lora_b, scales);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
-  m.impl("lora_merge", &lora_merge_cuda);
-  m.impl("lora_merge_", &lora_merge_inplace_cuda);
-  m.impl("lora_merge_bwd", &lora_merge_bwd_cuda);
-  m.impl("multi_lora_linear_fwd", &multi_lora_linear_fwd_cuda);
-  m.impl("multi_lora_linear_bwd", &multi_lora_linear_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("lora_merge", TORCH_BOX(&lora_merge_cuda));
+  m.impl("lora_merge_", TORCH_BOX(&lora_merge_inplace_cuda));
+  m.impl("lora_merge_bwd", TORCH_BOX(&lora_merge_bwd_cuda));
+  m.impl("multi_lora_linear_fwd", TORCH_BOX(&multi_lora_linear_fwd_cuda));
+  m.impl("multi_lora_linear_bwd", TORCH_BOX(&multi_lora_linear_bwd_cuda));
 }
 
 }  // namespace doe_ext

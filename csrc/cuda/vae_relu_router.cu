@@ -4,12 +4,7 @@
 // each, on the row math of vae_relu_router.h that the CPU runs too: eps is the same Philox +
 // Box-Muller draw on both devices, read from an rng pair that stays in device memory (no host sync).
 // One warp owns one row; float32 math for every input dtype.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "doe_ext/tensor.h"
 
 #include "doe_ext/vae_relu_router.h"
 #include "doe_ext/warp.cuh"
@@ -127,102 +122,102 @@ __global__ void reparam_backward_kernel(const T* mulv, const T* z, const T* dzt,
 }
 
 template <typename T>
-void launch_reparam(const at::Tensor& mulv2, const at::Tensor& noise2, const at::Tensor& rng, at::Tensor& z2,
+void launch_reparam(const Tensor& mulv2, const Tensor& noise2, const Tensor& rng, Tensor& z2,
                     T* kl, int64_t N, int64_t dz, Eps mode, cudaStream_t stream) {
   reparam_kernel<T><<<grid_for(N), kThreads, 0, stream>>>(
       mulv2.data_ptr<T>(), noise2.defined() ? noise2.data_ptr<T>() : nullptr,
       mode == Eps::kDrawn ? rng.data_ptr<int64_t>() : nullptr, z2.data_ptr<T>(), kl, N, dz, int(mode));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_fwd_cuda(
-    const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu, const at::Tensor& w_logvar,
-    const at::Tensor& b_logvar, const at::Tensor& w_gate, const at::Tensor& b_gate,
-    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng, bool training,
-    c10::string_view activation) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> vae_relu_router_fwd_cuda(
+    const Tensor& h, const Tensor& w_mu, const Tensor& b_mu, const Tensor& w_logvar,
+    const Tensor& b_logvar, const Tensor& w_gate, const Tensor& b_gate,
+    const std::optional<Tensor>& noise, const std::optional<Tensor>& rng, bool training,
+    std::string_view activation) {
   const std::string act(activation);
   const auto sz = check_vae_relu_router(h, w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate, noise, rng, training, act);
-  TORCH_CHECK(sz.K <= (48 * 1024) / 4 - 1, "vae_relu_router: K = ", sz.K, " knowledge blocks exceed the CUDA "
+  DOE_CHECK(sz.K <= (48 * 1024) / 4 - 1, "vae_relu_router: K = ", sz.K, " knowledge blocks exceed the CUDA "
               "kernel's telemetry buffer (at most 12287)");
-  const c10::cuda::CUDAGuard guard(h.device());
+  const CUDAGuard guard(h.device());
   const Eps mode = eps_mode(training, noise, rng);
-  auto gates = at::empty(leading_with(h, sz.K), h.options());
-  auto logits = at::empty(leading_with(h, sz.K), h.options());
-  auto kl = at::empty(h.sizes().slice(0, h.dim() - 1), h.options());
-  auto z = at::empty(leading_with(h, sz.dz), h.options());
-  auto mulv = at::empty(leading_with(h, 2 * sz.dz), h.options());
-  auto counts = at::zeros({sz.K}, h.options().dtype(at::kLong));
-  auto zero_rows = at::zeros({}, h.options().dtype(at::kLong));
+  auto gates = empty(leading_with(h, sz.K), h.options());
+  auto logits = empty(leading_with(h, sz.K), h.options());
+  auto kl = empty(h.sizes().slice(0, h.dim() - 1), h.options());
+  auto z = empty(leading_with(h, sz.dz), h.options());
+  auto mulv = empty(leading_with(h, 2 * sz.dz), h.options());
+  auto counts = zeros({sz.K}, h.options().dtype(kLong));
+  auto zero_rows = zeros({}, h.options().dtype(kLong));
   if (sz.N == 0) return {gates, logits, kl, z, mulv, counts, zero_rows};
   const auto h2 = as_rows(h, sz.N);
   auto mulv2 = mulv.view({sz.N, 2 * sz.dz});
-  at::addmm_out(mulv2, at::cat({b_mu, b_logvar}, 0), h2, at::cat({w_mu, w_logvar}, 0).t());
-  const auto noise2 = mode == Eps::kGiven ? noise->reshape({sz.N, sz.dz}).contiguous() : at::Tensor();
-  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : at::Tensor();
+  addmm_out(mulv2, cat({b_mu, b_logvar}, 0), h2, cat({w_mu, w_logvar}, 0).t());
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({sz.N, sz.dz}).contiguous() : Tensor();
+  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : Tensor();
   auto z2 = z.view({sz.N, sz.dz});
   auto logits2 = logits.view({sz.N, sz.K});
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "vae_relu_router_fwd_cuda", [&] {
+  auto stream = current_cuda_stream();
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(h.scalar_type(), "vae_relu_router_fwd_cuda", [&] {
     launch_reparam<scalar_t>(mulv2, noise2, rng1, z2, kl.data_ptr<scalar_t>(), sz.N, sz.dz, mode, stream);
-    at::addmm_out(logits2, b_gate, z2, w_gate.t());
+    addmm_out(logits2, b_gate, z2, w_gate.t());
     const int K = static_cast<int>(sz.K);
     activation_kernel<scalar_t><<<grid_for(sz.N), kThreads, sizeof(unsigned int) * (K + 1), stream>>>(
         logits2.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
         reinterpret_cast<unsigned long long*>(zero_rows.data_ptr<int64_t>()), sz.N, K, act == "relu");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gates, logits, kl, z, mulv, counts, zero_rows};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_relu_router_bwd_cuda(
-    const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_logits,
-    const std::optional<at::Tensor>& grad_kl, const std::optional<at::Tensor>& grad_z, const at::Tensor& h,
-    const at::Tensor& w_mu, const at::Tensor& w_logvar, const at::Tensor& w_gate, const at::Tensor& mu_logvar,
-    const at::Tensor& gates, const at::Tensor& logits, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& rng, bool training, c10::string_view activation) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> vae_relu_router_bwd_cuda(
+    const std::optional<Tensor>& grad_gates, const std::optional<Tensor>& grad_logits,
+    const std::optional<Tensor>& grad_kl, const std::optional<Tensor>& grad_z, const Tensor& h,
+    const Tensor& w_mu, const Tensor& w_logvar, const Tensor& w_gate, const Tensor& mu_logvar,
+    const Tensor& gates, const Tensor& logits, const std::optional<Tensor>& noise,
+    const std::optional<Tensor>& rng, bool training, std::string_view activation) {
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
                                          gates, logits, noise, rng, training, act);
   const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
-  const c10::cuda::CUDAGuard guard(h.device());
+  const CUDAGuard guard(h.device());
   const Eps mode = eps_mode(training, noise, rng);
   auto opts = h.options();
   if (N == 0) {
-    return {at::empty(h.sizes(), opts), at::zeros({dz, d}, opts), at::zeros({dz}, opts), at::zeros({dz, d}, opts),
-            at::zeros({dz}, opts), at::zeros({K, dz}, opts), at::zeros({K}, opts)};
+    return {empty(h.sizes(), opts), zeros({dz, d}, opts), zeros({dz}, opts), zeros({dz, d}, opts),
+            zeros({dz}, opts), zeros({K, dz}, opts), zeros({K}, opts)};
   }
   const auto h2 = as_rows(h, N);
   const auto mulv2 = mu_logvar.reshape({N, 2 * dz}).contiguous();
   const auto gates2 = gates.reshape({N, K}).contiguous(), logits2 = logits.reshape({N, K}).contiguous();
-  const auto gg = grad_gates.has_value() ? grad_gates->reshape({N, K}).contiguous() : at::Tensor();
-  const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : at::Tensor();
-  const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : at::Tensor();
-  const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : at::Tensor();
-  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : at::Tensor();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  auto z = at::empty({N, dz}, opts);
-  auto dl = at::empty({N, K}, opts);
-  auto dmulv = at::empty({N, 2 * dz}, opts);
-  at::Tensor dw_gate, db_gate, dzt;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "vae_relu_router_bwd_cuda", [&] {
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  const auto gg = grad_gates.has_value() ? grad_gates->reshape({N, K}).contiguous() : Tensor();
+  const auto gl = grad_logits.has_value() ? grad_logits->reshape({N, K}).contiguous() : Tensor();
+  const auto gk = grad_kl.has_value() ? grad_kl->reshape({N}).contiguous() : Tensor();
+  const auto noise2 = mode == Eps::kGiven ? noise->reshape({N, dz}).contiguous() : Tensor();
+  const auto rng1 = mode == Eps::kDrawn ? rng->contiguous() : Tensor();
+  auto stream = current_cuda_stream();
+  auto z = empty({N, dz}, opts);
+  auto dl = empty({N, K}, opts);
+  auto dmulv = empty({N, 2 * dz}, opts);
+  Tensor dw_gate, db_gate, dzt;
+  DOE_DISPATCH_FLOATING_AND_HALF_TYPES(h.scalar_type(), "vae_relu_router_bwd_cuda", [&] {
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     launch_reparam<scalar_t>(mulv2, noise2, rng1, z, nullptr, N, dz, mode, stream);
     activation_backward_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
         logits2.data_ptr<scalar_t>(), gates2.data_ptr<scalar_t>(), ptr(gg), ptr(gl), dl.data_ptr<scalar_t>(), N,
         static_cast<int>(K), act == "relu");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dw_gate = at::mm(dl.t(), z);
+    DOE_CUDA_KERNEL_LAUNCH_CHECK();
+    dw_gate = mm(dl.t(), z);
     db_gate = dl.sum(0);
-    dzt = (grad_z.has_value() ? at::addmm(grad_z->reshape({N, dz}), dl, w_gate) : at::mm(dl, w_gate)).contiguous();
+    dzt = (grad_z.has_value() ? addmm(grad_z->reshape({N, dz}), dl, w_gate) : mm(dl, w_gate)).contiguous();
     const int64_t total = N * dz;
     reparam_backward_kernel<scalar_t><<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
         mulv2.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), dzt.data_ptr<scalar_t>(), ptr(gk),
         dmulv.data_ptr<scalar_t>(), N, dz, mode != Eps::kNone);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  auto dh = at::mm(dmulv, at::cat({w_mu, w_logvar}, 0)).view(h.sizes());
-  const auto dw = at::mm(dmulv.t(), h2);  // both heads in one GEMM, split by a small copy
+  auto dh = mm(dmulv, cat({w_mu, w_logvar}, 0)).view(h.sizes());
+  const auto dw = mm(dmulv.t(), h2);  // both heads in one GEMM, split by a small copy
   const auto db = dmulv.sum(0);
   return {dh, dw.narrow(0, 0, dz).clone(), db.narrow(0, 0, dz).clone(), dw.narrow(0, dz, dz).clone(),
           db.narrow(0, dz, dz).clone(), dw_gate, db_gate};
@@ -230,9 +225,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
-  m.impl("vae_relu_router_fwd", &vae_relu_router_fwd_cuda);
-  m.impl("vae_relu_router_bwd", &vae_relu_router_bwd_cuda);
+STABLE_TORCH_LIBRARY_IMPL(doe_ext, CUDA, m) {
+  m.impl("vae_relu_router_fwd", TORCH_BOX(&vae_relu_router_fwd_cuda));
+  m.impl("vae_relu_router_bwd", TORCH_BOX(&vae_relu_router_bwd_cuda));
 }
 
 }  // namespace doe_ext

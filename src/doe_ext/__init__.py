@@ -39,8 +39,10 @@ def build_info() -> dict:
 
     Returns a dict: ``version``, ``torch`` (the running torch), ``cuda_kernels`` (whether CUDA
     kernels are compiled into ``_C``), ``cuda_archs`` (their architectures, e.g. ``["80", "90"]``),
-    ``torch_cuda`` (torch's CUDA version or None), ``cuda_available`` and ``cpu_capability``
-    (the SIMD level ATen dispatches to, e.g. ``"AVX512"``).
+    ``torch_cuda`` (torch's CUDA version or None), ``cuda_available``, ``cpu_capability``
+    (the SIMD level ATen dispatches to, e.g. ``"AVX512"``), ``abi`` (``"stable"``: ``_C`` uses
+    only the LibTorch stable ABI), ``torch_target`` (the oldest torch it loads in, e.g. ``"2.10"``)
+    and ``torch_built`` (the torch whose headers built it; any torch from ``torch_target`` on runs it).
     """
     cfg = dict(kv.split("=", 1) for kv in torch.ops.doe_ext._build_config().split(";"))
     return {
@@ -51,4 +53,7 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "abi": cfg["abi"],
+        "torch_target": cfg["torch_target"],
+        "torch_built": cfg["torch_built"],
     }

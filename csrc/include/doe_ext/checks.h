@@ -2,8 +2,7 @@
 // expected, so a user can fix the call without reading the source.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "doe_ext/tensor.h"
 
 #include <algorithm>
 #include <initializer_list>
@@ -15,52 +14,34 @@
 
 namespace doe_ext {
 
-inline std::string shape_str(at::IntArrayRef s) { return c10::str(s); }
-
 // A Python None passed for a tensor argument reaches a kernel as an undefined tensor: refused by name.
-inline void check_given(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": expected `", name, "` to be a Tensor, got None");
+inline void check_given(const Tensor& t, const char* op, const char* name) {
+  DOE_CHECK(t.defined(), op, ": expected `", name, "` to be a Tensor, got None");
 }
 
 // Every required tensor argument of an op given, checked in schema order before anything else, so
 // the first None is the one named whatever the other arguments are.
-inline void check_given(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+inline void check_given(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> args) {
   for (const auto& [name, t] : args) check_given(*t, op, name);
 }
 
-// torch's spelling of a dtype ("float32", not ATen's "Float"), as users write it.
-inline std::string dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kLong: return "int64";
-    case at::kInt: return "int32";
-    case at::kShort: return "int16";
-    case at::kByte: return "uint8";
-    case at::kBool: return "bool";
-    default: return c10::toString(st);
-  }
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+inline void check_dim(const Tensor& t, int64_t dim, const char* op, const char* name,
                       const char* layout) {
   check_given(t, op, name);
-  TORCH_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
+  DOE_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
               t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
 }
 
-inline void check_min_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+inline void check_min_dim(const Tensor& t, int64_t dim, const char* op, const char* name,
                           const char* layout) {
   check_given(t, op, name);
-  TORCH_CHECK(t.dim() >= dim, op, ": expected `", name, "` to have at least ", dim,
+  DOE_CHECK(t.dim() >= dim, op, ": expected `", name, "` to have at least ", dim,
               " dimension(s) ", layout, ", got shape ", shape_str(t.sizes()));
 }
 
-inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+inline void check_size(const Tensor& t, int64_t dim, int64_t expected, const char* op,
                        const char* name, const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": expected `", name, "`.shape[", dim, "] == ",
+  DOE_CHECK(t.size(dim) == expected, op, ": expected `", name, "`.shape[", dim, "] == ",
               expected, " (", what, "), got shape ", shape_str(t.sizes()));
 }
 
@@ -68,32 +49,32 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
 // fake kernel on meta stand-ins of FakeTensors (torch_bindings.cpp): each stand-in then reports its
 // FakeTensor's device, so torch.compile and eager reject the same calls with the same messages.
 struct DeviceStandIn {
-  const c10::TensorImpl* impl;
-  c10::Device device;
+  AtenTensorHandle handle;  // shared by every copy of a stable Tensor
+  Device device;
 };
 inline std::vector<DeviceStandIn>& device_stand_ins() {
   static thread_local std::vector<DeviceStandIn> stand_ins;
   return stand_ins;
 }
-inline c10::Device stand_in_device(const at::Tensor& t) {
+inline Device stand_in_device(const Tensor& t) {
   for (const auto& s : device_stand_ins())
-    if (s.impl == t.unsafeGetTensorImpl()) return s.device;
+    if (s.handle == t.get()) return s.device;
   return t.device();
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op,
                               const char* name, const char* ref_name) {
   check_given(t, op, name);
   check_given(ref, op, ref_name);
-  TORCH_CHECK(stand_in_device(t) == stand_in_device(ref), op, ": expected `", name, "` on ", stand_in_device(ref),
+  DOE_CHECK(stand_in_device(t) == stand_in_device(ref), op, ": expected `", name, "` on ", stand_in_device(ref),
               " (the device of `", ref_name, "`), got ", stand_in_device(t));
 }
 
-inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
+inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op,
                              const char* name, const char* ref_name) {
   check_given(t, op, name);
   check_given(ref, op, ref_name);
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
+  DOE_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
               dtype_name(ref.scalar_type()), " (the dtype of `", ref_name, "`), got ",
               dtype_name(t.scalar_type()));
 }
@@ -101,18 +82,18 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
 // The floating dtypes of the contract: float32/float64/float16/bfloat16 on the CPU (the half
 // types in float32 math, see `up`); float32/float16/bfloat16 on CUDA; any of them on the meta device
 // (shape inference for a model built there).
-inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+inline void check_floating(const Tensor& t, const char* op, const char* name) {
   check_given(t, op, name);
   const auto st = t.scalar_type();
-  const bool half = st == at::kHalf || st == at::kBFloat16;
+  const bool half = st == kHalf || st == kBFloat16;
   const auto dev = stand_in_device(t);
   if (dev.is_cuda()) {
-    TORCH_CHECK(st == at::kFloat || half, op, ": expected `", name,
+    DOE_CHECK(st == kFloat || half, op, ": expected `", name,
                 "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
   } else {
-    TORCH_CHECK(dev.is_cpu() || dev.is_meta(), op, ": expected `", name, "` on cpu or cuda, got ", dev);
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || half, op, ": expected `", name,
-                "` of dtype float32, float64, float16 or bfloat16 on ", dev.is_cpu() ? "cpu" : "meta", ", got ",
+    DOE_CHECK(is_cpu(dev) || is_meta(dev), op, ": expected `", name, "` on cpu or cuda, got ", device_str(dev));
+    DOE_CHECK(st == kFloat || st == kDouble || half, op, ": expected `", name,
+                "` of dtype float32, float64, float16 or bfloat16 on ", is_cpu(dev) ? "cpu" : "meta", ", got ",
                 dtype_name(st));
   }
 }
@@ -120,17 +101,17 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
 // float16 / bfloat16 on the CPU: after the checks (on the caller's tensors, so the messages name
 // them), a kernel calls itself on float32 copies (`up`) and rounds its outputs once at the end, so
 // every sum accumulates in float32, as on CUDA. Tensors of other dtypes pass through uncopied.
-inline bool is_half(const at::Tensor& t) {
-  return t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+inline bool is_half(const Tensor& t) {
+  return t.defined() && (t.scalar_type() == kHalf || t.scalar_type() == kBFloat16);
 }
-inline at::Tensor up(const at::Tensor& t) { return is_half(t) ? t.to(at::kFloat) : t; }
-inline std::optional<at::Tensor> up(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(up(*t)) : t;
+inline Tensor up(const Tensor& t) { return is_half(t) ? t.to(kFloat) : t; }
+inline std::optional<Tensor> up(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(up(*t)) : t;
 }
 
-inline void check_index(const at::Tensor& t, const char* op, const char* name) {
+inline void check_index(const Tensor& t, const char* op, const char* name) {
   check_given(t, op, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": expected `", name, "` of dtype int64, got ",
+  DOE_CHECK(t.scalar_type() == kLong, op, ": expected `", name, "` of dtype int64, got ",
               dtype_name(t.scalar_type()));
 }
 
@@ -141,7 +122,7 @@ struct BadId {
   int64_t position = -1, value = 0;
 };
 template <typename F>
-BadId first_bad_id(const at::Tensor& ids, F bad, int64_t limit = std::numeric_limits<int64_t>::max()) {
+BadId first_bad_id(const Tensor& ids, F bad, int64_t limit = std::numeric_limits<int64_t>::max()) {
   const int64_t n = std::min(ids.numel(), limit);
   if (n == 0) return {};
   const int64_t* p = ids.const_data_ptr<int64_t>();
@@ -168,13 +149,13 @@ BadId first_bad_id(const at::Tensor& ids, F bad, int64_t limit = std::numeric_li
 }
 
 // A tensor's [..., d] as a 2-D [N, d] matrix with unit stride along d (a view when possible).
-inline at::Tensor as_rows(const at::Tensor& t, int64_t N) {
+inline Tensor as_rows(const Tensor& t, int64_t N) {
   auto r = t.reshape({N, t.size(-1)});
   return r.stride(-1) == 1 ? r : r.contiguous();
 }
 
 // The shape [..., last] from t's leading dims.
-inline std::vector<int64_t> leading_with(const at::Tensor& t, int64_t last) {
+inline std::vector<int64_t> leading_with(const Tensor& t, int64_t last) {
   auto s = t.sizes().vec();
   s.back() = last;
   return s;

@@ -3,8 +3,7 @@
 // (gather one token's row; reduce one run of sorted ids into a gradient row).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/accumulate.h>
+#include "doe_ext/tensor.h"
 
 #include "doe_ext/checks.h"
 #include "doe_ext/math.h"
@@ -19,14 +18,14 @@ struct DualEmbeddingSizes {
   int64_t dk;  // topic embedding width
 };
 
-inline DualEmbeddingSizes check_dual_embedding(const at::Tensor& token_ids, const at::Tensor& topic_ids,
-                                               const at::Tensor& token_weight, const at::Tensor& topic_weight) {
+inline DualEmbeddingSizes check_dual_embedding(const Tensor& token_ids, const Tensor& topic_ids,
+                                               const Tensor& token_weight, const Tensor& topic_weight) {
   constexpr const char* op = "dual_embedding";
   check_given(op, {{"token_ids", &token_ids}, {"topic_ids", &topic_ids}, {"token_weight", &token_weight},
                    {"topic_weight", &topic_weight}});
   check_index(token_ids, op, "token_ids");
   check_index(topic_ids, op, "topic_ids");
-  TORCH_CHECK(topic_ids.sizes() == token_ids.sizes(), op, ": expected `topic_ids` of shape ",
+  DOE_CHECK(topic_ids.sizes() == token_ids.sizes(), op, ": expected `topic_ids` of shape ",
               shape_str(token_ids.sizes()), " (the shape of `token_ids`), got ", shape_str(topic_ids.sizes()));
   check_dim(token_weight, 2, op, "token_weight", "[V, d]");
   check_dim(topic_weight, 2, op, "topic_weight", "[K, dk]");
@@ -40,22 +39,22 @@ inline DualEmbeddingSizes check_dual_embedding(const at::Tensor& token_ids, cons
 }
 
 inline void check_padding_idx(int64_t padding_idx, int64_t V) {
-  TORCH_CHECK(padding_idx == -1 || (padding_idx >= 0 && padding_idx < V),
+  DOE_CHECK(padding_idx == -1 || (padding_idx >= 0 && padding_idx < V),
               "dual_embedding: expected `padding_idx` of -1 (none) or in [0, ", V, ") (rows of `token_weight`), got ",
               padding_idx);
 }
 
 // The backward's arguments: the forward's, and grad_out [..., d + dk] of the tables' dtype.
-inline DualEmbeddingSizes check_dual_embedding_bwd(const at::Tensor& grad_out, const at::Tensor& token_ids,
-                                                   const at::Tensor& topic_ids, const at::Tensor& token_weight,
-                                                   const at::Tensor& topic_weight, int64_t padding_idx) {
+inline DualEmbeddingSizes check_dual_embedding_bwd(const Tensor& grad_out, const Tensor& token_ids,
+                                                   const Tensor& topic_ids, const Tensor& token_weight,
+                                                   const Tensor& topic_weight, int64_t padding_idx) {
   check_given(grad_out, "dual_embedding_bwd", "grad_out");
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
   auto expected = token_ids.sizes().vec();
   expected.push_back(sz.d + sz.dk);
-  TORCH_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
-              c10::IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+  DOE_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
+              IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
   check_same_device(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   return sz;
@@ -64,10 +63,10 @@ inline DualEmbeddingSizes check_dual_embedding_bwd(const at::Tensor& grad_out, c
 // The error for an id out of range, raised by both backends once the bad value is known.
 [[noreturn]] inline void fail_dual_embedding_id(bool is_topic, int64_t position, int64_t value, int64_t rows) {
   if (is_topic) {
-    TORCH_CHECK(false, "dual_embedding: `topic_ids` out of range: got ", value, " at flat position ", position,
+    DOE_CHECK(false, "dual_embedding: `topic_ids` out of range: got ", value, " at flat position ", position,
                 ", expected -1 (no label) or 0 <= id < ", rows, " (rows of `topic_weight`)");
   }
-  TORCH_CHECK(false, "dual_embedding: `token_ids` out of range: got ", value, " at flat position ", position,
+  DOE_CHECK(false, "dual_embedding: `token_ids` out of range: got ", value, " at flat position ", position,
               ", expected 0 <= id < ", rows, " (rows of `token_weight`)");
 }
 

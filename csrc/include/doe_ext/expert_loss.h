@@ -2,8 +2,7 @@
 // backends. Each row's loss and its gradient w.r.t. the logits come out of one pass over the row.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/accumulate.h>
+#include "doe_ext/tensor.h"
 
 #include <string>
 
@@ -21,52 +20,52 @@ struct ExpertLossSizes {
 
 // expert_loss_bwd: grad_loss is the loss's gradient, a scalar or one per row (reduction="none"), in
 // grad_rows' dtype and device; weight is the forward's scalar row factor.
-inline void check_expert_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& grad_rows, const at::Tensor& weight) {
+inline void check_expert_loss_bwd(const Tensor& grad_loss, const Tensor& grad_rows, const Tensor& weight) {
   constexpr const char* op = "expert_loss_bwd";
   check_given(op, {{"grad_loss", &grad_loss}, {"grad_rows", &grad_rows}, {"weight", &weight}});
-  TORCH_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1, op,
+  DOE_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1, op,
               ": `grad_rows` is empty: the forward ran with keep_grad=False");
   check_min_dim(grad_rows, 1, op, "grad_rows", "[..., K]");
   check_floating(grad_rows, op, "grad_rows");
   const auto lead = grad_rows.sizes().slice(0, grad_rows.dim() - 1);
-  TORCH_CHECK(grad_loss.dim() == 0 || grad_loss.sizes() == lead, op, ": expected `grad_loss` of shape [] or ",
+  DOE_CHECK(grad_loss.dim() == 0 || grad_loss.sizes() == lead, op, ": expected `grad_loss` of shape [] or ",
               shape_str(lead), " (the loss: a scalar, or one per row with reduction='none'), got ",
               shape_str(grad_loss.sizes()));
   check_same_device(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
   check_same_dtype(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
-  TORCH_CHECK(weight.dim() == 0, op, ": expected `weight` of shape [] (the reduction's row factor), got ",
+  DOE_CHECK(weight.dim() == 0, op, ": expected `weight` of shape [] (the reduction's row factor), got ",
               shape_str(weight.sizes()));
   check_same_device(weight, grad_rows, op, "weight", "grad_rows");
   check_same_dtype(weight, grad_rows, op, "weight", "grad_rows");
 }
 
-inline ExpertLossSizes check_expert_loss(const at::Tensor& logits, const at::Tensor& target,
+inline ExpertLossSizes check_expert_loss(const Tensor& logits, const Tensor& target,
                                          const std::string& reduction, double label_smoothing) {
   constexpr const char* op = "expert_loss";
   check_given(op, {{"logits", &logits}, {"target", &target}});
   check_min_dim(logits, 1, op, "logits", "[..., K]");
   check_floating(logits, op, "logits");
   check_same_device(target, logits, op, "target", "logits");
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
+  DOE_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
               ": expected `reduction` to be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+  DOE_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
               ": expected `label_smoothing` in [0, 1], got ", label_smoothing);
   const int64_t K = logits.size(-1);
-  TORCH_CHECK(K >= 1, op, ": expected `logits` to have at least one class (K >= 1), got shape ",
+  DOE_CHECK(K >= 1, op, ": expected `logits` to have at least one class (K >= 1), got shape ",
               shape_str(logits.sizes()));
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   const bool hard = !target.is_floating_point();
   if (hard) {
     check_index(target, op, "target");
-    TORCH_CHECK(target.sizes() == lead, op, ": expected int64 `target` of shape ", shape_str(lead),
+    DOE_CHECK(target.sizes() == lead, op, ": expected int64 `target` of shape ", shape_str(lead),
                 " (logits' leading dims), got ", shape_str(target.sizes()));
   } else {
     check_same_dtype(target, logits, op, "target", "logits");
-    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": expected float `target` of shape ",
+    DOE_CHECK(target.sizes() == logits.sizes(), op, ": expected float `target` of shape ",
                 shape_str(logits.sizes()), " (a distribution over K per row, like logits), got ",
                 shape_str(target.sizes()));
   }
-  return {c10::multiply_integers(lead), K, hard};
+  return {multiply_integers(lead), K, hard};
 }
 
 namespace el {

@@ -2,8 +2,7 @@
 // backends, including the counter-based noise generator, so both draw the same eps for a given rng.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/accumulate.h>
+#include "doe_ext/tensor.h"
 
 #include <optional>
 #include <string>
@@ -22,8 +21,8 @@ struct VaeRouterSizes {
   int64_t K;   // knowledge blocks (gates)
 };
 
-inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const char* name, const char* what,
-                         const at::Tensor& ref) {
+inline void check_vector(const Tensor& t, int64_t n, const char* op, const char* name, const char* what,
+                         const Tensor& ref) {
   check_dim(t, 1, op, name, what);
   check_size(t, 0, n, op, name, what);
   check_same_device(t, ref, op, name, "h");
@@ -31,13 +30,13 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* op, const c
 }
 
 inline void check_activation(const std::string& activation, const char* op) {
-  TORCH_CHECK(activation == "relu" || activation == "softmax", op,
+  DOE_CHECK(activation == "relu" || activation == "softmax", op,
               ": expected `activation` to be \"relu\" or \"softmax\", got \"", activation, "\"");
 }
 
 // h, w_mu, w_logvar, w_gate against each other: every size the kernels derive comes from here.
-inline VaeRouterSizes check_weights(const char* op, const at::Tensor& h, const at::Tensor& w_mu,
-                                    const at::Tensor& w_logvar, const at::Tensor& w_gate) {
+inline VaeRouterSizes check_weights(const char* op, const Tensor& h, const Tensor& w_mu,
+                                    const Tensor& w_logvar, const Tensor& w_gate) {
   check_min_dim(h, 1, op, "h", "[..., d]");
   check_floating(h, op, "h");
   const int64_t d = h.size(-1);
@@ -46,7 +45,7 @@ inline VaeRouterSizes check_weights(const char* op, const at::Tensor& h, const a
   check_same_dtype(w_mu, h, op, "w_mu", "h");
   check_size(w_mu, 1, d, op, "w_mu", "d, the last dim of h");
   const int64_t dz = w_mu.size(0);
-  TORCH_CHECK(dz >= 1, op, ": expected `w_mu` to have at least one latent dim (dz >= 1), got shape ",
+  DOE_CHECK(dz >= 1, op, ": expected `w_mu` to have at least one latent dim (dz >= 1), got shape ",
               shape_str(w_mu.sizes()));
   check_dim(w_logvar, 2, op, "w_logvar", "[dz, d]");
   check_same_device(w_logvar, h, op, "w_logvar", "h");
@@ -58,42 +57,42 @@ inline VaeRouterSizes check_weights(const char* op, const at::Tensor& h, const a
   check_same_dtype(w_gate, h, op, "w_gate", "h");
   check_size(w_gate, 1, dz, op, "w_gate", "dz, the first dim of w_mu");
   const int64_t K = w_gate.size(0);
-  TORCH_CHECK(K >= 1, op, ": expected `w_gate` to hold at least one knowledge block (K >= 1), got shape ",
+  DOE_CHECK(K >= 1, op, ": expected `w_gate` to hold at least one knowledge block (K >= 1), got shape ",
               shape_str(w_gate.sizes()));
-  return {c10::multiply_integers(h.sizes().slice(0, h.dim() - 1)), d, dz, K};
+  return {multiply_integers(h.sizes().slice(0, h.dim() - 1)), d, dz, K};
 }
 
 // A tensor of h's leading dims and the given last dim (none: h's leading dims only), on h's device and dtype.
-inline void check_rows_like(const at::Tensor& t, const at::Tensor& h, std::optional<int64_t> last, const char* op,
+inline void check_rows_like(const Tensor& t, const Tensor& h, std::optional<int64_t> last, const char* op,
                             const char* name, const char* what) {
   auto expected = h.sizes().vec();
   if (last.has_value()) expected.back() = *last; else expected.pop_back();
   check_same_device(t, h, op, name, "h");
   check_same_dtype(t, h, op, name, "h");
-  TORCH_CHECK(t.sizes().vec() == expected, op, ": expected `", name, "` of shape ", c10::IntArrayRef(expected),
+  DOE_CHECK(t.sizes().vec() == expected, op, ": expected `", name, "` of shape ", IntArrayRef(expected),
               " (", what, " with h's leading dims), got ", shape_str(t.sizes()));
 }
 
 // eps: `noise` when given, else drawn from `rng`; training needs one of them (eval uses none).
-inline void check_noise_rng(const char* op, const at::Tensor& h, int64_t dz, const std::optional<at::Tensor>& noise,
-                            const std::optional<at::Tensor>& rng, bool training) {
-  TORCH_CHECK(!training || noise.has_value() || rng.has_value(), op, ": training without `noise` needs `rng` (an "
+inline void check_noise_rng(const char* op, const Tensor& h, int64_t dz, const std::optional<Tensor>& noise,
+                            const std::optional<Tensor>& rng, bool training) {
+  DOE_CHECK(!training || noise.has_value() || rng.has_value(), op, ": training without `noise` needs `rng` (an "
               "int64 [2] Philox key/stream); doe_ext.ops.vae_relu_router draws it from torch's generator");
   if (noise.has_value()) check_rows_like(*noise, h, dz, op, "noise", "[..., dz]");
   if (rng.has_value()) {
     const auto& r = *rng;
     check_index(r, op, "rng");
     check_same_device(r, h, op, "rng", "h");
-    TORCH_CHECK(r.dim() == 1 && r.size(0) == 2, op, ": expected `rng` of shape [2] (Philox key, stream), got ",
+    DOE_CHECK(r.dim() == 1 && r.size(0) == 2, op, ": expected `rng` of shape [2] (Philox key, stream), got ",
                 shape_str(r.sizes()));
   }
 }
 
-inline VaeRouterSizes check_vae_relu_router(const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& b_mu,
-                                            const at::Tensor& w_logvar, const at::Tensor& b_logvar,
-                                            const at::Tensor& w_gate, const at::Tensor& b_gate,
-                                            const std::optional<at::Tensor>& noise,
-                                            const std::optional<at::Tensor>& rng, bool training,
+inline VaeRouterSizes check_vae_relu_router(const Tensor& h, const Tensor& w_mu, const Tensor& b_mu,
+                                            const Tensor& w_logvar, const Tensor& b_logvar,
+                                            const Tensor& w_gate, const Tensor& b_gate,
+                                            const std::optional<Tensor>& noise,
+                                            const std::optional<Tensor>& rng, bool training,
                                             const std::string& activation) {
   constexpr const char* op = "vae_relu_router";
   check_given(op, {{"h", &h}, {"w_mu", &w_mu}, {"b_mu", &b_mu}, {"w_logvar", &w_logvar}, {"b_logvar", &b_logvar},
@@ -269,13 +268,13 @@ DOE_HD void softmax_backward_row(const T* p, const T* gg, const T* gl, T* dl, in
 // ---- host helpers of both backends ----
 
 // Every tensor the backward reads, checked before any is touched; sizes from the same tensors the kernels use.
-inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates,
-                                     const std::optional<at::Tensor>& grad_logits,
-                                     const std::optional<at::Tensor>& grad_kl, const std::optional<at::Tensor>& grad_z,
-                                     const at::Tensor& h, const at::Tensor& w_mu, const at::Tensor& w_logvar,
-                                     const at::Tensor& w_gate, const at::Tensor& mu_logvar, const at::Tensor& gates,
-                                     const at::Tensor& logits, const std::optional<at::Tensor>& noise,
-                                     const std::optional<at::Tensor>& rng, bool training,
+inline VaeRouterSizes check_backward(const std::optional<Tensor>& grad_gates,
+                                     const std::optional<Tensor>& grad_logits,
+                                     const std::optional<Tensor>& grad_kl, const std::optional<Tensor>& grad_z,
+                                     const Tensor& h, const Tensor& w_mu, const Tensor& w_logvar,
+                                     const Tensor& w_gate, const Tensor& mu_logvar, const Tensor& gates,
+                                     const Tensor& logits, const std::optional<Tensor>& noise,
+                                     const std::optional<Tensor>& rng, bool training,
                                      const std::string& activation) {
   constexpr const char* op = "vae_relu_router_bwd";
   check_given(op, {{"h", &h}, {"w_mu", &w_mu}, {"w_logvar", &w_logvar}, {"w_gate", &w_gate}, {"mu_logvar", &mu_logvar},
@@ -293,7 +292,7 @@ inline VaeRouterSizes check_backward(const std::optional<at::Tensor>& grad_gates
   return sz;
 }
 
-inline Eps eps_mode(bool training, const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng) {
+inline Eps eps_mode(bool training, const std::optional<Tensor>& noise, const std::optional<Tensor>& rng) {
   if (!training) return Eps::kNone;
   return noise.has_value() ? Eps::kGiven : Eps::kDrawn;  // check_noise_rng refused training with neither
 }
