@@ -9,7 +9,7 @@ APT_PKGS := ccache libgtest-dev dict-gcide
 BUILD_INPUTS := $(shell find csrc cmake -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 EXTRAS ?= test,lda,dmoe,notebook
 
-.PHONY: setup test bench demo gemma ablate ablate-dmoe reproduce fuzz notebook clean
+.PHONY: setup test bench demo gemma ablate ablate-dmoe reproduce fuzz notebook wheel test-wheel clean
 setup: $(VENV)/.built
 
 $(VENV)/.deps: Makefile
@@ -88,5 +88,16 @@ bench: setup
 	$(PIP) install -q -e ".[$(EXTRAS),bench]" --no-build-isolation
 	$(PY) benchmarks/run.py
 
+# One wheel for every torch from 2.10 (the ops library uses the LibTorch stable ABI), built against
+# the venv's torch; `pip install .` with build isolation builds the same thing against pip's newest.
+wheel: setup
+	rm -f dist/doe_ext-*.whl
+	$(PIP) wheel --no-deps --no-build-isolation -w dist .
+
+# That wheel, plain-pip-installed into fresh venvs with torch 2.13.0 and 2.14.1 (both on this disk;
+# 2.14.1 is a 5.5 GB CUDA build), each running tests/ops and the self-test. Outside `make test`.
+test-wheel: wheel
+	tools/test_wheel.sh benchmarks/results/wheel-$$(date -u +%Y-%m-%d).log
+
 clean:
-	rm -rf build $(VENV)/.built
+	rm -rf build dist $(VENV)/.built

@@ -22,6 +22,9 @@ NOT_RUN = {
     "make test": "runs this test suite (and `make demo`, the main job, runs in test_demo.py at --quick)",
     "make reproduce": "a day on two cores; each of its parts runs at a tiny size elsewhere (test_demo.py, the "
                       "ablation suite, test_cli.py's report studies)",
+    "make test-wheel": "installs two torch builds into fresh venvs (one a 5.5 GB CUDA build); tests/test_wheel.py "
+                       "builds the wheel (make wheel's command) and checks what it holds; the log of a whole run "
+                       "is under benchmarks/results",
     "python -m doe_ext.selftest --device cuda": "needs a CUDA device (tests/ops/test_selftest.py runs it where one is)",
 }
 # (text in the README, what runs here): the long commands at a tiny size
