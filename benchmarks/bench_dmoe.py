@@ -262,6 +262,44 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
     return rows
 
 
+def bench_gemv(base, min_bytes: float = 400e6, rounds: int = 5) -> list[dict]:
+    """What bounds a decoding step: the time of one token's pass through every linear layer of the base
+    (float32, x [1, in] @ W.T), per distinct weight shape, through ``torch.mm`` (what ``F.linear`` runs
+    on the CPU: MKL's sgemm) and through oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``),
+    beside the bytes over the read bandwidth measured in the same run. Each shape is timed on enough
+    distinct random weights (>= ``min_bytes``) that they come from memory, as a step's do."""
+    linears = [m for m in base.model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes: dict[tuple[int, int], int] = {}
+    for m in linears:
+        shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + 1
+    bw = read_bandwidth()
+    rows = []
+    for (out_f, in_f), count in sorted(shapes.items()):
+        k = max(2, int(min_bytes // (out_f * in_f * 4)))
+        ws = [torch.randn(out_f, in_f) for _ in range(k)]
+        x = torch.randn(1, in_f)
+        paths = {"mm": lambda: [torch.mm(x, w.t()) for w in ws]}
+        if torch.backends.mkldnn.is_available():
+            paths["onednn"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in ws]
+        us = {}
+        for name, f in paths.items():
+            f()
+            t = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+            us[name] = 1e6 * statistics.median(t) / k
+        floor_us = 1e6 * out_f * in_f * 4 / bw
+        rows.append({"shape": [out_f, in_f], "layers": count, "us": {n: round(v, 1) for n, v in us.items()},
+                     "floor_us": round(floor_us, 1), "GB_s": {n: round(out_f * in_f * 4 / v / 1e3, 1) for n, v in us.items()},
+                     "read_GB_s": round(bw / 1e9, 1)})
+    total = {n: round(sum(r["us"][n] * r["layers"] for r in rows) / 1e3, 2) for n in rows[0]["us"]}
+    rows.append({"one_token_through_every_linear_ms": total,
+                 "floor_ms": round(sum(r["floor_us"] * r["layers"] for r in rows) / 1e3, 2)})
+    return rows
+
+
 def random_bank(base, passages: list[tuple[str, str]], path: Path):
     """A bank of one random rank-4 expert per ``(id, text)`` on the base's last MLP (seeded; B small, so
     the outputs stay near the base's): what the loading, generation and decoding benchmarks run on."""
@@ -498,13 +536,15 @@ if __name__ == "__main__":
     ap.add_argument("--prefill-peak", action="store_true", help="only the prefill against the measured GEMM peak")
     ap.add_argument("--best-batch", action="store_true",
                     help="only DMoE's and FLARE's latency per sample at batch sizes 1, 4 and 16")
+    ap.add_argument("--gemv", action="store_true",
+                    help="only one token through every linear layer of the base: MKL's and oneDNN's GEMV against the floor")
     args = ap.parse_args()
-    if args.decode_floor or args.prefill_peak or args.best_batch:
+    if args.decode_floor or args.prefill_peak or args.best_batch or args.gemv:
         from doe_ext.dmoe import load_base
 
         rows = (decode_floor() if args.decode_floor else []) + (
             bench_prefill_peak(load_base("smollm2-135m")) if args.prefill_peak else []) + (
-            bench_best_batch() if args.best_batch else [])
+            bench_best_batch() if args.best_batch else []) + (bench_gemv(load_base("smollm2-135m")) if args.gemv else [])
     else:
         rows = run("cpu")
     print(json.dumps(rows, indent=1))
