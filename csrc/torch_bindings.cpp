@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "doe_ext/decode_linear.h"
 #include "doe_ext/dual_embedding.h"
 #include "doe_ext/expert_loss.h"
 #include "doe_ext/knowledge_attention.h"
@@ -138,6 +139,11 @@ void check_multi_lora_linear_bwd_(std::string_view devices, const Tensor& grad_o
   const StandIns s(devices, {&grad_out, &x, &weight, &lora_a, &lora_b, &indices, &scales, &xa});
   check_multi_lora_linear_bwd(grad_out, x, weight, lora_a, lora_b, indices, scales, xa);
 }
+void check_decode_linear_(std::string_view devices, const Tensor& x, const Tensor& weight,
+                          const std::optional<Tensor>& bias) {
+  const StandIns s(devices, {&x, &weight, opt(bias)});
+  check_decode_linear(x, weight, bias);
+}
 
 // An op and its check op, from one argument list: `name(args) -> returns` and
 // `_check_name(str devices, args) -> ()` (alias annotations dropped: a check writes nothing).
@@ -236,6 +242,9 @@ STABLE_TORCH_LIBRARY(doe_ext, m) {
          "Tensor scales, Tensor xa, bool need_weight_grad, bool need_lora_grad",
          "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_lora_a, Tensor grad_lora_b, "
          "Tensor grad_scales)");
+  // A decoding step's linear layer: x [M, in] @ weight.T + bias with the weight read once (few rows M).
+  // Its gradients are plain GEMMs, composed in Python.
+  def_op(m, "decode_linear", "Tensor x, Tensor weight, Tensor? bias", "Tensor");
 
 }
 
@@ -256,6 +265,7 @@ STABLE_TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
   m.impl("_check_lora_merge_bwd", TORCH_BOX(&check_lora_merge_bwd));
   m.impl("_check_multi_lora_linear_fwd", TORCH_BOX(&check_multi_lora_linear_fwd));
   m.impl("_check_multi_lora_linear_bwd", TORCH_BOX(&check_multi_lora_linear_bwd_));
+  m.impl("_check_decode_linear", TORCH_BOX(&check_decode_linear_));
 }
 
 }  // namespace doe_ext

@@ -275,6 +275,40 @@ def multi_lora_linear(m, seed, s):
             None if bad else (lambda: ref.multi_lora_linear_ref(x, w, bias, a, b, idx, sc)), bad)
 
 
+def decode_linear(m, seed, s):
+    g = _g(seed)
+    M, inn, out = 2 * s["a"] + s["f"] % 2, s["b"], s["c"] + 1  # M 0..9: both sides of the kernel's 8 rows; in may be 0
+    dt = _dtype(seed)
+    x, w, bias, bad = _rand(g, M, inn, dtype=dt), _rand(g, out, inn, dtype=dt), _rand(g, out, dtype=dt), None
+    if m == "no_bias":
+        bias = None
+    elif m == "strided":
+        x, w = _strided(x), _strided(w)
+    elif m == "batched":  # [2, M, in]: the rows of every leading dim
+        x = _rand(g, 2, M, inn, dtype=dt)
+    elif m == "weight_row_slice":  # rows further apart than `in`: a slice of a wider weight
+        w = _rand(g, out, inn + 3, dtype=dt)[:, :inn]
+    elif m == "expanded_weight":
+        w = _rand(g, 1, inn, dtype=dt).expand(out, inn)
+    elif m == "nan_x":
+        x = x.clone()
+        if M and inn:
+            x[0, 0] = NAN
+    elif m == "weight_in":
+        w, bad = _rand(g, out, inn + 1, dtype=dt), "weight"
+    elif m == "bias_size":
+        bias, bad = _rand(g, out + 1, dtype=dt), "bias"
+    elif m == "dtype_weight":
+        w, bad = w.to(torch.float32 if dt == torch.float64 else torch.float64), "weight"
+    elif m == "meta_weight":
+        w, bad = _meta(w), "weight"
+    elif m == "int_x":
+        x, bad = torch.randint(0, 3, (max(M, 1), inn), generator=g), "x"
+    elif m == "none_weight":
+        w, bad = None, "weight"
+    return (lambda: ops.decode_linear(x, w, bias), None if bad else (lambda: ref.decode_linear_ref(x, w, bias)), bad)
+
+
 def raw_backward(m, seed, s):
     """The registered backward ops called directly, with an argument the forward would never give."""
     g = _g(seed)
@@ -380,6 +414,8 @@ MUTATIONS = {
     "multi_lora_linear": ["none", "no_bias", "strided", "expanded_huge_bank", "nan_x", "index_out_of_range",
                           "huge_indices_out_of_range", "index_below",
                           "scales_shape", "float_indices", "weight_in", "meta_bias", "none_x"],
+    "decode_linear": ["none", "no_bias", "strided", "batched", "weight_row_slice", "expanded_weight", "nan_x",
+                      "weight_in", "bias_size", "dtype_weight", "meta_weight", "int_x", "none_weight"],
     "raw_backward": ["ka_grad_out", "ka_lse", "ka_meta_lse", "ka_probs", "vae_rng_empty", "vae_rng_one", "vae_w_gate",
                      "vae_mu_logvar", "vae_grad_gates", "vae_meta_rng", "el_broadcast", "el_dtype", "el_meta",
                      "lm_grad_out", "lm_meta", "de_grad_out", "de_meta", "ml_xa", "ml_xa_dtype"],

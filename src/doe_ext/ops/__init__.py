@@ -9,5 +9,7 @@ from doe_ext.ops.expert_loss import expert_loss
 from doe_ext.ops.vae_relu_router import RouterStats, vae_relu_router
 from doe_ext.ops.lora_merge import lora_merge, lora_merge_
 from doe_ext.ops.multi_lora_linear import multi_lora_linear
+from doe_ext.ops.decode_linear import decode_linear
 
-__all__ = ["knowledge_attention", "dual_embedding", "vae_relu_router", "RouterStats", "expert_loss", "lora_merge", "lora_merge_", "multi_lora_linear"]
+__all__ = ["knowledge_attention", "dual_embedding", "vae_relu_router", "RouterStats", "expert_loss", "lora_merge", "lora_merge_", "multi_lora_linear",
+           "decode_linear"]

@@ -8,7 +8,7 @@ import torch
 
 RAW_OPS = ("knowledge_attention_fwd", "knowledge_attention_bwd", "vae_relu_router_fwd", "vae_relu_router_bwd",
            "expert_loss_fwd", "expert_loss_bwd", "dual_embedding_fwd", "dual_embedding_bwd", "lora_merge",
-           "lora_merge_", "lora_merge_bwd", "multi_lora_linear_fwd", "multi_lora_linear_bwd")
+           "lora_merge_", "lora_merge_bwd", "multi_lora_linear_fwd", "multi_lora_linear_bwd", "decode_linear")
 
 
 def schema_arguments(op: str) -> list[tuple[str, str]]:
@@ -74,18 +74,20 @@ def raw_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed: in
         _, xa = raw.multi_lora_linear_fwd(*a.values())
         return dict(grad_out=rand(N, d + 1), **{k: v for k, v in a.items() if k != "bias"}, xa=xa,
                     need_weight_grad=True, need_lora_grad=True)
+    if op == "decode_linear":
+        return dict(x=rand(N, d), weight=rand(d + 2, d), bias=rand(d + 2))
     raise KeyError(f"raw_call: no raw op {op!r}; expected one of {', '.join(RAW_OPS)}")
 
 
 PUBLIC_OPS = ("knowledge_attention", "vae_relu_router", "expert_loss", "dual_embedding", "lora_merge",
-              "multi_lora_linear")
+              "multi_lora_linear", "decode_linear")
 
 
 def public_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """Public op ``op``'s keyword arguments (``doe_ext.ops.<op>``, and its twin
     ``doe_ext.reference.<op>_ref``): the forward raw op's sample call in the public signature. The
     router gets explicit noise, so the op and its twin draw the same eps."""
-    fwd = {"lora_merge": "lora_merge"}.get(op, f"{op}_fwd")
+    fwd = {"lora_merge": "lora_merge", "decode_linear": "decode_linear"}.get(op, f"{op}_fwd")
     a = raw_call(fwd, device, dtype, seed)
     if op == "knowledge_attention":
         a.pop("return_probs")
@@ -97,6 +99,6 @@ def public_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed:
     elif op == "expert_loss":
         a.pop("keep_grad")
         a["target"][0] = a["ignore_index"]  # one ignored row
-    elif op not in ("dual_embedding", "lora_merge", "multi_lora_linear"):
+    elif op not in ("dual_embedding", "lora_merge", "multi_lora_linear", "decode_linear"):
         raise KeyError(f"public_call: no public op {op!r}; expected one of {', '.join(PUBLIC_OPS)}")
     return a
