@@ -18,6 +18,7 @@ run again from the first token with the new set and their cache is replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import html
 import math
@@ -32,6 +33,7 @@ from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
+from doe_ext.nn.streaming import streaming_linears
 from doe_ext.ops import lora_merge
 
 WeightedSet = list[tuple[str, float]]
@@ -112,12 +114,16 @@ class DMoE:
         trigger: ``(entropies [R], step) -> bool [R]``, which running sequences trigger at this step;
             TU > tau by default (ablations swap it: a random trigger).
         site: where the bank's experts sit (:class:`ExpertSite`); the last MLP by default.
+        streaming: decoding steps and re-predictions run the model's linear layers through
+            :func:`doe_ext.nn.streaming_linears` (the weights streamed once per step, ~2.5× ATen's
+            one-row GEMM on the CPU; outputs equal to float rounding). False: ATen's GEMM throughout.
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3,
                  compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, query_tokens: int = 128,
                  router: Router | None = None,
-                 trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None):
+                 trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None,
+                 streaming: bool = True):
         if bank is not None:
             bank.check_base(base.fingerprint)
             if len(bank) == 0:
@@ -129,6 +135,7 @@ class DMoE:
         self.compose, self.temperature = compose, temperature
         self.router = router or (bank.search if bank is not None else None)
         self.trigger = trigger
+        self.streaming = streaming
         self.site = (site or base.site).attach()
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
@@ -232,11 +239,16 @@ class DMoE:
         state.residual = cap.value[:, -1]
         return logits
 
+    def _streaming(self):
+        """The context of a decoding step: the linear layers streamed (see ``streaming``), or nothing."""
+        return streaming_linears(self.base.model) if self.streaming else contextlib.nullcontext()
+
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per running sequence; the next-token logits ``[R, V]``."""
         state.ids = torch.cat([state.ids, tokens[:, None]], 1)
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(state.running), 1)], 1)
-        return self._forward(state, tokens[:, None], state.mask, positions(state.mask)[:, -1:])
+        with self._streaming():
+            return self._forward(state, tokens[:, None], state.mask, positions(state.mask)[:, -1:])
 
     def repredict(self, state: DecodeState, rows: list[int], logits: Tensor) -> None:
         """Predict the newest position of ``rows`` (of the running batch) again with their sets (already
@@ -244,7 +256,7 @@ class DMoE:
         sel = torch.tensor(rows, device=logits.device)
         new = self.activate([state.sets[state.running[j]] for j in rows])
         if self.site.keeps_cache:
-            with use_experts(new):
+            with use_experts(new), self._streaming():
                 logits[sel] = self.site.logits(state.residual[sel]).to(logits.dtype)
         else:  # deeper experts: the rows run again from the first token with the new set, their cache replaced
             fresh = DynamicCache(config=self.base.model.config)
