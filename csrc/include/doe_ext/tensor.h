@@ -1,9 +1,10 @@
 // The tensor API of every kernel, on the LibTorch stable ABI (torch >= TORCH_TARGET_VERSION, 2.10).
 //
 // doe_ext::Tensor is a torch::stable::Tensor with the handful of ATen-style methods the kernels use
-// (options(), view(), t(), sum(), ...), each one dispatcher call through the stable C shim. Nothing
-// here includes ATen or c10, so the built library loads beside any torch from 2.10 on: one abi3
-// wheel, not one build per torch (pytorch/extension-cpp's stable example works the same way).
+// (options(), view(), t(), sum(), ...), each a call through the stable C shim (the dispatcher's, or
+// AOTInductor's for allocation and GEMMs). Nothing here includes ATen or c10, so the built library
+// loads beside any torch from 2.10 on: one abi3 wheel, not one build per torch
+// (pytorch/extension-cpp's stable example works the same way).
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -68,14 +69,13 @@ std::string str(const A&... parts) {
 
 // A failed check raises RuntimeError in Python with exactly this message (no file or line prefix:
 // the message names the op and the argument).
-#define DOE_CHECK(cond, ...)                                    \
-  do {                                                          \
+#define DOE_CHECK(cond, ...)                                            \
+  do {                                                                  \
     if (!(cond)) throw std::runtime_error(::doe_ext::str(__VA_ARGS__)); \
   } while (0)
 
 inline std::string shape_str(IntArrayRef s) { return str(s); }
 inline std::string device_str(const Device& d) { return str(d); }
-inline bool is_cuda(const Device& d) { return d.type() == DeviceType::CUDA; }
 inline bool is_cpu(const Device& d) { return d.type() == DeviceType::CPU; }
 inline bool is_meta(const Device& d) { return d.type() == DeviceType::Meta; }
 
@@ -228,10 +228,6 @@ inline Tensor empty_like(const Tensor& t) { return empty(t.sizes(), t.options())
 inline Tensor zeros_like(const Tensor& t) { return zeros(t.sizes(), t.options()); }
 inline Tensor full(IntArrayRef sizes, double value, const TensorOptions& opts) { return empty(sizes, opts).fill_(value); }
 inline Tensor& Tensor::mul_(double v) { return mul_(full({}, v, options())); }
-inline Tensor arange(int64_t n, const TensorOptions& opts) {
-  return call("aten::arange", "", n, std::optional<ScalarType>(opts.dtype_), std::optional<torch::headeronly::Layout>(),
-              std::optional<Device>(opts.device_), std::optional<bool>());
-}
 
 inline Tensor& mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
 #ifdef DOE_EXT_WITH_CUDA
