@@ -16,23 +16,11 @@ namespace {
 // The shared row math, compiled per ISA (float: the hot case; double: gradcheck).
 DOE_CLONES void rows_f(const float* w, const float* x, const float* b, float* out, int64_t M, int64_t in, int64_t ld,
                        int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const float* wr = w + o * in;
-    const float bo = b ? b[o] : 0.f;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dl::dot4(wr, x + m * in, in, bo, out + m * ld + o, ld);
-    for (; m < M; ++m) out[m * ld + o] = dl::dot1(wr, x + m * in, in) + bo;
-  }
+  dl::rows(w, x, b, out, M, in, ld, o0, o1);
 }
 void rows_f(const double* w, const double* x, const double* b, double* out, int64_t M, int64_t in, int64_t ld,
             int64_t o0, int64_t o1) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const double* wr = w + o * in;
-    const double bo = b ? b[o] : 0.0;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) dl::dot4(wr, x + m * in, in, bo, out + m * ld + o, ld);
-    for (; m < M; ++m) out[m * ld + o] = dl::dot1(wr, x + m * in, in) + bo;
-  }
+  dl::rows(w, x, b, out, M, in, ld, o0, o1);
 }
 
 Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {

@@ -109,6 +109,20 @@ inline std::optional<Tensor> up(const std::optional<Tensor>& t) {
   return t.has_value() ? std::optional<Tensor>(up(*t)) : t;
 }
 
+// A linear layer's weight [out, in] and bias [out] (None: no bias) for x [..., in], as `op` names them.
+inline void check_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const char* op) {
+  check_dim(weight, 2, op, "weight", "[out, in]");
+  check_same_device(weight, x, op, "weight", "x");
+  check_same_dtype(weight, x, op, "weight", "x");
+  check_size(weight, 1, x.size(-1), op, "weight", "in, the last dim of x");
+  if (bias.has_value()) {
+    check_dim(*bias, 1, op, "bias", "[out]");
+    check_same_device(*bias, x, op, "bias", "x");
+    check_same_dtype(*bias, x, op, "bias", "x");
+    check_size(*bias, 0, weight.size(0), op, "bias", "out, the first dim of weight");
+  }
+}
+
 inline void check_index(const Tensor& t, const char* op, const char* name) {
   check_given(t, op, name);
   DOE_CHECK(t.scalar_type() == kLong, op, ": expected `", name, "` of dtype int64, got ",

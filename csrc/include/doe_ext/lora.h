@@ -121,16 +121,7 @@ inline MultiLoraSizes check_multi_lora_linear(const Tensor& x, const Tensor& wei
                    {"scales", &scales}});
   check_dim(x, 2, op, "x", "[T, in]");
   check_floating(x, op, "x");
-  check_dim(weight, 2, op, "weight", "[out, in]");
-  check_same_device(weight, x, op, "weight", "x");
-  check_same_dtype(weight, x, op, "weight", "x");
-  check_size(weight, 1, x.size(1), op, "weight", "in, the last dim of x");
-  if (bias.has_value()) {
-    check_dim(*bias, 1, op, "bias", "[out]");
-    check_same_device(*bias, x, op, "bias", "x");
-    check_same_dtype(*bias, x, op, "bias", "x");
-    check_size(*bias, 0, weight.size(0), op, "bias", "out, the first dim of weight");
-  }
+  check_linear(x, weight, bias, op);
   check_lora_bank(lora_a, lora_b, x, "x", weight.size(0), x.size(1), op);
   check_index(indices, op, "indices");
   check_dim(indices, 2, op, "indices", "[T, k]");
