@@ -82,8 +82,8 @@ void reduce_runs(const T* g, int64_t ld, int64_t col0, int64_t width, const std:
 }
 
 Tensor dual_embedding_fwd_cpu(const Tensor& token_ids, const Tensor& topic_ids,
-                                  const Tensor& token_weight, const Tensor& topic_weight,
-                                  int64_t padding_idx) {
+                              const Tensor& token_weight, const Tensor& topic_weight,
+                              int64_t padding_idx) {
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
   validate_ids(token_ids, topic_ids, sz.V, sz.K);
@@ -120,8 +120,8 @@ Tensor dual_embedding_fwd_cpu(const Tensor& token_ids, const Tensor& topic_ids,
 }
 
 std::tuple<Tensor, Tensor> dual_embedding_bwd_cpu(const Tensor& grad_out, const Tensor& token_ids,
-                                                         const Tensor& topic_ids, const Tensor& token_weight,
-                                                         const Tensor& topic_weight, int64_t padding_idx) {
+                                                  const Tensor& topic_ids, const Tensor& token_weight,
+                                                  const Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
   validate_ids(token_ids, topic_ids, sz.V, sz.K);
   // float16 / bfloat16: the runs are summed into float32 tables, rounded once at the end.

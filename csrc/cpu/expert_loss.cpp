@@ -65,15 +65,15 @@ void rows(const Tensor& x2, const Tensor& target, bool hard, int64_t ignore_inde
 }
 
 std::tuple<Tensor, Tensor, Tensor> expert_loss_fwd_cpu(const Tensor& logits, const Tensor& target,
-                                                                    int64_t ignore_index, std::string_view reduction,
-                                                                    double label_smoothing, bool keep_grad) {
+                                                       int64_t ignore_index, std::string_view reduction,
+                                                       double label_smoothing, bool keep_grad) {
   const std::string red(reduction);
   const auto sz = check_expert_loss(logits, target, red, label_smoothing);
   if (sz.hard) {  // labels checked in place, before anything of their size is allocated
     const int64_t K = sz.K;
     const auto bad = first_bad_id(target, [=](int64_t y) { return y != ignore_index && (y < 0 || y >= K); });
     DOE_CHECK(bad.position < 0, "expert_loss: expected `target` values in [0, ", K, ") (K classes) or ignore_index (",
-                ignore_index, "), got ", bad.value, " at flat row ", bad.position);
+              ignore_index, "), got ", bad.value, " at flat row ", bad.position);
   }
   if (is_half(logits)) {  // float32 math, the outputs in the logits' dtype (as on CUDA)
     const auto dt = logits.scalar_type();

@@ -116,7 +116,7 @@ struct Bank {
 
 // A compact bank's LoRA gradients over the whole bank (the contract's dense gradients), in `dtype`.
 std::pair<Tensor, Tensor> dense_lora_grads(const Bank& bank, int64_t N, const Tensor& grad_a,
-                                                   const Tensor& grad_b, ScalarType dtype) {
+                                           const Tensor& grad_b, ScalarType dtype) {
   if (!bank.compact) return {grad_a.to(dtype), grad_b.to(dtype)};
   const auto opts = grad_a.options().dtype(dtype);
   return {zeros({N, grad_a.size(1), grad_a.size(2)}, opts).index_copy_(0, bank.used, grad_a.to(dtype)),
@@ -148,9 +148,9 @@ Bank used_bank(const Tensor& indices, const Tensor& lora_a, const Tensor& lora_b
 }
 
 std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cpu(const Tensor& x, const Tensor& weight,
-                                                             const std::optional<Tensor>& bias,
-                                                             const Tensor& lora_a, const Tensor& lora_b,
-                                                             const Tensor& indices, const Tensor& scales) {
+                                                     const std::optional<Tensor>& bias,
+                                                     const Tensor& lora_a, const Tensor& lora_b,
+                                                     const Tensor& indices, const Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
   const auto bank = used_bank(indices, lora_a, lora_b, sz.T, sz.k, sz.N);
   if (is_half(x)) {  // float32 math on the experts used (a compact bank: never the whole one); xa stays float32
@@ -250,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_bwd
 }
 
 Tensor lora_merge_cpu(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
-                          const Tensor& scales) {
+                      const Tensor& scales) {
   return lora_merge_impl(weight, lora_a, lora_b, scales);
 }
 

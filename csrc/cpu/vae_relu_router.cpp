@@ -216,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> vae_relu_rout
     bool training, std::string_view activation) {
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
-                                         gates, logits, noise, rng, training, act);
+                                     gates, logits, noise, rng, training, act);
   if (is_half(h)) {
     const auto dt = h.scalar_type();
     auto [dh, dw_mu, db_mu, dw_lv, db_lv, dw_gate, db_gate] = vae_relu_router_bwd_cpu(

@@ -81,8 +81,8 @@ void check_ids_on_device(const Tensor& tok, const Tensor& top, int64_t N, int64_
 }
 
 Tensor dual_embedding_fwd_cuda(const Tensor& token_ids, const Tensor& topic_ids,
-                                   const Tensor& token_weight, const Tensor& topic_weight,
-                                   int64_t padding_idx) {
+                               const Tensor& token_weight, const Tensor& topic_weight,
+                               int64_t padding_idx) {
   const auto sz = check_dual_embedding(token_ids, topic_ids, token_weight, topic_weight);
   check_padding_idx(padding_idx, sz.V);
   const CUDAGuard guard(token_weight.device());
@@ -105,8 +105,8 @@ Tensor dual_embedding_fwd_cuda(const Tensor& token_ids, const Tensor& topic_ids,
 }
 
 std::tuple<Tensor, Tensor> dual_embedding_bwd_cuda(const Tensor& grad_out, const Tensor& token_ids,
-                                                          const Tensor& topic_ids, const Tensor& token_weight,
-                                                          const Tensor& topic_weight, int64_t padding_idx) {
+                                                   const Tensor& topic_ids, const Tensor& token_weight,
+                                                   const Tensor& topic_weight, int64_t padding_idx) {
   const auto sz = check_dual_embedding_bwd(grad_out, token_ids, topic_ids, token_weight, topic_weight, padding_idx);
   const CUDAGuard guard(token_weight.device());
   auto grad_tok = empty({sz.V, sz.d}, token_weight.options());

@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const T* x, const int64_
 }
 
 std::tuple<Tensor, Tensor, Tensor> expert_loss_fwd_cuda(const Tensor& logits, const Tensor& target,
-                                                                     int64_t ignore_index, std::string_view reduction,
-                                                                     double label_smoothing, bool keep_grad) {
+                                                        int64_t ignore_index, std::string_view reduction,
+                                                        double label_smoothing, bool keep_grad) {
   const std::string red(reduction);
   const auto sz = check_expert_loss(logits, target, red, label_smoothing);
   const CUDAGuard guard(logits.device());
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> expert_loss_fwd_cuda(const Tensor& logits, co
     if (bad != std::numeric_limits<int64_t>::max()) {
       if (sz.hard) {
         DOE_CHECK(false, "expert_loss: expected `target` values in [0, ", sz.K, ") (K classes) or ignore_index (",
-                    ignore_index, "), got ", target.reshape({sz.N})[bad].item<int64_t>(), " at flat row ", bad);
+                  ignore_index, "), got ", target.reshape({sz.N})[bad].item<int64_t>(), " at flat row ", bad);
       }
       DOE_CHECK(false, "expert_loss: expected float `target` to hold probabilities >= 0, got a negative or NaN "
                   "value in flat row ", bad);

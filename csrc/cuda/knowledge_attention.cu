@@ -130,8 +130,8 @@ size_t bwd_smem(int K) { return sizeof(float) * (2 * kRows * K + kRows * kTile +
 
 // K > kMaxFusedK: the same math through ATen (cuBLAS GEMMs, float32 softmax).
 std::tuple<Tensor, Tensor, Tensor> fwd_large_k(const Tensor& q2, const Tensor& zk,
-                                                           const Tensor& zv, const Tensor& res2,
-                                                           double scale, bool return_probs) {
+                                               const Tensor& zv, const Tensor& res2,
+                                               double scale, bool return_probs) {
   auto s = mm(q2, zk.t()).to(kFloat).mul_(scale);
   auto lse = logsumexp(s, -1);
   auto p = (s - lse.unsqueeze(-1)).exp_().to(q2.scalar_type());

@@ -143,9 +143,9 @@ void check_indices(const Tensor& indices, int64_t N) {
 }
 
 std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cuda(const Tensor& x, const Tensor& weight,
-                                                              const std::optional<Tensor>& bias,
-                                                              const Tensor& lora_a, const Tensor& lora_b,
-                                                              const Tensor& indices, const Tensor& scales) {
+                                                      const std::optional<Tensor>& bias,
+                                                      const Tensor& lora_a, const Tensor& lora_b,
+                                                      const Tensor& indices, const Tensor& scales) {
   const auto sz = check_multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales);
   const CUDAGuard guard(x.device());
   check_indices(indices, sz.N);
@@ -211,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_bwd
 }
 
 Tensor lora_merge_cuda(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
-                           const Tensor& scales) {
+                       const Tensor& scales) {
   const CUDAGuard guard(weight.device());
   return lora_merge_impl(weight, lora_a, lora_b, scales);
 }
@@ -223,7 +223,7 @@ void lora_merge_inplace_cuda(Tensor& weight, const Tensor& lora_a, const Tensor&
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_merge_bwd_cuda(const Tensor& grad_out, const Tensor& lora_a,
-                                                                   const Tensor& lora_b, const Tensor& scales) {
+                                                       const Tensor& lora_b, const Tensor& scales) {
   const CUDAGuard guard(grad_out.device());
   return lora_merge_bwd_impl(grad_out, lora_a, lora_b, scales);
 }

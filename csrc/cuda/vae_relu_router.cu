@@ -178,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> vae_relu_rout
     const std::optional<Tensor>& rng, bool training, std::string_view activation) {
   const std::string act(activation);
   const auto sz = vr::check_backward(grad_gates, grad_logits, grad_kl, grad_z, h, w_mu, w_logvar, w_gate, mu_logvar,
-                                         gates, logits, noise, rng, training, act);
+                                     gates, logits, noise, rng, training, act);
   const int64_t N = sz.N, d = sz.d, dz = sz.dz, K = sz.K;
   const CUDAGuard guard(h.device());
   const Eps mode = eps_mode(training, noise, rng);

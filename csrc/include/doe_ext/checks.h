@@ -29,20 +29,20 @@ inline void check_dim(const Tensor& t, int64_t dim, const char* op, const char* 
                       const char* layout) {
   check_given(t, op, name);
   DOE_CHECK(t.dim() == dim, op, ": expected `", name, "` to be ", dim, "-D ", layout, ", got ",
-              t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
+            t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
 }
 
 inline void check_min_dim(const Tensor& t, int64_t dim, const char* op, const char* name,
                           const char* layout) {
   check_given(t, op, name);
   DOE_CHECK(t.dim() >= dim, op, ": expected `", name, "` to have at least ", dim,
-              " dimension(s) ", layout, ", got shape ", shape_str(t.sizes()));
+            " dimension(s) ", layout, ", got shape ", shape_str(t.sizes()));
 }
 
 inline void check_size(const Tensor& t, int64_t dim, int64_t expected, const char* op,
                        const char* name, const char* what) {
   DOE_CHECK(t.size(dim) == expected, op, ": expected `", name, "`.shape[", dim, "] == ",
-              expected, " (", what, "), got shape ", shape_str(t.sizes()));
+            expected, " (", what, "), got shape ", shape_str(t.sizes()));
 }
 
 // The device a tensor stands for: its own, except while doe_ext::_check_<op> runs an op's checks for its
@@ -67,7 +67,7 @@ inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op
   check_given(t, op, name);
   check_given(ref, op, ref_name);
   DOE_CHECK(stand_in_device(t) == stand_in_device(ref), op, ": expected `", name, "` on ", stand_in_device(ref),
-              " (the device of `", ref_name, "`), got ", stand_in_device(t));
+            " (the device of `", ref_name, "`), got ", stand_in_device(t));
 }
 
 inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op,
@@ -75,8 +75,8 @@ inline void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op,
   check_given(t, op, name);
   check_given(ref, op, ref_name);
   DOE_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected `", name, "` of dtype ",
-              dtype_name(ref.scalar_type()), " (the dtype of `", ref_name, "`), got ",
-              dtype_name(t.scalar_type()));
+            dtype_name(ref.scalar_type()), " (the dtype of `", ref_name, "`), got ",
+            dtype_name(t.scalar_type()));
 }
 
 // The floating dtypes of the contract: float32/float64/float16/bfloat16 on the CPU (the half
@@ -89,12 +89,12 @@ inline void check_floating(const Tensor& t, const char* op, const char* name) {
   const auto dev = stand_in_device(t);
   if (dev.is_cuda()) {
     DOE_CHECK(st == kFloat || half, op, ": expected `", name,
-                "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
+              "` of dtype float32, float16 or bfloat16 on CUDA, got ", dtype_name(st));
   } else {
     DOE_CHECK(is_cpu(dev) || is_meta(dev), op, ": expected `", name, "` on cpu or cuda, got ", device_str(dev));
     DOE_CHECK(st == kFloat || st == kDouble || half, op, ": expected `", name,
-                "` of dtype float32, float64, float16 or bfloat16 on ", is_cpu(dev) ? "cpu" : "meta", ", got ",
-                dtype_name(st));
+              "` of dtype float32, float64, float16 or bfloat16 on ", is_cpu(dev) ? "cpu" : "meta", ", got ",
+              dtype_name(st));
   }
 }
 
@@ -126,7 +126,7 @@ inline void check_linear(const Tensor& x, const Tensor& weight, const std::optio
 inline void check_index(const Tensor& t, const char* op, const char* name) {
   check_given(t, op, name);
   DOE_CHECK(t.scalar_type() == kLong, op, ": expected `", name, "` of dtype int64, got ",
-              dtype_name(t.scalar_type()));
+            dtype_name(t.scalar_type()));
 }
 
 // The first element of the int64 CPU tensor `ids` (row-major order, positions below `limit`) whose

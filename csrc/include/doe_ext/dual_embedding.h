@@ -26,7 +26,7 @@ inline DualEmbeddingSizes check_dual_embedding(const Tensor& token_ids, const Te
   check_index(token_ids, op, "token_ids");
   check_index(topic_ids, op, "topic_ids");
   DOE_CHECK(topic_ids.sizes() == token_ids.sizes(), op, ": expected `topic_ids` of shape ",
-              shape_str(token_ids.sizes()), " (the shape of `token_ids`), got ", shape_str(topic_ids.sizes()));
+            shape_str(token_ids.sizes()), " (the shape of `token_ids`), got ", shape_str(topic_ids.sizes()));
   check_dim(token_weight, 2, op, "token_weight", "[V, d]");
   check_dim(topic_weight, 2, op, "topic_weight", "[K, dk]");
   check_floating(token_weight, op, "token_weight");
@@ -40,8 +40,8 @@ inline DualEmbeddingSizes check_dual_embedding(const Tensor& token_ids, const Te
 
 inline void check_padding_idx(int64_t padding_idx, int64_t V) {
   DOE_CHECK(padding_idx == -1 || (padding_idx >= 0 && padding_idx < V),
-              "dual_embedding: expected `padding_idx` of -1 (none) or in [0, ", V, ") (rows of `token_weight`), got ",
-              padding_idx);
+            "dual_embedding: expected `padding_idx` of -1 (none) or in [0, ", V, ") (rows of `token_weight`), got ",
+            padding_idx);
 }
 
 // The backward's arguments: the forward's, and grad_out [..., d + dk] of the tables' dtype.
@@ -54,7 +54,7 @@ inline DualEmbeddingSizes check_dual_embedding_bwd(const Tensor& grad_out, const
   auto expected = token_ids.sizes().vec();
   expected.push_back(sz.d + sz.dk);
   DOE_CHECK(grad_out.sizes().vec() == expected, "dual_embedding_bwd: expected `grad_out` of shape ",
-              IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
+            IntArrayRef(expected), " ([..., d + dk]), got ", shape_str(grad_out.sizes()));
   check_same_device(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   check_same_dtype(grad_out, token_weight, "dual_embedding_bwd", "grad_out", "token_weight");
   return sz;
@@ -64,10 +64,10 @@ inline DualEmbeddingSizes check_dual_embedding_bwd(const Tensor& grad_out, const
 [[noreturn]] inline void fail_dual_embedding_id(bool is_topic, int64_t position, int64_t value, int64_t rows) {
   if (is_topic) {
     DOE_CHECK(false, "dual_embedding: `topic_ids` out of range: got ", value, " at flat position ", position,
-                ", expected -1 (no label) or 0 <= id < ", rows, " (rows of `topic_weight`)");
+              ", expected -1 (no label) or 0 <= id < ", rows, " (rows of `topic_weight`)");
   }
   DOE_CHECK(false, "dual_embedding: `token_ids` out of range: got ", value, " at flat position ", position,
-              ", expected 0 <= id < ", rows, " (rows of `token_weight`)");
+            ", expected 0 <= id < ", rows, " (rows of `token_weight`)");
 }
 
 namespace de {

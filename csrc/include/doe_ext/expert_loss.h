@@ -24,17 +24,17 @@ inline void check_expert_loss_bwd(const Tensor& grad_loss, const Tensor& grad_ro
   constexpr const char* op = "expert_loss_bwd";
   check_given(op, {{"grad_loss", &grad_loss}, {"grad_rows", &grad_rows}, {"weight", &weight}});
   DOE_CHECK(grad_rows.numel() > 0 || grad_rows.dim() > 1, op,
-              ": `grad_rows` is empty: the forward ran with keep_grad=False");
+            ": `grad_rows` is empty: the forward ran with keep_grad=False");
   check_min_dim(grad_rows, 1, op, "grad_rows", "[..., K]");
   check_floating(grad_rows, op, "grad_rows");
   const auto lead = grad_rows.sizes().slice(0, grad_rows.dim() - 1);
   DOE_CHECK(grad_loss.dim() == 0 || grad_loss.sizes() == lead, op, ": expected `grad_loss` of shape [] or ",
-              shape_str(lead), " (the loss: a scalar, or one per row with reduction='none'), got ",
-              shape_str(grad_loss.sizes()));
+            shape_str(lead), " (the loss: a scalar, or one per row with reduction='none'), got ",
+            shape_str(grad_loss.sizes()));
   check_same_device(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
   check_same_dtype(grad_loss, grad_rows, op, "grad_loss", "grad_rows");
   DOE_CHECK(weight.dim() == 0, op, ": expected `weight` of shape [] (the reduction's row factor), got ",
-              shape_str(weight.sizes()));
+            shape_str(weight.sizes()));
   check_same_device(weight, grad_rows, op, "weight", "grad_rows");
   check_same_dtype(weight, grad_rows, op, "weight", "grad_rows");
 }
@@ -47,23 +47,23 @@ inline ExpertLossSizes check_expert_loss(const Tensor& logits, const Tensor& tar
   check_floating(logits, op, "logits");
   check_same_device(target, logits, op, "target", "logits");
   DOE_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none", op,
-              ": expected `reduction` to be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
+            ": expected `reduction` to be \"mean\", \"sum\" or \"none\", got \"", reduction, "\"");
   DOE_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": expected `label_smoothing` in [0, 1], got ", label_smoothing);
+            ": expected `label_smoothing` in [0, 1], got ", label_smoothing);
   const int64_t K = logits.size(-1);
   DOE_CHECK(K >= 1, op, ": expected `logits` to have at least one class (K >= 1), got shape ",
-              shape_str(logits.sizes()));
+            shape_str(logits.sizes()));
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   const bool hard = !target.is_floating_point();
   if (hard) {
     check_index(target, op, "target");
     DOE_CHECK(target.sizes() == lead, op, ": expected int64 `target` of shape ", shape_str(lead),
-                " (logits' leading dims), got ", shape_str(target.sizes()));
+              " (logits' leading dims), got ", shape_str(target.sizes()));
   } else {
     check_same_dtype(target, logits, op, "target", "logits");
     DOE_CHECK(target.sizes() == logits.sizes(), op, ": expected float `target` of shape ",
-                shape_str(logits.sizes()), " (a distribution over K per row, like logits), got ",
-                shape_str(target.sizes()));
+              shape_str(logits.sizes()), " (a distribution over K per row, like logits), got ",
+              shape_str(target.sizes()));
   }
   return {multiply_integers(lead), K, hard};
 }

@@ -33,7 +33,7 @@ inline KnowledgeAttentionSizes check_knowledge_attention(const Tensor& q, const 
   const int64_t dk = q.size(-1);
   check_size(z_key, 1, dk, op, "z_key", "dk, the last dim of q");
   DOE_CHECK(z_key.size(0) >= 1, op, ": expected `z_key` to hold at least one knowledge block (K >= 1), got shape ",
-              shape_str(z_key.sizes()));
+            shape_str(z_key.sizes()));
   check_size(z_value, 0, z_key.size(0), op, "z_value", "K, the first dim of z_key");
   const int64_t dv = z_value.size(1);
   if (residual.has_value()) {
@@ -43,7 +43,7 @@ inline KnowledgeAttentionSizes check_knowledge_attention(const Tensor& q, const 
     auto expected = q.sizes().vec();
     expected.back() = dv;
     DOE_CHECK(r.sizes().vec() == expected, op, ": expected `residual` of shape ", IntArrayRef(expected),
-                " ([..., dv] with q's leading dims), got ", shape_str(r.sizes()));
+              " ([..., dv] with q's leading dims), got ", shape_str(r.sizes()));
   }
   const int64_t N = multiply_integers(q.sizes().slice(0, q.dim() - 1));
   return {N, dk, dv, z_key.size(0)};
@@ -67,18 +67,18 @@ inline KnowledgeAttentionSizes check_knowledge_attention_bwd(const Tensor& grad_
   check_same_device(grad_out, q, op, "grad_out", "q");
   check_same_dtype(grad_out, q, op, "grad_out", "q");
   DOE_CHECK(grad_out.sizes().vec() == with_last(sz.dv), op, ": expected `grad_out` of shape ",
-              IntArrayRef(with_last(sz.dv)), " ([..., dv], the output's), got ", shape_str(grad_out.sizes()));
+            IntArrayRef(with_last(sz.dv)), " ([..., dv], the output's), got ", shape_str(grad_out.sizes()));
   check_same_device(lse, q, op, "lse", "q");
   const auto lse_type = q.scalar_type() == kDouble ? kDouble : kFloat;
   DOE_CHECK(lse.scalar_type() == lse_type, op, ": expected `lse` of dtype ", dtype_name(lse_type),
-              " (the forward's log-sum-exp), got ", dtype_name(lse.scalar_type()));
+            " (the forward's log-sum-exp), got ", dtype_name(lse.scalar_type()));
   DOE_CHECK(lse.sizes() == lead, op, ": expected `lse` of shape ", shape_str(lead),
-              " (q's leading dims: one per row), got ", shape_str(lse.sizes()));
+            " (q's leading dims: one per row), got ", shape_str(lse.sizes()));
   check_same_device(probs, q, op, "probs", "q");  // also when empty: the forward allocates it on q's device
   if (probs.numel() > 0 || probs.dim() > 1) {
     check_same_dtype(probs, q, op, "probs", "q");
     DOE_CHECK(probs.sizes().vec() == with_last(sz.K), op, ": expected `probs` empty or of shape ",
-                IntArrayRef(with_last(sz.K)), " ([..., K]), got ", shape_str(probs.sizes()));
+              IntArrayRef(with_last(sz.K)), " ([..., K]), got ", shape_str(probs.sizes()));
   }
   return sz;
 }

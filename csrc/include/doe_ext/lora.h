@@ -37,8 +37,8 @@ inline void check_lora_merge(const Tensor& weight, const Tensor& lora_a, const T
   check_floating(weight, op, weight_name);
   if (std::string(weight_name) == "grad_out" && lora_a.dim() == 3 && lora_b.dim() == 3) {
     DOE_CHECK(weight.size(0) == lora_b.size(1) && weight.size(1) == lora_a.size(2), op,
-                ": expected `grad_out` of shape [out, in] = [", lora_b.size(1), ", ", lora_a.size(2),
-                "] (lora_b's out, lora_a's in), got ", shape_str(weight.sizes()));
+              ": expected `grad_out` of shape [out, in] = [", lora_b.size(1), ", ", lora_a.size(2),
+              "] (lora_b's out, lora_a's in), got ", shape_str(weight.sizes()));
   }
   check_lora_bank(lora_a, lora_b, weight, weight_name, weight.size(0), weight.size(1), op);
   check_dim(scales, 1, op, "scales", "[E]");
@@ -73,7 +73,7 @@ inline Tensor lora_merge_coefficients(const Tensor& lora_b, const Tensor& scales
 }
 
 inline Tensor lora_merge_impl(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
-                                  const Tensor& scales) {
+                              const Tensor& scales) {
   check_lora_merge(weight, lora_a, lora_b, scales, "lora_merge");
   const int64_t E = lora_a.size(0), r = lora_a.size(1), in = lora_a.size(2);
   if (E * r == 0) return weight.clone();
@@ -91,9 +91,9 @@ inline void lora_merge_inplace_impl(Tensor& weight, const Tensor& lora_a, const 
 // With M = B_e^T G [r, in] per expert (one GEMM over all experts):
 // d lora_a[e] = s_e M_e, d scales[e] = <M_e, A_e>, d lora_b[e] = s_e G A_e^T (a second GEMM).
 inline std::tuple<Tensor, Tensor, Tensor> lora_merge_bwd_impl(const Tensor& grad_out,
-                                                                          const Tensor& lora_a,
-                                                                          const Tensor& lora_b,
-                                                                          const Tensor& scales) {
+                                                              const Tensor& lora_a,
+                                                              const Tensor& lora_b,
+                                                              const Tensor& scales) {
   check_lora_merge(grad_out, lora_a, lora_b, scales, "lora_merge_bwd", "grad_out");
   const int64_t E = lora_a.size(0), r = lora_a.size(1), in = lora_a.size(2), out = lora_b.size(1);
   if (E * r == 0) return {zeros_like(lora_a), zeros_like(lora_b), zeros_like(scales)};
@@ -131,7 +131,7 @@ inline MultiLoraSizes check_multi_lora_linear(const Tensor& x, const Tensor& wei
   check_same_device(scales, x, op, "scales", "x");
   check_same_dtype(scales, x, op, "scales", "x");
   DOE_CHECK(scales.sizes() == indices.sizes(), op, ": expected `scales` of shape ", shape_str(indices.sizes()),
-              " (the shape of `indices`), got ", shape_str(scales.sizes()));
+            " (the shape of `indices`), got ", shape_str(scales.sizes()));
   return {x.size(0), x.size(1), weight.size(0), lora_a.size(0), lora_a.size(1), indices.size(1)};
 }
 
@@ -144,22 +144,22 @@ inline MultiLoraSizes check_multi_lora_linear_bwd(const Tensor& grad_out, const 
                                         {"lora_b", &lora_b}, {"indices", &indices}, {"scales", &scales}, {"xa", &xa}});
   const auto sz = check_multi_lora_linear(x, weight, std::nullopt, lora_a, lora_b, indices, scales);
   DOE_CHECK(grad_out.sizes() == IntArrayRef({sz.T, sz.out}), "multi_lora_linear_bwd: expected `grad_out` of shape [",
-              sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
+            sz.T, ", ", sz.out, "], got ", shape_str(grad_out.sizes()));
   DOE_CHECK(xa.sizes() == IntArrayRef({sz.T, sz.k, sz.r}), "multi_lora_linear_bwd: expected `xa` of shape [",
-              sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
+            sz.T, ", ", sz.k, ", ", sz.r, "], got ", shape_str(xa.sizes()));
   check_same_device(grad_out, x, "multi_lora_linear_bwd", "grad_out", "x");
   check_same_dtype(grad_out, x, "multi_lora_linear_bwd", "grad_out", "x");
   check_same_device(xa, x, "multi_lora_linear_bwd", "xa", "x");
   const bool half = x.scalar_type() == kHalf || x.scalar_type() == kBFloat16;
   const auto xa_type = half ? kFloat : x.scalar_type();  // the forward keeps xa in float32 for half x
   DOE_CHECK(xa.scalar_type() == xa_type, "multi_lora_linear_bwd: expected `xa` of dtype ", dtype_name(xa_type),
-              " (the forward's, for `x` of dtype ", dtype_name(x.scalar_type()), "), got ", dtype_name(xa.scalar_type()));
+            " (the forward's, for `x` of dtype ", dtype_name(x.scalar_type()), "), got ", dtype_name(xa.scalar_type()));
   return sz;
 }
 
 [[noreturn]] inline void fail_multi_lora_index(int64_t t, int64_t j, int64_t value, int64_t N) {
   DOE_CHECK(false, "multi_lora_linear: `indices` out of range: got ", value, " at [", t, ", ", j,
-              "], expected -1 (empty slot) or 0 <= i < ", N, " (experts in `lora_a`/`lora_b`)");
+            "], expected -1 (empty slot) or 0 <= i < ", N, " (experts in `lora_a`/`lora_b`)");
 }
 
 namespace lora {

@@ -31,7 +31,7 @@ inline void check_vector(const Tensor& t, int64_t n, const char* op, const char*
 
 inline void check_activation(const std::string& activation, const char* op) {
   DOE_CHECK(activation == "relu" || activation == "softmax", op,
-              ": expected `activation` to be \"relu\" or \"softmax\", got \"", activation, "\"");
+            ": expected `activation` to be \"relu\" or \"softmax\", got \"", activation, "\"");
 }
 
 // h, w_mu, w_logvar, w_gate against each other: every size the kernels derive comes from here.
@@ -46,7 +46,7 @@ inline VaeRouterSizes check_weights(const char* op, const Tensor& h, const Tenso
   check_size(w_mu, 1, d, op, "w_mu", "d, the last dim of h");
   const int64_t dz = w_mu.size(0);
   DOE_CHECK(dz >= 1, op, ": expected `w_mu` to have at least one latent dim (dz >= 1), got shape ",
-              shape_str(w_mu.sizes()));
+            shape_str(w_mu.sizes()));
   check_dim(w_logvar, 2, op, "w_logvar", "[dz, d]");
   check_same_device(w_logvar, h, op, "w_logvar", "h");
   check_same_dtype(w_logvar, h, op, "w_logvar", "h");
@@ -58,7 +58,7 @@ inline VaeRouterSizes check_weights(const char* op, const Tensor& h, const Tenso
   check_size(w_gate, 1, dz, op, "w_gate", "dz, the first dim of w_mu");
   const int64_t K = w_gate.size(0);
   DOE_CHECK(K >= 1, op, ": expected `w_gate` to hold at least one knowledge block (K >= 1), got shape ",
-              shape_str(w_gate.sizes()));
+            shape_str(w_gate.sizes()));
   return {multiply_integers(h.sizes().slice(0, h.dim() - 1)), d, dz, K};
 }
 
@@ -70,7 +70,7 @@ inline void check_rows_like(const Tensor& t, const Tensor& h, std::optional<int6
   check_same_device(t, h, op, name, "h");
   check_same_dtype(t, h, op, name, "h");
   DOE_CHECK(t.sizes().vec() == expected, op, ": expected `", name, "` of shape ", IntArrayRef(expected),
-              " (", what, " with h's leading dims), got ", shape_str(t.sizes()));
+            " (", what, " with h's leading dims), got ", shape_str(t.sizes()));
 }
 
 // eps: `noise` when given, else drawn from `rng`; training needs one of them (eval uses none).
@@ -84,7 +84,7 @@ inline void check_noise_rng(const char* op, const Tensor& h, int64_t dz, const s
     check_index(r, op, "rng");
     check_same_device(r, h, op, "rng", "h");
     DOE_CHECK(r.dim() == 1 && r.size(0) == 2, op, ": expected `rng` of shape [2] (Philox key, stream), got ",
-                shape_str(r.sizes()));
+              shape_str(r.sizes()));
   }
 }
 
