@@ -6,14 +6,11 @@ import torch
 from benchmarks.common import compare
 from doe_ext.ops import dual_embedding
 from doe_ext.reference import dual_embedding_ref
-
-# (batch, seq, V, d, K, dk, dtype): the CPU shape; a GPU shape of a real model's size.
-SHAPES = {"cpu": (8, 512, 32000, 512, 128, 64, torch.float32),
-          "cuda": (16, 2048, 128256, 4096, 128, 64, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def run(device: str) -> list[dict]:
-    B, L, V, d, K, dk, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    B, L, V, d, K, dk, dtype = bench_shape("dual_embedding", device)
     g = dict(device=device, dtype=dtype)
     token_ids = torch.randint(0, V, (B, L), device=device)
     topic_ids = torch.randint(0, K, (B, L), device=device)

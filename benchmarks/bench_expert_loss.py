@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import compare, copy_bandwidth
 from doe_ext.ops import expert_loss
-
-SHAPES = {"cpu": (16384, 128, torch.float32), "cuda": (16384 * 8, 128, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def cross_entropy(x, y):
@@ -20,7 +19,7 @@ def kl_composite(x, t):
 
 
 def run(device: str) -> list[dict]:
-    N, K, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    N, K, dtype = bench_shape("expert_loss", device)
     g = dict(device=device, dtype=dtype)
     x = (torch.randn(N, K, **g) * 3).requires_grad_()
     labels = torch.randint(0, K, (N,), device=device)

@@ -6,12 +6,11 @@ import torch
 from benchmarks.common import compare, copy_bandwidth
 from doe_ext.ops import knowledge_attention
 from doe_ext.reference import knowledge_attention_ref
-
-SHAPES = {"cpu": (4096, 512, 128, torch.float32), "cuda": (16384, 4096, 128, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def run(device: str) -> list[dict]:
-    N, d, K, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    N, d, K, dtype = bench_shape("knowledge_attention", device)
     g = dict(device=device, dtype=dtype)
     h = torch.randn(N, d, **g, requires_grad=True)  # residual (H_mha)
     q = torch.randn(N, d, **g, requires_grad=True)  # H W_q

@@ -7,13 +7,11 @@ import torch
 from benchmarks.common import compare
 from doe_ext.ops import lora_merge, lora_merge_
 from doe_ext.reference import lora_merge_ref
-
-# (out, in, E experts merged, rank, dtype)
-SHAPES = {"cpu": (1536, 576, 3, 4, torch.float32), "cuda": (4096, 4096, 3, 16, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def run(device: str) -> list[dict]:
-    d_out, d_in, E, r, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    d_out, d_in, E, r, dtype = bench_shape("lora_merge", device)
     g = dict(device=device, dtype=dtype)
     weight = torch.randn(d_out, d_in, **g)
     lora_a = torch.randn(E, r, d_in, **g)

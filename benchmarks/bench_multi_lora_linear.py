@@ -10,14 +10,11 @@ import torch
 from benchmarks.common import compare
 from doe_ext.ops import multi_lora_linear
 from doe_ext.reference import multi_lora_linear_per_expert
-
-# (T, in, out, experts in the bank, k, rank, dtype)
-SHAPES = {"cpu": (2048, 576, 1536, 64, 3, 4, torch.float32),
-          "cuda": (16384, 4096, 4096, 64, 3, 16, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def run(device: str) -> list[dict]:
-    T, d_in, d_out, N, k, r, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    T, d_in, d_out, N, k, r, dtype = bench_shape("multi_lora_linear", device)
     g = dict(device=device, dtype=dtype)
     x = torch.randn(T, d_in, **g, requires_grad=True)
     weight = torch.randn(d_out, d_in, **g) * d_in**-0.5

@@ -7,12 +7,11 @@ import torch
 from benchmarks.common import compare, copy_bandwidth
 from doe_ext.ops import vae_relu_router
 from doe_ext.reference import vae_relu_router_ref
-
-SHAPES = {"cpu": (4096, 512, 128, 128, torch.float32), "cuda": (16384, 4096, 128, 128, torch.bfloat16)}
+from doe_ext.ops.specs import bench_shape
 
 
 def run(device: str) -> list[dict]:
-    N, d, dz, K, dtype = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    N, d, dz, K, dtype = bench_shape("vae_relu_router", device)
     g = dict(device=device, dtype=dtype)
     h = torch.randn(N, d, **g, requires_grad=True)
     params = [(torch.randn(dz, d, **g) * d**-0.5), torch.zeros(dz, **g), (torch.randn(dz, d, **g) * d**-0.5),

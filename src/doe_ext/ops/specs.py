@@ -102,3 +102,28 @@ def public_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed:
     elif op not in ("dual_embedding", "lora_merge", "multi_lora_linear", "decode_linear"):
         raise KeyError(f"public_call: no public op {op!r}; expected one of {', '.join(PUBLIC_OPS)}")
     return a
+
+
+# Each op's benchmark shape (benchmarks/bench_<op>.py) per device kind: (the fields, in order; shapes).
+BENCH_SHAPES = {
+    "knowledge_attention": ("N, d, K, dtype", {"cpu": (4096, 512, 128, torch.float32),
+                                               "cuda": (16384, 4096, 128, torch.bfloat16)}),
+    "vae_relu_router": ("N, d, dz, K, dtype", {"cpu": (4096, 512, 128, 128, torch.float32),
+                                               "cuda": (16384, 4096, 128, 128, torch.bfloat16)}),
+    "expert_loss": ("N, K, dtype", {"cpu": (16384, 128, torch.float32), "cuda": (16384 * 8, 128, torch.bfloat16)}),
+    "dual_embedding": ("B, L, V, d, K, dk, dtype", {"cpu": (8, 512, 32000, 512, 128, 64, torch.float32),
+                                                    "cuda": (16, 2048, 128256, 4096, 128, 64, torch.bfloat16)}),
+    "lora_merge": ("out, in, E experts merged, rank, dtype", {"cpu": (1536, 576, 3, 4, torch.float32),
+                                                              "cuda": (4096, 4096, 3, 16, torch.bfloat16)}),
+    "multi_lora_linear": ("T tokens, in, out, N experts, k slots, rank, dtype",
+                          {"cpu": (2048, 576, 1536, 64, 3, 4, torch.float32),
+                           "cuda": (16384, 4096, 4096, 64, 3, 16, torch.bfloat16)}),
+    # SmolLM2-135M's MLP up-projection at one token per sequence (batch 1 and 8)
+    "decode_linear": ("rows per call, in, out, dtype", {"cpu": ((1, 8), 576, 1536, torch.float32),
+                                                        "cuda": ((1, 8), 4096, 14336, torch.bfloat16)}),
+}
+
+
+def bench_shape(op: str, device) -> tuple:
+    """Op ``op``'s benchmark shape on ``device`` (:data:`BENCH_SHAPES`)."""
+    return BENCH_SHAPES[op][1]["cuda" if str(device).startswith("cuda") else "cpu"]
