@@ -115,7 +115,7 @@ class DMoE:
             TU > tau by default (ablations swap it: a random trigger).
         site: where the bank's experts sit (:class:`ExpertSite`); the last MLP by default.
         streaming: decoding steps and re-predictions run the model's linear layers through
-            :func:`doe_ext.nn.streaming_linears` (the weights streamed once per step, ~2.5× ATen's
+            :func:`doe_ext.nn.streaming_linears` (the weights streamed once per step, ~2× ATen's
             one-row GEMM on the CPU; outputs equal to float rounding). False: ATen's GEMM throughout.
     """
 

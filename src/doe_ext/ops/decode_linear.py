@@ -10,6 +10,7 @@ from doe_ext.ops._checks import check_tensors, cxx_checks
 
 _ops = torch.ops.doe_ext
 
+
 def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for the few rows of a decoding step, at the memory bandwidth.
 
