@@ -147,7 +147,8 @@ void check_decode_linear_(std::string_view devices, const Tensor& x, const Tenso
 
 // An op and its check op, from one argument list: `name(args) -> returns` and
 // `_check_name(str devices, args) -> ()` (alias annotations dropped: a check writes nothing).
-void def_op(torch::stable::detail::StableLibrary& m, const std::string& name, const std::string& args, const std::string& returns) {
+void def_op(torch::stable::detail::StableLibrary& m, const std::string& name, const std::string& args,
+            const std::string& returns) {
   m.def((name + "(" + args + ") -> " + returns).c_str());
   std::string plain = args;
   for (size_t at; (at = plain.find("(a!)")) != std::string::npos;) plain.erase(at, 4);

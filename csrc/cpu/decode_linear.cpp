@@ -27,8 +27,10 @@ Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
   const auto sz = check_decode_linear(x, weight, bias);
   if (is_half(x)) return decode_linear_cpu(up(x), up(weight), up(bias)).to(x.scalar_type());
   auto out = empty({sz.M, sz.out}, x.options());
-  if (sz.M == 0 || sz.out == 0) return out;
-  if (sz.M > kDecodeLinearMaxRows) return bias.has_value() ? addmm_out(out, *bias, x, weight.t()) : mm_out(out, x, weight.t());  // (in == 0 needs nothing special: every dot product is 0)
+  if (sz.M == 0 || sz.out == 0) return out;  // (in == 0 needs nothing special: every dot product is 0)
+  if (sz.M > kDecodeLinearMaxRows) {  // a GEMM, compute-bound: ATen's
+    return bias.has_value() ? addmm_out(out, *bias, x, weight.t()) : mm_out(out, x, weight.t());
+  }
   const auto xc = x.contiguous(), wc = weight.stride(1) == 1 ? weight : weight.contiguous();
   const auto bc = bias.has_value() ? bias->contiguous() : Tensor();
   const int64_t ldw = wc.stride(0);
@@ -43,7 +45,8 @@ Tensor decode_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
       });
     } else {  // rows of the weight further apart than `in` (a slice of a wider matrix): one row at a time
       torch::stable::parallel_for(0, sz.out, 64, [&](int64_t o0, int64_t o1) {
-        for (int64_t o = o0; o < o1; ++o) rows_f(wp + o * ldw, xp, bp ? bp + o : nullptr, op + o, sz.M, sz.in, sz.out, 0, 1);
+        for (int64_t o = o0; o < o1; ++o)
+          rows_f(wp + o * ldw, xp, bp ? bp + o : nullptr, op + o, sz.M, sz.in, sz.out, 0, 1);
       });
     }
   });

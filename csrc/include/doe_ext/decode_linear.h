@@ -60,7 +60,8 @@ DOE_HD T dot1(const T* w, const T* x, int64_t in) {
 // Rows [o0, o1) of out [M, ld] = x [M, in] @ w.T + b: each weight row read once, its dot products with
 // the input rows in groups of four, then one at a time.
 template <typename T>
-DOE_HD void rows(const T* w, const T* x, const T* b, T* out, int64_t M, int64_t in, int64_t ld, int64_t o0, int64_t o1) {
+DOE_HD void rows(const T* w, const T* x, const T* b, T* out, int64_t M, int64_t in, int64_t ld, int64_t o0,
+                 int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
     const T* wr = w + o * in;
     const T bo = b ? b[o] : T(0);

@@ -32,7 +32,8 @@ DOE_HD int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
 
 #ifdef __CUDACC__
 __global__ void iota_kernel(int64_t* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) out[i] = i;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += stride) out[i] = i;
 }
 
 // keys (int64, any values, -1 included) sorted ascending with their positions 0..n-1 carried

@@ -226,7 +226,9 @@ inline Tensor empty(IntArrayRef sizes, const TensorOptions& opts) {
 inline Tensor zeros(IntArrayRef sizes, const TensorOptions& opts) { return empty(sizes, opts).zero_(); }
 inline Tensor empty_like(const Tensor& t) { return empty(t.sizes(), t.options()); }  // contiguous
 inline Tensor zeros_like(const Tensor& t) { return zeros(t.sizes(), t.options()); }
-inline Tensor full(IntArrayRef sizes, double value, const TensorOptions& opts) { return empty(sizes, opts).fill_(value); }
+inline Tensor full(IntArrayRef sizes, double value, const TensorOptions& opts) {
+  return empty(sizes, opts).fill_(value);
+}
 inline Tensor& Tensor::mul_(double v) { return mul_(full({}, v, options())); }
 
 inline Tensor& mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
