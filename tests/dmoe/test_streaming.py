@@ -8,12 +8,13 @@ from torch import nn
 
 from conftest import QUESTIONS, random_bank
 from doe_ext.dmoe import DMoE
-from doe_ext.nn import streaming_linears
+from doe_ext.nn import plain_linears, streaming_linears
 
 
 def test_every_linear_layer_streams_inside_and_is_restored_after(base):
     model = base.model
     linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert plain_linears(model) == linears
     ids = base.tokenizer(QUESTIONS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         plain = model(input_ids=ids[:, :1]).logits  # one token: every linear is a GEMV
@@ -25,9 +26,15 @@ def test_every_linear_layer_streams_inside_and_is_restored_after(base):
             calls = [e for e in prof.function_events if e.name == "doe_ext::decode_linear"]
             with streaming_linears(model) as inner:  # nested: nothing left to switch
                 assert inner == 0
+            with streaming_linears(linears) as inner:  # a kept list of the layers, as DMoE passes it
+                assert inner == 0
         assert len(calls) == len(linears)
     assert all("forward" not in vars(m) for m in linears)
     torch.testing.assert_close(streamed, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), streaming_linears(linears) as n:
+        assert n == len(linears)
+        torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, streamed)
+    assert all("forward" not in vars(m) for m in linears)
 
 
 def test_a_layer_with_its_own_forward_is_left_alone():

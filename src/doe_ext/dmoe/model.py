@@ -33,7 +33,7 @@ from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
-from doe_ext.nn.streaming import streaming_linears
+from doe_ext.nn.streaming import plain_linears, streaming_linears
 from doe_ext.ops import lora_merge
 
 WeightedSet = list[tuple[str, float]]
@@ -135,8 +135,9 @@ class DMoE:
         self.compose, self.temperature = compose, temperature
         self.router = router or (bank.search if bank is not None else None)
         self.trigger = trigger
-        self.streaming = streaming
         self.site = (site or base.site).attach()
+        self.streaming = streaming
+        self._linears = plain_linears(base.model)  # once: a step only switches them (the site wraps, never replaces)
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 
@@ -241,7 +242,7 @@ class DMoE:
 
     def _streaming(self):
         """The context of a decoding step: the linear layers streamed (see ``streaming``), or nothing."""
-        return streaming_linears(self.base.model) if self.streaming else contextlib.nullcontext()
+        return streaming_linears(self._linears) if self.streaming else contextlib.nullcontext()
 
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per running sequence; the next-token logits ``[R, V]``."""

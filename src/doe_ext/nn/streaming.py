@@ -15,14 +15,22 @@ def _streaming_forward(layer: nn.Linear, x: Tensor) -> Tensor:
     return decode_linear(x, layer.weight, layer.bias)
 
 
+def plain_linears(model: nn.Module) -> list[nn.Linear]:
+    """The layers of ``model`` that :func:`streaming_linears` switches: exactly ``nn.Linear`` (subclasses
+    and wrappers such as quantised or LoRA layers keep their own forward)."""
+    return [m for m in model.modules() if type(m) is nn.Linear]
+
+
 @contextlib.contextmanager
-def streaming_linears(model: nn.Module) -> Iterator[int]:
-    """Inside the block, every ``nn.Linear`` of ``model`` (exactly that class: subclasses and wrappers
-    such as quantised or LoRA layers keep their own forward) computes with :func:`decode_linear`;
-    yields how many layers were switched. For decoding steps (a few rows per call): larger inputs
-    reach the same ATen GEMM as ``F.linear`` inside the op. Outputs agree with ``F.linear`` to float
-    rounding, not bitwise. Nests; not thread-safe (it sets each layer's ``forward`` for the block)."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+def streaming_linears(model: nn.Module | list[nn.Linear]) -> Iterator[int]:
+    """Inside the block, every plain ``nn.Linear`` of ``model`` (:func:`plain_linears`; or the list of
+    layers it returned, kept by a caller that enters the block at every step) computes with
+    :func:`decode_linear`; yields how many layers were switched. For decoding steps (a few rows per
+    call): larger inputs reach the same ATen GEMM as ``F.linear`` inside the op. Outputs agree with
+    ``F.linear`` to float rounding, not bitwise. Nests; not thread-safe (it sets each layer's
+    ``forward`` for the block)."""
+    layers = plain_linears(model) if isinstance(model, nn.Module) else model
+    layers = [m for m in layers if "forward" not in vars(m)]  # an enclosing block has switched the others
     for layer in layers:
         layer.forward = functools.partial(_streaming_forward, layer)
     try:
