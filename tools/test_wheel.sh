@@ -6,7 +6,7 @@
 # (a CUDA build, run on the CPU here; ~5.5 GB per venv). Override: TORCH_VERSIONS="2.13.0". Then a
 # plain `pip install .` (build isolation) of a clean copy of HEAD beside torch 2.13.0 (PLAIN_INSTALL=0: skip).
 #
-#   tools/test_wheel.sh [log file]     (venvs under build/wheel-venvs/, kept for re-runs)
+#   tools/test_wheel.sh [log file]     (venvs under build/wheel-venvs/, made anew on every run)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3.11}
@@ -34,11 +34,10 @@ check() {
 for version in $TORCH_VERSIONS; do
   venv=$ROOT/build/wheel-venvs/torch-$version
   echo "## torch $version: venv $venv" | tee -a "$LOG"
-  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  rm -rf "$venv" && "$PYTHON" -m venv "$venv"
   pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   "${pip[@]}" install "torch==$version"
   # The wheel as a user installs it (its [test] extra for pytest and the references): plain pip, no flags.
-  "${pip[@]}" install --force-reinstall --no-deps "$WHEEL"
   "${pip[@]}" install "$WHEEL[test]"
   check "$venv/bin/python" -c "import doe_ext, torch; print('build_info:', doe_ext.build_info())"
   check "$venv/bin/python" -m pytest "$ROOT/tests/ops" -q -p no:cacheprovider --rootdir "$ROOT"
