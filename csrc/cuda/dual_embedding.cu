@@ -24,60 +24,82 @@ constexpr int64_t kMaxGrid = 65535 * 32;  // rows handled per launch by a grid-s
 
 unsigned grid_for(int64_t rows) { return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid); }
 
-// first_bad[0] / [1]: the smallest position holding a bad token / topic id (INT64_MAX if none).
-__global__ void validate_kernel(const int64_t* tok, const int64_t* top, int64_t N, int64_t V, int64_t K,
-                                unsigned long long* first_bad) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
-    if (!de::token_id_ok(tok[i], V)) atomicMin(first_bad, static_cast<unsigned long long>(i));
-    if (!de::topic_id_ok(top[i], K)) atomicMin(first_bad + 1, static_cast<unsigned long long>(i));
+// One call's arguments (flash-attention's Flash_fwd_params): the flat ids and the two tables, read
+// by their strides (never copied: an expanded or strided table costs nothing extra).
+template <typename T>
+struct GatherParams {
+  const int64_t* tok;  // [N]
+  const int64_t* top;  // [N], -1: unlabeled
+  int64_t N, V, K;
+  const T* tw;         // token table [V, d], strides ts0, ts1
+  int64_t ts0, ts1;
+  const T* kw;         // topic table [K, dk], strides ks0, ks1
+  int64_t ks0, ks1;
+  int64_t d, dk;
+  T* out;                        // [N, d + dk]
+  unsigned long long* first_bad; // [2]: the first position of a bad token / topic id (INT64_MAX if none)
+};
+
+// One table's gradient: grad_table[r, c] = sum over r's run of grad[pos, col0 + c] (token order),
+// or 0 (rows without a run, and row `skip`). keys / pos: the positions sorted by id.
+template <typename T>
+struct RunsParams {
+  const T* grad;  // [n, ld]
+  int64_t ld, col0, width;
+  const int64_t* keys;
+  const int64_t* pos;
+  int64_t n, rows, skip;
+  T* grad_table;  // [rows, width]
+};
+
+template <typename T>
+__global__ void validate_kernel(const GatherParams<T> p) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.N; i += int64_t(gridDim.x) * blockDim.x) {
+    if (!de::token_id_ok(p.tok[i], p.V)) atomicMin(p.first_bad, static_cast<unsigned long long>(i));
+    if (!de::topic_id_ok(p.top[i], p.K)) atomicMin(p.first_bad + 1, static_cast<unsigned long long>(i));
   }
 }
 
-// The tables are read by stride (ts*, ks*), never copied: an expanded or strided table costs nothing extra.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gather_kernel(const int64_t* tok, const int64_t* top, const T* tw,
-                                                          int64_t ts0, int64_t ts1, const T* kw, int64_t ks0,
-                                                          int64_t ks1, T* out, int64_t N, int64_t d, int64_t dk) {
-  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-    T* row = out + i * (d + dk);
-    const T* t = tw + tok[i] * ts0;
-    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = t[c * ts1];
-    if (top[i] >= 0) {
-      const T* k = kw + top[i] * ks0;
-      for (int64_t c = threadIdx.x; c < dk; c += blockDim.x) row[d + c] = k[c * ks1];
+__global__ void __launch_bounds__(kThreads) gather_kernel(const GatherParams<T> p) {
+  const int64_t d = p.d, dk = p.dk;
+  for (int64_t i = blockIdx.x; i < p.N; i += gridDim.x) {
+    T* row = p.out + i * (d + dk);
+    const T* t = p.tw + p.tok[i] * p.ts0;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) row[c] = t[c * p.ts1];
+    if (p.top[i] >= 0) {
+      const T* k = p.kw + p.top[i] * p.ks0;
+      for (int64_t c = threadIdx.x; c < dk; c += blockDim.x) row[d + c] = k[c * p.ks1];
     } else {
       de::copy_row<T>(row + d, nullptr, threadIdx.x, dk, blockDim.x);
     }
   }
 }
 
-// grad_table[r, c] = sum over r's run of grad[pos, col0 + c] (token order), or 0; rows = table rows.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) reduce_runs_kernel(const T* grad, int64_t ld, int64_t col0,
-                                                               int64_t width, const int64_t* keys,
-                                                               const int64_t* pos, int64_t n, int64_t rows,
-                                                               int64_t skip, T* grad_table) {
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const int64_t lo = runs::lower_bound(keys, n, r);
-    const int64_t hi = r == skip ? lo : runs::lower_bound(keys, n, r + 1);
-    for (int64_t c = threadIdx.x; c < width; c += blockDim.x)
-      grad_table[r * width + c] = static_cast<T>(de::reduce_run_column<float>(grad, ld, col0 + c, pos + lo, hi - lo));
+__global__ void __launch_bounds__(kThreads) reduce_runs_kernel(const RunsParams<T> p) {
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t lo = runs::lower_bound(p.keys, p.n, r);
+    const int64_t hi = r == p.skip ? lo : runs::lower_bound(p.keys, p.n, r + 1);
+    for (int64_t c = threadIdx.x; c < p.width; c += blockDim.x)
+      p.grad_table[r * p.width + c] =
+          static_cast<T>(de::reduce_run_column<float>(p.grad, p.ld, p.col0 + c, p.pos + lo, hi - lo));
   }
 }
 
 // Reads the two flags (one host sync) and raises at the first bad id, as the CPU does.
-void check_ids_on_device(const Tensor& tok, const Tensor& top, int64_t N, int64_t V, int64_t K) {
+template <typename T>
+void check_ids_on_device(GatherParams<T> p, const Tensor& tok, const Tensor& top) {
   auto flags = int64_tensor({INT64_MAX, INT64_MAX}, tok.device());
-  auto stream = current_cuda_stream();
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 4096));
-  validate_kernel<<<blocks, 256, 0, stream>>>(tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), N, V, K,
-                                              reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>()));
+  p.first_bad = reinterpret_cast<unsigned long long*>(flags.data_ptr<int64_t>());
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((p.N + 255) / 256, 4096));
+  validate_kernel<T><<<blocks, 256, 0, current_cuda_stream()>>>(p);
   DOE_CUDA_KERNEL_LAUNCH_CHECK();
   const auto host = flags.cpu();
   const int64_t bad_tok = host.data_ptr<int64_t>()[0], bad_top = host.data_ptr<int64_t>()[1];
   if (bad_tok == INT64_MAX && bad_top == INT64_MAX) return;
-  if (bad_tok <= bad_top) fail_dual_embedding_id(false, bad_tok, tok[bad_tok].item<int64_t>(), V);
-  fail_dual_embedding_id(true, bad_top, top[bad_top].item<int64_t>(), K);
+  if (bad_tok <= bad_top) fail_dual_embedding_id(false, bad_tok, tok[bad_tok].item<int64_t>(), p.V);
+  fail_dual_embedding_id(true, bad_top, top[bad_top].item<int64_t>(), p.K);
 }
 
 Tensor dual_embedding_fwd_cuda(const Tensor& token_ids, const Tensor& topic_ids,
@@ -90,15 +112,17 @@ Tensor dual_embedding_fwd_cuda(const Tensor& token_ids, const Tensor& topic_ids,
   shape.push_back(sz.d + sz.dk);
   if (sz.N == 0) return empty(shape, token_weight.options());
   const auto tok = token_ids.reshape({-1}).contiguous(), top = topic_ids.reshape({-1}).contiguous();
-  check_ids_on_device(tok, top, sz.N, sz.V, sz.K);  // before the output is allocated
-  auto out = empty(shape, token_weight.options());
   const auto& tw = token_weight;
   const auto& kw = topic_weight;
-  auto stream = current_cuda_stream();
+  auto out = empty({0}, token_weight.options());
   DOE_DISPATCH_FLOATING_AND_HALF_TYPES(tw.scalar_type(), "dual_embedding_fwd_cuda", [&] {
-    gather_kernel<scalar_t><<<grid_for(sz.N), kThreads, 0, stream>>>(
-        tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), tw.const_data_ptr<scalar_t>(), tw.stride(0), tw.stride(1),
-        kw.const_data_ptr<scalar_t>(), kw.stride(0), kw.stride(1), out.data_ptr<scalar_t>(), sz.N, sz.d, sz.dk);
+    GatherParams<scalar_t> p{tok.data_ptr<int64_t>(), top.data_ptr<int64_t>(), sz.N, sz.V, sz.K,
+                             tw.const_data_ptr<scalar_t>(), tw.stride(0), tw.stride(1), kw.const_data_ptr<scalar_t>(),
+                             kw.stride(0), kw.stride(1), sz.d, sz.dk, nullptr, nullptr};
+    check_ids_on_device(p, tok, top);  // before the output is allocated
+    out = empty(shape, token_weight.options());
+    p.out = out.data_ptr<scalar_t>();
+    gather_kernel<scalar_t><<<grid_for(sz.N), kThreads, 0, current_cuda_stream()>>>(p);
     DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -117,16 +141,18 @@ std::tuple<Tensor, Tensor> dual_embedding_bwd_cuda(const Tensor& grad_out, const
   std::tie(top_keys, top_pos) = runs::sort_positions_by_key(topic_ids);  // -1 sorts first, in no run
   auto stream = current_cuda_stream();
   DOE_DISPATCH_FLOATING_AND_HALF_TYPES(g.scalar_type(), "dual_embedding_bwd_cuda", [&] {
+    // The token table's columns are grad_out's first d, the topic table's the last dk.
     if (sz.V > 0 && sz.d > 0) {
-      reduce_runs_kernel<scalar_t><<<grid_for(sz.V), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), sz.d + sz.dk, 0, sz.d, tok_keys.data_ptr<int64_t>(), tok_pos.data_ptr<int64_t>(),
-          sz.N, sz.V, padding_idx, grad_tok.data_ptr<scalar_t>());
+      const RunsParams<scalar_t> p{g.data_ptr<scalar_t>(), sz.d + sz.dk, 0, sz.d, tok_keys.data_ptr<int64_t>(),
+                                   tok_pos.data_ptr<int64_t>(), sz.N, sz.V, padding_idx,
+                                   grad_tok.data_ptr<scalar_t>()};
+      reduce_runs_kernel<scalar_t><<<grid_for(sz.V), kThreads, 0, stream>>>(p);
       DOE_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (sz.K > 0 && sz.dk > 0) {
-      reduce_runs_kernel<scalar_t><<<grid_for(sz.K), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), sz.d + sz.dk, sz.d, sz.dk, top_keys.data_ptr<int64_t>(),
-          top_pos.data_ptr<int64_t>(), sz.N, sz.K, -1, grad_top.data_ptr<scalar_t>());
+      const RunsParams<scalar_t> p{g.data_ptr<scalar_t>(), sz.d + sz.dk, sz.d, sz.dk, top_keys.data_ptr<int64_t>(),
+                                   top_pos.data_ptr<int64_t>(), sz.N, sz.K, -1, grad_top.data_ptr<scalar_t>()};
+      reduce_runs_kernel<scalar_t><<<grid_for(sz.K), kThreads, 0, stream>>>(p);
       DOE_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -17,13 +17,34 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 
-// x: [N, K] logits; labels [N] (hard) or t [N, K] (soft). Writes row_loss [N] (float32), grad [N, K]
-// when given, adds the kept rows to *count and lowers *bad_row to the first invalid row.
+// One launch's arguments (flash-attention's Flash_fwd_params). x: [N, K] logits; labels [N] (hard)
+// or t [N, K] (soft), the other null. The kernel writes row_loss [N] (float32) and grad [N, K] when
+// given, adds the kept rows to *count and lowers *bad_row to the first invalid row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) rows_kernel(const T* x, const int64_t* labels, const T* t, int64_t N,
-                                                        int K, int64_t ignore_index, float eps, T* grad,
-                                                        float* row_loss, unsigned long long* count,
-                                                        unsigned long long* bad_row) {
+struct RowsParams {
+  const T* x;
+  const int64_t* labels;
+  const T* t;
+  int64_t N;
+  int K;
+  int64_t ignore_index;
+  float eps;  // label smoothing
+  T* grad;
+  float* row_loss;
+  unsigned long long* count;
+  unsigned long long* bad_row;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_kernel(const RowsParams<T> p) {
+  const T* x = p.x;
+  const int64_t* labels = p.labels;
+  const int64_t N = p.N, ignore_index = p.ignore_index;
+  const int K = p.K;
+  const float eps = p.eps;
+  T* grad = p.grad;
+  float* row_loss = p.row_loss;
+  unsigned long long *count = p.count, *bad_row = p.bad_row;
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= N) return;
@@ -62,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(const T* x, const int64_
     }
     return;
   }
-  const T* tr = t + row * K;
+  const T* tr = p.t + row * K;
   float m = -INFINITY, lo = INFINITY;
   for (int k = lane; k < K; k += 32) {
     m = fmaxf(m, static_cast<float>(xr[k]));
@@ -112,11 +133,12 @@ std::tuple<Tensor, Tensor, Tensor> expert_loss_fwd_cuda(const Tensor& logits, co
     auto* st = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
     auto stream = current_cuda_stream();
     DOE_DISPATCH_FLOATING_AND_HALF_TYPES(logits.scalar_type(), "expert_loss_fwd_cuda", [&] {
-      rows_kernel<scalar_t><<<static_cast<unsigned>((sz.N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-          x2.data_ptr<scalar_t>(), sz.hard ? t2.data_ptr<int64_t>() : nullptr,
-          sz.hard ? nullptr : t2.data_ptr<scalar_t>(), sz.N, static_cast<int>(sz.K), ignore_index,
-          static_cast<float>(label_smoothing), keep_grad ? grad.data_ptr<scalar_t>() : nullptr,
-          row_loss.data_ptr<float>(), st, st + 1);
+      const RowsParams<scalar_t> p{x2.data_ptr<scalar_t>(), sz.hard ? t2.data_ptr<int64_t>() : nullptr,
+                                   sz.hard ? nullptr : t2.data_ptr<scalar_t>(), sz.N, static_cast<int>(sz.K),
+                                   ignore_index, static_cast<float>(label_smoothing),
+                                   keep_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data_ptr<float>(), st,
+                                   st + 1};
+      rows_kernel<scalar_t><<<static_cast<unsigned>((sz.N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
       DOE_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // The contract's bad-label error needs the flag on the host: the op's one sync.

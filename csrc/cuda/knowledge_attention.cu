@@ -71,58 +71,89 @@ __device__ void p_times_b(const float* p, int K, const T* b, int64_t width, cons
   }
 }
 
+// One launch's arguments (flash-attention's Flash_fwd_params): row-major matrices with their row
+// strides; a null pointer is an absent tensor. q [N, dk] (row stride ldq), z_key [K, dk] and
+// z_value [K, dv] contiguous.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const T* q, int64_t ldq, const T* zk, const T* zv,
-                                                       const T* residual, int64_t ldr, T* out, float* lse,
-                                                       T* probs, int64_t N, int64_t dk, int64_t dv, int K,
-                                                       float scale) {
+struct FwdParams {
+  const T* q;
+  int64_t ldq;
+  const T* z_key;
+  const T* z_value;
+  const T* residual;  // [N, dv], row stride ldr, or null
+  int64_t ldr;
+  T* out;             // [N, dv]
+  float* lse;         // [N]
+  T* probs;           // [N, K], or null
+  int64_t N, dk, dv;
+  int K;
+  float scale;
+};
+
+template <typename T>
+struct BwdParams {
+  const T* grad_out;  // [N, dv] contiguous
+  const T* q;
+  int64_t ldq;
+  const T* z_key;
+  const T* z_value;
+  const float* lse;   // [N]
+  T* dq;              // [N, dk]
+  T* probs;           // [N, K]: P, rebuilt from lse
+  T* ds;              // [N, K]: dS
+  int64_t N, dk, dv;
+  int K;
+  float scale;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams<T> p) {
   extern __shared__ float smem[];
   float* s = smem;                  // [kRows][K]
+  const int K = p.K;
   float* a_s = s + kRows * K;       // [kRows][kTile]
   float* b_s = a_s + kRows * kTile; // [kTile][K]
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
   for (int i = threadIdx.x; i < kRows * K; i += kThreads) s[i] = 0.f;
   __syncthreads();
-  rows_times_bt(q, ldq, row0, N, zk, dk, K, s, a_s, b_s);
-  if (threadIdx.x < kRows && row0 + threadIdx.x < N) {
+  rows_times_bt(p.q, p.ldq, row0, p.N, p.z_key, p.dk, K, s, a_s, b_s);
+  if (threadIdx.x < kRows && row0 + threadIdx.x < p.N) {
     const int64_t row = row0 + threadIdx.x;
     float* sr = s + threadIdx.x * K;
-    lse[row] = ka::softmax_row(sr, int64_t(K), scale);
-    if (probs)
-      for (int k = 0; k < K; ++k) probs[row * K + k] = static_cast<T>(sr[k]);
+    p.lse[row] = ka::softmax_row(sr, int64_t(K), p.scale);
+    if (p.probs)
+      for (int k = 0; k < K; ++k) p.probs[row * K + k] = static_cast<T>(sr[k]);
   }
   __syncthreads();
-  p_times_b(s, K, zv, dv, residual, ldr, out, dv, row0, N);
+  p_times_b(s, K, p.z_value, p.dv, p.residual, p.ldr, p.out, p.dv, row0, p.N);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const T* g, const T* q, int64_t ldq, const T* zk,
-                                                       const T* zv, const float* lse, T* dq, T* p_out,
-                                                       T* ds_out, int64_t N, int64_t dk, int64_t dv, int K,
-                                                       float scale) {
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams<T> p) {
   extern __shared__ float smem[];
-  float* p = smem;                  // [kRows][K]
-  float* dp = p + kRows * K;        // [kRows][K]
-  float* a_s = dp + kRows * K;      // [kRows][kTile]
-  float* b_s = a_s + kRows * kTile; // [kTile][K]
+  const int K = p.K;
+  float* pr_s = smem;                 // [kRows][K]
+  float* dp = pr_s + kRows * K;       // [kRows][K]
+  float* a_s = dp + kRows * K;        // [kRows][kTile]
+  float* b_s = a_s + kRows * kTile;   // [kTile][K]
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
-  for (int i = threadIdx.x; i < kRows * K; i += kThreads) p[i] = dp[i] = 0.f;
+  for (int i = threadIdx.x; i < kRows * K; i += kThreads) pr_s[i] = dp[i] = 0.f;
   __syncthreads();
-  rows_times_bt(q, ldq, row0, N, zk, dk, K, p, a_s, b_s);   // raw scores
-  rows_times_bt(g, dv, row0, N, zv, dv, K, dp, a_s, b_s);   // dP = g @ z_value.T
-  if (threadIdx.x < kRows && row0 + threadIdx.x < N) {
+  rows_times_bt(p.q, p.ldq, row0, p.N, p.z_key, p.dk, K, pr_s, a_s, b_s);    // raw scores
+  rows_times_bt(p.grad_out, p.dv, row0, p.N, p.z_value, p.dv, K, dp, a_s, b_s);  // dP = g @ z_value.T
+  if (threadIdx.x < kRows && row0 + threadIdx.x < p.N) {
     const int64_t row = row0 + threadIdx.x;
-    float* pr = p + threadIdx.x * K;
+    float* pr = pr_s + threadIdx.x * K;
     float* dpr = dp + threadIdx.x * K;
-    ka::probs_from_lse(pr, int64_t(K), scale, lse[row]);
-    ka::softmax_backward_row(pr, dpr, int64_t(K), scale);
+    ka::probs_from_lse(pr, int64_t(K), p.scale, p.lse[row]);
+    ka::softmax_backward_row(pr, dpr, int64_t(K), p.scale);
     for (int k = 0; k < K; ++k) {
-      p_out[row * K + k] = static_cast<T>(pr[k]);
-      ds_out[row * K + k] = static_cast<T>(dpr[k]);
+      p.probs[row * K + k] = static_cast<T>(pr[k]);
+      p.ds[row * K + k] = static_cast<T>(dpr[k]);
     }
   }
   __syncthreads();
-  p_times_b<T>(dp, K, zk, dk, nullptr, 0, dq, dk, row0, N);  // dq = dS @ z_key
+  p_times_b<T>(dp, K, p.z_key, p.dk, nullptr, 0, p.dq, p.dk, row0, p.N);  // dq = dS @ z_key
 }
 
 size_t fwd_smem(int K) { return sizeof(float) * (kRows * K + kRows * kTile + kTile * K); }
@@ -161,11 +192,19 @@ std::tuple<Tensor, Tensor, Tensor> knowledge_attention_fwd_cuda(
   const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
   auto stream = current_cuda_stream();
   DOE_DISPATCH_FLOATING_AND_HALF_TYPES(q.scalar_type(), "knowledge_attention_fwd_cuda", [&] {
-    fwd_kernel<scalar_t><<<grid, kThreads, fwd_smem(K), stream>>>(
-        q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(), zv.data_ptr<scalar_t>(),
-        res2.defined() ? res2.data_ptr<scalar_t>() : nullptr, sz.dv, out.data_ptr<scalar_t>(),
-        lse.data_ptr<float>(), return_probs ? probs.data_ptr<scalar_t>() : nullptr, sz.N, sz.dk, sz.dv, K,
-        static_cast<float>(scale));
+    FwdParams<scalar_t> p{};
+    p.q = q2.data_ptr<scalar_t>();
+    p.ldq = q2.stride(0);
+    p.z_key = zk.data_ptr<scalar_t>();
+    p.z_value = zv.data_ptr<scalar_t>();
+    p.residual = res2.defined() ? res2.data_ptr<scalar_t>() : nullptr;
+    p.ldr = sz.dv;
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<float>();
+    p.probs = return_probs ? probs.data_ptr<scalar_t>() : nullptr;
+    p.N = sz.N, p.dk = sz.dk, p.dv = sz.dv, p.K = K;
+    p.scale = static_cast<float>(scale);
+    fwd_kernel<scalar_t><<<grid, kThreads, fwd_smem(K), stream>>>(p);
     DOE_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse, probs};
@@ -197,10 +236,19 @@ std::tuple<Tensor, Tensor, Tensor> knowledge_attention_bwd_cuda(
     const dim3 grid(static_cast<unsigned>((sz.N + kRows - 1) / kRows));
     auto stream = current_cuda_stream();
     DOE_DISPATCH_FLOATING_AND_HALF_TYPES(q.scalar_type(), "knowledge_attention_bwd_cuda", [&] {
-      bwd_kernel<scalar_t><<<grid, kThreads, bwd_smem(K), stream>>>(
-          g2.data_ptr<scalar_t>(), q2.data_ptr<scalar_t>(), q2.stride(0), zk.data_ptr<scalar_t>(),
-          zv.data_ptr<scalar_t>(), lse1.data_ptr<float>(), dq.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
-          ds.data_ptr<scalar_t>(), sz.N, sz.dk, sz.dv, K, static_cast<float>(scale));
+      BwdParams<scalar_t> bp{};
+      bp.grad_out = g2.data_ptr<scalar_t>();
+      bp.q = q2.data_ptr<scalar_t>();
+      bp.ldq = q2.stride(0);
+      bp.z_key = zk.data_ptr<scalar_t>();
+      bp.z_value = zv.data_ptr<scalar_t>();
+      bp.lse = lse1.data_ptr<float>();
+      bp.dq = dq.data_ptr<scalar_t>();
+      bp.probs = p.data_ptr<scalar_t>();
+      bp.ds = ds.data_ptr<scalar_t>();
+      bp.N = sz.N, bp.dk = sz.dk, bp.dv = sz.dv, bp.K = K;
+      bp.scale = static_cast<float>(scale);
+      bwd_kernel<scalar_t><<<grid, kThreads, bwd_smem(K), stream>>>(bp);
       DOE_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -7,8 +7,8 @@
 //   outer     (one CTA per (expert, col block)):  G_e[q, c] = sum_{p of e} u[p, q] src[t, c]
 // The outer pass finds each expert's slots in a stable CUB radix sort of the expert ids, so its
 // sums run in token order. Accumulation in float32; u, coef in float32.
-// An index out of range cannot be raised without a host sync: such a slot contributes nothing and
-// its token's output row is set to NaN (documented in multi_lora_linear's docstring).
+// An index out of range raises before any kernel runs, with the CPU's message (check_indices: one
+// host sync), so the kernels only skip empty slots. Each kernel takes one params struct.
 #include "doe_ext/tensor.h"
 
 #include <tuple>
@@ -28,93 +28,132 @@ unsigned grid_for(int64_t n) { return static_cast<unsigned>(n < kMaxGrid ? n : k
 
 // The bank m [N, r, width] is read by its strides (se, sq, sc), never copied: an expanded, huge or
 // transposed view (B^T = lora_b.transpose(1, 2)) costs nothing extra.
-
-// u[p, q] = <m[e, q, :], src[p / k, :]> for every slot p (0 for empty or bad slots).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) slot_dot_kernel(const int64_t* ind, const T* m, int64_t se, int64_t sq,
-                                                            int64_t sc, const T* src, int64_t P, int64_t k, int64_t r,
-                                                            int64_t width, int64_t N, float* u) {
+struct BankView {
+  const T* m;
+  int64_t se, sq, sc;  // strides of m
+  int64_t N, r, width;
+};
+
+// The slots: ind [tokens, k] contiguous, an expert id or -1 (empty) each.
+struct Slots {
+  const int64_t* ind;
+  int64_t tokens, k;
+};
+
+// u[p, q] = <m[e_p, q, :], src[p / k, :]> for every slot p (0 for empty slots). src [tokens, width].
+template <typename T>
+struct SlotDotParams {
+  Slots slots;
+  BankView<T> bank;
+  const T* src;
+  float* u;  // [tokens * k, r]
+};
+
+// dst[t, c] += sum_j sum_q coef[t*k + j, q] m[e_j, q, c] over token t's used slots (slot order).
+template <typename T>
+struct AddLowRankParams {
+  Slots slots;
+  BankView<T> bank;
+  const float* coef;  // [tokens * k, r]
+  T* dst;             // [tokens, width]
+};
+
+// g[e, q, c] = sum over e's slots (keys / pos: the slots sorted by expert, token order) of
+// u[p, q] src[p / k, c]; zero for unused experts. g [N, r, width] contiguous.
+template <typename T>
+struct OuterParams {
+  const int64_t* keys;
+  const int64_t* pos;
+  int64_t P, k, r, width;
+  const float* u;  // [P, r]
+  const T* src;    // [P / k, width]
+  T* g;
+};
+
+template <typename T>
+BankView<T> bank_view(const Tensor& m) {
+  return {m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), m.size(0), m.size(1), m.size(2)};
+}
+
+Slots slots_of(const Tensor& ind) { return {ind.data_ptr<int64_t>(), ind.size(0), ind.size(1)}; }
+
+// One warp per (token, slot).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) slot_dot_kernel(const SlotDotParams<T> p) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * (kThreads / kWarp);
-  for (int64_t p = blockIdx.x * int64_t(kThreads / kWarp) + threadIdx.x / kWarp; p < P; p += warps) {
-    const int64_t e = ind[p];
-    const bool used = e >= 0 && e < N;
-    for (int64_t q = 0; q < r; ++q) {
+  const auto& b = p.bank;
+  const int64_t P = p.slots.tokens * p.slots.k;
+  for (int64_t s = blockIdx.x * int64_t(kThreads / kWarp) + threadIdx.x / kWarp; s < P; s += warps) {
+    const int64_t e = p.slots.ind[s];
+    const bool used = e >= 0 && e < b.N;
+    for (int64_t q = 0; q < b.r; ++q) {
       float acc = 0.f;
       if (used) {
-        const T* row = m + e * se + q * sq;
-        const T* x = src + (p / k) * width;
-        for (int64_t c = lane; c < width; c += kWarp) acc += static_cast<float>(row[c * sc]) * static_cast<float>(x[c]);
+        const T* row = b.m + e * b.se + q * b.sq;
+        const T* x = p.src + (s / p.slots.k) * b.width;
+        for (int64_t c = lane; c < b.width; c += kWarp)
+          acc += static_cast<float>(row[c * b.sc]) * static_cast<float>(x[c]);
       }
       for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (lane == 0) u[p * r + q] = acc;
+      if (lane == 0) p.u[s * b.r + q] = acc;
     }
   }
 }
 
-// dst[t, c] += sum_j sum_q coef[t*k + j, q] m[e_j, q, c] for token t's used slots (slot order);
-// a bad index in t's row turns the row into NaN. dst: [T, width].
+// One CTA per token, one thread per column.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) add_lowrank_kernel(const int64_t* ind, const float* coef, const T* m,
-                                                               int64_t se, int64_t sq, int64_t sc, int64_t T_,
-                                                               int64_t k, int64_t r, int64_t width, int64_t N, T* dst) {
-  for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
-    bool bad = false;
-    for (int64_t j = 0; j < k; ++j) bad |= !lora::index_ok(ind[t * k + j], N);
-    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
-      float acc = static_cast<float>(dst[t * width + c]);
+__global__ void __launch_bounds__(kThreads) add_lowrank_kernel(const AddLowRankParams<T> p) {
+  const auto& b = p.bank;
+  const int64_t k = p.slots.k;
+  for (int64_t t = blockIdx.x; t < p.slots.tokens; t += gridDim.x) {
+    for (int64_t c = threadIdx.x; c < b.width; c += blockDim.x) {
+      float acc = static_cast<float>(p.dst[t * b.width + c]);
       for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = ind[t * k + j];
-        if (e < 0 || e >= N) continue;
-        const float* cf = coef + (t * k + j) * r;
-        const T* me = m + e * se + c * sc;
-        for (int64_t q = 0; q < r; ++q) acc += cf[q] * static_cast<float>(me[q * sq]);
+        const int64_t e = p.slots.ind[t * k + j];
+        if (e < 0 || e >= b.N) continue;
+        const float* cf = p.coef + (t * k + j) * b.r;
+        const T* me = b.m + e * b.se + c * b.sc;
+        for (int64_t q = 0; q < b.r; ++q) acc += cf[q] * static_cast<float>(me[q * b.sq]);
       }
-      dst[t * width + c] = static_cast<T>(bad ? NAN : acc);
+      p.dst[t * b.width + c] = static_cast<T>(acc);
     }
   }
 }
 
-// g[e, q, c] = sum over e's slots (sorted keys/pos, token order) of u[p, q] src[p / k, c].
-// grid: (column blocks, experts); zero for unused experts.
+// grid: (column blocks, experts).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) outer_kernel(const int64_t* keys, const int64_t* pos, int64_t P,
-                                                         const float* u, const T* src, int64_t k, int64_t r,
-                                                         int64_t width, T* g) {
+__global__ void __launch_bounds__(kThreads) outer_kernel(const OuterParams<T> p) {
   const int64_t e = blockIdx.y;
-  const int64_t lo = runs::lower_bound(keys, P, e), hi = runs::lower_bound(keys, P, e + 1);
+  const int64_t lo = runs::lower_bound(p.keys, p.P, e), hi = runs::lower_bound(p.keys, p.P, e + 1);
   const int64_t c = blockIdx.x * kColBlock + threadIdx.x;
-  if (threadIdx.x >= kColBlock || c >= width) return;
-  for (int64_t q = 0; q < r; ++q) {
+  if (threadIdx.x >= kColBlock || c >= p.width) return;
+  for (int64_t q = 0; q < p.r; ++q) {
     float acc = 0.f;
     for (int64_t i = lo; i < hi; ++i) {
-      const int64_t p = pos[i];
-      acc += u[p * r + q] * static_cast<float>(src[(p / k) * width + c]);
+      const int64_t s = p.pos[i];
+      acc += p.u[s * p.r + q] * static_cast<float>(p.src[(s / p.k) * p.width + c]);
     }
-    g[(e * r + q) * width + c] = static_cast<T>(acc);
+    p.g[(e * p.r + q) * p.width + c] = static_cast<T>(acc);
   }
 }
 
 template <typename T>
-void launch_slot_dot(const Tensor& ind, const Tensor& m, const Tensor& src, int64_t k, int64_t r,
-                     Tensor& u) {
+void launch_slot_dot(const Tensor& ind, const Tensor& m, const Tensor& src, Tensor& u) {
+  const SlotDotParams<T> p{slots_of(ind), bank_view<T>(m), src.const_data_ptr<T>(), u.data_ptr<float>()};
   const int64_t P = ind.numel();
-  if (P == 0 || r == 0) return;
+  if (P == 0 || p.bank.r == 0) return;
   const int64_t per_block = kThreads / kWarp;
-  slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, current_cuda_stream()>>>(
-      ind.data_ptr<int64_t>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), src.const_data_ptr<T>(),
-      P, k, r, m.size(2), m.size(0), u.data_ptr<float>());
+  slot_dot_kernel<T><<<grid_for((P + per_block - 1) / per_block), kThreads, 0, current_cuda_stream()>>>(p);
   DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_add_lowrank(const Tensor& ind, const Tensor& coef, const Tensor& m, int64_t k, int64_t r,
-                        Tensor& dst) {
-  const int64_t T_ = dst.size(0);
-  if (T_ == 0) return;
-  add_lowrank_kernel<T><<<grid_for(T_), kThreads, 0, current_cuda_stream()>>>(
-      ind.data_ptr<int64_t>(), coef.data_ptr<float>(), m.const_data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2),
-      T_, k, r, m.size(2), m.size(0), dst.data_ptr<T>());
+void launch_add_lowrank(const Tensor& ind, const Tensor& coef, const Tensor& m, Tensor& dst) {
+  const AddLowRankParams<T> p{slots_of(ind), bank_view<T>(m), coef.data_ptr<float>(), dst.data_ptr<T>()};
+  if (p.slots.tokens == 0) return;
+  add_lowrank_kernel<T><<<grid_for(p.slots.tokens), kThreads, 0, current_cuda_stream()>>>(p);
   DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -123,10 +162,10 @@ void launch_outer(const Tensor& keys, const Tensor& pos, const Tensor& u, const 
                   int64_t k, int64_t r, Tensor& g) {
   const int64_t N = g.size(0), width = g.size(2);
   if (N == 0 || r == 0 || width == 0) return;
+  const OuterParams<T> p{keys.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), keys.numel(), k, r, width,
+                         u.data_ptr<float>(), src.data_ptr<T>(), g.data_ptr<T>()};
   const dim3 grid(static_cast<unsigned>((width + kColBlock - 1) / kColBlock), static_cast<unsigned>(N));
-  outer_kernel<T><<<grid, kThreads, 0, current_cuda_stream()>>>(
-      keys.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), keys.numel(), u.data_ptr<float>(), src.data_ptr<T>(), k, r,
-      width, g.data_ptr<T>());
+  outer_kernel<T><<<grid, kThreads, 0, current_cuda_stream()>>>(p);
   DOE_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -157,9 +196,9 @@ std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cuda(const Tensor& x, const Ten
   const auto& a = lora_a;
   const auto bt = lora_b.transpose(1, 2);  // [N, r, out], a view
   DOE_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "multi_lora_linear_fwd_cuda", [&] {
-    launch_slot_dot<scalar_t>(ind, a, x2, sz.k, sz.r, xa);
+    launch_slot_dot<scalar_t>(ind, a, x2, xa);
     const auto coef = (xa * scales.to(kFloat).unsqueeze(-1)).contiguous();
-    launch_add_lowrank<scalar_t>(ind, coef, bt, sz.k, sz.r, out);
+    launch_add_lowrank<scalar_t>(ind, coef, bt, out);
   });
   return {out, xa};
 }
@@ -195,9 +234,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_linear_bwd
   const auto xaf = xa.to(kFloat);
   auto bg = zeros({sz.T, sz.k, sz.r}, x.options().dtype(kFloat));  // B^T g per slot
   DOE_DISPATCH_FLOATING_AND_HALF_TYPES(x.scalar_type(), "multi_lora_linear_bwd_cuda", [&] {
-    launch_slot_dot<scalar_t>(ind, bt, g2, sz.k, sz.r, bg);
+    launch_slot_dot<scalar_t>(ind, bt, g2, bg);
     const auto v = (bg * s3).contiguous();  // the gradient of xa
-    launch_add_lowrank<scalar_t>(ind, v, a, sz.k, sz.r, grad_x);
+    launch_add_lowrank<scalar_t>(ind, v, a, grad_x);
     if (need_lora_grad) {
       grad_s.copy_((bg * xaf).sum(-1));  // 0 at empty slots: bg is 0 there
       Tensor keys, pos;

@@ -167,8 +167,9 @@ def test_empty_input_gives_empty_output_and_zero_bank_grads():
         assert torch.count_nonzero(t.grad) == 0
 
 
-def test_bad_index_names_the_argument_and_value():  # CPU: raised while sorting the slots
-    x, weight, bias, lora_a, lora_b, indices, scales = make_case("r4-k3-odd")
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_index_names_the_argument_and_value(device):  # CPU and CUDA raise the same error
+    x, weight, bias, lora_a, lora_b, indices, scales = make_case("r4-k3-odd", device)
     bad = indices.clone()
     bad[4, 2] = 6
     with pytest.raises(RuntimeError, match=r"`indices` out of range: got 6 at \[4, 2\], expected -1 \(empty slot\) or 0 <= i < 6"):
@@ -266,15 +267,3 @@ def test_module_rejects_bad_banks():
         MultiLoRALinear(base, torch.randn(4, 2, 8), torch.zeros(4, 6, 3))
     with pytest.raises(TypeError, match="expected `base` to be an nn.Linear or Conv1D, got Conv1d"):
         MultiLoRALinear(nn.Conv1d(8, 6, 1), torch.randn(4, 2, 8), torch.zeros(4, 6, 2))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_bad_index_on_cuda_turns_its_row_into_nan():
-    # raising would need a host sync inside the op: the bad token's row is NaN instead, others exact
-    x, weight, bias, lora_a, lora_b, indices, scales = make_case("r4-k3-odd", "cuda")
-    bad = indices.clone()
-    bad[4, 2] = 6
-    out = multi_lora_linear(x, weight, bias, lora_a, lora_b, bad, scales)
-    assert torch.isnan(out[4]).all()
-    keep = torch.arange(x.shape[0], device="cuda") != 4
-    torch.testing.assert_close(out[keep], multi_lora_linear(x, weight, bias, lora_a, lora_b, indices, scales)[keep])

@@ -39,10 +39,9 @@ def multi_lora_linear(
     Differentiable in ``x``, ``weight``, ``bias``, ``lora_a``, ``lora_b`` and ``scales``; the LoRA
     gradients are dense over the bank (zero for experts no token used), so many experts train in
     one batch. On the CPU the (token, slot) pairs are grouped by expert (a counting sort) and each
-    expert's A/B meet its tokens in cache; the base GEMM is ATen's. Nothing copies the data to the
-    host; an index out of range raises ``RuntimeError`` naming ``indices`` (checked on the CPU
-    while sorting; on CUDA such a slot is treated as empty and its token's output is set to NaN,
-    since raising would need a host sync). Dtypes: float32/float64/float16/bfloat16 on the CPU
+    expert's A/B meet its tokens in cache; the base GEMM is ATen's. An index out of range raises
+    ``RuntimeError`` naming ``indices``, its value and position, on both devices, before anything is
+    computed (on CUDA: one host sync for the indices' range). Dtypes: float32/float64/float16/bfloat16 on the CPU
     (the half types in float32 math on the experts used); float32/float16/bfloat16 on CUDA (float32
     accumulation).
     """
