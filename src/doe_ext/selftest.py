@@ -43,13 +43,17 @@ def _tensors(x) -> list[torch.Tensor]:
     return [t for t in (x if isinstance(x, (tuple, list)) else (x,)) if isinstance(t, torch.Tensor)]
 
 
+# Floating arguments the ops take no gradient for: the router's eps, expert_loss's soft target.
+NO_GRAD = ("noise", "target")
+
+
 def _leaves(args: dict, dtype: torch.dtype | None = None) -> dict:
     """Fresh copies of ``args``: floating tensors (in ``dtype`` when given) become leaves needing grad,
-    except the router's ``noise`` (eps, which gets no gradient)."""
+    except those of :data:`NO_GRAD`."""
     out = {}
     for k, v in args.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().to(dtype or v.dtype, copy=True).requires_grad_(k != "noise")
+            v = v.detach().to(dtype or v.dtype, copy=True).requires_grad_(k not in NO_GRAD)
         out[k] = v
     return out
 
@@ -65,24 +69,40 @@ def _run(fn: Callable, args: dict):
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
-def check_values_and_gradients(op: str, device: str, dtype: torch.dtype) -> str:
-    """The op's outputs and its inputs' gradients against the twin's, in ``dtype`` and in float64."""
+def check_values_and_gradients(op: str, device: str, dtype: torch.dtype, args: dict | None = None) -> str:
+    """The op's outputs and its inputs' gradients against the twin's, in ``dtype`` and in float64, on
+    ``args`` (default: the op's sample call)."""
     from doe_ext import ops, reference
     from doe_ext.ops.specs import public_call
 
     fn, twin = getattr(ops, op), getattr(reference, f"{op}_ref")
-    args = public_call(op, device, dtype)
+    args = public_call(op, device, dtype) if args is None else args
     got, got_g = _run(fn, _leaves(args))
     same, same_g = _run(twin, _leaves(args))
     f64, f64_g = _run(twin, _leaves(args, torch.float64))
     for i, (a, b, c) in enumerate(zip(got, same, f64)):
         close_to_reference(a, b, c, f"{op} output {i}")
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "noise"]
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in NO_GRAD]
     for name, a, b, c in zip(names, got_g, same_g, f64_g):
         assert (a is None) == (b is None), f"{op}: a gradient for `{name}` only in one of op / twin"
         if a is not None:
             close_to_reference(a, b, c, f"{op} grad of {name}")
     return f"{len(got)} output(s), {sum(a is not None for a in got_g)} gradient(s)"
+
+
+def check_cases(op: str, device: str, dtype: torch.dtype) -> str:
+    """:func:`check_values_and_gradients` on every case of the op's table (:data:`doe_ext.ops.specs.CASES`:
+    odd and empty sizes, sliced, strided and transposed layouts), drawn from a fixed seed."""
+    from doe_ext.ops import specs
+
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(0)
+        for name in specs.CASES[op]:
+            try:
+                check_values_and_gradients(op, device, dtype, specs.make_case(op, name, device, dtype))
+            except AssertionError as e:
+                raise AssertionError(f"case {name}: {e}") from e
+    return f"{len(specs.CASES[op])} cases"
 
 
 def check_lora_merge_inplace(device: str, dtype: torch.dtype) -> str:
@@ -122,36 +142,12 @@ def check_opcheck(raw_op: str, device: str, dtype: torch.dtype) -> str:
     return "ok"
 
 
-def bad_inputs(raw_op: str, device: str, dtype: torch.dtype):
-    """``(what, call, argument)`` for each bad input of a raw op: None for each required tensor, each
-    tensor on the meta device, another dtype for each floating tensor after the first (which sets the
-    dtype the others must have), and an id out of range."""
-    from doe_ext.ops.specs import raw_call, schema_arguments
-
-    fn = getattr(torch.ops.doe_ext, raw_op)
-    floating = [n for n, v in raw_call(raw_op, device, dtype).items()
-                if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    for name, ty in schema_arguments(raw_op):
-        if not ty.startswith("Tensor"):
-            continue
-        args = raw_call(raw_op, device, dtype)
-        if args[name] is None:
-            continue
-        kinds = {"meta": args[name].to("meta")}
-        if ty == "Tensor":
-            kinds["None"] = None
-        if name in floating[1:]:
-            kinds["dtype"] = args[name].to(torch.float64 if dtype != torch.float64 else torch.float32)
-        if name in ("token_ids", "topic_ids", "indices", "target") and not args[name].is_floating_point():
-            kinds["id out of range"] = torch.full_like(args[name], 10**6)
-        for what, value in kinds.items():
-            bad = {**args, name: value}
-            yield f"{what} `{name}`", (lambda b=bad: fn(*b.values())), name
-
-
 def check_bad_inputs(raw_op: str, device: str, dtype: torch.dtype) -> str:
+    """Each bad input of the raw op (:func:`doe_ext.ops.specs.bad_inputs`) must raise an error naming its argument."""
+    from doe_ext.ops import specs
+
     n = 0
-    for what, call, name in bad_inputs(raw_op, device, dtype):
+    for what, call, name in specs.bad_inputs(raw_op, device, dtype):
         try:
             call()
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
@@ -167,6 +163,7 @@ def checks(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable[[],
     from doe_ext.ops.specs import PUBLIC_OPS, RAW_OPS
 
     out = [(op, "values + gradients", lambda op=op: check_values_and_gradients(op, device, dtype)) for op in PUBLIC_OPS]
+    out += [(op, "cases + layouts", lambda op=op: check_cases(op, device, dtype)) for op in PUBLIC_OPS]
     out.append(("lora_merge_", "values", lambda: check_lora_merge_inplace(device, dtype)))
     out += [(op, "opcheck", lambda op=op: check_opcheck(op, device, dtype)) for op in RAW_OPS]
     out += [(op, "bad inputs", lambda op=op: check_bad_inputs(op, device, dtype)) for op in RAW_OPS]

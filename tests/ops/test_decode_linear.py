@@ -5,43 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from doe_ext.ops import decode_linear
+from doe_ext.ops import decode_linear, specs
 from doe_ext.reference import decode_linear_ref
 from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, assert_compile_matches_eager, leaves
 
 RAW = torch.ops.doe_ext.decode_linear.default
 
-# x's shape, out, bias, weight layout: rows on both sides of the kernel's four-row groups and of its
-# 8-row limit (9, 17: ATen's GEMM), odd widths, leading dims, layouts the kernel must read correctly.
-CASES = {
-    "one-token": ((1, 37), 53, True, "contiguous"),
-    "three-rows": ((3, 64), 129, True, "contiguous"),
-    "four-rows": ((4, 17), 31, False, "contiguous"),
-    "seven-rows": ((7, 33), 9, True, "contiguous"),
-    "eight-rows": ((2, 4, 20), 11, True, "contiguous"),
-    "nine-rows-gemm": ((9, 15), 13, True, "contiguous"),
-    "seventeen-rows-gemm": ((17, 8), 5, False, "contiguous"),
-    "transposed-weight": ((2, 19), 23, True, "transposed"),
-    "row-slice-weight": ((5, 12), 7, True, "row-slice"),
-    "strided-x": ((3, 10), 6, True, "strided-x"),
-    "no-rows": ((0, 7), 4, True, "contiguous"),
-    "in-zero": ((2, 0), 3, True, "contiguous"),
-}
+CASES = specs.CASES["decode_linear"]  # the op's cases: doe_ext.ops.specs
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    shape, out, has_bias, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    x = torch.randn(*shape, **g)
-    if layout == "strided-x":
-        x = torch.randn(*shape[:-1], 2 * shape[-1], **g)[..., ::2]
-    weight = torch.randn(out, shape[-1], **g) * max(shape[-1], 1) ** -0.5
-    if layout == "transposed":
-        weight = weight.T.contiguous().T
-    elif layout == "row-slice":
-        weight = torch.randn(out, shape[-1] + 5, **g)[:, 2:2 + shape[-1]]
-    bias = torch.randn(out, **g) if has_bias else None
-    return x, weight, bias
+    return tuple(specs.make_case("decode_linear", name, device, dtype).values())
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)

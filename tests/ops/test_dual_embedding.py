@@ -7,41 +7,18 @@ import torch
 from torch import nn
 
 from doe_ext.nn import DualInputEmbedding
-from doe_ext.ops import dual_embedding
+from doe_ext.ops import dual_embedding, specs
 from doe_ext.reference import dual_embedding_ref
 from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.dual_embedding_fwd.default
 BWD = torch.ops.doe_ext.dual_embedding_bwd.default
 
-# id shape, V, d, K, dk, share of unlabeled topics (-1), padding_idx, table layout
-CASES = {
-    "small": ((5,), 7, 4, 3, 2, 0.0, None, "contiguous"),
-    "batch-odd-unlabeled": ((3, 11), 37, 13, 5, 3, 0.3, None, "contiguous"),
-    "padding": ((4, 9), 20, 8, 6, 5, 0.2, 2, "contiguous"),
-    "padding-negative": ((33,), 16, 6, 4, 4, 0.1, -1, "contiguous"),
-    "repeats-many": ((200,), 3, 17, 2, 9, 0.25, None, "contiguous"),
-    "all-unlabeled": ((2, 6), 10, 5, 4, 3, 1.0, None, "contiguous"),
-    "strided-tables": ((2, 3, 5), 12, 7, 6, 4, 0.2, None, "strided"),
-    "empty": ((0,), 9, 4, 3, 2, 0.0, None, "contiguous"),
-    "empty-batch": ((3, 0), 9, 4, 3, 2, 0.0, 1, "contiguous"),
-}
+CASES = specs.CASES["dual_embedding"]  # the op's cases: doe_ext.ops.specs
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    shape, V, d, K, dk, unlabeled, padding_idx, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    token_ids = torch.randint(0, V, shape, device=device)
-    topic_ids = torch.randint(0, K, shape, device=device)
-    topic_ids[torch.rand(shape, device=device) < unlabeled] = -1
-    if padding_idx is not None and token_ids.numel():
-        token_ids.view(-1)[::3] = padding_idx % V  # make sure the padding row is hit
-    if layout == "strided":  # stride 2 along the width: the op must not assume unit stride
-        token_weight = torch.randn(V, 2 * d, **g)[:, ::2]
-        topic_weight = torch.randn(dk, K, **g).T
-    else:
-        token_weight, topic_weight = torch.randn(V, d, **g), torch.randn(K, dk, **g)
-    return token_ids, topic_ids, token_weight, topic_weight, padding_idx
+    return tuple(specs.make_case("dual_embedding", name, device, dtype).values())
 
 
 def _forward_backward(fn, token_ids, topic_ids, token_weight, topic_weight, padding_idx, grad_out):

@@ -9,49 +9,19 @@ import torch.nn.functional as F
 
 from doe_ext.losses import composite_loss
 from doe_ext.nn import ExpertLoss
-from doe_ext.ops import expert_loss
+from doe_ext.ops import expert_loss, specs
 from doe_ext.reference import expert_loss_ref
 from op_testing import DEVICE_DTYPES, DEVICES, HAS_CUDA, assert_close_to_reference, leaves
 
 FWD = torch.ops.doe_ext.expert_loss_fwd.default
 BWD = torch.ops.doe_ext.expert_loss_bwd.default
 
-# lead dims, K, target kind ("hard" | "soft" | "soft-zeros": a sparse distribution with exact zeros),
-# share of ignored rows (hard), logits layout
-CASES = {
-    "K1-hard": ((5,), 1, "hard", 0.0, "contiguous"),
-    "K17-hard-ignored": ((2, 9), 17, "hard", 0.3, "contiguous"),
-    "K128-hard-transposed": ((7, 4), 128, "hard", 0.2, "transposed"),
-    "K256-hard": ((33,), 256, "hard", 0.0, "row-slice"),
-    "K17-soft": ((2, 5), 17, "soft", 0.0, "contiguous"),
-    "K128-soft-zeros": ((19,), 128, "soft-zeros", 0.0, "row-slice"),
-    "K256-soft": ((6,), 256, "soft", 0.0, "transposed"),
-    "all-ignored": ((6,), 5, "hard", 1.0, "contiguous"),
-    "empty": ((0,), 7, "hard", 0.0, "contiguous"),
-    "empty-soft": ((3, 0), 7, "soft", 0.0, "contiguous"),
-}
+CASES = specs.CASES["expert_loss"]  # the op's cases: doe_ext.ops.specs
 NONEMPTY = [c for c in CASES if not c.startswith("empty")]
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    lead, K, kind, ignored, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    if layout == "row-slice":
-        logits = torch.randn(*lead, K + 3, **g)[..., :K] * 3
-    elif layout == "transposed":
-        logits = torch.randn(K, *reversed(lead), **g).permute(*range(len(lead), 0, -1), 0) * 3
-    else:
-        logits = torch.randn(*lead, K, **g) * 3
-    if kind == "hard":
-        target = torch.randint(0, K, lead, device=device)
-        target[torch.rand(lead, device=device) < ignored] = -100
-    else:
-        t = torch.rand(*lead, K, device=device, dtype=torch.float64)
-        if kind == "soft-zeros":
-            t[t < 0.8] = 0
-            t[..., 0] += 0.1  # every row keeps some mass
-        target = (t / t.sum(-1, keepdim=True)).to(dtype)
-    return logits, target
+    return tuple(specs.make_case("expert_loss", name, device, dtype).values())
 
 
 def _loss_and_grad(fn, logits, target, grad_out, **kw):

@@ -7,42 +7,18 @@ import torch
 
 import doe_ext
 from doe_ext.nn import KnowledgeAttention
-from doe_ext.ops import knowledge_attention
+from doe_ext.ops import knowledge_attention, specs
 from doe_ext.reference import knowledge_attention_ref
 from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.knowledge_attention_fwd.default
 BWD = torch.ops.doe_ext.knowledge_attention_bwd.default
 
-# lead dims of q, dk, dv, K, with residual, tied (z_key is z_value), q layout
-CASES = {
-    "K1": ((5,), 16, 16, 1, True, True, "contiguous"),
-    "K7-batch-odd": ((2, 3), 33, 17, 7, True, False, "contiguous"),
-    "K128-rowslice": ((37,), 64, 64, 128, True, True, "row-slice"),
-    "K300-no-residual": ((3, 5, 2), 9, 9, 300, False, True, "contiguous"),
-    "multi-block-strided": ((261,), 24, 40, 13, True, False, "strided"),
-    "transposed": ((3, 11), 20, 6, 5, True, False, "transposed"),
-    "empty": ((0,), 16, 8, 7, True, False, "contiguous"),
-    "empty-batch": ((2, 0), 8, 8, 3, False, False, "contiguous"),
-}
+CASES = specs.CASES["knowledge_attention"]  # the op's cases: doe_ext.ops.specs
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    lead, dk, dv, K, with_res, tied, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    if layout == "row-slice":  # unit stride along dk, rows further apart: no copy needed
-        q = torch.randn(*lead, dk + 5, **g)[..., :dk]
-    elif layout == "strided":  # stride 2 along dk
-        q = torch.randn(*lead, 2 * dk, **g)[..., ::2]
-    elif layout == "transposed":
-        q = torch.randn(dk, *reversed(lead), **g).permute(*range(len(lead), 0, -1), 0)
-    else:
-        q = torch.randn(*lead, dk, **g)
-    assert q.shape == (*lead, dk) and (layout == "contiguous") == q.is_contiguous()
-    z_value = torch.randn(K, dv, **g)
-    z_key = z_value if tied and dk == dv else torch.randn(K, dk, **g)
-    residual = torch.randn(*lead, dv, **g) if with_res else None
-    return q, z_key, z_value, residual
+    return tuple(specs.make_case("knowledge_attention", name, device, dtype).values())
 
 
 def _forward_backward(fn, q, z_key, z_value, residual, grad_out, tied):

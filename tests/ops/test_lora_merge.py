@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from doe_ext.ops import lora_merge, lora_merge_
+from doe_ext.ops import lora_merge, lora_merge_, specs
 from doe_ext.reference import lora_merge_ref
 from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
@@ -13,25 +13,11 @@ MERGE = torch.ops.doe_ext.lora_merge.default
 MERGE_ = torch.ops.doe_ext.lora_merge_.default
 BWD = torch.ops.doe_ext.lora_merge_bwd.default
 
-# out, in, E (experts merged), r, weight layout
-CASES = {
-    "E1-r1": (5, 7, 1, 1, "contiguous"),
-    "E3-r4-odd": (13, 9, 3, 4, "contiguous"),
-    "E2-r16": (31, 17, 2, 16, "contiguous"),
-    "transposed-weight": (12, 10, 3, 4, "transposed"),
-    "no-experts": (6, 4, 0, 4, "contiguous"),
-    "empty-weight": (0, 5, 2, 3, "contiguous"),
-}
+CASES = specs.CASES["lora_merge"]  # the op's cases: doe_ext.ops.specs
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    d_out, d_in, E, r, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    weight = torch.randn(d_in, d_out, **g).T if layout == "transposed" else torch.randn(d_out, d_in, **g)
-    lora_a = torch.randn(E, r, d_in, **g) * d_in**-0.5
-    lora_b = torch.randn(E, d_out, r, **g) * max(r, 1)**-0.5
-    scales = torch.rand(E, **g) + 0.5
-    return weight, lora_a, lora_b, scales
+    return tuple(specs.make_case("lora_merge", name, device, dtype).values())
 
 
 def _forward_backward(fn, weight, lora_a, lora_b, scales, grad_out):

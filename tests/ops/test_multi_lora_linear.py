@@ -7,49 +7,18 @@ import torch
 from torch import nn
 
 from doe_ext.nn import MultiLoRALinear
-from doe_ext.ops import multi_lora_linear
+from doe_ext.ops import multi_lora_linear, specs
 from doe_ext.reference import multi_lora_linear_per_expert, multi_lora_linear_ref
 from op_testing import DEVICE_DTYPES, DEVICES, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.multi_lora_linear_fwd.default
 BWD = torch.ops.doe_ext.multi_lora_linear_bwd.default
 
-# T, in, out, N (bank), r, k, bias, slots, x layout
-CASES = {
-    "r1-k1": (7, 5, 3, 4, 1, 1, True, "random", "contiguous"),
-    "r4-k3-odd": (33, 17, 13, 6, 4, 3, True, "random", "contiguous"),
-    "r16-k3-unused-experts": (20, 9, 31, 10, 16, 3, False, "first-3-experts", "contiguous"),
-    "r4-k3-wide-out": (19, 11, 300, 5, 4, 3, True, "random", "row-slice"),  # > one column block
-    "repeated-expert": (9, 6, 8, 3, 2, 3, True, "same-expert", "contiguous"),
-    "all-slots-empty": (6, 5, 4, 3, 4, 2, True, "empty", "contiguous"),
-    "transposed-x": (10, 8, 6, 4, 3, 2, False, "random", "transposed"),
-    "empty": (0, 5, 4, 3, 2, 2, True, "random", "contiguous"),
-}
+CASES = specs.CASES["multi_lora_linear"]  # the op's cases: doe_ext.ops.specs
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    T, d_in, d_out, N, r, k, with_bias, slots, layout = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    if layout == "row-slice":
-        x = torch.randn(T, d_in + 3, **g)[:, :d_in]
-    elif layout == "transposed":
-        x = torch.randn(d_in, T, **g).T
-    else:
-        x = torch.randn(T, d_in, **g)
-    weight = torch.randn(d_out, d_in, **g) * d_in**-0.5
-    bias = torch.randn(d_out, **g) if with_bias else None
-    lora_a = torch.randn(N, r, d_in, **g) * d_in**-0.5
-    lora_b = torch.randn(N, d_out, r, **g) * d_out**-0.5
-    if slots == "random":  # some empty slots too
-        indices = torch.randint(-1, N, (T, k), device=device)
-    elif slots == "first-3-experts":
-        indices = torch.randint(0, 3, (T, k), device=device)
-    elif slots == "same-expert":
-        indices = torch.full((T, k), 1, device=device)
-    else:
-        indices = torch.full((T, k), -1, device=device)
-    scales = torch.rand(T, k, **g) + 0.5
-    return x, weight, bias, lora_a, lora_b, indices, scales
+    return tuple(specs.make_case("multi_lora_linear", name, device, dtype).values())
 
 
 def _forward_backward(fn, x, weight, bias, lora_a, lora_b, indices, scales, grad_out):

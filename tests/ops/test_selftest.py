@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from doe_ext import reference, selftest
+from doe_ext.ops import specs
 from doe_ext.ops.specs import PUBLIC_OPS, RAW_OPS
 
 
@@ -36,9 +37,9 @@ def test_a_wrong_twin_is_a_failed_row_and_exit_1(monkeypatch, capsys):
 
 
 def test_an_accepted_bad_input_is_a_failed_row(monkeypatch):
-    real = selftest.bad_inputs
+    real = specs.bad_inputs
     # a "bad input" that is in fact valid: the op accepts it, which the check must report
-    monkeypatch.setattr(selftest, "bad_inputs", lambda op, device, dtype: [
+    monkeypatch.setattr(specs, "bad_inputs", lambda op, device, dtype: [
         ("valid call", lambda: torch.ops.doe_ext.lora_merge(torch.ones(2, 3), torch.ones(1, 1, 3), torch.ones(1, 2, 1),
                                                             torch.ones(1)), "weight")] if op == "lora_merge" else
         real(op, device, dtype))

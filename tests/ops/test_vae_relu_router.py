@@ -7,41 +7,21 @@ import pytest
 import torch
 
 from doe_ext.nn import SparsityController, VAEReLURouter
-from doe_ext.ops import vae_relu_router
+from doe_ext.ops import specs, vae_relu_router
 from doe_ext.reference import vae_relu_router_ref
 from op_testing import DEVICE_DTYPES, DEVICES, HAS_CUDA, assert_close_to_reference, leaves, assert_compile_matches_eager
 
 FWD = torch.ops.doe_ext.vae_relu_router_fwd.default
 BWD = torch.ops.doe_ext.vae_relu_router_bwd.default
 
-# lead dims of h, d, dz (latent), K, h layout, gate bias (a large negative bias gives all-zero rows)
-CASES = {
-    "K1-dz1": ((5,), 8, 1, 1, "contiguous", 0.0),
-    "K17-dz7-batch": ((2, 3), 12, 7, 17, "contiguous", 0.0),
-    "K128-dz9-rowslice": ((37,), 32, 9, 128, "row-slice", 0.0),
-    "K256-dz5-transposed": ((3, 11), 16, 5, 256, "transposed", 0.0),
-    "K17-zero-rows": ((40,), 12, 3, 17, "contiguous", -2.5),
-    "empty": ((0,), 8, 3, 4, "contiguous", 0.0),
-    "empty-batch": ((2, 0), 8, 3, 4, "contiguous", 0.0),
-}
+CASES = specs.CASES["vae_relu_router"]  # the op's cases: doe_ext.ops.specs
 NONEMPTY = [c for c in CASES if not c.startswith("empty")]
 
 
 def make_case(name, device="cpu", dtype=torch.float32):
-    lead, d, dz, K, layout, gate_bias = CASES[name]
-    g = dict(device=device, dtype=dtype)
-    if layout == "row-slice":
-        h = torch.randn(*lead, d + 3, **g)[..., :d]
-    elif layout == "transposed":
-        h = torch.randn(d, *reversed(lead), **g).permute(*range(len(lead), 0, -1), 0)
-    else:
-        h = torch.randn(*lead, d, **g)
-    assert h.shape == (*lead, d) and (layout == "contiguous") == h.is_contiguous()
-    params = [torch.randn(dz, d, **g) * d**-0.5, torch.randn(dz, **g) * 0.1,
-              torch.randn(dz, d, **g) * 0.3 * d**-0.5, torch.randn(dz, **g) * 0.3 - 0.5,
-              torch.randn(K, dz, **g) * 0.5 * dz**-0.5, torch.randn(K, **g) * 0.1 + gate_bias]
-    noise = torch.randn(*lead, dz, **g)
-    return h, params, noise
+    """h, the six router parameters (w_mu, b_mu, w_logvar, b_logvar, w_gate, b_gate), noise."""
+    a = specs.make_case("vae_relu_router", name, device, dtype)
+    return a["h"], [a[k] for k in ("w_mu", "b_mu", "w_logvar", "b_logvar", "w_gate", "b_gate")], a["noise"]
 
 
 def _close(actual, ref, ref64, name):
