@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
 from doe_ext.nn.streaming import plain_linears, streaming_linears
@@ -180,7 +181,7 @@ class DMoE:
             if c < len(kept_ids):
                 cache.crop(c - len(kept_ids))  # transformers 5: a negative count of tokens to remove
         else:
-            c, cache = 0, DynamicCache(config=self.base.model.config)
+            c, cache = 0, PreallocatedCache(self.base.model.config)
         if c < len(prefix):
             ids = torch.tensor([prefix[c:]], device=self.base.device)
             self.base.model(input_ids=ids, position_ids=torch.arange(c, len(prefix), device=ids.device)[None],
@@ -202,7 +203,7 @@ class DMoE:
                 return self._prefill_rows(cache, enc, sets, shared)
             cache.batch_repeat_interleave(B)
         else:
-            cache = DynamicCache(config=model.config)
+            cache = PreallocatedCache(model.config)
         rest = [e[shared:] for e in enc]
         L = max(map(len, rest))
         ids = torch.tensor([enc[0][:shared] + [pad] * (L - len(e)) + e for e in rest], device=dev)
@@ -272,14 +273,18 @@ class DMoE:
             self.recomputed_tokens += int(state.mask[sel].sum())
         state.active = self.activate([state.sets[b] for b in state.running])
 
-    def keep(self, state: DecodeState, rows: list[int]) -> None:
-        """Only ``rows`` of the running batch go on (finished sequences leave it and the KV cache)."""
+    def keep(self, state: DecodeState, rows: list[int]) -> list[int]:
+        """Only ``rows`` of the running batch go on (finished sequences leave it and the KV cache), in the
+        order of :func:`~doe_ext.dmoe.cache.fill_from_end` (the rows beyond the smaller batch move into
+        the holes, so the cache moves one row per finished one). Returns that order."""
+        rows = fill_from_end(len(state.running), rows)
         sel = torch.tensor(rows, device=state.ids.device)
         state.cache.batch_select_indices(sel)
         state.ids, state.mask, state.residual = state.ids[sel], state.mask[sel], state.residual[sel]
         state.running = [state.running[j] for j in rows]
         if state.active is not None:
             state.active = state.active.select(sel)
+        return rows
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, tau: float | None = None,
@@ -348,8 +353,7 @@ class DMoE:
             if not going or t == max_new_tokens - 1:
                 break
             if len(going) < len(state.running):
-                self.keep(state, going)
-                nxt = nxt[torch.tensor(going, device=nxt.device)]
+                nxt = nxt[torch.tensor(self.keep(state, going), device=nxt.device)]
             logits = self.step(state, nxt)
         for g in out:
             g.text = tok.decode([x for x in g.tokens if x not in eos], skip_special_tokens=True).strip()
