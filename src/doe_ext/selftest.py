@@ -1,11 +1,12 @@
 """Check every op of this install on your device: ``python -m doe_ext.selftest [--device cuda] [--dtype ...]``.
 
 For each public op, against its plain-PyTorch twin (:mod:`doe_ext.reference`) on that device and
-dtype: the values and the gradients; then ``gradcheck`` in float64 on the CPU (the contract has no
-float64 on CUDA); then ``torch.library.opcheck`` of every raw op (``torch.ops.doe_ext.*``, forwards and
+dtype: the values and the gradients, on its sample call and on every case of its table (odd and
+empty sizes; sliced, strided and transposed layouts); then ``gradcheck`` in float64 on the CPU (the
+contract has no float64 on CUDA); then ``torch.library.opcheck`` of every raw op (``torch.ops.doe_ext.*``, forwards and
 backwards) and bad inputs of each kind (None, a meta tensor, another dtype, an id out of range),
 each of which must raise an error that names the argument. Prints one row per check and exits 1 on
-any failure. The inputs are the sample calls of :mod:`doe_ext.ops.specs`.
+any failure. The inputs, cases and bad inputs are the specs of :mod:`doe_ext.ops.specs`.
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def check_cases(op: str, device: str, dtype: torch.dtype) -> str:
     odd and empty sizes, sliced, strided and transposed layouts), drawn from a fixed seed."""
     from doe_ext.ops import specs
 
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
         for name in specs.CASES[op]:
             try:

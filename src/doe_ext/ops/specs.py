@@ -248,9 +248,10 @@ CASES = {
 
 def _knowledge_attention_case(case, f):
     lead, dk, dv, K, with_res, tied, layout = case
+    q = randn_layout((*lead, dk), layout, **f)
     z_value = torch.randn(K, dv, **f)
-    return dict(q=randn_layout((*lead, dk), layout, **f), z_key=z_value if tied and dk == dv else torch.randn(K, dk, **f),
-                z_value=z_value, residual=torch.randn(*lead, dv, **f) if with_res else None)
+    z_key = z_value if tied and dk == dv else torch.randn(K, dk, **f)
+    return dict(q=q, z_key=z_key, z_value=z_value, residual=torch.randn(*lead, dv, **f) if with_res else None)
 
 
 def _vae_relu_router_case(case, f):
