@@ -33,9 +33,7 @@ template <typename T>
 DOE_HD void dot4(const T* w, const T* x, int64_t in, T b, T* out, int64_t ld) {
   const T *x0 = x, *x1 = x + in, *x2 = x + 2 * in, *x3 = x + 3 * in;
   T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#ifndef __CUDACC__
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-#endif
+  DOE_SIMD_REDUCE(+, a0, a1, a2, a3)
   for (int64_t c = 0; c < in; ++c) {
     const T wc = w[c];
     a0 += wc * x0[c];

@@ -17,11 +17,11 @@
 // Nothing in CUDA translation units, whose hot loops are on the device.
 #ifdef __CUDACC__
 #define DOE_SIMD
-#define DOE_SIMD_REDUCE(op, var)
+#define DOE_SIMD_REDUCE(op, ...)
 #else
 #define DOE_PRAGMA(x) _Pragma(#x)
 #define DOE_SIMD DOE_PRAGMA(omp simd)
-#define DOE_SIMD_REDUCE(op, var) DOE_PRAGMA(omp simd reduction(op : var))
+#define DOE_SIMD_REDUCE(op, ...) DOE_PRAGMA(omp simd reduction(op : __VA_ARGS__))
 #endif
 
 // A CPU function built for several ISAs and picked at load time (GCC function multiversioning):

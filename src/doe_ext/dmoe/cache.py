@@ -66,9 +66,7 @@ class PreallocatedLayer(DynamicLayer):
             if self._n:
                 buf[:, :, :self._n] = old[:, :, :self._n]
             bufs.append(buf)
-        n = self._n
-        self._k, self._v = bufs
-        self._n = n
+        self._k, self._v = bufs  # the buffers themselves, not the setters: n stays
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:

@@ -26,8 +26,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     bound by reading the weight; ATen's CPU GEMM reads it at about a third of the bandwidth there
     (``benchmarks/README.md``). The CPU kernel streams each weight row once and forms its dot
     product with every input row from L1, for up to 8 rows; more rows are a GEMM (compute-bound),
-    which the op leaves to ATen. On CUDA the op is
-    cuBLAS's GEMM. Sums run in another order than ATen's: outputs agree to float rounding, not
+    which the op leaves to ATen. On CUDA the op is cuBLAS's GEMM. Sums run in another order than ATen's: outputs agree to float rounding, not
     bitwise. Differentiable in all three inputs (the gradients are ATen GEMMs). Dtypes:
     float32/float64/float16/bfloat16 on the CPU (half types in float32), float32/float16/bfloat16 on CUDA.
     """
