@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from doe_ext.demo import DOMAINS, load_gcide_domains, main, stage1
-from doe_ext.dmoe.report import FINAL_ROWS, missing_base, tour_plan, tour_section
+from doe_ext.dmoe.recipe import DEFAULT
+from doe_ext.dmoe.report import FINAL_ROWS, final_table, missing_base, tour_plan, tour_section
 
 
 def test_gcide_definitions_are_balanced_and_labelled():
@@ -55,6 +56,22 @@ def test_quick_demo_writes_a_report(tmp_path):
     again = main(["--quick", "--no-progress", "--out", str(tmp_path)]).read_text()
     assert {t: t.stat().st_mtime_ns for t in written} == written
     assert again.split("## DMoE")[1].split("Time: DMoE half")[0] == text.split("## DMoE")[1].split("Time: DMoE half")[0]
+    # a run stopped inside a table resumes at its first row not saved: the others are not answered again
+    knowledge, base, n = plan[0]
+    where = tmp_path / "dmoe" / f"{knowledge}-{base}"
+    before = json.loads((where / "eval.json").read_text())
+    cut = dict(before, samples={m: v for m, v in before["samples"].items() if m != "oracle router"})
+    (where / "eval.json").write_text(json.dumps(cut))
+    (where / "final.json").unlink()
+    r = final_table(where, knowledge, base, questions=n, bank_docs="questions", recipes=("default",),
+                    default=DEFAULT.replace(epochs=1), reuse=True, progress=False)
+    assert r["kept"] == [m for m in before["samples"] if m != "oracle router"]
+    after = json.loads((where / "eval.json").read_text())
+    assert list(after["samples"]) == list(before["samples"])
+    assert all(after["samples"][m] == before["samples"][m] for m in r["kept"])
+    assert [s["prediction"] for s in after["samples"]["oracle router"]] == [
+        s["prediction"] for s in before["samples"]["oracle router"]]
+    assert "Rows kept from an earlier run" in (where / "final.md").read_text()
 
 
 def test_full_quick_demo_runs_the_sweeps_and_the_ablations(tmp_path):

@@ -344,10 +344,14 @@ def markdown(summary: dict[str, dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write(results: dict[str, list[Sample]], summary: dict[str, dict], out: str | Path) -> None:
+def write(results: dict[str, list[Sample]], summary: dict[str, dict], out: str | Path,
+          arguments: dict[str, dict] | None = None) -> None:
+    """``OUT/eval.json`` (every answer) and ``OUT/eval.md``; ``arguments``: what each row was answered
+    with, for a later run to tell which rows it can keep."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"summary": summary,
-                                               "samples": {m: [asdict(s) for s in v] for m, v in results.items()}},
-                                              indent=1, ensure_ascii=False))
+    data = {"summary": summary, "samples": {m: [asdict(s) for s in v] for m, v in results.items()}}
+    if arguments is not None:
+        data["arguments"] = arguments
+    (out / "eval.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
     (out / "eval.md").write_text(markdown(summary))

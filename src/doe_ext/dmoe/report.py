@@ -142,6 +142,33 @@ def run_ablations(out: Path, quick: bool = False, ablation_questions: int = 100,
     return result
 
 
+# The bank each row of a final table answers with (the other rows use a bank's documents and BM25 index only)
+ROW_BANK = {"prag": "default", "sft": "default", "dmoe (paper)": "paper", "dmoe (default)": "default",
+            "oracle router": "default"}
+
+
+def row_arguments(row: str, common: dict, recipes: dict[str, Recipe], sft_docs_per_step: int) -> dict:
+    """What one row of a final table depends on: the sample and settings every row shares, its bank's
+    recipe, and the SFT adapter's documents per step. A row in ``eval.json`` made with the same is kept."""
+    key = dict(common)
+    if row in ROW_BANK:
+        key["recipe"] = recipes[ROW_BANK[row]].to_dict()
+    if row == "sft":
+        key["sft_docs_per_step"] = sft_docs_per_step
+    return key
+
+
+def kept_rows(out: Path, wanted: dict[str, dict]) -> dict[str, list[Sample]]:
+    """The rows of ``OUT/eval.json`` answered with the arguments ``wanted`` gives them (by row name)."""
+    f = Path(out) / "eval.json"
+    if not f.is_file():
+        return {}
+    prev = json.loads(f.read_text())
+    made = prev.get("arguments", {})
+    return {m: [Sample(**s) for s in prev["samples"][m]] for m, a in wanted.items()
+            if m in prev["samples"] and made.get(m) == a}
+
+
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
                 questions: int | None = None, bank_docs: str = "all", compose: str = DEFAULT_COMPOSE,
                 temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 8,
@@ -155,9 +182,12 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
     the set (``bank_docs="all"``), or of the sampled questions' documents only (``"questions"``, cheaper,
     and routing has fewer documents to tell apart). Demonstrations: the first dev question of each kind.
     ``recipes`` and ``methods`` leave rows out (a partial run says so in its table); ``default`` replaces
-    the default recipe (a smoke run's shorter training). Writes ``OUT/final.{json,md}``; with ``reuse``,
-    a ``final.json`` already there for the same arguments is returned as it is (an interrupted job
-    resumes: banks and the SFT adapter are cached anyway, the evaluation is not)."""
+    the default recipe (a smoke run's shorter training). Writes ``OUT/final.{json,md}``, and
+    ``OUT/eval.json`` after each row. With ``reuse``, a ``final.json`` already there for the same
+    arguments is returned as it is, and otherwise every row of ``eval.json`` answered with the same
+    sample, settings and recipe (:func:`row_arguments`) is kept: an interrupted job resumes at the row it
+    stopped in, a table gains a row without answering the others again, and a bank is built only for
+    rows still to answer (banks and the SFT adapter are cached on disk anyway)."""
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.metrics import paired_ci
     from doe_ext.dmoe.model import DMoE
@@ -172,10 +202,15 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
             "temperature": temperature, "sft_docs_per_step": sft_docs_per_step, "methods": list(methods),
             "recipes": {k: recipe_of[k].to_dict() for k in recipes}}
     done = out / "final.json"
-    if reuse and done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("arguments") == args:
-            return previous
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    if reuse and previous.get("arguments") == args:
+        return previous
+    common = {k: args[k] for k in ("knowledge", "base", "questions", "bank_docs", "compose", "temperature")}
+    rows = [m for m in methods if m != "dmoe"] + (["dmoe (paper)"] if "paper" in recipes else []) + [
+        "dmoe (default)", "oracle router"]
+    wanted = {m: row_arguments(m, common, recipe_of, sft_docs_per_step) for m in rows}
+    kept = kept_rows(out, wanted) if reuse else {}
+    todo = [m for m in rows if m not in kept]
     docs, qa = load(knowledge)
     text = {d["id"]: d["text"] for d in docs}
     every = [q for q in qa if q["split"] == "test"]
@@ -185,10 +220,10 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
         keep = {q["doc_id"] for q in test}
         docs = [d for d in docs if d["id"] in keep]
     base = load_base(base_name)
+    need = {ROW_BANK[m] for m in todo if m in ROW_BANK} or ({"default"} if todo else set())
     banks, build_s = {}, {}
-    for name, recipe in recipe_of.items():
-        if name not in recipes:
-            continue
+    for name in need:
+        recipe = recipe_of[name]
         tag = hashlib.sha256(json.dumps([knowledge, base_name, recipe.to_dict(), sorted(d["id"] for d in docs)]
                                         ).encode()).hexdigest()[:10]
         banks[name] = ExpertBank(out / f"bank-{name}-{tag}", create=True, fingerprint=base.fingerprint,
@@ -196,37 +231,52 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
         t = time.perf_counter()
         build_bank(base, [Document(d["id"], d["text"], d.get("title")) for d in docs], banks[name], progress=progress)
         build_s[name] = round(time.perf_counter() - t, 1)
-    h = Harness(base, banks["default"], shots=demos, batch_size=BATCH, compose=compose, temperature=temperature,
-                sft_docs_per_step=sft_docs_per_step)
+    # every bank holds the same documents and BM25 index: the rows that only retrieve use either
+    h = Harness(base, banks.get("default") or banks.get("paper"), shots=demos, batch_size=BATCH, compose=compose,
+                temperature=temperature, sft_docs_per_step=sft_docs_per_step) if banks else None
     t = time.perf_counter()
-    if "sft" in methods:
+    if "sft" in todo:
         h.sft()
     sft_s = round(time.perf_counter() - t, 1)
-    paper = DMoE(base, banks["paper"], tau=2.0, top_k=3, compose="sum") if "paper" in banks else None  # eq. 6
-    rows = [m for m in methods if m != "dmoe"] + ([Variant("dmoe (paper)", paper)]
-                                                  if "paper" in banks else []) + [
-        Variant("dmoe (default)", h.dmoe),
-        Variant("oracle router", DMoE(base, banks["default"], tau=2.0, top_k=1), oracle=True)]
-    t = time.perf_counter()
-    res = evaluate(h, test, rows, progress=progress)
+
+    def variant(m: str):
+        if m == "dmoe (paper)":
+            return Variant(m, DMoE(base, banks["paper"], tau=2.0, top_k=3, compose="sum"))  # eq. 6
+        if m == "dmoe (default)":
+            return Variant(m, h.dmoe)
+        if m == "oracle router":
+            return Variant(m, DMoE(base, banks["default"], tau=2.0, top_k=1), oracle=True)
+        return m
+
+    res, t = dict(kept), time.perf_counter()
+    for m in todo:  # one row at a time, saved as it ends
+        res.update(evaluate(h, test, [variant(m)], progress=progress))
+        res = {r: res[r] for r in rows if r in res}
+        write(res, summarize(res), out, {r: wanted[r] for r in res})
     eval_s = round(time.perf_counter() - t, 1)
     summary = summarize(res)
-    shown = next((x for x in res["dmoe (default)"] if x.triggers and x.em), next(
-        (x for x in res["dmoe (default)"] if x.triggers), None))
-    example = None if shown is None else {"question": shown.question, "answers": shown.answers,
-                                          "prediction": shown.prediction, "trace": _trace(h, shown)}
+    if "dmoe (default)" in todo:
+        shown = next((x for x in res["dmoe (default)"] if x.triggers and x.em), next(
+            (x for x in res["dmoe (default)"] if x.triggers), None))
+        example = None if shown is None else {"question": shown.question, "answers": shown.answers,
+                                              "prediction": shown.prediction, "trace": _trace(h, shown)}
+    else:
+        example = previous.get("example")
     paired = {m: {f"vs_{o}": paired_ci([s.em for s in res[m]], [s.em for s in res[o]]) for o in ("base", "rag")}
               for m in res}
     result = {"split": "test", "knowledge": knowledge, "base": base_name, "questions": len(test),
               "sampled": len(test) < len(every), "bank_docs": bank_docs, "documents": len(docs),
               "demonstrations": [q for q, _, _ in demos], "compose": compose,
-              "temperature": temperature, "recipes": {k: b.recipe.to_dict() for k, b in banks.items()},
+              "temperature": temperature, "recipes": {k: recipe_of[k].to_dict() for k in recipes},
               "summary": summary, "paired_em": paired, "by_kind": _by_kind(res), "example": example,
-              "arguments": args,
+              "arguments": args, "kept": [m for m in rows if m in kept],
               "seconds": {"build": build_s, "sft": sft_s, "eval": eval_s, "total": round(time.perf_counter() - t0, 1)}}
-    write(res, summary, out)
+    if kept:  # the times of the rows kept are the earlier run's
+        result["earlier_seconds"] = previous.get("seconds")
     (out / "final.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     (out / "final.md").write_text(final_markdown(result))
+    for b in banks.values():
+        b.close()
     return result
 
 
@@ -358,6 +408,9 @@ def final_markdown(r: dict) -> str:
     sec = r["seconds"]
     md += ["", f"Time: banks {sec['build']} s, SFT adapter {sec['sft']} s, evaluation {sec['eval']} s, "
            f"total {sec['total']} s."]
+    if r.get("kept"):
+        md += ["", f"Rows kept from an earlier run with the same sample, settings and recipe (their latencies and "
+               f"times are that run's: {r.get('earlier_seconds')}): {', '.join(r['kept'])}."]
     return "\n".join(md) + "\n"
 
 
@@ -664,6 +717,9 @@ if __name__ == "__main__":
                    help="bank every document of the set, or only the sampled questions' documents")
     f.add_argument("--recipes", default="default,paper", help="the banks: default, paper")
     f.add_argument("--methods", default=",".join(METHODS), help="the methods besides DMoE and the oracle router")
+    f.add_argument("--rerun", action="store_true",
+                   help="answer every row again (by default the rows of OUT/eval.json answered with the same "
+                        "sample, settings and recipe are kept: a stopped run resumes, a new row joins the table)")
     r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
     r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipes"))
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
@@ -672,7 +728,7 @@ if __name__ == "__main__":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
                                          args.knowledge, args.base, args.questions, args.bank_docs,
                                          recipes=tuple(args.recipes.split(",")),
-                                         methods=tuple(args.methods.split(",")))))
+                                         methods=tuple(args.methods.split(",")), reuse=not args.rerun)))
     elif args.study == "ablations":
         print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
                                                        args.retrain_questions))))
