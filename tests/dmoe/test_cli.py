@@ -164,6 +164,7 @@ def test_report_studies_help_runs(study):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: report.py") and "--out" in done.stdout
+    assert study != "final" or "--rerun" in done.stdout
 
 
 def test_final_table_sample_is_seeded_and_keeps_file_order():
@@ -184,6 +185,30 @@ def test_final_table_refuses_an_unknown_bank_docs_by_name(tmp_path):
 
     with pytest.raises(ValueError, match="bank_docs must be 'all' or 'questions', got 'some'"):
         final_table(tmp_path, bank_docs="some")
+
+
+def test_final_table_keeps_only_rows_answered_the_same_way(tmp_path):
+    """`report final` resumes from eval.json: a row is kept when its sample, settings and own bank's recipe
+    are the ones asked for now, and answered again otherwise (--rerun keeps none)."""
+    from doe_ext.dmoe.evaluate import Sample, write
+    from doe_ext.dmoe.recipe import DEFAULT, PAPER
+    from doe_ext.dmoe.report import kept_rows, row_arguments
+
+    common = {"knowledge": "k", "base": "b", "questions": 4, "bank_docs": "questions", "compose": "score",
+              "temperature": 1.0}
+    recipes = {"default": DEFAULT, "paper": PAPER}
+    rows = ["base", "sft", "dmoe (paper)", "dmoe (default)"]
+    made = {m: row_arguments(m, common, recipes, 8) for m in rows}
+    res = {m: [Sample("q?", ["a"], m, 0.0, 0.5, 0.1)] for m in rows}
+    write(res, {}, tmp_path, made)
+    assert {m: [s.prediction for s in v] for m, v in kept_rows(tmp_path, made).items()} == {m: [m] for m in rows}
+    other = {"default": DEFAULT.replace(epochs=3), "paper": PAPER}
+    assert list(kept_rows(tmp_path, {m: row_arguments(m, common, other, 8) for m in rows})) == ["base", "dmoe (paper)"]
+    assert list(kept_rows(tmp_path, {m: row_arguments(m, common, recipes, 1) for m in rows})) == [
+        "base", "dmoe (paper)", "dmoe (default)"]
+    assert kept_rows(tmp_path, {m: row_arguments(m, dict(common, questions=5), recipes, 8) for m in rows}) == {}
+    write(res, {}, tmp_path)  # an eval.json that does not say how its rows were answered keeps none
+    assert kept_rows(tmp_path, made) == {}
 
 
 def test_final_markdown_names_the_rows_a_partial_table_lacks():
