@@ -405,12 +405,15 @@ def final_markdown(r: dict) -> str:
     missing = [m for m in FINAL_ROWS if m not in r["summary"]]
     if missing:
         md += ["", f"Not run in this table: {', '.join(missing)}."]
-    sec = r["seconds"]
-    md += ["", f"Time: banks {sec['build']} s, SFT adapter {sec['sft']} s, evaluation {sec['eval']} s, "
-           f"total {sec['total']} s."]
+    def took(sec: dict) -> str:
+        return (f"banks {sec['build']} s, SFT adapter {sec['sft']} s, evaluation {sec['eval']} s, "
+                f"total {sec['total']} s")
+
+    md += ["", f"Time: {took(r['seconds'])}."]
     if r.get("kept"):
-        md += ["", f"Rows kept from an earlier run with the same sample, settings and recipe (their latencies and "
-               f"times are that run's: {r.get('earlier_seconds')}): {', '.join(r['kept'])}."]
+        earlier = r.get("earlier_seconds")
+        md += ["", f"Rows kept from an earlier run with the same sample, settings and recipe, with that run's latencies: "
+               f"{', '.join(r['kept'])}" + (f" (that run: {took(earlier)})." if earlier else ".")]
     return "\n".join(md) + "\n"
 
 
