@@ -207,6 +207,10 @@ def test_final_table_keeps_only_rows_answered_the_same_way(tmp_path):
     assert list(kept_rows(tmp_path, {m: row_arguments(m, common, recipes, 1) for m in rows})) == [
         "base", "dmoe (paper)", "dmoe (default)"]
     assert kept_rows(tmp_path, {m: row_arguments(m, dict(common, questions=5), recipes, 8) for m in rows}) == {}
+    data = json.loads((tmp_path / "eval.json").read_text())
+    data["samples"]["base"][0]["field_of_another_version"] = 1  # a row this version cannot read is answered again
+    (tmp_path / "eval.json").write_text(json.dumps(data))
+    assert "base" not in kept_rows(tmp_path, made) and "sft" in kept_rows(tmp_path, made)
     write(res, {}, tmp_path)  # an eval.json that does not say how its rows were answered keeps none
     assert kept_rows(tmp_path, made) == {}
 

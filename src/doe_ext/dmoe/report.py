@@ -159,14 +159,20 @@ def row_arguments(row: str, common: dict, recipes: dict[str, Recipe], sft_docs_p
 
 
 def kept_rows(out: Path, wanted: dict[str, dict]) -> dict[str, list[Sample]]:
-    """The rows of ``OUT/eval.json`` answered with the arguments ``wanted`` gives them (by row name)."""
+    """The rows of ``OUT/eval.json`` answered with the arguments ``wanted`` gives them (by row name); a row
+    whose answers this version's :class:`Sample` cannot read is answered again."""
     f = Path(out) / "eval.json"
     if not f.is_file():
         return {}
     prev = json.loads(f.read_text())
-    made = prev.get("arguments", {})
-    return {m: [Sample(**s) for s in prev["samples"][m]] for m, a in wanted.items()
-            if m in prev["samples"] and made.get(m) == a}
+    made, kept = prev.get("arguments", {}), {}
+    for m, a in wanted.items():
+        if m in prev["samples"] and made.get(m) == a:
+            try:
+                kept[m] = [Sample(**s) for s in prev["samples"][m]]
+            except TypeError:  # written by a version whose samples had other fields
+                pass
+    return kept
 
 
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
