@@ -165,6 +165,24 @@ def test_report_studies_help_runs(study):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: report.py") and "--out" in done.stdout
     assert study != "final" or "--rerun" in done.stdout
+    assert study != "recipes" or ("--knowledge" in done.stdout and "--base" in done.stdout)
+
+
+@pytest.mark.parametrize("knowledge", ["debian-packages-v1", "debian-changelogs-v1"])
+def test_recipe_study_reads_the_dev_split_of_its_knowledge_set(knowledge):
+    """`report recipes --knowledge NAME`: every choice is made on NAME's dev split, without its yes/no
+    questions and without the demonstrations the prompts show."""
+    from doe_ext.dmoe.data import load
+    from doe_ext.dmoe.report import dev_questions
+
+    docs, qa = load(knowledge)
+    questions, demos, text = dev_questions(None, knowledge)
+    dev = [q for q in qa if q["split"] == "dev"]
+    assert questions and all(q in dev and not q.get("yes_no") for q in questions)
+    shown = {(d[0], d[1]) for d in demos}
+    assert not any((q["question"], q["answers"][0]) in shown for q in questions)
+    assert set(text) == {d["id"] for d in docs} and all(q["doc_id"] in text for q in questions)
+    assert dev_questions(5, knowledge)[0] == questions[:5]
 
 
 def test_final_table_sample_is_seeded_and_keeps_file_order():

@@ -423,10 +423,11 @@ def final_markdown(r: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def dev_questions(limit: int | None = None) -> tuple[list[dict], list[tuple[str, str, str]], dict[str, str]]:
-    """The dev split without its demonstrations and yes/no questions (whose EM is a coin toss): the
-    questions every recipe choice is made on, the demonstrations, and the documents' texts."""
-    docs, qa = load()
+def dev_questions(limit: int | None = None, knowledge: str = "debian-packages-v1"
+                  ) -> tuple[list[dict], list[tuple[str, str, str]], dict[str, str]]:
+    """The dev split of ``knowledge`` without its demonstrations and yes/no questions (whose EM is a coin
+    toss): the questions every recipe choice is made on, the demonstrations, and the documents' texts."""
+    docs, qa = load(knowledge)
     text = {d["id"]: d["text"] for d in docs}
     dev = [q for q in qa if q["split"] == "dev"]
     demos = shots(dev, text)
@@ -447,13 +448,15 @@ STUDY_SNAPSHOTS = {"distill, kl": (8,), "distill, sequence": (4, 8)}
 
 def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dict[str, tuple[float, ...]] | None = None,
                  snapshots: dict[str, tuple[int, ...]] | None = None, compositions=("mean", "score", "top1"),
-                 temperatures=(1.0, 3.0), limit: int | None = None, progress: bool = True) -> dict:
+                 temperatures=(1.0, 3.0), limit: int | None = None, knowledge: str = "debian-packages-v1",
+                 base_name: str = "smollm2-135m", progress: bool = True) -> dict:
     """The dev-split study behind the default recipe (issue 21): per recipe, a bank of the dev questions'
     documents; the oracle router (each question's own expert, TU trigger), DMoE (TU trigger, top-3 BM25
     summed, as the paper) and DMoE top-1, against closed book; seconds per expert (augmentation, teacher
     and training, side by side in one run). One training run per learning rate gives every epoch count of
     ``snapshots`` (the rate is constant). Then the compositions of the top-3 on the recipe whose DMoE is
-    best. Writes ``OUT/recipe_study.{json,md}``."""
+    best. ``knowledge`` and ``base_name``: the set whose dev split it reads and the base (the default recipe
+    was chosen on the packages set with SmolLM2). Writes ``OUT/recipe_study.{json,md}``."""
     from doe_ext.dmoe.augment import augment_documents
     from doe_ext.dmoe.build import commit
     from doe_ext.dmoe.evaluate import Variant
@@ -462,9 +465,9 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    questions, demos, text = dev_questions(limit)
+    questions, demos, text = dev_questions(limit, knowledge)
     targets = [Document(i, text[i]) for i in dict.fromkeys(q["doc_id"] for q in questions)]
-    base = load_base("smollm2-135m")
+    base = load_base(base_name)
     lrs, snapshots = lrs or {}, STUDY_SNAPSHOTS if snapshots is None else snapshots
     rows, closed, augs, made = [], None, {}, {}
     for name, recipe in recipes.items():
@@ -491,7 +494,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
                 re = r.replace(epochs=e)
                 tag = hashlib.sha256(re.to_json().encode()).hexdigest()[:10]
                 bank = ExpertBank(out / "banks" / tag, create=True, fingerprint=base.fingerprint,
-                                  base_name="smollm2-135m", recipe=re)
+                                  base_name=base_name, recipe=re)
                 for (d, a), x in zip(items, snaps[e]):
                     if d.id not in bank:
                         commit(bank, d, a, x)
@@ -513,7 +516,8 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
                 for m in compositions for t in (temperatures if m == "score" else (1.0,))]
     comp = summarize(evaluate(h, questions, variants, progress=progress))
     comp["sum"] = best["dmoe"]
-    result = {"split": "dev", "questions": len(questions), "documents": len(targets), "closed_book": closed,
+    result = {"split": "dev", "knowledge": knowledge, "base": base_name, "questions": len(questions),
+              "documents": len(targets), "closed_book": closed,
               "rows": rows, "compositions": {"recipe": best["tag"], "rows": comp}}
     (out / "recipe_study.json").write_text(json.dumps(result, indent=1))
     (out / "recipe_study.md").write_text(study_markdown(result))
@@ -521,7 +525,8 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
 
 
 def study_markdown(r: dict) -> str:
-    md = [f"Dev split: {r['questions']} questions (no yes/no, no demonstrations), a bank of their {r['documents']} "
+    md = [f"Dev split of {r.get('knowledge', 'debian-packages-v1')}, {r.get('base', 'smollm2-135m')}: "
+          f"{r['questions']} questions (no yes/no, no demonstrations), a bank of their {r['documents']} "
           "documents; EM / F1 with 95% bootstrap intervals.", "",
           f"Closed book: EM {_ci(r['closed_book']['em'])}, F1 {_ci(r['closed_book']['f1'])}", "",
           "| recipe | lr | epochs | s/expert (aug + inst + train) | oracle EM | DMoE top-3 sum EM | DMoE top-1 EM | "
@@ -730,8 +735,12 @@ if __name__ == "__main__":
                    help="answer every row again (by default the rows of OUT/eval.json answered with the same "
                         "sample, settings and recipe are kept: a stopped run resumes, a new row joins the table)")
     r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
-    r.add_argument("--out", type=Path, default=Path("reports/dmoe-recipes"))
+    r.add_argument("--out", type=Path, default=None,
+                   help="default: reports/dmoe-recipes (packages, SmolLM2), else reports/dmoe-recipes/KNOWLEDGE-BASE")
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
+    r.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"),
+                   help="the knowledge set whose dev split is read")
+    r.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
     args = ap.parse_args()
     if args.study == "final":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
@@ -742,4 +751,8 @@ if __name__ == "__main__":
         print("\n".join(_ablation_lines(run_ablations(args.out, args.quick, args.ablation_questions,
                                                        args.retrain_questions))))
     else:
-        print(study_markdown(recipe_study(args.out, limit=args.limit)))
+        where = Path("reports/dmoe-recipes")
+        if (args.knowledge, args.base) != ("debian-packages-v1", "smollm2-135m"):
+            where = where / f"{args.knowledge}-{args.base}"
+        print(study_markdown(recipe_study(args.out or where, limit=args.limit, knowledge=args.knowledge,
+                                          base_name=args.base)))
