@@ -38,6 +38,26 @@ def test_round_trip_and_listing(base, bank):
     assert "5 experts" in page and page.count("<tr>") == 3 and "... 3 more" in page
 
 
+def test_equal_experts_are_equal_files(base, tmp_path):
+    """Experts are content-addressed: the same weights give the same bytes and file name every time
+    (safetensors writes its metadata in a hash map's order, which changes from call to call; 24 saves
+    would all agree by chance with probability 2^-23), and the file reads back as safetensors."""
+    from safetensors import safe_open
+
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=Recipe())
+    e = random_expert(base, torch.Generator().manual_seed(2), 4)
+    names = set()
+    for _ in range(24):
+        bank.add("x", e, "t", "t")
+        names.add(bank._db.execute("SELECT file FROM experts WHERE id = 'x'").fetchone()[0])
+    assert len(names) == 1
+    (path,) = (bank.path / "experts").iterdir()
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"id": "x", "fingerprint": base.fingerprint}
+        assert all(torch.equal(f.get_tensor(k), e[k]) for k in e)
+    assert all(torch.equal(v, e[k]) for k, v in bank.get("x").items())
+
+
 def test_bf16_weights(base, tmp_path):
     bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, recipe=Recipe(), dtype="bfloat16")
     e = random_expert(base, torch.Generator().manual_seed(1), 4)

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import hashlib
 import html
+import json
 import os
 import re
 import sqlite3
@@ -70,6 +71,17 @@ _ROW = "id, text, surrogate, loss, checksum, file, created, augmentation, config
 
 class BankError(ValueError):
     """A bank that cannot be used as asked (wrong base model, corrupt file, bad id)."""
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted: safetensors writes the metadata
+    in a hash map's order, which changes from call to call, so equal experts would get different bytes,
+    checksums and file names. The tensors' bytes and offsets are unchanged; the header is padded with
+    spaces to a multiple of 8 bytes, as safetensors pads it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def check_id(expert_id: str) -> str:
@@ -307,8 +319,8 @@ class ExpertBank:
         transaction. Other experts and the rest of the index are not touched."""
         check_id(expert_id)
         dt = DTYPES[self.dtype]
-        data = st_save({k: v.detach().to(dt).contiguous().cpu() for k, v in sorted(tensors.items())},
-                       metadata={"id": expert_id, "fingerprint": self.fingerprint})
+        data = canonical_safetensors(st_save({k: v.detach().to(dt).contiguous().cpu() for k, v in sorted(tensors.items())},
+                                             metadata={"id": expert_id, "fingerprint": self.fingerprint}))
         checksum = hashlib.sha256(data).hexdigest()
         name = f"{hashlib.sha256(expert_id.encode()).hexdigest()[:16]}-{checksum[:16]}.safetensors"
         folder = self.path / "experts"
