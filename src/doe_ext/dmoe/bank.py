@@ -319,8 +319,8 @@ class ExpertBank:
         transaction. Other experts and the rest of the index are not touched."""
         check_id(expert_id)
         dt = DTYPES[self.dtype]
-        data = canonical_safetensors(st_save({k: v.detach().to(dt).contiguous().cpu() for k, v in sorted(tensors.items())},
-                                             metadata={"id": expert_id, "fingerprint": self.fingerprint}))
+        weights = {k: v.detach().to(dt).contiguous().cpu() for k, v in sorted(tensors.items())}
+        data = canonical_safetensors(st_save(weights, metadata={"id": expert_id, "fingerprint": self.fingerprint}))
         checksum = hashlib.sha256(data).hexdigest()
         name = f"{hashlib.sha256(expert_id.encode()).hexdigest()[:16]}-{checksum[:16]}.safetensors"
         folder = self.path / "experts"

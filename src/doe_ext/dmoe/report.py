@@ -418,8 +418,8 @@ def final_markdown(r: dict) -> str:
     md += ["", f"Time: {took(r['seconds'])}."]
     if r.get("kept"):
         earlier = r.get("earlier_seconds")
-        md += ["", f"Rows kept from an earlier run with the same sample, settings and recipe, with that run's latencies: "
-               f"{', '.join(r['kept'])}" + (f" (that run: {took(earlier)})." if earlier else ".")]
+        md += ["", "Rows kept from an earlier run with the same sample, settings and recipe, with that run's "
+               f"latencies: {', '.join(r['kept'])}" + (f" (that run: {took(earlier)})." if earlier else ".")]
     return "\n".join(md) + "\n"
 
 
