@@ -724,8 +724,8 @@ if __name__ == "__main__":
     a.add_argument("--retrain-questions", type=int, default=32)
     f = sub.add_parser("final", help="the test-split table: every method, both recipes, the oracle router")
     f.add_argument("--out", type=Path, default=None, help="default: reports/dmoe-final/KNOWLEDGE-BASE")
-    f.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"))
-    f.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
+    f.add_argument("--knowledge", default="debian-packages-v1", choices=TOUR_SETS)
+    f.add_argument("--base", default="smollm2-135m", choices=TOUR_BASES)
     f.add_argument("--questions", type=int, default=None, help="a seeded sample of N test questions (default: all)")
     f.add_argument("--bank-docs", default="all", choices=("all", "questions"),
                    help="bank every document of the set, or only the sampled questions' documents")
@@ -738,9 +738,9 @@ if __name__ == "__main__":
     r.add_argument("--out", type=Path, default=None,
                    help="default: reports/dmoe-recipes (packages, SmolLM2), else reports/dmoe-recipes/KNOWLEDGE-BASE")
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
-    r.add_argument("--knowledge", default="debian-packages-v1", choices=("debian-packages-v1", "debian-changelogs-v1"),
+    r.add_argument("--knowledge", default="debian-packages-v1", choices=TOUR_SETS,
                    help="the knowledge set whose dev split is read")
-    r.add_argument("--base", default="smollm2-135m", choices=("smollm2-135m", "gemma3-270m"))
+    r.add_argument("--base", default="smollm2-135m", choices=TOUR_BASES)
     args = ap.parse_args()
     if args.study == "final":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
