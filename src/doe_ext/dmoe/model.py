@@ -34,6 +34,7 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
+from doe_ext.nn.lean import LEAN_FAMILIES, LeanDecoder
 from doe_ext.nn.streaming import plain_linears, streaming_linears
 from doe_ext.ops import lora_merge
 
@@ -118,13 +119,17 @@ class DMoE:
         streaming: decoding steps and re-predictions run the model's linear layers through
             :func:`doe_ext.nn.streaming_linears` (the weights streamed once per step, ~2× ATen's
             one-row GEMM on the CPU; outputs equal to float rounding). False: ATen's GEMM throughout.
+        lean: decoding steps of a family in :data:`doe_ext.nn.lean.LEAN_FAMILIES` (with a last-layer site
+            and SDPA attention) run through :class:`~doe_ext.nn.lean.LeanDecoder`: transformers'
+            arithmetic without its per-module Python (outputs equal to float rounding). False, or
+            another family: the model's ``forward``.
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3,
                  compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, query_tokens: int = 128,
                  router: Router | None = None,
                  trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None,
-                 streaming: bool = True):
+                 streaming: bool = True, lean: bool = True):
         if bank is not None:
             bank.check_base(base.fingerprint)
             if len(bank) == 0:
@@ -139,6 +144,10 @@ class DMoE:
         self.site = (site or base.site).attach()
         self.streaming = streaming
         self._linears = plain_linears(base.model)  # once: a step only switches them (the site wraps, never replaces)
+        self._site_linears = plain_linears(self.site.mlp) + plain_linears(self.site.head)  # a re-prediction's
+        self._lean = (LeanDecoder(base.model, streaming) if self.site.keeps_cache and lean
+                      and getattr(base.model.config, "model_type", None) in LEAN_FAMILIES
+                      and base.model.config._attn_implementation == "sdpa" else None)
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 
@@ -241,16 +250,26 @@ class DMoE:
         state.residual = cap.value[:, -1]
         return logits
 
-    def _streaming(self):
-        """The context of a decoding step: the linear layers streamed (see ``streaming``), or nothing."""
-        return streaming_linears(self._linears) if self.streaming else contextlib.nullcontext()
+    def _streaming(self, site: bool = False):
+        """The context of a decoding step: the linear layers streamed (see ``streaming``; with ``site``,
+        only those of the last MLP and the head, all that a re-prediction runs), or nothing."""
+        if not self.streaming:
+            return contextlib.nullcontext()
+        return streaming_linears(self._site_linears if site else self._linears)
 
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
-        """Feed one token per running sequence; the next-token logits ``[R, V]``."""
+        """Feed one token per running sequence; the next-token logits ``[R, V]``. With a last-layer site
+        on a family :class:`~doe_ext.nn.lean.LeanDecoder` supports, the layers up to the last MLP block
+        run through it, and the rest is the site's re-prediction path (its experts active)."""
         state.ids = torch.cat([state.ids, tokens[:, None]], 1)
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(state.running), 1)], 1)
-        with self._streaming():
-            return self._forward(state, tokens[:, None], state.mask, positions(state.mask)[:, -1:])
+        pos = positions(state.mask)[:, -1:]
+        if self._lean is None:
+            with self._streaming():
+                return self._forward(state, tokens[:, None], state.mask, pos)
+        state.residual = self._lean.residual(tokens[:, None], state.mask, pos, state.cache)
+        with use_experts(state.active), self._streaming(site=True):
+            return self.site.logits(state.residual)
 
     def repredict(self, state: DecodeState, rows: list[int], logits: Tensor) -> None:
         """Predict the newest position of ``rows`` (of the running batch) again with their sets (already
@@ -258,7 +277,7 @@ class DMoE:
         sel = torch.tensor(rows, device=logits.device)
         new = self.activate([state.sets[state.running[j]] for j in rows])
         if self.site.keeps_cache:
-            with use_experts(new), self._streaming():
+            with use_experts(new), self._streaming(site=True):
                 logits[sel] = self.site.logits(state.residual[sel]).to(logits.dtype)
         else:  # deeper experts: the rows run again from the first token with the new set, their cache replaced
             fresh = DynamicCache(config=self.base.model.config)

@@ -34,7 +34,14 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     if x.dim() == 0:
         raise ValueError("decode_linear: expected `x` of shape [..., in], got a 0-D tensor")
     rows = math.prod(x.shape[:-1])  # not reshape(-1, in): in may be 0
-    return _ops.decode_linear(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(rows, x.shape[-1])
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))):
+        out = _ops.decode_linear(x2, weight, bias)
+    else:  # nothing to record: straight to the kernel, past the Python autograd wrapper (~15 us a call)
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _ops.decode_linear(x2, weight, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.register_fake("doe_ext::decode_linear")

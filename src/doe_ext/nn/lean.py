@@ -1,0 +1,126 @@
+"""A decoding step without transformers' per-module Python: :class:`LeanDecoder`.
+
+At batch 1 on the CPU, a step of SmolLM2-135M through transformers' ``forward`` spends about as long
+outside its linear layers as the floor of the whole step (the weights' bytes over the memory
+bandwidth): some 5,700 small ATen calls and the Python of 30 layers of modules, decorators, mask
+builders and hooks (``benchmarks/README.md``, "Decoding against the bandwidth floor"). For the
+families listed in :data:`LEAN_FAMILIES`, :class:`LeanDecoder` runs the same arithmetic for one new
+token per sequence as a flat loop over the layers' weights: the same ATen ops in the same order as
+transformers' modules (its RMSNorm, rotary embedding, SDPA with the same GQA and mask handling),
+with q and k rotated in one call, and the linear layers through :func:`doe_ext.ops.decode_linear`.
+Its outputs agree with the model's ``forward`` to float rounding (tests/nn/test_lean.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import doe_ext.ops  # noqa: F401  (registers the op)
+
+_decode_linear = torch.ops.doe_ext.decode_linear.default
+
+#: ``config.model_type`` values whose decoder layers :class:`LeanDecoder` mirrors (transformers' Llama layer:
+#: pre-norm RMSNorm, rotary q/k, SDPA, gated MLP).
+LEAN_FAMILIES = ("llama",)
+
+
+def _rms(x: Tensor, norm: nn.Module) -> Tensor:
+    """transformers' ``LlamaRMSNorm.forward``, op for op."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+class LeanDecoder:
+    """Decoding steps of a causal LM of a family in :data:`LEAN_FAMILIES`, one token per sequence.
+
+    Args:
+        model: the ``*ForCausalLM`` (eval mode, SDPA attention, no tensor-parallel pretraining split).
+        streaming: plain ``nn.Linear`` layers through :func:`~doe_ext.ops.decode_linear` (True) or
+            ``F.linear``. A layer that is not exactly ``nn.Linear`` (a LoRA or expert wrapper) is called
+            as a module, so its own forward runs.
+
+    The weights are read from the model at every call: they are the model's own parameters (nothing
+    is copied), and wrappers attached after construction are seen.
+    """
+
+    def __init__(self, model: nn.Module, streaming: bool = True):
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in LEAN_FAMILIES:
+            raise ValueError(f"LeanDecoder: model_type {getattr(cfg, 'model_type', None)!r} is not supported; "
+                             f"supported: {list(LEAN_FAMILIES)}")
+        if cfg._attn_implementation != "sdpa":
+            raise ValueError(f"LeanDecoder: the model's attention implementation must be 'sdpa', got "
+                             f"{cfg._attn_implementation!r}")
+        if getattr(cfg, "pretraining_tp", 1) != 1:
+            raise ValueError(f"LeanDecoder: `pretraining_tp` must be 1, got {cfg.pretraining_tp}")
+        self.model, self.streaming = model, streaming
+        self.inner = model.model
+        attn = self.inner.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+        self.groups = attn.num_key_value_groups
+
+    def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
+        if type(layer) is not nn.Linear:
+            return layer(x)
+        if self.streaming:  # the op itself: the step runs below autograd (see `residual`)
+            return _decode_linear(x, layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache, i: int
+                   ) -> Tensor:
+        R, H, G, D = x.shape[0], self.heads, self.kv_heads, self.head_dim  # one position: [R, heads, 1, D] as is
+        q = self._linear(attn.q_proj, x).view(R, H, 1, D)
+        k = self._linear(attn.k_proj, x).view(R, G, 1, D)
+        v = self._linear(attn.v_proj, x).view(R, G, 1, D)
+        qk = torch.cat((q, k), 1)  # rotated together: the same elementwise ops as transformers' q and k apart
+        rot = torch.cat((-qk[..., D // 2:], qk[..., :D // 2]), -1)
+        qk = qk * cos + rot * sin
+        k, v = cache.update(qk[:, H:], v, i)
+        q = qk[:, :H]
+        if mask is not None and mask.shape[-1] != k.shape[-2]:
+            raise ValueError(f"LeanDecoder: an attention mask over {mask.shape[-1]} positions for a cache of "
+                             f"{k.shape[-2]} (the mask covers every position fed so far, the new one included)")
+        if self.groups == 1:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        elif mask is None:  # transformers' sdpa_attention_forward: GQA in SDPA without a mask, packed with one
+            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q.reshape(R, G, self.groups, D), k, v, attn_mask=mask,
+                                               scale=attn.scaling)
+        return self._linear(attn.o_proj, o.reshape(R, H * D))
+
+    def _mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
+        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+
+    @torch.no_grad()
+    def residual(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+        """Feed ``ids`` ``[R, 1]`` (one new token per sequence) at ``positions`` ``[R, 1]``, with ``mask``
+        ``[R, T]`` (1 where a sequence has a token: every position fed so far, the new one included) and
+        ``cache`` (a transformers ``Cache`` holding the ``T - 1`` earlier positions; the new keys and
+        values are added to it). Returns the residual stream entering the last layer's MLP block,
+        ``[R, d]``: ``model``'s logits are its last MLP block, final norm and head applied to it."""
+        if ids.dim() != 2 or ids.shape[1] != 1:
+            raise ValueError(f"LeanDecoder: `ids` must be [R, 1] (one new token per sequence), got {tuple(ids.shape)}")
+        h = self.inner.embed_tokens(ids[:, 0])  # [R, d]: one position, kept 2-D throughout
+        cos, sin = self.inner.rotary_emb(h, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [R, 1, 1, D]: over every head of q and k
+        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # as transformers: None unpadded
+        layers = self.inner.layers[:self.model.config.num_hidden_layers]
+        with torch._C._AutoDispatchBelowAutograd():  # under no_grad: nothing to record, every op skips autograd
+            for i, layer in enumerate(layers):
+                h = h + self._attention(layer.self_attn, _rms(h, layer.input_layernorm), cos, sin, attend, cache, i)
+                if i == len(layers) - 1:
+                    return h
+                h = h + self._mlp(layer.mlp, _rms(h, layer.post_attention_layernorm))
+        raise ValueError("LeanDecoder: the model has no decoder layers")
+
+    @torch.no_grad()
+    def logits(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+        """The next-token logits ``[R, V]`` after feeding ``ids`` (see :meth:`residual`)."""
+        r = self.residual(ids, mask, positions, cache)
+        last = self.inner.layers[self.model.config.num_hidden_layers - 1]
+        h = r + self._mlp(last.mlp, _rms(r, last.post_attention_layernorm))
+        return self._linear(self.model.lm_head, _rms(h, self.inner.norm))
