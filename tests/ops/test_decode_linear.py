@@ -58,6 +58,24 @@ def test_a_row_does_not_depend_on_its_neighbours():
         torch.testing.assert_close(batch[i], decode_linear(x[i:i + 1], weight, bias)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["one-token", "seven-rows", "row-slice-weight"])
+def test_without_grad_it_skips_autograd_with_the_same_values(case):
+    """Under no_grad (or with no input that requires grad) the wrapper calls the kernel below autograd:
+    the same values, no graph; with an input that requires grad it records one."""
+    x, weight, bias = make_case(case)
+    want = decode_linear_ref(x, weight, bias)
+    torch.testing.assert_close(decode_linear(x, weight, bias), want)
+    x, weight, bias = leaves((x, weight, bias))
+    with torch.no_grad():
+        out = decode_linear(x, weight, bias)
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, want.detach())
+    out = decode_linear(x, weight, bias)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert weight.grad is not None
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c not in ("no-rows", "in-zero")])
 def test_gradcheck_float64(case):
     x, weight, bias = leaves(make_case(case, dtype=torch.float64))
