@@ -225,13 +225,15 @@ def weight_bytes(model) -> int:
 def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8), rounds: int = 3) -> list[dict]:
     """Decode ms per step, at each batch size, beside the memory-bandwidth floor (the weights' bytes
     over the read bandwidth measured in the same run): HF's greedy ``generate``, our decoding loop
-    without triggers (DMoE, tau = inf) and DMoE with triggers (tau = 2). A step's time is the run with
+    without triggers (DMoE, tau = inf; through :class:`~doe_ext.nn.LeanDecoder` and, ``ours_forward``,
+    through the model's ``forward``) and DMoE with triggers (tau = 2). A step's time is the run with
     ``steps + 1`` new tokens minus the run with 1 (the prefill and the first token), over ``steps``;
     the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved."""
     from doe_ext.dmoe import DMoE
 
     dmoe = DMoE(base, bank, tau=2.0)
-    dmoe.eos_tokens = set  # no sequence ends early: every run decodes exactly the steps asked for
+    via_forward = DMoE(base, bank, tau=2.0, lean=False)  # the steps through the model's forward
+    dmoe.eos_tokens = via_forward.eos_tokens = set  # no sequence ends early: each run decodes the steps asked for
     enc = base.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     floor_ms = 1e3 * weight_bytes(base.model) / read_bandwidth()
 
@@ -240,10 +242,11 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
         base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                             do_sample=False)
 
-    def ours(tau):
-        return lambda b, n: dmoe.generate([prompt] * b, n, tau=tau)
+    def ours(tau, model=dmoe):
+        return lambda b, n: model.generate([prompt] * b, n, tau=tau)
 
-    variants = {"hf_generate": hf, "ours_no_trigger": ours(math.inf), "dmoe_tau_2": ours(2.0)}
+    variants = {"hf_generate": hf, "ours_forward_no_trigger": ours(math.inf, via_forward),
+                "ours_no_trigger": ours(math.inf), "dmoe_tau_2": ours(2.0)}
     rows = []
     for b in batches:
         times = {k: [] for k in variants}

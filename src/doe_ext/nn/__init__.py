@@ -7,7 +7,8 @@ from doe_ext.nn.expert_loss import ExpertLoss
 from doe_ext.nn.vae_relu_router import SparsityController, VAEReLURouter
 from doe_ext.nn.knowledge_path import KnowledgePath, KnowledgeStep  # after the modules it builds on
 from doe_ext.nn.streaming import plain_linears, streaming_linears
+from doe_ext.nn.lean import LEAN_FAMILIES, LeanDecoder
 
 __all__ = ["KnowledgeAttention", "DualInputEmbedding", "TokenEmbedding", "MultiLoRALinear", "VAEReLURouter", "ExpertLoss", "SparsityController",
            "KnowledgePath", "KnowledgeStep", "plain_linears",
-           "streaming_linears"]
+           "streaming_linears", "LeanDecoder", "LEAN_FAMILIES"]

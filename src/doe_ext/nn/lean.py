@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import doe_ext.ops  # noqa: F401  (registers the op)
+from doe_ext.ops import decode_linear
 
-_decode_linear = torch.ops.doe_ext.decode_linear.default
+_decode_linear = torch.ops.doe_ext.decode_linear.default  # the raw op (the wrapper's checks and reshapes skipped)
 
 #: ``config.model_type`` values whose decoder layers :class:`LeanDecoder` mirrors (transformers' Llama layer:
 #: pre-norm RMSNorm, rotary q/k, SDPA, gated MLP).
@@ -65,8 +65,9 @@ class LeanDecoder:
     def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
         if type(layer) is not nn.Linear:
             return layer(x)
-        if self.streaming:  # the op itself: the step runs below autograd (see `residual`)
-            return _decode_linear(x, layer.weight, layer.bias)
+        if self.streaming:  # the raw op on [R, in] rows, below autograd inside `residual`; the wrapper outside
+            return _decode_linear(x, layer.weight, layer.bias) if x.dim() == 2 else decode_linear(x, layer.weight,
+                                                                                                  layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache, i: int
