@@ -34,7 +34,7 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
-from doe_ext.nn.lean import LEAN_FAMILIES, LeanDecoder
+from doe_ext.nn.lean import LeanDecoder
 from doe_ext.nn.streaming import plain_linears, streaming_linears
 from doe_ext.ops import lora_merge
 
@@ -145,9 +145,8 @@ class DMoE:
         self.streaming = streaming
         self._linears = plain_linears(base.model)  # once: a step only switches them (the site wraps, never replaces)
         self._site_linears = plain_linears(self.site.mlp) + plain_linears(self.site.head)  # a re-prediction's
-        self._lean = (LeanDecoder(base.model, streaming) if self.site.keeps_cache and lean
-                      and getattr(base.model.config, "model_type", None) in LEAN_FAMILIES
-                      and base.model.config._attn_implementation == "sdpa" else None)
+        self._lean = (LeanDecoder(base.model, streaming)
+                      if lean and self.site.keeps_cache and LeanDecoder.unsupported(base.model) is None else None)
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 

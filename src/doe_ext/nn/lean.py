@@ -8,7 +8,7 @@ families listed in :data:`LEAN_FAMILIES`, :class:`LeanDecoder` runs the same ari
 token per sequence as a flat loop over the layers' weights: the same ATen ops in the same order as
 transformers' modules (its RMSNorm, rotary embedding, SDPA with the same GQA and mask handling),
 with q and k rotated in one call, and the linear layers through :func:`doe_ext.ops.decode_linear`.
-Its outputs agree with the model's ``forward`` to float rounding (tests/nn/test_lean.py).
+Its outputs agree with the model's ``forward`` to float rounding (tests/dmoe/test_lean.py).
 """
 from __future__ import annotations
 
@@ -46,16 +46,23 @@ class LeanDecoder:
     is copied), and wrappers attached after construction are seen.
     """
 
-    def __init__(self, model: nn.Module, streaming: bool = True):
+    @staticmethod
+    def unsupported(model: nn.Module) -> str | None:
+        """Why :class:`LeanDecoder` cannot run ``model``, or None when it can."""
         cfg = model.config
         if getattr(cfg, "model_type", None) not in LEAN_FAMILIES:
-            raise ValueError(f"LeanDecoder: model_type {getattr(cfg, 'model_type', None)!r} is not supported; "
-                             f"supported: {list(LEAN_FAMILIES)}")
+            return (f"LeanDecoder: model_type {getattr(cfg, 'model_type', None)!r} is not supported; "
+                    f"supported: {list(LEAN_FAMILIES)}")
         if cfg._attn_implementation != "sdpa":
-            raise ValueError(f"LeanDecoder: the model's attention implementation must be 'sdpa', got "
-                             f"{cfg._attn_implementation!r}")
+            return f"LeanDecoder: the model's attention implementation must be 'sdpa', got {cfg._attn_implementation!r}"
         if getattr(cfg, "pretraining_tp", 1) != 1:
-            raise ValueError(f"LeanDecoder: `pretraining_tp` must be 1, got {cfg.pretraining_tp}")
+            return f"LeanDecoder: `pretraining_tp` must be 1, got {cfg.pretraining_tp}"
+        return None
+
+    def __init__(self, model: nn.Module, streaming: bool = True):
+        if (why := self.unsupported(model)) is not None:
+            raise ValueError(why)
+        cfg = model.config
         self.model, self.streaming = model, streaming
         self.inner = model.model
         attn = self.inner.layers[0].self_attn
@@ -65,7 +72,7 @@ class LeanDecoder:
     def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
         if type(layer) is not nn.Linear:
             return layer(x)
-        if self.streaming:  # the raw op on [R, in] rows, below autograd inside `residual`; the wrapper outside
+        if self.streaming:  # the raw op on the [R, in] rows of a step (below autograd inside `residual`)
             return _decode_linear(x, layer.weight, layer.bias) if x.dim() == 2 else decode_linear(x, layer.weight,
                                                                                                   layer.bias)
         return F.linear(x, layer.weight, layer.bias)
