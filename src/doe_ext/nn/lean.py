@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from doe_ext.ops import decode_linear
+from doe_ext.ops.decode_linear import _ops
 
-_decode_linear = torch.ops.doe_ext.decode_linear.default  # the raw op (the wrapper's checks and reshapes skipped)
+_decode_linear = _ops.decode_linear.default  # the raw op on [R, in] rows (the wrapper's checks and reshapes skipped)
 
 #: ``config.model_type`` values whose decoder layers :class:`LeanDecoder` mirrors (transformers' Llama layer:
 #: pre-norm RMSNorm, rotary q/k, SDPA, gated MLP).
@@ -72,9 +72,8 @@ class LeanDecoder:
     def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
         if type(layer) is not nn.Linear:
             return layer(x)
-        if self.streaming:  # the raw op on the [R, in] rows of a step (below autograd inside `residual`)
-            return _decode_linear(x, layer.weight, layer.bias) if x.dim() == 2 else decode_linear(x, layer.weight,
-                                                                                                  layer.bias)
+        if self.streaming:  # a step's rows are [R, in] throughout (below autograd inside `residual`)
+            return _decode_linear(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache, i: int
