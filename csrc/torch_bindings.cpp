@@ -144,6 +144,24 @@ void check_decode_linear_(std::string_view devices, const Tensor& x, const Tenso
   const StandIns s(devices, {&x, &weight, opt(bias)});
   check_decode_linear(x, weight, bias);
 }
+void check_lean_qkv_(std::string_view devices, const Tensor& h, const Tensor& norm_weight, double, const Tensor& wq,
+                     const std::optional<Tensor>& bq, const Tensor& wk, const std::optional<Tensor>& bk,
+                     const Tensor& wv, const std::optional<Tensor>& bv, const Tensor& cos, const Tensor& sin) {
+  const StandIns s(devices, {&h, &norm_weight, &wq, opt(bq), &wk, opt(bk), &wv, opt(bv), &cos, &sin});
+  check_lean_qkv(h, norm_weight, wq, bq, wk, bk, wv, bv, cos, sin);
+}
+void check_lean_attention_(std::string_view devices, const Tensor& h, const Tensor& q, const Tensor& k,
+                           const Tensor& v, const std::optional<Tensor>& mask, double, const Tensor& wo,
+                           const std::optional<Tensor>& bo) {
+  const StandIns s(devices, {&h, &q, &k, &v, opt(mask), &wo, opt(bo)});
+  check_lean_attention(h, q, k, v, mask, wo, bo);
+}
+void check_lean_mlp_(std::string_view devices, const Tensor& h, const Tensor& norm_weight, double,
+                     const Tensor& w_gate, const std::optional<Tensor>& b_gate, const Tensor& w_up,
+                     const std::optional<Tensor>& b_up, const Tensor& w_down, const std::optional<Tensor>& b_down) {
+  const StandIns s(devices, {&h, &norm_weight, &w_gate, opt(b_gate), &w_up, opt(b_up), &w_down, opt(b_down)});
+  check_lean_mlp(h, norm_weight, w_gate, b_gate, w_up, b_up, w_down, b_down);
+}
 
 // An op and its check op, from one argument list: `name(args) -> returns` and
 // `_check_name(str devices, args) -> ()` (alias annotations dropped: a check writes nothing).
@@ -246,6 +264,21 @@ STABLE_TORCH_LIBRARY(doe_ext, m) {
   // A decoding step's linear layer: x [M, in] @ weight.T + bias with the weight read once (few rows M).
   // Its gradients are plain GEMMs, composed in Python.
   def_op(m, "decode_linear", "Tensor x, Tensor weight, Tensor? bias", "Tensor");
+  // The lean decoding step (doe_ext.nn.LeanDecoder), a Llama decoder layer for one token per sequence,
+  // CPU only (float16/bfloat16 in float32), no autograd. lean_qkv: x = rms_norm(h) * norm_weight; q|k|v = x @ w.T + b, q and k rotated
+  // (cos, sin [R, head_dim]); q [R, heads, 1, head_dim], k and v [R, kv_heads, 1, head_dim].
+  def_op(m, "lean_qkv",
+         "Tensor h, Tensor norm_weight, float eps, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, "
+         "Tensor? bv, Tensor cos, Tensor sin",
+         "(Tensor q, Tensor k, Tensor v)");
+  // h + SDPA(q, k, v; mask [R, T] true = attend, GQA) @ wo.T + bo, [R, d].
+  def_op(m, "lean_attention",
+         "Tensor h, Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor wo, Tensor? bo", "Tensor");
+  // h + (silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up)) @ w_down.T + b_down, x = rms_norm(h) * norm_weight.
+  def_op(m, "lean_mlp",
+         "Tensor h, Tensor norm_weight, float eps, Tensor w_gate, Tensor? b_gate, Tensor w_up, Tensor? b_up, "
+         "Tensor w_down, Tensor? b_down",
+         "Tensor");
 
 }
 
@@ -267,6 +300,9 @@ STABLE_TORCH_LIBRARY_IMPL(doe_ext, CompositeExplicitAutograd, m) {
   m.impl("_check_multi_lora_linear_fwd", TORCH_BOX(&check_multi_lora_linear_fwd));
   m.impl("_check_multi_lora_linear_bwd", TORCH_BOX(&check_multi_lora_linear_bwd_));
   m.impl("_check_decode_linear", TORCH_BOX(&check_decode_linear_));
+  m.impl("_check_lean_qkv", TORCH_BOX(&check_lean_qkv_));
+  m.impl("_check_lean_attention", TORCH_BOX(&check_lean_attention_));
+  m.impl("_check_lean_mlp", TORCH_BOX(&check_lean_mlp_));
 }
 
 }  // namespace doe_ext

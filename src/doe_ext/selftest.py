@@ -163,13 +163,14 @@ def check_bad_inputs(raw_op: str, device: str, dtype: torch.dtype) -> str:
 
 def checks(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable[[], str]]]:
     """``(op, check, run)`` for every check of this device and dtype."""
-    from doe_ext.ops.specs import PUBLIC_OPS, RAW_OPS
+    from doe_ext.ops.specs import CPU_ONLY_OPS, PUBLIC_OPS, RAW_OPS
 
+    raw_ops = [op for op in RAW_OPS if torch.device(device).type == "cpu" or op not in CPU_ONLY_OPS]
     out = [(op, "values + gradients", lambda op=op: check_values_and_gradients(op, device, dtype)) for op in PUBLIC_OPS]
     out += [(op, "cases + layouts", lambda op=op: check_cases(op, device, dtype)) for op in PUBLIC_OPS]
     out.append(("lora_merge_", "values", lambda: check_lora_merge_inplace(device, dtype)))
-    out += [(op, "opcheck", lambda op=op: check_opcheck(op, device, dtype)) for op in RAW_OPS]
-    out += [(op, "bad inputs", lambda op=op: check_bad_inputs(op, device, dtype)) for op in RAW_OPS]
+    out += [(op, "opcheck", lambda op=op: check_opcheck(op, device, dtype)) for op in raw_ops]
+    out += [(op, "bad inputs", lambda op=op: check_bad_inputs(op, device, dtype)) for op in raw_ops]
     return out
 
 

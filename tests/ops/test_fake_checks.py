@@ -26,7 +26,8 @@ def _bent(t: torch.Tensor):
         yield "rank-1", t[0]
     if t.dim() >= 1 and t.shape[-1] > 1:
         yield "last-1", t[..., :-1]
-    other = {torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32}[t.dtype]
+    other = {torch.float32: torch.float64, torch.float64: torch.float32, torch.int64: torch.int32,
+             torch.bool: torch.int64}[t.dtype]
     yield "dtype", t.to(other)
     yield "meta", t.to("meta")
     yield "None", None  # a required tensor: refused by name; an optional one: a valid call

@@ -27,6 +27,13 @@ def test_passes_on_the_cpu_and_covers_every_op(monkeypatch, capsys):
     assert f"{len(rows)} of {len(rows)} checks passed" in out and "FAIL" not in out, out
 
 
+def test_on_cuda_it_checks_every_op_but_the_cpu_only_ones():
+    listed = {(op, check) for op, check, _ in selftest.checks("cuda:0", torch.float32)}  # listed, not run
+    raw = {op for op, check in listed if check == "opcheck"}
+    assert raw == set(RAW_OPS) - set(specs.CPU_ONLY_OPS) and specs.CPU_ONLY_OPS
+    assert {op for op, _, _ in selftest.checks("cpu", torch.float32)} >= set(RAW_OPS)
+
+
 def test_a_wrong_twin_is_a_failed_row_and_exit_1(monkeypatch, capsys):
     monkeypatch.setattr(reference, "lora_merge_ref", lambda weight, lora_a, lora_b, scales: weight + 1.0)
     assert selftest.main(["--dtype", "float32"]) == 1

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from doe_ext.ops.decode_linear import _ops
 
 _decode_linear = _ops.decode_linear.default  # the raw op on [R, in] rows (the wrapper's checks and reshapes skipped)
+_lean_qkv, _lean_attention, _lean_mlp = _ops.lean_qkv.default, _ops.lean_attention.default, _ops.lean_mlp.default
 
 #: ``config.model_type`` values whose decoder layers :class:`LeanDecoder` mirrors (transformers' Llama layer:
 #: pre-norm RMSNorm, rotary q/k, SDPA, gated MLP).
@@ -41,6 +42,11 @@ class LeanDecoder:
         streaming: plain ``nn.Linear`` layers through :func:`~doe_ext.ops.decode_linear` (True) or
             ``F.linear``. A layer that is not exactly ``nn.Linear`` (a LoRA or expert wrapper) is called
             as a module, so its own forward runs.
+        fused: with ``streaming``, each decoder layer whose seven linears are plain ``nn.Linear``, on the
+            CPU in float32 or float64 with a SiLU MLP, runs as three C++ ops (``doe_ext::lean_qkv``,
+            ``lean_attention``, ``lean_mlp``: the norms, rotary embedding, attention and GEMVs in plain
+            loops, q/k/v and gate/up each in one parallel region) instead of ~40 ATen calls. Sums run in
+            another order than ATen's: outputs agree to float rounding. Other layers take the ATen ops.
 
     The weights are read from the model at every call: they are the model's own parameters (nothing
     is copied), and wrappers attached after construction are seen.
@@ -59,11 +65,12 @@ class LeanDecoder:
             return f"LeanDecoder: `pretraining_tp` must be 1, got {cfg.pretraining_tp}"
         return None
 
-    def __init__(self, model: nn.Module, streaming: bool = True):
+    def __init__(self, model: nn.Module, streaming: bool = True, fused: bool = True):
         if (why := self.unsupported(model)) is not None:
             raise ValueError(why)
         cfg = model.config
         self.model, self.streaming = model, streaming
+        self.fused = fused and streaming and getattr(cfg, "hidden_act", None) == "silu"
         self.inner = model.model
         attn = self.inner.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
@@ -87,9 +94,7 @@ class LeanDecoder:
         qk = qk * cos + rot * sin
         k, v = cache.update(qk[:, H:], v, i)
         q = qk[:, :H]
-        if mask is not None and mask.shape[-1] != k.shape[-2]:
-            raise ValueError(f"LeanDecoder: an attention mask over {mask.shape[-1]} positions for a cache of "
-                             f"{k.shape[-2]} (the mask covers every position fed so far, the new one included)")
+        self._check_mask(mask, k)
         if self.groups == 1:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
         elif mask is None:  # transformers' sdpa_attention_forward: GQA in SDPA without a mask, packed with one
@@ -102,6 +107,33 @@ class LeanDecoder:
     def _mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
 
+    def _fusable(self, layer: nn.Module, h: Tensor) -> bool:
+        a, m = layer.self_attn, layer.mlp
+        return (self.fused and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
+                and all(type(x) is nn.Linear for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj,
+                                                        m.up_proj, m.down_proj)))
+
+    def _fused_layer(self, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache,
+                     i: int, mlp: bool) -> Tensor:
+        """:meth:`_attention` and (``mlp``) :meth:`_mlp` with their residuals, through the lean ops."""
+        a, ln = layer.self_attn, layer.input_layernorm
+        q, k, v = _lean_qkv(h, ln.weight, ln.variance_epsilon, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, cos, sin)
+        k, v = cache.update(k, v, i)
+        self._check_mask(mask, k)
+        h = _lean_attention(h, q, k, v, mask, a.scaling, a.o_proj.weight, a.o_proj.bias)
+        if not mlp:
+            return h
+        m, ln = layer.mlp, layer.post_attention_layernorm
+        return _lean_mlp(h, ln.weight, ln.variance_epsilon, m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight,
+                         m.up_proj.bias, m.down_proj.weight, m.down_proj.bias)
+
+    @staticmethod
+    def _check_mask(mask: Tensor | None, k: Tensor) -> None:
+        if mask is not None and mask.shape[-1] != k.shape[-2]:
+            raise ValueError(f"LeanDecoder: an attention mask over {mask.shape[-1]} positions for a cache of "
+                             f"{k.shape[-2]} (the mask covers every position fed so far, the new one included)")
+
     @torch.no_grad()
     def residual(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
         """Feed ``ids`` ``[R, 1]`` (one new token per sequence) at ``positions`` ``[R, 1]``, with ``mask``
@@ -112,16 +144,23 @@ class LeanDecoder:
         if ids.dim() != 2 or ids.shape[1] != 1:
             raise ValueError(f"LeanDecoder: `ids` must be [R, 1] (one new token per sequence), got {tuple(ids.shape)}")
         h = self.inner.embed_tokens(ids[:, 0])  # [R, d]: one position, kept 2-D throughout
-        cos, sin = self.inner.rotary_emb(h, positions)
-        cos, sin = cos[:, None], sin[:, None]  # [R, 1, 1, D]: over every head of q and k
-        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]  # as transformers: None unpadded
+        cos, sin = self.inner.rotary_emb(h, positions)  # [R, 1, D]
+        attend = None if bool(mask.all()) else mask.bool()  # as transformers: None unpadded
+        attend4 = None if attend is None else attend[:, None, None, :]
+        cos4, sin4 = cos[:, None], sin[:, None]  # [R, 1, 1, D]: over every head of q and k
         layers = self.inner.layers[:self.model.config.num_hidden_layers]
         with torch._C._AutoDispatchBelowAutograd():  # under no_grad: nothing to record, every op skips autograd
             for i, layer in enumerate(layers):
-                h = h + self._attention(layer.self_attn, _rms(h, layer.input_layernorm), cos, sin, attend, cache, i)
-                if i == len(layers) - 1:
+                last = i == len(layers) - 1
+                if self._fusable(layer, h):
+                    h = self._fused_layer(layer, h, cos[:, 0], sin[:, 0], attend, cache, i, mlp=not last)
+                else:
+                    h = h + self._attention(layer.self_attn, _rms(h, layer.input_layernorm), cos4, sin4, attend4,
+                                            cache, i)
+                    if not last:
+                        h = h + self._mlp(layer.mlp, _rms(h, layer.post_attention_layernorm))
+                if last:
                     return h
-                h = h + self._mlp(layer.mlp, _rms(h, layer.post_attention_layernorm))
         raise ValueError("LeanDecoder: the model has no decoder layers")
 
     @torch.no_grad()

@@ -66,3 +66,25 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("doe_ext::decode_linear", _backward, setup_context=_setup_context)
+
+
+# The lean decoding step's ops (doe_ext.nn.LeanDecoder; CPU, inference only): shapes for torch.compile
+# and the meta device, after the same C++ checks as the kernels.
+@torch.library.register_fake("doe_ext::lean_qkv")
+def _fake_lean_qkv(h, norm_weight, eps, wq, bq, wk, bk, wv, bv, cos, sin):
+    cxx_checks("lean_qkv", h, norm_weight, eps, wq, bq, wk, bk, wv, bv, cos, sin)
+    R, D = h.shape[0], cos.shape[1]
+    return (h.new_empty(R, wq.shape[0] // D, 1, D), h.new_empty(R, wk.shape[0] // D, 1, D),
+            h.new_empty(R, wv.shape[0] // D, 1, D))
+
+
+@torch.library.register_fake("doe_ext::lean_attention")
+def _fake_lean_attention(h, q, k, v, mask, scale, wo, bo):
+    cxx_checks("lean_attention", h, q, k, v, mask, scale, wo, bo)
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("doe_ext::lean_mlp")
+def _fake_lean_mlp(h, norm_weight, eps, w_gate, b_gate, w_up, b_up, w_down, b_down):
+    cxx_checks("lean_mlp", h, norm_weight, eps, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    return torch.empty_like(h, memory_format=torch.contiguous_format)

@@ -14,7 +14,11 @@ import torch
 
 RAW_OPS = ("knowledge_attention_fwd", "knowledge_attention_bwd", "vae_relu_router_fwd", "vae_relu_router_bwd",
            "expert_loss_fwd", "expert_loss_bwd", "dual_embedding_fwd", "dual_embedding_bwd", "lora_merge",
-           "lora_merge_", "lora_merge_bwd", "multi_lora_linear_fwd", "multi_lora_linear_bwd", "decode_linear")
+           "lora_merge_", "lora_merge_bwd", "multi_lora_linear_fwd", "multi_lora_linear_bwd", "decode_linear",
+           "lean_qkv", "lean_attention", "lean_mlp")
+#: Raw ops with a CPU kernel only (the lean decoding step of doe_ext.nn.LeanDecoder): the self-test skips
+#: them on CUDA.
+CPU_ONLY_OPS = ("lean_qkv", "lean_attention", "lean_mlp")
 
 
 def schema_arguments(op: str) -> list[tuple[str, str]]:
@@ -82,6 +86,17 @@ def raw_call(op: str, device="cpu", dtype: torch.dtype = torch.float32, seed: in
                     need_weight_grad=True, need_lora_grad=True)
     if op == "decode_linear":
         return dict(x=rand(N, d), weight=rand(d + 2, d), bias=rand(d + 2))
+    H, G, D, T = 3, 1, 4, 5  # a layer's heads, kv heads, head_dim; T cached positions
+    if op == "lean_qkv":
+        return dict(h=rand(N, d), norm_weight=rand(d), eps=1e-5, wq=rand(H * D, d), bq=rand(H * D), wk=rand(G * D, d),
+                    bk=None, wv=rand(G * D, d), bv=rand(G * D), cos=rand(N, D), sin=rand(N, D))
+    if op == "lean_attention":
+        mask = (torch.arange(T) >= torch.arange(N)[:, None]).to(device)  # row r: its first r positions padding
+        return dict(h=rand(N, d), q=rand(N, H, 1, D), k=rand(N, G, T, D), v=rand(N, G, T, D), mask=mask, scale=0.5,
+                    wo=rand(d, H * D), bo=rand(d))
+    if op == "lean_mlp":
+        return dict(h=rand(N, d), norm_weight=rand(d), eps=1e-5, w_gate=rand(K, d), b_gate=rand(K), w_up=rand(K, d),
+                    b_up=None, w_down=rand(d, K), b_down=rand(d))
     raise KeyError(f"raw_call: no raw op {op!r}; expected one of {', '.join(RAW_OPS)}")
 
 
