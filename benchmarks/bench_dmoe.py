@@ -203,11 +203,12 @@ def bench_generation(base, bank, prompts: list[str], max_new: int, rounds: int =
     return res
 
 
-def read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
+def read_bandwidth(mib: int = 1024, reps: int = 5, x: torch.Tensor | None = None) -> float:
     """Bytes per second this machine reads: the median time of summing a ``mib`` MiB float32 tensor
-    (read once; far larger than the caches)."""
-    x = torch.ones(mib * 2**18)
-    x.sum()  # fault the pages in
+    (read once; far larger than the caches), or ``x`` (already faulted in) when given."""
+    if x is None:
+        x = torch.ones(mib * 2**18)
+        x.sum()  # fault the pages in
     t = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -222,20 +223,28 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8), rounds: int = 3) -> list[dict]:
+def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8), rounds: int = 5) -> list[dict]:
     """Decode ms per step, at each batch size, beside the memory-bandwidth floor (the weights' bytes
     over the read bandwidth measured in the same run): HF's greedy ``generate``, our decoding loop
-    without triggers (DMoE, tau = inf; through :class:`~doe_ext.nn.LeanDecoder` and, ``ours_forward``,
-    through the model's ``forward``) and DMoE with triggers (tau = 2). A step's time is the run with
+    without triggers (DMoE, tau = inf; through :class:`~doe_ext.nn.LeanDecoder` with its fused C++ layer
+    ops, ``ours_unfused`` through it with ATen's ops, and ``ours_forward`` through the model's ``forward``)
+    and DMoE with triggers (tau = 2; ``triggers_per_step``: how many steps of that run re-predicted). A step's time is the run with
     ``steps + 1`` new tokens minus the run with 1 (the prefill and the first token), over ``steps``;
-    the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved."""
+    the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved. The
+    read bandwidth is measured in each round beside them (this VM's moves by a third within minutes),
+    and the floor is the weights' bytes over its median; ``x_floor_paired`` is the median over rounds of
+    each round's step over that round's floor."""
     from doe_ext.dmoe import DMoE
+    from doe_ext.nn import LeanDecoder
 
     dmoe = DMoE(base, bank, tau=2.0)
     via_forward = DMoE(base, bank, tau=2.0, lean=False)  # the steps through the model's forward
-    dmoe.eos_tokens = via_forward.eos_tokens = set  # no sequence ends early: each run decodes the steps asked for
+    unfused = DMoE(base, bank, tau=2.0)
+    unfused._lean = LeanDecoder(base.model, fused=False)  # the lean loop of ATen ops
+    dmoe.eos_tokens = via_forward.eos_tokens = unfused.eos_tokens = set  # each run decodes the steps asked for
     enc = base.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    floor_ms = 1e3 * weight_bytes(base.model) / read_bandwidth()
+    big = torch.ones(2**28)  # 1 GiB, read for the bandwidth in each round
+    big.sum()
 
     def hf(b, n):
         ids = enc["input_ids"].expand(b, -1)
@@ -246,13 +255,15 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
         return lambda b, n: model.generate([prompt] * b, n, tau=tau)
 
     variants = {"hf_generate": hf, "ours_forward_no_trigger": ours(math.inf, via_forward),
-                "ours_no_trigger": ours(math.inf), "dmoe_tau_2": ours(2.0)}
+                "ours_unfused_no_trigger": ours(math.inf, unfused), "ours_no_trigger": ours(math.inf),
+                "dmoe_tau_2": ours(2.0)}
     rows = []
     for b in batches:
-        times = {k: [] for k in variants}
+        times, bws = {k: [] for k in variants}, []
         for fn in variants.values():
             fn(b, 2)  # warm
         for _ in range(rounds):
+            bws.append(read_bandwidth(x=big))
             for name, fn in variants.items():
                 t0 = time.perf_counter()
                 fn(b, 1)
@@ -260,8 +271,13 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
                 fn(b, steps + 1)
                 times[name].append(1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / steps)
         ms = {k: statistics.median(v) for k, v in times.items()}
+        floor_ms = 1e3 * weight_bytes(base.model) / statistics.median(bws)  # (t ms * bw B/s) / 1e3 = bytes
+        gens = dmoe.generate([prompt] * b, steps + 1, tau=2.0)
+        wb = weight_bytes(base.model)
+        paired = {k: statistics.median(t * bw / (1e3 * wb) for t, bw in zip(v, bws)) for k, v in times.items()}
         rows.append({"batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
-                     "x_floor": {k: v / floor_ms for k, v in ms.items()}})
+                     "x_floor": {k: v / floor_ms for k, v in ms.items()}, "x_floor_paired": paired,
+                     "triggers_per_step": sum(len(g.triggers) for g in gens) / (b * steps)})
     return rows
 
 
@@ -325,7 +341,9 @@ def decode_floor_rows(base, bank, prompt: str, device: str = "cpu") -> list[dict
     return [{"bench": "dmoe_decode_step", "shape": f"batch {r['batch']}, 32 steps after a {n}-token prompt, "
              f"{len(bank.ids())}-expert bank", "dtype": "float32", "device": device,
              "ms": {k: round(v, 2) for k, v in r["ms_per_step"].items()}, "floor_ms": round(r["floor_ms"], 2),
-             "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()}}
+             "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()},
+             "x_floor_paired": {k: round(v, 2) for k, v in r["x_floor_paired"].items()},
+             "triggers_per_step": round(r["triggers_per_step"], 3)}
             for r in bench_decode_floor(base, bank, prompt)]
 
 

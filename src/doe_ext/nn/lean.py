@@ -107,26 +107,32 @@ class LeanDecoder:
     def _mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
 
-    def _fusable(self, layer: nn.Module, h: Tensor) -> bool:
-        a, m = layer.self_attn, layer.mlp
-        return (self.fused and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)
-                and all(type(x) is nn.Linear for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj,
-                                                        m.up_proj, m.down_proj)))
+    def _fused_weights(self, layer: nn.Module, h: Tensor) -> tuple | None:
+        """The lean ops' weights of ``layer`` (read from the modules now), or None where the layer is not
+        fusable. Through the modules' own ``_modules`` / ``_parameters`` dicts: ``nn.Module.__getattr__``
+        for the ~40 lookups of a layer costs more than a layer's three ops take to dispatch."""
+        if not (self.fused and h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64)):
+            return None
+        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        lins = [attn._modules[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        lins += [mlp._modules[n] for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(x) is not nn.Linear for x in lins):
+            return None
+        wb = [p for x in lins for p in (x._parameters["weight"], x._parameters.get("bias"))]
+        norms = [layer._modules[n] for n in ("input_layernorm", "post_attention_layernorm")]
+        return (norms[0]._parameters["weight"], norms[0].variance_epsilon, *wb[:6], attn.scaling, *wb[6:8],
+                norms[1]._parameters["weight"], norms[1].variance_epsilon, *wb[8:])
 
-    def _fused_layer(self, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache,
-                     i: int, mlp: bool) -> Tensor:
-        """:meth:`_attention` and (``mlp``) :meth:`_mlp` with their residuals, through the lean ops."""
-        a, ln = layer.self_attn, layer.input_layernorm
-        q, k, v = _lean_qkv(h, ln.weight, ln.variance_epsilon, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
-                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, cos, sin)
+    @staticmethod
+    def _fused_layer(w: tuple, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache, i: int,
+                     mlp: bool) -> Tensor:
+        """:meth:`_attention` and (``mlp``) :meth:`_mlp` with their residuals, through the lean ops
+        (``w``: :meth:`_fused_weights`)."""
+        q, k, v = _lean_qkv(h, *w[:8], cos, sin)
         k, v = cache.update(k, v, i)
-        self._check_mask(mask, k)
-        h = _lean_attention(h, q, k, v, mask, a.scaling, a.o_proj.weight, a.o_proj.bias)
-        if not mlp:
-            return h
-        m, ln = layer.mlp, layer.post_attention_layernorm
-        return _lean_mlp(h, ln.weight, ln.variance_epsilon, m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight,
-                         m.up_proj.bias, m.down_proj.weight, m.down_proj.bias)
+        LeanDecoder._check_mask(mask, k)
+        h = _lean_attention(h, q, k, v, mask, *w[8:11])
+        return _lean_mlp(h, *w[11:]) if mlp else h
 
     @staticmethod
     def _check_mask(mask: Tensor | None, k: Tensor) -> None:
@@ -148,12 +154,13 @@ class LeanDecoder:
         attend = None if bool(mask.all()) else mask.bool()  # as transformers: None unpadded
         attend4 = None if attend is None else attend[:, None, None, :]
         cos4, sin4 = cos[:, None], sin[:, None]  # [R, 1, 1, D]: over every head of q and k
-        layers = self.inner.layers[:self.model.config.num_hidden_layers]
+        layers = list(self.inner.layers)[:self.model.config.num_hidden_layers]
+        cos2, sin2 = cos[:, 0], sin[:, 0]  # [R, D]
         with torch._C._AutoDispatchBelowAutograd():  # under no_grad: nothing to record, every op skips autograd
             for i, layer in enumerate(layers):
                 last = i == len(layers) - 1
-                if self._fusable(layer, h):
-                    h = self._fused_layer(layer, h, cos[:, 0], sin[:, 0], attend, cache, i, mlp=not last)
+                if (w := self._fused_weights(layer, h)) is not None:
+                    h = self._fused_layer(w, h, cos2, sin2, attend, cache, i, mlp=not last)
                 else:
                     h = h + self._attention(layer.self_attn, _rms(h, layer.input_layernorm), cos4, sin4, attend4,
                                             cache, i)
