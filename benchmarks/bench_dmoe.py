@@ -228,7 +228,8 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
     over the read bandwidth measured in the same run): HF's greedy ``generate``, our decoding loop
     without triggers (DMoE, tau = inf; through :class:`~doe_ext.nn.LeanDecoder` with its fused C++ layer
     ops, ``ours_unfused`` through it with ATen's ops, and ``ours_forward`` through the model's ``forward``)
-    and DMoE with triggers (tau = 2; ``triggers_per_step``: how many steps of that run re-predicted). A step's time is the run with
+    and DMoE with triggers (tau = 2; per row and step of that run: ``triggers_per_step``, and ``repredictions_per_step``, the
+    triggers that routed to another set than the active one and so predicted again). A step's time is the run with
     ``steps + 1`` new tokens minus the run with 1 (the prefill and the first token), over ``steps``;
     the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved. The
     read bandwidth is measured in each round beside them (this VM's moves by a third within minutes),
@@ -272,12 +273,14 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
                 times[name].append(1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / steps)
         ms = {k: statistics.median(v) for k, v in times.items()}
         floor_ms = 1e3 * weight_bytes(base.model) / statistics.median(bws)  # (t ms * bw B/s) / 1e3 = bytes
+        before = dmoe.repredicted_rows
         gens = dmoe.generate([prompt] * b, steps + 1, tau=2.0)
         wb = weight_bytes(base.model)
         paired = {k: statistics.median(t * bw / (1e3 * wb) for t, bw in zip(v, bws)) for k, v in times.items()}
         rows.append({"batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                      "x_floor": {k: v / floor_ms for k, v in ms.items()}, "x_floor_paired": paired,
-                     "triggers_per_step": sum(len(g.triggers) for g in gens) / (b * steps)})
+                     "triggers_per_step": sum(len(g.triggers) for g in gens) / (b * steps),
+                     "repredictions_per_step": (dmoe.repredicted_rows - before) / (b * steps)})
     return rows
 
 
@@ -343,7 +346,8 @@ def decode_floor_rows(base, bank, prompt: str, device: str = "cpu") -> list[dict
              "ms": {k: round(v, 2) for k, v in r["ms_per_step"].items()}, "floor_ms": round(r["floor_ms"], 2),
              "x_floor": {k: round(v, 2) for k, v in r["x_floor"].items()},
              "x_floor_paired": {k: round(v, 2) for k, v in r["x_floor_paired"].items()},
-             "triggers_per_step": round(r["triggers_per_step"], 3)}
+             "triggers_per_step": round(r["triggers_per_step"], 3),
+             "repredictions_per_step": round(r["repredictions_per_step"], 3)}
             for r in bench_decode_floor(base, bank, prompt)]
 
 

@@ -317,3 +317,25 @@ def test_without_a_bank_it_is_the_base_model(base):
         dmoe.generate("x", tau=2.0)
     with pytest.raises(ValueError, match="without a bank there are no experts"):
         dmoe.generate("x", experts=[[("otter", 1.0)]])
+
+
+@pytest.mark.parametrize("depth", [1, 1.0])
+def test_a_trigger_to_the_active_set_keeps_its_logits(base, bank, tmp_path, depth):
+    """A trigger that routes to the set already active does not re-predict (its logits were computed with
+    that set): the outputs equal those of re-predicting at every trigger, and fewer rows re-predict."""
+    site = ExpertSite(base.model, depth=depth) if depth != 1 else None
+    if site is not None:  # a deep site: a re-prediction re-runs the rows and replaces their cache
+        from test_deep import deep_bank
+        bank = deep_bank(base, site, tmp_path / "deep")
+    fast, slow = (DMoE(base, bank, tau=0.0, top_k=2, site=site) for _ in range(2))
+    slow.repredict_same_set = True
+    a, b = fast.generate(QUESTIONS, 8), slow.generate(QUESTIONS, 8)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.triggers == y.triggers
+        assert x.entropies == pytest.approx(y.entropies, abs=1e-5)
+        assert x.token_probs == pytest.approx(y.token_probs, abs=1e-5)
+    triggers = sum(len(x.triggers) for x in a)
+    assert slow.repredicted_rows == triggers and 0 < fast.repredicted_rows < triggers
+    if site is not None:
+        assert 0 < fast.recomputed_tokens < slow.recomputed_tokens
+        site.detach()

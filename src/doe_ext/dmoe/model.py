@@ -148,6 +148,9 @@ class DMoE:
         self._lean = (LeanDecoder(base.model, streaming)
                       if lean and self.site.keeps_cache and LeanDecoder.unsupported(base.model) is None else None)
         self.recomputed_tokens = 0  # tokens run again because a trigger made their KV cache stale
+        self.repredicted_rows = 0  # triggered positions predicted again (a trigger that routes to the set
+        # already active keeps its logits: they were computed with that set)
+        self.repredict_same_set = False  # True: re-predict at every trigger (the slower reference the tests compare with)
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
 
     def route(self, query: str, top_k: int, router: Router | None = None) -> WeightedSet:
@@ -348,12 +351,17 @@ class DMoE:
             ent = token_entropy(logits)
             fires = (ent > tau) if self.trigger is None else self.trigger(ent, t)
             triggered = [j for j in range(len(state.running)) if bool(fires[j])]
+            changed = []  # the triggered rows routed to another set than the one their logits were computed with
             for j in triggered:
                 b = state.running[j]
                 query = tok.decode(queries[b][-self.query_tokens:], skip_special_tokens=True)
-                state.sets[b] = self.route(query, top_k, routers[b] if routers is not None else None)
-            if triggered:
-                self.repredict(state, triggered, logits)
+                new = self.route(query, top_k, routers[b] if routers is not None else None)
+                if self.repredict_same_set or [tuple(x) for x in new] != [tuple(x) for x in state.sets[b]]:
+                    changed.append(j)
+                state.sets[b] = new
+            if changed:
+                self.repredict(state, changed, logits)
+            self.repredicted_rows += len(changed)
             nxt = logits.argmax(-1)
             p_nxt = torch.softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0]
             going = []
