@@ -185,12 +185,17 @@ Tensor lean_attention_cpu(const Tensor& h_, const Tensor& q_, const Tensor& k_, 
     std::vector<T> o(sz.R * H * D, T(0)), scores(sz.R * H * T_);
     const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
     const T sc = static_cast<T>(scale);
-    torch::stable::parallel_for(0, sz.R * H, 1, [&](int64_t a0, int64_t a1) {
+    const int64_t k0 = k.stride(0), k1 = k.stride(1), k2 = k.stride(2), v0 = v.stride(0), v1 = v.stride(1),
+                  v2 = v.stride(2);  // (read once: each stride() is a call through the stable ABI)
+    // ~2^16 multiply-adds per chunk of heads: a step's few heads over a short cache run inline (a parallel
+    // region costs more than they do), long caches and large batches split
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, 2 * T_ * D));
+    torch::stable::parallel_for(0, sz.R * H, grain, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {  // a = r * H + head
         const int64_t r = a / H, g = (a % H) / groups;
         const T* qa = qp + a * D;
-        const T* kr = kp + r * k.stride(0) + g * k.stride(1);
-        const T* vr = vp + r * v.stride(0) + g * v.stride(1);
+        const T* kr = kp + r * k0 + g * k1;
+        const T* vr = vp + r * v0 + g * v1;
         T* s = scores.data() + a * T_;
         T mx = -INFINITY;
         for (int64_t t = 0; t < T_; ++t) {
@@ -198,7 +203,7 @@ Tensor lean_attention_cpu(const Tensor& h_, const Tensor& q_, const Tensor& k_, 
             s[t] = -INFINITY;
             continue;
           }
-          const T* kt = kr + t * k.stride(2);
+          const T* kt = kr + t * k2;
           T dot = 0;
           DOE_SIMD_REDUCE(+, dot)
           for (int64_t c = 0; c < D; ++c) dot += qa[c] * kt[c];
@@ -210,7 +215,7 @@ Tensor lean_attention_cpu(const Tensor& h_, const Tensor& q_, const Tensor& k_, 
         for (int64_t t = 0; t < T_; ++t) {
           const T p = std::exp(s[t] - mx);  // exp(-inf) = 0: a masked position adds nothing
           sum += p;
-          const T* vt = vr + t * v.stride(2);
+          const T* vt = vr + t * v2;
           DOE_SIMD
           for (int64_t c = 0; c < D; ++c) oa[c] += p * vt[c];
         }
