@@ -94,3 +94,43 @@ def test_bad_input_names_the_argument():
         lean.logits(torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), cache)
     with pytest.raises(ValueError, match=r"LeanDecoder: an attention mask over 3 positions for a cache of 1"):
         lean.logits(torch.tensor([[4]]), torch.tensor([[0, 1, 1]]), torch.tensor([[0]]), cache)
+
+
+class Doubled(torch.nn.Module):
+    """A wrapper around a projection (as a LoRA layer is): the lean loop must call it as a module."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2.0 * self.inner(x)
+
+
+@pytest.mark.parametrize("wrapped", ["q_proj", "down_proj"])
+def test_a_layer_with_a_wrapper_takes_the_aten_path_and_the_others_stay_fused(wrapped, monkeypatch):
+    model = llama(2)
+    layer = model.model.layers[1]
+    parent = layer.self_attn if wrapped == "q_proj" else layer.mlp
+    lean = LeanDecoder(model)
+    setattr(parent, wrapped, Doubled(getattr(parent, wrapped)))  # attached after the decoder was built: seen
+    fused = []
+    real = LeanDecoder._fused_layer
+    monkeypatch.setattr(LeanDecoder, "_fused_layer", staticmethod(lambda *a, **k: fused.append(1) or real(*a, **k)))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        caches = [DynamicCache(config=model.config) for _ in range(2)]
+        for c in caches:
+            model(input_ids=ids, cache=c, use_cache=True)
+        mask, pos, nxt = torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]), torch.tensor([[9]])
+        with streaming_linears(model):
+            want = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=caches[0],
+                         use_cache=True).logits[:, -1]
+        got = lean.logits(nxt, mask, pos, caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(fused) == 2  # layers 0 and 2 of 3
+    unwrapped = llama(2)  # the wrapper counts: without it the logits differ
+    with torch.no_grad():
+        c = DynamicCache(config=unwrapped.config)
+        unwrapped(input_ids=ids, cache=c, use_cache=True)
+        assert not torch.allclose(LeanDecoder(unwrapped).logits(nxt, mask, pos, c), got, atol=1e-2)
