@@ -1,4 +1,4 @@
-"""Fuzz cases of every public op and raw backward op (issue 14): a case is (op, mutation, seed,
+"""Fuzz cases of every public op, raw backward op and the lean decoding step's ops (issue 14): a case is (op, mutation, seed,
 sizes); the worker (``worker.py``) builds it and runs it. A mutation is valid (a strided, expanded,
 zero-size, NaN or Inf input: the result must equal the reference twin's) or invalid (a wrong rank,
 size, dtype, device, string, None, out-of-range id: the op must raise, naming the argument).
@@ -309,6 +309,60 @@ def decode_linear(m, seed, s):
     return (lambda: ops.decode_linear(x, w, bias), None if bad else (lambda: ref.decode_linear_ref(x, w, bias)), bad)
 
 
+def lean_layer(m, seed, s):
+    """The lean decoding step's three raw ops on one layer (CPU only), against their twins computed in
+    float64 and rounded to the case's dtype."""
+    g, dt = _g(seed), _dtype(seed)
+    R, G, groups, D = s["a"], s["b"] % 2 + 1, s["c"] % 3 + 1, 2 * (s["d"] % 3 + 1)
+    H, T, d, inner = G * groups, s["e"] + 1, s["f"] + 1, s["c"] + s["d"] + 1
+
+    def r(*shape):
+        return _rand(g, *shape, dtype=dt)
+
+    h, cos, sin = r(R, d), r(R, D), r(R, D)
+    qkv = dict(h=h, norm_weight=r(d), eps=1e-5, wq=r(H * D, d), bq=r(H * D), wk=r(G * D, d), bk=r(G * D),
+               wv=r(G * D, d), bv=r(G * D), cos=cos, sin=sin)
+    attn = dict(h=h, q=r(R, H, 1, D), k=r(R, G, T, D), v=r(R, G, T, D), mask=None, scale=D ** -0.5, wo=r(d, H * D),
+                bo=r(d))
+    mlp = dict(h=h, norm_weight=r(d), eps=1e-6, w_gate=r(inner, d), b_gate=r(inner), w_up=r(inner, d), b_up=r(inner),
+               w_down=r(d, inner), b_down=r(d))
+    bad = None
+    if m == "no_bias":
+        for a, names in ((qkv, ("bq", "bk", "bv")), (attn, ("bo",)), (mlp, ("b_gate", "b_up", "b_down"))):
+            a.update(dict.fromkeys(names))
+    elif m == "strided":  # the cache a window of a longer buffer, the weights transposed copies' transposes
+        attn["k"], attn["v"] = r(R, G, T + 2, D)[:, :, 1:T + 1], r(R, G, T + 2, D)[:, :, 2:]
+        for a in (qkv, attn, mlp):
+            a.update({k: _strided(v) for k, v in a.items() if k.startswith("w")})
+    elif m == "mask":  # random padding, the newest position always attended
+        attn["mask"] = torch.rand(R, T, generator=g) < 0.6
+        attn["mask"][:, -1] = True
+    elif m == "nan_h":
+        h = h.clone()
+        if R:
+            h[0, 0] = NAN
+        qkv["h"] = attn["h"] = mlp["h"] = h
+    elif m == "wk_in":
+        qkv["wk"], bad = r(G * D, d + 1), "wk"
+    elif m == "mask_dtype":
+        attn["mask"], bad = torch.ones(R, T), "mask"
+    elif m == "dtype_wo":
+        attn["wo"], bad = attn["wo"].to(torch.float32 if dt == torch.float64 else torch.float64), "wo"
+    elif m == "meta_cos":
+        qkv["cos"], bad = _meta(cos), "cos"
+    elif m == "none_w_down":
+        mlp["w_down"], bad = None, "w_down"
+    calls = ((RAW.lean_qkv, ref.lean_qkv_ref, qkv), (RAW.lean_attention, ref.lean_attention_ref, attn),
+             (RAW.lean_mlp, ref.lean_mlp_ref, mlp))
+
+    def twin():
+        outs = [f(**{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in a.items()}) for _, f, a in calls]
+        return [[t.to(dt) for t in o] if isinstance(o, tuple) else o.to(dt) for o in outs]
+
+    return (lambda: [op(*a.values()) for op, _, a in calls]), None if bad else twin, bad
+
+
 def raw_backward(m, seed, s):
     """The registered backward ops called directly, with an argument the forward would never give."""
     g = _g(seed)
@@ -416,6 +470,8 @@ MUTATIONS = {
                           "scales_shape", "float_indices", "weight_in", "meta_bias", "none_x"],
     "decode_linear": ["none", "no_bias", "strided", "batched", "weight_row_slice", "expanded_weight", "nan_x",
                       "weight_in", "bias_size", "dtype_weight", "meta_weight", "int_x", "none_weight"],
+    "lean_layer": ["none", "no_bias", "strided", "mask", "nan_h", "wk_in", "mask_dtype", "dtype_wo", "meta_cos",
+                   "none_w_down"],
     "raw_backward": ["ka_grad_out", "ka_lse", "ka_meta_lse", "ka_probs", "vae_rng_empty", "vae_rng_one", "vae_w_gate",
                      "vae_mu_logvar", "vae_grad_gates", "vae_meta_rng", "el_broadcast", "el_dtype", "el_meta",
                      "lm_grad_out", "lm_meta", "de_grad_out", "de_meta", "ml_xa", "ml_xa_dtype"],

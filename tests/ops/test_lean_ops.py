@@ -1,48 +1,18 @@
 """The lean decoding step's raw ops (``doe_ext::lean_qkv``, ``lean_attention``, ``lean_mlp``; CPU, no
-autograd) against plain-PyTorch references written as transformers' Llama layer computes them (RMSNorm,
-``rotate_half``, SDPA with the KV heads repeated and a boolean mask, a SiLU-gated MLP): odd sizes, GQA and
-MHA, padding masks, biases on and off, non-contiguous inputs (the cache's keys and values as views of a
-longer buffer, transposed weights), every CPU dtype; under ``torch.compile(fullgraph=True)``; their
-errors name the argument. opcheck and the bad-input checks run in the self-test (tests/ops/test_selftest.py)
+autograd) against their plain-PyTorch twins (``doe_ext.reference.lean``, transformers' Llama layer op
+for op): odd sizes, GQA and MHA, padding masks, biases on and off, non-contiguous inputs (the cache's
+keys and values as views of a longer buffer, transposed weights), every CPU dtype; under
+``torch.compile(fullgraph=True)``; their errors name the argument. opcheck and the bad-input checks run in the self-test (tests/ops/test_selftest.py)
 and the fake-check test, from doe_ext.ops.specs."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-import doe_ext  # noqa: F401 - registers the ops
+from doe_ext.reference import lean_attention_ref as ref_attention
+from doe_ext.reference import lean_mlp_ref as ref_mlp
+from doe_ext.reference import lean_qkv_ref as ref_qkv
 
 RAW = torch.ops.doe_ext
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-def rms(h, w, eps):  # transformers' LlamaRMSNorm, but float64 stays float64 (it would round to float32)
-    x = h.to(torch.promote_types(h.dtype, torch.float32))
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-
-
-def rotate(x, cos, sin):  # x [R, heads, 1, D], cos/sin [R, D]
-    D = x.shape[-1]
-    return x * cos[:, None, None] + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin[:, None, None]
-
-
-def ref_qkv(h, norm_weight, eps, wq, bq, wk, bk, wv, bv, cos, sin):
-    R, D = h.shape[0], cos.shape[1]
-    x = rms(h, norm_weight, eps)
-    q, k, v = (F.linear(x, w, b).view(R, w.shape[0] // D, 1, D) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
-
-
-def ref_attention(h, q, k, v, mask, scale, wo, bo):
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    m = None if mask is None else mask[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
-    return h + F.linear(o.reshape(h.shape[0], wo.shape[1]), wo, bo)
-
-
-def ref_mlp(h, norm_weight, eps, w_gate, b_gate, w_up, b_up, w_down, b_down):
-    x = rms(h, norm_weight, eps)
-    return h + F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
 
 
 def rand(g, *shape, dtype, transposed=False):
