@@ -1,5 +1,5 @@
-"""Fuzz cases of every public op, raw backward op and the lean decoding step's ops (issue 14): a case is (op, mutation, seed,
-sizes); the worker (``worker.py``) builds it and runs it. A mutation is valid (a strided, expanded,
+"""Fuzz cases of every public op, raw backward op and the lean decoding step's ops (issue 14): a case
+is (op, mutation, seed, sizes); the worker (``worker.py``) builds it and runs it. A mutation is valid (a strided, expanded,
 zero-size, NaN or Inf input: the result must equal the reference twin's) or invalid (a wrong rank,
 size, dtype, device, string, None, out-of-range id: the op must raise, naming the argument).
 
