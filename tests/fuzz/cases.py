@@ -1,7 +1,8 @@
-"""Fuzz cases of every public op, raw backward op and the lean decoding step's ops (issue 14): a case
-is (op, mutation, seed, sizes); the worker (``worker.py``) builds it and runs it. A mutation is valid (a strided, expanded,
-zero-size, NaN or Inf input: the result must equal the reference twin's) or invalid (a wrong rank,
-size, dtype, device, string, None, out-of-range id: the op must raise, naming the argument).
+"""Fuzz cases of every public op, raw backward op and the lean decoding step's ops (issue 14): a case is
+(op, mutation, seed, sizes); the worker (``worker.py``) builds it and runs it. A mutation is valid (a
+strided, expanded, zero-size, NaN or Inf input: the result must equal the reference twin's) or invalid
+(a wrong rank, size, dtype, device, string, None, out-of-range id: the op must raise, naming the
+argument).
 
 ``build(op, mutation, seed, sizes)`` -> ``(call, reference, expected_name)``: ``reference`` is None
 for an invalid case, ``expected_name`` None for a valid one."""
