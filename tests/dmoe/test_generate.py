@@ -319,11 +319,11 @@ def test_without_a_bank_it_is_the_base_model(base):
         dmoe.generate("x", experts=[[("otter", 1.0)]])
 
 
-@pytest.mark.parametrize("depth", [1, 1.0])
-def test_a_trigger_to_the_active_set_keeps_its_logits(base, bank, tmp_path, depth):
+@pytest.mark.parametrize("site", ["last layer", "every layer"])
+def test_a_trigger_to_the_active_set_keeps_its_logits(base, bank, tmp_path, site):
     """A trigger that routes to the set already active does not re-predict (its logits were computed with
     that set): the outputs equal those of re-predicting at every trigger, and fewer rows re-predict."""
-    site = ExpertSite(base.model, depth=depth) if depth != 1 else None
+    site = ExpertSite(base.model, depth=1.0) if site == "every layer" else None
     if site is not None:  # a deep site: a re-prediction re-runs the rows and replaces their cache
         from test_deep import deep_bank
         bank = deep_bank(base, site, tmp_path / "deep")
@@ -331,7 +331,11 @@ def test_a_trigger_to_the_active_set_keeps_its_logits(base, bank, tmp_path, dept
     slow.repredict_same_set = True
     a, b = fast.generate(QUESTIONS, 8), slow.generate(QUESTIONS, 8)
     for x, y in zip(a, b):
-        assert x.tokens == y.tokens and x.triggers == y.triggers
+        assert x.tokens == y.tokens
+        assert [(t.position, t.experts, t.weights) for t in x.triggers] == [(t.position, t.experts, t.weights)
+                                                                             for t in y.triggers]
+        # (a deep site's re-run rows leave a cache that differs in rounding from the one they replace)
+        assert [t.entropy for t in x.triggers] == pytest.approx([t.entropy for t in y.triggers], abs=1e-5)
         assert x.entropies == pytest.approx(y.entropies, abs=1e-5)
         assert x.token_probs == pytest.approx(y.token_probs, abs=1e-5)
     triggers = sum(len(x.triggers) for x in a)
