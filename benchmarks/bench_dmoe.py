@@ -228,9 +228,10 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
     over the read bandwidth measured in the same run): HF's greedy ``generate``, our decoding loop
     without triggers (DMoE, tau = inf; through :class:`~doe_ext.nn.LeanDecoder` with its fused C++ layer
     ops, ``ours_unfused`` through it with ATen's ops, and ``ours_forward`` through the model's ``forward``)
-    and DMoE with triggers (tau = 2; per row and step of that run: ``triggers_per_step``, and ``repredictions_per_step``, the
-    triggers that routed to another set than the active one and so predicted again). A step's time is the run with
-    ``steps + 1`` new tokens minus the run with 1 (the prefill and the first token), over ``steps``;
+    and DMoE with triggers (tau = 2; per row and step of that run: ``triggers_per_step``, and
+    ``repredictions_per_step``, the triggers that routed to another set than the active one and so
+    predicted again). A step's time is the run with ``steps + 1`` new tokens minus the run with 1 (the
+    prefill and the first token), over ``steps``;
     the batch repeats ``prompt`` (no padding); medians over ``rounds``, the variants interleaved. The
     read bandwidth is measured in each round beside them (this VM's moves by a third within minutes),
     and the floor is the weights' bytes over its median; ``x_floor_paired`` is the median over rounds of
@@ -272,11 +273,12 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
                 fn(b, steps + 1)
                 times[name].append(1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / steps)
         ms = {k: statistics.median(v) for k, v in times.items()}
-        floor_ms = 1e3 * weight_bytes(base.model) / statistics.median(bws)  # (t ms * bw B/s) / 1e3 = bytes
+        wb = weight_bytes(base.model)
+        floor_ms = 1e3 * wb / statistics.median(bws)
+        # each round's step over that round's floor (1e3 * wb / bw ms)
+        paired = {k: statistics.median(t * bw / (1e3 * wb) for t, bw in zip(v, bws)) for k, v in times.items()}
         before = dmoe.repredicted_rows
         gens = dmoe.generate([prompt] * b, steps + 1, tau=2.0)
-        wb = weight_bytes(base.model)
-        paired = {k: statistics.median(t * bw / (1e3 * wb) for t, bw in zip(v, bws)) for k, v in times.items()}
         rows.append({"batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                      "x_floor": {k: v / floor_ms for k, v in ms.items()}, "x_floor_paired": paired,
                      "triggers_per_step": sum(len(g.triggers) for g in gens) / (b * steps),
