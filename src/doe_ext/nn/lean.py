@@ -8,6 +8,8 @@ families listed in :data:`LEAN_FAMILIES`, :class:`LeanDecoder` runs the same ari
 token per sequence as a flat loop over the layers' weights: the same ATen ops in the same order as
 transformers' modules (its RMSNorm, rotary embedding, SDPA with the same GQA and mask handling),
 with q and k rotated in one call, and the linear layers through :func:`doe_ext.ops.decode_linear`.
+On the CPU (``fused``, the default) each layer of plain ``nn.Linear`` projections is instead three C++
+ops (``doe_ext::lean_qkv``, ``lean_attention``, ``lean_mlp``; twins in :mod:`doe_ext.reference.lean`).
 Its outputs agree with the model's ``forward`` to float rounding (tests/dmoe/test_lean.py).
 """
 from __future__ import annotations
