@@ -7,10 +7,10 @@ import torch
 
 from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
-from doe_ext.dmoe import DMoE, qa_prompt
+from doe_ext.dmoe import DMoE, ExpertBank, qa_prompt
 from doe_ext.dmoe.augment import fewshot_prompt
 from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
-                                   markdown, read_questions, read_shots, summarize)
+                                   markdown, read_questions, read_shots, sft_bank, summarize)
 from doe_ext.dmoe.metrics import cut_answer
 from test_generate import reference_compose, reference_generate
 
@@ -120,17 +120,30 @@ def test_summary_and_markdown_known_values():
 
 def test_sft_is_one_adapter_over_the_corpus(base, bank):
     from doe_ext.dmoe import Augmentation, Document, Recipe, train_experts
-    from doe_ext.dmoe.evaluate import sft_bank
-    from doe_ext.dmoe.train import train_adapter
+    from doe_ext.dmoe.train import instances_for, train_adapter
 
     sft = sft_bank(base, bank)
     assert sft.ids() == ["sft"] and sft.path == bank.path / "sft" and len(bank) == len(DOCS)
     checksum = sft.row("sft").checksum
     assert sft_bank(base, bank).row("sft").checksum == checksum  # kept, not trained again
-    one = train_adapter(base, [(Document("x", DOCS[0]["text"]), Augmentation())], Recipe())  # one document: an expert
+    # one document a step: an expert of that document
+    one = train_adapter(base, [(Document("x", DOCS[0]["text"]), Augmentation())], Recipe(), docs_per_step=1)
     ref = train_experts(base, [(Document("sft", DOCS[0]["text"]), Augmentation())], Recipe())[0]
     for k in ref.tensors:
         assert torch.equal(one.tensors[k], ref.tensors[k])
+    # k documents a step: one expert on every document's instances, k times the recipe's batch a step
+    items = [(Document(d["id"], d["text"]), Augmentation()) for d in DOCS]
+    recipe = Recipe(batch_size=1, epochs=2)
+    insts = [i for doc in instances_for(base, items, recipe) for i in doc]
+    assert len(insts) > 2  # else the batch sizes below could not differ
+    two = train_adapter(base, items, recipe, docs_per_step=2)
+    ref = train_experts(base, [(Document("sft", ""), Augmentation())], recipe.replace(batch_size=2), instances=[insts])[0]
+    per_doc = train_adapter(base, items, recipe, docs_per_step=1)
+    for k in ref.tensors:
+        assert torch.equal(two.tensors[k], ref.tensors[k])
+    assert any(not torch.equal(two.tensors[k], per_doc.tensors[k]) for k in ref.tensors)
+    with pytest.raises(ValueError, match="train_adapter: `docs_per_step` must be >= 1, got 0"):
+        train_adapter(base, items, recipe, docs_per_step=0)
     bank.remove(["tort"])
     assert sft_bank(base, bank).row("sft").checksum != checksum  # the corpus changed
     res = evaluate(Harness(base, bank, max_new_tokens=6), QA[:2], ["base", "sft"], progress=False)
@@ -142,6 +155,8 @@ def test_method_and_question_errors(base, bank, tmp_path):
         check_methods(["rgb"])
     with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
         Harness(base, bank, batch_size=0)
+    with pytest.raises(ValueError, match="`sft_docs_per_step` must be >= 1, got 0"):
+        Harness(base, bank, sft_docs_per_step=0)
     shots = tmp_path / "shots.jsonl"
     shots.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "nope"}) + "\n")
     with pytest.raises(ValueError, match="shots.jsonl:1: a demonstration needs a `passage` or the `doc_id`"):
@@ -164,12 +179,19 @@ def test_eval_cli(llama_dir, tmp_path, capsys):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(q) + "\n" for q in QA))
     capsys.readouterr()
-    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rag,flare,dmoe", "--out",
-                 str(tmp_path / "out"), "--max-new-tokens", "4", "--limit", "3", "--no-progress"])
+    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rag,flare,dmoe,sft", "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "4", "--limit", "3", "--sft-docs-per-step", "2",
+                 "--no-progress"])
     out = capsys.readouterr().out
-    assert code == 0 and "| base | 3 |" in out and "| dmoe | 3 |" in out
+    assert code == 0 and "| base | 3 |" in out and "| dmoe | 3 |" in out and "| sft | 3 |" in out
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert set(saved["summary"]) == {"base", "rag", "flare", "dmoe"} and len(saved["samples"]["rag"]) == 3
+    assert set(saved["summary"]) == {"base", "rag", "flare", "dmoe", "sft"} and len(saved["samples"]["rag"]) == 3
+    with ExpertBank(tmp_path / "bank") as bank:  # trained with 2: asking for 2 trains nothing (no base needed)
+        assert sft_bank(None, bank, docs_per_step=2).ids() == ["sft"]
+        with pytest.raises(AttributeError):  # asking for 1 trains again (and needs the base)
+            sft_bank(None, bank, docs_per_step=1)
+    code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--sft-docs-per-step", "0"])
+    assert code == 2 and "`sft_docs_per_step` must be >= 1, got 0" in capsys.readouterr().err
     assert (tmp_path / "out" / "eval.md").read_text() == out.split("wrote")[0]
     code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rgb"])
     assert code == 2 and "unknown method 'rgb'" in capsys.readouterr().err

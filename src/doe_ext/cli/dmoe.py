@@ -8,7 +8,7 @@ from doe_ext.cli import CommandError
 
 
 def register(sub) -> None:
-    from doe_ext.dmoe.recipe import AUGMENTATIONS, OBJECTIVES, RECIPES
+    from doe_ext.dmoe.recipe import AUGMENTATIONS, OBJECTIVES, RECIPES, SFT_DOCS_PER_STEP
     from doe_ext.dmoe.routing import COMPOSITIONS, DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
     p = sub.add_parser("dmoe", help="DMoE: build an expert bank, ask questions, add / remove experts")
@@ -77,6 +77,8 @@ def register(sub) -> None:
                    help="JSON lines of demonstrations (question, answers, and doc_id or passage): a plain few-shot "
                         "prompt instead of the chat template")
     e.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    e.add_argument("--sft-docs-per-step", type=int, default=SFT_DOCS_PER_STEP, metavar="N",
+                   help="the sft method's adapter: N times the recipe's batch per optimizer step (default: %(default)s)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=evaluate)
 
@@ -175,7 +177,7 @@ def evaluate(args) -> None:
         base = load_base(args.base or bank.base_name)
         harness = Harness(base, bank, shots=shots, top_k=args.top_k, tau=args.tau,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compose=args.compose,
-                          temperature=args.temperature)
+                          temperature=args.temperature, sft_docs_per_step=args.sft_docs_per_step)
         results = evaluate(harness, questions, methods, progress=not args.no_progress)
     summary = summarize(results)
     print(markdown(summary), end="")

@@ -33,6 +33,7 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
+from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, compose, fixed
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
@@ -125,9 +126,12 @@ class Harness:
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
                  flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
-                 compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 1):
+                 compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE,
+                 sft_docs_per_step: int = SFT_DOCS_PER_STEP):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
+        if sft_docs_per_step < 1:
+            raise ValueError(f"dmoe eval: `sft_docs_per_step` must be >= 1, got {sft_docs_per_step}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
         self.max_new_tokens, self.query_tokens, self.batch_size = max_new_tokens, query_tokens, batch_size
         self.flare_theta, self.flare_lookahead = flare_theta, flare_lookahead
@@ -249,7 +253,7 @@ def _doc_id(q: dict, method: str) -> str:
     return q["doc_id"]
 
 
-def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = 1) -> ExpertBank:
+def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_STEP) -> ExpertBank:
     """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and instances and
     the bank's recipe, ``docs_per_step`` documents' instances per optimizer step), in a bank of one at
     ``BANK/sft``; trained again only when the documents, the recipe or ``docs_per_step`` change.

@@ -175,3 +175,7 @@ PAPER = Recipe(objective="next_token", augment="model", lr=3e-4, epochs=1)
 DEFAULT = Recipe(objective="distill", augment="qa", lr=3e-3, epochs=16, instances=("subject", "questions"),
                  answer_tokens=24, distill_loss="sequence")
 RECIPES = {"default": DEFAULT, "paper": PAPER}
+# The SFT-LoRA baseline (one adapter on every document's instances) trains with the bank's recipe but
+# this many times its batch per optimizer step: as many instances a step as that many experts take
+# together (issue 22; at 1 it took ~58 min for 400 documents). Every path that trains it uses this.
+SFT_DOCS_PER_STEP = 8

@@ -24,7 +24,7 @@ from doe_ext.dmoe.base import load_base
 from doe_ext.dmoe.build import build_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
-from doe_ext.dmoe.recipe import DEFAULT, PAPER, Recipe
+from doe_ext.dmoe.recipe import DEFAULT, PAPER, SFT_DOCS_PER_STEP, Recipe
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
 RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/README.md)
@@ -177,7 +177,7 @@ def kept_rows(out: Path, wanted: dict[str, dict]) -> dict[str, list[Sample]]:
 
 def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str = "smollm2-135m",
                 questions: int | None = None, bank_docs: str = "all", compose: str = DEFAULT_COMPOSE,
-                temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = 8,
+                temperature: float = DEFAULT_TEMPERATURE, sft_docs_per_step: int = SFT_DOCS_PER_STEP,
                 recipes: tuple[str, ...] = ("default", "paper"), methods: tuple[str, ...] = METHODS,
                 default: Recipe = DEFAULT, reuse: bool = False, progress: bool = True) -> dict:
     """The test-split table of issue 21 for one knowledge set and base: base, gold, rag, prag, flare, sft,

@@ -33,7 +33,7 @@ from doe_ext.dmoe.augment import Augmentation, Document, qa_prompt
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, use_experts
 from doe_ext.dmoe.model import common_prefix
-from doe_ext.dmoe.recipe import Recipe
+from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP, Recipe
 
 
 @dataclass
@@ -273,11 +273,13 @@ def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
-                  adapter_id: str = "sft", docs_per_step: int = 1, instances: list[list[Instance]] | None = None,
+                  adapter_id: str = "sft", docs_per_step: int = SFT_DOCS_PER_STEP, instances: list[list[Instance]] | None = None,
                   head_chunk: int = 256) -> TrainedExpert:
     """One LoRA on every document's instances (SFT-LoRA, the DMoE paper's baseline): the same recipe
     and placement as an expert, on the whole corpus, ``recipe.batch_size * docs_per_step`` instances
     per step in document order. ``instances`` as for :func:`train_experts`."""
+    if docs_per_step < 1:
+        raise ValueError(f"train_adapter: `docs_per_step` must be >= 1, got {docs_per_step}")
     insts = [i for doc in (instances_for(base, items, recipe) if instances is None else instances) for i in doc]
     if not insts:
         raise ValueError("train_adapter: the documents give no training tokens")
