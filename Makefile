@@ -63,7 +63,7 @@ ablate: setup
 	$(PY) -m pytest ablations -v --ablation-scale small --ablation-seeds 3
 
 # The DMoE ablations beyond the threshold sweep (Tables 3, 6-9, Fig. 5) on the full 400-record bank; the next
-# full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~40 min on 2 cores).
+# full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~35 min on 2 cores, after the bank).
 ablate-dmoe: setup
 	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo-full
 
