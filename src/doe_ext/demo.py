@@ -295,7 +295,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--sweep-questions", type=int, default=100,
                     help="with --full: test questions of the DMoE threshold sweep (Fig. 6)")
     ap.add_argument("--dmoe-ablations", action="store_true",
-                    help="with --full: also run the other DMoE ablations first (make ablate-dmoe; about 35 min on 2 cores, after the bank)")
+                    help="with --full: also run the other DMoE ablations first (make ablate-dmoe; about 35 min on "
+                         "2 cores, after the bank)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.dmoe_ablations and not args.full:

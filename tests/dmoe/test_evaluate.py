@@ -137,7 +137,8 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank):
     insts = [i for doc in instances_for(base, items, recipe) for i in doc]
     assert len(insts) > 2  # else the batch sizes below could not differ
     two = train_adapter(base, items, recipe, docs_per_step=2)
-    ref = train_experts(base, [(Document("sft", ""), Augmentation())], recipe.replace(batch_size=2), instances=[insts])[0]
+    ref = train_experts(base, [(Document("sft", ""), Augmentation())], recipe.replace(batch_size=2),
+                        instances=[insts])[0]
     per_doc = train_adapter(base, items, recipe, docs_per_step=1)
     for k in ref.tensors:
         assert torch.equal(two.tensors[k], ref.tensors[k])

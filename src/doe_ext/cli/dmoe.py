@@ -78,7 +78,8 @@ def register(sub) -> None:
                         "prompt instead of the chat template")
     e.add_argument("--batch-size", type=int, default=16, help="questions answered together")
     e.add_argument("--sft-docs-per-step", type=int, default=SFT_DOCS_PER_STEP, metavar="N",
-                   help="the sft method's adapter: N times the recipe's batch per optimizer step (default: %(default)s)")
+                   help="the sft method's adapter: N times the recipe's batch per optimizer step "
+                        "(default: %(default)s)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=evaluate)
 

@@ -273,8 +273,8 @@ def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
-                  adapter_id: str = "sft", docs_per_step: int = SFT_DOCS_PER_STEP, instances: list[list[Instance]] | None = None,
-                  head_chunk: int = 256) -> TrainedExpert:
+                  adapter_id: str = "sft", docs_per_step: int = SFT_DOCS_PER_STEP,
+                  instances: list[list[Instance]] | None = None, head_chunk: int = 256) -> TrainedExpert:
     """One LoRA on every document's instances (SFT-LoRA, the DMoE paper's baseline): the same recipe
     and placement as an expert, on the whole corpus, ``recipe.batch_size * docs_per_step`` instances
     per step in document order. ``instances`` as for :func:`train_experts`."""
