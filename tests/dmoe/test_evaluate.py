@@ -7,7 +7,7 @@ import torch
 
 from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
-from doe_ext.dmoe import DMoE, ExpertBank, qa_prompt
+from doe_ext.dmoe import DMoE, ExpertBank, load_base, qa_prompt
 from doe_ext.dmoe.augment import fewshot_prompt
 from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
                                    markdown, read_questions, read_shots, sft_bank, summarize)
@@ -187,10 +187,11 @@ def test_eval_cli(llama_dir, tmp_path, capsys):
     assert code == 0 and "| base | 3 |" in out and "| dmoe | 3 |" in out and "| sft | 3 |" in out
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert set(saved["summary"]) == {"base", "rag", "flare", "dmoe", "sft"} and len(saved["samples"]["rag"]) == 3
-    with ExpertBank(tmp_path / "bank") as bank:  # trained with 2: asking for 2 trains nothing (no base needed)
-        assert sft_bank(None, bank, docs_per_step=2).ids() == ["sft"]
-        with pytest.raises(AttributeError):  # asking for 1 trains again (and needs the base)
-            sft_bank(None, bank, docs_per_step=1)
+    with ExpertBank(tmp_path / "bank") as bank:  # the CLI trained it with 2: asking for 2 keeps it, for 1 retrains
+        base = load_base(str(llama_dir))
+        checksum = ExpertBank(tmp_path / "bank" / "sft").row("sft").checksum
+        assert sft_bank(base, bank, docs_per_step=2).row("sft").checksum == checksum
+        assert sft_bank(base, bank, docs_per_step=1).row("sft").checksum != checksum
     code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--sft-docs-per-step", "0"])
     assert code == 2 and "`sft_docs_per_step` must be >= 1, got 0" in capsys.readouterr().err
     assert (tmp_path / "out" / "eval.md").read_text() == out.split("wrote")[0]
