@@ -165,7 +165,55 @@ def test_report_studies_help_runs(study):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: report.py") and "--out" in done.stdout
     assert study != "final" or "--rerun" in done.stdout
-    assert study != "recipes" or ("--knowledge" in done.stdout and "--base" in done.stdout)
+    assert study != "recipes" or all(o in done.stdout for o in ("--knowledge", "--base", "--only", "--rerun"))
+
+
+def _study_json(settings: dict) -> dict:
+    return {"split": "dev", "questions": 3, "documents": 2, "rows": [], "settings": settings,
+            "closed_book": {"em": [0.0, 0.0, 0.0], "f1": [0.1, 0.0, 0.2]},
+            "compositions": {"recipe": "tag", "rows": {"top1": {"em": [0.5, 0.0, 1.0], "f1": [0.6, 0.1, 1.0]}}}}
+
+
+def test_report_recipes_only_epochs_keeps_a_finished_study(tmp_path):
+    """`report recipes --only epochs` runs the second dev study alone, into OUT/epochs: the default recipe at
+    3e-3 and 1e-2, snapshots after 8, 16 and 24 epochs, compositions on the best oracle's bank. A study
+    that finished with those settings is kept (nothing trains, no base loads); --rerun would run it again."""
+    import subprocess
+    import sys
+
+    from doe_ext.dmoe.recipe import DEFAULT
+
+    settings = {"knowledge": "debian-packages-v1", "base": "smollm2-135m", "limit": None,
+                "recipes": {"default": json.loads(json.dumps(DEFAULT.to_dict()))},
+                "lrs": {"default": [0.003, 0.01]}, "snapshots": {"default": [8, 16, 24]},
+                "compositions": ["mean", "score", "top1"], "temperatures": [1.0, 3.0], "compositions_on": "oracle"}
+    (tmp_path / "epochs").mkdir()
+    (tmp_path / "epochs" / "recipe_study.json").write_text(json.dumps(_study_json(settings)))
+    done = subprocess.run([sys.executable, "-m", "doe_ext.dmoe.report", "recipes", "--out", str(tmp_path),
+                           "--only", "epochs"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| top1 | 0.500 [0.000, 1.000] | 0.600 [0.100, 1.000] |" in done.stdout
+    assert not (tmp_path / "recipe_study.json").exists()  # the first study did not run
+
+
+def test_kept_study_needs_the_same_settings(tmp_path):
+    from doe_ext.dmoe.report import kept_study
+
+    settings = {"knowledge": "k", "base": "b", "limit": 4, "lrs": {"default": [0.003]}}
+    assert kept_study(tmp_path, settings) is None
+    (tmp_path / "recipe_study.json").write_text(json.dumps(_study_json(settings)))
+    assert kept_study(tmp_path, settings) == _study_json(settings)
+    assert kept_study(tmp_path, {**settings, "limit": 5}) is None
+    assert kept_study(tmp_path, {**settings, "lrs": {"default": [0.003, 0.01]}}) is None
+    (tmp_path / "recipe_study.json").write_text(json.dumps({**_study_json(settings), "settings": None}))
+    assert kept_study(tmp_path, settings) is None  # a study written before settings were recorded
+
+
+def test_recipe_study_refuses_an_unknown_compositions_on_by_name(tmp_path):
+    from doe_ext.dmoe.report import recipe_study
+
+    with pytest.raises(ValueError, match="compositions_on must be 'dmoe' or 'oracle', got 'best'"):
+        recipe_study(tmp_path, compositions_on="best")
 
 
 @pytest.mark.parametrize("knowledge", ["debian-packages-v1", "debian-changelogs-v1"])

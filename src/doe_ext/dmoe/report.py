@@ -444,31 +444,48 @@ STUDY_RECIPES = {
     "distill, sequence": _DISTILL.replace(distill_loss="sequence"),
 }
 STUDY_SNAPSHOTS = {"distill, kl": (8,), "distill, sequence": (4, 8)}
+# The second dev study (benchmarks/README.md, "Second dev study"), which set the default's epochs, rate and
+# composition: the default recipe at two rates, snapshots after 8, 16 and 24 epochs (one run per rate),
+# the compositions on the bank whose oracle router is best.
+EPOCH_STUDY = {"recipes": {"default": DEFAULT}, "lrs": {"default": (3e-3, 1e-2)},
+               "snapshots": {"default": (8, 16, 24)}, "compositions_on": "oracle"}
 
 
 def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dict[str, tuple[float, ...]] | None = None,
                  snapshots: dict[str, tuple[int, ...]] | None = None, compositions=("mean", "score", "top1"),
                  temperatures=(1.0, 3.0), limit: int | None = None, knowledge: str = "debian-packages-v1",
-                 base_name: str = "smollm2-135m", progress: bool = True) -> dict:
+                 base_name: str = "smollm2-135m", compositions_on: str = "dmoe", reuse: bool = False,
+                 progress: bool = True) -> dict:
     """The dev-split study behind the default recipe (issue 21): per recipe, a bank of the dev questions'
     documents; the oracle router (each question's own expert, TU trigger), DMoE (TU trigger, top-3 BM25
     summed, as the paper) and DMoE top-1, against closed book; seconds per expert (augmentation, teacher
     and training, side by side in one run). One training run per learning rate gives every epoch count of
     ``snapshots`` (the rate is constant). Then the compositions of the top-3 on the recipe whose DMoE is
-    best. ``knowledge`` and ``base_name``: the set whose dev split it reads and the base (the default recipe
-    was chosen on the packages set with SmolLM2). Writes ``OUT/recipe_study.{json,md}``."""
+    best (``compositions_on="dmoe"``), or on the bank whose oracle router is best (``"oracle"``: what the
+    experts hold, whatever their composition). ``knowledge`` and ``base_name``: the set whose dev split it
+    reads and the base (the default recipe was chosen on the packages set with SmolLM2). Writes
+    ``OUT/recipe_study.{json,md}``; with ``reuse``, a study that wrote them with these settings is not run
+    again (``kept_study``)."""
     from doe_ext.dmoe.augment import augment_documents
     from doe_ext.dmoe.build import commit
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.model import DMoE
     from doe_ext.dmoe.train import _train, instances_for
 
+    if compositions_on not in ("dmoe", "oracle"):
+        raise ValueError(f"compositions_on must be 'dmoe' or 'oracle', got {compositions_on!r}")
     out = Path(out)
+    lrs, snapshots = lrs or {}, STUDY_SNAPSHOTS if snapshots is None else snapshots
+    settings = json.loads(json.dumps({
+        "knowledge": knowledge, "base": base_name, "limit": limit, "recipes": {k: r.to_dict() for k, r in recipes.items()},
+        "lrs": lrs, "snapshots": snapshots, "compositions": compositions, "temperatures": temperatures,
+        "compositions_on": compositions_on}))
+    if reuse and (kept := kept_study(out, settings)) is not None:
+        return kept
     out.mkdir(parents=True, exist_ok=True)
     questions, demos, text = dev_questions(limit, knowledge)
     targets = [Document(i, text[i]) for i in dict.fromkeys(q["doc_id"] for q in questions)]
     base = load_base(base_name)
-    lrs, snapshots = lrs or {}, STUDY_SNAPSHOTS if snapshots is None else snapshots
     rows, closed, augs, made = [], None, {}, {}
     for name, recipe in recipes.items():
         t0 = time.perf_counter()
@@ -509,7 +526,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
                                                     "train_all_snapshots": round(train_s / len(targets), 3)},
                              "oracle": res["oracle"], "dmoe": res["dmoe"], "dmoe_top1": res["dmoe top1"]})
                 bank.close()
-    best = max(rows, key=lambda x: x["dmoe"]["em"][0])
+    best = max(rows, key=lambda x: x[compositions_on]["em"][0])
     bank = ExpertBank(out / "banks" / best["tag"])
     h = Harness(base, bank, shots=demos, batch_size=BATCH, compose="sum")
     variants = [Variant(f"{m} (T={t:g})" if m == "score" else m, DMoE(base, bank, compose=m, temperature=t))
@@ -518,10 +535,21 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
     comp["sum"] = best["dmoe"]
     result = {"split": "dev", "knowledge": knowledge, "base": base_name, "questions": len(questions),
               "documents": len(targets), "closed_book": closed,
-              "rows": rows, "compositions": {"recipe": best["tag"], "rows": comp}}
+              "rows": rows, "compositions": {"recipe": best["tag"], "rows": comp}, "settings": settings}
     (out / "recipe_study.json").write_text(json.dumps(result, indent=1))
     (out / "recipe_study.md").write_text(study_markdown(result))
     return result
+
+
+def kept_study(out: Path, settings: dict) -> dict | None:
+    """``OUT/recipe_study.json`` when a finished study wrote it with ``settings`` (the knowledge set, base,
+    question limit, recipes, rates, snapshots and compositions), else None: ``report recipes`` re-run after
+    a stop keeps each finished study and runs the rest."""
+    f = Path(out) / "recipe_study.json"
+    if not f.exists():
+        return None
+    done = json.loads(f.read_text())
+    return done if done.get("settings") == settings else None
 
 
 def study_markdown(r: dict) -> str:
@@ -734,13 +762,20 @@ if __name__ == "__main__":
     f.add_argument("--rerun", action="store_true",
                    help="answer every row again (by default the rows of OUT/eval.json answered with the same "
                         "sample, settings and recipe are kept: a stopped run resumes, a new row joins the table)")
-    r = sub.add_parser("recipes", help="the dev-split study behind the default recipe and composition")
+    r = sub.add_parser("recipes", help="the dev-split studies behind the default recipe and composition")
     r.add_argument("--out", type=Path, default=None,
-                   help="default: reports/dmoe-recipes (packages, SmolLM2), else reports/dmoe-recipes/KNOWLEDGE-BASE")
+                   help="default: reports/dmoe-recipes (packages, SmolLM2), else reports/dmoe-recipes/KNOWLEDGE-BASE; "
+                        "the epochs study writes into OUT/epochs")
+    r.add_argument("--only", choices=("recipes", "epochs"), default=None,
+                   help="one of the two studies: the recipes compared (next-token, KL and sequence distillation), "
+                        "or the default recipe's epochs and learning rate (default: both, in that order)")
     r.add_argument("--limit", type=int, default=None, help="first N dev questions")
     r.add_argument("--knowledge", default="debian-packages-v1", choices=TOUR_SETS,
                    help="the knowledge set whose dev split is read")
     r.add_argument("--base", default="smollm2-135m", choices=TOUR_BASES)
+    r.add_argument("--rerun", action="store_true",
+                   help="run every study again (by default a study whose OUT/recipe_study.json was written with "
+                        "the same settings is kept: a stopped run resumes at the study it stopped in)")
     args = ap.parse_args()
     if args.study == "final":
         print(final_markdown(final_table(args.out or Path("reports/dmoe-final") / f"{args.knowledge}-{args.base}",
@@ -754,5 +789,9 @@ if __name__ == "__main__":
         where = Path("reports/dmoe-recipes")
         if (args.knowledge, args.base) != ("debian-packages-v1", "smollm2-135m"):
             where = where / f"{args.knowledge}-{args.base}"
-        print(study_markdown(recipe_study(args.out or where, limit=args.limit, knowledge=args.knowledge,
-                                          base_name=args.base)))
+        where = args.out or where
+        studies = {"recipes": (where, {}), "epochs": (where / "epochs", EPOCH_STUDY)}
+        for name, (out, settings) in studies.items():
+            if args.only in (None, name):
+                print(study_markdown(recipe_study(out, limit=args.limit, knowledge=args.knowledge,
+                                                  base_name=args.base, reuse=not args.rerun, **settings)))
