@@ -169,9 +169,10 @@ class Recipe:
 # The DMoE paper's recipe (§4.1.3, PRAG's code): next-token loss on the document, one rewrite and three
 # QA pairs written by the base with App. C's prompts, rank 4 / alpha 16, one epoch at PRAG's 3e-4.
 PAPER = Recipe(objective="next_token", augment="model", lr=3e-4, epochs=1)
-# The best on the dev split (benchmarks/README.md, "DMoE recipes"; `python -m doe_ext.dmoe.report recipes` reruns both studies):
-# context distillation, sequence-level (KL tied with it on every measure at four times the training
-# cost), 16 epochs at 3e-3 (8 under-fit, 24 over-fit; 1e-2 was worse at every epoch count).
+# The best on the dev split (benchmarks/README.md, "DMoE recipes"; `python -m doe_ext.dmoe.report
+# recipes` reruns both studies): context distillation, sequence-level (KL tied with it on every measure
+# at four times the training cost), 16 epochs at 3e-3 (8 under-fit, 24 over-fit; 1e-2 was worse at every
+# epoch count).
 DEFAULT = Recipe(objective="distill", augment="qa", lr=3e-3, epochs=16, instances=("subject", "questions"),
                  answer_tokens=24, distill_loss="sequence")
 RECIPES = {"default": DEFAULT, "paper": PAPER}
