@@ -29,10 +29,12 @@ def _check_doe_half(tmp_path, text):
     return metrics
 
 
-def test_quick_demo_writes_a_report(tmp_path):
+def test_quick_demo_writes_a_report(tmp_path, capsys):
     """The default demo: the DoE half, then every method of the final tables on each knowledge set (at
-    --quick: SmolLM2 alone, two questions per set); the report opens with what ran and each part's time."""
+    --quick: SmolLM2 alone, two questions per set); the report opens with what ran and each part's time.
+    ``--no-progress`` shows no bar at all, neither the job's nor a part's."""
     report = main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    assert "%|" not in capsys.readouterr().err
     text = report.read_text()
     metrics = _check_doe_half(tmp_path, text)
     plan = tour_plan(quick=True)
@@ -48,7 +50,8 @@ def test_quick_demo_writes_a_report(tmp_path):
         table = tmp_path / "dmoe" / f"{knowledge}-{base}" / "final.json"
         r = json.loads(table.read_text())
         assert (r["knowledge"], r["base"], r["questions"]) == (knowledge, base, n)
-        assert set(r["summary"]) == expected
+        assert set(r["summary"]) == expected and set(r["seconds"]["rows"]) == expected
+        assert all(sec > 0 for sec in r["seconds"]["rows"].values())
         assert all(s["n"] == n and 0 <= s["em"][0] <= 1 and s["latency_s"] > 0 for s in r["summary"].values())
         assert f"### {knowledge}, {base}" in text and "dmoe (default)" in text
         written[table] = table.stat().st_mtime_ns
@@ -71,7 +74,11 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert all(after["samples"][m] == before["samples"][m] for m in r["kept"])
     assert [s["prediction"] for s in after["samples"]["oracle router"]] == [
         s["prediction"] for s in before["samples"]["oracle router"]]
-    assert "Rows kept from an earlier run" in (where / "final.md").read_text()
+    # every row's time: the kept rows' from the run that answered them, the row answered again its own
+    assert list(r["seconds"]["rows"]) == list(before["samples"]) and r["seconds"]["rows"]["oracle router"] > 0
+    assert all(r["seconds"]["rows"][m] == before["seconds"][m] for m in r["kept"])
+    md = (where / "final.md").read_text()
+    assert "Rows kept from an earlier run" in md and "Seconds answering each row (a kept row's from the run" in md
 
 
 def test_full_quick_demo_runs_the_sweeps_and_the_ablations(tmp_path):

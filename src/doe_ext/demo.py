@@ -312,10 +312,11 @@ def main(argv=None) -> Path:
 
     if not args.no_dmoe:
         from doe_ext.dmoe import report as dmoe_report
-    if not args.no_progress:  # one display: transformers' own bars (loading a GGUF) stay quiet
-        from transformers.utils import logging as hf_logging
+    # one display, the job's bar, or none with --no-progress: the parts' own bars (progress=False below)
+    # and transformers' (loading a GGUF) stay quiet
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
 
     # estimated seconds of each part on 2 cores (benchmarks/README.md, "make demo"): for the time left only
     scale = 0.1 if q else 1.0
@@ -327,7 +328,7 @@ def main(argv=None) -> Path:
                 job.add(f"DMoE: {knowledge}, {base}", dmoe_report.tour_estimate(knowledge, base, n))
     with job.part("stage 1: LDA"):
         docs = load_gcide_domains(per_domain=cfg["per_domain"])
-        s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"], progress=args.no_progress)
+        s1 = stage1(docs, out, cfg["vocab"], cfg["topics"], cfg["lda_iters"], progress=False)
     ids, topics, tok = s1.ids, s1.topics, s1.tokenizer
     domains = [d for _, d in docs]
     cut = int(0.9 * len(ids))
@@ -335,7 +336,7 @@ def main(argv=None) -> Path:
     heldout = (ids[cut:], topics[cut:], domains[cut:])
     with job.part("stage 2: DoE, dense, dense + topics"):
         results, models, trackers = stage2(train, heldout, tok.get_vocab_size(), cfg["topics"], cfg["steps"],
-                                           cfg["seq"], cfg["batch"], cfg["width"], progress=args.no_progress)
+                                           cfg["seq"], cfg["batch"], cfg["width"], progress=False)
 
     with job.part("analysis"):
         # Gate activity by domain: per-document batches of the held-out split.
@@ -366,12 +367,12 @@ def main(argv=None) -> Path:
             # bank 3,390 s, the ablations 2,034 s, the evaluation and the sweep 2,640 s
             if args.dmoe_ablations:
                 with job.part("DMoE ablations (make ablate-dmoe)", (3390 + 2034) * scale):
-                    dmoe_report.run_ablations(out, quick=q, progress=args.no_progress)
+                    dmoe_report.run_ablations(out, quick=q, progress=False)
             with job.part("DMoE at full size", (2640 + (0 if args.dmoe_ablations else 3390)) * scale):
-                dm = dmoe_report.run(out, quick=q, sweep_questions=args.sweep_questions, progress=args.no_progress)
+                dm = dmoe_report.run(out, quick=q, sweep_questions=args.sweep_questions, progress=False)
             report += "\n" + dmoe_report.section(dm)
         else:
-            dm = dmoe_report.tour(out, quick=q, part=job.part, progress=args.no_progress)
+            dm = dmoe_report.tour(out, quick=q, part=job.part, progress=False)
             report += "\n" + dmoe_report.tour_section(dm)
         metrics["dmoe_seconds"] = dm["seconds"]["total"]
     job.close()

@@ -118,7 +118,7 @@ def test_summary_and_markdown_known_values():
     assert md.splitlines()[0].startswith("| method | n | EM [95% CI]") and "| rag | 4 | 0.500 [" in md
 
 
-def test_sft_is_one_adapter_over_the_corpus(base, bank):
+def test_sft_is_one_adapter_over_the_corpus(base, bank, capsys):
     from doe_ext.dmoe import Augmentation, Document, Recipe, train_experts
     from doe_ext.dmoe.train import instances_for, train_adapter
 
@@ -139,7 +139,11 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank):
     two = train_adapter(base, items, recipe, docs_per_step=2)
     ref = train_experts(base, [(Document("sft", ""), Augmentation())], recipe.replace(batch_size=2),
                         instances=[insts])[0]
-    per_doc = train_adapter(base, items, recipe, docs_per_step=1)
+    capsys.readouterr()
+    per_doc = train_adapter(base, items, recipe, docs_per_step=1, progress=True)
+    steps = recipe.epochs * len(insts)  # one instance a step: the bar counts every optimizer step
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("train sft: 100%") and f"| {steps}/{steps} [" in last
     for k in ref.tensors:
         assert torch.equal(two.tensors[k], ref.tensors[k])
     assert any(not torch.equal(two.tensors[k], per_doc.tensors[k]) for k in ref.tensors)

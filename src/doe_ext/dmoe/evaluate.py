@@ -157,9 +157,10 @@ class Harness:
     def generate(self, dmoe: DMoE, prompts: list[str], max_new_tokens: int | None = None, **kw) -> list[Generation]:
         return dmoe.generate(prompts, max_new_tokens or self.max_new_tokens, stop_tokens=self.stop, **kw)
 
-    def sft(self) -> DMoE:
+    def sft(self, progress: bool = False) -> DMoE:
+        """The SFT-LoRA baseline, trained on first use (``progress`` shows its training steps)."""
         if self._sft is None:
-            self._sft = DMoE(self.base, sft_bank(self.base, self.bank, self.sft_docs_per_step), tau=math.inf)
+            self._sft = DMoE(self.base, sft_bank(self.base, self.bank, self.sft_docs_per_step, progress), tau=math.inf)
         return self._sft
 
     def context(self, method: str | Variant, qs: list[dict]) -> list[list[tuple[str, float]]]:
@@ -253,7 +254,8 @@ def _doc_id(q: dict, method: str) -> str:
     return q["doc_id"]
 
 
-def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_STEP) -> ExpertBank:
+def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_STEP,
+             progress: bool = False) -> ExpertBank:
     """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and instances and
     the bank's recipe, ``docs_per_step`` documents' instances per optimizer step), in a bank of one at
     ``BANK/sft``; trained again only when the documents, the recipe or ``docs_per_step`` change.
@@ -271,7 +273,8 @@ def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_S
                      recipe=bank.recipe, dtype=bank.dtype)
     if sft.meta().get("corpus") != corpus or "sft" not in sft:
         items = [(Document(r.id, r.text, r.title), Augmentation.from_json(r.augmentation)) for r in rows]
-        e = train_adapter(base, items, bank.recipe, docs_per_step=docs_per_step, instances=instances(base, bank, items))
+        e = train_adapter(base, items, bank.recipe, docs_per_step=docs_per_step, instances=instances(base, bank, items),
+                          progress=progress)
         sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
         sft.set_meta("corpus", corpus)
     return sft
@@ -296,7 +299,7 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
         bar.set_postfix_str(name)
         out: list[Sample | None] = [None] * len(questions)
         if m == "sft":
-            h.sft()  # trained (or loaded) before the clock starts
+            h.sft(progress)  # trained (or loaded) before the clock starts
         order = h.order(m, questions) if h.sort_by_length else list(range(len(questions)))
         for s in range(0, len(questions), h.batch_size):
             rows = order[s:s + h.batch_size]
@@ -349,13 +352,15 @@ def markdown(summary: dict[str, dict]) -> str:
 
 
 def write(results: dict[str, list[Sample]], summary: dict[str, dict], out: str | Path,
-          arguments: dict[str, dict] | None = None) -> None:
+          arguments: dict[str, dict] | None = None, seconds: dict[str, float] | None = None) -> None:
     """``OUT/eval.json`` (every answer) and ``OUT/eval.md``; ``arguments``: what each row was answered
-    with, for a later run to tell which rows it can keep."""
+    with, for a later run to tell which rows it can keep; ``seconds``: each row's wall time."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"summary": summary, "samples": {m: [asdict(s) for s in v] for m, v in results.items()}}
     if arguments is not None:
         data["arguments"] = arguments
+    if seconds is not None:
+        data["seconds"] = seconds
     (out / "eval.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
     (out / "eval.md").write_text(markdown(summary))

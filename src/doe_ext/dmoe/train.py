@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from doe_ext.dmoe.augment import Augmentation, Document, qa_prompt
@@ -274,17 +275,19 @@ def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
                   adapter_id: str = "sft", docs_per_step: int = SFT_DOCS_PER_STEP,
-                  instances: list[list[Instance]] | None = None, head_chunk: int = 256) -> TrainedExpert:
+                  instances: list[list[Instance]] | None = None, head_chunk: int = 256,
+                  progress: bool = False) -> TrainedExpert:
     """One LoRA on every document's instances (SFT-LoRA, the DMoE paper's baseline): the same recipe
     and placement as an expert, on the whole corpus, ``recipe.batch_size * docs_per_step`` instances
-    per step in document order. ``instances`` as for :func:`train_experts`."""
+    per step in document order. ``instances`` as for :func:`train_experts`; ``progress`` shows a bar
+    over its optimizer steps (the adapter alone can train for minutes)."""
     if docs_per_step < 1:
         raise ValueError(f"train_adapter: `docs_per_step` must be >= 1, got {docs_per_step}")
     insts = [i for doc in (instances_for(base, items, recipe) if instances is None else instances) for i in doc]
     if not insts:
         raise ValueError("train_adapter: the documents give no training tokens")
     per_step = recipe.replace(batch_size=recipe.batch_size * docs_per_step)
-    return _train(base, [adapter_id], [insts], per_step, head_chunk=head_chunk)[0]
+    return _train(base, [adapter_id], [insts], per_step, head_chunk=head_chunk, progress=progress)[0]
 
 
 def training_data(base: BaseLM, insts: list[list[Instance]], soft: bool = True) -> list[list[tuple[Tensor, Tensor]]]:
@@ -315,8 +318,9 @@ def fresh_experts(site, ids: list[str], recipe: Recipe, device) -> tuple[dict[st
 
 def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
            on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
-           head_chunk: int = 256) -> list[TrainedExpert]:
-    """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring)."""
+           head_chunk: int = 256, progress: bool = False) -> list[TrainedExpert]:
+    """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring);
+    ``progress`` shows a bar over the optimizer steps."""
     site = base.site.attach()
     data = training_data(base, insts, soft=recipe.distill_loss == "kl")
     dev = base.device
@@ -327,6 +331,8 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
     E, bs = len(ids), recipe.batch_size
     steps = [math.ceil(len(d) / bs) for d in data]
     loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
+    bar = tqdm(total=recipe.epochs * max(steps), desc="train " + ids[0] if E == 1 else "train",
+               unit="step", disable=not progress)
     for epoch in range(recipe.epochs):
         loss_sum.zero_()  # the loss reported is the epoch's
         loss_n.zero_()
@@ -352,8 +358,10 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
             step_loss = torch.zeros(E, dtype=torch.float64).index_add_(0, i.cpu(), (per_row * w).double().cpu())
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
+            bar.update(1)
         if on_epoch is not None and epoch < recipe.epochs - 1:
             on_epoch(epoch + 1, _experts(ids, site.names, a, b, loss_sum / loss_n))
+    bar.close()
     out = _experts(ids, site.names, a, b, loss_sum / loss_n)
     if on_epoch is not None:
         on_epoch(recipe.epochs, out)
