@@ -76,8 +76,10 @@ def test_bm25_routing(bank):
     assert bank.route("xylophone zebra", 3) == [] and bank.route("!!! ...", 3) == []
     assert query_terms('A "quoted" AND b_c, a naïve dict-gcide') == ["a", "quoted", "and", "b", "c", "naïve", "dict",
                                                                      "gcide"]
-    with pytest.raises(ValueError, match="`k` must be >= 1"):
+    with pytest.raises(ValueError, match=r"^ExpertBank.route: `k` must be >= 1, got 0$"):
         bank.route("sea", 0)
+    with pytest.raises(ValueError, match=r"^ExpertBank.search: `k` must be >= 1, got -1$"):
+        bank.search("sea", -1)
 
 
 def test_remove_and_replace_touch_one_expert(base, bank):

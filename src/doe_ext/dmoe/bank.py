@@ -377,6 +377,8 @@ class ExpertBank:
     # -- reads -------------------------------------------------------------------------------
     def route(self, query: str, k: int = 3) -> list[str]:
         """The ids of :meth:`search`."""
+        if k < 1:
+            raise ValueError(f"ExpertBank.route: `k` must be >= 1, got {k}")
         return [h for h, _ in self.search(query, k)]
 
     def search(self, query: str, k: int = 3) -> list[tuple[str, float]]:
@@ -386,7 +388,7 @@ class ExpertBank:
         import tantivy
 
         if k < 1:
-            raise ValueError(f"ExpertBank.route: `k` must be >= 1, got {k}")
+            raise ValueError(f"ExpertBank.search: `k` must be >= 1, got {k}")
         terms = query_terms(query)
         if not terms:
             return []
