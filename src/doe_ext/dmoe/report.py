@@ -371,8 +371,8 @@ def tour_section(t: dict) -> str:
              "Test split, **each table on a "
              "seeded sample** (the number of questions is in its first line) with a bank of their documents: "
              "the intervals are wide, and a bank of only those documents changes the passages that RAG, PRAG "
-             "and FLARE read beside the gold one (on the changelogs it understated Basic-RAG: EM 0.080 against "
-             "0.150 over the full bank, on the same 100 questions with SmolLM2), so read these tables as a tour "
+             "and FLARE read beside the gold one (on the changelogs it understated Basic-RAG: `benchmarks/README.md`, "
+             "\"Test split at full size\"), so read these tables as a tour "
              "of every method, not as the result. The "
              "result is the full-size tables: `make reproduce` runs them (hours on 2 cores), and the committed "
              "ones are in `reports/dmoe-final/` with what they say in `benchmarks/README.md`.", ""]
