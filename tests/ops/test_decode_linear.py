@@ -58,6 +58,18 @@ def test_a_row_does_not_depend_on_its_neighbours():
         torch.testing.assert_close(batch[i], decode_linear(x[i:i + 1], weight, bias)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_an_output_is_the_same_sum_whichever_weight_rows_share_its_pass(rows, dtype):
+    """At fewer than four input rows the kernel reads four weight rows at a time (one from each quarter
+    of a thread's range); each output must still be the one-row sum, bit for bit: equal to the op run
+    on that weight row alone. 203 rows: quarters, a remainder and (2 threads) two ranges."""
+    gen = torch.Generator().manual_seed(rows)
+    x, weight, bias = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((rows, 131), (203, 131), (203,)))
+    one_by_one = torch.cat([RAW(x, weight[o:o + 1], bias[o:o + 1]) for o in range(203)], 1)
+    assert torch.equal(RAW(x, weight, bias), one_by_one)
+
+
 @pytest.mark.parametrize("case", ["one-token", "seven-rows", "row-slice-weight"])
 def test_without_grad_it_skips_autograd_with_the_same_values(case):
     """Under no_grad (or with no input that requires grad) the wrapper calls the kernel below autograd:
