@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,3 +21,17 @@ def test_help_runs_and_names_the_options(module, options):
     assert out.returncode == 0, out.stderr
     for option in options:
         assert option in out.stdout, (option, out.stdout)
+
+
+def test_read_bandwidth_reads_both_ways_and_names_a_bad_way():
+    """The decode benchmark's floor reads the bandwidth through ATen's sum and through decode_linear."""
+    import math
+
+    from benchmarks.bench_dmoe import read_bandwidth
+
+    x = torch.ones(2**20)  # 4 MiB: the call, not the machine's rate
+    for how in ("sum", "gemv"):
+        bw = read_bandwidth(x=x, reps=2, how=how)
+        assert math.isfinite(bw) and bw > 0, (how, bw)
+    with pytest.raises(ValueError, match=r"^read_bandwidth: `how` must be 'sum' or 'gemv', got 'mean'$"):
+        read_bandwidth(x=x, how="mean")
