@@ -207,8 +207,8 @@ def read_bandwidth(mib: int = 1024, reps: int = 5, x: torch.Tensor | None = None
     """Bytes per second this machine reads: the median time of reading a ``mib`` MiB float32 tensor once
     (far larger than the caches), or ``x`` (already faulted in) when given. ``how``: ``"sum"``, ATen's
     ``sum`` (one sequential stream per thread), or ``"gemv"``, the tensor as the weight ``[n, 512]`` of
-    one ``decode_linear`` row (four streams per thread), which reads faster on the AMD EPYC hosts here:
-    the larger of the two is the tighter floor."""
+    one ``decode_linear`` row (four streams per thread). Neither is the machine's peak: the faster of
+    the two gives the tighter floor (on the AMD EPYC host of 2026-12-07 that was the sum)."""
     if x is None:
         x = torch.ones(mib * 2**18)
         x.sum()  # fault the pages in
@@ -249,8 +249,8 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
     and the floor is the weights' bytes over its median; ``x_floor_paired`` is the median over rounds of
     each round's step over that round's floor. The bandwidth is read two ways (:func:`read_bandwidth`):
     ``floor_ms`` from ATen's ``sum`` (the floor of every earlier run), ``floor_ms_gemv`` from a 1 GiB
-    ``decode_linear`` read (faster, so a lower, stricter floor), with ``x_floor_gemv`` and its paired
-    ratios beside."""
+    ``decode_linear`` read, with ``x_floor_gemv`` and its paired ratios beside: the lower floor is the
+    stricter one."""
     from doe_ext.dmoe import DMoE
     from doe_ext.nn import LeanDecoder
 
