@@ -3,8 +3,9 @@
 // 49152x576 head; 538 MB of float32), each split over 2 OpenMP threads as at::parallel_for splits it,
 //   before: one weight row at a time (dl::dot1 per row: decode_linear before d0d9699),
 //   after:  dl::rows, four weight rows per pass, one from each quarter of a thread's range,
-// interleaved over 15 rounds (which goes first alternates), beside the read bandwidth of a 2-thread sum of 1 GiB (one stream per thread)
-// measured in each round. Both use the kernel's own header, built for the host's ISA as the op is.
+// interleaved over 15 rounds (which goes first alternates), beside the read bandwidth of a 2-thread sum
+// of 1 GiB (one stream per thread) measured in each round. Both use the kernel's own header, built for
+// the host's ISA as the op is. Raw results: benchmarks/results/ab-gemv-streams-*.log.
 //
 //   g++ -O3 -fopenmp -fopenmp-simd -fno-trapping-math -Icsrc/include benchmarks/ab_gemv_streams.cpp -o /tmp/ab && /tmp/ab
 #include <omp.h>

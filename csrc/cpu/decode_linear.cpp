@@ -3,9 +3,10 @@
 // A decoding step runs every linear layer of the model on one token per sequence, and there ATen's
 // GEMM (MKL sgemm with M = 1) reads the weights at ~10 GB/s, a third of this machine's read bandwidth
 // (benchmarks/README.md, "Where the decode step goes"). Here each thread takes a block of the weight's
-// rows and, for each row, forms its dot product with every input row while the row sits in L1: the
-// weight is read from memory once, sequentially, at close to the bandwidth. More than
-// kDecodeLinearMaxRows rows are a GEMM (compute, not bandwidth): ATen's.
+// rows and forms their dot products with every input row while the rows sit in L1: the weight is read
+// from memory once, at close to the bandwidth (at 1-3 input rows, four weight rows per pass from four
+// quarters of the block: four streams; dl::rows). More than kDecodeLinearMaxRows rows are a GEMM
+// (compute, not bandwidth): ATen's.
 #include "doe_ext/tensor.h"
 
 #include "doe_ext/decode_linear.h"
