@@ -290,13 +290,12 @@ def bench_decode_floor(base, bank, prompt: str, steps: int = 32, batches=(1, 8),
                 times[name].append(1e3 * ((time.perf_counter() - t1) - (t1 - t0)) / steps)
         ms = {k: statistics.median(v) for k, v in times.items()}
         wb = weight_bytes(base.model)
-        floor = {"": 1e3 * wb / statistics.median(bws), "_gemv": 1e3 * wb / statistics.median(bws_gemv)}
         before = dmoe.repredicted_rows
         gens = dmoe.generate([prompt] * b, steps + 1, tau=2.0)
         row = {"batch": b, "ms_per_step": ms}
         for tag, reads in (("", bws), ("_gemv", bws_gemv)):
-            row[f"floor_ms{tag}"] = floor[tag]
-            row[f"x_floor{tag}"] = {k: v / floor[tag] for k, v in ms.items()}
+            floor = row[f"floor_ms{tag}"] = 1e3 * wb / statistics.median(reads)
+            row[f"x_floor{tag}"] = {k: v / floor for k, v in ms.items()}
             # each round's step over that round's floor (1e3 * wb / bw ms)
             row[f"x_floor{tag}_paired"] = {k: statistics.median(t * bw / (1e3 * wb) for t, bw in zip(v, reads))
                                            for k, v in times.items()}
