@@ -33,11 +33,12 @@ def reference_compose(hits, mode, temperature):
 
 
 def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tokens=128, active=(), stop=(),
-                       route_text=None, compose=DEFAULT_COMPOSE, temperature=DEFAULT_TEMPERATURE):
+                       route_text=None, compose=DEFAULT_COMPOSE, temperature=DEFAULT_TEMPERATURE, reader=None):
     """No KV cache, experts merged into the weights (theta + sum of weighted deltas): the whole model
     re-runs on the whole sequence at every step, and again after every trigger. ``active``: the
     weighted set to start with; ``stop``: tokens that end the sequence besides EOS; ``route_text``:
-    what queries start with (the prompt by default)."""
+    what queries start with (the prompt by default); ``reader``: a knowledge reader whose delta, at
+    its own ``alpha / rank``, is merged whenever any expert is."""
     model = copy.deepcopy(base.model)
     site = ExpertSite(model)
     theta = {n: w.detach().clone() for n, w in site.weights().items()}
@@ -46,6 +47,8 @@ def reference_generate(base, bank, prompt, max_new_tokens, tau, top_k, query_tok
 
     def logits_with(ids, active):
         merged = plain_merge(theta, [bank.get(e) for e, _ in active], [w for _, w in active], bank.lora.scale)
+        if reader is not None and active:
+            merged = plain_merge(merged, [reader.tensors], [1.0], reader.lora.scale)
         for n, w in merged.items():
             set_linear_weight(site.modules()[n], w)
         return model(torch.tensor([ids])).logits[0, -1]

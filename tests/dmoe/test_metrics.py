@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, normalize_answer, yes_no
+from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, normalize_answer, yes_no
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -37,3 +37,13 @@ def test_bootstrap_interval():
     assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 100), rel=0.15)  # the normal approximation
     assert bootstrap_ci([0.5, 0.5]) == (0.5, 0.5, 0.5)
     assert all(np.isnan(v) for v in bootstrap_ci([]))
+
+
+@pytest.mark.parametrize("answer, bad", [
+    ("", True), ("   ", True), (".", True), ("the", True),  # nothing left after normalisation
+    ("the Kesh Kesh Kesh Kesh", True), ("no, no, NO, no", True), ("Kesh Kesh Kesh", False),
+    ("1745", False), ("Trinpul Gaibo", False), ("a a b a a", False), ("ha-ha-ha-ha", True),
+    ("the river the river the river the river", False),  # a phrase, not one word, repeats
+    ("Kesh Keshet Kesh Kesh", False), ("1 1 1 1", True)])
+def test_degenerate_answers(answer, bad):
+    assert degenerate(answer) is bad

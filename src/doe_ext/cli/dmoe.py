@@ -1,6 +1,7 @@
-"""``doe-ext dmoe build | ask | eval | add | rm | ls``: DMoE expert banks (CONTRACT §6)."""
+"""``doe-ext dmoe build | ask | eval | add | rm | ls | reader``: DMoE expert banks (CONTRACT §6)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def register(sub) -> None:
                        help="the score composition's softmax temperature (BM25 score units)")
         c.add_argument("--max-new-tokens", type=int, default=32)
         c.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
+        c.add_argument("--no-reader", action="store_true",
+                       help="leave the bank's knowledge reader out (it joins the experts wherever they fire)")
 
     b = cmds.add_parser("build", help="train one expert per document of DOCS.jsonl into a bank (resumable)")
     b.add_argument("docs", help='JSON lines: {"id": str, "text": str} and an optional "title": str')
@@ -48,6 +51,8 @@ def register(sub) -> None:
                         "writes up to four QA pairs as plain lines after one worked example; none: the document alone")
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights on disk")
+    b.add_argument("--no-reader", action="store_true",
+                   help="do not install the knowledge reader the package ships for this base and recipe")
     run_args(b)
     b.set_defaults(func=build)
 
@@ -69,7 +74,7 @@ def register(sub) -> None:
     e.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...]} (doc_id for gold)')
     e.add_argument("--methods", default="base,rag,prag,sft,flare,dmoe",
                    help="comma-separated: base, gold (the question's own document in the prompt; needs doc_id), "
-                        "rag, prag, sft, flare, dmoe")
+                        "rag, prag, sft, flare, dmoe, reader (the bank's knowledge reader alone: a control)")
     e.add_argument("--out", default=None, help="directory for eval.json and eval.md")
     routing_args(e)
     e.add_argument("--limit", type=int, default=None, help="first N questions only")
@@ -82,6 +87,32 @@ def register(sub) -> None:
                         "(default: %(default)s)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=evaluate)
+
+    rd = cmds.add_parser("reader", help="the knowledge reader: one LoRA shared by a bank's experts (train, add, rm)")
+    rcmds = rd.add_subparsers(dest="reader_command", metavar="COMMAND", required=True)
+    rt = rcmds.add_parser("train", help="train a reader on a bank of train-split documents and questions about them")
+    rt.add_argument("bank", help="a bank of experts of the train split (never of dev or test documents)")
+    rt.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...], "doc_id": str}')
+    rt.add_argument("--out", required=True, help="the reader's file (.safetensors)")
+    rt.add_argument("--split", default=None, help="only the questions whose \"split\" is this (e.g. train)")
+    rt.add_argument("--name", default=None, help="the reader's name (default: the file's stem)")
+    rt.add_argument("--rank", type=int, default=None)
+    rt.add_argument("--alpha", type=float, default=None)
+    rt.add_argument("--epochs", type=int, default=None, help="passes over the questions")
+    rt.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    rt.add_argument("--top-k", type=int, default=None, help="experts per question: the gold one and BM25's best others")
+    rt.add_argument("--with-document", type=float, default=None,
+                    help="the share of questions whose prompt also holds the routed documents")
+    rt.add_argument("--seed", type=int, default=None)
+    rt.add_argument("--no-progress", action="store_true")
+    rt.set_defaults(func=reader_train)
+    ra = rcmds.add_parser("add", help="give a bank a reader (refused if it was trained for another base or recipe)")
+    ra.add_argument("bank")
+    ra.add_argument("reader", help="a reader file from `doe-ext dmoe reader train`")
+    ra.set_defaults(func=reader_add)
+    rr = rcmds.add_parser("rm", help="remove a bank's reader")
+    rr.add_argument("bank")
+    rr.set_defaults(func=reader_rm)
 
     r = cmds.add_parser("rm", help="remove experts by id")
     r.add_argument("bank")
@@ -141,6 +172,13 @@ def build(args) -> None:
             raise CommandError(f"{out}: the bank was built with --base {bank.base_name}, not {base_name}")
         done = _train(args, base, bank, replace=False)
         print(f"{out}: {len(done)} experts trained, {len(bank)} in the bank")
+        if not args.no_reader and bank.reader() is None:
+            from doe_ext.dmoe.reader import shipped_reader
+
+            reader = shipped_reader(bank.fingerprint, bank.recipe)
+            if reader is not None:
+                bank.set_reader(reader)
+                print(f"{out}: knowledge reader {reader.name!r} installed (shipped with doe_ext; --no-reader: none)")
 
 
 def add(args) -> None:
@@ -156,8 +194,8 @@ def ask(args) -> None:
 
     with _open(args.bank) as bank:
         base = load_base(args.base or bank.base_name)
-        g = DMoE(base, bank, tau=args.tau, top_k=args.top_k, compose=args.compose,
-                 temperature=args.temperature).ask(args.question, max_new_tokens=args.max_new_tokens)
+        g = DMoE(base, bank, tau=args.tau, top_k=args.top_k, compose=args.compose, temperature=args.temperature,
+                 reader=not args.no_reader).ask(args.question, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps(g.to_dict(), ensure_ascii=False))
     else:
@@ -178,13 +216,50 @@ def evaluate(args) -> None:
         base = load_base(args.base or bank.base_name)
         harness = Harness(base, bank, shots=shots, top_k=args.top_k, tau=args.tau,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compose=args.compose,
-                          temperature=args.temperature, sft_docs_per_step=args.sft_docs_per_step)
+                          temperature=args.temperature, sft_docs_per_step=args.sft_docs_per_step,
+                          reader=not args.no_reader)
         results = evaluate(harness, questions, methods, progress=not args.no_progress)
     summary = summarize(results)
     print(markdown(summary), end="")
     if args.out:
         write(results, summary, args.out)
         print(f"wrote {Path(args.out) / 'eval.json'} and eval.md")
+
+
+def reader_train(args) -> None:
+    from doe_ext.dmoe import LoRAConfig, load_base
+    from doe_ext.dmoe.evaluate import read_questions
+    from doe_ext.dmoe.reader import ReaderRecipe, train_reader
+
+    questions = [q for q in read_questions(args.questions) if args.split is None or q.get("split") == args.split]
+    if not questions:
+        raise CommandError(f"{args.questions}: no questions" + (f" of split {args.split!r}" if args.split else ""))
+    rr = ReaderRecipe()
+    fields = {k: getattr(args, k) for k in ("epochs", "lr", "top_k", "with_document", "seed")
+              if getattr(args, k) is not None}
+    if args.rank is not None or args.alpha is not None:
+        fields["lora"] = LoRAConfig(args.rank or rr.lora.rank, args.alpha or rr.lora.alpha)
+    rr = dataclasses.replace(rr, **fields)
+    with _open(args.bank) as bank:
+        reader = train_reader(load_base(bank.base_name), bank, questions, rr, name=args.name or Path(args.out).stem,
+                              progress=not args.no_progress)
+    reader.save(args.out)
+    print(f"{args.out}: reader {reader.name!r} trained on {reader.info['questions']} questions about "
+          f"{reader.info['documents']} documents in {reader.info['seconds']} s")
+
+
+def reader_add(args) -> None:
+    from doe_ext.dmoe.reader import Reader
+
+    reader = Reader.load(args.reader)
+    with _open(args.bank) as bank:
+        bank.set_reader(reader)
+        print(f"{args.bank}: knowledge reader {reader.name!r} installed")
+
+
+def reader_rm(args) -> None:
+    with _open(args.bank) as bank:
+        print(f"{args.bank}: " + ("reader removed" if bank.remove_reader() else "no reader to remove"))
 
 
 def rm(args) -> None:

@@ -16,6 +16,8 @@ Layout of a bank directory::
                                  one document without touching the others. Rebuildable from SQLite.
     experts/<h>-<c>.safetensors  h: sha256 of the id, c: sha256 of the file. Content-addressed, so
                                  replacing an expert never overwrites the file its committed row names.
+    reader/<c>.safetensors       the bank's knowledge reader, if it has one (doe_ext.dmoe.reader): one LoRA
+                                 shared by all experts, named with its checksum in meta ("reader").
 
 Crash safety: weights go to a temporary file that is fsynced and renamed (and the directory fsynced)
 before the row commits; the row commits before the index, marked not yet indexed, and is marked
@@ -40,6 +42,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as st_load
@@ -48,6 +51,9 @@ from torch import Tensor
 
 from doe_ext.dmoe.experts import ExpertSet, LoRAConfig
 from doe_ext.dmoe.recipe import Recipe
+
+if TYPE_CHECKING:
+    from doe_ext.dmoe.reader import Reader
 
 FORMAT = "doe_ext.dmoe.bank/2"  # /2: one Recipe in meta (was: "lora" and "train")
 DB = "bank.sqlite"
@@ -119,6 +125,22 @@ class ExpertRow:
     augmentation: str = "{}"
     config: str = "{}"
     title: str | None = None
+
+
+def _write_durably(folder: Path, name: str, data: bytes) -> None:
+    """``folder/name`` holds ``data`` once this returns, even after a crash: written to a temporary file,
+    fsynced, renamed, and the folder fsynced."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -324,17 +346,7 @@ class ExpertBank:
         checksum = hashlib.sha256(data).hexdigest()
         name = f"{hashlib.sha256(expert_id.encode()).hexdigest()[:16]}-{checksum[:16]}.safetensors"
         folder = self.path / "experts"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
+        _write_durably(folder, name, data)
         with self._tx():
             old = self._db.execute("SELECT file FROM experts WHERE id = ?", (expert_id,)).fetchone()
             self._db.execute("DELETE FROM experts WHERE id = ?", (expert_id,))
@@ -373,6 +385,57 @@ class ExpertBank:
                 f.unlink(missing_ok=True)
                 n += 1
         return n
+
+    # -- the knowledge reader (doe_ext.dmoe.reader) ------------------------------------------------
+    def set_reader(self, reader: "Reader") -> None:
+        """Store ``reader`` as the bank's (replacing any), after checking that it was trained for this
+        bank's base and recipe: ``reader/<sha256>.safetensors``, named in the bank's meta once the file is
+        durably on disk."""
+        reader.check(self.fingerprint, self.recipe, where=f"bank {self.path}")
+        data = reader.to_bytes()
+        checksum = hashlib.sha256(data).hexdigest()
+        name = f"{checksum[:32]}.safetensors"
+        folder = self.path / "reader"
+        folder.mkdir(exist_ok=True)
+        _write_durably(folder, name, data)
+        old = self.meta().get("reader")
+        self.set_meta("reader", json.dumps({"file": name, "checksum": checksum, "name": reader.name}))
+        if old and json.loads(old)["file"] != name:
+            (folder / json.loads(old)["file"]).unlink(missing_ok=True)
+
+    def remove_reader(self) -> bool:
+        """Drop the bank's reader (its row first, then its file). Returns whether there was one."""
+        old = self.meta().get("reader")
+        if old is None:
+            return False
+        with self._tx():
+            self._db.execute("DELETE FROM meta WHERE key = 'reader'")
+        (self.path / "reader" / json.loads(old)["file"]).unlink(missing_ok=True)
+        return True
+
+    def reader(self) -> "Reader | None":
+        """The bank's reader, verified (file name, checksum, base and recipe), or None."""
+        from doe_ext.dmoe.reader import Reader
+
+        entry = self.meta().get("reader")
+        if entry is None:
+            return None
+        entry = json.loads(entry)
+        if not re.fullmatch(r"[0-9a-f]{32}\.safetensors", entry["file"]):
+            raise BankError(f"ExpertBank: {self.path}: the reader names the file {entry['file']!r}, "
+                            "which is not a bank file name")
+        path = self.path / "reader" / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BankError(f"ExpertBank: {self.path}: the reader's file {path} is missing") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != entry["checksum"]:
+            raise BankError(f"ExpertBank: {self.path}: the reader's file {path} has sha256 {got}, the bank "
+                            f"says {entry['checksum']}")
+        reader = Reader.from_bytes(data, str(path))
+        reader.check(self.fingerprint, self.recipe, where=f"bank {self.path}")
+        return reader
 
     # -- reads -------------------------------------------------------------------------------
     def route(self, query: str, k: int = 3) -> list[str]:
@@ -447,8 +510,13 @@ class ExpertBank:
         return (f"<p><b>ExpertBank</b> {html.escape(str(self.path))}: {len(self)} experts, base "
                 f"{html.escape(self.base_name or self.fingerprint)}, {self.recipe.objective}, rank {self.lora.rank}, "
                 f"alpha {self.lora.alpha}, "
-                f"{self.dtype}</p><table><tr><th>id</th><th>loss</th><th>text</th></tr>{body}</table>{more}")
+                f"{self.dtype}{self._reader_note()}</p><table><tr><th>id</th><th>loss</th><th>text</th></tr>{body}</table>{more}")
 
     def __repr__(self) -> str:
         return (f"ExpertBank({str(self.path)!r}, experts={len(self)}, base={self.base_name or self.fingerprint!r}, "
-                f"objective={self.recipe.objective!r}, rank={self.lora.rank}, alpha={self.lora.alpha}, dtype={self.dtype})")
+                f"objective={self.recipe.objective!r}, rank={self.lora.rank}, alpha={self.lora.alpha}, dtype={self.dtype}"
+                f"{self._reader_note('=')})")
+
+    def _reader_note(self, sep: str = " ") -> str:
+        entry = self.meta().get("reader")
+        return "" if entry is None else f", reader{sep}{json.loads(entry)['name']!r}"

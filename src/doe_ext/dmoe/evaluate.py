@@ -14,6 +14,11 @@ Methods:
 - ``sft``: SFT-LoRA, one LoRA (same recipe and placement as an expert) trained on every document's
   instances, active from the first position; trained once per bank content and kept in ``BANK/sft``.
 - ``dmoe``: DMoE, closed-book prompt, experts triggered by token uncertainty and routed on the prefix.
+- ``reader``: a control for banks with a knowledge reader: the reader alone, active from the first
+  position, closed book (it must not carry answers by itself).
+
+DMoE and PRAG use the bank's knowledge reader when it has one, unless the harness is made with
+``reader=False``.
 """
 from __future__ import annotations
 
@@ -31,12 +36,14 @@ from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, exact_match, f1, yes_no
+from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, yes_no
 from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
+from doe_ext.dmoe.reader import READER_ID
 from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, compose, fixed
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
+READER_CONTROL = "reader"  # asked for by name only: it needs a bank with a reader
 
 
 @dataclass
@@ -121,13 +128,15 @@ class Harness:
         sort_by_length: batch the questions in order of their prompt's length (less padding); the
             results keep the questions' order either way.
         compose, temperature: how DMoE's and PRAG's k experts combine (:mod:`doe_ext.dmoe.routing`).
+        reader: DMoE's and PRAG's knowledge reader: True, the bank's if it has one; False, none; or a
+            :class:`~doe_ext.dmoe.reader.Reader`.
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank, shots: list[tuple[str, str, str]] = (), top_k: int = 3,
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
                  flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
                  compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE,
-                 sft_docs_per_step: int = SFT_DOCS_PER_STEP):
+                 sft_docs_per_step: int = SFT_DOCS_PER_STEP, reader=True):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
         if sft_docs_per_step < 1:
@@ -138,7 +147,7 @@ class Harness:
         self.sort_by_length = sort_by_length
         self.tok = base.tokenizer
         self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens, compose=compose,
-                         temperature=temperature)
+                         temperature=temperature, reader=reader)
         self.stop = line_break_tokens(self.tok)
         self._sft: DMoE | None = None
         self.sft_docs_per_step = sft_docs_per_step
@@ -193,6 +202,13 @@ class Harness:
                     for g in gens]
         if method == "flare":
             return self._flare(questions)
+        if method == READER_CONTROL:
+            reader = self.dmoe.reader
+            if reader is None:
+                raise ValueError(f"dmoe eval: method 'reader' needs a knowledge reader, and {self.bank.path} has none")
+            gens = self.generate(self.dmoe, [self.prompt(x) for x in questions], tau=math.inf,
+                                 experts=[[(READER_ID, reader.weight(self.bank.lora.scale))]] * len(qs))
+            return [(g, g.text, 0, []) for g in gens]
         if method == "sft":
             gens = self.generate(self.sft(), [self.prompt(x) for x in questions], tau=math.inf,
                                  experts=[[("sft", 1.0)]] * len(qs))
@@ -282,8 +298,8 @@ def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_S
 
 def check_methods(methods: list) -> list:
     for m in methods:
-        if not isinstance(m, Variant) and m not in METHODS:
-            raise ValueError(f"dmoe eval: unknown method {m!r} (methods: {', '.join(METHODS)})")
+        if not isinstance(m, Variant) and m not in (*METHODS, READER_CONTROL):
+            raise ValueError(f"dmoe eval: unknown method {m!r} (methods: {', '.join(METHODS)}, {READER_CONTROL})")
     return methods
 
 
@@ -325,7 +341,7 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
 
 def summarize(results: dict[str, list[Sample]], seed: int = 0) -> dict[str, dict]:
     """Per method: EM, F1, yes/no accuracy (mean, 95% bootstrap low, high over questions), mean latency,
-    the largest per-sample peak RSS, and triggers per sample."""
+    the largest per-sample peak RSS, triggers per sample, and the share of degenerate answers."""
     out = {}
     for m, samples in results.items():
         yn = [s.correct_yes_no for s in samples if s.yes_no]
@@ -334,7 +350,8 @@ def summarize(results: dict[str, list[Sample]], seed: int = 0) -> dict[str, dict
                   "yes_no_accuracy": bootstrap_ci(yn, seed=seed) if yn else None, "n_yes_no": len(yn),
                   "latency_s": sum(s.latency_s for s in samples) / max(len(samples), 1),
                   "peak_rss_mib": max((s.peak_rss_mib for s in samples if s.peak_rss_mib is not None), default=None),
-                  "triggers": sum(s.triggers for s in samples) / max(len(samples), 1)}
+                  "triggers": sum(s.triggers for s in samples) / max(len(samples), 1),
+                  "degenerate": sum(degenerate(s.prediction) for s in samples) / max(len(samples), 1)}
     return out
 
 
@@ -343,11 +360,12 @@ def markdown(summary: dict[str, dict]) -> str:
         return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
     rows = ["| method | n | EM [95% CI] | F1 [95% CI] | yes/no acc [95% CI] | latency s/sample | peak RSS MiB | "
-            "triggers/sample |", "|---|---|---|---|---|---|---|---|"]
+            "triggers/sample | degenerate |", "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         rss = "–" if s["peak_rss_mib"] is None else f"{s['peak_rss_mib']:.0f}"
+        deg = "–" if s.get("degenerate") is None else f"{s['degenerate']:.3f}"  # a summary written before it was measured
         rows.append(f"| {m} | {s['n']} | {ci(s['em'])} | {ci(s['f1'])} | {ci(s['yes_no_accuracy'])} | "
-                    f"{s['latency_s']:.3f} | {rss} | {s['triggers']:.2f} |")
+                    f"{s['latency_s']:.3f} | {rss} | {s['triggers']:.2f} | {deg} |")
     return "\n".join(rows) + "\n"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doe_ext.dmoe.recipe import LoRAConfig
@@ -83,11 +84,28 @@ class ExpertSet:
     def num_experts(self) -> int:
         return next(iter(self.a.values())).shape[0]
 
+    @property
+    def rank(self) -> int:
+        return next(iter(self.a.values())).shape[1]
+
+    def pad_rank(self, rank: int) -> "ExpertSet":
+        """The same experts with zero rows of ``A`` and zero columns of ``B`` up to ``rank``: the same
+        deltas ``B @ A``, stackable with LoRAs of that rank (a bank's knowledge reader)."""
+        pad = rank - self.rank
+        if pad <= 0:
+            return self
+        return ExpertSet({n: F.pad(t, (0, 0, 0, pad)) for n, t in self.a.items()},
+                         {n: F.pad(t, (0, pad)) for n, t in self.b.items()})
+
     @classmethod
     def stack(cls, experts: Sequence[dict[str, Tensor]], names: Sequence[str]) -> "ExpertSet":
-        """Expert tensor dicts (``"<name>.lora_a"`` / ``"<name>.lora_b"``) -> one set, in the given order."""
-        return cls(a={n: torch.stack([e[f"{n}.lora_a"] for e in experts]) for n in names},
-                   b={n: torch.stack([e[f"{n}.lora_b"] for e in experts]) for n in names})
+        """Expert tensor dicts (``"<name>.lora_a"`` / ``"<name>.lora_b"``) -> one set, in the given order;
+        experts of a lower rank than the highest are padded with zeros (:meth:`pad_rank`)."""
+        r = max(e[f"{names[0]}.lora_a"].shape[0] for e in experts)
+        return cls(a={n: torch.stack([F.pad(e[f"{n}.lora_a"], (0, 0, 0, r - e[f"{n}.lora_a"].shape[0]))
+                                      for e in experts]) for n in names},
+                   b={n: torch.stack([F.pad(e[f"{n}.lora_b"], (0, r - e[f"{n}.lora_b"].shape[1]))
+                                      for e in experts]) for n in names})
 
 
 @dataclass

@@ -47,6 +47,15 @@ def f1(prediction: str, answers: list[str]) -> float:
     return best
 
 
+_REPEAT = re.compile(r"\b(\w+)(?:\W+\1\b){3,}", re.IGNORECASE)
+
+
+def degenerate(prediction: str) -> bool:
+    """An answer that says nothing: empty (after normalisation), or one word four or more times in a
+    row ("the Kesh Kesh Kesh Kesh", "no, no, no, no"), case and punctuation between them ignored."""
+    return not normalize_answer(prediction) or _REPEAT.search(prediction) is not None
+
+
 def yes_no(prediction: str) -> str | None:
     """``"yes"`` / ``"no"`` when the (normalised) prediction starts with one of them, else None."""
     words = normalize_answer(prediction).split()

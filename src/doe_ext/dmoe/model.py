@@ -32,7 +32,8 @@ from transformers.cache_utils import DynamicCache
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
-from doe_ext.dmoe.experts import ActiveExperts, ExpertSite, use_experts
+from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
+from doe_ext.dmoe.reader import READER_ID, Reader
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
 from doe_ext.nn.lean import LeanDecoder
 from doe_ext.nn.streaming import plain_linears, streaming_linears
@@ -123,17 +124,22 @@ class DMoE:
             and SDPA attention) run through :class:`~doe_ext.nn.lean.LeanDecoder`: transformers'
             arithmetic without its per-module Python (outputs equal to float rounding). False, or
             another family: the model's ``forward``.
+        reader: the knowledge reader (:mod:`doe_ext.dmoe.reader`) that joins every non-empty set of
+            experts: True, the bank's if it has one; False, none; or a :class:`~doe_ext.dmoe.reader.Reader`
+            (checked against the bank's base and recipe).
     """
 
     def __init__(self, base: BaseLM, bank: ExpertBank | None, tau: float = 2.0, top_k: int = 3,
                  compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE, query_tokens: int = 128,
                  router: Router | None = None,
                  trigger: Callable[[Tensor, int], Tensor] | None = None, site: ExpertSite | None = None,
-                 streaming: bool = True, lean: bool = True):
+                 streaming: bool = True, lean: bool = True, reader: "bool | Reader" = True):
         if bank is not None:
             bank.check_base(base.fingerprint)
             if len(bank) == 0:
                 raise BankError(f"DMoE: the bank {bank.path} has no experts; add some with `doe-ext dmoe add`")
+        if not isinstance(reader, bool) and bank is None:
+            raise ValueError("DMoE: a `reader` needs a bank of experts to read")
         if top_k < 1:
             raise ValueError(f"DMoE: `top_k` must be >= 1, got {top_k}")
         check_composition(compose, temperature)
@@ -142,6 +148,10 @@ class DMoE:
         self.router = router or (bank.search if bank is not None else None)
         self.trigger = trigger
         self.site = (site or base.site).attach()
+        self.reader = (bank.reader() if reader is True and bank is not None else
+                       None if reader is False or bank is None else reader)
+        if self.reader is not None:
+            self.reader.check(bank.fingerprint, bank.recipe, self.site.names, where=f"bank {bank.path}")
         self.streaming = streaming
         self._linears = plain_linears(base.model)  # once: a step only switches them (the site wraps, never replaces)
         self._site_linears = plain_linears(self.site.mlp) + plain_linears(self.site.head)  # a re-prediction's
@@ -158,11 +168,18 @@ class DMoE:
         return compose((router or self.router)(query, top_k), self.compose, self.temperature)
 
     def activate(self, sets: Sequence[WeightedSet]) -> ActiveExperts | None:
-        """Weighted sets (one per row) -> the rows' :class:`ActiveExperts`, on the model's device."""
+        """Weighted sets (one per row) -> the rows' :class:`ActiveExperts`, on the model's device; the
+        reader, if any, joins every non-empty set (:data:`~doe_ext.dmoe.reader.READER_ID`, once)."""
         if not any(sets):
             return None
-        return ActiveExperts.from_sets(sets, lambda ids: self.bank.load(ids, self.site.names), self.bank.lora.scale,
-                                       self.base.device)
+        if self.reader is not None:
+            slot = (READER_ID, self.reader.weight(self.bank.lora.scale))
+            sets = [list(s) + [slot] if s and all(e != READER_ID for e, _ in s) else s for s in sets]
+        return ActiveExperts.from_sets(sets, self._load, self.bank.lora.scale, self.base.device)
+
+    def _load(self, ids: list[str]) -> ExpertSet:
+        return ExpertSet.stack([self.reader.tensors if e == READER_ID else self.bank.get(e) for e in ids],
+                               self.site.names)
 
     def eos_tokens(self) -> set[int]:
         return eos_tokens(self.base)
