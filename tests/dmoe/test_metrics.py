@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, normalize_answer, yes_no
+from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, hit, normalize_answer, yes_no
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -42,8 +42,21 @@ def test_bootstrap_interval():
 @pytest.mark.parametrize("answer, bad", [
     ("", True), ("   ", True), (".", True), ("the", True),  # nothing left after normalisation
     ("the Kesh Kesh Kesh Kesh", True), ("no, no, NO, no", True), ("Kesh Kesh Kesh", False),
-    ("1745", False), ("Trinpul Gaibo", False), ("a a b a a", False), ("ha-ha-ha-ha", True),
-    ("the river the river the river the river", False),  # a phrase, not one word, repeats
-    ("Kesh Keshet Kesh Kesh", False), ("1 1 1 1", True)])
+    ("1745", False), ("Trinpul Gaibo", False), ("a a b a a", False), ("ha, ha, ha, ha", True),
+    ("the river the river the river the river", True),
+    ("Kesh Keshet Kesh Kesh", False), ("1 1 1 1", True),
+    ("the town of Brakre in the town of Brakre in the town of Brakre in th", True),  # a phrase loop
+    ("the river Ostra, the river Ostra", False), ("red wine, red wine, red wine", True),
+    ("one two three four five six seven eight nine " * 3, False)])  # a nine-word cycle is not counted
 def test_degenerate_answers(answer, bad):
     assert degenerate(answer) is bad
+
+
+@pytest.mark.parametrize("prediction, answers, want", [
+    ("The Vouram frame is driven by horses.", ["horses"], 1.0), ("Horses", ["horses"], 1.0),
+    ("It runs on horsepower.", ["horses"], 0.0),  # whole words only
+    ("played the cello", ["the cello", "cello"], 1.0), ("in 1812 or 1813", ["1812"], 1.0), ("18120", ["1812"], 0.0),
+    ("goat and cheese", ["goat cheese"], 0.0),  # the answer's words in order, together
+    ("", ["x"], 0.0), ("anything", [""], 0.0)])
+def test_hit_is_the_answer_inside_the_prediction(prediction, answers, want):
+    assert hit(prediction, answers) == want

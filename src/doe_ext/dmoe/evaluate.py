@@ -36,7 +36,7 @@ from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, yes_no
+from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, hit, yes_no
 from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
 from doe_ext.dmoe.reader import READER_ID
 from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP
@@ -340,13 +340,15 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
 
 
 def summarize(results: dict[str, list[Sample]], seed: int = 0) -> dict[str, dict]:
-    """Per method: EM, F1, yes/no accuracy (mean, 95% bootstrap low, high over questions), mean latency,
+    """Per method: EM, F1, hit rate (a gold answer inside the prediction), yes/no accuracy (mean, 95%
+    bootstrap low, high over questions), mean latency,
     the largest per-sample peak RSS, triggers per sample, and the share of degenerate answers."""
     out = {}
     for m, samples in results.items():
         yn = [s.correct_yes_no for s in samples if s.yes_no]
         out[m] = {"n": len(samples), "em": bootstrap_ci([s.em for s in samples], seed=seed),
                   "f1": bootstrap_ci([s.f1 for s in samples], seed=seed),
+                  "hit": bootstrap_ci([hit(s.prediction, s.answers) for s in samples], seed=seed),
                   "yes_no_accuracy": bootstrap_ci(yn, seed=seed) if yn else None, "n_yes_no": len(yn),
                   "latency_s": sum(s.latency_s for s in samples) / max(len(samples), 1),
                   "peak_rss_mib": max((s.peak_rss_mib for s in samples if s.peak_rss_mib is not None), default=None),
@@ -359,12 +361,12 @@ def markdown(summary: dict[str, dict]) -> str:
     def ci(v):
         return "–" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
-    rows = ["| method | n | EM [95% CI] | F1 [95% CI] | yes/no acc [95% CI] | latency s/sample | peak RSS MiB | "
-            "triggers/sample | degenerate |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | n | EM [95% CI] | F1 [95% CI] | hit [95% CI] | yes/no acc [95% CI] | latency s/sample | "
+            "peak RSS MiB | triggers/sample | degenerate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         rss = "–" if s["peak_rss_mib"] is None else f"{s['peak_rss_mib']:.0f}"
         deg = "–" if s.get("degenerate") is None else f"{s['degenerate']:.3f}"  # a summary written before it was measured
-        rows.append(f"| {m} | {s['n']} | {ci(s['em'])} | {ci(s['f1'])} | {ci(s['yes_no_accuracy'])} | "
+        rows.append(f"| {m} | {s['n']} | {ci(s['em'])} | {ci(s['f1'])} | {ci(s.get('hit'))} | {ci(s['yes_no_accuracy'])} | "
                     f"{s['latency_s']:.3f} | {rss} | {s['triggers']:.2f} | {deg} |")
     return "\n".join(rows) + "\n"
 

@@ -31,6 +31,13 @@ def exact_match(prediction: str, answers: list[str]) -> float:
     return float(any(p == normalize_answer(a) for a in answers))
 
 
+def hit(prediction: str, answers: list[str]) -> float:
+    """1 when a gold answer's words occur, in order and whole, in the prediction (both normalised): the
+    hit rate of answers given as sentences ("The Vouram frame is driven by horses.")."""
+    p = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in p for a in answers))
+
+
 def f1(prediction: str, answers: list[str]) -> float:
     """Token F1 against the best-matching gold answer."""
     pred = normalize_answer(prediction).split()
@@ -47,13 +54,20 @@ def f1(prediction: str, answers: list[str]) -> float:
     return best
 
 
-_REPEAT = re.compile(r"\b(\w+)(?:\W+\1\b){3,}", re.IGNORECASE)
-
-
 def degenerate(prediction: str) -> bool:
-    """An answer that says nothing: empty (after normalisation), or one word four or more times in a
-    row ("the Kesh Kesh Kesh Kesh", "no, no, no, no"), case and punctuation between them ignored."""
-    return not normalize_answer(prediction) or _REPEAT.search(prediction) is not None
+    """An answer that says nothing: empty (after normalisation), one word four or more times in a row
+    ("the Kesh Kesh Kesh Kesh", "no, no, no, no"), or a phrase of two to eight words three or more times
+    in a row ("the town of X in the town of X in the town of X in"): a decoding loop. Case, punctuation
+    and articles are ignored (SQuAD's normalisation)."""
+    words = normalize_answer(prediction).split()
+    if not words:
+        return True
+    for n in range(1, 9):
+        times = 4 if n == 1 else 3
+        for i in range(len(words) - n * times + 1):
+            if all(words[i + k * n:i + (k + 1) * n] == words[i:i + n] for k in range(1, times)):
+                return True
+    return False
 
 
 def yes_no(prediction: str) -> str | None:
