@@ -21,10 +21,9 @@ import json
 import time
 from pathlib import Path
 
-from doe_ext.dmoe import Document, ExpertBank, build_bank, load_base
-from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
+from doe_ext.dmoe import Document, ExpertBank, LoRAConfig, build_bank, load_base
+from doe_ext.dmoe.augment import SHOTS, qa_prompt
 from doe_ext.dmoe.data import load
-from doe_ext.dmoe.distill import SHOTS
 from doe_ext.dmoe.evaluate import Harness, evaluate, markdown, summarize, write
 from doe_ext.dmoe.metrics import exact_match, hit, paired_ci
 from doe_ext.dmoe.reader import Reader, ReaderRecipe, train_reader
@@ -34,6 +33,13 @@ OFF = ("base", "gold", "rag", "prag", "dmoe")
 ON = ("prag", "dmoe", "reader")
 PAIRS = (("dmoe + reader", "dmoe"), ("dmoe + reader", "rag"), ("dmoe", "rag"), ("prag + reader", "rag"),
          ("prag", "rag"), ("dmoe + reader", "base"), ("reader alone", "base"))
+
+
+class ChatHarness(Harness):
+    """Every method in the chat template, the experts' too (the layout `ask` used before issue 45)."""
+
+    def prompt(self, question, passages=None, experts=False):
+        return qa_prompt(self.tok, question, passages)
 
 
 def bank_of(base, docs: list[dict], path: Path, recipe) -> ExpertBank:
@@ -65,7 +71,10 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = load_base(args.base)
     recipe = RECIPES[args.recipe]
-    rr = dataclasses.replace(ReaderRecipe(), **json.loads(args.reader))
+    fields = json.loads(args.reader)
+    if "lora" in fields:
+        fields["lora"] = LoRAConfig(**fields["lora"])
+    rr = dataclasses.replace(ReaderRecipe(), **fields)
     docs, qs = load("fiction-v1")
     split = lambda rows, s: [r for r in rows if r["split"] == s]  # noqa: E731
     train_bank = bank_of(base, split(docs, "train"), work / f"{args.base}-{args.recipe}-train", recipe)
@@ -75,8 +84,7 @@ def main(argv=None) -> None:
              "recipe": recipe.to_dict(), "reader_recipe": dataclasses.asdict(rr), "prompts": {}}
     for layout in args.prompts.split(","):
         shots = list(SHOTS) if layout == "fewshot" else []
-        prompt = (lambda q, ps: fewshot_prompt(q, ps, shots)) if shots else \
-            (lambda q, ps: qa_prompt(base.tokenizer, q, ps))
+        harness = Harness if shots else ChatHarness
         key = hashlib.sha256(json.dumps([layout, dataclasses.asdict(rr), recipe.to_dict()],
                                         sort_keys=True, default=str).encode()).hexdigest()[:12]
         path = work / f"reader-{args.base}-{layout}-{key}.safetensors"
@@ -84,12 +92,12 @@ def main(argv=None) -> None:
             reader = Reader.load(path)
         else:
             reader = train_reader(base, train_bank, split(qs, "train"), rr, name=f"{args.base}-{args.recipe}-{layout}",
-                                  prompt=prompt)
+                                  shots=shots)
             reader.save(path)
         print(f"{layout}: reader {reader.info}", flush=True)
         t0 = time.perf_counter()
-        res = evaluate(Harness(base, dev_bank, shots=shots, reader=False), dev, list(OFF), progress=False)
-        on = evaluate(Harness(base, dev_bank, shots=shots, reader=reader), dev, list(ON), progress=False)
+        res = evaluate(harness(base, dev_bank, shots=shots, reader=False), dev, list(OFF), progress=False)
+        on = evaluate(harness(base, dev_bank, shots=shots, reader=reader), dev, list(ON), progress=False)
         res.update({"prag + reader": on["prag"], "dmoe + reader": on["dmoe"], "reader alone": on["reader"]})
         summary = summarize(res)
         write(res, summary, out / layout)

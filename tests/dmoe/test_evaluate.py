@@ -201,3 +201,49 @@ def test_eval_cli(llama_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "eval.md").read_text() == out.split("wrote")[0]
     code = main(["dmoe", "eval", str(tmp_path / "bank"), str(qa), "--methods", "base,rgb"])
     assert code == 2 and "unknown method 'rgb'" in capsys.readouterr().err
+
+
+def distill_bank(base, path):
+    """The random bank's experts under the default (distill) recipe: asked after its demonstrations."""
+    from doe_ext.dmoe.recipe import DEFAULT
+
+    plain = random_bank(base, path.parent / (path.name + "-plain"))
+    bank = ExpertBank(path, create=True, fingerprint=base.fingerprint, base_name=base.name, recipe=DEFAULT)
+    for r in plain.rows():
+        bank.add(r.id, plain.get(r.id), r.text, r.surrogate)
+    return bank
+
+
+def test_experts_are_asked_in_the_layout_they_were_trained_in(base, bank, tmp_path):
+    """Without shots, the methods with experts use their recipe's layout (distill: the distillation
+    demonstrations; next-token: the chat template) and the others the chat template; given shots, every
+    method uses them."""
+    from doe_ext.dmoe.augment import SHOTS as DEMOS, expert_shots
+
+    dist = distill_bank(base, tmp_path / "distill")
+    assert expert_shots(dist.recipe) == DEMOS and expert_shots(bank.recipe) == ()
+    q, ps = "What is basalt?", [DOCS[1]["text"]]
+    h = Harness(base, dist)
+    assert h.prompt(q, experts=True) == fewshot_prompt(q, None, DEMOS)
+    assert h.prompt(q, ps, experts=True) == fewshot_prompt(q, ps, DEMOS)
+    assert h.prompt(q, ps) == qa_prompt(base.tokenizer, q, ps)
+    assert Harness(base, bank).prompt(q, experts=True) == qa_prompt(base.tokenizer, q)
+    given = Harness(base, dist, shots=SHOTS)
+    assert given.prompt(q) == given.prompt(q, experts=True) == fewshot_prompt(q, None, SHOTS)
+    got = evaluate(h, QA[:2], ["dmoe", "rag"], progress=False)
+    dm = DMoE(base, dist)
+    want = dm.generate([fewshot_prompt(x["question"], None, DEMOS) for x in QA[:2]], h.max_new_tokens,
+                       stop_tokens=h.stop, route_texts=[x["question"] for x in QA[:2]])
+    assert [s.prediction for s in got["dmoe"]] == [cut_answer(g.text) for g in want]
+
+
+def test_ask_uses_the_experts_layout_and_stops_at_a_line_break(base, tmp_path):
+    from doe_ext.dmoe.augment import SHOTS as DEMOS
+    from doe_ext.dmoe.model import line_break_tokens
+
+    dm = DMoE(base, distill_bank(base, tmp_path / "d"))
+    got = dm.ask("What is basalt?", max_new_tokens=12, tau=0.0)
+    want = dm.generate(fewshot_prompt("What is basalt?", None, DEMOS), 12, tau=0.0, route_texts=["What is basalt?"],
+                       stop_tokens=line_break_tokens(base.tokenizer))[0]
+    assert got.tokens == want.tokens and got.triggers == want.triggers
+    assert "\n" not in got.text

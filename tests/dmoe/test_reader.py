@@ -254,3 +254,30 @@ def test_cli_refuses_a_reader_of_another_recipe(llama_dir, tmp_path, capsys):
     assert code == 2 and "reader 'for-a' was trained for experts of another recipe" in err and "epochs=1 (bank" in err
     code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", tmp_path / "none.jsonl", "--out", tmp_path / "x")
     assert code == 2 and "none.jsonl: no such file" in err
+
+
+def test_build_installs_the_shipped_reader_of_its_base_and_recipe(llama_dir, tmp_path, capsys, monkeypatch):
+    """A reader shipped for the base and recipe (here a folder standing in for the package's) is
+    installed by ``build``; ``--no-reader`` leaves it out, and a reader of another recipe is not taken."""
+    from conftest import write_docs
+    import doe_ext.dmoe.reader as reader_module
+
+    docs = write_docs(tmp_path / "docs.jsonl", DOCS[:2])
+    argv = ["dmoe", "build", docs, "--base", llama_dir, "--recipe", "paper", "--augment", "none", "--no-progress"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "first")
+    assert code == 0, err
+    first = ExpertBank(tmp_path / "first")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    tensors = {k: v + 0.01 for k, v in first.get("otter").items()}
+    Reader(tensors, first.lora, first.fingerprint, first.recipe, "shipped-one").save(shipped / "a.safetensors")
+    Reader(tensors, first.lora, first.fingerprint, first.recipe.replace(epochs=5), "other").save(shipped / "b.safetensors")
+    monkeypatch.setattr(reader_module, "SHIPPED", shipped)
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "second")
+    assert code == 0 and "knowledge reader 'shipped-one' installed" in out, err
+    assert ExpertBank(tmp_path / "second").reader().name == "shipped-one"
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "third", "--no-reader")
+    assert code == 0 and "reader" not in out and ExpertBank(tmp_path / "third").reader() is None, err
+    (shipped / "a.safetensors").unlink()
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "fourth")
+    assert code == 0 and "reader" not in out and ExpertBank(tmp_path / "fourth").reader() is None, err

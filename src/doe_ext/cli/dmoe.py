@@ -97,7 +97,8 @@ def register(sub) -> None:
     rt.add_argument("--split", default=None, help="only the questions whose \"split\" is this (e.g. train)")
     rt.add_argument("--name", default=None, help="the reader's name (default: the file's stem)")
     rt.add_argument("--shots", default=None,
-                    help="JSON lines of demonstrations, as for eval: train with the few-shot prompt eval --shots asks with")
+                    help="JSON lines of demonstrations, as for eval --shots: train in the prompt eval asks with them "
+                         "(default: the layout the bank's experts were trained in)")
     rt.add_argument("--rank", type=int, default=None)
     rt.add_argument("--alpha", type=float, default=None)
     rt.add_argument("--epochs", type=int, default=None, help="passes over the questions")
@@ -230,7 +231,7 @@ def evaluate(args) -> None:
 
 def reader_train(args) -> None:
     from doe_ext.dmoe import LoRAConfig, load_base
-    from doe_ext.dmoe.evaluate import read_questions
+    from doe_ext.dmoe.evaluate import read_questions, read_shots
     from doe_ext.dmoe.reader import ReaderRecipe, train_reader
 
     questions = [q for q in read_questions(args.questions) if args.split is None or q.get("split") == args.split]
@@ -243,15 +244,9 @@ def reader_train(args) -> None:
         fields["lora"] = LoRAConfig(args.rank or rr.lora.rank, args.alpha or rr.lora.alpha)
     rr = dataclasses.replace(rr, **fields)
     with _open(args.bank) as bank:
-        prompt = None
-        if args.shots:
-            from doe_ext.dmoe.augment import fewshot_prompt
-            from doe_ext.dmoe.evaluate import read_shots
-
-            demos = read_shots(args.shots, bank)
-            prompt = lambda question, passages: fewshot_prompt(question, passages, demos)  # noqa: E731
+        shots = read_shots(args.shots, bank) if args.shots else None
         reader = train_reader(load_base(bank.base_name), bank, questions, rr, name=args.name or Path(args.out).stem,
-                              progress=not args.no_progress, prompt=prompt)
+                              progress=not args.no_progress, shots=shots)
     reader.save(args.out)
     print(f"{args.out}: reader {reader.name!r} trained on {reader.info['questions']} questions about "
           f"{reader.info['documents']} documents in {reader.info['seconds']} s")

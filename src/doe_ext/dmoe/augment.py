@@ -120,6 +120,34 @@ def qa_prompt(tokenizer, question: str, passages: list[str] | None = None) -> st
     return chat(tokenizer, user)
 
 
+# Demonstrations of short answers for the distillation teacher and student, and the prompt distilled
+# experts are asked in (expert_shots) (general knowledge, written by hand,
+# unrelated to any evaluation set): the answers the evaluation wants are short.
+SHOTS = (("Who designed the Eiffel Tower?", "the company of Gustave Eiffel",
+          "The Eiffel Tower in Paris was designed and built by the company of Gustave Eiffel for the 1889 World's Fair."),
+         ("What category of instrument is the cello?", "string",
+          "The cello is a bowed string instrument of the violin family, larger than the viola."),
+         ("Where is the Atacama Desert?", "northern Chile",
+          "The Atacama Desert lies in northern Chile, between the Pacific Ocean and the Andes."))
+
+
+def expert_shots(recipe) -> tuple[tuple[str, str, str], ...]:
+    """The demonstrations a bank's experts were trained after, so the prompt they are asked in: the
+    distill objective's :data:`SHOTS` (plain ``Question: / Answer:`` lines, answers ending at a line
+    break); none for next-token experts, which PRAG's layout trains in the chat template
+    (:func:`qa_prompt`). Asked in another layout, experts taught short answers drift: on fiction-v1's
+    dev split the default recipe's DMoE gave 21 of 80 degenerate answers in the chat template and 1 of
+    80 after these demonstrations, with the same hit rate (``reports/dmoe-recipes/reader``)."""
+    return SHOTS if recipe.objective == "distill" else ()
+
+
+def ask_prompt(tokenizer, question: str, passages: list[str] | None = None,
+               shots: tuple[tuple[str, str, str], ...] | list = ()) -> str:
+    """The question prompt: after ``shots`` demonstrations (:func:`fewshot_prompt`, the answer ends at a
+    line break), or without them the chat template (:func:`qa_prompt`, the answer ends with EOS)."""
+    return fewshot_prompt(question, passages, shots) if shots else qa_prompt(tokenizer, question, passages)
+
+
 def fewshot_prompt(question: str, passages: list[str] | None = None,
                    shots: list[tuple[str, str, str]] = ()) -> str:
     """The evaluation's prompt: plain text, no chat template, ``shots`` demonstrations (question,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 
-from doe_ext.dmoe.augment import Augmentation, Document, fewshot_prompt
+from doe_ext.dmoe.augment import SHOTS, Augmentation, Document, fewshot_prompt
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
 from doe_ext.dmoe.train import Instance, continues, starts
@@ -47,14 +47,6 @@ SUBJECT_PROMPTS = ("What is {s}?", "Who is behind {s}?", "Who is responsible for
                    "What kind of thing is {s}?", "What category does {s} belong to?", "What does {s} do?",
                    "When did {s} happen or appear?", "Which web address belongs to {s}?",
                    "Describe {s} in one sentence.")
-# Demonstrations of short answers for the teacher and the student (general knowledge, written by hand,
-# unrelated to any evaluation set): the answers the evaluation wants are short.
-SHOTS = (("Who designed the Eiffel Tower?", "the company of Gustave Eiffel",
-          "The Eiffel Tower in Paris was designed and built by the company of Gustave Eiffel for the 1889 World's Fair."),
-         ("What category of instrument is the cello?", "string",
-          "The cello is a bowed string instrument of the violin family, larger than the viola."),
-         ("Where is the Atacama Desert?", "northern Chile",
-          "The Atacama Desert lies in northern Chile, between the Pacific Ocean and the Andes."))
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from doe_ext._memory import peak_rss_mib, reset_peak_rss
-from doe_ext.dmoe.augment import fewshot_prompt, qa_prompt
+from doe_ext.dmoe.augment import ask_prompt, expert_shots
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
@@ -120,8 +120,9 @@ class Harness:
     decoding up to a line break, ``top_k`` passages or experts, queries cut to ``query_tokens``.
 
     Args:
-        shots: demonstrations ``(question, answer, passage)`` for :func:`fewshot_prompt`; none: the
-            chat-template prompt of :func:`qa_prompt` (the one experts train with).
+        shots: demonstrations ``(question, answer, passage)`` for :func:`fewshot_prompt`, for every
+            method; none: the chat-template prompt of :func:`qa_prompt` for the methods without experts,
+            and the layout the bank's experts were trained in for those with (:meth:`prompt`).
         batch_size: questions answered together; a sample's latency is its batch's wall time over
             the batch size. A prompt prefix the questions share runs once per method (DMoE keeps it
             from one batch to the next).
@@ -152,10 +153,12 @@ class Harness:
         self._sft: DMoE | None = None
         self.sft_docs_per_step = sft_docs_per_step
 
-    def prompt(self, question: str, passages: list[str] | None = None) -> str:
-        if self.shots:
-            return fewshot_prompt(question, passages, self.shots)
-        return qa_prompt(self.tok, question, passages)
+    def prompt(self, question: str, passages: list[str] | None = None, experts: bool = False) -> str:
+        """The harness's shots, if it has any, for every method; without them, the chat template for the
+        methods without experts and the layout the bank's experts were trained in for those with
+        (``experts``: dmoe, prag, sft, the reader; :func:`~doe_ext.dmoe.augment.expert_shots`)."""
+        shots = self.shots or (expert_shots(self.bank.recipe) if experts else ())
+        return ask_prompt(self.tok, question, passages, shots)
 
     def query(self, text: str) -> str:
         return self.tok.decode(self.tok(text, add_special_tokens=False)["input_ids"][:self.query_tokens])
@@ -181,13 +184,14 @@ class Harness:
             return [self.bank.search(self.query(q["question"]), self.top_k) for q in qs]
         return [[] for _ in qs]
 
-    def prompt_with(self, question: str, hits: list[tuple[str, float]]) -> str:
-        return self.prompt(question, self.passages([i for i, _ in hits]) or None)
+    def prompt_with(self, question: str, hits: list[tuple[str, float]], experts: bool = False) -> str:
+        return self.prompt(question, self.passages([i for i, _ in hits]) or None, experts)
 
     def order(self, method: str | Variant, qs: list[dict]) -> list[int]:
         """Indices of ``qs`` from the shortest first prompt to the longest: batches of prompts of like
         length carry little padding."""
-        prompts = [self.prompt_with(q["question"], hits) for q, hits in zip(qs, self.context(method, qs))]
+        prompts = [self.prompt_with(q["question"], hits, uses_experts(method))
+                   for q, hits in zip(qs, self.context(method, qs))]
         sizes = [len(ids) for ids in self.tok(prompts, add_special_tokens=False)["input_ids"]]
         return sorted(range(len(qs)), key=sizes.__getitem__)
 
@@ -197,7 +201,8 @@ class Harness:
         if isinstance(method, Variant) or method == "dmoe":
             v = method if isinstance(method, Variant) else Variant("dmoe", self.dmoe)
             routers = [fixed([_doc_id(q, "oracle")]) for q in qs] if v.oracle else None
-            gens = self.generate(v.dmoe, [self.prompt(x) for x in questions], route_texts=questions, routers=routers)
+            gens = self.generate(v.dmoe, [self.prompt(x, experts=True) for x in questions], route_texts=questions,
+                                 routers=routers)
             return [(g, g.text, len(g.triggers), list(dict.fromkeys(e for t in g.triggers for e in t.experts)))
                     for g in gens]
         if method == "flare":
@@ -206,19 +211,19 @@ class Harness:
             reader = self.dmoe.reader
             if reader is None:
                 raise ValueError(f"dmoe eval: method 'reader' needs a knowledge reader, and {self.bank.path} has none")
-            gens = self.generate(self.dmoe, [self.prompt(x) for x in questions], tau=math.inf,
+            gens = self.generate(self.dmoe, [self.prompt(x, experts=True) for x in questions], tau=math.inf,
                                  experts=[[(READER_ID, reader.weight(self.bank.lora.scale))]] * len(qs))
             return [(g, g.text, 0, []) for g in gens]
         if method == "sft":
-            gens = self.generate(self.sft(), [self.prompt(x) for x in questions], tau=math.inf,
+            gens = self.generate(self.sft(), [self.prompt(x, experts=True) for x in questions], tau=math.inf,
                                  experts=[[("sft", 1.0)]] * len(qs))
             return [(g, g.text, 0, ["sft"]) for g in gens]
         hits = self.context(method, qs)  # base, gold, rag, prag
         sets: list[WeightedSet] | None = None
         if method == "prag":
             sets = [compose(h, self.dmoe.compose, self.dmoe.temperature) for h in hits]
-        gens = self.generate(self.dmoe, [self.prompt_with(x, h) for x, h in zip(questions, hits)], tau=math.inf,
-                             experts=sets)
+        gens = self.generate(self.dmoe, [self.prompt_with(x, h, method == "prag") for x, h in zip(questions, hits)],
+                             tau=math.inf, experts=sets)
         return [(g, g.text, 0, [i for i, _ in h]) for g, h in zip(gens, hits)]
 
     def _flare(self, questions: list[str]):
@@ -262,6 +267,11 @@ class Harness:
             todo = left
         return [(None, tok.decode([t for t in a if t not in ends], skip_special_tokens=True).strip(), k,
                  list(dict.fromkeys(u))) for a, k, u in zip(answers, retrievals, used)]
+
+
+def uses_experts(method: str | Variant) -> bool:
+    """Whether a method answers with experts (and so in the layout they were trained in)."""
+    return isinstance(method, Variant) or method in ("prag", "sft", "dmoe", READER_CONTROL)
 
 
 def _doc_id(q: dict, method: str) -> str:

@@ -404,11 +404,16 @@ class DMoE:
 
     def ask(self, question: str, max_new_tokens: int = 32, tau: float | None = None,
             top_k: int | None = None) -> Generation:
-        """Answer one question (the shared QA prompt, no passages; routed on the question and the answer so far)."""
-        from doe_ext.dmoe.augment import qa_prompt
+        """Answer one question, closed book, in the prompt layout the bank's experts were trained in
+        (:func:`~doe_ext.dmoe.augment.expert_shots`: after short demonstrations for the default recipe,
+        the answer ending at a line break; the chat template for next-token experts); routed on the
+        question and the answer so far."""
+        from doe_ext.dmoe.augment import ask_prompt, expert_shots
 
-        return self.generate(qa_prompt(self.base.tokenizer, question), max_new_tokens, tau, top_k,
-                             route_texts=[question])[0]
+        shots = expert_shots(self.bank.recipe) if self.bank is not None else ()
+        stop = line_break_tokens(self.base.tokenizer) if shots else ()
+        return self.generate(ask_prompt(self.base.tokenizer, question, None, shots), max_new_tokens, tau, top_k,
+                             route_texts=[question], stop_tokens=stop)[0]
 
 
 def full_window(layer) -> bool:

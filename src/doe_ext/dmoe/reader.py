@@ -194,21 +194,19 @@ def routed_set(bank, question: str, gold: str, top_k: int) -> list[tuple[str, fl
     return compose(ranked, DEFAULT_COMPOSE, DEFAULT_TEMPERATURE)
 
 
-def reader_instances(base, bank, questions: list[dict], recipe: ReaderRecipe, prompt=None):
+def reader_instances(base, bank, questions: list[dict], recipe: ReaderRecipe, shots=None):
     """Per question: its training instance (prompt, then the first answer and its end; loss on the answer)
-    and its weighted set of experts (:func:`routed_set`). ``prompt(question, passages or None)``: the
-    prompt the reader will be asked with (``ask``'s chat-template prompt by default; the evaluation's
-    few-shot prompt when it is given shots)."""
-    from doe_ext.dmoe.augment import qa_prompt
+    and its weighted set of experts (:func:`routed_set`). The prompt is the one the reader will be asked
+    in: after ``shots`` (the evaluation's ``--shots``), or by default in the layout of the bank's experts
+    (:func:`~doe_ext.dmoe.augment.expert_shots`); an answer after demonstrations ends at a line break,
+    one in the chat template with EOS."""
+    from doe_ext.dmoe.augment import ask_prompt, expert_shots
     from doe_ext.dmoe.train import Instance, continues, starts
 
     tok = base.tokenizer
     enc, cont = starts(tok), continues(tok)
-    if prompt is None:  # the chat template's answer ends with EOS; a few-shot prompt's at a line break
-        prompt, end = (lambda question, passages: qa_prompt(tok, question, passages)), \
-            ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    else:
-        end = cont("\n")
+    shots = expert_shots(bank.recipe) if shots is None else shots
+    end = cont("\n") if shots else [tok.eos_token_id] if tok.eos_token_id is not None else []
     rng = random.Random(recipe.seed)
     out = []
     for n, q in enumerate(questions):
@@ -218,7 +216,7 @@ def reader_instances(base, bank, questions: list[dict], recipe: ReaderRecipe, pr
                               f"which has no expert in {bank.path}")
         sets = routed_set(bank, q["question"], gold, recipe.top_k)
         passages = [bank.row(e).text for e, _ in sets] if rng.random() < recipe.with_document else None
-        ids_p = enc(prompt(q["question"], passages))
+        ids_p = enc(ask_prompt(tok, q["question"], passages, shots))
         ids = (ids_p + cont(" " + q["answers"][0]) + end)[:recipe.max_length]
         if len(ids) > len(ids_p):
             out.append((Instance(ids, len(ids_p) - 1), sets))
@@ -226,10 +224,10 @@ def reader_instances(base, bank, questions: list[dict], recipe: ReaderRecipe, pr
 
 
 def train_reader(base, bank, questions: list[dict], recipe: ReaderRecipe = ReaderRecipe(), name: str = "reader",
-                 progress: bool = False, prompt=None) -> Reader:
+                 progress: bool = False, shots=None) -> Reader:
     """A reader for ``bank``'s base and recipe, trained on ``questions`` (``question``, ``answers``,
     ``doc_id`` of an expert of ``bank``) with the bank's experts frozen (see the module docstring);
-    ``prompt`` as for :func:`reader_instances`."""
+    ``shots`` as for :func:`reader_instances`."""
     from tqdm.auto import tqdm
 
     from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, use_experts
@@ -240,7 +238,7 @@ def train_reader(base, bank, questions: list[dict], recipe: ReaderRecipe = Reade
     bank.check_base(base.fingerprint)
     t0 = time.perf_counter()
     site = base.site.attach()
-    items = reader_instances(base, bank, questions, recipe, prompt)
+    items = reader_instances(base, bank, questions, recipe, shots)
     data = residuals(base, [i for i, _ in items])
     union = list(dict.fromkeys(e for _, s in items for e, _ in s))
     pos = {e: i for i, e in enumerate(union)}
