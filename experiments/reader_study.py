@@ -31,7 +31,8 @@ from doe_ext.dmoe.recipe import RECIPES
 
 OFF = ("base", "gold", "rag", "prag", "dmoe")
 ON = ("prag", "dmoe", "reader")
-PAIRS = (("dmoe + reader", "dmoe"), ("dmoe + reader", "rag"), ("dmoe", "rag"), ("prag + reader", "rag"),
+PAIRS = (("dmoe + reader", "dmoe"), ("prag + reader", "prag"), ("dmoe + reader", "rag"), ("dmoe", "rag"),
+         ("prag + reader", "rag"),
          ("prag", "rag"), ("dmoe + reader", "base"), ("reader alone", "base"))
 
 

@@ -50,7 +50,8 @@ def tiny(code: str) -> str:
 
 def inputs(cwd: Path) -> None:
     """The files the README's commands name: text documents, a docs.jsonl and more.jsonl of the DMoE
-    format (Debian's record of dict-gcide, and one more document with the id the README removes)."""
+    format (Debian's record of dict-gcide, and one more document with the id the README removes), and a
+    qa.jsonl with a question about dict-gcide for the reader."""
     docs = cwd / "docs"
     docs.mkdir()
     paragraphs = [p for p in README.read_text().split("\n\n") if len(p) > 200]
@@ -59,6 +60,9 @@ def inputs(cwd: Path) -> None:
     (cwd / "docs.jsonl").write_text(json.dumps({
         "id": "dict-gcide", "title": "dict-gcide", "text": "The Debian package dict-gcide is maintained by Ritesh Raj "
         "Sarraf. It provides the Comprehensive English Dictionary in the section text."}) + "\n")
+    (cwd / "qa.jsonl").write_text(json.dumps({
+        "question": "Who looks after the Debian package dict-gcide?", "answers": ["Ritesh Raj Sarraf"],
+        "doc_id": "dict-gcide"}) + "\n")
     (cwd / "more.jsonl").write_text(json.dumps({
         "id": "some-id", "title": "basalt", "text": "Basalt is a dark volcanic rock that forms from lava."}) + "\n")
 

@@ -1,0 +1,62 @@
+"""Dev sweep of what each expert trains on (issue 45, items 2 and 3) on fiction-v1's dev split: one bank
+of the 40 dev documents per recipe variant, DMoE with BM25 routing and with the oracle router (the
+question's own expert alone), in the layout the experts were trained in; seconds per expert measured
+on the build. Made-up facts: closed book cannot know them.
+
+    python experiments/recipe_sweep.py --out reports/dmoe-recipes/variety --work /tmp/recipe-sweep \\
+        --variants default,chunks,rank16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from doe_ext.dmoe import DMoE, Document, ExpertBank, LoRAConfig, build_bank, load_base
+from doe_ext.dmoe.data import load
+from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
+from doe_ext.dmoe.recipe import DEFAULT
+
+VARIANTS = {
+    "default": DEFAULT,
+    "chunks": DEFAULT.replace(instances=("subject", "questions", "chunks")),
+    "rank16": DEFAULT.replace(lora=LoRAConfig(16, 64.0)),
+    "chunks-rank16": DEFAULT.replace(instances=("subject", "questions", "chunks"), lora=LoRAConfig(16, 64.0)),
+    "epochs24": DEFAULT.replace(epochs=24),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="reports/dmoe-recipes/variety")
+    p.add_argument("--work", default="/tmp/recipe-sweep")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    base = load_base(args.base)
+    docs, qs = load("fiction-v1")
+    dev_docs = [Document(d["id"], d["text"], d["title"]) for d in docs if d["split"] == "dev"]
+    dev = [q for q in qs if q["split"] == "dev"]
+    result = {}
+    for name in args.variants.split(","):
+        recipe = VARIANTS[name]
+        bank = ExpertBank(work / f"{args.base}-{name}-dev", create=True, fingerprint=base.fingerprint,
+                          base_name=args.base, recipe=recipe)
+        t0 = time.perf_counter()
+        done = build_bank(base, dev_docs, bank, progress=False)
+        per_expert = (time.perf_counter() - t0) / len(done) if done else None
+        h = Harness(base, bank)
+        oracle = Variant("oracle top-1", DMoE(base, bank, compose="top1", top_k=1), oracle=True)
+        res = evaluate(h, dev, ["dmoe", oracle], progress=False)
+        summary = summarize(res)
+        write(res, summary, out / name)
+        result[name] = {"recipe": recipe.to_dict(), "seconds_per_expert": per_expert, "summary": summary}
+        print(f"## {name} ({per_expert and round(per_expert, 1)} s/expert)\n\n{markdown(summary)}", flush=True)
+        prev = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
+        (out / "sweep.json").write_text(json.dumps({**prev, **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
