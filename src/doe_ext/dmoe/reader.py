@@ -66,7 +66,7 @@ class ReaderRecipe:
 
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0))
     lr: float = 1e-3
-    epochs: int = 2
+    epochs: int = 6
     batch_size: int = 8
     top_k: int = 3
     with_document: float = 0.25
