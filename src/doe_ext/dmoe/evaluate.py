@@ -351,8 +351,8 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
 
 def summarize(results: dict[str, list[Sample]], seed: int = 0) -> dict[str, dict]:
     """Per method: EM, F1, hit rate (a gold answer inside the prediction), yes/no accuracy (mean, 95%
-    bootstrap low, high over questions), mean latency,
-    the largest per-sample peak RSS, triggers per sample, and the share of degenerate answers."""
+    bootstrap low, high over questions), mean latency, the largest per-sample peak RSS, triggers per
+    sample, and the share of degenerate answers (:func:`~doe_ext.dmoe.metrics.degenerate`)."""
     out = {}
     for m, samples in results.items():
         yn = [s.correct_yes_no for s in samples if s.yes_no]
@@ -375,9 +375,10 @@ def markdown(summary: dict[str, dict]) -> str:
             "peak RSS MiB | triggers/sample | degenerate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         rss = "–" if s["peak_rss_mib"] is None else f"{s['peak_rss_mib']:.0f}"
-        deg = "–" if s.get("degenerate") is None else f"{s['degenerate']:.3f}"  # a summary written before it was measured
-        rows.append(f"| {m} | {s['n']} | {ci(s['em'])} | {ci(s['f1'])} | {ci(s.get('hit'))} | {ci(s['yes_no_accuracy'])} | "
-                    f"{s['latency_s']:.3f} | {rss} | {s['triggers']:.2f} | {deg} |")
+        # "hit" and "degenerate" are missing from summaries written before they were measured
+        deg = "–" if s.get("degenerate") is None else f"{s['degenerate']:.3f}"
+        rows.append(f"| {m} | {s['n']} | {ci(s['em'])} | {ci(s['f1'])} | {ci(s.get('hit'))} | "
+                    f"{ci(s['yes_no_accuracy'])} | {s['latency_s']:.3f} | {rss} | {s['triggers']:.2f} | {deg} |")
     return "\n".join(rows) + "\n"
 
 

@@ -245,7 +245,7 @@ def train_reader(base, bank, questions: list[dict], recipe: ReaderRecipe = Reade
     rank = max(recipe.lora.rank, bank.lora.rank)
     frozen = bank.load(union, site.names).pad_rank(rank).to(base.device)
     init = site.init_expert(recipe.lora, torch.Generator().manual_seed(recipe.seed))
-    dt, dev = site.head.weight.dtype, base.device
+    head, dt, dev = site.head, site.head.weight.dtype, base.device
     a = {n: init[f"{n}.lora_a"].to(dev, dt).requires_grad_() for n in site.names}
     b = {n: init[f"{n}.lora_b"].to(dev, dt).requires_grad_() for n in site.names}
     opt = torch.optim.AdamW([*a.values(), *b.values()], lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -271,14 +271,12 @@ def train_reader(base, bank, questions: list[dict], recipe: ReaderRecipe = Reade
                 slot_i[-1], slot_w[-1] = len(union), w_reader * bank.lora.scale
                 xs.append(x), ts.append(t), ws.append(torch.full((len(t),), 1.0 / n_tok))
                 idx.append(slot_i.expand(len(t), k)), sc.append(slot_w.expand(len(t), k))
-            pad = rank - recipe.lora.rank
-            experts = ExpertSet(
-                a={n: torch.cat([frozen.a[n], torch.nn.functional.pad(a[n], (0, 0, 0, pad))[None]]) for n in site.names},
-                b={n: torch.cat([frozen.b[n], torch.nn.functional.pad(b[n], (0, pad))[None]]) for n in site.names})
+            mine = ExpertSet({n: a[n][None] for n in site.names}, {n: b[n][None] for n in site.names}).pad_rank(rank)
+            experts = ExpertSet({n: torch.cat([frozen.a[n], mine.a[n]]) for n in site.names},
+                                {n: torch.cat([frozen.b[n], mine.b[n]]) for n in site.names})
             active = ActiveExperts(experts, torch.cat(idx).to(dev), torch.cat(sc).to(dev))
             with use_experts(active):
                 hidden = site.hidden(torch.cat(xs))
-            head = site.head
             total, _ = chunked_loss(hidden, head.weight, getattr(head, "bias", None), torch.cat(ts),
                                     torch.cat(ws).to(dev))
             opt.zero_grad()
@@ -289,7 +287,7 @@ def train_reader(base, bank, questions: list[dict], recipe: ReaderRecipe = Reade
     bar.close()
     tensors = {**{f"{n}.lora_a": a[n].detach().cpu().clone() for n in site.names},
                **{f"{n}.lora_b": b[n].detach().cpu().clone() for n in site.names}}
-    info = {"reader_recipe": {**asdict(recipe), "lora": asdict(recipe.lora)}, "questions": len(items),
+    info = {"reader_recipe": asdict(recipe), "questions": len(items),
             "documents": len({q["doc_id"] for q in questions}), "experts_seen": len(union),
             "last_epoch_loss": sum(losses[-steps:]) / steps, "seconds": round(time.perf_counter() - t0, 1)}
     return Reader(tensors, recipe.lora, bank.fingerprint, bank.recipe, name, info)
