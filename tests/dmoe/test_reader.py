@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, QUESTIONS, random_bank, random_expert
-from test_generate import reference_generate, split_tau
+from conftest import DOCS, QUESTIONS, random_bank, random_expert, write_docs
+from test_generate import plain_merge, reference_generate, split_tau
 from doe_ext.cli import main
-from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, LoRAConfig, Recipe
+from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, LoRAConfig, qa_prompt
 from doe_ext.dmoe.evaluate import Harness, evaluate
 from doe_ext.dmoe.experts import ExpertSet, set_linear_weight
 from doe_ext.dmoe.reader import READER_ID, Reader, ReaderError, ReaderRecipe, routed_set, train_reader
@@ -147,9 +147,6 @@ def answer_loss(base, bank, reader, qa) -> float:
     """Mean answer cross-entropy with the routed experts and the reader merged into the weights (no
     cache, the whole sequence run once): what the reader is trained to lower, computed without any of
     the training code."""
-    from doe_ext.dmoe.augment import qa_prompt
-    from test_generate import plain_merge
-
     model = copy.deepcopy(base.model)
     site = ExpertSite(model)
     theta = {n: w.detach().clone() for n, w in site.weights().items()}
@@ -206,8 +203,6 @@ def run(capsys, *argv):
 
 
 def test_cli_reader_train_add_ask_rm(llama_dir, tmp_path, capsys):
-    from conftest import write_docs
-
     docs = write_docs(tmp_path / "docs.jsonl", DOCS)
     code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "train", "--base", llama_dir, "--recipe",
                        "paper", "--augment", "none", "--no-progress")
@@ -240,8 +235,6 @@ def test_cli_reader_train_add_ask_rm(llama_dir, tmp_path, capsys):
 
 
 def test_cli_refuses_a_reader_of_another_recipe(llama_dir, tmp_path, capsys):
-    from conftest import write_docs
-
     docs = write_docs(tmp_path / "docs.jsonl", DOCS[:2])
     for name, epochs in (("a", 1), ("b", 2)):
         code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / name, "--base", llama_dir, "--recipe",
@@ -259,8 +252,7 @@ def test_cli_refuses_a_reader_of_another_recipe(llama_dir, tmp_path, capsys):
 def test_build_installs_the_shipped_reader_of_its_base_and_recipe(llama_dir, tmp_path, capsys, monkeypatch):
     """A reader shipped for the base and recipe (here a folder standing in for the package's) is
     installed by ``build``; ``--no-reader`` leaves it out, and a reader of another recipe is not taken."""
-    from conftest import write_docs
-    import doe_ext.dmoe.reader as reader_module
+    import doe_ext.dmoe.reader as reader_module  # the package's readers folder, pointed elsewhere
 
     docs = write_docs(tmp_path / "docs.jsonl", DOCS[:2])
     argv = ["dmoe", "build", docs, "--base", llama_dir, "--recipe", "paper", "--augment", "none", "--no-progress"]
