@@ -247,6 +247,20 @@ def test_cli_refuses_a_reader_of_another_recipe(llama_dir, tmp_path, capsys):
     assert code == 2 and "reader 'for-a' was trained for experts of another recipe" in err and "epochs=1 (bank" in err
     code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", tmp_path / "none.jsonl", "--out", tmp_path / "x")
     assert code == 2 and "none.jsonl: no such file" in err
+    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", docs, "--out", tmp_path / "no" / "r.st")
+    assert code == 2 and f"--out {tmp_path / 'no' / 'r.st'}: the folder {tmp_path / 'no'} does not exist" in err
+    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", docs, "--out", tmp_path / "r.st",
+                       "--split", "train")
+    assert code == 2 and "docs.jsonl:1: expected {\"question\": str" in err  # documents are not questions
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(q) + "\n" for q in QA[:2]))
+    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", qa, "--out", tmp_path / "r.st",
+                       "--with-document", 2)
+    assert code == 2 and "ReaderRecipe: `with_document` must be in [0, 1], got 2.0" in err
+    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", qa, "--out", tmp_path / "r.st",
+                       "--split", "dev")
+    assert code == 2 and "qa.jsonl: no questions of split 'dev'" in err
+    assert not (tmp_path / "r.st").exists()
 
 
 def test_build_installs_the_shipped_reader_of_its_base_and_recipe(llama_dir, tmp_path, capsys, monkeypatch):

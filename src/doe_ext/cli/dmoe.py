@@ -234,6 +234,8 @@ def reader_train(args) -> None:
     from doe_ext.dmoe.evaluate import read_questions, read_shots
     from doe_ext.dmoe.reader import ReaderRecipe, train_reader
 
+    if not Path(args.out).resolve().parent.is_dir():
+        raise CommandError(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
     questions = [q for q in read_questions(args.questions) if args.split is None or q.get("split") == args.split]
     if not questions:
         raise CommandError(f"{args.questions}: no questions" + (f" of split {args.split!r}" if args.split else ""))

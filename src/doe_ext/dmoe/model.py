@@ -162,6 +162,7 @@ class DMoE:
         # already active keeps its logits: they were computed with that set)
         self.repredict_same_set = False  # True: re-predict at every trigger (the slower reference the tests compare with)
         self._kept_prefix: tuple[list[int], DynamicCache | None] = ([], None)
+        self._line_breaks: set[int] | None = None  # where an answer after demonstrations ends (ask)
 
     def route(self, query: str, top_k: int, router: Router | None = None) -> WeightedSet:
         """The weighted set for a query: the router's top-k, composed."""
@@ -411,7 +412,9 @@ class DMoE:
         from doe_ext.dmoe.augment import ask_prompt, expert_shots
 
         shots = expert_shots(self.bank.recipe) if self.bank is not None else ()
-        stop = line_break_tokens(self.base.tokenizer) if shots else ()
+        if shots and self._line_breaks is None:
+            self._line_breaks = line_break_tokens(self.base.tokenizer)  # a pass over the vocabulary: once
+        stop = self._line_breaks if shots else ()
         return self.generate(ask_prompt(self.base.tokenizer, question, None, shots), max_new_tokens, tau, top_k,
                              route_texts=[question], stop_tokens=stop)[0]
 
