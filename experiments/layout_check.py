@@ -12,18 +12,11 @@ import json
 from pathlib import Path
 
 from doe_ext.dmoe import Document, ExpertBank, build_bank, load_base
-from doe_ext.dmoe.augment import qa_prompt
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, evaluate, markdown, summarize, write
 from doe_ext.dmoe.metrics import hit, paired_ci
 from doe_ext.dmoe.recipe import DEFAULT
-
-
-class ChatHarness(Harness):
-    """Every method in the chat template, the experts' too (the layout `ask` used before issue 45)."""
-
-    def prompt(self, question, passages=None, experts=False):
-        return qa_prompt(self.tok, question, passages)
+from reader_study import ChatHarness  # a sibling script: experiments/ is on sys.path when run as a file
 
 
 def main(argv=None) -> None:

@@ -109,7 +109,11 @@ def test_bank_round_trip_and_integrity(base, bank):
     data = bytearray(files[0].parent.joinpath(other.checksum[:32] + ".safetensors").read_bytes())
     data[-1] ^= 1
     (bank.path / "reader" / (other.checksum[:32] + ".safetensors")).write_bytes(bytes(data))
-    with pytest.raises(BankError, match=f"the reader's file .* has sha256 .*, the bank says {other.checksum}"):
+    with pytest.raises(BankError, match=f"ExpertBank: {bank.path}: the reader: {bank.path}/reader/{other.checksum[:32]}"
+                                        rf"\.safetensors has sha256 [0-9a-f]{{64}}, its row says {other.checksum}"):
+        bank.reader()
+    (bank.path / "reader" / (other.checksum[:32] + ".safetensors")).unlink()
+    with pytest.raises(BankError, match=f"the reader: weight file {bank.path}/reader/.* is missing"):
         bank.reader()
     assert bank.remove_reader() and bank.reader() is None and not bank.remove_reader()
     assert list((bank.path / "reader").iterdir()) == []

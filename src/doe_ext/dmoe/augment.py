@@ -120,9 +120,9 @@ def qa_prompt(tokenizer, question: str, passages: list[str] | None = None) -> st
     return chat(tokenizer, user)
 
 
-# Demonstrations of short answers for the distillation teacher and student, and the prompt distilled
-# experts are asked in (expert_shots) (general knowledge, written by hand,
-# unrelated to any evaluation set): the answers the evaluation wants are short.
+# Demonstrations of short answers (general knowledge, written by hand, unrelated to any evaluation set):
+# the distillation teacher and student see them, so distilled experts are asked after them too
+# (expert_shots); the answers the evaluation wants are short.
 SHOTS = (("Who designed the Eiffel Tower?", "the company of Gustave Eiffel",
           "The Eiffel Tower in Paris was designed and built by the company of Gustave Eiffel for the 1889 World's Fair."),
          ("What category of instrument is the cello?", "string",

@@ -143,6 +143,18 @@ def _write_durably(folder: Path, name: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
+def _read_checked(path: Path, checksum: str, what: str) -> bytes:
+    """The bytes of a weight file whose sha256 its row (or the bank's meta) gives; ``what`` names it in errors."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BankError(f"ExpertBank: {what}: weight file {path} is missing") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != checksum:
+        raise BankError(f"ExpertBank: {what}: {path} has sha256 {got}, its row says {checksum}")
+    return data
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -425,15 +437,7 @@ class ExpertBank:
             raise BankError(f"ExpertBank: {self.path}: the reader names the file {entry['file']!r}, "
                             "which is not a bank file name")
         path = self.path / "reader" / entry["file"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BankError(f"ExpertBank: {self.path}: the reader's file {path} is missing") from None
-        got = hashlib.sha256(data).hexdigest()
-        if got != entry["checksum"]:
-            raise BankError(f"ExpertBank: {self.path}: the reader's file {path} has sha256 {got}, the bank "
-                            f"says {entry['checksum']}")
-        reader = Reader.from_bytes(data, str(path))
+        reader = Reader.from_bytes(_read_checked(path, entry["checksum"], f"{self.path}: the reader"), str(path))
         reader.check(self.fingerprint, self.recipe, where=f"bank {self.path}")
         return reader
 
@@ -483,13 +487,7 @@ class ExpertBank:
         if not _FILE_RE.match(name):
             raise BankError(f"ExpertBank: expert {expert_id!r} names the file {name!r}, which is not a bank file name")
         path = self.path / "experts" / name
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BankError(f"ExpertBank: expert {expert_id!r}: weight file {path} is missing") from None
-        got = hashlib.sha256(data).hexdigest()
-        if got != checksum:
-            raise BankError(f"ExpertBank: expert {expert_id!r}: {path} has sha256 {got}, its row says {checksum}")
+        data = _read_checked(path, checksum, f"expert {expert_id!r}")
         try:
             tensors = {k: v.float() for k, v in st_load(data).items()}
         except Exception as e:  # safetensors only: anything else (a pickle, say) is refused, never run
