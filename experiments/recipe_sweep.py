@@ -13,6 +13,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+import doe_ext.dmoe.build as build
 from doe_ext.dmoe import DMoE, Document, ExpertBank, LoRAConfig, build_bank, load_base
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
@@ -24,6 +27,9 @@ VARIANTS = {
     "rank16": DEFAULT.replace(lora=LoRAConfig(16, 64.0)),
     "chunks-rank16": DEFAULT.replace(instances=("subject", "questions", "chunks"), lora=LoRAConfig(16, 64.0)),
     "epochs24": DEFAULT.replace(epochs=24),
+    "sentences": DEFAULT.replace(augment="sentences"),
+    "shuffled": DEFAULT.replace(instances=("subject", "questions", "shuffled")),
+    "sentences-shuffled": DEFAULT.replace(augment="sentences", instances=("subject", "questions", "shuffled")),
 }
 
 
@@ -44,6 +50,7 @@ def main(argv=None) -> None:
         recipe = VARIANTS[name]
         bank = ExpertBank(work / f"{args.base}-{name}-dev", create=True, fingerprint=base.fingerprint,
                           base_name=args.base, recipe=recipe)
+        build._MADE.clear()  # each variant's seconds include its own augmentation
         t0 = time.perf_counter()
         done = build_bank(base, dev_docs, bank, progress=False)
         per_expert = (time.perf_counter() - t0) / len(done) if done else None
@@ -52,7 +59,8 @@ def main(argv=None) -> None:
         res = evaluate(h, dev, ["dmoe", oracle], progress=False)
         summary = summarize(res)
         write(res, summary, out / name)
-        result[name] = {"recipe": recipe.to_dict(), "seconds_per_expert": per_expert, "summary": summary}
+        result[name] = {"recipe": recipe.to_dict(), "seconds_per_expert": per_expert, "summary": summary,
+                        "threads": torch.get_num_threads()}
         print(f"## {name} ({per_expert and round(per_expert, 1)} s/expert)\n\n{markdown(summary)}", flush=True)
         prev = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
         (out / "sweep.json").write_text(json.dumps({**prev, **result}, indent=1))

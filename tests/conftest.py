@@ -7,6 +7,10 @@ import torch
 # Tests run single-process on 2-core CI machines: keep intra-op threads at the machine's count but
 # make the suite reproducible (fixed seed per test).
 sys.path.insert(0, os.path.dirname(__file__))
+# The CLI's commands run in this process: they keep torch's threads as they are (doe_ext.threads would
+# otherwise set the cores free at that moment for the rest of the session). tests/test_threads.py
+# tests that policy itself.
+os.environ.setdefault("DOE_EXT_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

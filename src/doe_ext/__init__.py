@@ -10,21 +10,35 @@ AutoConfig / AutoModel / AutoModelForCausalLM: when transformers' Auto classes a
 from __future__ import annotations
 
 import importlib
-
-import torch
-
-from doe_ext import _C  # noqa: F401  (registers torch.ops.doe_ext.*)
-from doe_ext import ops  # noqa: E402
-from doe_ext import _auto  # noqa: E402
+import sys
 
 __version__ = "0.1.0"
-_SUBMODULES = ("analysis", "demo", "dmoe", "integrations", "lda", "losses", "models", "nn", "reference", "testing")
-__all__ = ["build_info", "ops", "__version__", *_SUBMODULES]
+_SUBMODULES = ("analysis", "demo", "dmoe", "integrations", "lda", "losses", "models", "nn", "reference", "testing",
+               "threads")
+__all__ = ["build_info", "load", "ops", "__version__", *_SUBMODULES]
 
-_auto.install()
+
+def load() -> None:
+    """What ``import doe_ext`` does: import torch, load ``doe_ext._C`` (registering
+    ``torch.ops.doe_ext.*``) and the ops' Python side, and register the DoE model with transformers'
+    Auto classes. Only the ``doe-ext`` command (:mod:`doe_ext_cli`) defers it, until a command runs."""
+    if "ops" in globals():
+        return
+    import torch  # noqa: F401  (_C links libtorch)
+
+    importlib.import_module("doe_ext._C")  # registers torch.ops.doe_ext.*
+    globals()["ops"] = importlib.import_module("doe_ext.ops")
+    importlib.import_module("doe_ext._auto").install()
+
+
+if not getattr(sys.modules.get("doe_ext_cli"), "DEFER", False):
+    load()
 
 
 def __getattr__(name: str):
+    if name == "ops":
+        load()
+        return globals()["ops"]
     if name in _SUBMODULES:
         return importlib.import_module(f"doe_ext.{name}")
     raise AttributeError(f"module 'doe_ext' has no attribute {name!r}")
@@ -42,8 +56,14 @@ def build_info() -> dict:
     ``torch_cuda`` (torch's CUDA version or None), ``cuda_available``, ``cpu_capability``
     (the SIMD level ATen dispatches to, e.g. ``"AVX512"``), ``abi`` (``"stable"``: ``_C`` uses
     only the LibTorch stable ABI), ``torch_target`` (the oldest torch it loads in, e.g. ``"2.10"``)
-    and ``torch_built`` (the torch whose headers built it; any torch from ``torch_target`` on runs it).
+    and ``torch_built`` (the torch whose headers built it; any torch from ``torch_target`` on runs it),
+    ``threads`` (torch's intra-op threads, which the ops share) and ``openmp`` (the OpenMP runtimes
+    loaded in the process: one, torch's, is expected; :mod:`doe_ext.threads`).
     """
+    from doe_ext.threads import openmp_runtimes
+
+    import torch
+
     cfg = dict(kv.split("=", 1) for kv in torch.ops.doe_ext._build_config().split(";"))
     return {
         "version": __version__,
@@ -56,4 +76,6 @@ def build_info() -> dict:
         "abi": cfg["abi"],
         "torch_target": cfg["torch_target"],
         "torch_built": cfg["torch_built"],
+        "threads": torch.get_num_threads(),
+        "openmp": openmp_runtimes(),
     }

@@ -77,19 +77,98 @@ def test_add_replaces_and_rm(built, tmp_path, capsys):
     ('{"id": "otter", "text": "again"}', "docs.jsonl:2: id 'otter' already given on line 1"),
     ('{"id": "e", "text": "  "}', "docs.jsonl:2: document 'e' has empty text"),
 ])
-def test_bad_documents_name_the_line(llama_dir, tmp_path, capsys, line, message):
+def test_bad_documents_name_the_line(tmp_path, capsys, line, message):
+    """Read before the base loads (a base that does not exist is never reached) and before the bank's
+    folder is made (none is left behind)."""
     docs = tmp_path / "docs.jsonl"
     docs.write_text(json.dumps(DOCS[0]) + "\n" + line + "\n")
-    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b", "--base", llama_dir, "--no-progress")
-    assert code == 2 and message in err
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b", "--base", tmp_path / "nomodel",
+                       "--no-progress")
+    assert code == 2 and message in err and not (tmp_path / "b").exists()
+
+
+def usage_error(capsys, *argv) -> str:
+    """An argument refused while parsing: exit status 2, argparse's one-line message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
 
 
 def test_missing_inputs(tmp_path, capsys):
-    code, _, err = run(capsys, "dmoe", "ls", tmp_path / "nope")
-    assert code == 2 and "nope: no bank here" in err
-    code, _, err = run(capsys, "dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b", "--base",
-                       tmp_path / "nomodel")
+    assert usage_error(capsys, "dmoe", "ls", tmp_path / "nope").endswith(
+        f"error: argument bank: {tmp_path / 'nope'}: no such folder")
+    code, _, err = run(capsys, "dmoe", "ls", tmp_path)
+    assert code == 2 and "no bank here (bank.sqlite missing)" in err
+    assert usage_error(capsys, "dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b").endswith(
+        f"error: argument docs: {tmp_path / 'none.jsonl'}: no such file")
+    docs = write_docs(tmp_path / "docs.jsonl", DOCS[:1])
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b", "--base", tmp_path / "nomodel")
     assert code == 2 and "is neither a built-in name" in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dmoe", "ask", "{bank}", "q", "--tau", "-1"], "argument --tau: must be >= 0.0 (inf: never trigger), got -1"),
+    (["dmoe", "ask", "{bank}", "q", "--tau", "nan"], "argument --tau: must be >= 0.0 (inf: never trigger), got nan"),
+    (["dmoe", "ask", "{bank}", "q", "--tau", "high"], "argument --tau: expected a number, got 'high'"),
+    (["dmoe", "ask", "{bank}", "q", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+    (["dmoe", "ask", "{bank}", "q", "--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["dmoe", "ask", "{bank}", "q", "--max-new-tokens", "2.5"], "argument --max-new-tokens: expected an integer, got '2.5'"),
+    (["dmoe", "build", "{docs}", "--out", "{docs}"], "argument --out: {docs} exists and is not a folder"),
+    (["dmoe", "build", "{docs}", "--out", "{bank}", "--rank", "0"], "argument --rank: must be >= 1, got 0"),
+    (["dmoe", "build", "{docs}", "--out", "{bank}", "--lr", "-0.1"], "argument --lr: must be > 0, got -0.1"),
+    (["dmoe", "build", "{docs}", "--out", "{bank}", "--group-size", "0"], "argument --group-size: must be >= 1, got 0"),
+    (["dmoe", "build", "{docs}", "--out", "{bank}", "--ray", "-2"], "argument --ray: must be >= 0, got -2"),
+    (["dmoe", "build", "{bank}", "--out", "{bank}"], "argument docs: {bank}: a folder, not a file"),
+    (["dmoe", "eval", "{bank}", "{docs}", "--out", "{docs}"], "argument --out: {docs} exists and is not a folder"),
+    (["dmoe", "eval", "{bank}", "{docs}", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    (["dmoe", "eval", "{bank}", "{docs}", "--shots", "{bank}/x"], "argument --shots: {bank}/x: no such file"),
+    (["dmoe", "eval", "{docs}", "{docs}"], "argument bank: {docs}: a file, not a folder"),
+    (["dmoe", "reader", "train", "{bank}", "{docs}", "--out", "{bank}/no/r.safetensors"],
+     "argument --out: {bank}/no/r.safetensors: the folder {bank}/no does not exist"),
+    (["dmoe", "reader", "train", "{bank}", "{docs}", "--out", "{bank}"], "argument --out: {bank} is a folder, not a file"),
+    (["dmoe", "reader", "train", "{bank}", "{docs}", "--out", "r.st", "--with-document", "1.5"],
+     "argument --with-document: must be >= 0.0 and <= 1.0, got 1.5"),
+    (["dmoe", "reader", "add", "{bank}", "{bank}/r.safetensors"], "argument reader: {bank}/r.safetensors: no such file"),
+    (["lda", "fit", "{bank}", "--out", "{bank}", "--exclude", "1,x"],
+     "argument --exclude: expected comma-separated token ids, got '1,x'"),
+])
+def test_bad_arguments_are_refused_while_parsing(tmp_path, capsys, argv, message):
+    """Each rule: the message names the argument and the value; nothing is written."""
+    bank, docs = tmp_path / "bank", write_docs(tmp_path / "docs.jsonl", DOCS[:1])
+    bank.mkdir()
+    fill = {"bank": str(bank), "docs": str(docs)}
+    assert usage_error(capsys, *[a.format(**fill) for a in argv]).endswith("error: " + message.format(**fill))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank", "docs.jsonl"] and not any(bank.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["dmoe", "build", "--help"], ["dmoe", "ask", "b", "q", "--tau", "-1"],
+                                  ["dmoe", "eval", "nope", "nope.jsonl"], ["lda", "fit", "--help"]])
+def test_the_command_parses_without_torch(argv):
+    """The `doe-ext` script (doe_ext_cli) prints help and refuses arguments before torch or transformers
+    is imported (the start-up time is a benchmark: benchmarks/bench_import.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, doe_ext_cli\ntry:\n    doe_ext_cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', "
+            "'numpy'}), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    want = 0 if "--help" in argv else 2
+    assert done.stderr.strip().splitlines()[-1] == f"exit {want} []", done.stderr
+
+
+def test_a_command_that_runs_loads_the_package(tmp_path):
+    """After parsing, the script loads what `import doe_ext` loads: the ops are registered."""
+    import subprocess
+    import sys
+
+    code = ("import sys, doe_ext_cli\nrc = doe_ext_cli.main(['dmoe', 'ls', sys.argv[1]])\nimport torch\n"
+            "print(rc, hasattr(torch.ops.doe_ext, 'multi_lora_linear_fwd'))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.stdout.split() == ["2", "True"] and "no bank here" in done.stderr, done.stderr
 
 
 def test_default_recipe_is_the_package_default(llama_dir, tmp_path, capsys):

@@ -5,7 +5,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from doe_ext.cli import CommandError
+from doe_ext import threads
+from doe_ext.cli import (CommandError, count, fraction, input_file, input_folder, number, output_file, output_folder,
+                         positive_float, positive_int)
+
+# --tau: an entropy threshold; 0 triggers wherever the entropy is above 0, inf never triggers.
+tau = number(float, 0.0, what=" (inf: never trigger)")
 
 
 def register(sub) -> None:
@@ -15,37 +20,43 @@ def register(sub) -> None:
     p = sub.add_parser("dmoe", help="DMoE: build an expert bank, ask questions, add / remove experts")
     cmds = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def threads_arg(c):
+        c.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="torch threads (default: $DOE_EXT_NUM_THREADS, else the cores not busy when it starts)")
+
     def run_args(c):
-        c.add_argument("--group-size", type=int, default=32, help="documents augmented and trained together")
-        c.add_argument("--ray", type=int, default=0, metavar="N", help="train on N Ray workers")
+        threads_arg(c)
+        c.add_argument("--group-size", type=positive_int, default=32, help="documents augmented and trained together")
+        c.add_argument("--ray", type=count, default=0, metavar="N", help="train on N Ray workers")
         c.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto)")
         c.add_argument("--no-progress", action="store_true")
 
     def routing_args(c):
-        c.add_argument("--tau", type=float, default=2.0, help="trigger threshold on token entropy (inf: never)")
-        c.add_argument("--top-k", type=int, default=3, help="experts per trigger")
+        threads_arg(c)
+        c.add_argument("--tau", type=tau, default=2.0, help="trigger threshold on token entropy (inf: never)")
+        c.add_argument("--top-k", type=positive_int, default=3, help="experts per trigger")
         c.add_argument("--compose", choices=COMPOSITIONS, default=DEFAULT_COMPOSE,
                        help="how the top-k experts combine: sum (the paper's eq. 6), mean, score (softmax of the "
                             "BM25 scores over --temperature; the default, chosen on our dev split) or top1")
-        c.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+        c.add_argument("--temperature", type=positive_float, default=DEFAULT_TEMPERATURE,
                        help="the score composition's softmax temperature (BM25 score units)")
-        c.add_argument("--max-new-tokens", type=int, default=32)
+        c.add_argument("--max-new-tokens", type=positive_int, default=32)
         c.add_argument("--base", default=None, help="base model (default: the one the bank was built with)")
         c.add_argument("--no-reader", action="store_true",
                        help="leave the bank's knowledge reader out (it joins the experts wherever they fire)")
 
     b = cmds.add_parser("build", help="train one expert per document of DOCS.jsonl into a bank (resumable)")
-    b.add_argument("docs", help='JSON lines: {"id": str, "text": str} and an optional "title": str')
-    b.add_argument("--out", required=True, help="bank directory")
+    b.add_argument("docs", type=input_file, help='JSON lines: {"id": str, "text": str} and an optional "title": str')
+    b.add_argument("--out", required=True, type=output_folder, help="bank directory")
     b.add_argument("--base", default="smollm2-135m", help="smollm2-135m, a .gguf file or a model directory")
     b.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                    help="default: context distillation, the best on our dev split; paper: the DMoE paper's "
                         "next-token recipe. The options below change single fields of it")
     b.add_argument("--objective", choices=OBJECTIVES, default=None, help="training objective")
-    b.add_argument("--rank", type=int, default=None)
-    b.add_argument("--alpha", type=float, default=None)
-    b.add_argument("--epochs", type=int, default=None, help="passes over each document's instances")
-    b.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    b.add_argument("--rank", type=positive_int, default=None)
+    b.add_argument("--alpha", type=positive_float, default=None)
+    b.add_argument("--epochs", type=positive_int, default=None, help="passes over each document's instances")
+    b.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate")
     b.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="model: the base writes a rewrite and three QA pairs per document (App. C); qa: the base "
                         "writes up to four QA pairs as plain lines after one worked example; none: the document alone")
@@ -57,32 +68,32 @@ def register(sub) -> None:
     b.set_defaults(func=build)
 
     a = cmds.add_parser("add", help="add (or replace) experts for the documents of DOCS.jsonl, with the bank's recipe")
-    a.add_argument("bank")
-    a.add_argument("docs")
+    a.add_argument("bank", type=input_folder)
+    a.add_argument("docs", type=input_file)
     run_args(a)
     a.set_defaults(func=add)
 
     q = cmds.add_parser("ask", help="answer a question with the bank's experts")
-    q.add_argument("bank")
+    q.add_argument("bank", type=input_folder)
     q.add_argument("question")
     routing_args(q)
     q.add_argument("--json", action="store_true", help='print {"answer": ..., "triggers": [...]}')
     q.set_defaults(func=ask)
 
     e = cmds.add_parser("eval", help="evaluate methods on QA.jsonl: EM / F1 with 95%% intervals, latency, memory")
-    e.add_argument("bank")
-    e.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...]} (doc_id for gold)')
+    e.add_argument("bank", type=input_folder)
+    e.add_argument("questions", type=input_file, help='JSON lines: {"question": str, "answers": [str, ...]} (doc_id for gold)')
     e.add_argument("--methods", default="base,rag,prag,sft,flare,dmoe",
                    help="comma-separated: base, gold (the question's own document in the prompt; needs doc_id), "
                         "rag, prag, sft, flare, dmoe, reader (the bank's knowledge reader alone: a control)")
-    e.add_argument("--out", default=None, help="directory for eval.json and eval.md")
+    e.add_argument("--out", default=None, type=output_folder, help="directory for eval.json and eval.md")
     routing_args(e)
-    e.add_argument("--limit", type=int, default=None, help="first N questions only")
-    e.add_argument("--shots", default=None,
+    e.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
+    e.add_argument("--shots", default=None, type=input_file,
                    help="JSON lines of demonstrations (question, answers, and doc_id or passage): a plain few-shot "
                         "prompt instead of the chat template")
-    e.add_argument("--batch-size", type=int, default=16, help="questions answered together")
-    e.add_argument("--sft-docs-per-step", type=int, default=SFT_DOCS_PER_STEP, metavar="N",
+    e.add_argument("--batch-size", type=positive_int, default=16, help="questions answered together")
+    e.add_argument("--sft-docs-per-step", type=positive_int, default=SFT_DOCS_PER_STEP, metavar="N",
                    help="the sft method's adapter: N times the recipe's batch per optimizer step "
                         "(default: %(default)s)")
     e.add_argument("--no-progress", action="store_true")
@@ -91,39 +102,40 @@ def register(sub) -> None:
     rd = cmds.add_parser("reader", help="the knowledge reader: one LoRA shared by a bank's experts (train, add, rm)")
     rcmds = rd.add_subparsers(dest="reader_command", metavar="COMMAND", required=True)
     rt = rcmds.add_parser("train", help="train a reader on a bank of train-split documents and questions about them")
-    rt.add_argument("bank", help="a bank of experts of the train split (never of dev or test documents)")
-    rt.add_argument("questions", help='JSON lines: {"question": str, "answers": [str, ...], "doc_id": str}')
-    rt.add_argument("--out", required=True, help="the reader's file (.safetensors)")
+    rt.add_argument("bank", type=input_folder, help="a bank of experts of the train split (never of dev or test documents)")
+    rt.add_argument("questions", type=input_file, help='JSON lines: {"question": str, "answers": [str, ...], "doc_id": str}')
+    rt.add_argument("--out", required=True, type=output_file, help="the reader's file (.safetensors)")
     rt.add_argument("--split", default=None, help="only the questions whose \"split\" is this (e.g. train)")
     rt.add_argument("--name", default=None, help="the reader's name (default: the file's stem)")
-    rt.add_argument("--shots", default=None,
+    rt.add_argument("--shots", default=None, type=input_file,
                     help="JSON lines of demonstrations, as for eval --shots: train in the prompt eval asks with them "
                          "(default: the layout the bank's experts were trained in)")
-    rt.add_argument("--rank", type=int, default=None)
-    rt.add_argument("--alpha", type=float, default=None)
-    rt.add_argument("--epochs", type=int, default=None, help="passes over the questions")
-    rt.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    rt.add_argument("--top-k", type=int, default=None, help="experts per question: the gold one and BM25's best others")
-    rt.add_argument("--with-document", type=float, default=None,
+    rt.add_argument("--rank", type=positive_int, default=None)
+    rt.add_argument("--alpha", type=positive_float, default=None)
+    rt.add_argument("--epochs", type=positive_int, default=None, help="passes over the questions")
+    rt.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate")
+    rt.add_argument("--top-k", type=positive_int, default=None, help="experts per question: the gold one and BM25's best others")
+    rt.add_argument("--with-document", type=fraction, default=None,
                     help="the share of questions whose prompt also holds the routed documents")
     rt.add_argument("--seed", type=int, default=None)
+    threads_arg(rt)
     rt.add_argument("--no-progress", action="store_true")
     rt.set_defaults(func=reader_train)
     ra = rcmds.add_parser("add", help="give a bank a reader (refused if it was trained for another base or recipe)")
-    ra.add_argument("bank")
-    ra.add_argument("reader", help="a reader file from `doe-ext dmoe reader train`")
+    ra.add_argument("bank", type=input_folder)
+    ra.add_argument("reader", type=input_file, help="a reader file from `doe-ext dmoe reader train`")
     ra.set_defaults(func=reader_add)
     rr = rcmds.add_parser("rm", help="remove a bank's reader")
-    rr.add_argument("bank")
+    rr.add_argument("bank", type=input_folder)
     rr.set_defaults(func=reader_rm)
 
     r = cmds.add_parser("rm", help="remove experts by id")
-    r.add_argument("bank")
+    r.add_argument("bank", type=input_folder)
     r.add_argument("ids", nargs="+")
     r.set_defaults(func=rm)
 
     ls_ = cmds.add_parser("ls", help="list the experts of a bank")
-    ls_.add_argument("bank")
+    ls_.add_argument("bank", type=input_folder)
     ls_.add_argument("--json", action="store_true", help="one JSON object per expert")
     ls_.set_defaults(func=ls)
 
@@ -134,10 +146,9 @@ def _open(path: str):
     return ExpertBank(path)
 
 
-def _train(args, base, bank, replace: bool) -> list[str]:
-    from doe_ext.dmoe import build_bank, read_documents
+def _train(args, docs, base, bank, replace: bool) -> list[str]:
+    from doe_ext.dmoe import build_bank
 
-    docs = read_documents(args.docs)
     if args.ray:
         from doe_ext.dmoe.distributed import build_bank_ray
 
@@ -162,9 +173,11 @@ def recipe_from(args):
 
 
 def build(args) -> None:
-    from doe_ext.dmoe import ExpertBank, load_base
+    threads.configure(args.threads)
+    from doe_ext.dmoe import ExpertBank, load_base, read_documents
 
     out = Path(args.out)
+    docs = read_documents(args.docs)  # its errors before the base loads and before a bank folder is made
     recipe = recipe_from(args)
     base_name = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
     base = load_base(base_name)
@@ -173,7 +186,7 @@ def build(args) -> None:
                     dtype=args.dtype) as bank:
         if bank.base_name != base_name:
             raise CommandError(f"{out}: the bank was built with --base {bank.base_name}, not {base_name}")
-        done = _train(args, base, bank, replace=False)
+        done = _train(args, docs, base, bank, replace=False)
         print(f"{out}: {len(done)} experts trained, {len(bank)} in the bank")
         if not args.no_reader and bank.reader() is None:
             from doe_ext.dmoe.reader import shipped_reader
@@ -185,14 +198,17 @@ def build(args) -> None:
 
 
 def add(args) -> None:
-    from doe_ext.dmoe import load_base
+    threads.configure(args.threads)
+    from doe_ext.dmoe import load_base, read_documents
 
+    docs = read_documents(args.docs)
     with _open(args.bank) as bank:
-        done = _train(args, load_base(bank.base_name), bank, replace=True)
+        done = _train(args, docs, load_base(bank.base_name), bank, replace=True)
         print(f"{args.bank}: {len(done)} experts added, {len(bank)} in the bank")
 
 
 def ask(args) -> None:
+    threads.configure(args.threads)
     from doe_ext.dmoe import DMoE, load_base
 
     with _open(args.bank) as bank:
@@ -208,6 +224,7 @@ def ask(args) -> None:
 
 
 def evaluate(args) -> None:
+    threads.configure(args.threads)
     from doe_ext.dmoe import load_base
     from doe_ext.dmoe.evaluate import (Harness, check_methods, evaluate, markdown, read_questions, read_shots,
                                        summarize, write)
@@ -230,12 +247,11 @@ def evaluate(args) -> None:
 
 
 def reader_train(args) -> None:
+    threads.configure(args.threads)
     from doe_ext.dmoe import LoRAConfig, load_base
     from doe_ext.dmoe.evaluate import read_questions, read_shots
     from doe_ext.dmoe.reader import ReaderRecipe, train_reader
 
-    if not Path(args.out).resolve().parent.is_dir():
-        raise CommandError(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist")
     questions = [q for q in read_questions(args.questions) if args.split is None or q.get("split") == args.split]
     if not questions:
         raise CommandError(f"{args.questions}: no questions" + (f" of split {args.split!r}" if args.split else ""))

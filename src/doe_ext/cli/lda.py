@@ -1,6 +1,7 @@
 """``doe-ext lda fit | label | show``: Stage-1 topic model on token corpus shards."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from doe_ext.cli import CommandError
@@ -9,8 +10,8 @@ from doe_ext.cli import CommandError
 def _ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise CommandError(f"--exclude: expected comma-separated token ids, got {text!r}") from e
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
 def register(sub) -> None:

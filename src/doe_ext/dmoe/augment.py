@@ -49,6 +49,32 @@ def fewshot_qa_prompt(passage: str, demo: dict) -> str:
     return block(demo["passage"], demo["qa"]) + "\n" + block(passage, []) + "Q:"
 
 
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` cut after each ``.``, ``!`` or ``?`` that a space follows."""
+    return [s for s in _SENTENCE.split(text.strip()) if s]
+
+
+# The ``"sentences"`` augmentation asks about at most this many sentences of a document (spread evenly).
+SENTENCE_QUESTIONS = 10
+
+
+def sentence_passages(text: str, limit: int = SENTENCE_QUESTIONS) -> list[str]:
+    """The sentences of ``text`` the ``"sentences"`` augmentation asks about: all of them, or ``limit``
+    spread evenly over a longer document (its first and last included)."""
+    sents = sentences(text)
+    if len(sents) <= limit:
+        return sents
+    return [sents[round(i * (len(sents) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def parse_question(text: str) -> str:
+    """The question a continuation of :func:`fewshot_qa_prompt` (after its ``Q:``) asks: its first line."""
+    return text.split("\n", 1)[0].strip()
+
+
 def parse_qa_lines(text: str, limit: int = 4) -> list[dict[str, str]]:
     """``Q: ... / A: ...`` pairs from a continuation of :func:`fewshot_qa_prompt` (it starts after the
     first ``Q:``), up to the first blank line; a pair with an empty side or a question already asked
@@ -225,7 +251,10 @@ def augment_documents(base, texts: list[str], kind: str = "model", retries: int 
     Args:
         kind: ``"model"`` (the base model writes them with the App. C prompts), ``"qa"`` (the base model
             writes up to four QA pairs as plain lines after one worked example, :func:`qa_demonstration`;
-            no rewrite; for models too small to write App. C's JSON) or ``"none"``.
+            no rewrite; for models too small to write App. C's JSON), ``"sentences"`` (the same prompt
+            on each sentence alone, :func:`sentence_passages`: one question per sentence, so every fact
+            is asked about; its answer is kept as the sentence, since only the question is used) or
+            ``"none"``.
         retries: QA prompt tries per document (greedy, then sampling seeded by ``seed`` and the try).
     """
     if kind not in AUGMENTATIONS:
@@ -235,6 +264,21 @@ def augment_documents(base, texts: list[str], kind: str = "model", retries: int 
     if kind == "none":
         return [Augmentation() for _ in texts]
     tok = base.tokenizer
+    if kind == "sentences":  # one question per sentence, greedy; its "answer" is the sentence itself
+        passages = [sentence_passages(t) for t in texts]
+        flat = [p for ps in passages for p in ps]
+        asked = iter(generate_text(base, [fewshot_qa_prompt(p, qa_demonstration()) for p in flat], 32,
+                                   stop_strings=["\n"]))
+        out = []
+        for ps in passages:
+            qa, seen = [], set()
+            for p in ps:
+                q = parse_question(next(asked))
+                if q and q.lower() not in seen:
+                    seen.add(q.lower())
+                    qa.append({"question": q, "answer": p, "full_answer": p})
+            out.append(Augmentation(kind="sentences", qa=qa, attempts=1))
+        return out
     if kind == "qa":  # one greedy try: the pairs parse from plain lines, so there is nothing to retry
         demo = qa_demonstration()
         replies = generate_text(base, [fewshot_qa_prompt(t, demo) for t in texts], 96, stop_strings=["\n\n"])

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from doe_ext.dmoe.augment import QA_DEMONSTRATION, Augmentation, Document, augment_documents
+from doe_ext.dmoe.augment import QA_DEMONSTRATION, SENTENCE_QUESTIONS, Augmentation, Document, augment_documents
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
@@ -42,8 +42,10 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
 
 
 def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
-    if kind == "qa":  # the worked example is part of what the model was asked
+    if kind in ("qa", "sentences"):  # the worked example is part of what the model was asked
         kind += hashlib.sha256(QA_DEMONSTRATION.read_bytes()).hexdigest()
+    if kind.startswith("sentences"):
+        kind += str(SENTENCE_QUESTIONS)
     return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
 
 
@@ -111,15 +113,26 @@ def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, group_s
     bank.collect_garbage()
     docs = list(docs)
     todo = docs if replace else [d for d in docs if d.id not in bank]
-    bar = tqdm(total=len(todo), desc="experts", unit="expert", disable=not progress)
+    # The bar counts experts, a group's in fractions as its optimizer steps go (so it moves, and its
+    # estimate of the time left holds, from the first group on); the phase is shown beside it.
+    bar = tqdm(total=len(todo), desc="experts", unit="expert", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     try:
         for s in range(0, len(todo), group_size):
             group = todo[s:s + group_size]
+            bar.set_postfix_str("augmenting")
             items = list(zip(group, augmentations(base, bank, group)))
-            trained = train_experts(base, items, bank.recipe, instances=instances(base, bank, items))
+            bar.set_postfix_str("teacher answers" if bank.recipe.objective == "distill" else "instances")
+            insts = instances(base, bank, items)
+            bar.set_postfix_str("training")
+
+            def step(done: int, total: int, start: int = s, n: int = len(group)) -> None:
+                bar.update(start + n * done / total - bar.n)
+
+            trained = train_experts(base, items, bank.recipe, instances=insts, on_step=step)
             for (d, a), e in zip(items, trained):
                 commit(bank, d, a, e)
-                bar.update(1)
+            bar.update(s + len(group) - bar.n)
     finally:
         bar.close()
     return [d.id for d in todo]

@@ -25,6 +25,8 @@ Instance kinds (``Recipe.instances``):
 - ``"subject"``: generic prompts about the document's subject (its title, else its id), :data:`SUBJECT_PROMPTS`.
 - ``"questions"``: the questions of the document's augmentation (the base writes them).
 - ``"rewrites"``: the augmentation's rewrite of the document; the teacher sees the document before it.
+- ``"shuffled"``: :data:`SHUFFLES` copies of the document, each with its sentences in another seeded
+  order (Physics of LMs 3.1's permuted biographies); the teacher sees the document before it.
 
 The prompts use the evaluation harness's plain ``Question: ...\\nAnswer:`` layout
 (:func:`doe_ext.dmoe.augment.fewshot_prompt`) after three general-knowledge demonstrations of short
@@ -34,9 +36,9 @@ question's wording.
 from __future__ import annotations
 
 import math
-import re
+import random
 
-from doe_ext.dmoe.augment import SHOTS, Augmentation, Document, fewshot_prompt
+from doe_ext.dmoe.augment import SHOTS, Augmentation, Document, fewshot_prompt, sentences
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
 from doe_ext.dmoe.train import Instance, continues, starts
@@ -47,11 +49,7 @@ SUBJECT_PROMPTS = ("What is {s}?", "Who is behind {s}?", "Who is responsible for
                    "What kind of thing is {s}?", "What category does {s} belong to?", "What does {s} do?",
                    "When did {s} happen or appear?", "Which web address belongs to {s}?",
                    "Describe {s} in one sentence.")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE.split(text.strip()) if s]
+SHUFFLES = 4
 
 
 def distill_prompts(doc: Document, aug: Augmentation, recipe: Recipe) -> list[str]:
@@ -108,6 +106,11 @@ def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], 
             sents = sentences(d.text)
             for i in range(1, len(sents)):
                 out[n].append(_pair(tok, f"{lead} {' '.join(sents[:i])}", lead, " " + sents[i], recipe.max_length))
+        if "shuffled" in recipe.instances:
+            sents, rng = sentences(d.text), random.Random(d.text)  # seeded by the text: the instances' cache key
+            for _ in range(SHUFFLES):
+                order = " ".join(rng.sample(sents, len(sents)))
+                out[n].append(_pair(tok, f"Passage: {d.text}\n{lead}", lead, " " + order, recipe.max_length))
         if "rewrites" in recipe.instances and a.rewrite:
             out[n].append(_pair(tok, f"Passage: {d.text}\n{lead}", lead, " " + a.rewrite, recipe.max_length))
     return [[i for i in doc if i is not None] for doc in out]

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 OBJECTIVES = ("next_token", "distill")
 DISTILL_LOSSES = ("kl", "sequence")
-AUGMENTATIONS = ("model", "qa", "none")
+AUGMENTATIONS = ("model", "qa", "sentences", "none")
 # What the distillation objective's instances are made of (doe_ext.dmoe.distill.distill_prompts).
-INSTANCE_KINDS = ("chunks", "subject", "questions", "rewrites")
+INSTANCE_KINDS = ("chunks", "subject", "questions", "rewrites", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ class Recipe:
         objective: ``"next_token"`` or ``"distill"`` (see the module docstring).
         augment: the augmentation of each document: ``"model"`` (the base writes a rewrite and three QA
             pairs with App. C's JSON prompts), ``"qa"`` (the base writes up to four QA pairs as plain
-            lines after one worked example) or ``"none"``. With ``"distill"``, the QA pairs' questions
+            lines after one worked example), ``"sentences"`` (the base writes a question about each
+            sentence, after the same example) or ``"none"``. With ``"distill"``, the QA pairs' questions
             (never their answers) become distillation prompts when ``instances`` has ``"questions"``.
         lr: AdamW learning rate (constant).
         epochs: passes over each document's instances.

@@ -261,16 +261,18 @@ def instances_for(base: BaseLM, items: list[tuple[Document, Augmentation]], reci
 
 def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
                   on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
-                  instances: list[list[Instance]] | None = None, head_chunk: int = 256) -> list[TrainedExpert]:
+                  instances: list[list[Instance]] | None = None, head_chunk: int = 256,
+                  on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
     """Train one expert per ``(document, augmentation)``, all in one batch, on the base's last MLP.
     ``on_epoch(epoch, experts)`` sees the experts after each epoch (the learning rate is constant, so
     they are the experts a run of that many epochs gives: one run gives a whole epochs curve).
-    ``instances``: each document's, when already made (:func:`doe_ext.dmoe.build.instances` caches them)."""
+    ``instances``: each document's, when already made (:func:`doe_ext.dmoe.build.instances` caches them).
+    ``on_step(done, total)`` is called after each optimizer step (a progress bar's hook)."""
     insts = instances_for(base, items, recipe) if instances is None else instances
     for (d, _), i in zip(items, insts):
         if not i:
             raise ValueError(f"train_experts: document {d.id!r} gives no training tokens (empty text?)")
-    return _train(base, [d.id for d, _ in items], insts, recipe, on_epoch, head_chunk)
+    return _train(base, [d.id for d, _ in items], insts, recipe, on_epoch, head_chunk, on_step=on_step)
 
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
@@ -318,9 +320,10 @@ def fresh_experts(site, ids: list[str], recipe: Recipe, device) -> tuple[dict[st
 
 def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
            on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
-           head_chunk: int = 256, progress: bool = False) -> list[TrainedExpert]:
+           head_chunk: int = 256, progress: bool = False,
+           on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring);
-    ``progress`` shows a bar over the optimizer steps."""
+    ``progress`` shows a bar over the optimizer steps; ``on_step(done, total)`` follows them."""
     site = base.site.attach()
     data = training_data(base, insts, soft=recipe.distill_loss == "kl")
     dev = base.device
@@ -359,6 +362,8 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
             loss_sum[active] += step_loss[active]
             loss_n[active] += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(bar.n, bar.total)
         if on_epoch is not None and epoch < recipe.epochs - 1:
             on_epoch(epoch + 1, _experts(ids, site.names, a, b, loss_sum / loss_n))
     bar.close()
