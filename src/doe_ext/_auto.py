@@ -7,8 +7,9 @@ finder on ``sys.meta_path`` that waits for transformers' two Auto modules: once
 ``configuration_auto`` has run, ``DoEConfig`` is registered (unless ``modeling_auto`` is the one
 importing it: then with the models); once ``modeling_auto`` has run,
 ``doe_ext.models.modeling_doe`` is imported and registers ``DoEModel`` / ``DoEForCausalLM`` (at its
-end, since importing transformers' model stack may itself import ``modeling_auto``). Modules already
-imported are handled at once.
+end, since importing transformers' model stack may itself import ``modeling_auto``), and so is
+``doe_ext.integrations.hf.doeify``, whose ``DoEWrapper`` is the model class of a saved drop-in (model
+type ``"doe_drop_in"``). Modules already imported are handled at once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 
 CONFIG = "transformers.models.auto.configuration_auto"
 MODELING = "transformers.models.auto.modeling_auto"
+DROP_IN = "doe_ext.integrations.hf.doeify"
 
 
 def _importing(name: str) -> bool:
@@ -29,9 +31,10 @@ def _importing(name: str) -> bool:
 def register_config(auto, deferred: bool = False) -> None:
     if _importing(MODELING) and not deferred:  # importing DoEConfig needs modeling_auto whole: after it
         return
-    from doe_ext.models.configuration_doe import DoEConfig
+    from doe_ext.models.configuration_doe import DoEConfig, DoEDropInConfig
 
     auto.AutoConfig.register("doe", DoEConfig, exist_ok=True)
+    auto.AutoConfig.register("doe_drop_in", DoEDropInConfig, exist_ok=True)
 
 
 def register_models(auto=None) -> None:
@@ -42,6 +45,9 @@ def register_models(auto=None) -> None:
         return
     auto.AutoModel.register(doe.DoEConfig, doe.DoEModel, exist_ok=True)
     auto.AutoModelForCausalLM.register(doe.DoEConfig, doe.DoEForCausalLM, exist_ok=True)
+    hf = importlib.import_module(DROP_IN)  # a saved drop-in (model type "doe_drop_in") loads as DoEWrapper
+    if hasattr(hf, "DoEWrapper"):  # else it is being imported: it calls this again at its end
+        auto.AutoModelForCausalLM.register(hf.DoEWrapper.config_class, hf.DoEWrapper, exist_ok=True)
 
 
 def _modeling_loaded(auto) -> None:

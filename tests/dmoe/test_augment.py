@@ -83,3 +83,29 @@ def test_qa_augmentation_prompt_and_kind(base):
     assert all(f"Q: {x['question']}\nA: {x['answer']}\n" in prompt for x in demo["qa"])
     augs = augment_documents(base, ["The sea otter floats.", "Basalt is dark."], kind="qa")
     assert all(a.kind == "qa" and a.attempts == 1 and a.rewrite == "" and len(a.qa) <= 4 for a in augs)
+
+
+def test_sentence_passages_spread_over_a_long_document():
+    from doe_ext.dmoe.augment import sentence_passages
+
+    text = " ".join(f"Fact {i} holds." for i in range(25))
+    got = sentence_passages(text, limit=5)
+    assert got == ["Fact 0 holds.", "Fact 6 holds.", "Fact 12 holds.", "Fact 18 holds.", "Fact 24 holds."]
+    assert sentence_passages("One. Two? Three!", limit=5) == ["One.", "Two?", "Three!"]
+
+
+def test_parse_question_keeps_the_first_line():
+    from doe_ext.dmoe.augment import parse_question
+
+    assert parse_question(" Who keeps it?\nA: the team") == "Who keeps it?" and parse_question("\nQ: x") == ""
+
+
+def test_sentences_augmentation_asks_about_each_sentence(base):
+    """At most one question per sentence (none when the model's first line is empty, or repeats an
+    earlier question); each question's kept "answer" is its sentence, in the document's order."""
+    augs = augment_documents(base, ["The sea otter floats. It eats clams.", "Basalt is dark."], kind="sentences")
+    assert [a.kind for a in augs] == ["sentences", "sentences"] and [a.attempts for a in augs] == [1, 1]
+    order = {"The sea otter floats.": 0, "It eats clams.": 1, "Basalt is dark.": 0}
+    for a in augs:
+        kept = [order[q["answer"]] for q in a.qa]
+        assert kept == sorted(set(kept)) and all(q["question"] and "\n" not in q["question"] for q in a.qa)

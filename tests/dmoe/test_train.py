@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import DOCS
 from doe_ext.dmoe import Augmentation, Document, ExpertSite, LoRAConfig, Recipe, load_base, train_experts
-from doe_ext.dmoe.distill import SUBJECT_PROMPTS, distill_instances, sentences
+from doe_ext.dmoe.distill import SHUFFLES, SUBJECT_PROMPTS, distill_instances, sentences
 from doe_ext.dmoe.train import (Instance, _prefix_groups, chunked_loss, expert_seed, hidden_l1, residuals,
                                 training_instances)
 
@@ -226,6 +226,13 @@ def test_distill_instances(base):
     chunks = distill_instances(base, [(two, Augmentation())], Recipe(objective="distill", instances=("chunks",)))[0]
     assert [tok.decode(i.ids[i.loss_start + 1:]) for i in chunks] == [" It forms from lava.", " Iron makes it heavy."]
     assert tok.decode(chunks[1].teacher).startswith("basalt: Basalt is dark. It forms from lava.")
+    shuffled = distill_instances(base, [(two, Augmentation())], Recipe(objective="distill", instances=("shuffled",)))[0]
+    targets = [tok.decode(i.ids[i.loss_start + 1:]) for i in shuffled]
+    assert len(targets) == SHUFFLES and len(set(targets)) > 1  # seeded orders of the same three sentences
+    assert all(sorted(sentences(t)) == sorted(sentences(two.text)) for t in targets)
+    assert all(tok.decode(i.teacher).startswith(f"Passage: {two.text}\nbasalt:") for i in shuffled)
+    again = distill_instances(base, [(two, Augmentation())], Recipe(objective="distill", instances=("shuffled",)))[0]
+    assert [i.ids for i in again] == [i.ids for i in shuffled]
 
 
 def test_distill_keeps_a_document_longer_than_max_length(base):

@@ -252,14 +252,39 @@ def test_save_pretrained_with_the_base(family, tmp_path):
     wrapper.save_pretrained(tmp_path)
     assert isinstance(wrapper.doe_layers[0], DoEMLP) and wrapper.doe_layers[0] in list(wrapper.modules())
     loaded = DoEWrapper.from_pretrained(tmp_path).eval()
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # the base alone, in its original layout
-    assert not any(isinstance(m, DoEMLP) for m in plain.modules())
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # model type "doe_drop_in": the drop-in again
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # the base alone, in its original layout
+    assert isinstance(auto, DoEWrapper) and not any(isinstance(m, DoEMLP) for m in plain.modules())
     ids, topics = batch()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, topic_ids=topics).logits, wrapper(ids, topic_ids=topics).logits,
-                                   rtol=0, atol=0)
+        expected = wrapper(ids, topic_ids=topics).logits
+        torch.testing.assert_close(loaded(ids, topic_ids=topics).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(auto(ids, topic_ids=topics).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(wrapper.unload()(input_ids=ids).logits, plain(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_a_saved_drop_in_never_loads_as_the_plain_base(tmp_path):
+    """Without doe_ext, transformers refuses the folder by its model type (it does not silently load
+    the base without its knowledge path); a folder of the older layout (the base at its top, before
+    model type "doe_drop_in") still loads with DoEWrapper.from_pretrained."""
+    import subprocess
+    import sys
+
+    wrapper = doeify(make_base("llama"), **OPTIONS).eval()
+    perturb_knowledge(wrapper)
+    wrapper.save_pretrained(tmp_path / "new")
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\ntry:\n    AutoModelForCausalLM."
+            "from_pretrained(sys.argv[1])\nexcept (ValueError, KeyError) as e:\n    print(type(e).__name__, e)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new")], capture_output=True, text=True)
+    assert "doe_drop_in" in out.stdout and "doe_ext" not in "".join(out.stderr.split("site-packages")), out
+    with wrapper.original_modules() as base:  # the older layout
+        base.save_pretrained(tmp_path / "old")
+    wrapper.save_knowledge(tmp_path / "old")
+    ids, topics = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(DoEWrapper.from_pretrained(tmp_path / "old").eval()(ids, topic_ids=topics).logits,
+                                   wrapper(ids, topic_ids=topics).logits, rtol=0, atol=0)
 
 
 def test_unsupported_models_say_why():

@@ -30,10 +30,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from doe_ext import _auto
 from doe_ext.integrations.hf.adapters import (FamilyAdapter, adapter_for, get_path, has_path, out_features,
                                               text_config)
 from doe_ext.models.cache import DoECache, extend_history, step_topics, with_doe_cache
-from doe_ext.models.configuration_doe import DoEConfig, check_knowledge_options
+from doe_ext.models.configuration_doe import DoEConfig, DoEDropInConfig, check_knowledge_options
 from doe_ext.losses import knowledge_outputs, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
 from doe_ext.nn.knowledge_path import KnowledgePath, KnowledgeStep, RouterOutput
@@ -42,6 +43,7 @@ from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
 ROUTERS = ("vae_relu", "vae_softmax", "none")
 KNOWLEDGE_FILE = "doe_knowledge.safetensors"
 CONFIG_FILE = "doe_config.json"
+DROP_IN_BASE = "base"  # save_pretrained's subfolder for the base model
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,10 @@ class DoEWrapper(nn.Module):
     Added parameters: ``knowledge`` (a :class:`~doe_ext.nn.knowledge_path.KnowledgePath`: Z, the routers,
     the topic prior, as in ``DoEForCausalLM``), and inside the base model the wrapped embedding and MLPs. They save and load on
     their own (``save_knowledge`` / ``load_knowledge``) or with the base (``save_pretrained`` /
-    ``from_pretrained``, the base in its original layout).
+    ``from_pretrained``, the base in its original layout; also ``AutoModelForCausalLM.from_pretrained``).
     """
+
+    config_class = DoEDropInConfig  # what save_pretrained writes: AutoModelForCausalLM loads it as this class
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, config: DoEifyConfig):
         super().__init__()
@@ -557,22 +561,34 @@ class DoEWrapper(nn.Module):
         return self.base_model
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """The base model (``save_pretrained``, original layout) and the added parameters, in one folder."""
+        """One folder: ``config.json`` of model type ``"doe_drop_in"``
+        (:class:`~doe_ext.models.configuration_doe.DoEDropInConfig`), the added parameters
+        (:meth:`save_knowledge`) and the base model in its original layout in ``base/``. Reload it with
+        :meth:`from_pretrained` or ``AutoModelForCausalLM.from_pretrained(path)``; the base alone is
+        ``AutoModelForCausalLM.from_pretrained(path + "/base")``."""
         with self.original_modules() as base:
-            base.save_pretrained(path, **kwargs)
+            base.save_pretrained(os.path.join(path, DROP_IN_BASE), **kwargs)
         self.save_knowledge(path)
+        DoEDropInConfig(base=DROP_IN_BASE, options=asdict(self.doe_config), adapter=self.adapter.to_dict(),
+                        base_model_type=self.base_model.config.model_type).save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **base_kwargs) -> "DoEWrapper":
-        """Load a folder written by :meth:`save_pretrained` (``base_kwargs`` go to
-        ``AutoModelForCausalLM.from_pretrained``)."""
+    def from_pretrained(cls, path: str | os.PathLike, *args, config=None, **base_kwargs) -> "DoEWrapper":
+        """Load a folder written by :meth:`save_pretrained` (also as ``AutoModelForCausalLM``'s model
+        class for model type ``"doe_drop_in"``, which passes ``config``; or a folder of the older
+        layout, the base at its top). ``base_kwargs`` go to the base's ``from_pretrained``."""
         from transformers import AutoModelForCausalLM
 
+        # what AutoModelForCausalLM adds for its model class (the base's own load sets them again)
+        base_kwargs = {k: v for k, v in base_kwargs.items()
+                       if not k.startswith("_") and k not in ("trust_remote_code", "adapter_kwargs")}
         with open(os.path.join(path, CONFIG_FILE)) as f:
             options = json.load(f)
         options.pop("model_type", None)
         adapter = options.pop("adapter", None)  # absent in folders saved before adapters were saved
-        wrapper = doeify(AutoModelForCausalLM.from_pretrained(path, **base_kwargs), DoEifyConfig(**options),
+        base_dir = os.path.join(path, DROP_IN_BASE)
+        base = AutoModelForCausalLM.from_pretrained(base_dir if os.path.isdir(base_dir) else path, *args, **base_kwargs)
+        wrapper = doeify(base, DoEifyConfig(**options),
                          adapter=None if adapter is None else FamilyAdapter.from_dict(adapter))
         wrapper.load_knowledge(path)
         return wrapper
@@ -599,3 +615,6 @@ def doeify(model: nn.Module, config: DoEifyConfig | None = None, *, adapter: Fam
     if isinstance(get_path(model, adapter.embedding), DoEEmbedding):
         raise ValueError(f"doeify: {type(model).__name__} is already doeified")
     return DoEWrapper(model, adapter, config)
+
+
+_auto.register_models()  # model type "doe_drop_in" in AutoModelForCausalLM (doe_ext._auto)
