@@ -1,7 +1,8 @@
-"""Dev sweep of what each expert trains on (issue 45, items 2 and 3) on fiction-v1's dev split: one bank
-of the 40 dev documents per recipe variant, DMoE with BM25 routing and with the oracle router (the
-question's own expert alone), in the layout the experts were trained in; seconds per expert measured
-on the build. Made-up facts: closed book cannot know them.
+"""Dev sweep of what each expert trains on (issue 45, items 2 and 3) on a knowledge set's dev split
+(fiction-v1 unless --knowledge names another): one bank of the dev questions' documents per recipe
+variant, DMoE with BM25 routing and with the oracle router (the question's own expert alone), in the
+layout the experts were trained in; seconds per expert measured on the build (a bank already built
+is reused and its seconds left out). On fiction-v1, made-up facts: closed book cannot know them.
 
     python experiments/recipe_sweep.py --out reports/dmoe-recipes/variety --work /tmp/recipe-sweep \\
         --variants default,chunks,rank16
@@ -38,22 +39,24 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="reports/dmoe-recipes/variety")
     p.add_argument("--work", default="/tmp/recipe-sweep")
     p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--knowledge", default="fiction-v1", help="a frozen set: a bank of its dev questions' documents")
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     base = load_base(args.base)
-    docs, qs = load("fiction-v1")
-    dev_docs = [Document(d["id"], d["text"], d["title"]) for d in docs if d["split"] == "dev"]
-    dev = [q for q in qs if q["split"] == "dev"]
+    docs, dev = load(args.knowledge, "dev")
+    wanted = {q["doc_id"] for q in dev}
+    dev_docs = [Document(d["id"], d["text"], d.get("title")) for d in docs if d["id"] in wanted]
     result = {}
     for name in args.variants.split(","):
         recipe = VARIANTS[name]
-        bank = ExpertBank(work / f"{args.base}-{name}-dev", create=True, fingerprint=base.fingerprint,
+        where = f"{args.base}-{name}-dev" if args.knowledge == "fiction-v1" else f"{args.knowledge}-{args.base}-{name}-dev"
+        bank = ExpertBank(work / where, create=True, fingerprint=base.fingerprint,
                           base_name=args.base, recipe=recipe)
         build._MADE.clear()  # each variant's seconds include its own augmentation
         t0 = time.perf_counter()
         done = build_bank(base, dev_docs, bank, progress=False)
-        per_expert = (time.perf_counter() - t0) / len(done) if done else None
+        per_expert = (time.perf_counter() - t0) / len(done) if done else None  # None: nothing built now
         h = Harness(base, bank)
         oracle = Variant("oracle top-1", DMoE(base, bank, compose="top1", top_k=1), oracle=True)
         res = evaluate(h, dev, ["dmoe", oracle], progress=False)

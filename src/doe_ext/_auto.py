@@ -9,7 +9,7 @@ importing it: then with the models); once ``modeling_auto`` has run,
 ``doe_ext.models.modeling_doe`` is imported and registers ``DoEModel`` / ``DoEForCausalLM`` (at its
 end, since importing transformers' model stack may itself import ``modeling_auto``), and so is
 ``doe_ext.integrations.hf.doeify``, whose ``DoEWrapper`` is the model class of a saved drop-in (model
-type ``"doe_drop_in"``). Modules already imported are handled at once.
+type ``"doe_ext_drop_in"``). Modules already imported are handled at once.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def register_config(auto, deferred: bool = False) -> None:
     from doe_ext.models.configuration_doe import DoEConfig, DoEDropInConfig
 
     auto.AutoConfig.register("doe", DoEConfig, exist_ok=True)
-    auto.AutoConfig.register("doe_drop_in", DoEDropInConfig, exist_ok=True)
+    auto.AutoConfig.register("doe_ext_drop_in", DoEDropInConfig, exist_ok=True)
 
 
 def register_models(auto=None) -> None:
@@ -45,7 +45,7 @@ def register_models(auto=None) -> None:
         return
     auto.AutoModel.register(doe.DoEConfig, doe.DoEModel, exist_ok=True)
     auto.AutoModelForCausalLM.register(doe.DoEConfig, doe.DoEForCausalLM, exist_ok=True)
-    hf = importlib.import_module(DROP_IN)  # a saved drop-in (model type "doe_drop_in") loads as DoEWrapper
+    hf = importlib.import_module(DROP_IN)  # a saved drop-in (model type "doe_ext_drop_in") loads as DoEWrapper
     if hasattr(hf, "DoEWrapper"):  # else it is being imported: it calls this again at its end
         auto.AutoModelForCausalLM.register(hf.DoEWrapper.config_class, hf.DoEWrapper, exist_ok=True)
 

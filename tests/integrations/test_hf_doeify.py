@@ -225,6 +225,7 @@ def test_knowledge_save_load_round_trip(family, tmp_path):
     fresh = copy.deepcopy(base)
     base_params = {id(p) for p in base.parameters()}
     wrapper = doeify(base, **OPTIONS).eval()
+    assert all(p.requires_grad for p in wrapper.parameters())  # doeify trains everything unless told (README)
     perturb_knowledge(wrapper)
     wrapper.save_knowledge(tmp_path / "k")
     saved = load_file(tmp_path / "k" / "doe_knowledge.safetensors")
@@ -252,9 +253,10 @@ def test_save_pretrained_with_the_base(family, tmp_path):
     wrapper.save_pretrained(tmp_path)
     assert isinstance(wrapper.doe_layers[0], DoEMLP) and wrapper.doe_layers[0] in list(wrapper.modules())
     loaded = DoEWrapper.from_pretrained(tmp_path).eval()
-    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # model type "doe_drop_in": the drop-in again
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # model type "doe_ext_drop_in": the drop-in again
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # the base alone, in its original layout
     assert isinstance(auto, DoEWrapper) and not any(isinstance(m, DoEMLP) for m in plain.modules())
+    assert "AutoModelForCausalLM.from_pretrained" in (tmp_path / "README.md").read_text()  # the folder says how
     ids, topics = batch()
     with torch.no_grad():
         expected = wrapper(ids, topic_ids=topics).logits
@@ -267,7 +269,7 @@ def test_save_pretrained_with_the_base(family, tmp_path):
 def test_a_saved_drop_in_never_loads_as_the_plain_base(tmp_path):
     """Without doe_ext, transformers refuses the folder by its model type (it does not silently load
     the base without its knowledge path); a folder of the older layout (the base at its top, before
-    model type "doe_drop_in") still loads with DoEWrapper.from_pretrained."""
+    model type "doe_ext_drop_in") still loads with DoEWrapper.from_pretrained."""
     import subprocess
     import sys
 
@@ -277,7 +279,7 @@ def test_a_saved_drop_in_never_loads_as_the_plain_base(tmp_path):
     code = ("import sys\nfrom transformers import AutoModelForCausalLM\ntry:\n    AutoModelForCausalLM."
             "from_pretrained(sys.argv[1])\nexcept (ValueError, KeyError) as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new")], capture_output=True, text=True)
-    assert "doe_drop_in" in out.stdout and "doe_ext" not in "".join(out.stderr.split("site-packages")), out
+    assert "doe_ext_drop_in" in out.stdout and "doe_ext" not in "".join(out.stderr.split("site-packages")), out
     with wrapper.original_modules() as base:  # the older layout
         base.save_pretrained(tmp_path / "old")
     wrapper.save_knowledge(tmp_path / "old")

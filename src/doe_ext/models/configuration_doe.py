@@ -114,7 +114,7 @@ class DoEDropInConfig(PretrainedConfig):
         base_model_type: the base's model type (informative).
     """
 
-    model_type = "doe_drop_in"
+    model_type = "doe_ext_drop_in"
 
     def __init__(self, base: str = "base", options: dict | None = None, adapter: dict | None = None,
                  base_model_type: str | None = None, **kwargs):

@@ -44,6 +44,18 @@ ROUTERS = ("vae_relu", "vae_softmax", "none")
 KNOWLEDGE_FILE = "doe_knowledge.safetensors"
 CONFIG_FILE = "doe_config.json"
 DROP_IN_BASE = "base"  # save_pretrained's subfolder for the base model
+DROP_IN_CARD = """# A doe_ext drop-in ({base_model_type} with DoE's knowledge path)
+
+Written by `DoEWrapper.save_pretrained` (`pip install doe_ext`). Load it with doe_ext imported:
+
+```python
+import doe_ext
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(PATH)  # or doe_ext.integrations.hf.DoEWrapper.from_pretrained(PATH)
+```
+
+`base/` holds the base model alone, in its own layout; `doe_knowledge.safetensors` the added parameters.
+"""
 
 
 @dataclass(frozen=True)
@@ -561,7 +573,7 @@ class DoEWrapper(nn.Module):
         return self.base_model
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """One folder: ``config.json`` of model type ``"doe_drop_in"``
+        """One folder: ``config.json`` of model type ``"doe_ext_drop_in"``
         (:class:`~doe_ext.models.configuration_doe.DoEDropInConfig`), the added parameters
         (:meth:`save_knowledge`) and the base model in its original layout in ``base/``. Reload it with
         :meth:`from_pretrained` or ``AutoModelForCausalLM.from_pretrained(path)``; the base alone is
@@ -571,11 +583,13 @@ class DoEWrapper(nn.Module):
         self.save_knowledge(path)
         DoEDropInConfig(base=DROP_IN_BASE, options=asdict(self.doe_config), adapter=self.adapter.to_dict(),
                         base_model_type=self.base_model.config.model_type).save_pretrained(path)
+        with open(os.path.join(path, "README.md"), "w") as f:
+            f.write(DROP_IN_CARD.format(base_model_type=self.base_model.config.model_type))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args, config=None, **base_kwargs) -> "DoEWrapper":
         """Load a folder written by :meth:`save_pretrained` (also as ``AutoModelForCausalLM``'s model
-        class for model type ``"doe_drop_in"``, which passes ``config``; or a folder of the older
+        class for model type ``"doe_ext_drop_in"``, which passes ``config``; or a folder of the older
         layout, the base at its top). ``base_kwargs`` go to the base's ``from_pretrained``."""
         from transformers import AutoModelForCausalLM
 
@@ -617,4 +631,4 @@ def doeify(model: nn.Module, config: DoEifyConfig | None = None, *, adapter: Fam
     return DoEWrapper(model, adapter, config)
 
 
-_auto.register_models()  # model type "doe_drop_in" in AutoModelForCausalLM (doe_ext._auto)
+_auto.register_models()  # model type "doe_ext_drop_in" in AutoModelForCausalLM (doe_ext._auto)
