@@ -1,5 +1,6 @@
 """Batched expert training against one-at-a-time training and a PEFT-style reference loop."""
 import copy
+import re
 
 import pytest
 import torch
@@ -129,6 +130,34 @@ def test_epoch_snapshots_equal_shorter_runs(base):
             for k in ref.tensors:
                 torch.testing.assert_close(got.tensors[k], ref.tensors[k], atol=1e-6, rtol=1e-6)
             assert got.loss == pytest.approx(ref.loss, rel=1e-6)
+
+
+def test_on_step_counts_every_optimizer_step(base):
+    """The build's progress hook: (done, total) after each step, done rising by one up to total."""
+    items = docs(3)
+    seen = []
+    train_experts(base, items, CFG, on_step=lambda done, total: seen.append((done, total)))
+    total = seen[0][1]
+    assert seen == [(i + 1, total) for i in range(total)] and total % CFG.epochs == 0
+
+
+def test_the_build_bar_moves_within_a_group(base, tmp_path, capsys, monkeypatch):
+    """One group of 3 experts: the bar shows fractions of the group while it trains, and its phases
+    (every refresh shown: tiny experts train faster than tqdm's default 0.1 s between refreshes)."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    import doe_ext.dmoe.build as build_module
+    from doe_ext.dmoe import ExpertBank, build_bank
+
+    monkeypatch.setattr(build_module, "tqdm", functools.partial(tqdm, mininterval=0))
+    bank = ExpertBank(tmp_path / "b", create=True, fingerprint=base.fingerprint, base_name="t", recipe=CFG)
+    build_bank(base, [d for d, _ in docs(3)], bank, progress=True)
+    err = capsys.readouterr().err
+    fractions = {float(m) for m in re.findall(r"\| (\d+\.\d)/3 ", err)}
+    assert {0.0, 3.0} < fractions and any(0 < f < 3 for f in fractions), sorted(fractions)
+    assert "augmenting" in err and "training" in err
 
 
 def test_instances_follow_prag(base):

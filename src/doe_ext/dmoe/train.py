@@ -363,7 +363,7 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
             loss_n[active] += 1
             bar.update(1)
             if on_step is not None:
-                on_step(bar.n, bar.total)
+                on_step(epoch * max(steps) + s + 1, recipe.epochs * max(steps))
         if on_epoch is not None and epoch < recipe.epochs - 1:
             on_epoch(epoch + 1, _experts(ids, site.names, a, b, loss_sum / loss_n))
     bar.close()
