@@ -19,12 +19,8 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 # the first line of a block -> why it is not run here
 NOT_RUN = {
+    "make setup": "makes the venv this test runs in (CI runs it on a fresh machine: .ci/run)",
     "make test": "runs this test suite (and `make demo`, the main job, runs in test_demo.py at --quick)",
-    "make reproduce": "a day on two cores; each of its parts runs at a tiny size elsewhere (test_demo.py, the "
-                      "ablation suite, test_cli.py's report studies)",
-    "make test-wheel": "installs two torch builds into fresh venvs (one a 5.5 GB CUDA build); tests/test_wheel.py "
-                       "builds the wheel (make wheel's command) and checks what it holds; the log of a whole run "
-                       "is under benchmarks/results",
     "python -m doe_ext.selftest --device cuda": "needs a CUDA device (tests/ops/test_selftest.py runs it where one is)",
 }
 # (text in the README, what runs here): the long commands at a tiny size
@@ -32,8 +28,22 @@ TINY = [
     ("--train-bpe 32000", "--train-bpe 400"), ("--shard-tokens 100000000", "--shard-tokens 100000"),
     ("-k 128 --iterations 200", "-k 8 --iterations 5"), ("num_topics=128, seed=0).fit(corpus, iterations=200)",
                                                          "num_topics=8, seed=0).fit(corpus, iterations=5)"),
-    ("--ray 4", "--ray 2"),
 ]
+_NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def same_output(shown: str, got: str) -> bool:
+    """``got`` prints what the README shows: the same text, each decimal number within 0.01 of the
+    shown one (an entropy's last digit may differ across machines)."""
+    a, b = shown.strip().splitlines(), got.strip().splitlines()
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if _NUMBER.sub("#", x.rstrip()) != _NUMBER.sub("#", y.rstrip()):
+            return False
+        if any(abs(float(u) - float(v)) > 0.01 for u, v in zip(_NUMBER.findall(x), _NUMBER.findall(y))):
+            return False
+    return True
 
 
 def blocks() -> list[tuple[int, str, str]]:
@@ -49,20 +59,13 @@ def tiny(code: str) -> str:
 
 
 def inputs(cwd: Path) -> None:
-    """The files the README's commands name: text documents, a docs.jsonl and more.jsonl of the DMoE
-    format (Debian's record of dict-gcide, and one more document with the id the README removes), and a
-    qa.jsonl with a question about dict-gcide for the reader."""
+    """The files the README's commands name and do not write themselves: text documents for Stage 1, and
+    more.jsonl of the DMoE format (one more document, with the id the README removes)."""
     docs = cwd / "docs"
     docs.mkdir()
     paragraphs = [p for p in README.read_text().split("\n\n") if len(p) > 200]
     for i, p in enumerate(paragraphs):
         (docs / f"{i:03d}.txt").write_text(p)
-    (cwd / "docs.jsonl").write_text(json.dumps({
-        "id": "dict-gcide", "title": "dict-gcide", "text": "The Debian package dict-gcide is maintained by Ritesh Raj "
-        "Sarraf. It provides the Comprehensive English Dictionary in the section text."}) + "\n")
-    (cwd / "qa.jsonl").write_text(json.dumps({
-        "question": "Who looks after the Debian package dict-gcide?", "answers": ["Ritesh Raj Sarraf"],
-        "doc_id": "dict-gcide"}) + "\n")
     (cwd / "more.jsonl").write_text(json.dumps({
         "id": "some-id", "title": "basalt", "text": "Basalt is a dark volcanic rock that forms from lava."}) + "\n")
 
@@ -78,14 +81,19 @@ def run(cmd: list[str] | str, cwd: Path, line: int, timeout: int = 1500) -> str:
 
 def test_every_readme_block_runs(tmp_path):
     inputs(tmp_path)
-    ran = []
+    ran, shown, out = [], 0, None
     for line, lang, code in blocks():
         first = code.strip().splitlines()[0]
+        if lang == "text":  # what the block before it prints
+            assert out is not None and same_output(code, out), f"README.md:{line}: shows\n{code}\nbut it printed\n{out}"
+            shown += 1
+            continue
+        out = None
         if any(first.startswith(k) for k in NOT_RUN):
             continue
         code = tiny(code)
         if lang == "bash":
-            run("set -euo pipefail\n" + code, tmp_path, line)
+            out = run("set -euo pipefail\n" + code, tmp_path, line)
         elif lang == "python" and "def test_" in code:  # a test for the ablation plugin: run it with pytest
             (tmp_path / f"test_readme_{line}.py").write_text(code)
             run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"test_readme_{line}.py",
@@ -96,10 +104,18 @@ def test_every_readme_block_runs(tmp_path):
         else:
             pytest.fail(f"README.md:{line}: a ```{lang} block this test does not know how to run")
         ran.append(line)
-    assert len(ran) == len(blocks()) - len(NOT_RUN), ran
+    assert len(ran) == len(blocks()) - len(NOT_RUN) - shown and shown >= 2, (ran, shown)
     # what the blocks made, where the README says they make it
     assert (tmp_path / "bank").is_dir() and (tmp_path / "doe_model").is_dir() and (tmp_path / "lda-model").exists()
     assert list((tmp_path / "ablations").glob("doe_table3.*"))
+
+
+def test_same_output_compares_text_exactly_and_numbers_closely():
+    shown = "the answer\n  [trigger] position 0  entropy 7.801  experts a, b"
+    assert same_output(shown, "the answer\n  [trigger] position 0  entropy 7.806  experts a, b\n")
+    assert not same_output(shown, "the answer\n  [trigger] position 0  entropy 7.901  experts a, b")
+    assert not same_output(shown, "an answer\n  [trigger] position 0  entropy 7.801  experts a, b")
+    assert not same_output(shown, "the answer")
 
 
 def test_tiny_replacements_match_the_readme():
