@@ -376,16 +376,20 @@ def decode_floor_rows(base, bank, prompt: str, device: str = "cpu") -> list[dict
     return rows
 
 
-def bench_recipes(base, docs, workdir: Path) -> dict:
+def bench_recipes(base, docs, workdir: Path, recipes: dict | None = None) -> dict:
     """Seconds per expert of a whole bank build (augmentation, distillation teacher, training), one
-    recipe after the other in one process on the same documents: the demo's recipe before issue 21
-    (next-token loss on the passage, lr 3e-3, 10 epochs), the paper's and the package default."""
+    recipe after the other in one process on the same documents (nothing one build made reused by the
+    next): by default the demo's recipe before issue 21 (next-token loss on the passage, lr 3e-3, 10
+    epochs), the paper's and the package default."""
+    import doe_ext.dmoe.build as build_module
     from doe_ext.dmoe import RECIPES, ExpertBank, Recipe, build_bank
 
-    recipes = {"passage, next-token (before)": Recipe(objective="next_token", augment="none", lr=3e-3, epochs=10),
-               "paper": RECIPES["paper"], "default": RECIPES["default"]}
+    recipes = recipes or {"passage, next-token (before)": Recipe(objective="next_token", augment="none", lr=3e-3,
+                                                                 epochs=10),
+                          "paper": RECIPES["paper"], "default": RECIPES["default"]}
     out = {}
     for name, recipe in recipes.items():
+        build_module._MADE.clear()  # this process's augmentations, made for an earlier bank
         bank = ExpertBank(workdir / f"recipe-{len(out)}", create=True, fingerprint=base.fingerprint, recipe=recipe)
         t0 = time.perf_counter()
         build_bank(base, docs, bank, progress=False)

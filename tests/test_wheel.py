@@ -56,5 +56,8 @@ def test_make_wheel_builds_one_wheel_holding_the_abi3_library(tmp_path):
     assert "doe_ext/_C.abi3.so" in names
     assert any(re.fullmatch(r"doe_ext/_lda\.cpython-\d+-.*\.so", n) for n in names), names
     assert "doe_ext/ops/__init__.py" in names and "doe_ext/selftest.py" in names
+    assert "doe_ext_cli/__init__.py" in names  # the `doe-ext` script's entry point, outside the package
+    entry = zipfile.ZipFile(wheels[0]).read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()
+    assert "doe-ext = doe_ext_cli:main" in entry, entry
     metadata = zipfile.ZipFile(wheels[0]).read(next(n for n in names if n.endswith("/METADATA"))).decode()
     assert "Requires-Dist: torch>=2.10" in metadata

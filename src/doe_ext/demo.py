@@ -399,7 +399,7 @@ def _what_ran(report: str, m: dict, args) -> str:
     else:
         dmoe = ("The DMoE half runs every method on samples (each table says how many questions); the full "
                 "version of everything here, both bases and both knowledge sets at full size, the sweeps and "
-                "the ablations, is `make reproduce` (its parts and their times: the README).")
+                "the ablations, is `make reproduce` (its parts and their times: docs/findings.md).")
     lines += ["", "The DoE half trains three small models on the GCIDE definitions (one seed; `make ablate` runs "
               "three with intervals). " + dmoe, ""]
     return "\n".join(lines) + rest

@@ -122,6 +122,8 @@ def test_missing_inputs(tmp_path, capsys):
     (["dmoe", "build", "{docs}", "--out", "{bank}", "--group-size", "0"], "argument --group-size: must be >= 1, got 0"),
     (["dmoe", "build", "{docs}", "--out", "{bank}", "--ray", "-2"], "argument --ray: must be >= 0, got -2"),
     (["dmoe", "build", "{bank}", "--out", "{bank}"], "argument docs: {bank}: a folder, not a file"),
+    (["dmoe", "build", "{docs}", "--out", "{bank}", "--instances", "subject,chunk"],
+     "argument --instances: expected kinds from chunks, subject, questions, rewrites, shuffled, got 'subject,chunk'"),
     (["dmoe", "eval", "{bank}", "{docs}", "--out", "{docs}"], "argument --out: {docs} exists and is not a folder"),
     (["dmoe", "eval", "{bank}", "{docs}", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
     (["dmoe", "eval", "{bank}", "{docs}", "--shots", "{bank}/x"], "argument --shots: {bank}/x: no such file"),
@@ -201,6 +203,11 @@ def test_paper_recipe_with_a_changed_field(llama_dir, tmp_path, capsys):
                        "next_token", "--augment", "none", "--epochs", 1, "--no-progress")
     assert code == 0, err
     assert ExpertBank(tmp_path / "b3").recipe == RECIPES["default"].next_token(augment="none", epochs=1)
+    code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b4", "--base", llama_dir, "--augment",
+                       "none", "--instances", "subject,shuffled", "--epochs", 1, "--no-progress")
+    assert code == 0, err
+    assert ExpertBank(tmp_path / "b4").recipe == RECIPES["default"].replace(augment="none", epochs=1,
+                                                                           instances=("subject", "shuffled"))
 
 
 def _commands(parser, prefix=()):

@@ -1,6 +1,7 @@
 """``doe-ext dmoe build | ask | eval | add | rm | ls | reader``: DMoE expert banks (CONTRACT §6)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -13,8 +14,19 @@ from doe_ext.cli import (CommandError, count, fraction, input_file, input_folder
 tau = number(float, 0.0, what=" (inf: never trigger)")
 
 
+def instance_kinds(text: str) -> tuple[str, ...]:
+    """--instances: comma-separated kinds of distillation instances (doe_ext.dmoe.recipe.INSTANCE_KINDS)."""
+    from doe_ext.dmoe.recipe import INSTANCE_KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in INSTANCE_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"expected kinds from {', '.join(INSTANCE_KINDS)}, got {text!r}")
+    return kinds
+
+
 def register(sub) -> None:
-    from doe_ext.dmoe.recipe import AUGMENTATIONS, OBJECTIVES, RECIPES, SFT_DOCS_PER_STEP
+    from doe_ext.dmoe.recipe import AUGMENTATIONS, INSTANCE_KINDS, OBJECTIVES, RECIPES, SFT_DOCS_PER_STEP
     from doe_ext.dmoe.routing import COMPOSITIONS, DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
     p = sub.add_parser("dmoe", help="DMoE: build an expert bank, ask questions, add / remove experts")
@@ -59,7 +71,12 @@ def register(sub) -> None:
     b.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate")
     b.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="model: the base writes a rewrite and three QA pairs per document (App. C); qa: the base "
-                        "writes up to four QA pairs as plain lines after one worked example; none: the document alone")
+                        "writes up to four QA pairs as plain lines after one worked example; sentences: one question "
+                        "about each sentence; none: the document alone")
+    b.add_argument("--instances", type=instance_kinds, default=None, metavar="KIND,...",
+                   help="the distill objective's instances, comma-separated from "
+                        f"{', '.join(INSTANCE_KINDS)} (default recipe: subject,questions; 'shuffled' adds the "
+                        "document four times in shuffled sentence order)")
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights on disk")
     b.add_argument("--no-reader", action="store_true",
@@ -166,7 +183,8 @@ def recipe_from(args):
     recipe = RECIPES[args.recipe]
     if args.objective == "next_token":
         recipe = recipe.next_token()  # the distill-only fields go with the objective
-    fields = {k: getattr(args, k) for k in ("objective", "epochs", "lr", "augment", "seed") if getattr(args, k) is not None}
+    fields = {k: getattr(args, k) for k in ("objective", "epochs", "lr", "augment", "instances", "seed")
+              if getattr(args, k) is not None}
     if args.rank is not None or args.alpha is not None:
         fields["lora"] = LoRAConfig(args.rank or recipe.lora.rank, args.alpha or recipe.lora.alpha)
     return recipe.replace(**fields)

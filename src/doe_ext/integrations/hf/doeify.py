@@ -613,7 +613,7 @@ def doeify(model: nn.Module, config: DoEifyConfig | None = None, *, adapter: Fam
     """Add DoE's knowledge path (CONTRACT §4) to a pretrained causal LM, in place; returns the wrapper.
 
     Args:
-        model: a transformers causal LM (families tested: README, "Drop-in"; the layout is read off the
+        model: a transformers causal LM (families tested: docs/drop-in.md; the layout is read off the
             model, see :mod:`doe_ext.integrations.hf.adapters`).
         config: the options (:class:`DoEifyConfig`); ``**options`` build one, or override its fields.
         adapter: where the family keeps its parts; default :func:`~doe_ext.integrations.hf.adapters.adapter_for`
