@@ -5,7 +5,8 @@ under ``torch.ops.doe_ext``, and the Python side of each op (fake kernels and au
 submodule (``nn``, ``models``, ``lda``, ``dmoe``, ...) is imported on first use, so that Stage 1 and
 the CLI never pay for transformers. The DoE model is still registered with transformers'
 AutoConfig / AutoModel / AutoModelForCausalLM: when transformers' Auto classes are first imported
-(or at once, if they already are), see :mod:`doe_ext._auto`.
+(or at once, if they already are), see :mod:`doe_ext._auto`. The ``doe-ext`` command alone defers
+all of it (:func:`load`) until its arguments have parsed, so that ``--help`` needs no torch.
 """
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def build_info() -> dict:
     ``threads`` (torch's intra-op threads, which the ops share) and ``openmp`` (the OpenMP runtimes
     loaded in the process: one, torch's, is expected; :mod:`doe_ext.threads`).
     """
-    from doe_ext.threads import openmp_runtimes
-
     import torch
+
+    from doe_ext.threads import openmp_runtimes
 
     cfg = dict(kv.split("=", 1) for kv in torch.ops.doe_ext._build_config().split(";"))
     return {

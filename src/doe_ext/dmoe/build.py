@@ -42,11 +42,12 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
 
 
 def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
+    what = kind
     if kind in ("qa", "sentences"):  # the worked example is part of what the model was asked
-        kind += hashlib.sha256(QA_DEMONSTRATION.read_bytes()).hexdigest()
-    if kind.startswith("sentences"):
-        kind += str(SENTENCE_QUESTIONS)
-    return hashlib.sha256(f"{fingerprint}\0{kind}\0{text}".encode()).hexdigest()
+        what += hashlib.sha256(QA_DEMONSTRATION.read_bytes()).hexdigest()
+    if kind == "sentences":  # and how many of the document's sentences
+        what += str(SENTENCE_QUESTIONS)
+    return hashlib.sha256(f"{fingerprint}\0{what}\0{text}".encode()).hexdigest()
 
 
 _MADE: dict[str, str] = {}  # what this process made, for the next bank of the same base and documents
