@@ -249,18 +249,18 @@ def test_cli_refuses_a_reader_of_another_recipe(llama_dir, tmp_path, capsys):
     r.save(tmp_path / "for-a.safetensors")
     code, _, err = run(capsys, "dmoe", "reader", "add", tmp_path / "b", tmp_path / "for-a.safetensors")
     assert code == 2 and "reader 'for-a' was trained for experts of another recipe" in err and "epochs=1 (bank" in err
-    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", tmp_path / "none.jsonl", "--out", tmp_path / "x")
-    assert code == 2 and "none.jsonl: no such file" in err
-    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", docs, "--out", tmp_path / "no" / "r.st")
-    assert code == 2 and f"--out {tmp_path / 'no' / 'r.st'}: the folder {tmp_path / 'no'} does not exist" in err
+    for argv, message in ([tmp_path / "none.jsonl", "--out", tmp_path / "x"], "none.jsonl: no such file"), (
+            [docs, "--out", tmp_path / "no" / "r.st"],
+            f"--out: {tmp_path / 'no' / 'r.st'}: the folder {tmp_path / 'no'} does not exist"), (
+            [docs, "--out", tmp_path / "r.st", "--with-document", 2], "--with-document: must be >= 0.0 and <= 1.0, got 2"):
+        with pytest.raises(SystemExit) as e:  # refused while parsing
+            run(capsys, "dmoe", "reader", "train", tmp_path / "a", *argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
     code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", docs, "--out", tmp_path / "r.st",
                        "--split", "train")
     assert code == 2 and "docs.jsonl:1: expected {\"question\": str" in err  # documents are not questions
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(q) + "\n" for q in QA[:2]))
-    code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", qa, "--out", tmp_path / "r.st",
-                       "--with-document", 2)
-    assert code == 2 and "ReaderRecipe: `with_document` must be in [0, 1], got 2.0" in err
     code, _, err = run(capsys, "dmoe", "reader", "train", tmp_path / "a", qa, "--out", tmp_path / "r.st",
                        "--split", "dev")
     assert code == 2 and "qa.jsonl: no questions of split 'dev'" in err
