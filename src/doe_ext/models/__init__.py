@@ -3,7 +3,8 @@ AutoModel / AutoModelForCausalLM as soon as both sides are imported (``doe_ext._
 here are imported on first use."""
 import importlib
 
-_WHERE = {"DoEConfig": "configuration_doe", "DoEDropInConfig": "configuration_doe", "DoEModel": "modeling_doe", "DoEForCausalLM": "modeling_doe",
+_WHERE = {"DoEConfig": "configuration_doe", "DoEDropInConfig": "configuration_doe", "DoEModel": "modeling_doe",
+          "DoEForCausalLM": "modeling_doe",
           "DoECausalLMOutput": "modeling_doe"}
 __all__ = list(_WHERE)
 
