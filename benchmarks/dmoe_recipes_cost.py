@@ -5,8 +5,9 @@ by side in one process on the same documents (nothing one build made reused by t
 float32, on this machine's cores: 16 Debian package records (benchmarks/bench_dmoe.py's bench_recipes),
 and with --changelogs also 8 Debian changelog entries (longer prose).
 
-Recipes: before (the demo's next-token recipe before issue 21), paper, default, and shuffled (the
-default plus four shuffled-sentence copies of each document, issue 45's variety sweep)."""
+Recipes: before (the demo's next-token recipe before issue 21), paper, default, shuffled (the
+default plus four shuffled-sentence copies of each document, issue 45's variety sweep) and
+questions-shuffled (those copies and the base's questions, without the generic subject prompts)."""
 import argparse
 import json
 import platform
@@ -22,7 +23,8 @@ from doe_ext.dmoe.data import debian_records, load, passage  # noqa: E402
 
 CANDIDATES = {"before": Recipe(objective="next_token", augment="none", lr=3e-3, epochs=10),
               "paper": RECIPES["paper"], "default": RECIPES["default"],
-              "shuffled": RECIPES["default"].replace(instances=tuple(RECIPES["default"].instances) + ("shuffled",))}
+              "shuffled": RECIPES["default"].replace(instances=tuple(RECIPES["default"].instances) + ("shuffled",)),
+              "questions-shuffled": RECIPES["default"].replace(instances=("questions", "shuffled"))}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--recipes", default="before,paper,default")

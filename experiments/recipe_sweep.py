@@ -31,6 +31,7 @@ VARIANTS = {
     "sentences": DEFAULT.replace(augment="sentences"),
     "shuffled": DEFAULT.replace(instances=("subject", "questions", "shuffled")),
     "sentences-shuffled": DEFAULT.replace(augment="sentences", instances=("subject", "questions", "shuffled")),
+    "questions-shuffled": DEFAULT.replace(instances=("questions", "shuffled")),  # no generic subject prompts
 }
 
 
