@@ -381,15 +381,15 @@ def bench_recipes(base, docs, workdir: Path, recipes: dict | None = None) -> dic
     recipe after the other in one process on the same documents (nothing one build made reused by the
     next): by default the demo's recipe before issue 21 (next-token loss on the passage, lr 3e-3, 10
     epochs), the paper's and the package default."""
-    import doe_ext.dmoe.build as build_module
     from doe_ext.dmoe import RECIPES, ExpertBank, Recipe, build_bank
+    from doe_ext.dmoe.build import forget_made
 
     recipes = recipes or {"passage, next-token (before)": Recipe(objective="next_token", augment="none", lr=3e-3,
                                                                  epochs=10),
                           "paper": RECIPES["paper"], "default": RECIPES["default"]}
     out = {}
     for name, recipe in recipes.items():
-        build_module._MADE.clear()  # this process's augmentations, made for an earlier bank
+        forget_made()  # this process's augmentations, made for an earlier bank
         bank = ExpertBank(workdir / f"recipe-{len(out)}", create=True, fingerprint=base.fingerprint, recipe=recipe)
         t0 = time.perf_counter()
         build_bank(base, docs, bank, progress=False)

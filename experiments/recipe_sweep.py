@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import doe_ext.dmoe.build as build
 from doe_ext.dmoe import DMoE, Document, ExpertBank, LoRAConfig, build_bank, load_base
+from doe_ext.dmoe.build import forget_made
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         where = f"{args.base}-{name}-dev" if args.knowledge == "fiction-v1" else f"{args.knowledge}-{args.base}-{name}-dev"
         bank = ExpertBank(work / where, create=True, fingerprint=base.fingerprint,
                           base_name=args.base, recipe=recipe)
-        build._MADE.clear()  # each variant's seconds include its own augmentation
+        forget_made()  # each variant's seconds include its own augmentation
         t0 = time.perf_counter()
         done = build_bank(base, dev_docs, bank, progress=False)
         per_expert = (time.perf_counter() - t0) / len(done) if done else None  # None: nothing built now

@@ -53,6 +53,12 @@ def augmentation_key(fingerprint: str, kind: str, text: str) -> str:
 _MADE: dict[str, str] = {}  # what this process made, for the next bank of the same base and documents
 
 
+def forget_made() -> None:
+    """Drop what this process made for earlier banks, so the next build makes its own (a benchmark
+    timing whole builds one after another)."""
+    _MADE.clear()
+
+
 def _cached(bank: ExpertBank, keys: list[str], make: Callable[[list[int]], list[str]]) -> list[str]:
     """The bank's cached value of each key (or this process's, made for another bank: the keys name the
     base and everything the value depends on); the missing ones made (``make(indices)``) and cached."""
