@@ -104,22 +104,16 @@ class DoEConfig(LlamaConfig):
 # The config.json of a folder that DoEWrapper.save_pretrained (doe_ext.integrations.hf.doeify) writes.
 # With it, AutoModelForCausalLM.from_pretrained(folder) gives the drop-in back (doe_ext registers the
 # type with transformers' Auto classes, doe_ext._auto), and without doe_ext it fails, naming the model
-# type, rather than loading the base alone as if its knowledge path were not there. The base model is
-# saved in its own layout in the subfolder `base`.
+# type, rather than loading the base alone as if its knowledge path were not there. The doeify options
+# and the adapter stay where save_knowledge writes them (doe_config.json); the base model is saved in
+# its own layout in the subfolder `base`.
 class DoEDropInConfig(PretrainedConfig):
     """Args:
-        base: the subfolder holding the base model (``save_pretrained`` layout).
-        options: the :class:`~doe_ext.integrations.hf.doeify.DoEifyConfig` fields.
-        adapter: the family adapter's fields (:meth:`FamilyAdapter.to_dict`).
-        base_model_type: the base's model type (informative).
+        base_model_type: the base's model type (informative: the base's own config is in ``base/``).
     """
 
     model_type = "doe_ext_drop_in"
 
-    def __init__(self, base: str = "base", options: dict | None = None, adapter: dict | None = None,
-                 base_model_type: str | None = None, **kwargs):
-        self.base = base
-        self.options = dict(options or {})
-        self.adapter = adapter
+    def __init__(self, base_model_type: str | None = None, **kwargs):
         self.base_model_type = base_model_type
         super().__init__(**kwargs)

@@ -581,8 +581,7 @@ class DoEWrapper(nn.Module):
         with self.original_modules() as base:
             base.save_pretrained(os.path.join(path, DROP_IN_BASE), **kwargs)
         self.save_knowledge(path)
-        DoEDropInConfig(base=DROP_IN_BASE, options=asdict(self.doe_config), adapter=self.adapter.to_dict(),
-                        base_model_type=self.base_model.config.model_type).save_pretrained(path)
+        DoEDropInConfig(base_model_type=self.base_model.config.model_type).save_pretrained(path)
         with open(os.path.join(path, "README.md"), "w") as f:
             f.write(DROP_IN_CARD.format(base_model_type=self.base_model.config.model_type))
 
