@@ -57,7 +57,7 @@ gemma: setup
 fuzz: setup
 	DOE_EXT_FUZZ_EXAMPLES=5000 $(PY) -m pytest tests/fuzz -q
 
-# The DoE paper's ablations (CONTRACT §7) at small scale, 3 seeds: reports/ablations/ (~30 min on 2 cores;
+# The DoE paper's ablations (docs/design.md#ablations) at small scale, 3 seeds: reports/ablations/ (~30 min on 2 cores;
 # runs are cached in ~/.cache/doe_ext/ablations, so a re-run only trains what changed).
 ablate: setup
 	$(PY) -m pytest ablations -v --ablation-scale small --ablation-seeds 3

@@ -17,3 +17,18 @@ os.environ.setdefault("DOE_EXT_NUM_THREADS", str(torch.get_num_threads()))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def usage_error(capsys):
+    """``usage_error(*argv)``: the ``doe-ext`` command refuses an argument while parsing (exit status 2,
+    no traceback); returns argparse's one-line message."""
+    from doe_ext.cli import main
+
+    def refused(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(list(map(str, argv)))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
+    return refused

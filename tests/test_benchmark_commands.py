@@ -1,4 +1,4 @@
-"""The benchmark commands benchmarks/README.md shows for the DMoE decoding work answer `--help` and
+"""The benchmark commands benchmarks/results/history.md shows for the DMoE decoding work answer `--help` and
 name their options (the runs themselves take minutes to hours: `make bench` and the README's raw logs)."""
 import subprocess
 import sys
@@ -35,3 +35,16 @@ def test_read_bandwidth_reads_both_ways_and_names_a_bad_way():
         assert math.isfinite(bw) and bw > 0, (how, bw)
     with pytest.raises(ValueError, match=r"^read_bandwidth: `how` must be 'sum' or 'gemv', got 'mean'$"):
         read_bandwidth(x=x, how="mean")
+
+
+def test_every_benchmark_has_its_current_figure():
+    """benchmarks/README.md keeps the current figure of each benchmark with the command that measures it:
+    a new bench_*.py without a row there fails here; so does a link to a results file that is not there."""
+    import re
+
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        name = path.stem[len("bench_"):]
+        assert any(c in readme for c in (f"--only {name}`", f"{path.name}`", f"benchmarks.{path.stem} ")), name
+    for raw in re.findall(r"`([\w.*-]+\.(?:json|log|txt|md))`", readme):
+        assert list((ROOT / "benchmarks" / "results").glob(raw)), raw

@@ -18,12 +18,21 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def test_configure_sets_torchs_threads(restore_threads, monkeypatch):
+@pytest.fixture
+def claims(tmp_path, monkeypatch):
+    """A claims folder of this test's own (the commands' claims live under $XDG_RUNTIME_DIR)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv(threads.ENV, raising=False)
+    return threads.claims_dir()
+
+
+def test_configure_sets_torchs_threads(restore_threads, claims, monkeypatch):
     monkeypatch.setenv(threads.ENV, "1")
     assert threads.configure(3) == 3 and torch.get_num_threads() == 3  # the argument wins
     assert threads.configure() == 1 and torch.get_num_threads() == 1  # then the environment
     monkeypatch.delenv(threads.ENV)
     monkeypatch.setattr(threads, "free_cores", lambda: 5)  # then the free cores (measured: the test below)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
     assert threads.configure() == 5 and torch.get_num_threads() == 5
 
 
@@ -69,3 +78,54 @@ def test_the_cli_sets_threads(restore_threads, tmp_path, capsys):
     assert "argument --threads: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["dmoe", "ask", str(tmp_path), "q", "--threads", "1"]) == 2  # no bank here: after configure
     assert torch.get_num_threads() == 1 and "no bank here" in capsys.readouterr().err
+
+
+def test_cores_claimed_by_a_running_command_are_left_to_it(restore_threads, claims, monkeypatch):
+    """A core another running command claimed is not free, even while that command is still loading
+    (idle to /proc/stat); a claim whose process has ended counts for nothing."""
+    monkeypatch.setattr(threads, "free_cores", lambda: 4)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    claims.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    try:
+        (claims / str(alive.pid)).write_text("3")
+        (claims / str(ended.pid)).write_text("2")
+        assert threads.claimed_cores() == 3
+        assert threads.configure() == 1  # 4 usable, 3 claimed by the live one
+        (claims / str(alive.pid)).write_text("1")
+        assert threads.configure() == 3
+        (claims / str(alive.pid)).write_text("6")
+        assert threads.configure() == 1  # at least one
+    finally:
+        alive.communicate(b"")
+
+
+def test_a_command_claims_its_threads_while_it_runs(restore_threads, claims, tmp_path, capsys):
+    from doe_ext.cli import main
+
+    mine = claims / str(__import__("os").getpid())
+    assert threads.configure(2, claim=True) == 2 and mine.read_text() == "2"
+    threads.release()
+    assert not mine.exists()
+    assert main(["dmoe", "ask", str(tmp_path), "q", "--threads", "1"]) == 2  # configured, then no bank
+    assert "no bank here" in capsys.readouterr().err and not mine.exists()  # released when it ended
+
+
+def test_two_commands_started_together_split_the_cores(claims):
+    """Started in the same instant, each would measure the other idle and take every core: they take
+    turns instead, and the second leaves the first what it claimed."""
+    env = {**__import__("os").environ, "XDG_RUNTIME_DIR": str(claims.parent)}
+    env.pop(threads.ENV, None)
+    code = "import sys; from doe_ext import threads; print(threads.configure(claim=True), flush=True); sys.stdin.read()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env, text=True) for _ in range(2)]
+    try:
+        got = [int(p.stdout.readline()) for p in procs]
+    finally:
+        for p in procs:
+            p.communicate("")
+    cores = threads.usable_cores()
+    assert all(g >= 1 for g in got) and (sum(got) <= cores or min(got) == 1), got
+    assert not list(claims.glob("[0-9]*"))  # both released at exit

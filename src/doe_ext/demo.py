@@ -318,7 +318,7 @@ def main(argv=None) -> Path:
 
     hf_logging.disable_progress_bar()
 
-    # estimated seconds of each part on 2 cores (benchmarks/README.md, "make demo"): for the time left only
+    # estimated seconds of each part on 2 cores (benchmarks/results/history.md, "make demo"): for the time left only
     scale = 0.1 if q else 1.0
     job = JobProgress({"stage 1: LDA": 15 * scale, "stage 2: DoE, dense, dense + topics": 100 * scale,
                        "analysis": 8 * scale}, enabled=not args.no_progress)
@@ -363,7 +363,7 @@ def main(argv=None) -> Path:
     metrics["doe_seconds"] = round(time.perf_counter() - t_start, 1)
     if not args.no_dmoe:
         if args.full:
-            # measured on the slower host (benchmarks/README.md, "--full --dmoe-ablations timed whole"): the
+            # measured on the slower host (benchmarks/results/history.md, "--full --dmoe-ablations timed whole"): the
             # bank 3,390 s, the ablations 2,034 s, the evaluation and the sweep 2,640 s
             if args.dmoe_ablations:
                 with job.part("DMoE ablations (make ablate-dmoe)", (3390 + 2034) * scale):

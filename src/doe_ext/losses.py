@@ -43,7 +43,7 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None, expert_labels: Tensor | None,
                alpha: float, beta: float = 0.0, balances: list[Tensor] = (), balance_coef: float = 0.0,
                supervise_last: bool = False):
-    """The composite DoE loss (CONTRACT §4) from L_ntp and the routers' outputs, first to last layer:
+    """The composite DoE loss (docs/design.md#the-doe-model) from L_ntp and the routers' outputs, first to last layer:
     ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·(KL + recon)) (+ balance_coef·MoE balance)``; L_expert
     averages every router but the last (all of them with ``supervise_last``).
     Returns ``(loss, parts)`` with the detached parts for ``aux``."""
@@ -51,7 +51,7 @@ def doe_losses(ntp: Tensor, routed: list[RouterOutput], topic_ids: Tensor | None
     loss = ntp
     if expert_labels is None:
         expert_labels = topic_ids
-    supervised = routed[:-1] if len(routed) > 1 and not supervise_last else routed  # CONTRACT §4
+    supervised = routed[:-1] if len(routed) > 1 and not supervise_last else routed  # docs/design.md#the-doe-model
     if supervised and expert_labels is not None:
         if expert_labels.is_floating_point():  # per-document distributions [B, K]
             target = expert_labels[:, None].expand(-1, routed[0].logits.shape[1], -1)

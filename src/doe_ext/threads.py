@@ -8,13 +8,21 @@ whole time slice. On 2 cores beside one ``while True: pass``, a three-document `
 took 2.5x its idle time with two threads (and a build beside another build 7-8x); one thread is
 what the free core can run. So the commands that train or generate (``doe-ext dmoe build | add | ask
 | eval | reader train``) use :func:`configure`: ``--threads N``, else ``$DOE_EXT_NUM_THREADS``, else
-the cores that are free when the command starts (:func:`free_cores`). In Python, call
+the cores that are free when the command starts (:func:`free_cores`) and that no other running
+command has claimed. Each command claims the threads it set (a file named by its pid, removed when it
+ends; the files of dead processes are ignored), so two builds started in the same instant, which
+would each measure the other idle, split the cores instead of both taking all. In Python, call
 :func:`configure` yourself (importing doe_ext changes no setting of torch's).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import os
+import tempfile
 import time
+from pathlib import Path
 
 ENV = "DOE_EXT_NUM_THREADS"
 _OPENMP = ("libgomp", "libiomp", "libomp")
@@ -55,22 +63,82 @@ def free_cores(sample_s: float = 0.2) -> int:
     return max(1, min(cores, cores - round(busy)))
 
 
-def configure(threads: int | None = None) -> int:
+def claims_dir() -> Path:
+    """Where running commands claim their threads: one file per process, its pid the name."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"doe_ext-threads-{os.getuid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claimed_cores() -> int:
+    """The threads that other running processes have claimed (:func:`configure` with ``claim``)."""
+    total = 0
+    for f in claims_dir().glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(f.name)
+            if pid != os.getpid() and _alive(pid):
+                total += int(f.read_text())
+    return total
+
+
+def _claim(threads: int) -> None:
+    with contextlib.suppress(OSError):
+        (claims_dir() / str(os.getpid())).write_text(str(threads))
+        atexit.register(release)
+
+
+def release() -> None:
+    """Drop this process's claim (the command is done; also at exit)."""
+    with contextlib.suppress(OSError):
+        (claims_dir() / str(os.getpid())).unlink(missing_ok=True)
+
+
+def configure(threads: int | None = None, claim: bool = False) -> int:
     """Set torch's intra-op threads: ``threads``, else ``$DOE_EXT_NUM_THREADS``, else
-    :func:`free_cores`. Returns the number set."""
+    :func:`free_cores` less those other processes have claimed (at least 1). Returns the number set.
+    ``claim``: hold the number set against other processes until :func:`release` (a command does, while
+    it runs)."""
     if threads is None and os.environ.get(ENV, "").strip():
         text = os.environ[ENV].strip()
         if not text.isdigit() or int(text) < 1:
             raise ValueError(f"${ENV} must be a positive integer, got {text!r}")
         threads = int(text)
-    if threads is None:
-        threads = free_cores()
-    elif not (isinstance(threads, int) and threads >= 1):
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
         raise ValueError(f"threads: `threads` must be a positive int, got {threads!r}")
+    with _claims_lock(claim or threads is None):  # two commands starting together take turns here
+        if threads is None:
+            threads = max(1, min(free_cores(), usable_cores() - claimed_cores()))
+        if claim:
+            _claim(threads)
     import torch
 
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def _claims_lock(needed: bool):
+    if not needed:
+        yield
+        return
+    folder = claims_dir()
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        lock = open(folder / ".lock", "a")
+    except OSError:  # nowhere to claim: the free cores alone decide
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def openmp_runtimes() -> list[str]:

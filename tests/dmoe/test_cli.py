@@ -1,4 +1,4 @@
-"""``doe-ext dmoe`` as CONTRACT §6 fixes it."""
+"""``doe-ext dmoe`` as docs/design.md#dmoe fixes it."""
 import json
 
 import pytest
@@ -87,21 +87,12 @@ def test_bad_documents_name_the_line(tmp_path, capsys, line, message):
     assert code == 2 and message in err and not (tmp_path / "b").exists()
 
 
-def usage_error(capsys, *argv) -> str:
-    """An argument refused while parsing: exit status 2, argparse's one-line message, no traceback."""
-    with pytest.raises(SystemExit) as e:
-        main(list(map(str, argv)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
-def test_missing_inputs(tmp_path, capsys):
-    assert usage_error(capsys, "dmoe", "ls", tmp_path / "nope").endswith(
+def test_missing_inputs(tmp_path, capsys, usage_error):
+    assert usage_error("dmoe", "ls", tmp_path / "nope").endswith(
         f"error: argument bank: {tmp_path / 'nope'}: no such folder")
     code, _, err = run(capsys, "dmoe", "ls", tmp_path)
     assert code == 2 and "no bank here (bank.sqlite missing)" in err
-    assert usage_error(capsys, "dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b").endswith(
+    assert usage_error("dmoe", "build", tmp_path / "none.jsonl", "--out", tmp_path / "b").endswith(
         f"error: argument docs: {tmp_path / 'none.jsonl'}: no such file")
     docs = write_docs(tmp_path / "docs.jsonl", DOCS[:1])
     code, _, err = run(capsys, "dmoe", "build", docs, "--out", tmp_path / "b", "--base", tmp_path / "nomodel")
@@ -137,12 +128,12 @@ def test_missing_inputs(tmp_path, capsys):
     (["lda", "fit", "{bank}", "--out", "{bank}", "--exclude", "1,x"],
      "argument --exclude: expected comma-separated token ids, got '1,x'"),
 ])
-def test_bad_arguments_are_refused_while_parsing(tmp_path, capsys, argv, message):
+def test_bad_arguments_are_refused_while_parsing(tmp_path, usage_error, argv, message):
     """Each rule: the message names the argument and the value; nothing is written."""
     bank, docs = tmp_path / "bank", write_docs(tmp_path / "docs.jsonl", DOCS[:1])
     bank.mkdir()
     fill = {"bank": str(bank), "docs": str(docs)}
-    assert usage_error(capsys, *[a.format(**fill) for a in argv]).endswith("error: " + message.format(**fill))
+    assert usage_error(*[a.format(**fill) for a in argv]).endswith("error: " + message.format(**fill))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank", "docs.jsonl"] and not any(bank.iterdir())
 
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lda_testing import draw_corpus
 from doe_ext.cli import main
@@ -71,24 +72,62 @@ def error_of(args, capsys):
 
 
 def test_errors_name_the_file_and_the_problem(tmp_path, capsys):
-    assert "nope: no such corpus shard folder" in error_of(
-        ["lda", "fit", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], capsys)
-    shard = TokenCorpus.from_documents([[1, 2, 3], [2, 3]], vocab_size=5).write(tmp_path / "shard")
-    assert "num_topics must be an integer in [1, 32767], got 0" in error_of(
-        ["lda", "fit", str(shard.path), "--out", str(tmp_path / "m"), "-k", "0"], capsys)
     empty = TokenCorpus.from_documents([], vocab_size=5).write(tmp_path / "empty")
     assert "empty: empty corpus" in error_of(
         ["lda", "fit", str(empty.path), "--out", str(tmp_path / "m"), "--no-progress"], capsys)
-    assert "m: no such model folder" in error_of(["lda", "label", str(tmp_path / "m"), str(shard.path)], capsys)
-    assert "missing.txt: no such input file" in error_of(
-        ["corpus", "build", str(tmp_path / "missing.txt"), "--tokenizer", str(tmp_path / "tk.json"),
-         "--out", str(tmp_path / "c")], capsys)
+    bad_shard = tmp_path / "bad"
+    bad_shard.mkdir()
+    assert "bad/meta.json: missing (corpus meta; the shard is unfinished or not a doe_ext corpus)" in error_of(
+        ["lda", "fit", str(bad_shard), "--out", str(tmp_path / "m")], capsys)
     text = tmp_path / "t.txt"
     text.write_text("some words\n")
     assert "tk.json: no such tokenizer file" in error_of(
         ["corpus", "build", str(text), "--tokenizer", str(tmp_path / "tk.json"), "--out",
          str(tmp_path / "c")], capsys)
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lda", "fit", "{tmp}/nope", "--out", "{tmp}/m"], "argument corpus: {tmp}/nope: no such folder"),
+    (["lda", "fit", "{shard}", "--out", "{text}"], "argument --out: {text} exists and is not a folder"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "-k", "0"], "argument -k/--num-topics: must be >= 1 and <= 32767, got 0"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "-k", "40000"], "argument -k/--num-topics: must be >= 1 and <= 32767, got 40000"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--iterations", "-1"], "argument --iterations: must be >= 0, got -1"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--alpha", "0"], "argument --alpha: must be > 0, got 0"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--beta", "-0.1"], "argument --beta: must be > 0, got -0.1"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--max-doc-freq", "0"],
+     "argument --max-doc-freq: must be > 0.0 and <= 1.0, got 0"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--max-doc-freq", "1.5"],
+     "argument --max-doc-freq: must be > 0.0 and <= 1.0, got 1.5"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--min-count", "-2"], "argument --min-count: must be >= 0, got -2"),
+    (["lda", "fit", "{shard}", "--out", "{tmp}/m", "--heldout", "{tmp}/h"], "argument --heldout: {tmp}/h: no such folder"),
+    (["lda", "label", "{tmp}/m", "{shard}"], "argument model: {tmp}/m: no such folder"),
+    (["lda", "label", "{shard}", "{tmp}/s2"], "argument shards: {tmp}/s2: no such folder"),
+    (["lda", "label", "{shard}", "{shard}", "--chunk-tokens", "0"], "argument --chunk-tokens: must be >= 1, got 0"),
+    (["lda", "show", "{shard}", "-n", "0"], "argument -n: must be >= 1, got 0"),
+    (["lda", "show", "{shard}", "--tokenizer", "{tmp}/tk.json"], "argument --tokenizer: {tmp}/tk.json: no such file"),
+    (["corpus", "build", "{tmp}/missing.txt", "--train-bpe", "100", "--out", "{tmp}/c"],
+     "argument inputs: {tmp}/missing.txt: no such file"),
+    (["corpus", "build", "{text}", "--train-bpe", "0", "--out", "{tmp}/c"], "argument --train-bpe: must be >= 1, got 0"),
+    (["corpus", "build", "{text}", "--train-bpe", "100", "--out", "{text}"],
+     "argument --out: {text} exists and is not a folder"),
+    (["corpus", "build", "{text}", "--train-bpe", "100", "--out", "{tmp}/c", "--batch-docs", "0"],
+     "argument --batch-docs: must be >= 1, got 0"),
+    (["corpus", "build", "{text}", "--train-bpe", "100", "--out", "{tmp}/c", "--shard-tokens", "-5"],
+     "argument --shard-tokens: must be >= 0, got -5"),
+])
+def test_arguments_are_refused_while_parsing(tmp_path, usage_error, argv, message):
+    """Every number's range and every input folder or file is checked before anything is read or
+    written; the message names the argument and shows the value."""
+    shard = TokenCorpus.from_documents([[1, 2, 3], [2, 3]], vocab_size=5).write(tmp_path / "shard")
+    text = tmp_path / "t.txt"
+    text.write_text("some words\n")
+    fill = dict(tmp=tmp_path, shard=shard.path, text=text)
+    before = sorted(tmp_path.rglob("*"))
+    err = usage_error(*[a.format(**fill) for a in argv])
+    assert err.endswith("error: " + message.format(**fill)), err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_label_reports_a_corrupt_shard(tmp_path, capsys):

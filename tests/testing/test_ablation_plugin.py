@@ -1,4 +1,4 @@
-"""The ablation plugin (CONTRACT §7): its statistics against known values, the verdict logic, the
+"""The ablation plugin (docs/design.md#ablations): its statistics against known values, the verdict logic, the
 recorder's files, and the plugin itself in a pytest run of its own (the installed pytest11 entry point)."""
 import json
 import math

@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+from doe_ext import threads
+
 GROUPS = ("doe_ext.cli.corpus", "doe_ext.cli.lda", "doe_ext.cli.dmoe")
 
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("doe-ext: interrupted", file=sys.stderr)
         return 130
+    finally:
+        threads.release()  # a command's claim on the cores ends with it (doe_ext.threads)
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from doe_ext.cli import CommandError
+from doe_ext.cli import CommandError, count, input_file, output_folder, positive_int
 
 
 def register(sub) -> None:
@@ -16,12 +16,12 @@ def register(sub) -> None:
     b = cmds.add_parser("build", help="tokenize text files / JSONL / a `datasets` dataset into shards",
                         description="Tokenize documents into doe_ext corpus shards (uint32 token ids, "
                                     "int64 offsets, meta.json), streaming with bounded memory.")
-    b.add_argument("inputs", nargs="*", help="text or JSONL files (.gz/.dz read transparently)")
-    b.add_argument("--out", required=True, help="shard folder (or folder of shards with --shard-tokens)")
+    b.add_argument("inputs", nargs="*", type=input_file, help="text or JSONL files (.gz/.dz read transparently)")
+    b.add_argument("--out", required=True, type=output_folder, help="shard folder (or folder of shards with --shard-tokens)")
     tok = b.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="a tokenizer.json, a folder holding one, or a Hugging Face "
                                          "tokenizer name/folder (needs transformers)")
-    tok.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE",
+    tok.add_argument("--train-bpe", type=positive_int, metavar="VOCAB_SIZE",
                      help="train a byte-level BPE tokenizer of this size on the inputs first "
                           "(saved as OUT/tokenizer.json)")
     b.add_argument("--format", choices=("auto", "text", "jsonl"), default="auto",
@@ -31,10 +31,10 @@ def register(sub) -> None:
                    help="how plain text splits into documents (paragraph: blank-line separated)")
     b.add_argument("--dataset", help="a `datasets` dataset name/path, read in streaming mode")
     b.add_argument("--split", default="train", help="dataset split")
-    b.add_argument("--shard-tokens", type=int, default=0,
+    b.add_argument("--shard-tokens", type=count, default=0,
                    help="start a new shard after this many tokens (0: one shard)")
-    b.add_argument("--min-tokens", type=int, default=1, help="drop documents shorter than this")
-    b.add_argument("--batch-docs", type=int, default=1000, help="documents tokenized per batch")
+    b.add_argument("--min-tokens", type=count, default=1, help="drop documents shorter than this")
+    b.add_argument("--batch-docs", type=positive_int, default=1000, help="documents tokenized per batch")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=build)
@@ -160,9 +160,6 @@ def build(args) -> None:
 
     if not args.inputs and not args.dataset:
         raise CommandError("corpus build: give input files or --dataset")
-    for name in args.inputs:
-        if not Path(name).is_file():
-            raise CommandError(f"{name}: no such input file")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CommandError(f"{out}: already exists (use --overwrite)")

@@ -1,4 +1,4 @@
-"""``doe-ext dmoe build | ask | eval | add | rm | ls | reader``: DMoE expert banks (CONTRACT §6)."""
+"""``doe-ext dmoe build | ask | eval | add | rm | ls | reader``: DMoE expert banks (docs/design.md#dmoe)."""
 from __future__ import annotations
 
 import argparse
@@ -191,7 +191,7 @@ def recipe_from(args):
 
 
 def build(args) -> None:
-    threads.configure(args.threads)
+    threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import ExpertBank, load_base, read_documents
 
     out = Path(args.out)
@@ -216,7 +216,7 @@ def build(args) -> None:
 
 
 def add(args) -> None:
-    threads.configure(args.threads)
+    threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import load_base, read_documents
 
     docs = read_documents(args.docs)
@@ -226,7 +226,7 @@ def add(args) -> None:
 
 
 def ask(args) -> None:
-    threads.configure(args.threads)
+    threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import DMoE, load_base
 
     with _open(args.bank) as bank:
@@ -242,7 +242,7 @@ def ask(args) -> None:
 
 
 def evaluate(args) -> None:
-    threads.configure(args.threads)
+    threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import load_base
     from doe_ext.dmoe.evaluate import (Harness, check_methods, evaluate, markdown, read_questions, read_shots,
                                        summarize, write)
@@ -265,7 +265,7 @@ def evaluate(args) -> None:
 
 
 def reader_train(args) -> None:
-    threads.configure(args.threads)
+    threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import LoRAConfig, load_base
     from doe_ext.dmoe.evaluate import read_questions, read_shots
     from doe_ext.dmoe.reader import ReaderRecipe, train_reader

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from doe_ext.cli import CommandError
+from doe_ext.cli import CommandError, count, input_file, input_folder, number, output_folder, positive_float, positive_int
+
+MAX_TOPICS = 32767  # doe_ext.lda.model.MAX_TOPICS (topic ids are int16), here so that parsing needs no numpy
 
 
 def _ids(text: str) -> list[int]:
@@ -19,44 +21,44 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     f = cmds.add_parser("fit", help="fit an LDA model on a corpus shard")
-    f.add_argument("corpus", help="corpus shard folder (doe-ext corpus build)")
-    f.add_argument("--out", required=True, help="model folder to write")
-    f.add_argument("-k", "--num-topics", type=int, default=128)
-    f.add_argument("--iterations", type=int, default=200, help="Gibbs sweeps")
-    f.add_argument("--alpha", type=float, default=None, help="document-topic prior (default 50/K)")
-    f.add_argument("--beta", type=float, default=0.01, help="topic-word prior")
+    f.add_argument("corpus", type=input_folder, help="corpus shard folder (doe-ext corpus build)")
+    f.add_argument("--out", required=True, type=output_folder, help="model folder to write")
+    f.add_argument("-k", "--num-topics", type=number(int, 1, high=MAX_TOPICS), default=128)
+    f.add_argument("--iterations", type=count, default=200, help="Gibbs sweeps")
+    f.add_argument("--alpha", type=positive_float, default=None, help="document-topic prior (default 50/K)")
+    f.add_argument("--beta", type=positive_float, default=0.01, help="topic-word prior")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--threads", type=positive_int, default=None)
     f.add_argument("--sampler", choices=("alias", "dense"), default="alias")
-    f.add_argument("--max-doc-freq", type=float, default=0.5,
+    f.add_argument("--max-doc-freq", type=number(float, 0.0, strict=True, high=1.0), default=0.5,
                    help="drop words in more than this fraction of documents (stop-like tokens)")
-    f.add_argument("--min-count", type=int, default=1, help="drop words seen fewer times")
+    f.add_argument("--min-count", type=count, default=1, help="drop words seen fewer times")
     f.add_argument("--exclude", type=_ids, default=[],
                    help="comma-separated token ids to drop (the tokenizer's special tokens are "
                         "always dropped)")
-    f.add_argument("--heldout", help="a corpus shard to report held-out perplexity on")
+    f.add_argument("--heldout", type=input_folder, help="a corpus shard to report held-out perplexity on")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=fit)
 
     lab = cmds.add_parser("label", help="write per-token topic ids and theta for corpus shards")
-    lab.add_argument("model", help="model folder (doe-ext lda fit)")
-    lab.add_argument("shards", nargs="+", help="corpus shard folders")
-    lab.add_argument("--out", help="output folder (default: each shard's own folder; with several "
+    lab.add_argument("model", type=input_folder, help="model folder (doe-ext lda fit)")
+    lab.add_argument("shards", nargs="+", type=input_folder, help="corpus shard folders")
+    lab.add_argument("--out", type=output_folder, help="output folder (default: each shard's own folder; with several "
                                     "shards, one subfolder per shard)")
     lab.add_argument("--unlabeled", choices=("dominant", "ignore"), default="dominant",
                      help="label of tokens outside the LDA vocabulary: the document's dominant "
                           "topic, or -1")
-    lab.add_argument("--chunk-tokens", type=int, default=1 << 22)
-    lab.add_argument("--threads", type=int, default=None)
+    lab.add_argument("--chunk-tokens", type=positive_int, default=1 << 22)
+    lab.add_argument("--threads", type=positive_int, default=None)
     lab.add_argument("--ray", action="store_true", help="run one Ray task per shard")
     lab.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto)")
     lab.add_argument("--no-progress", action="store_true")
     lab.set_defaults(func=label)
 
     s = cmds.add_parser("show", help="print each topic's top tokens")
-    s.add_argument("model", help="model folder")
-    s.add_argument("-n", type=int, default=10, help="tokens per topic")
-    s.add_argument("--tokenizer", help="tokenizer.json to print strings (default: the one the "
+    s.add_argument("model", type=input_folder, help="model folder")
+    s.add_argument("-n", type=positive_int, default=10, help="tokens per topic")
+    s.add_argument("--tokenizer", type=input_file, help="tokenizer.json to print strings (default: the one the "
                                        "model's corpus was built with, when it is a file)")
     s.set_defaults(func=show)
 
@@ -114,8 +116,6 @@ def show(args) -> None:
     saved = model.fit_info.get("tokenizer")
     if tokenizer is None and saved and Path(saved).is_file():
         tokenizer = saved
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise CommandError(f"{tokenizer}: no such tokenizer file")
     top = model.top_tokens(args.n, tokenizer=tokenizer)
     weight = model.topic_counts / max(model.topic_counts.sum(), 1)
     for k, words in enumerate(top):

@@ -1,4 +1,4 @@
-"""DMoE (Decoupled Mixture-of-Experts for parametric knowledge injection; CONTRACT §6).
+"""DMoE (Decoupled Mixture-of-Experts for parametric knowledge injection; docs/design.md#dmoe).
 
 A frozen base LM, a bank of per-document LoRA experts on its last MLP (:class:`ExpertBank`: SQLite +
 tantivy BM25 + safetensors, one :class:`Recipe` per bank), batched expert training with the paper's

@@ -10,7 +10,7 @@ Layout of a bank directory::
                                  deletions not yet committed).
     index/                       tantivy BM25 (k1 = 1.2, b = 0.75, Lucene's formula) over each expert's
                                  text surrogate. Chosen over SQLite FTS5 and bm25s by measurement
-                                 (benchmarks/README.md): FTS5 scores every row matching any query term
+                                 (benchmarks/results/history.md): FTS5 scores every row matching any query term
                                  (~200 ms for a 128-token query over 27,613 experts), bm25s has no
                                  incremental add; tantivy answers in ~3 ms (block-max WAND) and adds
                                  one document without touching the others. Rebuildable from SQLite.

@@ -27,7 +27,7 @@ from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, 
 from doe_ext.dmoe.recipe import DEFAULT, PAPER, SFT_DOCS_PER_STEP, Recipe
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 
-RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/README.md)
+RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/results/history.md)
 BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
 FIG6 = "Fig. 6: trigger threshold tau"
 
@@ -299,7 +299,7 @@ TOUR_SETS = ("debian-packages-v1", "debian-changelogs-v1")
 TOUR_BASES = ("smollm2-135m", "gemma3-270m")
 TOUR_QUESTIONS = {"smollm2-135m": 8, "gemma3-270m": 3}
 # Seconds per sampled question (its expert, its share of the SFT adapter and of the evaluation) and per
-# table (loading the base), measured on the 2-core machine with 4 questions per table (benchmarks/README.md,
+# table (loading the base), measured on the 2-core machine with 4 questions per table (benchmarks/results/history.md,
 # "make demo"); only the progress bar's time left reads them.
 TOUR_COST = {("debian-packages-v1", "smollm2-135m"): 17, ("debian-changelogs-v1", "smollm2-135m"): 26,
              ("debian-packages-v1", "gemma3-270m"): 67, ("debian-changelogs-v1", "gemma3-270m"): 90}
@@ -371,11 +371,11 @@ def tour_section(t: dict) -> str:
              "Test split, **each table on a "
              "seeded sample** (the number of questions is in its first line) with a bank of their documents: "
              "the intervals are wide, and a bank of only those documents changes the passages that RAG, PRAG "
-             "and FLARE read beside the gold one (on the changelogs it understated Basic-RAG: `benchmarks/README.md`, "
+             "and FLARE read beside the gold one (on the changelogs it understated Basic-RAG: `benchmarks/results/history.md`, "
              "\"Test split at full size\"), so read these tables as a tour "
              "of every method, not as the result. The "
              "result is the full-size tables: `make reproduce` runs them (hours on 2 cores), and the committed "
-             "ones are in `reports/dmoe-final/` with what they say in `benchmarks/README.md`.", ""]
+             "ones are in `reports/dmoe-final/` with what they say in `benchmarks/results/history.md`.", ""]
     for r in t["tables"].values():
         if "skipped" in r:
             lines += [f"**{r['knowledge']}, {r['base']}: not run**, {r['skipped']}.", ""]
@@ -458,7 +458,7 @@ STUDY_RECIPES = {
     "distill, sequence": _DISTILL.replace(distill_loss="sequence"),
 }
 STUDY_SNAPSHOTS = {"distill, kl": (8,), "distill, sequence": (4, 8)}
-# The second dev study (benchmarks/README.md, "Second dev study"), which set the default's epochs, rate and
+# The second dev study (benchmarks/results/history.md, "Second dev study"), which set the default's epochs, rate and
 # composition: the default recipe at two rates, snapshots after 8, 16 and 24 epochs (one run per rate),
 # the compositions on the bank whose oracle router is best.
 EPOCH_STUDY = {"recipes": {"default": DEFAULT}, "lrs": {"default": (3e-3, 1e-2)},
@@ -747,7 +747,7 @@ def _claims(m: dict) -> list[str]:
     out.append(f"- DMoE latency per sample {s['dmoe']['latency_s']:.3f} s is {ratio:.2f}× FLARE's "
                f"({s['flare']['latency_s']:.3f} s); the paper's claim is ≤ 1/3: "
                f"**{'met' if ratio <= 1 / 3 else 'not met'}** in this run (the ratio moves with the batch size and the "
-               "machine's load: `benchmarks/README.md` measures it side by side).")
+               "machine's load: `benchmarks/results/history.md` measures it side by side).")
     sep = dm[1] > base[2]
     out.append(f"- DMoE above closed-book Base with non-overlapping intervals: **{'yes' if sep else 'no'}** "
                f"({_ci(dm)} vs {_ci(base)}); DMoE triggered {s['dmoe']['triggers']:.2f} times per answer.")

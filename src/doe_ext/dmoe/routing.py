@@ -2,7 +2,7 @@
 
 A router maps a query to the best experts with their scores, best first: ``(query, k) -> [(id,
 score), ...]`` (the bank's BM25 is :meth:`doe_ext.dmoe.bank.ExpertBank.search`). How the ``k``
-experts it returns combine is the composition (CONTRACT §6):
+experts it returns combine is the composition (docs/design.md#dmoe):
 
 - ``"sum"``: ``theta + sum_e delta_e``, the DMoE paper's eq. 6 (weights 1);
 - ``"mean"``: weights ``1 / k``;
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 Router = Callable[[str, int], Sequence[tuple[str, float]]]
 COMPOSITIONS = ("sum", "mean", "score", "top1")
-# The default, chosen on the dev split (benchmarks/README.md, "DMoE recipes"): every normalised mode kept
+# The default, chosen on the dev split (benchmarks/results/history.md, "DMoE recipes"): every normalised mode kept
 # F1 near closed book while "sum" fell far below it; on the default recipe's bank, "score" at
 # temperature 1 matched top-1 (EM 0.153) where temperature 3 fell to 0.083 and "mean" to 0.
 DEFAULT_COMPOSE, DEFAULT_TEMPERATURE = "score", 1.0

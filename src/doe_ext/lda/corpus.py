@@ -1,4 +1,4 @@
-"""Token corpus shards on disk (CONTRACT §5).
+"""Token corpus shards on disk (docs/design.md#stage-1-lda).
 
 A shard is a folder::
 

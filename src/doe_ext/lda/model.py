@@ -70,7 +70,7 @@ class LDA:
             document part of the conditional is summed exactly over the document's non-zero
             topics, the dense word part is drawn from per-word alias tables rebuilt each sweep, and
             an MH test corrects for their staleness; O(topics in the document) per token — or
-            ``"dense"``, the exact O(K) conditional. benchmarks/README.md has the measurement.
+            ``"dense"``, the exact O(K) conditional. benchmarks/results/history.md has the measurement.
         mh_steps: Metropolis-Hastings steps per token for the alias sampler.
         infer_iterations, infer_tolerance: limits of the per-document theta fixed point used by
             labelling and perplexity (stops when the L1 change of theta is below the tolerance).
@@ -216,7 +216,7 @@ class LDA:
         """Label every token of an in-memory-sized corpus.
 
         Returns ``(topic_ids, theta)``: int16 [N] with ``argmax_k theta[d, k] * phi[k, w]`` per
-        token (CONTRACT §5) and float32 [D, K]. Tokens outside the LDA vocabulary get their
+        token (docs/design.md#stage-1-lda) and float32 [D, K]. Tokens outside the LDA vocabulary get their
         document's dominant topic, or -1 with ``unlabeled="ignore"``; a document with no
         in-vocabulary token at all gets -1 throughout. Use :meth:`label_to` for large corpora.
         """

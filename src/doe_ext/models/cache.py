@@ -3,7 +3,7 @@
 A cached DoE forward must remember, per sequence, more than keys and values: each layer's causal
 prefix sums of the router's signal (App. H.1: the router reads the mean of v over positions <= t),
 and the last router's topic prediction at every position (a generated token takes the topic
-predicted at the previous position, CONTRACT §4). :class:`DoEState` keeps both per position, so
+predicted at the previous position, docs/design.md#the-doe-model). :class:`DoEState` keeps both per position, so
 every cache operation transformers' generation uses — ``reorder_cache`` (beam search), ``crop``
 (assisted decoding), ``batch_select_indices``, ``batch_repeat_interleave`` — can apply to them
 exactly as to the keys and values. :class:`DoECache` is a ``DynamicCache`` with that state; any other

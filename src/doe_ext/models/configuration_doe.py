@@ -1,4 +1,4 @@
-"""DoEConfig: a Llama-style decoder whose FFN blocks carry DoE's knowledge path (CONTRACT §4)."""
+"""DoEConfig: a Llama-style decoder whose FFN blocks carry DoE's knowledge path (docs/design.md#the-doe-model)."""
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
@@ -50,7 +50,7 @@ class DoEConfig(LlamaConfig):
             means "when there is a knowledge path". ``knowledge=False, topic_input=True`` is the
             control of Fig. 3 that separates the topic input from the knowledge path.
         supervise_last_router: also supervise the last layer's router with L_expert (by default it
-            is excluded: CONTRACT §4); its next-topic predictions drive generation.
+            is excluded: docs/design.md#the-doe-model); its next-topic predictions drive generation.
         num_experts, num_experts_per_tok, router_aux_loss_coef: the moe_topk baseline.
     """
 

@@ -1,4 +1,4 @@
-"""The DoE language model (CONTRACT §4), a Llama-style decoder whose FFN block gains DoE's knowledge
+"""The DoE language model (docs/design.md#the-doe-model), a Llama-style decoder whose FFN block gains DoE's knowledge
 path, plus the paper's baselines in the same code (dense "Base", softmax top-k MoE).
 
 Reads top-down: attention (which also hands out the router's signal) -> knowledge FFN -> MoE

@@ -1,4 +1,4 @@
-"""DoE's knowledge path (CONTRACT §4), one implementation for the native ``DoEForCausalLM`` and the
+"""DoE's knowledge path (docs/design.md#the-doe-model), one implementation for the native ``DoEForCausalLM`` and the
 Hugging Face drop-in (``doe_ext.integrations.hf.doeify``).
 
 :class:`KnowledgePath` owns what the layers share: Z (``knowledge_state``), the routers (one first,
@@ -52,7 +52,7 @@ def compose_expert(h: Tensor, z: Tensor, knowledge_attention: KnowledgeAttention
 
 def make_routers(d: int, latent_dim: int, num_topics: int, num_layers: int, router: str = "vae_relu",
                  decoder: bool = False) -> nn.ModuleDict:
-    """The routers of CONTRACT §4: ``first`` (layer 0, prior-conditioned), ONE ``middle`` module shared
+    """The routers of docs/design.md#the-doe-model: ``first`` (layer 0, prior-conditioned), ONE ``middle`` module shared
     by layers 1..L-2, ``last`` (optionally with the decoder that predicts the next token's embedding)."""
     activation = "relu" if router == "vae_relu" else "softmax"
     make = lambda decoder=False: VAEReLURouter(d, latent_dim, num_topics, activation=activation,  # noqa: E731
@@ -86,7 +86,7 @@ def next_embedding_target(embeds: Tensor) -> Tensor:
 
 
 class KnowledgePath(nn.Module):
-    """Z, the routers and the topic prior of a DoE model (CONTRACT §4), and :meth:`begin`, which
+    """Z, the routers and the topic prior of a DoE model (docs/design.md#the-doe-model), and :meth:`begin`, which
     starts one forward's :class:`KnowledgeStep`. The per-layer parts (the knowledge attention's
     ``W_q``, the signal projection ``W_s``) belong to the layers and come with each layer call.
 

@@ -3,7 +3,7 @@
 At batch 1 on the CPU, a step of SmolLM2-135M through transformers' ``forward`` spends about as long
 outside its linear layers as the floor of the whole step (the weights' bytes over the memory
 bandwidth): some 5,700 small ATen calls and the Python of 30 layers of modules, decorators, mask
-builders and hooks (``benchmarks/README.md``, "Decoding against the bandwidth floor"). For the
+builders and hooks (``benchmarks/results/history.md``, "Decoding against the bandwidth floor"). For the
 families listed in :data:`LEAN_FAMILIES`, :class:`LeanDecoder` runs the same arithmetic for one new
 token per sequence as a flat loop over the layers' weights: the same ATen ops in the same order as
 transformers' modules (its RMSNorm, rotary embedding, SDPA with the same GQA and mask handling),

@@ -24,7 +24,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
     With one token per sequence, every linear layer of a language model is a matrix-vector product,
     bound by reading the weight; ATen's CPU GEMM reads it at about a third of the bandwidth there
-    (``benchmarks/README.md``). The CPU kernel streams each weight row once and forms its dot
+    (``benchmarks/results/history.md``). The CPU kernel streams each weight row once and forms its dot
     product with every input row from L1, for up to 8 rows (at 1-3 rows, four weight rows per pass
     from four quarters of a thread's range: a core keeps four streams in flight, and each output is
     the same sum as the row's alone, bit for bit); more rows are a GEMM (compute-bound), which the op

@@ -1,4 +1,4 @@
-"""The ablation recorder (CONTRACT §7): arms, seeds, metrics and claims; writes
+"""The ablation recorder (docs/design.md#ablations): arms, seeds, metrics and claims; writes
 ``<dir>/<name>.{json,md,png}`` with per-arm means and 95% intervals over seeds, paired differences
 against the control arm, and each claim's verdict beside the paper's number."""
 from __future__ import annotations

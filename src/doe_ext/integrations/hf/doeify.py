@@ -1,4 +1,4 @@
-"""``doeify``: DoE's knowledge path (CONTRACT §4) on top of a pretrained Hugging Face causal LM.
+"""``doeify``: DoE's knowledge path (docs/design.md#the-doe-model) on top of a pretrained Hugging Face causal LM.
 
 As PEFT does, the original modules are wrapped (kept as ``base_layer``) and swapped in with
 ``setattr(parent, name, wrapper)``; no transformers class is edited. Per decoder layer:
@@ -609,7 +609,7 @@ class DoEWrapper(nn.Module):
 
 def doeify(model: nn.Module, config: DoEifyConfig | None = None, *, adapter: FamilyAdapter | None = None,
            **options) -> DoEWrapper:
-    """Add DoE's knowledge path (CONTRACT §4) to a pretrained causal LM, in place; returns the wrapper.
+    """Add DoE's knowledge path (docs/design.md#the-doe-model) to a pretrained causal LM, in place; returns the wrapper.
 
     Args:
         model: a transformers causal LM (families tested: docs/drop-in.md; the layout is read off the
