@@ -190,7 +190,7 @@ def test_last_router_supervision(ablation, ablation_seeds, ablation_scale, train
     table.notes = "`majority`: always the most frequent topic of the training split (the same for every seed)."
     train, heldout = doe_corpus.split()
     counts = np.bincount(np.concatenate(train[1]).clip(min=0), minlength=doe_corpus.num_topics)
-    nxt = eval_windows(heldout, SCALES[ablation_scale]["seq"])[1][:, 1:].numpy()  # the windows `evaluate` scores
+    nxt = eval_windows(heldout, SCALES[ablation_scale]["seq"])[1][:, 1:].numpy()  # the windows `heldout_metrics` scores
     majority = float((nxt[nxt >= 0] == counts.argmax()).mean())
     for seed in ablation_seeds:
         run = train_run(LAST_ROUTER[arm], seed)

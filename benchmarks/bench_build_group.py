@@ -8,12 +8,10 @@ each into a fresh bank, default threads.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_threads import _doe_ext
-from doe_ext.dmoe.data import load
+from benchmarks.bench_threads import fiction_docs, timed
 
 DOCS, GROUPS = 32, (4, 8, 16, 32)
 
@@ -21,12 +19,10 @@ DOCS, GROUPS = 32, (4, 8, 16, 32)
 def run(device: str) -> list[dict]:
     if device != "cpu":
         return []
-    train = [d for d in load("fiction-v1")[0] if d["split"] == "train"][:DOCS]
     with tempfile.TemporaryDirectory() as tmp:
         docs = Path(tmp) / "docs.jsonl"
-        docs.write_text("".join(json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]}) + "\n"
-                                for d in train))
-        got = {g: _doe_ext("dmoe", "build", str(docs), "--out", str(Path(tmp) / f"bank-{g}"), "--no-progress",
+        fiction_docs(docs, DOCS)
+        got = {g: timed("dmoe", "build", str(docs), "--out", str(Path(tmp) / f"bank-{g}"), "--no-progress",
                            "--no-reader", "--group-size", str(g), threads=None) for g in GROUPS}
     return [{"bench": "build_group", "shape": f"doe-ext dmoe build ({DOCS} experts), --group-size {g}",
              "dtype": "float32", "device": "cpu", "ms": {"build": round(1e3 * s)},

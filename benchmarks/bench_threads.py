@@ -2,7 +2,8 @@
 build of 8 experts (the default recipe, SmolLM2-135M, fiction-v1's first 8 train documents: made up)
 and 20 ``ask``s on that bank, each a fresh process, with the command's default threads and with
 ``--threads`` at every usable core (the default before the thread policy), idle and beside one
-``python -c "while True: pass"``, side by side in one run.
+``python -c "while True: pass"``, side by side in one run. Two builds started together:
+``bench_threads_pair.py``.
 
     python benchmarks/run.py --only threads
 """
@@ -22,21 +23,32 @@ from doe_ext.threads import ENV, usable_cores
 LAUNCH = "import sys, doe_ext_cli; sys.exit(doe_ext_cli.main(sys.argv[1:]))"
 
 
-def _doe_ext(*argv: str, threads: int | None) -> float:
+def start(*argv: str, threads: int | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != ENV}
     extra = [] if threads is None else ["--threads", str(threads)]
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, *argv, *extra], env=env, stdout=subprocess.DEVNULL)
+
+
+def timed(*argv: str, threads: int | None) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", LAUNCH, *argv, *extra], check=True, env=env, stdout=subprocess.DEVNULL)
+    if start(*argv, threads=threads).wait():
+        raise RuntimeError(f"doe-ext {' '.join(argv)} failed")
     return time.perf_counter() - t0
+
+
+def fiction_docs(path: Path, n: int) -> list[dict]:
+    """fiction-v1's first ``n`` train documents (made up) written as a DOCS.jsonl at ``path``."""
+    train = [d for d in load("fiction-v1")[0] if d["split"] == "train"][:n]
+    path.write_text("".join(json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]}) + "\n" for d in train))
+    return train
 
 
 def measure(work: Path, threads: int | None, busy: bool, docs: Path, questions: list[str]) -> dict:
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         bank = work / f"bank-{threads}-{busy}"
-        build = _doe_ext("dmoe", "build", str(docs), "--out", str(bank), "--no-progress", "--no-reader",
-                         threads=threads)
-        asks = sum(_doe_ext("dmoe", "ask", str(bank), q, threads=threads) for q in questions)
+        build = timed("dmoe", "build", str(docs), "--out", str(bank), "--no-progress", "--no-reader", threads=threads)
+        asks = sum(timed("dmoe", "ask", str(bank), q, threads=threads) for q in questions)
     finally:
         if spin is not None:
             spin.kill()
@@ -47,17 +59,13 @@ def measure(work: Path, threads: int | None, busy: bool, docs: Path, questions: 
 def run(device: str) -> list[dict]:
     if device != "cpu":
         return []
-    all_docs, qs = load("fiction-v1")
-    train = [d for d in all_docs if d["split"] == "train"][:8]
-    ids = {d["id"] for d in train}
-    questions = [q["question"] for q in qs if q["doc_id"] in ids][:20]
     cores = usable_cores()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         docs = work / "docs.jsonl"
-        docs.write_text("".join(json.dumps({"id": d["id"], "text": d["text"], "title": d["title"]}) + "\n"
-                                for d in train))
+        ids = {d["id"] for d in fiction_docs(docs, 8)}
+        questions = [q["question"] for q in load("fiction-v1")[1] if q["doc_id"] in ids][:20]
         got = {(t, b): measure(work, t, b, docs, questions) for b in (False, True) for t in (cores, None)}
     for (t, b), r in got.items():
         idle = got[(t, False)]

@@ -32,6 +32,9 @@ VARIANTS = {
     "shuffled": DEFAULT.replace(instances=("subject", "questions", "shuffled")),
     "sentences-shuffled": DEFAULT.replace(augment="sentences", instances=("subject", "questions", "shuffled")),
     "questions-shuffled": DEFAULT.replace(instances=("questions", "shuffled")),  # no generic subject prompts
+    # the shuffled copies at the default's cost: half the epochs (each epoch has more instances)
+    "shuffled-e8": DEFAULT.replace(instances=("subject", "questions", "shuffled"), epochs=8),
+    "questions-shuffled-e8": DEFAULT.replace(instances=("questions", "shuffled"), epochs=8),
 }
 
 

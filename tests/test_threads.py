@@ -129,3 +129,29 @@ def test_two_commands_started_together_split_the_cores(claims):
     cores = threads.usable_cores()
     assert all(g >= 1 for g in got) and (sum(got) <= cores or min(got) == 1), got
     assert not list(claims.glob("[0-9]*"))  # both released at exit
+
+
+def test_a_command_gives_cores_back_to_one_started_beside_it(restore_threads, claims, monkeypatch):
+    """What the policy chose shrinks to leave a later command its claim, and grows back (never above
+    the first choice) when that one ends; threads a user chose are left alone."""
+    import os
+
+    monkeypatch.setattr(threads, "free_cores", lambda: 3)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    mine = claims / str(os.getpid())
+    assert threads.configure(claim=True) == 3
+    for user_chose in (False, True):
+        if user_chose:
+            assert threads.configure(4, claim=True) == 4
+        other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        try:
+            (claims / str(other.pid)).write_text("2")
+            want = 4 if user_chose else 2
+            assert threads.rebalance(every_s=0) == want and torch.get_num_threads() == want
+            assert mine.read_text() == str(want)
+        finally:
+            other.communicate(b"")
+        want = 4 if user_chose else 3
+        assert threads.rebalance(every_s=0) == want and torch.get_num_threads() == want
+        assert mine.read_text() == str(want)
+    threads.release()

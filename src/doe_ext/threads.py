@@ -11,7 +11,9 @@ what the free core can run. So the commands that train or generate (``doe-ext dm
 the cores that are free when the command starts (:func:`free_cores`) and that no other running
 command has claimed. Each command claims the threads it set (a file named by its pid, removed when it
 ends; the files of dead processes are ignored), so two builds started in the same instant, which
-would each measure the other idle, split the cores instead of both taking all. In Python, call
+would each measure the other idle, split the cores instead of both taking all; and a command that
+started alone gives cores back to one that starts beside it (:func:`rebalance`, called at every
+decoding and optimizer step) and takes them again when that one ends. In Python, call
 :func:`configure` yourself (importing doe_ext changes no setting of torch's).
 """
 from __future__ import annotations
@@ -97,8 +99,33 @@ def _claim(threads: int) -> None:
 
 def release() -> None:
     """Drop this process's claim (the command is done; also at exit)."""
+    global _chosen
+    _chosen = None
     with contextlib.suppress(OSError):
         (claims_dir() / str(os.getpid())).unlink(missing_ok=True)
+
+
+_chosen: int | None = None  # the cores the policy chose when this process claimed them (None: not the policy's)
+_checked = 0.0
+
+
+def rebalance(every_s: float = 1.0) -> int:
+    """Fit this process's threads to the claims of the commands that started after it: at most what the
+    policy chose at the start, at most the usable cores less the others' claims, at least 1; its own
+    claim follows. A no-op (at most once per ``every_s`` seconds) unless :func:`configure` chose the
+    threads and claimed them; DMoE's decoding and training loops call it at every step. Returns the threads."""
+    global _checked
+    import torch
+
+    now = time.monotonic()
+    if _chosen is None or now - _checked < every_s:
+        return torch.get_num_threads()
+    _checked = now
+    want = max(1, min(_chosen, usable_cores() - claimed_cores()))
+    if want != torch.get_num_threads():
+        torch.set_num_threads(want)
+        _claim(want)
+    return want
 
 
 def configure(threads: int | None = None, claim: bool = False) -> int:
@@ -113,11 +140,14 @@ def configure(threads: int | None = None, claim: bool = False) -> int:
         threads = int(text)
     if threads is not None and not (isinstance(threads, int) and threads >= 1):
         raise ValueError(f"threads: `threads` must be a positive int, got {threads!r}")
+    global _chosen
     with _claims_lock(claim or threads is None):  # two commands starting together take turns here
-        if threads is None:
+        chosen = threads is None
+        if chosen:
             threads = max(1, min(free_cores(), usable_cores() - claimed_cores()))
         if claim:
             _claim(threads)
+            _chosen = threads if chosen else None
     import torch
 
     torch.set_num_threads(threads)

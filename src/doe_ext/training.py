@@ -1,7 +1,7 @@
 """The DoE Stage-2 training loop, one for the demo, the ablation runs (:mod:`doe_ext.testing.runs`)
 and users: a seeded stream of fixed-length windows (:func:`batches`), AdamW with a one-cycle or
 constant learning rate (:func:`optimise`), held-out next-token loss over every held-out token
-(:func:`eval_windows`, :func:`evaluate`), and one seeded run of a ``DoEForCausalLM`` with all its
+(:func:`eval_windows`, :func:`heldout_metrics`), and one seeded run of a ``DoEForCausalLM`` with all its
 measurements (:func:`train_model`).
 
 A split is ``(ids, topics, domains)``: per document its token ids and per-token topic ids (numpy
@@ -42,7 +42,7 @@ def eval_windows(split, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, windows: tuple[torch.Tensor, torch.Tensor], batch: int) -> dict:
+def heldout_metrics(model, windows: tuple[torch.Tensor, torch.Tensor], batch: int) -> dict:
     """Held-out next-token loss (mean over every predicted token of ``windows``) and, for a model with
     routers, the last router's next-topic accuracy (its prediction at t against token t+1's topic,
     what generation feeds back; over labelled tokens)."""
@@ -94,7 +94,7 @@ def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, 
     """One seeded Stage-2 run of a ``DoEForCausalLM(DoEConfig(**config))`` on windows of ``train``
     (:func:`optimise`, one-cycle lr); the batches are the same for every config and seed. Returns
     ``(result, model, tracker)``: ``result`` has the training NTP curve, held-out NTP loss and
-    perplexity over every held-out token (:func:`evaluate`; with ``eval_every``, also the held-out
+    perplexity over every held-out token (:func:`heldout_metrics`; with ``eval_every``, also the held-out
     curve ``[[step, loss], ...]``), the next-topic accuracy (with routers), train seconds (evaluation
     excluded), tokens/s, parameters and peak RSS."""
     from doe_ext._memory import peak_rss_mib, reset_peak_rss
@@ -114,14 +114,14 @@ def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, 
             tracker.update(out.aux)
         if eval_every and (step % eval_every == 0 or step == steps):
             t = time.perf_counter()
-            heldout_curve.append([step, evaluate(model, windows, batch)["ntp"]])
+            heldout_curve.append([step, heldout_metrics(model, windows, batch)["ntp"]])
             eval_s += time.perf_counter() - t
 
     t0 = time.perf_counter()
     curve = optimise(model, batches(*train, seq, batch, steps, seed=1), steps, lr, after_step=after_step,
                      progress=progress, desc=desc)
     train_s = time.perf_counter() - t0 - eval_s
-    final = evaluate(model, windows, batch)
+    final = heldout_metrics(model, windows, batch)
     model.eval()
     result = {"train_ntp_curve": curve, "heldout_ntp": final["ntp"], "heldout_ppl": math.exp(final["ntp"]),
               "train_s": round(train_s, 1), "tokens_per_s": steps * seq * batch / max(train_s, 1e-9),

@@ -114,7 +114,7 @@ def register(sub) -> None:
                    help="the sft method's adapter: N times the recipe's batch per optimizer step "
                         "(default: %(default)s)")
     e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=evaluate)
+    e.set_defaults(func=eval_)
 
     rd = cmds.add_parser("reader", help="the knowledge reader: one LoRA shared by a bank's experts (train, add, rm)")
     rcmds = rd.add_subparsers(dest="reader_command", metavar="COMMAND", required=True)
@@ -241,7 +241,7 @@ def ask(args) -> None:
             print(f"  [trigger] position {t.position}  entropy {t.entropy:.3f}  experts {', '.join(t.experts)}")
 
 
-def evaluate(args) -> None:
+def eval_(args) -> None:
     threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import load_base
     from doe_ext.dmoe.evaluate import (Harness, check_methods, evaluate, markdown, read_questions, read_shots,

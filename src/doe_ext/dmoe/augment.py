@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from doe_ext import threads
 from doe_ext.dmoe.recipe import AUGMENTATIONS
 
 REWRITE_PROMPT = (
@@ -215,6 +217,15 @@ def parse_qa(text: str) -> list[dict[str, str]]:
     return out[:3]
 
 
+class _Rebalance(StoppingCriteria):
+    """Stops nothing: transformers' per-step hook, for :func:`doe_ext.threads.rebalance` (cores back to a
+    command started beside this one; a no-op unless the process claimed its threads)."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        threads.rebalance()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: int | None = None,
                   stop_strings: list[str] | None = None) -> list[str]:
@@ -230,7 +241,8 @@ def generate_text(base, prompts: list[str], max_new_tokens: int, sample_seed: in
     if limit is not None and enc["input_ids"].shape[1] + max_new_tokens > limit:
         raise ValueError(f"augment: a prompt of {enc['input_ids'].shape[1]} tokens plus max_new_tokens="
                          f"{max_new_tokens} exceeds the model's context of {limit} positions (shorten the document)")
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  stopping_criteria=StoppingCriteriaList([_Rebalance()]))
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tok)
     if sample_seed is None:

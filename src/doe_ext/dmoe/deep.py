@@ -17,7 +17,7 @@ from doe_ext.dmoe.augment import Augmentation, Document
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.train import TrainedExpert, _ExpertAdamW, _experts, chunked_loss, fresh_experts, training_instances
+from doe_ext.dmoe.train import TrainedExpert, fit_experts, training_instances
 
 
 def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augmentation]], recipe: Recipe,
@@ -26,37 +26,25 @@ def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augme
     :func:`doe_ext.dmoe.train.train_experts`), all in one batch per step."""
     if recipe.objective != "next_token":
         raise ValueError(f"train_deep: only the next_token objective trains deep experts, got {recipe.objective!r}")
-    tok, dev, pad = base.tokenizer, base.device, base.tokenizer.pad_token_id
+    tok, dev, pad, bs = base.tokenizer, base.device, base.tokenizer.pad_token_id, recipe.batch_size
     insts = [training_instances(tok, d.text, a, recipe.max_length) for d, a in items]
     ids = [d.id for d, _ in items]
     site.attach()
-    a, b = fresh_experts(site, ids, recipe, dev)
-    opt = _ExpertAdamW([*a.values(), *b.values()], recipe.lr, recipe.weight_decay)
-    experts, head, body, bs = ExpertSet(a=a, b=b), site.head, base.model.base_model, recipe.batch_size
-    steps = [math.ceil(len(d) / bs) for d in insts]
-    loss = torch.zeros(len(ids))
-    for _ in range(recipe.epochs):
-        loss_sum, loss_n = torch.zeros(len(ids)), torch.zeros(len(ids))
-        for s in range(max(steps)):
-            rows = [(e, inst) for e in range(len(ids)) if s < steps[e] for inst in insts[e][s * bs:(s + 1) * bs]]
-            T = max(len(i.ids) for _, i in rows)
-            x = torch.tensor([i.ids + [pad] * (T - len(i.ids)) for _, i in rows], device=dev)
-            mask = torch.tensor([[1] * len(i.ids) + [0] * (T - len(i.ids)) for _, i in rows], device=dev)
-            sel = [(r, p) for r, (_, i) in enumerate(rows) for p in range(i.loss_start, len(i.ids) - 1)]
-            r_idx = torch.tensor([r for r, _ in sel], device=dev)
-            p_idx = torch.tensor([p for _, p in sel], device=dev)
-            who = torch.tensor([rows[r][0] for r, _ in sel])  # the expert of each loss row
-            n_tok = torch.zeros(len(ids)).index_add_(0, who, torch.ones(len(sel)))
-            w = (1.0 / n_tok[who]).to(dev)
-            per_seq = ActiveExperts.per_row(experts, torch.tensor([e for e, _ in rows], device=dev), recipe.lora.scale)
-            with use_experts(per_seq):
-                hidden = body(input_ids=x, attention_mask=mask).last_hidden_state
-            total, per_row = chunked_loss(hidden[r_idx, p_idx], head.weight, getattr(head, "bias", None),
-                                          x[r_idx, p_idx + 1], w, head_chunk)
-            total.backward()
-            active = sorted({e for e, _ in rows})
-            opt.step(torch.tensor(active))
-            loss_sum.index_add_(0, who, (per_row * w).detach().cpu().float())
-            loss_n[active] += 1
-        loss = loss_sum / loss_n
-    return _experts(ids, site.names, a, b, loss)
+    body = base.model.base_model
+
+    def batch(s: int, active: list[int], experts: ExpertSet):
+        rows = [(e, inst) for e in active for inst in insts[e][s * bs:(s + 1) * bs]]
+        T = max(len(i.ids) for _, i in rows)
+        x = torch.tensor([i.ids + [pad] * (T - len(i.ids)) for _, i in rows], device=dev)
+        mask = torch.tensor([[1] * len(i.ids) + [0] * (T - len(i.ids)) for _, i in rows], device=dev)
+        sel = [(r, p) for r, (_, i) in enumerate(rows) for p in range(i.loss_start, len(i.ids) - 1)]
+        r_idx = torch.tensor([r for r, _ in sel], device=dev)
+        p_idx = torch.tensor([p for _, p in sel], device=dev)
+        who = torch.tensor([rows[r][0] for r, _ in sel])  # the expert of each loss row
+        n_tok = torch.zeros(len(ids)).index_add_(0, who, torch.ones(len(sel)))
+        per_seq = ActiveExperts.per_row(experts, torch.tensor([e for e, _ in rows], device=dev), recipe.lora.scale)
+        with use_experts(per_seq):
+            hidden = body(input_ids=x, attention_mask=mask).last_hidden_state
+        return hidden[r_idx, p_idx], x[r_idx, p_idx + 1], who, (1.0 / n_tok[who]).to(dev)
+
+    return fit_experts(site, ids, recipe, [math.ceil(len(d) / bs) for d in insts], batch, dev, head_chunk=head_chunk)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from doe_ext import threads
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
@@ -366,6 +367,7 @@ class DMoE:
         state, logits = self.prefill(enc, list(experts) if experts is not None else [[] for _ in range(B)],
                                      share_prefix)
         for t in range(max_new_tokens):
+            threads.rebalance()  # cores back to a command started beside this one (a no-op unless claimed)
             ent = token_entropy(logits)
             fires = (ent > tau) if self.trigger is None else self.trigger(ent, t)
             triggered = [j for j in range(len(state.running)) if bool(fires[j])]

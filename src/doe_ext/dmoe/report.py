@@ -484,7 +484,7 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
     from doe_ext.dmoe.build import commit
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.model import DMoE
-    from doe_ext.dmoe.train import _train, instances_for
+    from doe_ext.dmoe.train import instances_for, train_experts
 
     if compositions_on not in ("dmoe", "oracle"):
         raise ValueError(f"compositions_on must be 'dmoe' or 'oracle', got {compositions_on!r}")
@@ -518,8 +518,8 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
             r = r.replace(epochs=max(keep))
             snaps: dict[int, list] = {}
             t0 = time.perf_counter()
-            _train(base, [d.id for d in targets], insts, r,
-                   on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in keep else None)
+            train_experts(base, items, r, instances=insts,
+                          on_epoch=lambda e, ex: snaps.__setitem__(e, ex) if e in keep else None)
             train_s = time.perf_counter() - t0
             for e in sorted(keep):
                 re = r.replace(epochs=e)

@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
+from doe_ext import threads
 from doe_ext.dmoe.augment import Augmentation, Document, qa_prompt
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, use_experts
@@ -318,21 +319,23 @@ def fresh_experts(site, ids: list[str], recipe: Recipe, device) -> tuple[dict[st
                   for n in site.names} for x in "ab")
 
 
-def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
-           on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
-           head_chunk: int = 256, progress: bool = False,
-           on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
-    """Expert ``ids[e]`` trained on ``insts[e]``, all experts in one batch (see the module docstring);
-    ``progress`` shows a bar over the optimizer steps; ``on_step(done, total)`` follows them."""
-    site = base.site.attach()
-    data = training_data(base, insts, soft=recipe.distill_loss == "kl")
-    dev = base.device
-    a, b = fresh_experts(site, ids, recipe, dev)
+# One training step's rows: the model's hidden states at the loss rows [R, d] (the experts active), their
+# targets ([R] next-token ids or [R, d] teacher hidden states), the expert of each row [R] and each row's
+# weight [R] (1 / the expert's loss rows in the step).
+Batch = Callable[[int, list[int], ExpertSet], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def fit_experts(site, ids: list[str], recipe: Recipe, steps: list[int], batch: Batch, device,
+                on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None, head_chunk: int = 256,
+                progress: bool = False, on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
+    """The expert training loop, whatever the site: expert ``ids[e]`` takes part in the first ``steps[e]``
+    steps of each of ``recipe.epochs`` epochs; ``batch(step, active, experts)`` runs the model on that
+    step's instances of the active experts (each row through its own expert) and returns its rows
+    (:data:`Batch`). The head's loss runs in chunks; each expert has its own AdamW state. ``on_epoch``,
+    ``progress`` and ``on_step`` as for :func:`train_experts`."""
+    a, b = fresh_experts(site, ids, recipe, device)
     opt = _ExpertAdamW([*a.values(), *b.values()], recipe.lr, recipe.weight_decay)
-    experts = ExpertSet(a=a, b=b)
-    head = site.head
-    E, bs = len(ids), recipe.batch_size
-    steps = [math.ceil(len(d) / bs) for d in data]
+    experts, head, E = ExpertSet(a=a, b=b), site.head, len(ids)
     loss_sum, loss_n = torch.zeros(E, dtype=torch.float64), torch.zeros(E)
     bar = tqdm(total=recipe.epochs * max(steps), desc="train " + ids[0] if E == 1 else "train",
                unit="step", disable=not progress)
@@ -340,17 +343,9 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
         loss_sum.zero_()  # the loss reported is the epoch's
         loss_n.zero_()
         for s in range(max(steps)):
+            threads.rebalance()  # cores back to a command started beside this one (a no-op unless claimed)
             active = [e for e in range(E) if s < steps[e]]
-            xs, ts, idx, ws = [], [], [], []
-            for e in active:
-                batch = data[e][s * bs:(s + 1) * bs]
-                n_tok = sum(len(t) for _, t in batch)
-                for x, t in batch:
-                    xs.append(x), ts.append(t)
-                    idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
-            x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx).to(dev), torch.cat(ws).to(dev)
-            with use_experts(ActiveExperts.per_row(experts, i, recipe.lora.scale)):
-                hidden = site.hidden(x)
+            hidden, t, i, w = batch(s, active, experts)
             total, per_row = chunked_loss(hidden, head.weight, getattr(head, "bias", None), t, w, head_chunk)
             if recipe.hidden_weight and t.dim() == 2:
                 extra = recipe.hidden_weight * hidden_l1(hidden, t)
@@ -371,6 +366,32 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
     if on_epoch is not None:
         on_epoch(recipe.epochs, out)
     return out
+
+
+def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
+           on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
+           head_chunk: int = 256, progress: bool = False,
+           on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
+    """Expert ``ids[e]`` trained on ``insts[e]`` at the base's last MLP, all experts in one batch, on the
+    residuals cached once per instance (see the module docstring)."""
+    site = base.site.attach()
+    data = training_data(base, insts, soft=recipe.distill_loss == "kl")
+    dev, bs = base.device, recipe.batch_size
+
+    def batch(s: int, active: list[int], experts: ExpertSet):
+        xs, ts, idx, ws = [], [], [], []
+        for e in active:
+            rows = data[e][s * bs:(s + 1) * bs]
+            n_tok = sum(len(t) for _, t in rows)
+            for x, t in rows:
+                xs.append(x), ts.append(t)
+                idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
+        x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx).to(dev), torch.cat(ws).to(dev)
+        with use_experts(ActiveExperts.per_row(experts, i, recipe.lora.scale)):
+            return site.hidden(x), t, i, w
+
+    return fit_experts(site, ids, recipe, [math.ceil(len(d) / bs) for d in data], batch, dev, on_epoch,
+                       head_chunk, progress, on_step)
 
 
 def _experts(ids, names, a, b, loss) -> list[TrainedExpert]:

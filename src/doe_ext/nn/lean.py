@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from doe_ext.ops.decode_linear import _ops
+import doe_ext.ops.decode_linear  # noqa: F401  (the lean ops' fake kernels are registered there)
+
+_ops = torch.ops.doe_ext
 
 _decode_linear = _ops.decode_linear.default  # the raw op on [R, in] rows (the wrapper's checks and reshapes skipped)
 _lean_qkv, _lean_attention, _lean_mlp = _ops.lean_qkv.default, _ops.lean_attention.default, _ops.lean_mlp.default

@@ -106,13 +106,13 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
     """DoE Table 14 and Fig. 7 at our scale: continue training ``model`` on one domain only (constant
     ``lr``), held-out NTP loss per domain before and after, and the share of blocks with exactly zero
     gradient at each continued step."""
-    from doe_ext.training import batches, eval_windows, evaluate, optimise
+    from doe_ext.training import batches, eval_windows, heldout_metrics, optimise
 
     domains = sorted(set(heldout[2]))
     if target not in domains:
         raise ValueError(f"seesaw: `target` must be one of the domains {domains}, got {target!r}")
     windows = {d: eval_windows(by_domain(heldout, d), seq) for d in domains}
-    before = {d: evaluate(model, w, batch)["ntp"] for d, w in windows.items()}
+    before = {d: heldout_metrics(model, w, batch)["ntp"] for d, w in windows.items()}
     shares = []
 
     def after_backward(step, out):
@@ -122,7 +122,7 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
 
     optimise(model, batches(*by_domain(train, target), seq, batch, steps, seed=3), steps, lr, one_cycle=False,
              after_backward=after_backward)
-    after = {d: evaluate(model, w, batch)["ntp"] for d, w in windows.items()}
+    after = {d: heldout_metrics(model, w, batch)["ntp"] for d, w in windows.items()}
     others = [d for d in domains if d != target]
     out = {"target": target, "steps": steps, "before": before, "after": after,
            "target_change": after[target] - before[target],
