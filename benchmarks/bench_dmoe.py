@@ -41,7 +41,7 @@ def bench_training(base, items, epochs: int) -> dict:
     import peft
 
     from doe_ext.dmoe import Recipe, train_experts
-    from doe_ext.dmoe.train import training_instances
+    from doe_ext.dmoe.instances import training_instances
 
     cfg = Recipe(epochs=epochs)
     t0 = time.perf_counter()

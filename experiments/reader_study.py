@@ -26,7 +26,8 @@ from doe_ext.dmoe.augment import SHOTS, qa_prompt
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, evaluate, markdown, summarize, write
 from doe_ext.dmoe.metrics import exact_match, hit, paired_ci
-from doe_ext.dmoe.reader import Reader, ReaderRecipe, train_reader
+from doe_ext.dmoe.reader import Reader, ReaderRecipe
+from doe_ext.dmoe.reader_training import train_reader
 from doe_ext.dmoe.recipe import RECIPES
 
 OFF = ("base", "gold", "rag", "prag", "dmoe")

@@ -1,5 +1,7 @@
 """The package's layering: no module under src/doe_ext imports another module's private name (a name
-starting with `_` that is not itself a module), and none imports from the repository's experiments/."""
+starting with `_` that is not itself a module), none imports from the repository's experiments/, and no
+two modules import each other, directly or round a circle (imports inside functions count: they only
+hide a circle)."""
 import ast
 import importlib.util
 from pathlib import Path
@@ -33,3 +35,70 @@ def test_no_module_imports_another_modules_private_name():
 def test_the_library_never_imports_the_experiments():
     bad = [(str(p), m) for p, m, _ in imports() if m == "experiments" or m.startswith("experiments.")]
     assert not bad, bad
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the doe_ext modules it imports (``from pkg import submodule`` is an edge to the
+    submodule; the package's own __init__ runs first anyway, as for any submodule)."""
+    mods, graph = modules(), {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("doe_ext"):
+                subs = {f"{node.module}.{a.name}" for a in node.names} & mods.keys()
+                deps |= subs or ({node.module} & mods.keys())
+                if subs and len(subs) < len(node.names):
+                    deps |= {node.module} & mods.keys()
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names} & mods.keys()
+        graph[name] = deps - {name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, count = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = count[0]
+        count[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_circles_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle():
+    assert not circles(import_graph())

@@ -11,7 +11,8 @@ from doe_ext.dmoe import Augmentation, DMoE, Document, ExpertBank, ExpertSite, L
 from doe_ext.dmoe.deep import train_deep
 from doe_ext.dmoe.experts import set_linear_weight
 from doe_ext.dmoe.model import token_entropy
-from doe_ext.dmoe.train import expert_seed, training_instances
+from doe_ext.dmoe.instances import training_instances
+from doe_ext.dmoe.train import expert_seed
 from test_train import AUG, RefLoRA, base64  # noqa: F401  (a fixture)
 
 CFG = Recipe(lora=LoRAConfig(4, 16.0), lr=2e-3, epochs=3)

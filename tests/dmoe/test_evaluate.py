@@ -120,7 +120,8 @@ def test_summary_and_markdown_known_values():
 
 def test_sft_is_one_adapter_over_the_corpus(base, bank, capsys):
     from doe_ext.dmoe import Augmentation, Document, Recipe, train_experts
-    from doe_ext.dmoe.train import instances_for, train_adapter
+    from doe_ext.dmoe.distill import instances_for
+    from doe_ext.dmoe.train import train_adapter
 
     sft = sft_bank(base, bank)
     assert sft.ids() == ["sft"] and sft.path == bank.path / "sft" and len(bank) == len(DOCS)

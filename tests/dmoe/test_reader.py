@@ -14,7 +14,8 @@ from doe_ext.cli import main
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, LoRAConfig, qa_prompt
 from doe_ext.dmoe.evaluate import Harness, evaluate
 from doe_ext.dmoe.experts import ExpertSet, set_linear_weight
-from doe_ext.dmoe.reader import READER_ID, Reader, ReaderError, ReaderRecipe, routed_set, train_reader
+from doe_ext.dmoe.reader import READER_ID, Reader, ReaderError, ReaderRecipe
+from doe_ext.dmoe.reader_training import routed_set, train_reader
 
 QA = [{"question": "What does the sea otter crack?", "answers": ["shellfish"], "doc_id": "otter"},
       {"question": "What is basalt formed from?", "answers": ["lava"], "doc_id": "basalt"},

@@ -10,8 +10,8 @@ from torch import nn
 from conftest import DOCS
 from doe_ext.dmoe import Augmentation, Document, ExpertSite, LoRAConfig, Recipe, load_base, train_experts
 from doe_ext.dmoe.distill import SHUFFLES, SUBJECT_PROMPTS, distill_instances, sentences
-from doe_ext.dmoe.train import (Instance, _prefix_groups, chunked_loss, expert_seed, hidden_l1, residuals,
-                                training_instances)
+from doe_ext.dmoe.instances import Instance, training_instances
+from doe_ext.dmoe.train import _prefix_groups, chunked_loss, expert_seed, hidden_l1, residuals
 
 AUG = Augmentation(kind="model", rewrite="A sea otter lies on its back and breaks shellfish with a stone.",
                    qa=[{"question": "What does the otter float on?", "answer": "its back", "full_answer": "its back"},

@@ -268,7 +268,8 @@ def reader_train(args) -> None:
     threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import LoRAConfig, load_base
     from doe_ext.dmoe.evaluate import read_questions, read_shots
-    from doe_ext.dmoe.reader import ReaderRecipe, train_reader
+    from doe_ext.dmoe.reader import ReaderRecipe
+    from doe_ext.dmoe.reader_training import train_reader
 
     questions = [q for q in read_questions(args.questions) if args.split is None or q.get("split") == args.split]
     if not questions:

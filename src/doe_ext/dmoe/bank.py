@@ -50,6 +50,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from doe_ext.dmoe.experts import ExpertSet, LoRAConfig
+from doe_ext.dmoe.files import canonical_safetensors
 from doe_ext.dmoe.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -77,17 +78,6 @@ _ROW = "id, text, surrogate, loss, checksum, file, created, augmentation, config
 
 class BankError(ValueError):
     """A bank that cannot be used as asked (wrong base model, corrupt file, bad id)."""
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """``data`` (a safetensors file) with its JSON header's keys sorted: safetensors writes the metadata
-    in a hash map's order, which changes from call to call, so equal experts would get different bytes,
-    checksums and file names. The tensors' bytes and offsets are unchanged; the header is padded with
-    spaces to a multiple of 8 bytes, as safetensors pads it."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def check_id(expert_id: str) -> str:

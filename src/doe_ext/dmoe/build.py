@@ -16,7 +16,9 @@ from doe_ext.dmoe.augment import QA_DEMONSTRATION, SENTENCE_QUESTIONS, Augmentat
 from doe_ext.dmoe.bank import ExpertBank, check_id
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
-from doe_ext.dmoe.train import Instance, TrainedExpert, instances_for, train_experts
+from doe_ext.dmoe.distill import instances_for
+from doe_ext.dmoe.instances import Instance
+from doe_ext.dmoe.train import TrainedExpert, train_experts
 
 
 def read_documents(path: str | os.PathLike) -> list[Document]:

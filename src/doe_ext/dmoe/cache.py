@@ -124,3 +124,11 @@ def fill_from_end(rows: int, kept: Sequence[int]) -> list[int]:
     tail = iter(j for j in kept if j >= n)
     inside = set(j for j in kept if j < n)
     return [i if i in inside else next(tail) for i in range(n)]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -17,7 +17,8 @@ from doe_ext.dmoe.augment import Augmentation, Document
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.train import TrainedExpert, fit_experts, training_instances
+from doe_ext.dmoe.instances import training_instances
+from doe_ext.dmoe.train import TrainedExpert, fit_experts
 
 
 def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augmentation]], recipe: Recipe,

@@ -41,7 +41,7 @@ import random
 from doe_ext.dmoe.augment import SHOTS, Augmentation, Document, fewshot_prompt, sentences
 from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.train import Instance, continues, starts
+from doe_ext.dmoe.instances import Instance, continues, starts, training_instances
 
 # Generic questions about any subject (who / what / where / when / which), written for no particular
 # kind of document; the teacher's answers, not these wordings, carry the document's facts.
@@ -114,3 +114,10 @@ def distill_instances(base: BaseLM, items: list[tuple[Document, Augmentation]], 
         if "rewrites" in recipe.instances and a.rewrite:
             out[n].append(_pair(tok, f"Passage: {d.text}\n{lead}", lead, " " + a.rewrite, recipe.max_length))
     return [[i for i in doc if i is not None] for doc in out]
+
+
+def instances_for(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe) -> list[list[Instance]]:
+    """Each document's instances under ``recipe``'s objective (distillation runs its teacher here)."""
+    if recipe.objective == "distill":
+        return distill_instances(base, items, recipe)
+    return [training_instances(base.tokenizer, d.text, a, recipe.max_length) for d, a in items]

@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from doe_ext import threads
 from doe_ext.dmoe.bank import BankError, ExpertBank
 from doe_ext.dmoe.base import BaseLM
-from doe_ext.dmoe.cache import PreallocatedCache, fill_from_end
+from doe_ext.dmoe.cache import PreallocatedCache, common_prefix, fill_from_end
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
 from doe_ext.dmoe.reader import READER_ID, Reader
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, Router, check_composition, compose
@@ -75,14 +75,6 @@ def token_entropy(logits: Tensor) -> Tensor:
     """``-sum p log p`` over the last dim, in float32."""
     logp = torch.log_softmax(logits.float(), -1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass

@@ -4,7 +4,7 @@ augmentation), stored once in the bank and checked whenever experts are added to
 Two objectives train an expert (docs/design.md#dmoe):
 
 - ``"next_token"``: the DMoE paper's (PRAG's) next-token loss on the document and its augmentations
-  (:func:`doe_ext.dmoe.train.training_instances`).
+  (:func:`doe_ext.dmoe.instances.training_instances`).
 - ``"distill"``: context distillation (:mod:`doe_ext.dmoe.distill`). The teacher is the frozen base
   with the document in its prompt, the student the base plus the expert without it; the expert is
   trained on ``KL(teacher || student)`` over the teacher's own answers (plus, with

@@ -484,7 +484,8 @@ def recipe_study(out: Path, recipes: dict[str, Recipe] = STUDY_RECIPES, lrs: dic
     from doe_ext.dmoe.build import commit
     from doe_ext.dmoe.evaluate import Variant
     from doe_ext.dmoe.model import DMoE
-    from doe_ext.dmoe.train import instances_for, train_experts
+    from doe_ext.dmoe.distill import instances_for
+    from doe_ext.dmoe.train import train_experts
 
     if compositions_on not in ("dmoe", "oracle"):
         raise ValueError(f"compositions_on must be 'dmoe' or 'oracle', got {compositions_on!r}")

@@ -31,27 +31,13 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from doe_ext import threads
-from doe_ext.dmoe.augment import Augmentation, Document, qa_prompt
+from doe_ext.dmoe.augment import Augmentation, Document
+from doe_ext.dmoe.distill import instances_for
 from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.cache import common_prefix
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, use_experts
-from doe_ext.dmoe.model import common_prefix
+from doe_ext.dmoe.instances import Instance
 from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP, Recipe
-
-
-@dataclass
-class Instance:
-    """One training sequence: token ids and the first position whose next token is a target. A
-    distillation instance also has the teacher's ids and first target position: its last targets are
-    the student's, token for token."""
-
-    ids: list[int]
-    loss_start: int
-    teacher: list[int] | None = None
-    teacher_start: int | None = None
-
-    @property
-    def targets(self) -> int:
-        return len(self.ids) - 1 - self.loss_start
 
 
 @dataclass
@@ -59,35 +45,6 @@ class TrainedExpert:
     id: str
     tensors: dict[str, Tensor]  # "<proj>.lora_a" [r, in], "<proj>.lora_b" [out, r]
     loss: float  # mean loss over the last epoch's steps
-
-
-def starts(tokenizer) -> Callable[[str], list[int]]:
-    """Text -> ids of a sequence that starts with it (the tokenizer's BOS where it adds one: Gemma)."""
-    return lambda s: tokenizer(s)["input_ids"]
-
-
-def continues(tokenizer) -> Callable[[str], list[int]]:
-    """Text -> ids that continue a sequence (no special tokens)."""
-    return lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-
-
-def training_instances(tokenizer, text: str, aug: Augmentation, max_length: int) -> list[Instance]:
-    """PRAG's instances for one document: the passage and its rewrite as plain text (loss on every
-    token), then for the first half of the QA pairs the question with the passage and with the
-    rewrite in the prompt, for the rest the question alone (loss on the answer). Sequences start as
-    the tokenizer starts them (BOS where the model has one); answers continue them."""
-    enc, cont = starts(tokenizer), continues(tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = [Instance(enc(t)[:max_length], 0) for t in (text, aug.rewrite) if t]
-    half = (len(aug.qa) + 1) // 2
-    for j, qa in enumerate(aug.qa):
-        contexts = [[p] for p in (text, aug.rewrite) if p] if j < half else [None]
-        for ctx in contexts:
-            prompt = enc(qa_prompt(tokenizer, qa["question"], ctx))
-            ids = (prompt + cont(" " + qa["answer"]) + eos)[:max_length]
-            if len(ids) > len(prompt):
-                out.append(Instance(ids, len(prompt) - 1))
-    return [i for i in out if len(i.ids) - 1 > i.loss_start]
 
 
 def _prefix_groups(instances: list[Instance], min_shared: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
@@ -249,15 +206,6 @@ class _ExpertAdamW:
             pr -= (self.lr / bc1).to(p.device, p.dtype).view(shape) * mr / denom
             p[rows], m[rows], v[rows] = pr, mr, vr
             p.grad = None
-
-
-def instances_for(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe) -> list[list[Instance]]:
-    """Each document's instances under ``recipe``'s objective (distillation runs its teacher here)."""
-    if recipe.objective == "distill":
-        from doe_ext.dmoe.distill import distill_instances
-
-        return distill_instances(base, items, recipe)
-    return [training_instances(base.tokenizer, d.text, a, recipe.max_length) for d, a in items]
 
 
 def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
