@@ -102,3 +102,15 @@ def test_circles_finds_a_circle():
 
 def test_no_import_circle():
     assert not circles(import_graph())
+
+
+def test_the_evaluation_harness_and_inference_never_import_training():
+    graph, training = import_graph(), {"doe_ext.dmoe.train", "doe_ext.dmoe.build", "doe_ext.dmoe.distill",
+                                       "doe_ext.dmoe.reader_training", "doe_ext.dmoe.deep"}
+    for start in ("doe_ext.dmoe.evaluate", "doe_ext.dmoe.model", "doe_ext.dmoe.bank"):
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        assert not seen & training, (start, sorted(seen & training))

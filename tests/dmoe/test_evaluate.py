@@ -9,8 +9,9 @@ from conftest import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
 from doe_ext.dmoe import DMoE, ExpertBank, load_base, qa_prompt
 from doe_ext.dmoe.augment import fewshot_prompt
+from doe_ext.dmoe.build import sft_bank
 from doe_ext.dmoe.evaluate import (METHODS, Harness, Sample, Variant, _first_sentence, check_methods, evaluate,
-                                   markdown, read_questions, read_shots, sft_bank, summarize)
+                                   markdown, read_questions, read_shots, summarize)
 from doe_ext.dmoe.metrics import cut_answer
 from test_generate import reference_compose, reference_generate
 
@@ -30,8 +31,9 @@ SHOTS = [("What is a tort?", "a civil wrong", DOCS[3]["text"]), ("Which rock is 
 
 @pytest.mark.parametrize("shots, compose", [((), "sum"), (SHOTS, "score")], ids=["chat-sum", "fewshot-score"])
 def test_every_method_against_its_reference(base, bank, shots, compose):
+    sft = sft_bank(base, bank)
     h = Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=2, compose=compose,
-                temperature=0.5)
+                temperature=0.5, sft=sft)
     res = evaluate(h, QA, METHODS, progress=False)
     assert list(res) == list(METHODS) and all(len(v) == len(QA) for v in res.values())
     tok = base.tokenizer
@@ -66,7 +68,7 @@ def test_every_method_against_its_reference(base, bank, shots, compose):
     assert [s.yes_no for s in res["base"]] == [False] * 4 + [True]
     assert res["rag"][4].correct_yes_no in (0.0, 1.0)
     one = evaluate(Harness(base, bank, shots=shots, top_k=2, tau=0.0, max_new_tokens=6, batch_size=1, compose=compose,
-                           temperature=0.5), QA, METHODS, progress=False)
+                           temperature=0.5, sft=sft), QA, METHODS, progress=False)
     for m in METHODS:  # batches (and their shared prompt prefix) answer as one question at a time does
         assert [s.prediction for s in one[m]] == [s.prediction for s in res[m]], m
         assert [s.passages for s in one[m]] == [s.passages for s in res[m]], m
@@ -152,8 +154,12 @@ def test_sft_is_one_adapter_over_the_corpus(base, bank, capsys):
         train_adapter(base, items, recipe, docs_per_step=0)
     bank.remove(["tort"])
     assert sft_bank(base, bank).row("sft").checksum != checksum  # the corpus changed
-    res = evaluate(Harness(base, bank, max_new_tokens=6), QA[:2], ["base", "sft"], progress=False)
+    res = evaluate(Harness(base, bank, max_new_tokens=6, sft=sft_bank(base, bank)), QA[:2], ["base", "sft"],
+                   progress=False)
     assert [s.passages for s in res["sft"]] == [["sft"], ["sft"]]
+    with pytest.raises(ValueError, match=r"the method 'sft' needs the SFT-LoRA adapter: Harness\(\.\.\., "
+                                         r"sft=doe_ext\.dmoe\.build\.sft_bank\(base, bank\)\)"):
+        evaluate(Harness(base, bank, max_new_tokens=6), QA[:2], ["base", "sft"], progress=False)  # the harness never trains
 
 
 def test_method_and_question_errors(base, bank, tmp_path):
@@ -161,8 +167,6 @@ def test_method_and_question_errors(base, bank, tmp_path):
         check_methods(["rgb"])
     with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
         Harness(base, bank, batch_size=0)
-    with pytest.raises(ValueError, match="`sft_docs_per_step` must be >= 1, got 0"):
-        Harness(base, bank, sft_docs_per_step=0)
     shots = tmp_path / "shots.jsonl"
     shots.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "nope"}) + "\n")
     with pytest.raises(ValueError, match="shots.jsonl:1: a demonstration needs a `passage` or the `doc_id`"):

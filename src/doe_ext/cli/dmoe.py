@@ -244,6 +244,7 @@ def ask(args) -> None:
 def eval_(args) -> None:
     threads.configure(args.threads, claim=True)
     from doe_ext.dmoe import load_base
+    from doe_ext.dmoe.build import sft_bank
     from doe_ext.dmoe.evaluate import (Harness, check_methods, evaluate, markdown, read_questions, read_shots,
                                        summarize, write)
 
@@ -252,10 +253,10 @@ def eval_(args) -> None:
     with _open(args.bank) as bank:
         shots = read_shots(args.shots, bank) if args.shots else ()
         base = load_base(args.base or bank.base_name)
+        sft = sft_bank(base, bank, args.sft_docs_per_step, not args.no_progress) if "sft" in methods else None
         harness = Harness(base, bank, shots=shots, top_k=args.top_k, tau=args.tau,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compose=args.compose,
-                          temperature=args.temperature, sft_docs_per_step=args.sft_docs_per_step,
-                          reader=not args.no_reader)
+                          temperature=args.temperature, sft=sft, reader=not args.no_reader)
         results = evaluate(harness, questions, methods, progress=not args.no_progress)
     summary = summarize(results)
     print(markdown(summary), end="")

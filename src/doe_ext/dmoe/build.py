@@ -18,7 +18,8 @@ from doe_ext.dmoe.base import BaseLM
 from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.distill import instances_for
 from doe_ext.dmoe.instances import Instance
-from doe_ext.dmoe.train import TrainedExpert, train_experts
+from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP
+from doe_ext.dmoe.train import TrainedExpert, train_adapter, train_experts
 
 
 def read_documents(path: str | os.PathLike) -> list[Document]:
@@ -145,3 +146,23 @@ def build_bank(base: BaseLM, docs: Iterable[Document], bank: ExpertBank, group_s
     finally:
         bar.close()
     return [d.id for d in todo]
+
+
+def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_STEP,
+             progress: bool = False) -> ExpertBank:
+    """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and instances and
+    the bank's recipe, ``docs_per_step`` documents' instances per optimizer step), in a bank of one at
+    ``BANK/sft``; trained again only when the documents, the recipe or ``docs_per_step`` change. Hand it
+    to the evaluation harness (``Harness(base, bank, sft=sft_bank(base, bank))``) for the ``sft`` method."""
+    rows = bank.rows()
+    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows]
+                                       + [bank.recipe.to_dict(), docs_per_step], sort_keys=True).encode()).hexdigest()
+    sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
+                     recipe=bank.recipe, dtype=bank.dtype)
+    if sft.meta().get("corpus") != corpus or "sft" not in sft:
+        items = [(Document(r.id, r.text, r.title), Augmentation.from_json(r.augmentation)) for r in rows]
+        e = train_adapter(base, items, bank.recipe, docs_per_step=docs_per_step, instances=instances(base, bank, items),
+                          progress=progress)
+        sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
+        sft.set_meta("corpus", corpus)
+    return sft

@@ -12,7 +12,8 @@ Methods:
   probability below ``theta``, retrieve with the question and the sentence without those tokens, and
   generate the sentence again with the documents in a rewritten prompt (no cache reuse).
 - ``sft``: SFT-LoRA, one LoRA (same recipe and placement as an expert) trained on every document's
-  instances, active from the first position; trained once per bank content and kept in ``BANK/sft``.
+  instances, active from the first position; given to the harness (:func:`doe_ext.dmoe.build.sft_bank`
+  trains it once per bank content and keeps it in ``BANK/sft``: the harness never trains).
 - ``dmoe``: DMoE, closed-book prompt, experts triggered by token uncertainty and routed on the prefix.
 - ``reader``: a control for banks with a knowledge reader: the reader alone, active from the first
   position, closed book (it must not carry answers by itself).
@@ -39,7 +40,6 @@ from doe_ext.dmoe.data import read_jsonl
 from doe_ext.dmoe.metrics import bootstrap_ci, cut_answer, degenerate, exact_match, f1, hit, yes_no
 from doe_ext.dmoe.model import DMoE, Generation, WeightedSet, line_break_tokens
 from doe_ext.dmoe.reader import READER_ID
-from doe_ext.dmoe.recipe import SFT_DOCS_PER_STEP
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE, compose, fixed
 
 METHODS = ("base", "gold", "rag", "prag", "flare", "sft", "dmoe")
@@ -137,11 +137,9 @@ class Harness:
                  tau: float = 2.0, max_new_tokens: int = 32, query_tokens: int = 128, batch_size: int = 16,
                  flare_theta: float = 0.4, flare_lookahead: int = 16, sort_by_length: bool = True,
                  compose: str = DEFAULT_COMPOSE, temperature: float = DEFAULT_TEMPERATURE,
-                 sft_docs_per_step: int = SFT_DOCS_PER_STEP, reader=True):
+                 sft: ExpertBank | None = None, reader=True):
         if batch_size < 1:
             raise ValueError(f"dmoe eval: `batch_size` must be >= 1, got {batch_size}")
-        if sft_docs_per_step < 1:
-            raise ValueError(f"dmoe eval: `sft_docs_per_step` must be >= 1, got {sft_docs_per_step}")
         self.base, self.bank, self.shots, self.top_k = base, bank, list(shots), top_k
         self.max_new_tokens, self.query_tokens, self.batch_size = max_new_tokens, query_tokens, batch_size
         self.flare_theta, self.flare_lookahead = flare_theta, flare_lookahead
@@ -150,8 +148,7 @@ class Harness:
         self.dmoe = DMoE(base, bank, tau=tau, top_k=top_k, query_tokens=query_tokens, compose=compose,
                          temperature=temperature, reader=reader)
         self.stop = line_break_tokens(self.tok)
-        self._sft: DMoE | None = None
-        self.sft_docs_per_step = sft_docs_per_step
+        self._sft = None if sft is None else DMoE(base, sft, tau=math.inf)
 
     def prompt(self, question: str, passages: list[str] | None = None, experts: bool = False) -> str:
         """The harness's shots, if it has any, for every method; without them, the chat template for the
@@ -169,10 +166,12 @@ class Harness:
     def generate(self, dmoe: DMoE, prompts: list[str], max_new_tokens: int | None = None, **kw) -> list[Generation]:
         return dmoe.generate(prompts, max_new_tokens or self.max_new_tokens, stop_tokens=self.stop, **kw)
 
-    def sft(self, progress: bool = False) -> DMoE:
-        """The SFT-LoRA baseline, trained on first use (``progress`` shows its training steps)."""
+    def sft(self) -> DMoE:
+        """The SFT-LoRA baseline: the adapter the harness was given (``sft``; trained by
+        :func:`doe_ext.dmoe.build.sft_bank`: the harness itself never trains)."""
         if self._sft is None:
-            self._sft = DMoE(self.base, sft_bank(self.base, self.bank, self.sft_docs_per_step, progress), tau=math.inf)
+            raise ValueError("dmoe eval: the method 'sft' needs the SFT-LoRA adapter: "
+                             "Harness(..., sft=doe_ext.dmoe.build.sft_bank(base, bank))")
         return self._sft
 
     def context(self, method: str | Variant, qs: list[dict]) -> list[list[tuple[str, float]]]:
@@ -280,32 +279,6 @@ def _doc_id(q: dict, method: str) -> str:
     return q["doc_id"]
 
 
-def sft_bank(base: BaseLM, bank: ExpertBank, docs_per_step: int = SFT_DOCS_PER_STEP,
-             progress: bool = False) -> ExpertBank:
-    """The SFT-LoRA adapter for ``bank``'s documents (with their cached augmentations and instances and
-    the bank's recipe, ``docs_per_step`` documents' instances per optimizer step), in a bank of one at
-    ``BANK/sft``; trained again only when the documents, the recipe or ``docs_per_step`` change.
-    Training code is imported here, on first use: the rest of the harness is inference."""
-    import hashlib
-
-    from doe_ext.dmoe.augment import Augmentation, Document
-    from doe_ext.dmoe.build import instances
-    from doe_ext.dmoe.train import train_adapter
-
-    rows = bank.rows()
-    corpus = hashlib.sha256(json.dumps([[r.id, r.text, r.augmentation] for r in rows]
-                                       + [bank.recipe.to_dict(), docs_per_step], sort_keys=True).encode()).hexdigest()
-    sft = ExpertBank(bank.path / "sft", create=True, fingerprint=bank.fingerprint, base_name=bank.base_name,
-                     recipe=bank.recipe, dtype=bank.dtype)
-    if sft.meta().get("corpus") != corpus or "sft" not in sft:
-        items = [(Document(r.id, r.text, r.title), Augmentation.from_json(r.augmentation)) for r in rows]
-        e = train_adapter(base, items, bank.recipe, docs_per_step=docs_per_step, instances=instances(base, bank, items),
-                          progress=progress)
-        sft.add("sft", e.tensors, f"SFT-LoRA over {len(rows)} documents", "", loss=e.loss)
-        sft.set_meta("corpus", corpus)
-    return sft
-
-
 def check_methods(methods: list) -> list:
     for m in methods:
         if not isinstance(m, Variant) and m not in (*METHODS, READER_CONTROL):
@@ -318,14 +291,14 @@ def evaluate(harness: Harness, questions: list[dict], methods: list = METHODS,
     """Every method (a name of ``METHODS`` or a :class:`Variant`) on every question, in batches."""
     check_methods(methods)
     h = harness
+    if "sft" in methods:
+        h.sft()  # no adapter: refused before any method runs
     results: dict[str, list[Sample]] = {}
     bar = tqdm(total=len(methods) * len(questions), desc="eval", unit="answer", disable=not progress)
     for m in methods:
         name = m.name if isinstance(m, Variant) else m
         bar.set_postfix_str(name)
         out: list[Sample | None] = [None] * len(questions)
-        if m == "sft":
-            h.sft(progress)  # trained (or loaded) before the clock starts
         order = h.order(m, questions) if h.sort_by_length else list(range(len(questions)))
         for s in range(0, len(questions), h.batch_size):
             rows = order[s:s + h.batch_size]

@@ -21,7 +21,7 @@ from doe_ext.dmoe import ablations
 from doe_ext.dmoe.augment import Document
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import load_base
-from doe_ext.dmoe.build import build_bank
+from doe_ext.dmoe.build import build_bank, sft_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT, PAPER, SFT_DOCS_PER_STEP, Recipe
@@ -241,12 +241,12 @@ def final_table(out: Path, knowledge: str = "debian-packages-v1", base_name: str
         build_bank(base, [Document(d["id"], d["text"], d.get("title")) for d in docs], banks[name], progress=progress)
         build_s[name] = round(time.perf_counter() - t, 1)
     # every bank holds the same documents and BM25 index: the rows that only retrieve use either
-    h = Harness(base, banks.get("default") or banks.get("paper"), shots=demos, batch_size=BATCH, compose=compose,
-                temperature=temperature, sft_docs_per_step=sft_docs_per_step) if banks else None
+    bank = banks.get("default") or banks.get("paper")
     t = time.perf_counter()
-    if "sft" in todo:
-        h.sft(progress)
+    sft = sft_bank(base, bank, sft_docs_per_step, progress) if "sft" in todo else None
     sft_s = round(time.perf_counter() - t, 1)
+    h = Harness(base, bank, shots=demos, batch_size=BATCH, compose=compose, temperature=temperature,
+                sft=sft) if banks else None
 
     def variant(m: str):
         if m == "dmoe (paper)":
