@@ -7,6 +7,7 @@ import sys, time, json, torch
 from pathlib import Path
 from doe_ext.dmoe.base import load_base
 from doe_ext.dmoe.bank import ExpertBank
+from doe_ext.dmoe.build import sft_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, evaluate, summarize, METHODS
 from doe_ext.dmoe.report import shots
@@ -18,10 +19,12 @@ base = load_base("smollm2-135m")
 if dtype != "float32":
     base.model.to(getattr(torch, dtype))
 bank = ExpertBank(next(Path("reports/demo/dmoe").glob("bank-*")))
-h = Harness(base, bank, shots=shots(dev, text), batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 16, sort_by_length=len(sys.argv) <= 6 or sys.argv[6] == "1")
+methods = sys.argv[4].split(",") if len(sys.argv) > 4 else list(METHODS)
+h = Harness(base, bank, shots=shots(dev, text), batch_size=int(sys.argv[5]) if len(sys.argv) > 5 else 16, sort_by_length=len(sys.argv) <= 6 or sys.argv[6] == "1",
+            sft=sft_bank(base, bank) if "sft" in methods else None)
 qs = test[:n]
 t = time.perf_counter()
-res = evaluate(h, qs, sys.argv[4].split(",") if len(sys.argv) > 4 else list(METHODS), progress=False)
+res = evaluate(h, qs, methods, progress=False)
 s = summarize(res)
 for m, v in s.items():
     print(f"{m:6s} em {v['em'][0]:.3f} f1 {v['f1'][0]:.3f} lat {v['latency_s']:.3f} trig {v['triggers']:.2f}", flush=True)
