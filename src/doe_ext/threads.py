@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import os
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the claims alone
+    fcntl = None
 
 ENV = "DOE_EXT_NUM_THREADS"
 _OPENMP = ("libgomp", "libiomp", "libomp")
@@ -92,9 +96,11 @@ def claimed_cores() -> int:
 
 
 def _claim(threads: int) -> None:
+    global _registered
     with contextlib.suppress(OSError):
         (claims_dir() / str(os.getpid())).write_text(str(threads))
-        atexit.register(release)
+    if not _registered:
+        _registered = atexit.register(release) is not None
 
 
 def release() -> None:
@@ -107,6 +113,7 @@ def release() -> None:
 
 _chosen: int | None = None  # the cores the policy chose when this process claimed them (None: not the policy's)
 _checked = 0.0
+_registered = False
 
 
 def rebalance(every_s: float = 1.0) -> int:
@@ -156,7 +163,7 @@ def configure(threads: int | None = None, claim: bool = False) -> int:
 
 @contextlib.contextmanager
 def _claims_lock(needed: bool):
-    if not needed:
+    if not needed or fcntl is None:
         yield
         return
     folder = claims_dir()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import DOCS, QUESTIONS, random_bank
 from doe_ext.dmoe import Augmentation, DMoE, Document, ExpertBank, ExpertSite, LoRAConfig, Recipe, train_experts
 from doe_ext.dmoe.deep import train_deep
+from doe_ext.dmoe.distill import instances_for
 from doe_ext.dmoe.experts import set_linear_weight
 from doe_ext.dmoe.model import token_entropy
 from doe_ext.dmoe.instances import training_instances
@@ -64,10 +65,26 @@ def test_every_layer_equals_a_reference_loop(base64):
     assert any(got[k].abs().max() > 1e-3 for k in got if k.endswith("lora_b"))
 
 
-def test_deep_training_refuses_distillation(base):
-    with pytest.raises(ValueError, match="only the next_token objective"):
+def test_sequence_distillation_at_the_last_layer_equals_dmoe_training(base64):
+    """The default recipe's objective (the teacher's answers as next-token targets) through the whole
+    model, at the last layer: the experts the cached-residual path trains on the same instances."""
+    recipe = Recipe(objective="distill", distill_loss="sequence", instances=("subject",), answer_tokens=4, lr=2e-3,
+                    epochs=2)
+    insts = instances_for(base64, items(2), recipe)
+    assert all(i.teacher is not None for doc in insts for i in doc)
+    site = ExpertSite(base64.model, depth=1)
+    got = train_deep(base64, site, items(2), recipe, instances=insts)
+    site.detach()
+    ref = train_experts(base64, items(2), recipe, instances=insts)
+    for g, r in zip(got, ref):
+        for k, v in r.tensors.items():
+            torch.testing.assert_close(g.tensors[k], v, atol=1e-7, rtol=1e-6)
+
+
+def test_deep_training_refuses_the_kl_distillation(base):
+    with pytest.raises(ValueError, match="deep experts train on next-token targets .*got distill_loss='kl'"):
         train_deep(base, ExpertSite(base.model, 1.0), items(1),
-                   Recipe(objective="distill", instances=("subject",)))
+                   Recipe(objective="distill", distill_loss="kl", instances=("subject",)))
 
 
 def deep_bank(base, site, path, seed=0, zero_below=False):

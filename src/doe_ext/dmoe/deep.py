@@ -4,8 +4,9 @@ with that site: a trigger runs the triggered rows again from their first token (
 stale from the first expert layer on), which is the cost the paper's last-layer design avoids.
 
 Training runs the whole model (no cached residual: the experts' layers depend on each other), all
-experts of a group in one padded batch through ``multi_lora_linear``, per-expert AdamW as in
-:mod:`doe_ext.dmoe.train`, so its recipe means the same. Next-token objective only.
+experts of a group in one padded batch through ``multi_lora_linear``, in the one expert training loop
+(:func:`doe_ext.dmoe.train.fit_experts`), so its recipe means the same. Next-token targets only: the
+next_token objective, or sequence-level distillation.
 """
 from __future__ import annotations
 
@@ -15,20 +16,24 @@ import torch
 
 from doe_ext.dmoe.augment import Augmentation, Document
 from doe_ext.dmoe.base import BaseLM
+from doe_ext.dmoe.distill import instances_for
 from doe_ext.dmoe.experts import ActiveExperts, ExpertSet, ExpertSite, use_experts
+from doe_ext.dmoe.instances import Instance
 from doe_ext.dmoe.recipe import Recipe
-from doe_ext.dmoe.instances import training_instances
 from doe_ext.dmoe.train import TrainedExpert, fit_experts
 
 
 def train_deep(base: BaseLM, site: ExpertSite, items: list[tuple[Document, Augmentation]], recipe: Recipe,
-               head_chunk: int = 256) -> list[TrainedExpert]:
-    """One expert per document over ``site``'s layers (PRAG's instances, the same recipe as
-    :func:`doe_ext.dmoe.train.train_experts`), all in one batch per step."""
-    if recipe.objective != "next_token":
-        raise ValueError(f"train_deep: only the next_token objective trains deep experts, got {recipe.objective!r}")
-    tok, dev, pad, bs = base.tokenizer, base.device, base.tokenizer.pad_token_id, recipe.batch_size
-    insts = [training_instances(tok, d.text, a, recipe.max_length) for d, a in items]
+               head_chunk: int = 256, instances: list[list[Instance]] | None = None) -> list[TrainedExpert]:
+    """One expert per document over ``site``'s layers (the recipe's instances, as
+    :func:`doe_ext.dmoe.train.train_experts` makes them, or ``instances``), all in one batch per step.
+    Next-token targets only: the ``next_token`` objective, or distillation with ``distill_loss="sequence"``
+    (the teacher's answers as targets)."""
+    if recipe.objective == "distill" and recipe.distill_loss != "sequence":
+        raise ValueError("train_deep: deep experts train on next-token targets (the next_token objective, or "
+                         f"distill with distill_loss='sequence'), got distill_loss={recipe.distill_loss!r}")
+    dev, pad, bs = base.device, base.tokenizer.pad_token_id, recipe.batch_size
+    insts = instances_for(base, items, recipe) if instances is None else instances
     ids = [d.id for d, _ in items]
     site.attach()
     body = base.model.base_model
