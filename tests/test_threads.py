@@ -1,6 +1,7 @@
 """The process's thread policy (doe_ext.threads): what --threads, $DOE_EXT_NUM_THREADS and the free
 cores set, and one OpenMP runtime in the process. How builds behave beside a busy process is a
 benchmark (benchmarks/bench_threads.py), not a timed test."""
+import os
 import subprocess
 import sys
 
@@ -105,7 +106,7 @@ def test_cores_claimed_by_a_running_command_are_left_to_it(restore_threads, clai
 def test_a_command_claims_its_threads_while_it_runs(restore_threads, claims, tmp_path, capsys):
     from doe_ext.cli import main
 
-    mine = claims / str(__import__("os").getpid())
+    mine = claims / str(os.getpid())
     assert threads.configure(2, claim=True) == 2 and mine.read_text() == "2"
     threads.release()
     assert not mine.exists()
@@ -116,7 +117,7 @@ def test_a_command_claims_its_threads_while_it_runs(restore_threads, claims, tmp
 def test_two_commands_started_together_split_the_cores(claims):
     """Started in the same instant, each would measure the other idle and take every core: they take
     turns instead, and the second leaves the first what it claimed."""
-    env = {**__import__("os").environ, "XDG_RUNTIME_DIR": str(claims.parent)}
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(claims.parent)}
     env.pop(threads.ENV, None)
     code = "import sys; from doe_ext import threads; print(threads.configure(claim=True), flush=True); sys.stdin.read()"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -134,8 +135,6 @@ def test_two_commands_started_together_split_the_cores(claims):
 def test_a_command_gives_cores_back_to_one_started_beside_it(restore_threads, claims, monkeypatch):
     """What the policy chose shrinks to leave a later command its claim, and grows back (never above
     the first choice) when that one ends; threads a user chose are left alone."""
-    import os
-
     monkeypatch.setattr(threads, "free_cores", lambda: 3)
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     mine = claims / str(os.getpid())
