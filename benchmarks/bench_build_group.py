@@ -26,7 +26,7 @@ def run(device: str) -> list[dict]:
                            "--no-reader", "--group-size", str(g), threads=None) for g in GROUPS}
     return [{"bench": "build_group", "shape": f"doe-ext dmoe build ({DOCS} experts), --group-size {g}",
              "dtype": "float32", "device": "cpu", "ms": {"build": round(1e3 * s)},
-             "speedup": {f"s / expert": round(s / DOCS, 2), f"build / group {max(GROUPS)}": round(s / got[max(GROUPS)], 2)}}
+             "speedup": {"s / expert": round(s / DOCS, 2), f"build / group {max(GROUPS)}": round(s / got[max(GROUPS)], 2)}}
             for g, s in got.items()]
 
 

@@ -87,6 +87,15 @@ def test_errors_name_the_file_and_the_problem(tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
 
 
+def test_the_commands_topic_limit_is_the_engines():
+    """`doe-ext lda fit -k` is checked while parsing, against a copy of the engine's limit (importing the
+    engine would load numpy before the arguments parse)."""
+    from doe_ext.cli.lda import MAX_TOPICS
+    from doe_ext.lda.model import MAX_TOPICS as ENGINE
+
+    assert MAX_TOPICS == ENGINE
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lda", "fit", "{tmp}/nope", "--out", "{tmp}/m"], "argument corpus: {tmp}/nope: no such folder"),
     (["lda", "fit", "{shard}", "--out", "{text}"], "argument --out: {text} exists and is not a folder"),
