@@ -25,6 +25,7 @@ from doe_ext.dmoe.recipe import DEFAULT
 VARIANTS = {
     "default": DEFAULT,
     "chunks": DEFAULT.replace(instances=("subject", "questions", "chunks")),
+    "rank8": DEFAULT.replace(lora=LoRAConfig(8, 32.0)),  # ranks at the default's scale alpha / rank = 4
     "rank16": DEFAULT.replace(lora=LoRAConfig(16, 64.0)),
     "chunks-rank16": DEFAULT.replace(instances=("subject", "questions", "chunks"), lora=LoRAConfig(16, 64.0)),
     "epochs24": DEFAULT.replace(epochs=24),
