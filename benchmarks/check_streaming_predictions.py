@@ -27,7 +27,8 @@ def check(table: str, methods=METHODS) -> dict:
     from doe_ext.dmoe.base import load_base
     from doe_ext.dmoe.data import load
     from doe_ext.dmoe.evaluate import Harness, evaluate
-    from doe_ext.dmoe.report import BATCH, sample, shots
+    from doe_ext.dmoe.data import sample, shots
+    from experiments.dmoe_report import BATCH
 
     ref = json.loads((ROOT / "reports" / "dmoe-final" / table / "final.json").read_text())
     samples = json.loads((ROOT / "reports" / "dmoe-final" / table / "eval.json").read_text())["samples"]

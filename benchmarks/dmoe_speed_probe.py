@@ -10,7 +10,7 @@ from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.build import sft_bank
 from doe_ext.dmoe.data import load
 from doe_ext.dmoe.evaluate import Harness, evaluate, summarize, METHODS
-from doe_ext.dmoe.report import shots
+from doe_ext.dmoe.data import shots
 dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 48
 docs, qa = load(); text = {d["id"]: d["text"] for d in docs}

@@ -1,7 +1,7 @@
 import tempfile
 from pathlib import Path
 import numpy as np
-from doe_ext.demo import load_gcide_domains, stage1
+from doe_ext.stage1 import load_gcide_domains, stage1
 docs = load_gcide_domains(per_domain=800)
 dom = [d for _, d in docs]
 for name, kw, it in [("before (token, alpha 50/K, 150 sweeps)", dict(unit="token", max_doc_freq=0.5, alpha=None), 150),

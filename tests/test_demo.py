@@ -1,13 +1,14 @@
-"""The main job end to end on a small slice (`python -m doe_ext.demo --quick`)."""
+"""The main job end to end on a small slice (`python -m experiments.demo --quick`)."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from doe_ext.demo import DOMAINS, load_gcide_domains, main, stage1
+from doe_ext.stage1 import DOMAINS, load_gcide_domains, stage1
+from experiments.demo import main
 from doe_ext.dmoe.recipe import DEFAULT
-from doe_ext.dmoe.report import FINAL_ROWS, final_table, missing_base, tour_plan, tour_section
+from experiments.dmoe_report import FINAL_ROWS, final_table, missing_base, tour_plan, tour_section
 
 
 def test_gcide_definitions_are_balanced_and_labelled():
@@ -43,7 +44,7 @@ def test_quick_demo_writes_a_report(tmp_path, capsys):
         f"DMoE: {k}, {b}" for k, b, _ in plan]
     assert all(sec > 0 for sec in metrics["parts"].values())
     assert text.index("## What ran") < text.index("## Stage 1") < text.index("## DMoE")
-    assert "`make reproduce`" in text and "python -m doe_ext.demo --out" in text
+    assert "`make reproduce`" in text and "python -m experiments.demo --out" in text
     expected = {m for m in FINAL_ROWS if m != "dmoe (paper)"}
     written = {}
     for knowledge, base, n in plan:

@@ -208,3 +208,10 @@ def plot_curves(curves: dict[str, list[float] | Tensor], path: str | Path | None
     ax.legend()
     ax.grid(alpha=0.3)
     return _finish(fig, path)
+
+
+def smooth(xs, k: int = 20):
+    """A moving average of ``xs`` over ``k`` points (fewer when ``xs`` is shorter): a loss curve to plot."""
+    xs = np.asarray(xs, dtype=float)
+    k = max(1, min(k, len(xs)))
+    return np.convolve(xs, np.ones(k) / k, mode="valid")

@@ -132,3 +132,28 @@ def train_model(train, heldout, config: dict, steps: int, seq: int, batch: int, 
     if eval_every:
         result["heldout_curve"] = heldout_curve
     return result, model, tracker
+
+
+# Stage 2's models: DoE; the dense Base (no topics); the fair control, a dense model fed DoE's topic embedding.
+STAGE2_MODELS = {"doe": {}, "dense": {"knowledge": False}, "dense + topics": {"knowledge": False, "topic_input": True}}
+
+
+def model_config(vocab_size: int, num_topics: int, seq: int, width: int, **extra) -> dict:
+    """The demo's Stage-2 model: 3 layers of ``width``, 4 heads, topic and latent width 32."""
+    return dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=3, num_attention_heads=4,
+                intermediate_size=int(2.75 * width), num_topics=num_topics, topic_dim=32, latent_dim=32,
+                max_position_embeddings=seq, pad_token_id=0, bos_token_id=2, eos_token_id=2, **extra)
+
+
+def stage2(train, heldout, vocab_size: int, num_topics: int, steps: int, seq: int, batch: int, width: int,
+           progress: bool = True):
+    """Train DoE, the dense Base and the fair control (the dense Base fed the same topic embedding as
+    DoE) on the same batches; held-out NTP loss of each."""
+    results, models, trackers = {}, {}, {}
+    for name, extra in STAGE2_MODELS.items():
+        res, models[name], trackers[name] = train_model(train, heldout, model_config(vocab_size, num_topics, seq, width,
+                                                                                      **extra),
+                                                        steps, seq, batch, desc=f"stage 2: {name}",
+                                                        progress=progress)
+        results[name] = {k: res[k] for k in ("train_ntp_curve", "heldout_ntp", "heldout_ppl", "train_s", "params")}
+    return results, models, trackers

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DOCS, random_bank
-from doe_ext.dmoe import ablations
+from experiments import dmoe_ablations as ablations
 from doe_ext.dmoe.evaluate import Harness, Sample, Variant, evaluate
 from test_evaluate import QA
 

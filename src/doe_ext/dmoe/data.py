@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -227,3 +228,19 @@ if __name__ == "__main__":
         print(freeze_changelogs(DATA))
     else:
         freeze(DATA)
+
+
+def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
+    """A seeded sample of ``n`` questions in their file order (all of them when ``n`` is None)."""
+    if n is None or n >= len(questions):
+        return list(questions)
+    keep = set(random.Random(seed).sample(range(len(questions)), n))
+    return [q for i, q in enumerate(questions) if i in keep]
+
+
+def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
+    """The first dev question of each kind, with its passage: the evaluation's demonstrations."""
+    first: dict[str, dict] = {}
+    for q in dev:
+        first.setdefault(q["kind"], q)
+    return [(q["question"], q["answers"][0], docs[q["doc_id"]]) for q in first.values()]

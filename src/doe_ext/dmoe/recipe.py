@@ -170,7 +170,7 @@ class Recipe:
 # The DMoE paper's recipe (§4.1.3, PRAG's code): next-token loss on the document, one rewrite and three
 # QA pairs written by the base with App. C's prompts, rank 4 / alpha 16, one epoch at PRAG's 3e-4.
 PAPER = Recipe(objective="next_token", augment="model", lr=3e-4, epochs=1)
-# The best on the dev split (benchmarks/results/history.md, "DMoE recipes"; `python -m doe_ext.dmoe.report
+# The best on the dev split (benchmarks/results/history.md, "DMoE recipes"; `python -m experiments.dmoe_report
 # recipes` reruns both studies): context distillation, sequence-level, 16 epochs at 3e-3 (8 under-fit,
 # 24 over-fit; 1e-2 was worse at every epoch count). KL at 8 epochs is inside its intervals (oracle EM
 # 0.111 on 72 questions, against 0.083 at 8 epochs and 0.153 at 16) at 2-4x the training time per epoch;

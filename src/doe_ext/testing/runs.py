@@ -51,7 +51,7 @@ def labelled_corpus(scale: str = "tiny", cache: Path | None = None) -> LabelledC
     params = {k: s[k] for k in ("per_domain", "vocab", "topics", "lda_iters")} | {"version": VERSION}
     path = (cache or cache_dir()) / f"corpus-{_key(params)}.npz"
     if not path.is_file():
-        from doe_ext.demo import load_gcide_domains, stage1
+        from doe_ext.stage1 import load_gcide_domains, stage1
 
         docs = load_gcide_domains(per_domain=s["per_domain"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +135,7 @@ def seesaw(model, train, heldout, target: str, steps: int, seq: int, batch: int,
 def _model_config(corpus: "LabelledCorpus", sizes: dict, config: dict | None) -> dict:
     """The run's model config: the demo's at these sizes with ``config``'s overrides, less those that
     repeat what the run uses anyway (``{"alpha": 0.001}`` and ``{}`` are one run, one cache entry)."""
-    from doe_ext.demo import model_config
+    from doe_ext.training import model_config
     from doe_ext.models import DoEConfig
 
     base = model_config(corpus.vocab_size, corpus.num_topics, sizes["seq"], sizes["width"])

@@ -17,12 +17,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from doe_ext.dmoe import ablations
+from experiments import dmoe_ablations as ablations
 from doe_ext.dmoe.augment import Document
 from doe_ext.dmoe.bank import ExpertBank
 from doe_ext.dmoe.base import load_base
 from doe_ext.dmoe.build import build_bank, sft_bank
-from doe_ext.dmoe.data import load
+from doe_ext.dmoe.data import load, sample, shots
 from doe_ext.dmoe.evaluate import METHODS, Harness, Sample, evaluate, markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT, PAPER, SFT_DOCS_PER_STEP, Recipe
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
@@ -30,14 +30,6 @@ from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE
 RECIPE = DEFAULT  # the package's default recipe (chosen on the dev split, benchmarks/results/history.md)
 BATCH = 32  # questions per batch (decoding's fixed cost per step is shared by more rows; prefill costs the same)
 FIG6 = "Fig. 6: trigger threshold tau"
-
-
-def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
-    """The first dev question of each kind, with its passage: the evaluation's demonstrations."""
-    first: dict[str, dict] = {}
-    for q in dev:
-        first.setdefault(q["kind"], q)
-    return [(q["question"], q["answers"][0], docs[q["doc_id"]]) for q in first.values()]
 
 
 def _setup(out: Path, quick: bool, progress: bool, sft: bool = False):
@@ -387,19 +379,9 @@ def tour_section(t: dict) -> str:
     if shown:
         lines += _trace_lines(shown["example"], f"{shown['knowledge']}, {shown['base']}")
     lines += ["", "The threshold sweep (Fig. 6), the uncertainty bins (Table 5) and the other DMoE ablations run on "
-              "the full 400-record bank with `python -m doe_ext.demo --full --dmoe-ablations` (part of "
+              "the full 400-record bank with `python -m experiments.demo --full --dmoe-ablations` (part of "
               "`make reproduce`).", "", f"Time: DMoE half {t['seconds']['total']} s.", ""]
     return "\n".join(lines)
-
-
-def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
-    """A seeded sample of ``n`` questions in their file order (all of them when ``n`` is None)."""
-    if n is None or n >= len(questions):
-        return list(questions)
-    import random
-
-    keep = set(random.Random(seed).sample(range(len(questions)), n))
-    return [q for i, q in enumerate(questions) if i in keep]
 
 
 # the rows of a complete final table
