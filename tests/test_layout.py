@@ -114,3 +114,24 @@ def test_the_evaluation_harness_and_inference_never_import_training():
                 seen.add(dep)
                 todo.append(dep)
         assert not seen & training, (start, sorted(seen & training))
+
+
+def test_per_call_state_has_one_way_in():
+    """Per-call state reaches wrapped modules through a scope (doe_ext.nn.scope) only: no hook that
+    reads or rewrites a model's keyword arguments (a keyword slipped through a base model's call and
+    popped on the way in), no module-level context variable of its own."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC.parent))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name.startswith("register_forward") and any(k.arg == "with_kwargs" for k in node.keywords):
+                bad.append((rel, node.lineno, "a forward hook with the call's keywords"))
+            if name in ("pop", "get") and "kwargs" in getattr(getattr(node.func, "value", None), "id", "") \
+                    and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("doe_"):
+                bad.append((rel, node.lineno, f"keyword {node.args[0].value!r} taken from a call"))
+            if name == "ContextVar" and rel != "doe_ext/nn/scope.py":
+                bad.append((rel, node.lineno, "a context variable outside doe_ext.nn.scope"))
+    assert not bad, bad

@@ -325,27 +325,28 @@ def test_unsupported_models_say_why():
         doeify(make_base("qwen2_moe"), **OPTIONS, fusion="concat")
 
 
-def test_each_call_has_its_own_context():
-    """A call's topics do not leak into the next: the base model called directly after a wrapper
-    call with topics computes the wrapper without topics."""
+def test_each_forward_has_its_own_scope():
+    """A forward's topics do not leak into the next, its state is gone when it ends (by an exception
+    too), and the wrapped modules refuse to run outside a wrapper's forward: per-call state has one
+    way in (the wrapper's scope), no keyword slipped through the base model's call."""
     base = make_base("llama")
     wrapper = doeify(base, **OPTIONS).eval()
-    with pytest.raises(RuntimeError, match="DoEMLP: runs inside its DoEWrapper's base model"):
-        wrapper.doe_layers[0](torch.randn(2, 7, D))  # outside any forward: no call to read
+    with pytest.raises(RuntimeError, match="DoEMLP: runs inside a forward of its DoEWrapper .*not the base model"):
+        wrapper.doe_layers[0](torch.randn(2, 7, D))  # outside any forward: no state to read
     perturb_knowledge(wrapper)
     ids, topics = batch()
     with torch.no_grad():
         with_topics = wrapper(ids, topic_ids=topics).logits
-        assert wrapper._link.call is None  # nothing of the call outlives it
-        # the same ids tensor, embedded outside a forward: the token part, not the last call's topics
+        assert wrapper.scope.get() is None  # nothing of the forward outlives it
+        # the same ids tensor, embedded outside a forward: the token part, not the last forward's topics
         torch.testing.assert_close(wrapper.base_model.get_input_embeddings()(ids),
                                    wrapper.get_input_embeddings()(ids), rtol=0, atol=0)
-        direct = wrapper.base_model(input_ids=ids).logits
-        torch.testing.assert_close(direct, wrapper(ids).logits, rtol=0, atol=0)
-        assert not torch.allclose(direct, with_topics)
-        with pytest.raises(IndexError):  # a forward that fails half-way leaves no call behind either
+        with pytest.raises(RuntimeError, match="call the wrapper that doeify returned"):
+            wrapper.base_model(input_ids=ids)
+        assert not torch.allclose(wrapper(ids).logits, with_topics)
+        with pytest.raises(IndexError):  # a forward that fails half-way leaves no state behind either
             wrapper(torch.full_like(ids, V + 5), topic_ids=topics)
-        assert wrapper._link.call is None
+        assert wrapper.scope.get() is None
         torch.testing.assert_close(wrapper(ids, topic_ids=topics).logits, with_topics, rtol=0, atol=0)
 
 
@@ -485,8 +486,8 @@ def test_supervise_last_router(supervise_last):
 
     wrapper = perturb_knowledge(doeify(make_base("llama"), **OPTIONS, alpha=0.5, supervise_last_router=supervise_last))
     ids, topics = batch()
-    calls = []  # the forward's call, seen from inside it (none is left after it)
-    wrapper.doe_layers[-1].register_forward_hook(lambda module, args, out: calls.append(wrapper._link.call))
+    calls = []  # the forward's state, seen from inside it (none is left after it)
+    wrapper.doe_layers[-1].register_forward_hook(lambda module, args, out: calls.append(wrapper.scope.get()))
     out = wrapper(ids, topic_ids=topics, labels=ids)
     routed = calls[0].step.routed
     per_layer = [expert_loss(routed[i].logits[:, :-1], topics[:, 1:], ignore_index=-1) for i in sorted(routed)]

@@ -8,14 +8,14 @@ recomputes the logits from the residual stream entering its MLP block, which is 
 a position again with other experts without touching the KV cache.
 
 :class:`ActiveExperts` says which experts each row of one call uses, with what weight; :func:`use_experts`
-sets it for exactly the calls made inside its block (a context variable, so concurrent threads and
-nested calls do not see each other's experts). Outside such a block a wrapped projection is its base
-layer, bit for bit.
+sets it for exactly the calls made inside its block (a :class:`~doe_ext.nn.scope.Scope`, so concurrent
+threads and nested calls do not see each other's experts). Outside such a block a wrapped projection
+is its base layer, bit for bit. The residual capture (:meth:`ExpertSite.capture`) is a scope too.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -27,6 +27,7 @@ from doe_ext.dmoe.recipe import LoRAConfig
 from doe_ext.integrations.hf.adapters import adapter_for, get_path
 from doe_ext.nn.multi_lora_linear import lora_rows
 from doe_ext.nn.projection import linear_weight
+from doe_ext.nn.scope import Scope
 
 
 @dataclass(frozen=True)
@@ -148,17 +149,12 @@ class ActiveExperts:
         return ActiveExperts(self.experts, self.indices[rows], self.scales[rows])
 
 
-_ACTIVE: contextvars.ContextVar[ActiveExperts | None] = contextvars.ContextVar("doe_ext_dmoe_active", default=None)
+EXPERTS: Scope[ActiveExperts] = Scope("dmoe_experts")
 
 
-@contextlib.contextmanager
 def use_experts(active: ActiveExperts | None):
     """Run the wrapped projections with ``active`` for the calls made inside the block."""
-    token = _ACTIVE.set(active)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+    return EXPERTS(active)
 
 
 class ExpertLinear(nn.Module):
@@ -170,7 +166,7 @@ class ExpertLinear(nn.Module):
         self.base_layer, self.name = base_layer, name
 
     def forward(self, x: Tensor) -> Tensor:
-        active = _ACTIVE.get()
+        active = EXPERTS.get()
         if active is None or self.name not in active.experts.a:
             return self.base_layer(x)
         idx, scales = active.indices, active.scales
@@ -221,6 +217,9 @@ class ExpertSite:
         self.post_mlp_norm: nn.Module = get_path(layers[L - 1], spec.post_mlp_norm) if spec.post_mlp_norm else nn.Identity()
         self.final_norm: nn.Module = get_path(model, spec.final_norm)
         self.head: nn.Module = model.get_output_embeddings()
+        if self.mlp_norm not in _TAPPED:  # the residual capture's reader, once per module
+            self.mlp_norm.register_forward_pre_hook(_keep_residual)
+            _TAPPED.add(self.mlp_norm)
 
     @property
     def stale_layer_share(self) -> float:
@@ -278,9 +277,12 @@ class ExpertSite:
     def logits(self, residual: Tensor) -> Tensor:
         return self.head(self.hidden(residual))
 
-    def capture(self) -> "capture_residual":
-        """A context manager keeping the residual entering the last MLP block of each forward inside it."""
-        return capture_residual(self)
+    @contextlib.contextmanager
+    def capture(self):
+        """A block that keeps the residual entering the last MLP block of the forwards run inside it:
+        ``with site.capture() as cap: model(...)``, then ``cap.value [B, T, d]`` (the last forward's)."""
+        with RESIDUAL(Captured(self.mlp_norm)) as cap:
+            yield cap
 
     @torch.no_grad()
     def verify(self) -> None:
@@ -296,19 +298,19 @@ class ExpertSite:
                              "its experts could not be applied after the last attention")
 
 
-class capture_residual:
-    """Context manager: keeps the residual stream entering the last layer's MLP block of every
-    forward run inside it (``.value``, ``[B, T, d]``), read by a forward pre-hook on ``mlp_norm``."""
+@dataclass
+class Captured:
+    """What :meth:`ExpertSite.capture` keeps: the input of ``module`` (the last layer's MLP norm)."""
 
-    def __init__(self, site: ExpertSite):
-        self.site, self.value = site, None
+    module: nn.Module
+    value: Tensor | None = None
 
-    def _hook(self, module, args):
-        self.value = args[0]
 
-    def __enter__(self):
-        self._handle = self.site.mlp_norm.register_forward_pre_hook(self._hook)
-        return self
+RESIDUAL: Scope[Captured] = Scope("dmoe_residual")
+_TAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
-    def __exit__(self, *exc):
-        self._handle.remove()
+
+def _keep_residual(module: nn.Module, args) -> None:
+    cap = RESIDUAL.get()
+    if cap is not None and cap.module is module:
+        cap.value = args[0]

@@ -19,7 +19,6 @@ projection have moved off zero (as LoRA's ``A`` follows ``B``).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import GenerationMixin
 
 from doe_ext import _auto
 from doe_ext.integrations.hf.adapters import (FamilyAdapter, adapter_for, get_path, has_path, out_features,
@@ -39,6 +39,7 @@ from doe_ext.losses import knowledge_outputs, next_token_loss
 from doe_ext.models.modeling_doe import DoECausalLMOutput
 from doe_ext.nn.knowledge_path import KnowledgePath, KnowledgeStep, RouterOutput
 from doe_ext.nn import DualInputEmbedding, KnowledgeAttention
+from doe_ext.nn.scope import Scope
 
 ROUTERS = ("vae_relu", "vae_softmax", "none")
 KNOWLEDGE_FILE = "doe_knowledge.safetensors"
@@ -91,44 +92,16 @@ class DoEifyConfig:
 
 
 @dataclass
-class _Call:
-    """One base forward: its knowledge-path step (:class:`~doe_ext.nn.knowledge_path.KnowledgeStep`,
-    begun by DoEWrapper's pre-hook from that call's arguments: DoEWrapper.forward passes its topics as
-    the keywords ``doe_topic_ids`` / ``doe_reconstruct``, which the hook takes out) and what the
-    wrapped modules need to reach it from inside the base model. Filled while the forward runs;
-    nothing carries over from one call to the next."""
+class ForwardState:
+    """One forward of the wrapper: its knowledge-path step (:class:`~doe_ext.nn.knowledge_path.KnowledgeStep`)
+    and what the wrapped modules inside the base model need to reach it. :meth:`DoEWrapper.forward`
+    opens it as the wrapper's :attr:`~DoEWrapper.scope` around the base model's forward (the one way in,
+    :mod:`doe_ext.nn.scope`); nothing carries over from one forward to the next."""
 
     step: KnowledgeStep
-    input_ids: Tensor | None  # the embedding adds the topic part to the call that embeds these
-    batch_shape: tuple[int, int] | None  # (B, T) (OPT's MLP sees (B*T, d))
+    batch_shape: tuple[int, int]  # (B, T) (OPT's MLP sees (B*T, d))
     signals: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, T, D) projection output
     expert: Tensor | None = None  # fusion="concat": e, read by the widened MLP input projections
-    routed: list[RouterOutput] = field(default_factory=list)  # the step's outputs, when the forward ends
-    next_topic_ids: Tensor | None = None  # (B, T): the last router's prediction at each position
-    token: Any = None  # resets the link's context variable when the forward ends
-
-
-class _Link:
-    """What a wrapper's modules hold: the wrapper, the call of the base forward now running (a
-    context variable, set by the base model's pre-hook and reset when that forward ends, even by an
-    exception: outside a forward there is none, and each thread has its own; a layer that gradient
-    checkpointing recomputes in the backward gets its own forward's call back, see
-    ``_RouterCheckpoint``) and, inside ``generate``, the topic of every token so far."""
-
-    def __init__(self):
-        self.owner: DoEWrapper | None = None
-        self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("doe_call", default=None)
-        self.history: Tensor | None = None  # generate: (B, T_total)
-
-    @property
-    def call(self) -> _Call | None:
-        return self._call.get()
-
-    def enter(self, call: _Call) -> contextvars.Token:
-        return self._call.set(call)
-
-    def leave(self, token: contextvars.Token) -> None:
-        self._call.reset(token)
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -141,16 +114,16 @@ class DoEEmbedding(nn.Module):
     ``proj([base_layer(ids); s·E_know[topic]])`` with ``proj = [I | 0]`` at first and ``s`` the
     embedding's scale (gemma's ``embed_scale``; 1 otherwise), i.e. ``s·proj([E_tok; E_know])``.
     ``E_tok`` IS the base weight (shared, not copied), so a tied LM head stays tied. The topic part is
-    added only to the call that embeds the model's ``input_ids`` (GPT-2 also embeds
-    ``token_type_ids`` with this table; those, and any other caller, get ``base_layer``'s output), or
-    by :meth:`combine` to ``inputs_embeds``."""
+    added only to the forward's first call, which embeds the model's ``input_ids`` (GPT-2 then embeds
+    ``token_type_ids`` with this table; those, and any call outside a wrapper's forward, get
+    ``base_layer``'s output), or by :meth:`combine` to ``inputs_embeds``."""
 
-    def __init__(self, base_layer: nn.Module, num_topics: int, topic_dim: int, link: _Link):
+    def __init__(self, base_layer: nn.Module, num_topics: int, topic_dim: int, scope: Scope[ForwardState]):
         super().__init__()
         self.base_layer = base_layer
         self.dual = DualInputEmbedding.from_pretrained(base_layer, num_topics, topic_dim)
         self.dual.token_weight = base_layer.weight
-        self._link = link
+        self._scope = scope
 
     @property
     def weight(self) -> Tensor:
@@ -163,10 +136,9 @@ class DoEEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         tokens = self.base_layer(input_ids)
-        call = self._link.call
-        ids = call.input_ids if call is not None else None
-        # the model may pass a view of them (GPT-2 reshapes): compare storage, not identity
-        if ids is None or input_ids.data_ptr() != ids.data_ptr() or input_ids.numel() != ids.numel():
+        call = self._scope.get()
+        # the forward's first embedding of its tokens is the model's input (GPT-2 embeds token_type_ids after it)
+        if call is None or call.step.embeds is not None or input_ids.numel() != call.batch_shape[0] * call.batch_shape[1]:
             return tokens
         topics = call.step.topic_ids
         call.step.embeds = self.combine(tokens, None if topics is None else topics.reshape(input_ids.shape))
@@ -178,16 +150,17 @@ class ConcatInput(nn.Module):
     original projection as ``W_h`` (``base_layer``) and a new ``W_e`` (``extra``). ``e`` is 0 at
     initialisation (Z = 0), so the widened MLP starts as the original."""
 
-    def __init__(self, base_layer: nn.Module, d: int, link: _Link):
+    def __init__(self, base_layer: nn.Module, d: int, scope: Scope[ForwardState]):
         super().__init__()
         self.base_layer = base_layer
         w = next(base_layer.parameters())
         self.extra = nn.Linear(d, out_features(base_layer), bias=False, device=w.device, dtype=w.dtype)
-        self._link = link
+        self._scope = scope
 
     def forward(self, h: Tensor) -> Tensor:
         out = self.base_layer(h)
-        e = self._link.call.expert if self._link.call is not None else None
+        call = self._scope.get()
+        e = call.expert if call is not None else None
         return out if e is None else out + self.extra(e)
 
 
@@ -198,7 +171,7 @@ class DoEMLP(nn.Module):
     ``[h_enr; e]`` (``"concat"``, via ConcatInput)."""
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, d: int, num_topics: int, signal_dim: int,
-                 fusion: str, link: _Link):
+                 fusion: str, scope: Scope[ForwardState]):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx, self.fusion = layer_idx, fusion
@@ -207,12 +180,13 @@ class DoEMLP(nn.Module):
         self.knowledge_attention.to(device=w.device, dtype=w.dtype)
         self.signal_proj = (nn.Linear(signal_dim, d, bias=False, device=w.device, dtype=w.dtype)  # W_s
                             if signal_dim else None)
-        self._link = link
+        self._scope = scope
 
     def forward(self, h: Tensor, *args, **kwargs) -> Tensor:
-        call, i = self._link.call, self.layer_idx
+        call, i = self._scope.get(), self.layer_idx
         if call is None:
-            raise RuntimeError("DoEMLP: runs inside its DoEWrapper's base model (call the wrapper or the base model)")
+            raise RuntimeError("DoEMLP: runs inside a forward of its DoEWrapper (call the wrapper that doeify "
+                               "returned, not the base model: the wrapper begins each forward's knowledge step)")
         flat = h.dim() == 2  # OPT flattens (B, T, d) to (B*T, d) before its MLP
         if flat:
             h = h.view(*call.batch_shape, h.shape[-1])
@@ -238,18 +212,15 @@ class _RouterCheckpoint:
 
     _doe_wrapped = True
 
-    def __init__(self, checkpoint, i: int, link: _Link):
-        self.checkpoint, self.i, self.link = checkpoint, i, link
+    def __init__(self, checkpoint, i: int, scope: Scope[ForwardState]):
+        self.checkpoint, self.i, self.scope = checkpoint, i, scope
 
     def __call__(self, fn, *args):
-        shape, call = {}, self.link.call  # this forward's call
+        shape, call = {}, self.scope.get()  # this forward's state
 
         def run(*inputs):
-            token = self.link.enter(call)
-            try:
+            with self.scope(call):
                 out = fn(*inputs)
-            finally:
-                self.link.leave(token)
             outs = list(out) if isinstance(out, tuple) else [out]
             routed = call.step.routed.get(self.i)
             extra = [] if routed is None else [routed.gates, routed.logits, routed.kl] + (
@@ -264,14 +235,16 @@ class _RouterCheckpoint:
         return tuple(outs) if shape["tuple"] else outs[0]
 
 
-class DoEWrapper(nn.Module):
+class DoEWrapper(nn.Module, GenerationMixin):
     """A pretrained causal LM with DoE's knowledge path (build it with :func:`doeify`).
 
     ``forward(input_ids, topic_ids=None, labels=None, expert_labels=None, attention_mask=None, ...)``
     returns a :class:`doe_ext.models.modeling_doe.DoECausalLMOutput` as ``DoEForCausalLM`` does: the
     composite loss ``(1-alpha)·L_ntp + alpha·L_expert (+ beta·KL)``, ``aux`` (loss parts and per-layer
-    gate statistics) and ``next_topic_ids``. ``generate`` is the base model's, with topic tracking:
-    prompt topics from the caller, each generated token takes the last router's predicted topic.
+    gate statistics) and ``next_topic_ids``. ``generate`` is transformers' (``GenerationMixin``, as
+    ``DoEForCausalLM``'s; what the wrapper does not define it reads from the base model, as PEFT's
+    wrappers do), with topic tracking: prompt topics from the caller, each generated token takes the
+    last router's predicted topic.
 
     Added parameters: ``knowledge`` (a :class:`~doe_ext.nn.knowledge_path.KnowledgePath`: Z, the routers,
     the topic prior, as in ``DoEForCausalLM``), and inside the base model the wrapped embedding and MLPs. They save and load on
@@ -288,7 +261,7 @@ class DoEWrapper(nn.Module):
         signal_source = config.signal_source
         self.base_model = model
         self.adapter = adapter
-        self._link = _Link()
+        self.scope: Scope[ForwardState] = Scope("doe_forward")  # each forward's state, read by the wrapped modules
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, name, original, wrapper)
         self._hooks: list = []
 
@@ -300,9 +273,9 @@ class DoEWrapper(nn.Module):
         # Z = 0 and a zero prior: a no-op at first
         self.knowledge = KnowledgePath(d, K, L, config.latent_dim, router, config.router_decoder).to(w.device, w.dtype)
 
-        link = self._link
+        scope = self.scope
         # The wrapped modules live in the base model; the wrapper keeps unregistered references.
-        self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, link))
+        self.__dict__["doe_embedding"] = self._swap(model, adapter.embedding, DoEEmbedding(embedding, K, topic_dim, scope))
         self.__dict__["doe_layers"] = []
         for i, layer in enumerate(layers):
             attn = get_path(layer, adapter.attention)
@@ -315,13 +288,9 @@ class DoEWrapper(nn.Module):
                                      f"and layer {i}'s {type(mlp).__name__} has none (a MoE block?); use fusion='add'")
                 for name in inputs:
                     self._swap(layer, f"{adapter.mlp}.{name}" if name else adapter.mlp,
-                               ConcatInput(get_path(mlp, name), d, link))
+                               ConcatInput(get_path(mlp, name), d, scope))
             mlp = get_path(layer, adapter.mlp)
-            self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, link)))
-        self._hooks.append(model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._after_base_forward, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._end_base_forward, with_kwargs=True, always_call=True))
-        link.owner = self
+            self.doe_layers.append(self._swap(layer, adapter.mlp, DoEMLP(mlp, i, d, K, signal_dim, fusion, scope)))
 
     # ---- wiring ----
     def _swap(self, root: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -333,7 +302,7 @@ class DoEWrapper(nn.Module):
     def _hook_signal(self, attn: nn.Module, i: int) -> int:
         """Record layer ``i``'s q/k/v projection output for the router; returns its width."""
         source = self.doe_config.signal_source
-        link, adapter = self._link, self.adapter
+        scope, adapter = self.scope, self.adapter
         if adapter.qkv is not None:
             path = adapter.qkv["qkv".index(source)]
             if not has_path(attn, path):
@@ -342,7 +311,8 @@ class DoEWrapper(nn.Module):
             proj = get_path(attn, path)
 
             def hook(module, args, out):
-                link.call.signals[i] = out
+                if (call := scope.get()) is not None:
+                    call.signals[i] = out
             self._hooks.append(proj.register_forward_hook(hook))
             return out_features(proj)
         layout = adapter.fused_qkv
@@ -356,48 +326,10 @@ class DoEWrapper(nn.Module):
                              f"{layout} gives {layout.width}")
 
         def fused_hook(module, args, out):
-            link.call.signals[i] = layout.split(out, source)
+            if (call := scope.get()) is not None:
+                call.signals[i] = layout.split(out, source)
         self._hooks.append(proj.register_forward_hook(fused_hook))
         return layout.part_width(source)
-
-    def _before_base_forward(self, module, args, kwargs):
-        kwargs = dict(kwargs)
-        topic_ids = kwargs.pop("doe_topic_ids", None)  # a direct call of the base model: no topics
-        reconstruct = kwargs.pop("doe_reconstruct", False)
-        receiver = kwargs.pop("doe_receiver", None)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        lead = ids if ids is not None else embeds
-        T = lead.shape[1] if lead is not None else None
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        mask = kwargs.get("attention_mask")
-        link = self._link
-        if link.history is not None and ids is not None:  # generate: the topics of this call's tokens
-            if link.history.shape[0] != ids.shape[0] and ids.shape[0] % link.history.shape[0] == 0:
-                # generate expanded the prompts (beams, num_return_sequences) with repeat_interleave
-                link.history = link.history.repeat_interleave(ids.shape[0] // link.history.shape[0], dim=0)
-            topic_ids = step_topics(link.history, cache, T)
-        pad_mask = mask[:, -T:] if mask is not None and mask.dim() == 2 and T is not None else None
-        call = _Call(self.knowledge.begin(topic_ids, cache, pad_mask, reconstruct), input_ids=ids,
-                     batch_shape=tuple(lead.shape[:2]) if lead is not None else None)
-        if ids is None and embeds is not None:  # the token part given: the topic part is added here
-            kwargs["inputs_embeds"] = call.step.embeds = self.doe_embedding.combine(embeds, topic_ids)
-        if receiver is not None:  # DoEWrapper.forward: the call, handed back explicitly
-            receiver.append(call)
-        call.token = link.enter(call)
-        return args, kwargs
-
-    def _after_base_forward(self, module, args, kwargs, output):
-        link, call = self._link, self._link.call
-        call.routed, call.next_topic_ids = call.step.finish()
-        if link.history is not None:  # a generated token takes the topic the last router predicts
-            link.history = extend_history(link.history, call.next_topic_ids)
-
-    def _end_base_forward(self, module, args, kwargs, output):
-        call = self._link.call
-        if call is not None and call.token is not None:
-            self._link.leave(call.token)
-            call.token = None
 
     def _checkpoint_router_outputs(self) -> None:
         """Under gradient checkpointing, the routers' outputs must leave a checkpointed layer as its
@@ -410,7 +342,7 @@ class DoEWrapper(nn.Module):
             fn = getattr(layer, "_gradient_checkpointing_func", None)
             if fn is None or getattr(fn, "_doe_wrapped", False):
                 continue
-            layer._gradient_checkpointing_func = _RouterCheckpoint(fn, i, self._link)
+            layer._gradient_checkpointing_func = _RouterCheckpoint(fn, i, self.scope)
 
     @property
     def config(self):
@@ -424,6 +356,16 @@ class DoEWrapper(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.knowledge.knowledge_state.device
+
+    def __getattr__(self, name: str):
+        """What the wrapper does not define is the base model's (``generation_config``, ``dtype``, what
+        ``generate`` asks of a model), as PEFT's wrappers read theirs."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # not set yet (inside __init__)
+                raise
+            return getattr(self.base_model, name)
 
     # ---- forward, loss, generate ----
     def forward(self, input_ids: Tensor | None = None, topic_ids: Tensor | None = None, labels: Tensor | None = None,
@@ -446,26 +388,33 @@ class DoEWrapper(nn.Module):
             use_cache = bool(getattr(self.base_model.config, "use_cache", False))
         if use_cache and cache is None:  # created here so the signal's running sums live on it
             cache = DoECache(config=self.base_model.config)
-        received: list[_Call] = []
-        out = self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                              use_cache=use_cache, doe_topic_ids=topic_ids, doe_reconstruct=labels is not None,
-                              doe_receiver=received, **kwargs)
-        call, = received
+        lead = input_ids if input_ids is not None else inputs_embeds
+        T = lead.shape[1]
+        pad_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        state = ForwardState(self.knowledge.begin(topic_ids, cache, pad_mask, labels is not None), tuple(lead.shape[:2]))
+        if inputs_embeds is not None:  # the token part given: the topic part is added here
+            inputs_embeds = state.step.embeds = self.doe_embedding.combine(inputs_embeds, topic_ids)
+        with self.scope(state):
+            out = self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  cache=cache, use_cache=use_cache, **kwargs)
+        routed, next_topic_ids = state.step.finish()
         logits = out.logits
-        loss, aux = knowledge_outputs(self.doe_config, call.routed, None if labels is None else next_token_loss(logits, labels),
+        loss, aux = knowledge_outputs(self.doe_config, routed, None if labels is None else next_token_loss(logits, labels),
                                       topic_ids, expert_labels)
         return DoECausalLMOutput(loss=loss, logits=logits, cache=getattr(out, "cache", None),
                                  hidden_states=getattr(out, "hidden_states", None),
                                  attentions=getattr(out, "attentions", None), aux=aux,
-                                 next_topic_ids=call.next_topic_ids)
+                                 next_topic_ids=next_topic_ids)
 
     @torch.no_grad()
     def generate(self, inputs: Tensor | None = None, topic_ids: Tensor | None = None, **kwargs):
-        """The base model's ``generate`` (greedy, sampling, beam search; KV cache or not) with DoE's
-        topics: ``topic_ids [B, T]`` tag the prompt (None: unlabeled); a generated token takes the topic
-        the last layer's router predicted at the previous position. With the cache that history lives
-        in a :class:`~doe_ext.models.cache.DoECache`, which beam search reorders; beam search without
-        the cache and assisted decoding are refused."""
+        """``GenerationMixin.generate`` (greedy, sampling, beam search; KV cache or not) with DoE's
+        topics, as ``DoEForCausalLM.generate``: ``topic_ids [B, T]`` tag the prompt (None: unlabeled);
+        a generated token takes the topic the last layer's router predicted at the previous position.
+        They travel as a model keyword of generation (expanded with the prompts for beams and
+        ``num_return_sequences``); with the cache the predictions live in a
+        :class:`~doe_ext.models.cache.DoECache`, which beam search reorders. Beam search without the
+        cache and assisted decoding are refused."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is None:
             raise ValueError("DoEWrapper.generate: pass the prompt as token ids (inputs or input_ids)")
@@ -476,12 +425,24 @@ class DoEWrapper(nn.Module):
         if topic_ids is not None and topic_ids.shape != ids.shape:
             raise ValueError(f"DoEWrapper.generate: topic_ids must have the prompt's shape {tuple(ids.shape)}, "
                              f"got {tuple(topic_ids.shape)}")
-        link = self._link
-        link.history = torch.full_like(ids, -1) if topic_ids is None else topic_ids
-        try:
-            return self.base_model.generate(inputs, **kwargs)
-        finally:
-            link.history = None
+        kwargs["topic_ids"] = torch.full_like(ids, -1) if topic_ids is None else topic_ids
+        return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, topic_ids=None, **kwargs):
+        """The base model's inputs for one step, and the topics of the step's tokens."""
+        model_inputs = self.base_model.prepare_inputs_for_generation(input_ids, **kwargs)
+        if topic_ids is not None:
+            new = (model_inputs.get("input_ids") if model_inputs.get("input_ids") is not None
+                   else model_inputs["inputs_embeds"]).shape[1]
+            model_inputs["topic_ids"] = step_topics(topic_ids, model_inputs.get("cache"), new)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = self.base_model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
+                                                                           num_new_tokens)
+        if model_kwargs.get("topic_ids") is not None:  # the new token takes the topic the last router predicted
+            model_kwargs["topic_ids"] = extend_history(model_kwargs["topic_ids"], outputs.next_topic_ids)
+        return model_kwargs
 
     # ---- the added parameters ----
     def _knowledge_modules(self) -> nn.ModuleDict:
