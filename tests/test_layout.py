@@ -135,3 +135,9 @@ def test_per_call_state_has_one_way_in():
             if name == "ContextVar" and rel != "doe_ext/nn/scope.py":
                 bad.append((rel, node.lineno, "a context variable outside doe_ext.nn.scope"))
     assert not bad, bad
+
+
+def test_no_file_of_the_library_is_over_500_lines():
+    long = {str(p.relative_to(SRC.parent)): n for p in sorted(SRC.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

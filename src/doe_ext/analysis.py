@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 

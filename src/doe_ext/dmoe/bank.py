@@ -37,7 +37,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from doe_ext.dmoe.experts import ExpertSet, LoRAConfig
-from doe_ext.dmoe.files import canonical_safetensors
+from doe_ext.dmoe.files import canonical_safetensors, write_durably
 from doe_ext.dmoe.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -117,22 +116,6 @@ class ExpertRow:
     title: str | None = None
 
 
-def _write_durably(folder: Path, name: str, data: bytes) -> None:
-    """``folder/name`` holds ``data`` once this returns, even after a crash: written to a temporary file,
-    fsynced, renamed, and the folder fsynced."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-
-
 def _read_checked(path: Path, checksum: str, what: str) -> bytes:
     """The bytes of a weight file whose sha256 its row (or the bank's meta) gives; ``what`` names it in errors."""
     try:
@@ -143,14 +126,6 @@ def _read_checked(path: Path, checksum: str, what: str) -> bytes:
     if got != checksum:
         raise BankError(f"ExpertBank: {what}: {path} has sha256 {got}, its row says {checksum}")
     return data
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ExpertBank:
@@ -348,7 +323,7 @@ class ExpertBank:
         checksum = hashlib.sha256(data).hexdigest()
         name = f"{hashlib.sha256(expert_id.encode()).hexdigest()[:16]}-{checksum[:16]}.safetensors"
         folder = self.path / "experts"
-        _write_durably(folder, name, data)
+        write_durably(folder, name, data)
         with self._tx():
             old = self._db.execute("SELECT file FROM experts WHERE id = ?", (expert_id,)).fetchone()
             self._db.execute("DELETE FROM experts WHERE id = ?", (expert_id,))
@@ -399,7 +374,7 @@ class ExpertBank:
         name = f"{checksum[:32]}.safetensors"
         folder = self.path / "reader"
         folder.mkdir(exist_ok=True)
-        _write_durably(folder, name, data)
+        write_durably(folder, name, data)
         old = self.meta().get("reader")
         self.set_meta("reader", json.dumps({"file": name, "checksum": checksum, "name": reader.name}))
         if old and json.loads(old)["file"] != name:

@@ -19,6 +19,7 @@ import numpy as np
 
 from doe_ext.lda import corpus as _corpus
 from doe_ext.lda.corpus import CorpusError, TokenCorpus, write_json_atomic
+from doe_ext.lda.topics import Topics, token_decoder
 
 MODEL_FORMAT = "doe_ext.lda_model"
 MODEL_FILE = "model.json"
@@ -342,7 +343,7 @@ class LDA:
         top = np.argsort(-self.topic_word(), axis=1, kind="stable")[:, :n]
         if tokenizer is None:
             return top.tolist()
-        decode = _token_decoder(tokenizer)
+        decode = token_decoder(tokenizer)
         return [[decode(int(w)) for w in row] for row in top]
 
     def topics(self, n: int = 10, tokenizer=None) -> "Topics":
@@ -474,22 +475,6 @@ class LDA:
         return cls.from_state(state)
 
 
-class Topics(list):
-    """Each topic's top tokens (a list of lists), with its share of the tokens; a table in a notebook."""
-
-    def __init__(self, tokens: list[list], shares: list[float]):
-        super().__init__(tokens)
-        self.shares = shares
-
-    def __str__(self) -> str:
-        return "\n".join(f"topic {k} ({p:.1%}): {' '.join(map(str, t))}" for k, (t, p) in enumerate(zip(self, self.shares)))
-
-    def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{p:.1%}</td><td>{html.escape(' '.join(map(str, t)))}</td></tr>"
-                       for k, (t, p) in enumerate(zip(self, self.shares)))
-        return f"<table><tr><th>topic</th><th>tokens</th><th>top tokens</th></tr>{rows}</table>"
-
-
 def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 256) -> str:
     """A cheap identity of a corpus (about ``samples`` offsets and the tokens they point at), so
     resuming or skipping finished labels never mixes up two corpora of the same size."""
@@ -499,16 +484,3 @@ def _corpus_sample_hash(corpus: TokenCorpus, samples: int = 256) -> str:
     h = hashlib.sha256(offsets.tobytes())
     h.update(np.asarray(corpus.tokens[starts]).tobytes())
     return h.hexdigest()[:32]
-
-
-def _token_decoder(tokenizer) -> Callable[[int], str]:
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(str(tokenizer))
-    if hasattr(tokenizer, "id_to_token"):  # tokenizers.Tokenizer
-        return lambda i: tokenizer.id_to_token(i) or f"<{i}>"
-    if hasattr(tokenizer, "convert_ids_to_tokens"):  # transformers tokenizers
-        return lambda i: tokenizer.convert_ids_to_tokens(i)
-    if hasattr(tokenizer, "decode"):
-        return lambda i: tokenizer.decode([i])
-    raise TypeError(f"cannot decode token ids with {type(tokenizer).__name__}")
