@@ -24,18 +24,23 @@ def docs(n, aug=True):
 
 
 class RefLoRA(nn.Module):
-    """PEFT's LoRA layer, plainly: ``base(x) + scale * (x @ A.T) @ B.T``."""
+    """PEFT's LoRA layer, plainly: ``base(x) + own * scale * (x @ A.T) @ B.T``, plus frozen companions
+    ``w * scale * (x @ A_c.T) @ B_c.T`` (composed training)."""
 
-    def __init__(self, base, a, b, scale):
+    def __init__(self, base, a, b, scale, own=1.0, frozen=()):
         super().__init__()
         dt = next(base.parameters()).dtype
         self.base, self.a, self.b, self.scale = base, nn.Parameter(a.to(dt)), nn.Parameter(b.to(dt)), scale
+        self.own, self.frozen = own, [(ca.to(dt), cb.to(dt), w) for ca, cb, w in frozen]
 
     def forward(self, x):
-        return self.base(x) + self.scale * (x @ self.a.T) @ self.b.T
+        out = self.base(x) + self.own * self.scale * (x @ self.a.T) @ self.b.T
+        for ca, cb, w in self.frozen:
+            out = out + w * self.scale * (x @ ca.T) @ cb.T
+        return out
 
 
-def reference_train(base, eid, insts, cfg):
+def reference_train(base, eid, insts, cfg, own=1.0, companions=()):
     """One expert, the whole model run on every instance (no cached residuals), torch.optim.AdamW. A
     distillation instance's teacher is the frozen model run whole on the teacher's ids; the loss is
     KL(teacher || student) per target token (F.kl_div), plus ``hidden_weight`` times the final hidden
@@ -46,7 +51,8 @@ def reference_train(base, eid, insts, cfg):
     init = site.init_expert(cfg.lora, torch.Generator().manual_seed(expert_seed(cfg.seed, eid)))
     layers = {}
     for n, (mlp, p) in site._slots.items():
-        layers[n] = RefLoRA(getattr(mlp, p), init[f"{n}.lora_a"], init[f"{n}.lora_b"], cfg.lora.scale)
+        layers[n] = RefLoRA(getattr(mlp, p), init[f"{n}.lora_a"], init[f"{n}.lora_b"], cfg.lora.scale, own,
+                            [(c[f"{n}.lora_a"], c[f"{n}.lora_b"], w) for c, w in companions])
         setattr(mlp, p, layers[n])
     params = [p for l in layers.values() for p in (l.a, l.b)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -95,6 +101,48 @@ def test_equals_peft_style_reference(base64):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-7, rtol=1e-6, msg=k)
     assert any(got[k].abs().max() > 1e-3 for k in got if k.endswith("lora_b"))  # it did train
+
+
+def _random_expert(base, cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.05
+            for k, v in base.site.init_expert(cfg.lora, torch.Generator().manual_seed(0)).items()}
+
+
+def _companions(experts, sets, own):
+    from doe_ext.dmoe.experts import ExpertSet
+    from doe_ext.dmoe.train import Companions
+
+    names = {k.rsplit(".", 1)[0] for k in experts[0]}
+    stack = ExpertSet({n: torch.stack([e[f"{n}.lora_a"] for e in experts]) for n in names},
+                      {n: torch.stack([e[f"{n}.lora_b"] for e in experts]) for n in names})
+    return Companions(stack, sets, own)
+
+
+def test_composed_training_equals_the_reference(base64):
+    """An expert trained beside frozen companions (composed training, issue 45 item 4) equals the
+    PEFT-style loop with the companions' LoRA terms added to the same projections; trained together
+    with an expert alone, each equals its own run; a companion of weight 0 changes nothing."""
+    base = base64
+    items = docs(2)
+    c1, c2 = _random_expert(base, CFG, 1), _random_expert(base, CFG, 2)
+    comp = _companions([c1, c2], [[(0, 0.3), (1, 0.2)], []], [0.5, 1.0])
+    got = train_experts(base, items, CFG, companions=comp)
+    (doc, aug) = items[0]
+    ref = reference_train(base, doc.id, training_instances(base.tokenizer, doc.text, aug, CFG.max_length), CFG,
+                          own=0.5, companions=[(c1, 0.3), (c2, 0.2)])
+    for k in ref:
+        torch.testing.assert_close(got[0].tensors[k], ref[k], atol=1e-7, rtol=1e-6, msg=k)
+    alone = train_experts(base, items[1:], CFG)[0]
+    for k in alone.tensors:
+        torch.testing.assert_close(got[1].tensors[k], alone.tensors[k], atol=1e-7, rtol=1e-6, msg=k)
+    plain = train_experts(base, items[:1], CFG)[0]
+    assert any(not torch.allclose(got[0].tensors[k], plain.tensors[k]) for k in plain.tensors)
+    zero = train_experts(base, items[:1], CFG, companions=_companions([c1], [[(0, 0.0)]], [1.0]))[0]
+    for k in plain.tensors:
+        torch.testing.assert_close(zero.tensors[k], plain.tensors[k], atol=1e-7, rtol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="`companions` has sets for 2 experts, not 1"):
+        train_experts(base, items[:1], CFG, companions=comp)
 
 
 @pytest.mark.parametrize("objective", ["next_token", "distill"])

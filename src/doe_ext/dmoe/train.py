@@ -208,20 +208,36 @@ class _ExpertAdamW:
             p.grad = None
 
 
+@dataclass
+class Companions:
+    """Frozen experts active beside each expert while it trains (composed training): ``experts`` stacks
+    them; expert ``e`` trains with weight ``own[e]`` beside ``sets[e]``, ``[(index into experts,
+    weight), ...]``, as the inference composition would weigh them (each weight times LoRA's scale)."""
+
+    experts: ExpertSet
+    sets: list[list[tuple[int, float]]]
+    own: list[float]
+
+
 def train_experts(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
                   on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
                   instances: list[list[Instance]] | None = None, head_chunk: int = 256,
-                  on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
+                  on_step: Callable[[int, int], None] | None = None,
+                  companions: Companions | None = None) -> list[TrainedExpert]:
     """Train one expert per ``(document, augmentation)``, all in one batch, on the base's last MLP.
     ``on_epoch(epoch, experts)`` sees the experts after each epoch (the learning rate is constant, so
     they are the experts a run of that many epochs gives: one run gives a whole epochs curve).
     ``instances``: each document's, when already made (:func:`doe_ext.dmoe.build.instances` caches them).
-    ``on_step(done, total)`` is called after each optimizer step (a progress bar's hook)."""
+    ``on_step(done, total)`` is called after each optimizer step (a progress bar's hook).
+    ``companions``: train each expert composed with frozen others (:class:`Companions`); alone by default."""
     insts = instances_for(base, items, recipe) if instances is None else instances
     for (d, _), i in zip(items, insts):
         if not i:
             raise ValueError(f"train_experts: document {d.id!r} gives no training tokens (empty text?)")
-    return _train(base, [d.id for d, _ in items], insts, recipe, on_epoch, head_chunk, on_step=on_step)
+    if companions is not None and len(companions.sets) != len(items):
+        raise ValueError(f"train_experts: `companions` has sets for {len(companions.sets)} experts, not {len(items)}")
+    return _train(base, [d.id for d, _ in items], insts, recipe, on_epoch, head_chunk, on_step=on_step,
+                  companions=companions)
 
 
 def train_adapter(base: BaseLM, items: list[tuple[Document, Augmentation]], recipe: Recipe = Recipe(),
@@ -319,12 +335,24 @@ def fit_experts(site, ids: list[str], recipe: Recipe, steps: list[int], batch: B
 def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Recipe,
            on_epoch: Callable[[int, list[TrainedExpert]], None] | None = None,
            head_chunk: int = 256, progress: bool = False,
-           on_step: Callable[[int, int], None] | None = None) -> list[TrainedExpert]:
+           on_step: Callable[[int, int], None] | None = None,
+           companions: Companions | None = None) -> list[TrainedExpert]:
     """Expert ``ids[e]`` trained on ``insts[e]`` at the base's last MLP, all experts in one batch, on the
-    residuals cached once per instance (see the module docstring)."""
+    residuals cached once per instance (see the module docstring); with ``companions``, each beside its
+    frozen companions."""
     site = base.site.attach()
     data = training_data(base, insts, soft=recipe.distill_loss == "kl")
     dev, bs = base.device, recipe.batch_size
+    slots = None
+    if companions is not None:  # per expert: its own slot, then its companions' (after the E trained ones)
+        k = 1 + max(map(len, companions.sets))
+        slots = torch.full((len(ids), k), -1, dtype=torch.long)
+        weights = torch.zeros(len(ids), k)
+        for e, (own, others) in enumerate(zip(companions.own, companions.sets)):
+            slots[e, 0], weights[e, 0] = e, own
+            for j, (c, w) in enumerate(others, 1):
+                slots[e, j], weights[e, j] = len(ids) + c, w
+        slots, weights, frozen = slots.to(dev), (weights * recipe.lora.scale).to(dev), companions.experts.to(dev)
 
     def batch(s: int, active: list[int], experts: ExpertSet):
         xs, ts, idx, ws = [], [], [], []
@@ -335,7 +363,13 @@ def _train(base: BaseLM, ids: list[str], insts: list[list[Instance]], recipe: Re
                 xs.append(x), ts.append(t)
                 idx.append(torch.full((len(t),), e)), ws.append(torch.full((len(t),), 1.0 / n_tok))
         x, t, i, w = torch.cat(xs), torch.cat(ts), torch.cat(idx).to(dev), torch.cat(ws).to(dev)
-        with use_experts(ActiveExperts.per_row(experts, i, recipe.lora.scale)):
+        if slots is None:
+            active_ = ActiveExperts.per_row(experts, i, recipe.lora.scale)
+        else:
+            union = ExpertSet({n: torch.cat([experts.a[n], frozen.a[n]]) for n in experts.a},
+                              {n: torch.cat([experts.b[n], frozen.b[n]]) for n in experts.b})
+            active_ = ActiveExperts(union, slots[i], weights[i])
+        with use_experts(active_):
             return site.hidden(x), t, i, w
 
     return fit_experts(site, ids, recipe, [math.ceil(len(d) / bs) for d in data], batch, dev, on_epoch,
