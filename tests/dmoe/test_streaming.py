@@ -15,6 +15,7 @@ def test_every_linear_layer_streams_inside_and_is_restored_after(base):
     model = base.model
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert plain_linears(model) == linears
+    keys = list(model.state_dict())
     ids = base.tokenizer(QUESTIONS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         plain = model(input_ids=ids[:, :1]).logits  # one token: every linear is a GEMV
@@ -31,6 +32,9 @@ def test_every_linear_layer_streams_inside_and_is_restored_after(base):
         assert len(calls) == len(linears)
     assert all("forward" not in vars(m) for m in linears)
     torch.testing.assert_close(streamed, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # outside a block the layers compute as nn.Linear, bit for bit, under the same names
+        torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, plain, rtol=0, atol=0)
+    assert list(model.state_dict()) == keys and plain_linears(model) == linears
     with torch.no_grad(), streaming_linears(linears) as n:
         assert n == len(linears)
         torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, streamed)
@@ -64,3 +68,28 @@ def test_dmoe_streamed_equals_dmoe_on_aten(base, tmp_path, tau):
             assert g.tokens == w.tokens
             assert [(t.position, t.experts) for t in g.triggers] == [(t.position, t.experts) for t in w.triggers]
             assert g.entropies == pytest.approx(w.entropies, abs=1e-4)
+
+
+def test_each_thread_streams_its_own_layers():
+    """Which layers stream is per-call state (a scope): a block in one thread leaves another thread's
+    calls on ATen."""
+    import threading
+
+    layer = nn.Linear(8, 5)
+    x = torch.randn(1, 8)
+    seen = {}
+
+    def other():
+        with torch.autograd.profiler.profile() as prof:
+            layer(x)
+        seen["other"] = [e.name for e in prof.function_events if e.name == "doe_ext::decode_linear"]
+
+    with torch.no_grad(), streaming_linears([layer]) as n:
+        assert n == 1
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        with torch.autograd.profiler.profile() as prof:
+            layer(x)
+    assert seen["other"] == []
+    assert [e.name for e in prof.function_events if e.name == "doe_ext::decode_linear"] == ["doe_ext::decode_linear"]

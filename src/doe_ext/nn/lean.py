@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import doe_ext.ops.decode_linear  # noqa: F401  (the lean ops' fake kernels are registered there)
+from doe_ext.nn.streaming import is_plain_linear
 
 _ops = torch.ops.doe_ext
 
@@ -81,7 +82,7 @@ class LeanDecoder:
         self.groups = attn.num_key_value_groups
 
     def _linear(self, layer: nn.Module, x: Tensor) -> Tensor:
-        if type(layer) is not nn.Linear:
+        if not is_plain_linear(layer):
             return layer(x)
         if self.streaming:  # a step's rows are [R, in] throughout (below autograd inside `residual`)
             return _decode_linear(x, layer.weight, layer.bias)
@@ -120,7 +121,7 @@ class LeanDecoder:
         attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
         lins = [attn._modules[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         lins += [mlp._modules[n] for n in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(x) is not nn.Linear for x in lins):
+        if not all(map(is_plain_linear, lins)):
             return None
         wb = [p for x in lins for p in (x._parameters["weight"], x._parameters.get("bias"))]
         norms = [layer._modules[n] for n in ("input_layernorm", "post_attention_layernorm")]
