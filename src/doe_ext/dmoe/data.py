@@ -221,15 +221,6 @@ def load(name: str = "debian-packages-v1", split: str | None = None) -> tuple[li
     return docs, [q for q in qa if split is None or q["split"] == split]
 
 
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["changelogs"]:
-        print(freeze_changelogs(DATA))
-    else:
-        freeze(DATA)
-
-
 def sample(questions: list[dict], n: int | None, seed: int = 0) -> list[dict]:
     """A seeded sample of ``n`` questions in their file order (all of them when ``n`` is None)."""
     if n is None or n >= len(questions):
@@ -244,3 +235,12 @@ def shots(dev: list[dict], docs: dict[str, str]) -> list[tuple[str, str, str]]:
     for q in dev:
         first.setdefault(q["kind"], q)
     return [(q["question"], q["answers"][0], docs[q["doc_id"]]) for q in first.values()]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["changelogs"]:
+        print(freeze_changelogs(DATA))
+    else:
+        freeze(DATA)
