@@ -14,6 +14,7 @@ ROOT = Path(__file__).parents[1]
     ("benchmarks.bench_dmoe", ["--decode-floor", "--prefill-peak", "--best-batch", "--gemv"]),
     ("benchmarks.check_streaming_predictions", ["--tables"]),
     ("benchmarks.probe_compile_decode", ["--part", "--rounds"]),
+    ("benchmarks.ab_streaming_scope", ["--rounds", "--steps"]),
 ])
 def test_help_runs_and_names_the_options(module, options):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
