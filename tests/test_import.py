@@ -35,7 +35,13 @@ TINY = ("dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_
     "from transformers import AutoModelForCausalLM, AutoModel, AutoConfig\nimport doe_ext",
     "import doe_ext\nfrom doe_ext.models import DoEForCausalLM\nfrom transformers import AutoConfig, AutoModel, "
     "AutoModelForCausalLM",
-], ids=["doe_ext-first", "doe_ext-first-models", "config-first", "transformers-first", "models-first"])
+    # a model's own module first: it imports modeling_auto half-way through its own import
+    "import doe_ext\nfrom transformers import LlamaForCausalLM\nfrom transformers import AutoConfig, AutoModel, "
+    "AutoModelForCausalLM",
+    "import doe_ext\nfrom transformers import Gemma3ForCausalLM\nfrom transformers import AutoConfig, AutoModel, "
+    "AutoModelForCausalLM",
+], ids=["doe_ext-first", "doe_ext-first-models", "config-first", "transformers-first", "models-first",
+        "llama-model-first", "gemma3-model-first"])
 def test_auto_classes_know_doe_whatever_the_import_order(first):
     got = fresh(first + f"\ncfg = AutoConfig.for_model('doe', **{TINY})\n"
                 "print(type(cfg).__name__, type(AutoModel.from_config(cfg)).__name__, "

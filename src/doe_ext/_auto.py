@@ -7,7 +7,8 @@ finder on ``sys.meta_path`` that waits for transformers' two Auto modules: once
 ``configuration_auto`` has run, ``DoEConfig`` is registered (unless ``modeling_auto`` is the one
 importing it: then with the models); once ``modeling_auto`` has run,
 ``doe_ext.models.modeling_doe`` is imported and registers ``DoEModel`` / ``DoEForCausalLM`` (at its
-end, since importing transformers' model stack may itself import ``modeling_auto``), and so is
+end, since importing transformers' model stack may itself import ``modeling_auto``; when a model's module
+is what imports ``modeling_auto``, once the transformers modules it needs have run to their end), and so is
 ``doe_ext.integrations.hf.doeify``, whose ``DoEWrapper`` is the model class of a saved drop-in (model
 type ``"doe_ext_drop_in"``). Modules already imported are handled at once.
 """
@@ -50,15 +51,47 @@ def register_models(auto=None) -> None:
         auto.AutoModelForCausalLM.register(hf.DoEWrapper.config_class, hf.DoEWrapper, exist_ok=True)
 
 
-def _modeling_loaded(auto) -> None:
-    register_config(sys.modules[CONFIG], deferred=True)  # modeling_auto imported configuration_auto first
+def _watched(name: str) -> bool:
+    """transformers' modeling modules (``modeling_utils``, ``modeling_layers``, ``models.llama.modeling_llama``,
+    ...): modeling_doe imports some of them, and cannot while one is half-way through its own import."""
+    return name.startswith("transformers.") and name.rpartition(".")[2].startswith("modeling_")
+
+
+def _in_flight(but: str) -> bool:
+    return any(_watched(n) and n != but and _importing(n) for n in list(sys.modules))
+
+
+_pending = []  # modeling_auto, while modeling_doe waits for a modeling module half-way through its import
+
+
+def _import_models(auto) -> None:
     if "doe_ext.models.modeling_doe" in sys.modules:
         register_models(auto)
     else:
         importlib.import_module("doe_ext.models.modeling_doe")  # registers at its end
 
 
+def _modeling_loaded(auto) -> None:
+    register_config(sys.modules[CONFIG], deferred=True)  # modeling_auto imported configuration_auto first
+    # A model's own module (``from transformers import LlamaForCausalLM`` as the first transformers import
+    # after doe_ext's) imports modeling_layers, which imports modeling_auto half-way through: wait for them.
+    if _in_flight(but=MODELING):
+        _pending.append(auto)
+    else:
+        _import_models(auto)
+
+
+def _modeling_module_loaded(module) -> None:
+    """A modeling module has run to its end: the models, if they wait and no other is half-way."""
+    if _pending and not _in_flight(but=module.__name__):
+        _import_models(_pending.pop())
+
+
 ACTIONS = {CONFIG: register_config, MODELING: _modeling_loaded}
+
+
+def _action(name: str):
+    return ACTIONS.get(name) or (_modeling_module_loaded if _watched(name) else None)
 
 
 class _Loader(importlib.abc.Loader):
@@ -80,7 +113,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        action = ACTIONS.get(fullname)
+        action = _action(fullname)
         if action is None:
             return None
         spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, random_bank
+from dmoe_testing import DOCS, random_bank
 from experiments import dmoe_ablations as ablations
 from doe_ext.dmoe.evaluate import Harness, Sample, Variant, evaluate
 from test_evaluate import QA

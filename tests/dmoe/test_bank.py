@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import DOCS, random_bank, random_expert, write_docs
+from dmoe_testing import DOCS, random_bank, random_expert, write_docs
 from doe_ext.dmoe import BankError, ExpertBank, LoRAConfig, Recipe
 from doe_ext.dmoe.bank import DB, query_terms
 

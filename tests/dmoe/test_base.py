@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from conftest import QUESTIONS, random_bank, tokenizer
+from dmoe_testing import QUESTIONS, random_bank, tokenizer
 from doe_ext.dmoe import DMoE, load_base
 from doe_ext.dmoe.experts import FAMILIES, ExpertSite
 

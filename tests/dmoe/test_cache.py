@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import doe_ext.dmoe.model as dmoe_model
-from conftest import QUESTIONS, random_bank
+from dmoe_testing import QUESTIONS, random_bank
 from doe_ext.dmoe import DMoE
 from doe_ext.dmoe.cache import PreallocatedCache, PreallocatedLayer, fill_from_end
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import DOCS, write_docs
+from dmoe_testing import DOCS, write_docs
 from doe_ext.cli import main
 from doe_ext.dmoe import ExpertBank, LoRAConfig
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DOCS, QUESTIONS, random_bank
+from dmoe_testing import DOCS, QUESTIONS, random_bank
 from doe_ext.dmoe import Augmentation, DMoE, Document, ExpertBank, ExpertSite, LoRAConfig, Recipe, train_experts
 from doe_ext.dmoe.deep import train_deep
 from doe_ext.dmoe.distill import instances_for

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DOCS
+from dmoe_testing import DOCS
 from doe_ext.dmoe import Document, ExpertBank, LoRAConfig, Recipe, build_bank, load_base
 
 ray = pytest.importorskip("ray")

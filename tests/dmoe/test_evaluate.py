@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, QUESTIONS, random_bank, write_docs
+from dmoe_testing import DOCS, QUESTIONS, random_bank, write_docs
 from doe_ext.cli import main
 from doe_ext.dmoe import DMoE, ExpertBank, load_base, qa_prompt
 from doe_ext.dmoe.augment import fewshot_prompt

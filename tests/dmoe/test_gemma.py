@@ -25,7 +25,7 @@ def test_loads_the_real_model(gemma):
 
 
 def test_prompts_start_with_bos_and_tau_inf_is_the_base(gemma, tmp_path):
-    from conftest import random_bank
+    from dmoe_testing import random_bank
 
     bank = random_bank(gemma, tmp_path / "bank", docs=[{"id": "x", "text": "Paris is the capital of France."}])
     prompt = fewshot_prompt("What is the capital of France?")

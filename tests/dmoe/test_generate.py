@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, QUESTIONS, random_bank
+from dmoe_testing import DOCS, QUESTIONS, random_bank
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, Recipe, load_base, merged_state, token_entropy
 from doe_ext.dmoe.experts import set_linear_weight
 from doe_ext.dmoe.routing import DEFAULT_COMPOSE, DEFAULT_TEMPERATURE

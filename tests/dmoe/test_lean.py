@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from conftest import QUESTIONS, random_bank, tiny_model
+from dmoe_testing import QUESTIONS, random_bank, tiny_model
 from doe_ext.dmoe import DMoE, load_base
 from doe_ext.dmoe.cache import PreallocatedCache
 from doe_ext.nn.lean import LeanDecoder

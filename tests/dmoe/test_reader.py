@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import DOCS, QUESTIONS, random_bank, random_expert, write_docs
+from dmoe_testing import DOCS, QUESTIONS, random_bank, random_expert, write_docs
 from test_generate import plain_merge, reference_generate, split_tau
 from doe_ext.cli import main
 from doe_ext.dmoe import BankError, DMoE, ExpertBank, ExpertSite, LoRAConfig, qa_prompt

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import QUESTIONS, random_bank
+from dmoe_testing import QUESTIONS, random_bank
 from doe_ext.dmoe import DMoE
 from doe_ext.nn import plain_linears, streaming_linears
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DOCS
+from dmoe_testing import DOCS
 from doe_ext.dmoe import Augmentation, Document, ExpertSite, LoRAConfig, Recipe, load_base, train_experts
 from doe_ext.dmoe.distill import SHUFFLES, SUBJECT_PROMPTS, distill_instances, sentences
 from doe_ext.dmoe.instances import Instance, training_instances
