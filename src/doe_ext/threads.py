@@ -100,7 +100,8 @@ def _claim(threads: int) -> None:
     with contextlib.suppress(OSError):
         (claims_dir() / str(os.getpid())).write_text(str(threads))
     if not _registered:
-        _registered = atexit.register(release) is not None
+        atexit.register(release)
+        _registered = True
 
 
 def release() -> None:
