@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from doe_ext.dmoe import DMoE, Document, ExpertBank, ExpertSite, build_bank, load_base
+from dev_split import dev_split, dmoe_and_oracle  # a sibling: experiments/ is on sys.path when run as a file
+from doe_ext.dmoe import Document, ExpertBank, ExpertSite, build_bank, load_base
 from doe_ext.dmoe.build import augmentations, commit, forget_made
-from doe_ext.dmoe.data import load
 from doe_ext.dmoe.deep import train_deep
-from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
+from doe_ext.dmoe.evaluate import markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT
 
 
@@ -48,10 +48,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     base = load_base(args.base)
-    docs, dev = load(args.knowledge, "dev")
-    dev = dev[:args.limit]
-    wanted = {q["doc_id"] for q in dev}
-    dev_docs = [Document(d["id"], d["text"], d.get("title")) for d in docs if d["id"] in wanted]
+    dev_docs, dev = dev_split(args.knowledge, args.limit)
     result = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
     for depth in map(int, args.depths.split(",")):
         name = f"depth{depth}"
@@ -63,16 +60,12 @@ def main(argv=None) -> None:
         done = (len(build_bank(base, dev_docs, bank, progress=False)) if site is None
                 else deep_bank(base, dev_docs, bank, site, args.group_size))
         per_expert = (time.perf_counter() - t0) / done if done else None  # None: nothing built now
-        h = Harness(base, bank)
-        dmoe = DMoE(base, bank, site=site)
-        oracle = DMoE(base, bank, compose="top1", top_k=1, site=site)
-        res = evaluate(h, dev, [Variant("dmoe", dmoe), Variant("oracle top-1", oracle, oracle=True)], progress=False)
+        res, models = dmoe_and_oracle(base, bank, dev, site)
         summary = summarize(res)
         write(res, summary, out / name)
         result[name] = {"depth": depth, "recipe": DEFAULT.to_dict(), "seconds_per_expert": per_expert,
                         "summary": summary, "threads": torch.get_num_threads(),
-                        "recomputed_tokens_per_answer": {"dmoe": dmoe.recomputed_tokens / len(dev),
-                                                         "oracle top-1": oracle.recomputed_tokens / len(dev)},
+                        "recomputed_tokens_per_answer": {n: m.recomputed_tokens / len(dev) for n, m in models.items()},
                         "stale_layer_share": 0.0 if site is None else site.stale_layer_share}
         print(f"## {name} ({per_expert and round(per_expert, 1)} s/expert)\n\n{markdown(summary)}", flush=True)
         (out / "sweep.json").write_text(json.dumps(result, indent=1))

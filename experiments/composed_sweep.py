@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from doe_ext.dmoe import DMoE, Document, ExpertBank, build_bank, load_base
+from dev_split import dev_split, dmoe_and_oracle  # a sibling: experiments/ is on sys.path when run as a file
+from doe_ext.dmoe import Document, ExpertBank, build_bank, load_base
 from doe_ext.dmoe.build import augmentations, commit, instances
-from doe_ext.dmoe.data import load
-from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
+from doe_ext.dmoe.evaluate import markdown, summarize, write
 from doe_ext.dmoe.experts import ExpertSet
 from doe_ext.dmoe.recipe import DEFAULT
 from doe_ext.dmoe.reader_training import routed_set
 from doe_ext.dmoe.train import Companions, train_experts
 
 
-def companion_sets(bank: ExpertBank, docs: list[Document], augs, top_k: int) -> tuple[list[str], Companions]:
+def companion_sets(bank: ExpertBank, docs: list[Document], augs, top_k: int) -> Companions:
     """Per document, its own weight and its ``top_k - 1`` companions (ids of ``bank``) with theirs."""
     union: dict[str, int] = {}
     sets, own = [], []
@@ -46,7 +46,7 @@ def companion_sets(bank: ExpertBank, docs: list[Document], augs, top_k: int) -> 
     names = sorted({k.rsplit(".", 1)[0] for k in tensors[0]})
     stack = ExpertSet({n: torch.stack([t[f"{n}.lora_a"] for t in tensors]) for n in names},
                       {n: torch.stack([t[f"{n}.lora_b"] for t in tensors]) for n in names})
-    return list(union), Companions(stack, sets, own)
+    return Companions(stack, sets, own)
 
 
 def main(argv=None) -> None:
@@ -58,9 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=3)
     args = p.parse_args(argv)
     base = load_base(args.base)
-    docs, dev = load(args.knowledge, "dev")
-    wanted = {q["doc_id"] for q in dev}
-    dev_docs = [Document(d["id"], d["text"], d.get("title")) for d in docs if d["id"] in wanted]
+    dev_docs, dev = dev_split(args.knowledge)
     tag = f"{args.base}-%s-dev" if args.knowledge == "fiction-v1" else f"{args.knowledge}-{args.base}-%s-dev"
     alone = ExpertBank(args.work / (tag % "default"), create=True, fingerprint=base.fingerprint,
                        base_name=args.base, recipe=DEFAULT)
@@ -68,7 +66,7 @@ def main(argv=None) -> None:
     augs = augmentations(base, alone, dev_docs)
     items = list(zip(dev_docs, augs))
     insts = instances(base, alone, items)
-    _, comp = companion_sets(alone, dev_docs, augs, args.top_k)
+    comp = companion_sets(alone, dev_docs, augs, args.top_k)
     composed = ExpertBank(args.work / (tag % "composed"), create=True, fingerprint=base.fingerprint,
                           base_name=args.base, recipe=DEFAULT)
     t0 = time.perf_counter()
@@ -82,9 +80,7 @@ def main(argv=None) -> None:
     seconds = (time.perf_counter() - t0) / len(todo) if todo else None
     result = {"own_weight_mean": sum(comp.own) / len(comp.own), "train_seconds_per_expert": seconds}
     for name, bank in (("alone", alone), ("composed", composed)):
-        h = Harness(base, bank)
-        oracle = Variant("oracle top-1", DMoE(base, bank, compose="top1", top_k=1), oracle=True)
-        res = evaluate(h, dev, ["dmoe", oracle], progress=False)
+        res, _ = dmoe_and_oracle(base, bank, dev)
         summary = summarize(res)
         write(res, summary, args.out / args.knowledge / name)
         result[name] = summary

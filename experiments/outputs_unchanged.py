@@ -11,9 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from doe_ext.dmoe import DMoE, ExpertBank, load_base
-from doe_ext.dmoe.data import load
-from doe_ext.dmoe.evaluate import Harness, Variant, evaluate
+from dev_split import dev_split, dmoe_and_oracle  # a sibling: experiments/ is on sys.path when run as a file
+from doe_ext.dmoe import ExpertBank, load_base
 
 
 def main(argv=None) -> int:
@@ -29,9 +28,7 @@ def main(argv=None) -> int:
     ref = json.loads(args.reference.read_text())["samples"]
     base = load_base(args.base)
     bank = ExpertBank(args.bank)
-    _, dev = load(args.knowledge, "dev")
-    oracle = Variant("oracle top-1", DMoE(base, bank, compose="top1", top_k=1), oracle=True)
-    now = evaluate(Harness(base, bank), dev, ["dmoe", oracle], progress=False)
+    now, _ = dmoe_and_oracle(base, bank, dev_split(args.knowledge)[1])
     report = {}
     for method, rows in ref.items():
         then = {r["question"]: r["prediction"] for r in rows}

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from doe_ext.dmoe import DMoE, Document, ExpertBank, LoRAConfig, build_bank, load_base
+from dev_split import dev_split, dmoe_and_oracle  # a sibling: experiments/ is on sys.path when run as a file
+from doe_ext.dmoe import ExpertBank, LoRAConfig, build_bank, load_base
 from doe_ext.dmoe.build import forget_made
-from doe_ext.dmoe.data import load
-from doe_ext.dmoe.evaluate import Harness, Variant, evaluate, markdown, summarize, write
+from doe_ext.dmoe.evaluate import markdown, summarize, write
 from doe_ext.dmoe.recipe import DEFAULT
 
 VARIANTS = {
@@ -49,9 +49,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     base = load_base(args.base)
-    docs, dev = load(args.knowledge, "dev")
-    wanted = {q["doc_id"] for q in dev}
-    dev_docs = [Document(d["id"], d["text"], d.get("title")) for d in docs if d["id"] in wanted]
+    dev_docs, dev = dev_split(args.knowledge)
     result = {}
     for name in args.variants.split(","):
         recipe = VARIANTS[name]
@@ -62,9 +60,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         done = build_bank(base, dev_docs, bank, progress=False)
         per_expert = (time.perf_counter() - t0) / len(done) if done else None  # None: nothing built now
-        h = Harness(base, bank)
-        oracle = Variant("oracle top-1", DMoE(base, bank, compose="top1", top_k=1), oracle=True)
-        res = evaluate(h, dev, ["dmoe", oracle], progress=False)
+        res, _ = dmoe_and_oracle(base, bank, dev)
         summary = summarize(res)
         write(res, summary, out / name)
         result[name] = {"recipe": recipe.to_dict(), "seconds_per_expert": per_expert, "summary": summary,
